@@ -1,0 +1,754 @@
+#include "daemon/step_store.h"
+
+#include <algorithm>
+#include <chrono>
+#include <set>
+
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "common/format.h"
+#include "daemon/store.pb.h"
+#include "ec/crc32c.h"
+
+namespace ecsnap::daemon {
+
+struct StepStore::RankData {
+  std::string job_id;
+  uint64_t step = 0;
+  uint32_t rank = 0;
+  ArenaExtent extent;
+  uint64_t bytes = 0;
+  enum class Phase { kWriting, kCommitting, kCommitted } phase = Phase::kWriting;
+  bool dead = false;
+  int pins = 0;             // copies, checks and leases in progress
+  int64_t record_id = -1;   // index entry once committed
+  v1::Manifest manifest;
+};
+
+struct StepStore::Step {
+  v1::StepState state = v1::RECEIVING;
+  std::map<uint32_t, std::shared_ptr<RankData>> ranks;
+};
+
+struct StepStore::Job {
+  std::string id;
+  std::vector<uint32_t> local_ranks;
+  std::map<uint64_t, Step> steps;
+  std::map<uint32_t, uint64_t> last_committed;  // rank -> newest step it committed
+  std::map<uint32_t, uint64_t> sessions;        // rank -> live session
+};
+
+struct StepStore::Session {
+  uint64_t id = 0;
+  std::string job_id;
+  uint32_t rank = 0;
+  std::shared_ptr<RankData> open;  // the step being written, if any
+  std::map<uint64_t, std::shared_ptr<RankData>> leases;
+};
+
+namespace {
+
+bool ValidJobId(const std::string& id, size_t max_bytes) {
+  if (id.empty() || id.size() > max_bytes) return false;
+  return std::all_of(id.begin(), id.end(), [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           c == '-' || c == '_' || c == '.';
+  });
+}
+
+std::string RankLabel(const std::string& job, uint64_t step, uint32_t rank) {
+  return absl::StrFormat("job %s step %d rank %d", job, step, rank);
+}
+
+// Checks every tensor's CRC-32C against the bytes of `window`.
+absl::Status CheckCrcs(const v1::Manifest& manifest, absl::Span<const uint8_t> window,
+                       VerifyReport* report) {
+  for (const v1::TensorEntry& t : manifest.tensors()) {
+    const uint32_t crc = ec::Crc32c(window.subspan(t.offset(), t.length()));
+    if (report != nullptr) {
+      ++report->tensors_checked;
+      report->bytes_checked += t.length();
+    }
+    if (crc != t.crc32c()) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "tensor '%s' has crc32c 0x%08x in the manifest but its %d bytes in the window have "
+          "0x%08x; the copy was incomplete or the manifest is stale",
+          t.name(), t.crc32c(), t.length(), crc));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+size_t DTypeBytes(v1::DType dtype) {
+  switch (dtype) {
+    case v1::FLOAT64:
+    case v1::INT64:
+      return 8;
+    case v1::FLOAT32:
+    case v1::INT32:
+      return 4;
+    case v1::FLOAT16:
+    case v1::BFLOAT16:
+    case v1::INT16:
+      return 2;
+    case v1::INT8:
+    case v1::UINT8:
+    case v1::BOOL:
+    case v1::FLOAT8_E4M3:
+    case v1::FLOAT8_E5M2:
+      return 1;
+    default:
+      return 0;
+  }
+}
+
+StepStore::StepStore(Arena* arena, StoreOptions options)
+    : arena_(arena), options_(std::move(options)) {}
+
+StepStore::~StepStore() = default;
+
+absl::Status StepStore::CheckManifest(const v1::Manifest& manifest, uint64_t window_bytes) const {
+  const StoreLimits& lim = options_.limits;
+  if (static_cast<size_t>(manifest.tensors_size()) > lim.max_tensors_per_rank) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "the manifest lists %d tensors; at most %d are allowed per rank", manifest.tensors_size(),
+        lim.max_tensors_per_rank));
+  }
+  std::set<std::string> names;
+  for (const v1::TensorEntry& t : manifest.tensors()) {
+    if (t.name().empty() || t.name().size() > lim.max_tensor_name_bytes) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "tensor name of %d bytes: names must have 1 to %d bytes", t.name().size(),
+          lim.max_tensor_name_bytes));
+    }
+    if (!names.insert(t.name()).second) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("tensor '%s' appears twice in the manifest", t.name()));
+    }
+    if (!v1::TensorKind_IsValid(t.kind()) || t.kind() == v1::TENSOR_KIND_UNSPECIFIED) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "tensor '%s' has kind %d; use PARAM, OPTIMIZER, RNG or EXTRA", t.name(), t.kind()));
+    }
+    if (!v1::DType_IsValid(t.dtype()) || t.dtype() == v1::DTYPE_UNSPECIFIED) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("tensor '%s' has unknown dtype %d", t.name(), t.dtype()));
+    }
+    if (static_cast<size_t>(t.shape_size()) > lim.max_tensor_dims) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "tensor '%s' has %d dimensions; at most %d are allowed", t.name(), t.shape_size(),
+          lim.max_tensor_dims));
+    }
+    if (t.offset() > window_bytes || t.length() > window_bytes - t.offset()) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "tensor '%s' at offset %d with %d bytes lies outside the rank's %d-byte window",
+          t.name(), t.offset(), t.length(), window_bytes));
+    }
+    const size_t elem = DTypeBytes(t.dtype());
+    if (elem != 0) {
+      // Elements times element size must equal the length, without overflow.
+      uint64_t elements = 1;
+      for (int64_t d : t.shape()) {
+        if (d < 0 || (d > 0 && elements > window_bytes / static_cast<uint64_t>(d))) {
+          return absl::InvalidArgumentError(absl::StrFormat(
+              "tensor '%s' has shape dimension %d, negative or larger than its window",
+              t.name(), d));
+        }
+        elements *= static_cast<uint64_t>(d);
+      }
+      if (elements * elem != t.length()) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "tensor '%s' has %d elements of %d bytes but claims %d bytes", t.name(), elements,
+            elem, t.length()));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+AdoptReport StepStore::Adopt() {
+  AdoptReport report;
+  absl::MutexLock lock(&mu_);
+  // (job, step) -> the ranks whose records verify.
+  std::map<std::pair<std::string, uint64_t>, std::vector<std::shared_ptr<RankData>>> found;
+  std::map<std::string, std::vector<uint32_t>> job_ranks;
+  std::vector<std::shared_ptr<RankData>> all;
+  for (const ArenaRecord& rec : arena_->TakeAdoptedRecords()) {
+    RankRecord r;
+    auto drop = [&](const std::string& why) {
+      arena_->RemoveRecord(rec.id);
+      ++report.ranks_dropped;
+      report.notes.push_back(why);
+    };
+    if (!r.ParseFromArray(rec.bytes.data(), static_cast<int>(rec.bytes.size()))) {
+      drop(absl::StrFormat("index entry %d: unreadable record, dropped", rec.id));
+      continue;
+    }
+    const std::string label = RankLabel(r.job_id(), r.step(), r.rank());
+    const ArenaExtent extent{r.window_offset(), r.window_extent_bytes()};
+    if (r.window_bytes() > extent.bytes || !arena_->Reserve(extent).ok()) {
+      drop(label + ": window outside the arena or overlapping another, dropped");
+      continue;
+    }
+    absl::Status st = CheckManifest(r.manifest(), r.window_bytes());
+    if (st.ok()) st = CheckCrcs(r.manifest(), arena_->Bytes(extent).first(r.window_bytes()), nullptr);
+    if (!st.ok()) {
+      arena_->Free(extent);
+      drop(label + ": " + std::string(st.message()) + ", dropped");
+      continue;
+    }
+    auto rd = std::make_shared<RankData>();
+    rd->job_id = r.job_id();
+    rd->step = r.step();
+    rd->rank = r.rank();
+    rd->extent = extent;
+    rd->bytes = r.window_bytes();
+    rd->phase = RankData::Phase::kCommitted;
+    rd->record_id = rec.id;
+    rd->manifest = r.manifest();
+    found[{r.job_id(), r.step()}].push_back(rd);
+    job_ranks[r.job_id()].assign(r.local_ranks().begin(), r.local_ranks().end());
+  }
+  for (auto& [key, ranks] : found) {
+    const std::vector<uint32_t>& expected = job_ranks[key.first];
+    std::set<uint32_t> have;
+    for (const auto& rd : ranks) have.insert(rd->rank);
+    const bool complete = have.size() == expected.size() &&
+                          std::all_of(expected.begin(), expected.end(),
+                                      [&](uint32_t r) { return have.count(r) > 0; });
+    if (!complete) {
+      for (auto& rd : ranks) {
+        ++report.ranks_dropped;
+        Kill(rd);
+      }
+      report.notes.push_back(absl::StrFormat(
+          "job %s step %d: only %d of %d ranks had committed, dropped", key.first, key.second,
+          have.size(), expected.size()));
+      continue;
+    }
+    auto& job = jobs_[key.first];
+    if (!job) {
+      job = std::make_unique<Job>();
+      job->id = key.first;
+      job->local_ranks = expected;
+    }
+    Step& step = job->steps[key.second];
+    step.state = v1::LOCAL;
+    for (auto& rd : ranks) {
+      step.ranks[rd->rank] = rd;
+      job->last_committed[rd->rank] = std::max(job->last_committed[rd->rank], key.second);
+      ++report.ranks_adopted;
+    }
+    ++report.steps_adopted;
+  }
+  for (auto& [id, job] : jobs_) Retire(*job);
+  return report;
+}
+
+absl::StatusOr<uint64_t> StepStore::Attach(const std::string& job_id, uint32_t rank,
+                                           std::vector<uint32_t> local_ranks) {
+  const StoreLimits& lim = options_.limits;
+  if (!ValidJobId(job_id, lim.max_job_id_bytes)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "job id '%s' is invalid: use 1 to %d characters from [A-Za-z0-9._-]",
+        job_id.substr(0, 64), lim.max_job_id_bytes));
+  }
+  if (local_ranks.empty()) local_ranks.push_back(rank);
+  if (local_ranks.size() > lim.max_local_ranks) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%d local ranks named; at most %d per node", local_ranks.size(), lim.max_local_ranks));
+  }
+  std::sort(local_ranks.begin(), local_ranks.end());
+  if (std::adjacent_find(local_ranks.begin(), local_ranks.end()) != local_ranks.end()) {
+    return absl::InvalidArgumentError("local ranks name the same rank twice");
+  }
+  if (!std::binary_search(local_ranks.begin(), local_ranks.end(), rank)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "rank %d is not among the local ranks {%s} it named", rank,
+        absl::StrJoin(local_ranks, ", ")));
+  }
+  absl::MutexLock lock(&mu_);
+  auto& job = jobs_[job_id];
+  if (!job) {
+    job = std::make_unique<Job>();
+    job->id = job_id;
+    job->local_ranks = local_ranks;
+  } else if (job->local_ranks != local_ranks) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "job %s runs ranks {%s} on this node, but rank %d attached with {%s}; every rank must "
+        "name the same set (or drop the job with ecsnapctl)",
+        job_id, absl::StrJoin(job->local_ranks, ", "), rank, absl::StrJoin(local_ranks, ", ")));
+  }
+  auto old = job->sessions.find(rank);
+  if (old != job->sessions.end()) {
+    // A restarted trainer: its previous connection is gone or going.
+    auto s = sessions_.find(old->second);
+    if (s != sessions_.end()) {
+      DiscardOpenRank(s->second.get());
+      for (auto& [id, rd] : s->second->leases) Unpin(rd);
+      sessions_.erase(s);
+    }
+  } else if (sessions_.size() >= lim.max_sessions) {
+    return absl::ResourceExhaustedError(
+        absl::StrFormat("this daemon already serves %d sessions, its limit", sessions_.size()));
+  }
+  auto session = std::make_unique<Session>();
+  session->id = next_id_++;
+  session->job_id = job_id;
+  session->rank = rank;
+  const uint64_t id = session->id;
+  job->sessions[rank] = id;
+  sessions_[id] = std::move(session);
+  return id;
+}
+
+void StepStore::Detach(uint64_t session) {
+  absl::MutexLock lock(&mu_);
+  auto it = sessions_.find(session);
+  if (it == sessions_.end()) return;
+  Session* s = it->second.get();
+  DiscardOpenRank(s);
+  for (auto& [id, rd] : s->leases) Unpin(rd);
+  auto job = jobs_.find(s->job_id);
+  if (job != jobs_.end()) {
+    auto js = job->second->sessions.find(s->rank);
+    if (js != job->second->sessions.end() && js->second == session) job->second->sessions.erase(js);
+  }
+  sessions_.erase(it);
+}
+
+absl::StatusOr<StepStore::Session*> StepStore::FindSession(uint64_t id) {
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) {
+    return absl::NotFoundError(absl::StrFormat(
+        "session %d is not attached (it ended, or the daemon restarted); attach again", id));
+  }
+  return it->second.get();
+}
+
+absl::StatusOr<StepStore::RankData*> StepStore::OpenRank(Session* s, uint64_t step) {
+  if (!s->open || s->open->step != step) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "%s is not open%s; call BeginRank first", RankLabel(s->job_id, step, s->rank),
+        s->open ? absl::StrFormat(" (step %d is)", s->open->step) : std::string()));
+  }
+  return s->open.get();
+}
+
+void StepStore::DiscardOpenRank(Session* s) {
+  if (!s->open) return;
+  std::shared_ptr<RankData> rd = std::move(s->open);
+  auto job = jobs_.find(rd->job_id);
+  if (job != jobs_.end()) {
+    auto step = job->second->steps.find(rd->step);
+    if (step != job->second->steps.end()) {
+      step->second.ranks.erase(rd->rank);
+      if (step->second.ranks.empty()) job->second->steps.erase(step);
+    }
+  }
+  Kill(std::move(rd));
+}
+
+void StepStore::Kill(std::shared_ptr<RankData> rd) {
+  if (rd->dead) return;
+  rd->dead = true;
+  // Unpublish first: a daemon killed from here on never re-adopts it.
+  if (rd->record_id >= 0) arena_->RemoveRecord(static_cast<uint32_t>(rd->record_id));
+  rd->record_id = -1;
+  if (rd->pins == 0) arena_->Free(rd->extent);
+}
+
+void StepStore::Unpin(const std::shared_ptr<RankData>& rd) {
+  if (--rd->pins == 0 && rd->dead) arena_->Free(rd->extent);
+}
+
+absl::StatusOr<Window> StepStore::BeginRank(uint64_t session, uint64_t step, uint64_t bytes) {
+  absl::MutexLock lock(&mu_);
+  auto s = FindSession(session);
+  if (!s.ok()) return s.status();
+  Session* ses = *s;
+  const std::string label = RankLabel(ses->job_id, step, ses->rank);
+  if (step == 0) return absl::InvalidArgumentError("steps are numbered from 1");
+  if (ses->open) {
+    if (ses->open->step == step && ses->open->bytes == bytes &&
+        ses->open->phase == RankData::Phase::kWriting) {
+      return Window{ses->open->extent.offset, bytes};  // a retried BeginRank
+    }
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "%s: step %d is still open for this rank; commit or abort it first", label,
+        ses->open->step));
+  }
+  Job& job = *jobs_.at(ses->job_id);
+  uint64_t newest = job.last_committed.count(ses->rank) ? job.last_committed[ses->rank] : 0;
+  for (const auto& [n, st] : job.steps) {
+    if (st.state != v1::RECEIVING) newest = std::max(newest, n);
+  }
+  if (step <= newest) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "%s: step %d is not newer than step %d, which this job already holds; steps only grow",
+        label, step, newest));
+  }
+  if (bytes > arena_->data_bytes()) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "%s needs %s but the whole arena holds %s; raise --arena_bytes", label,
+        FormatBytes(bytes), FormatBytes(arena_->data_bytes())));
+  }
+  auto extent = arena_->Allocate(bytes);
+  if (!extent.ok()) {
+    return absl::ResourceExhaustedError(absl::StrCat(label, " ", extent.status().message()));
+  }
+  auto rd = std::make_shared<RankData>();
+  rd->job_id = ses->job_id;
+  rd->step = step;
+  rd->rank = ses->rank;
+  rd->extent = *extent;
+  rd->bytes = bytes;
+  job.steps[step].ranks[ses->rank] = rd;
+  ses->open = rd;
+  return Window{extent->offset, bytes};
+}
+
+absl::Status StepStore::Write(uint64_t session, uint64_t step, uint64_t offset,
+                              absl::Span<const uint8_t> data) {
+  std::shared_ptr<RankData> rd;
+  {
+    absl::MutexLock lock(&mu_);
+    auto s = FindSession(session);
+    if (!s.ok()) return s.status();
+    auto r = OpenRank(*s, step);
+    if (!r.ok()) return r.status();
+    if ((*r)->phase != RankData::Phase::kWriting) {
+      return absl::FailedPreconditionError("the rank is committing; writes are closed");
+    }
+    if (offset > (*r)->bytes || data.size() > (*r)->bytes - offset) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "write of %d bytes at offset %d passes the end of the %d-byte window", data.size(),
+          offset, (*r)->bytes));
+    }
+    rd = (*s)->open;
+    ++rd->pins;
+  }
+  std::memcpy(arena_->base() + rd->extent.offset + offset, data.data(), data.size());
+  absl::MutexLock lock(&mu_);
+  Unpin(rd);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<v1::StepState> StepStore::CommitRank(uint64_t session, uint64_t step,
+                                                    const v1::Manifest& manifest) {
+  std::shared_ptr<RankData> rd;
+  std::vector<uint32_t> local_ranks;
+  {
+    absl::MutexLock lock(&mu_);
+    auto s = FindSession(session);
+    if (!s.ok()) return s.status();
+    auto r = OpenRank(*s, step);
+    if (!r.ok()) return r.status();
+    if ((*r)->phase != RankData::Phase::kWriting) {
+      return absl::FailedPreconditionError("a commit of this rank is already in progress");
+    }
+    rd = (*s)->open;
+    rd->phase = RankData::Phase::kCommitting;
+    ++rd->pins;
+    local_ranks = jobs_.at(rd->job_id)->local_ranks;
+  }
+  // The checks read the whole window: outside the lock, the window pinned.
+  const std::string label = RankLabel(rd->job_id, step, rd->rank);
+  absl::Status st = CheckManifest(manifest, rd->bytes);
+  if (st.ok()) st = CheckCrcs(manifest, arena_->Bytes(rd->extent).first(rd->bytes), nullptr);
+  std::string record;
+  if (st.ok()) {
+    RankRecord r;
+    r.set_job_id(rd->job_id);
+    r.set_step(step);
+    r.set_rank(rd->rank);
+    for (uint32_t lr : local_ranks) r.add_local_ranks(lr);
+    r.set_window_offset(rd->extent.offset);
+    r.set_window_bytes(rd->bytes);
+    r.set_window_extent_bytes(rd->extent.bytes);
+    *r.mutable_manifest() = manifest;
+    r.set_committed_unix_ms(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                std::chrono::system_clock::now().time_since_epoch())
+                                .count());
+    record = r.SerializeAsString();
+  }
+
+  absl::MutexLock lock(&mu_);
+  Unpin(rd);
+  if (rd->dead) {
+    return absl::AbortedError(absl::StrFormat(
+        "%s was discarded while its commit was checked (the session ended or the step was "
+        "dropped)",
+        label));
+  }
+  if (!st.ok()) {
+    rd->phase = RankData::Phase::kWriting;  // the client may fix it or abort
+    return absl::Status(st.code(), absl::StrCat(label, ": ", st.message()));
+  }
+  auto id = arena_->AddRecord(absl::Span<const uint8_t>(
+      reinterpret_cast<const uint8_t*>(record.data()), record.size()));
+  if (!id.ok()) {
+    rd->phase = RankData::Phase::kWriting;
+    return absl::ResourceExhaustedError(absl::StrCat(label, ": ", id.status().message()));
+  }
+  rd->record_id = *id;
+  rd->phase = RankData::Phase::kCommitted;
+  rd->manifest = manifest;
+  Job& job = *jobs_.at(rd->job_id);
+  job.last_committed[rd->rank] = std::max(job.last_committed[rd->rank], step);
+  auto ses = sessions_.find(session);
+  if (ses != sessions_.end() && ses->second->open == rd) ses->second->open.reset();
+  return Settle(job, job.steps.at(step));
+}
+
+v1::StepState StepStore::Settle(Job& job, Step& step) {
+  if (step.state == v1::RECEIVING) {
+    size_t committed = 0;
+    for (const auto& [rank, rd] : step.ranks) {
+      committed += rd->phase == RankData::Phase::kCommitted;
+    }
+    if (committed == job.local_ranks.size()) step.state = v1::LOCAL;
+  }
+  const v1::StepState state = step.state;
+  Retire(job);
+  return state;
+}
+
+void StepStore::Retire(Job& job) {
+  // Keep the newest `retain` complete steps, the newest LOCAL step above
+  // them (protection may still finish), and RECEIVING steps newer than every
+  // LOCAL one. A step older than a LOCAL or complete one can never finish.
+  uint32_t complete_seen = 0;
+  bool local_seen = false;
+  std::vector<uint64_t> doomed;
+  for (auto it = job.steps.rbegin(); it != job.steps.rend(); ++it) {
+    const v1::StepState st = it->second.state;
+    const bool complete = st == options_.final_state || st == v1::PROTECTED;
+    if (complete) {
+      if (complete_seen++ >= options_.retain) doomed.push_back(it->first);
+      local_seen = true;
+    } else if (st == v1::LOCAL) {
+      if (local_seen) doomed.push_back(it->first);
+      local_seen = true;
+    } else if (local_seen) {
+      doomed.push_back(it->first);
+    }
+  }
+  for (uint64_t step : doomed) EraseStep(job, step);
+}
+
+void StepStore::EraseStep(Job& job, uint64_t step) {
+  auto it = job.steps.find(step);
+  if (it == job.steps.end()) return;
+  for (auto& [rank, rd] : it->second.ranks) {
+    auto js = job.sessions.find(rank);
+    if (js != job.sessions.end()) {
+      auto ses = sessions_.find(js->second);
+      if (ses != sessions_.end() && ses->second->open == rd) ses->second->open.reset();
+    }
+    Kill(rd);
+  }
+  job.steps.erase(it);
+}
+
+absl::Status StepStore::AbortRank(uint64_t session, uint64_t step) {
+  absl::MutexLock lock(&mu_);
+  auto s = FindSession(session);
+  if (!s.ok()) return s.status();
+  auto r = OpenRank(*s, step);
+  if (!r.ok()) return r.status();
+  DiscardOpenRank(*s);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<v1::RestorableStep>> StepStore::ListRestorable(uint64_t session) {
+  absl::MutexLock lock(&mu_);
+  auto s = FindSession(session);
+  if (!s.ok()) return s.status();
+  std::vector<v1::RestorableStep> out;
+  const Job& job = *jobs_.at((*s)->job_id);
+  for (auto it = job.steps.rbegin(); it != job.steps.rend(); ++it) {
+    if (it->second.state == v1::RECEIVING) continue;
+    auto rd = it->second.ranks.find((*s)->rank);
+    if (rd == it->second.ranks.end()) continue;
+    v1::RestorableStep r;
+    r.set_step(it->first);
+    r.set_state(it->second.state);
+    r.set_bytes(rd->second->bytes);
+    out.push_back(r);
+  }
+  return out;
+}
+
+absl::StatusOr<RestoreLease> StepStore::Restore(uint64_t session, uint64_t step) {
+  absl::MutexLock lock(&mu_);
+  auto s = FindSession(session);
+  if (!s.ok()) return s.status();
+  Session* ses = *s;
+  const Job& job = *jobs_.at(ses->job_id);
+  std::shared_ptr<RankData> found;
+  std::vector<uint64_t> restorable;
+  for (auto it = job.steps.rbegin(); it != job.steps.rend(); ++it) {
+    if (it->second.state == v1::RECEIVING) continue;
+    auto rd = it->second.ranks.find(ses->rank);
+    if (rd == it->second.ranks.end()) continue;
+    restorable.push_back(it->first);
+    if (!found && (step == 0 || step == it->first)) found = rd->second;
+  }
+  if (!found) {
+    return absl::NotFoundError(absl::StrFormat(
+        "job %s has no restorable %s for rank %d on this node; restorable steps: {%s}",
+        ses->job_id, step == 0 ? std::string("step") : absl::StrFormat("step %d", step),
+        ses->rank, absl::StrJoin(restorable, ", ")));
+  }
+  if (ses->leases.size() >= options_.limits.max_leases_per_session) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "session holds %d restore leases, its limit; release some", ses->leases.size()));
+  }
+  ++found->pins;
+  RestoreLease lease;
+  lease.lease_id = next_id_++;
+  lease.step = found->step;
+  lease.window = Window{found->extent.offset, found->bytes};
+  lease.manifest = found->manifest;
+  ses->leases[lease.lease_id] = found;
+  return lease;
+}
+
+absl::Status StepStore::Release(uint64_t session, uint64_t lease_id) {
+  absl::MutexLock lock(&mu_);
+  auto s = FindSession(session);
+  if (!s.ok()) return s.status();
+  auto it = (*s)->leases.find(lease_id);
+  if (it == (*s)->leases.end()) {
+    return absl::NotFoundError(absl::StrFormat("lease %d is not held by this session", lease_id));
+  }
+  Unpin(it->second);
+  (*s)->leases.erase(it);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<absl::Span<const uint8_t>> StepStore::Read(uint64_t session, uint64_t lease_id,
+                                                          uint64_t offset, uint64_t length) {
+  absl::MutexLock lock(&mu_);
+  auto s = FindSession(session);
+  if (!s.ok()) return s.status();
+  auto it = (*s)->leases.find(lease_id);
+  if (it == (*s)->leases.end()) {
+    return absl::NotFoundError(absl::StrFormat("lease %d is not held by this session", lease_id));
+  }
+  const RankData& rd = *it->second;
+  if (offset > rd.bytes || length > rd.bytes - offset) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "read of %d bytes at offset %d passes the end of the %d-byte window", length, offset,
+        rd.bytes));
+  }
+  return absl::Span<const uint8_t>(arena_->base() + rd.extent.offset + offset, length);
+}
+
+std::vector<StepSummary> StepStore::ListSteps(const std::string& job_id) {
+  absl::MutexLock lock(&mu_);
+  std::vector<StepSummary> out;
+  for (const auto& [id, job] : jobs_) {
+    if (!job_id.empty() && id != job_id) continue;
+    for (const auto& [n, st] : job->steps) {
+      StepSummary s;
+      s.job_id = id;
+      s.step = n;
+      s.state = st.state;
+      s.ranks_expected = job->local_ranks.size();
+      for (const auto& [rank, rd] : st.ranks) {
+        s.bytes += rd->bytes;
+        s.ranks_committed += rd->phase == RankData::Phase::kCommitted;
+      }
+      out.push_back(s);
+    }
+  }
+  return out;
+}
+
+absl::StatusOr<std::pair<uint32_t, uint64_t>> StepStore::Drop(const std::string& job_id,
+                                                             uint64_t step) {
+  absl::MutexLock lock(&mu_);
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) {
+    return absl::NotFoundError(absl::StrFormat("job %s is not held by this daemon", job_id));
+  }
+  Job& job = *it->second;
+  std::vector<uint64_t> steps;
+  for (const auto& [n, st] : job.steps) {
+    if (step == 0 || n == step) steps.push_back(n);
+  }
+  if (steps.empty()) {
+    return absl::NotFoundError(absl::StrFormat("job %s holds no step %d", job_id, step));
+  }
+  uint64_t bytes = 0;
+  for (uint64_t n : steps) {
+    for (const auto& [rank, rd] : job.steps[n].ranks) bytes += rd->bytes;
+    EraseStep(job, n);
+  }
+  if (step == 0 && job.sessions.empty()) jobs_.erase(it);
+  return std::make_pair(static_cast<uint32_t>(steps.size()), bytes);
+}
+
+absl::StatusOr<VerifyReport> StepStore::Verify(const std::string& job_id, uint64_t step) {
+  std::vector<std::shared_ptr<RankData>> ranks;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!job_id.empty() && jobs_.count(job_id) == 0) {
+      return absl::NotFoundError(absl::StrFormat("job %s is not held by this daemon", job_id));
+    }
+    for (const auto& [id, job] : jobs_) {
+      if (!job_id.empty() && id != job_id) continue;
+      for (const auto& [n, st] : job->steps) {
+        if (step != 0 && n != step) continue;
+        for (const auto& [rank, rd] : st.ranks) {
+          if (rd->phase != RankData::Phase::kCommitted) continue;
+          ++rd->pins;
+          ranks.push_back(rd);
+        }
+      }
+    }
+  }
+  VerifyReport report;
+  for (const auto& rd : ranks) {
+    absl::Status st =
+        CheckCrcs(rd->manifest, arena_->Bytes(rd->extent).first(rd->bytes), &report);
+    if (!st.ok()) {
+      report.errors.push_back(
+          absl::StrCat(RankLabel(rd->job_id, rd->step, rd->rank), ": ", st.message()));
+    }
+  }
+  absl::MutexLock lock(&mu_);
+  for (const auto& rd : ranks) Unpin(rd);
+  return report;
+}
+
+absl::Status StepStore::MarkProtected(const std::string& job_id, uint64_t step) {
+  absl::MutexLock lock(&mu_);
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end() || it->second->steps.count(step) == 0) {
+    return absl::NotFoundError(absl::StrFormat("job %s holds no step %d", job_id, step));
+  }
+  Step& st = it->second->steps.at(step);
+  if (st.state != v1::LOCAL) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "job %s step %d is %s, not LOCAL", job_id, step, v1::StepState_Name(st.state)));
+  }
+  st.state = v1::PROTECTED;
+  Settle(*it->second, st);
+  return absl::OkStatus();
+}
+
+uint32_t StepStore::sessions() const {
+  absl::MutexLock lock(&mu_);
+  return sessions_.size();
+}
+
+uint32_t StepStore::jobs() const {
+  absl::MutexLock lock(&mu_);
+  return jobs_.size();
+}
+
+}  // namespace ecsnap::daemon

@@ -1,0 +1,195 @@
+// StepStore: the life of every (job, step, rank) on one daemon (DESIGN.md §2).
+//
+//   RECEIVING --all local ranks committed--> LOCAL --protected--> PROTECTED
+//       |                                                           |
+//       +-- rank aborts / session ends --> discarded   newer step complete --> retired
+//
+// A trainer rank attaches (a session), asks for a window of the arena per step
+// (BeginRank), fills it (through its own mapping of the arena, or through
+// Write), and commits it with a manifest that the store checks: names,
+// dtypes, shapes, offsets inside the window and every tensor's CRC-32C. Only
+// then is the rank's data visible; a step is LOCAL when every local rank of
+// the job has committed it. Per job, steps only grow. A session that ends
+// (the trainer died) discards its uncommitted data and releases its restore
+// leases. A step is "complete" when it reaches the store's final state
+// (LOCAL with no peers, PROTECTED with peers); completing a step retires
+// complete steps beyond the newest `retain`, and every older unfinished one.
+//
+// Each committed rank is recorded in the arena's index, so a restarted daemon
+// re-adopts (Adopt) every step whose ranks all verify, and drops the rest.
+//
+// Thread-safe. Checksums and copies run outside the lock: the window they
+// touch is pinned until they finish, so a concurrent abort or drop cannot
+// free it underneath them.
+#ifndef ECSNAP_DAEMON_STEP_STORE_H_
+#define ECSNAP_DAEMON_STEP_STORE_H_
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
+#include "daemon/arena.h"
+#include "proto/snapshot.pb.h"
+
+namespace ecsnap::daemon {
+
+// Bounds on what a client may ask for, checked before anything is allocated.
+struct StoreLimits {
+  // Default: 128.
+  size_t max_job_id_bytes = 128;
+  // Default: 1024.
+  size_t max_local_ranks = 1024;
+  // Default: 1 << 20.
+  size_t max_tensors_per_rank = size_t{1} << 20;
+  // Default: 4096.
+  size_t max_tensor_name_bytes = 4096;
+  // Default: 16.
+  size_t max_tensor_dims = 16;
+  // Default: 4096.
+  size_t max_sessions = 4096;
+  // Default: 64.
+  size_t max_leases_per_session = 64;
+};
+
+struct StoreOptions {
+  // Newest complete steps kept per job. Default: 1.
+  uint32_t retain = 1;
+  // The state that makes a step complete: LOCAL without peers (m = 0),
+  // PROTECTED with them. Default: LOCAL.
+  v1::StepState final_state = v1::LOCAL;
+  StoreLimits limits;
+};
+
+// A window granted to a rank for one step.
+struct Window {
+  uint64_t offset = 0;  // in the arena file
+  uint64_t bytes = 0;   // the rank's bytes (the extent may be larger)
+};
+
+struct RestoreLease {
+  uint64_t lease_id = 0;
+  uint64_t step = 0;
+  Window window;
+  v1::Manifest manifest;
+};
+
+struct StepSummary {
+  std::string job_id;
+  uint64_t step = 0;
+  v1::StepState state = v1::STEP_STATE_UNSPECIFIED;
+  uint64_t bytes = 0;
+  uint32_t ranks_committed = 0;
+  uint32_t ranks_expected = 0;
+};
+
+struct AdoptReport {
+  uint32_t steps_adopted = 0;
+  uint32_t ranks_adopted = 0;
+  uint32_t ranks_dropped = 0;
+  std::vector<std::string> notes;  // one line per dropped rank or step, for the log
+};
+
+struct VerifyReport {
+  uint32_t tensors_checked = 0;
+  uint64_t bytes_checked = 0;
+  std::vector<std::string> errors;
+};
+
+class StepStore {
+ public:
+  // `arena` must outlive the store.
+  StepStore(Arena* arena, StoreOptions options);
+  ~StepStore();
+
+  StepStore(const StepStore&) = delete;
+  StepStore& operator=(const StepStore&) = delete;
+
+  // Re-adopts the committed ranks a previous daemon left in the arena. Call
+  // once, before serving.
+  AdoptReport Adopt();
+
+  // Opens a session for `rank` of `job_id`. `local_ranks` are every rank of
+  // the job on this node; all sessions of a job must name the same set. A
+  // second session of the same rank replaces the first (a restarted trainer
+  // whose old connection has not been noticed yet).
+  absl::StatusOr<uint64_t> Attach(const std::string& job_id, uint32_t rank,
+                                  std::vector<uint32_t> local_ranks);
+  // Ends a session: its uncommitted step is discarded, its leases released.
+  void Detach(uint64_t session);
+
+  // Grants a window of `bytes` for the session's rank at `step`.
+  absl::StatusOr<Window> BeginRank(uint64_t session, uint64_t step, uint64_t bytes);
+  // Copies `data` into the open window at `offset` (the path for clients
+  // that cannot map the arena).
+  absl::Status Write(uint64_t session, uint64_t step, uint64_t offset,
+                     absl::Span<const uint8_t> data);
+  // Checks `manifest` against the window and publishes the rank's data.
+  // Returns the step's state afterwards.
+  absl::StatusOr<v1::StepState> CommitRank(uint64_t session, uint64_t step,
+                                           const v1::Manifest& manifest);
+  absl::Status AbortRank(uint64_t session, uint64_t step);
+
+  // Steps this session's rank can restore, newest first.
+  absl::StatusOr<std::vector<v1::RestorableStep>> ListRestorable(uint64_t session);
+  // Pins the rank's data of `step` (0: the newest restorable) until Release.
+  absl::StatusOr<RestoreLease> Restore(uint64_t session, uint64_t step);
+  absl::Status Release(uint64_t session, uint64_t lease_id);
+  // The bytes [offset, offset + length) of a leased window, valid until the
+  // lease is released.
+  absl::StatusOr<absl::Span<const uint8_t>> Read(uint64_t session, uint64_t lease_id,
+                                                 uint64_t offset, uint64_t length);
+
+  // Admin.
+  std::vector<StepSummary> ListSteps(const std::string& job_id);
+  // Drops `step` of `job_id` (0: every step, and the job). NOT_FOUND if none.
+  absl::StatusOr<std::pair<uint32_t, uint64_t>> Drop(const std::string& job_id, uint64_t step);
+  // Recomputes every committed tensor checksum of `job_id` (empty: all jobs)
+  // at `step` (0: all steps).
+  absl::StatusOr<VerifyReport> Verify(const std::string& job_id, uint64_t step);
+  // Marks a LOCAL step PROTECTED (the protection layer calls this).
+  absl::Status MarkProtected(const std::string& job_id, uint64_t step);
+
+  uint32_t sessions() const;
+  uint32_t jobs() const;
+
+ private:
+  struct RankData;
+  struct Step;
+  struct Job;
+  struct Session;
+
+  absl::StatusOr<Session*> FindSession(uint64_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Step `step` of the session's job, with the session's rank open on it.
+  absl::StatusOr<RankData*> OpenRank(Session* s, uint64_t step) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void DiscardOpenRank(Session* s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Drops a rank's data: its record now, its window once nobody pins it.
+  void Kill(std::shared_ptr<RankData> rank) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Unpin(const std::shared_ptr<RankData>& rank) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void EraseStep(Job& job, uint64_t step) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Updates a step's state after a commit and applies retention.
+  v1::StepState Settle(Job& job, Step& step) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Retire(Job& job) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status CheckManifest(const v1::Manifest& manifest, uint64_t window_bytes) const;
+
+  Arena* const arena_;
+  const StoreOptions options_;
+
+  mutable absl::Mutex mu_;
+  std::map<std::string, std::unique_ptr<Job>> jobs_ ABSL_GUARDED_BY(mu_);
+  std::map<uint64_t, std::unique_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+};
+
+// Bytes per element of a dtype; 0 for BYTES (any length) and unknown values.
+size_t DTypeBytes(v1::DType dtype);
+
+}  // namespace ecsnap::daemon
+
+#endif  // ECSNAP_DAEMON_STEP_STORE_H_
