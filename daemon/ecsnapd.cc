@@ -1,19 +1,91 @@
 // ecsnapd: the per-node snapshot daemon. See DESIGN.md and README.md.
+//
+//   ecsnapd --config=cluster.textproto --slot=3
+//   ecsnapd --arena_dir=/dev/shm/ecsnap --arena_bytes=8589934592 --socket=/run/ecsnap/ecsnapd.sock
+//
+// Flags override single fields of the config file.
+#include <signal.h>
+
 #include <cstdio>
+#include <string>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/flags/reflection.h"
 #include "absl/flags/usage.h"
+#include "common/log.h"
+#include "daemon/config.h"
+#include "daemon/daemon.h"
 
-ABSL_FLAG(std::string, config, "", "Text-format ecsnap.config.Config file.");
-ABSL_FLAG(int, slot, 0, "This node's slot in the cluster config.");
+ABSL_FLAG(std::string, config, "", "Text-format ecsnap.config.Config file (see proto/config.proto).");
+ABSL_FLAG(uint32_t, slot, 0, "This node's slot in the cluster config.");
+ABSL_FLAG(std::string, arena_dir, "/dev/shm/ecsnap", "tmpfs directory of the arena file.");
+ABSL_FLAG(uint64_t, arena_bytes, uint64_t{1} << 30, "Arena size in bytes, pre-faulted at start.");
+ABSL_FLAG(std::string, socket, "/run/ecsnap/ecsnapd.sock", "Unix socket of the data plane.");
+ABSL_FLAG(std::string, data_address, "", "Optional TCP host:port of the data plane.");
+ABSL_FLAG(std::string, admin_address, "127.0.0.1:7070", "Admin plane: host:port or unix:PATH.");
+ABSL_FLAG(std::string, admin_token_file, "", "File with the admin bearer token.");
+ABSL_FLAG(uint32_t, retain, 1, "Newest complete steps kept per job.");
+
+namespace {
+
+// A flag overrides the config when set to other than its default. (This
+// abseil keeps IsSpecifiedOnCommandLine private.)
+bool Given(const char* name) {
+  const absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
+  return flag != nullptr && flag->CurrentValue() != flag->DefaultValue();
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "ecsnapd: keeps training snapshots in a shared-memory arena and protects "
       "them across nodes with Reed-Solomon erasure coding.\n"
-      "Usage: ecsnapd --config=cluster.textproto --slot=N");
+      "Usage: ecsnapd --config=cluster.textproto --slot=N [flags overriding the config]");
   absl::ParseCommandLine(argc, argv);
-  std::fprintf(stderr, "ecsnapd: not serving yet\n");
-  return 1;
+
+  // Signals are taken synchronously by main; every other thread blocks them.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  ecsnap::config::Config config;
+  if (!absl::GetFlag(FLAGS_config).empty()) {
+    auto loaded = ecsnap::daemon::LoadConfig(absl::GetFlag(FLAGS_config));
+    if (!loaded.ok()) {
+      std::fprintf(stderr, "ecsnapd: %s\n", std::string(loaded.status().message()).c_str());
+      return 2;
+    }
+    config = *loaded;
+  }
+  ecsnap::daemon::ApplyDefaults(&config);
+  auto* d = config.mutable_daemon();
+  if (Given("arena_dir") || d->arena_dir().empty()) d->set_arena_dir(absl::GetFlag(FLAGS_arena_dir));
+  if (Given("arena_bytes")) d->set_arena_bytes(absl::GetFlag(FLAGS_arena_bytes));
+  if (Given("socket")) d->set_socket_path(absl::GetFlag(FLAGS_socket));
+  if (Given("data_address")) d->set_data_address(absl::GetFlag(FLAGS_data_address));
+  if (Given("admin_address")) d->set_admin_address(absl::GetFlag(FLAGS_admin_address));
+  if (Given("admin_token_file")) d->set_admin_token_file(absl::GetFlag(FLAGS_admin_token_file));
+  if (Given("retain")) d->set_retain(absl::GetFlag(FLAGS_retain));
+  const uint32_t slot = absl::GetFlag(FLAGS_slot);
+  if (absl::Status st = ecsnap::daemon::ValidateConfig(config, slot); !st.ok()) {
+    std::fprintf(stderr, "ecsnapd: %s\n", std::string(st.message()).c_str());
+    return 2;
+  }
+
+  auto daemon = ecsnap::daemon::Daemon::Start(config, slot);
+  if (!daemon.ok()) {
+    std::fprintf(stderr, "ecsnapd: %s\n", std::string(daemon.status().message()).c_str());
+    return 1;
+  }
+  int sig = 0;
+  sigwait(&signals, &sig);
+  ecsnap::Log("signal %d: shutting down; committed steps stay in the arena", sig);
+  (*daemon)->Shutdown();
+  daemon->reset();
+  return 0;
 }

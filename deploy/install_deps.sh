@@ -7,7 +7,7 @@ PACKAGES=(
   bazel-bootstrap          # Bazel 4.2.3, builds offline with the stubs in third_party/
   g++ pkg-config
   libgrpc++-dev protobuf-compiler protobuf-compiler-grpc libprotobuf-dev
-  libabsl-dev
+  libabsl-dev libssl-dev
   libisal-dev              # Reed-Solomon and CRC-32C
   libibverbs-dev           # RDMA transport (rdma-core)
   libgtest-dev libgmock-dev libbenchmark-dev

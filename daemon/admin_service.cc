@@ -1,0 +1,103 @@
+#include "daemon/admin_service.h"
+
+#include <openssl/crypto.h>
+
+#include "absl/strings/str_format.h"
+#include "common/grpc_status.h"
+#include "common/log.h"
+
+namespace ecsnap::daemon {
+
+AdminService::AdminService(StepStore* store, const Arena* arena, AdminInfo info,
+                           std::string token)
+    : store_(store), arena_(arena), info_(std::move(info)), token_(std::move(token)) {}
+
+grpc::Status AdminService::Authenticate(const grpc::ServerContext& context) const {
+  if (token_.empty()) return grpc::Status::OK;
+  const auto& md = context.client_metadata();
+  auto it = md.find("authorization");
+  if (it == md.end()) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                        "this daemon requires an admin token; pass --token_file to ecsnapctl");
+  }
+  const std::string want = "Bearer " + token_;
+  const std::string got(it->second.data(), it->second.size());
+  // Constant-time comparison: the token must not leak through timing.
+  if (got.size() != want.size() || CRYPTO_memcmp(got.data(), want.data(), want.size()) != 0) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                        "the admin token does not match this daemon's --admin_token_file");
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::Status(grpc::ServerContext* context, const admin::StatusRequest*,
+                                  admin::StatusResponse* response) {
+  if (auto st = Authenticate(*context); !st.ok()) return st;
+  response->set_slot(info_.slot);
+  response->set_group(info_.group);
+  response->set_k(info_.k);
+  response->set_m(info_.m);
+  response->set_arena_bytes(arena_->data_bytes());
+  response->set_arena_used_bytes(arena_->data_bytes() - arena_->free_bytes());
+  response->set_uptime_ms(std::chrono::duration_cast<std::chrono::milliseconds>(
+                              std::chrono::steady_clock::now() - started_)
+                              .count());
+  response->set_arena_prefault_ms(static_cast<uint64_t>(arena_->prefault_seconds() * 1000));
+  response->set_sessions(store_->sessions());
+  response->set_jobs(store_->jobs());
+  response->set_version(info_.version);
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::ListSteps(grpc::ServerContext* context,
+                                     const admin::ListStepsRequest* request,
+                                     admin::ListStepsResponse* response) {
+  if (auto st = Authenticate(*context); !st.ok()) return st;
+  for (const StepSummary& s : store_->ListSteps(request->job_id())) {
+    admin::StepInfo* info = response->add_steps();
+    info->set_job_id(s.job_id);
+    info->set_step(s.step);
+    info->set_state(s.state);
+    info->set_bytes(s.bytes);
+    info->set_ranks_committed(s.ranks_committed);
+    info->set_ranks_expected(s.ranks_expected);
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::Drop(grpc::ServerContext* context, const admin::DropRequest* request,
+                                admin::DropResponse* response) {
+  if (auto st = Authenticate(*context); !st.ok()) return st;
+  auto dropped = store_->Drop(request->job_id(), request->step());
+  if (!dropped.ok()) return ToGrpc(dropped.status());
+  Log("admin: dropped %d step(s) of job %s (%d bytes)", dropped->first, request->job_id(),
+      dropped->second);
+  response->set_steps_dropped(dropped->first);
+  response->set_bytes_freed(dropped->second);
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::Verify(grpc::ServerContext* context,
+                                  const admin::VerifyRequest* request,
+                                  admin::VerifyResponse* response) {
+  if (auto st = Authenticate(*context); !st.ok()) return st;
+  auto report = store_->Verify(request->job_id(), request->step());
+  if (!report.ok()) return ToGrpc(report.status());
+  response->set_tensors_checked(report->tensors_checked);
+  response->set_bytes_checked(report->bytes_checked);
+  for (const auto& e : report->errors) response->add_errors(e);
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::Rebuild(grpc::ServerContext* context, const admin::RebuildRequest*,
+                                   admin::RebuildResponse*) {
+  if (auto st = Authenticate(*context); !st.ok()) return st;
+  if (info_.m == 0) {
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                        "this daemon has no peers (m = 0): there is nothing to rebuild from");
+  }
+  return grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
+                      "rebuild from peers is not available in this build");
+}
+
+}  // namespace ecsnap::daemon

@@ -1,0 +1,52 @@
+// The admin plane (proto/admin.proto) over StepStore, for ecsnapctl. Every
+// call must carry "authorization: Bearer <token>" when the daemon has a token.
+#ifndef ECSNAP_DAEMON_ADMIN_SERVICE_H_
+#define ECSNAP_DAEMON_ADMIN_SERVICE_H_
+
+#include <chrono>
+#include <functional>
+#include <string>
+
+#include "daemon/arena.h"
+#include "daemon/step_store.h"
+#include "proto/admin.grpc.pb.h"
+
+namespace ecsnap::daemon {
+
+struct AdminInfo {
+  uint32_t slot = 0;
+  uint32_t group = 0;
+  uint32_t k = 1;
+  uint32_t m = 0;
+  std::string version;
+};
+
+class AdminService final : public admin::Admin::Service {
+ public:
+  // Empty `token`: no authentication (loopback or a private socket only).
+  AdminService(StepStore* store, const Arena* arena, AdminInfo info, std::string token);
+
+  grpc::Status Status(grpc::ServerContext* context, const admin::StatusRequest* request,
+                      admin::StatusResponse* response) override;
+  grpc::Status ListSteps(grpc::ServerContext* context, const admin::ListStepsRequest* request,
+                         admin::ListStepsResponse* response) override;
+  grpc::Status Drop(grpc::ServerContext* context, const admin::DropRequest* request,
+                    admin::DropResponse* response) override;
+  grpc::Status Verify(grpc::ServerContext* context, const admin::VerifyRequest* request,
+                      admin::VerifyResponse* response) override;
+  grpc::Status Rebuild(grpc::ServerContext* context, const admin::RebuildRequest* request,
+                       admin::RebuildResponse* response) override;
+
+ private:
+  grpc::Status Authenticate(const grpc::ServerContext& context) const;
+
+  StepStore* const store_;
+  const Arena* const arena_;
+  const AdminInfo info_;
+  const std::string token_;
+  const std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
+};
+
+}  // namespace ecsnap::daemon
+
+#endif  // ECSNAP_DAEMON_ADMIN_SERVICE_H_

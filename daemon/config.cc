@@ -1,0 +1,86 @@
+#include "daemon/config.h"
+
+#include <fstream>
+#include <sstream>
+
+#include <google/protobuf/io/tokenizer.h>
+#include <google/protobuf/text_format.h>
+
+#include "absl/strings/str_format.h"
+
+namespace ecsnap::daemon {
+namespace {
+
+class CollectErrors : public google::protobuf::io::ErrorCollector {
+ public:
+  void AddError(int line, int column, const std::string& message) override {
+    if (first_.empty()) first_ = absl::StrFormat("line %d column %d: %s", line + 1, column + 1, message);
+  }
+  const std::string& first() const { return first_; }
+
+ private:
+  std::string first_;
+};
+
+}  // namespace
+
+absl::StatusOr<config::Config> LoadConfig(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrFormat("cannot read config file %s", path));
+  std::stringstream text;
+  text << in.rdbuf();
+  config::Config config;
+  google::protobuf::TextFormat::Parser parser;
+  CollectErrors errors;
+  parser.RecordErrorsTo(&errors);
+  if (!parser.ParseFromString(text.str(), &config)) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("config file %s: %s", path, errors.first()));
+  }
+  return config;
+}
+
+void ApplyDefaults(config::Config* config) {
+  config::Cluster* c = config->mutable_cluster();
+  if (c->k() == 0) c->set_k(1);
+  if (c->peer_timeout_ms() == 0) c->set_peer_timeout_ms(5000);
+  config::Daemon* d = config->mutable_daemon();
+  if (d->arena_dir().empty()) d->set_arena_dir("/dev/shm/ecsnap");
+  if (d->arena_bytes() == 0) d->set_arena_bytes(uint64_t{1} << 30);
+  if (d->socket_path().empty()) d->set_socket_path("/run/ecsnap/ecsnapd.sock");
+  if (d->admin_address().empty()) d->set_admin_address("127.0.0.1:7070");
+  if (d->retain() == 0) d->set_retain(1);
+}
+
+absl::Status ValidateConfig(const config::Config& config, uint32_t slot) {
+  const config::Cluster& c = config.cluster();
+  const uint32_t n = c.k() + c.m();
+  if (c.k() < 1 || n > 32) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "cluster.k = %d and cluster.m = %d: need k >= 1 and k + m <= 32", c.k(), c.m()));
+  }
+  const uint32_t slots = c.slots_size();
+  if (slots == 0) {
+    if (c.m() > 0) {
+      return absl::InvalidArgumentError(
+          "cluster.m > 0 needs the peers: list every node in cluster.slots");
+    }
+    if (slot != 0) return absl::InvalidArgumentError("--slot must be 0 when no slots are listed");
+  } else {
+    if (slot >= slots) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("--slot=%d but the config lists %d slots (0..%d)", slot, slots, slots - 1));
+    }
+    if (slots % n != 0) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%d slots cannot be cut into groups of k + m = %d; list a multiple of %d slots", slots,
+          n, n));
+    }
+  }
+  if (config.daemon().retain() > 64) {
+    return absl::InvalidArgumentError("daemon.retain must be at most 64");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace ecsnap::daemon

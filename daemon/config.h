@@ -1,0 +1,25 @@
+// Loading and checking the daemon's configuration (proto/config.proto).
+#ifndef ECSNAP_DAEMON_CONFIG_H_
+#define ECSNAP_DAEMON_CONFIG_H_
+
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "proto/config.pb.h"
+
+namespace ecsnap::daemon {
+
+// Parses a text-format Config. INVALID_ARGUMENT with the parser's line and
+// column on a syntax error; NOT_FOUND when the file cannot be read.
+absl::StatusOr<config::Config> LoadConfig(const std::string& path);
+
+// Fills unset fields with their documented defaults.
+void ApplyDefaults(config::Config* config);
+
+// Checks the config for the daemon of `slot`: k and m against the number of
+// slots, the slot in range, sizes sensible. INVALID_ARGUMENT naming the field.
+absl::Status ValidateConfig(const config::Config& config, uint32_t slot);
+
+}  // namespace ecsnap::daemon
+
+#endif  // ECSNAP_DAEMON_CONFIG_H_

@@ -1,0 +1,176 @@
+#include "daemon/daemon.h"
+
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+
+#include <grpcpp/resource_quota.h>
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/server_builder.h>
+
+#include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
+#include "common/format.h"
+#include "common/log.h"
+#include "common/unique_fd.h"
+
+namespace ecsnap::daemon {
+namespace {
+
+constexpr char kVersion[] = "ecsnapd 0.1";
+// Largest message accepted: a manifest of many tensors, or one stream chunk.
+constexpr int kMaxMessageBytes = 64 << 20;
+// Threads serving sync calls, and the memory gRPC may buffer, are bounded.
+constexpr int kMaxServerThreads = 64;
+constexpr size_t kServerMemoryBytes = size_t{512} << 20;
+
+// Removes a Unix socket file left by a daemon that died, but never one that
+// a live server still answers on.
+absl::Status ClaimSocketPath(const std::string& path) {
+  const std::string dir = path.substr(0, path.rfind('/'));
+  if (!dir.empty() && ::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {
+    return absl::InternalError(absl::StrFormat("cannot create socket directory %s: %s", dir,
+                                               std::strerror(errno)));
+  }
+  struct sockaddr_un addr {};
+  if (path.size() >= sizeof(addr.sun_path)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "socket path %s is longer than the %d bytes a Unix socket allows", path,
+        sizeof(addr.sun_path) - 1));
+  }
+  if (::access(path.c_str(), F_OK) != 0) return absl::OkStatus();
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.c_str(), path.size());
+  if (fd.valid() && ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "socket %s is served by another process; give each daemon its own --socket", path));
+  }
+  ::unlink(path.c_str());
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> ReadToken(const std::string& path) {
+  if (path.empty()) return std::string();
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrFormat("cannot read admin token file %s", path));
+  std::string token;
+  std::getline(in, token);
+  token = std::string(absl::StripAsciiWhitespace(token));
+  if (token.empty()) {
+    return absl::InvalidArgumentError(absl::StrFormat("admin token file %s is empty", path));
+  }
+  return token;
+}
+
+void Configure(grpc::ServerBuilder& builder) {
+  grpc::ResourceQuota quota("ecsnapd");
+  quota.SetMaxThreads(kMaxServerThreads);
+  quota.Resize(kServerMemoryBytes);
+  builder.SetResourceQuota(quota);
+  builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
+  builder.SetMaxSendMessageSize(kMaxMessageBytes);
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& config,
+                                                      uint32_t slot) {
+  std::unique_ptr<Daemon> d(new Daemon());
+  d->config_ = config;
+  const config::Daemon& dc = config.daemon();
+  const config::Cluster& cc = config.cluster();
+  if (cc.m() > 0) {
+    return absl::UnimplementedError(
+        "cluster.m > 0 needs the peer plane, which this build does not have yet; use m: 0");
+  }
+
+  Arena::Options ao;
+  ao.dir = dc.arena_dir();
+  ao.bytes = dc.arena_bytes();
+  auto arena = Arena::Open(ao);
+  if (!arena.ok()) return arena.status();
+  d->arena_ = std::move(*arena);
+  Log("arena %s: %s %s in %.2f s", d->arena_->path(), FormatBytes(d->arena_->size()),
+      d->arena_->adopted() ? "re-opened and pre-faulted" : "reserved and pre-faulted",
+      d->arena_->prefault_seconds());
+
+  StoreOptions so;
+  so.retain = dc.retain();
+  so.final_state = v1::LOCAL;
+  d->store_ = std::make_unique<StepStore>(d->arena_.get(), so);
+  if (d->arena_->adopted()) {
+    AdoptReport r = d->store_->Adopt();
+    Log("re-adopted %d step(s) (%d rank(s)) from the arena; dropped %d rank(s)", r.steps_adopted,
+        r.ranks_adopted, r.ranks_dropped);
+    for (const std::string& note : r.notes) Log("  %s", note);
+  }
+
+  auto token = ReadToken(dc.admin_token_file());
+  if (!token.ok()) return token.status();
+
+  d->snapshot_service_ = std::make_unique<SnapshotService>(d->store_.get(), d->arena_->path(),
+                                                           d->arena_->size(), slot);
+  AdminInfo info;
+  info.slot = slot;
+  info.k = cc.k();
+  info.m = cc.m();
+  info.version = kVersion;
+  d->admin_service_ =
+      std::make_unique<AdminService>(d->store_.get(), d->arena_.get(), info, *token);
+
+  if (absl::Status st = ClaimSocketPath(dc.socket_path()); !st.ok()) return st;
+  {
+    grpc::ServerBuilder builder;
+    Configure(builder);
+    builder.AddListeningPort("unix:" + dc.socket_path(), grpc::InsecureServerCredentials());
+    if (!dc.data_address().empty()) {
+      builder.AddListeningPort(dc.data_address(), grpc::InsecureServerCredentials());
+    }
+    builder.RegisterService(d->snapshot_service_.get());
+    d->data_server_ = builder.BuildAndStart();
+    if (!d->data_server_) {
+      return absl::UnavailableError(absl::StrFormat(
+          "cannot serve the data plane on unix:%s%s (in use, or no permission)",
+          dc.socket_path(), dc.data_address().empty() ? "" : " and " + dc.data_address()));
+    }
+    ::chmod(dc.socket_path().c_str(), 0600);
+  }
+  {
+    const std::string admin = dc.admin_address();
+    if (absl::StartsWith(admin, "unix:")) {
+      if (absl::Status st = ClaimSocketPath(admin.substr(5)); !st.ok()) return st;
+    }
+    grpc::ServerBuilder builder;
+    Configure(builder);
+    builder.AddListeningPort(admin, grpc::InsecureServerCredentials());
+    builder.RegisterService(d->admin_service_.get());
+    d->admin_server_ = builder.BuildAndStart();
+    if (!d->admin_server_) {
+      return absl::UnavailableError(
+          absl::StrFormat("cannot serve the admin plane on %s (in use, or no permission)", admin));
+    }
+  }
+  Log("%s slot %d serving: data unix:%s%s, admin %s%s", kVersion, slot, dc.socket_path(),
+      dc.data_address().empty() ? "" : " and " + dc.data_address(), dc.admin_address(),
+      token->empty() ? " (no admin token)" : "");
+  return d;
+}
+
+void Daemon::Shutdown() {
+  const auto deadline = std::chrono::system_clock::now() + std::chrono::seconds(2);
+  if (data_server_) data_server_->Shutdown(deadline);
+  if (admin_server_) admin_server_->Shutdown(deadline);
+}
+
+Daemon::~Daemon() {
+  Shutdown();
+  data_server_.reset();
+  admin_server_.reset();
+}
+
+}  // namespace ecsnap::daemon

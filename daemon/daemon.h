@@ -1,0 +1,46 @@
+// Daemon: builds every component of ecsnapd from its config and connects
+// them, in one place. main() parses flags, calls Start, waits for a signal
+// and calls Shutdown.
+#ifndef ECSNAP_DAEMON_DAEMON_H_
+#define ECSNAP_DAEMON_DAEMON_H_
+
+#include <memory>
+
+#include <grpcpp/server.h>
+
+#include "absl/status/statusor.h"
+#include "daemon/admin_service.h"
+#include "daemon/arena.h"
+#include "daemon/snapshot_service.h"
+#include "daemon/step_store.h"
+#include "proto/config.pb.h"
+
+namespace ecsnap::daemon {
+
+class Daemon {
+ public:
+  // Opens (or re-adopts) the arena, then serves the data plane on the Unix
+  // socket (and TCP address, if any) and the admin plane. `config` must have
+  // passed ValidateConfig for `slot`.
+  static absl::StatusOr<std::unique_ptr<Daemon>> Start(const config::Config& config,
+                                                       uint32_t slot);
+  ~Daemon();
+
+  // Stops accepting calls and ends those in progress within a short grace.
+  void Shutdown();
+
+ private:
+  Daemon() = default;
+
+  config::Config config_;
+  std::unique_ptr<Arena> arena_;
+  std::unique_ptr<StepStore> store_;
+  std::unique_ptr<SnapshotService> snapshot_service_;
+  std::unique_ptr<AdminService> admin_service_;
+  std::unique_ptr<grpc::Server> data_server_;
+  std::unique_ptr<grpc::Server> admin_server_;
+};
+
+}  // namespace ecsnap::daemon
+
+#endif  // ECSNAP_DAEMON_DAEMON_H_
