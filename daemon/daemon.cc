@@ -163,6 +163,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
 
 void Daemon::Shutdown() {
   const auto deadline = std::chrono::system_clock::now() + std::chrono::seconds(2);
+  if (snapshot_service_) snapshot_service_->EndSessions();
   if (data_server_) data_server_->Shutdown(deadline);
   if (admin_server_) admin_server_->Shutdown(deadline);
 }

@@ -8,18 +8,16 @@
 #include "common/log.h"
 
 namespace ecsnap::daemon {
-namespace {
-
 // Holds a session open for as long as its client keeps the stream.
-class AttachReactor final : public grpc::ServerWriteReactor<v1::AttachEvent> {
+class SnapshotService::AttachReactor final : public grpc::ServerWriteReactor<v1::AttachEvent> {
  public:
-  AttachReactor(StepStore* store, const v1::AttachRequest& request, v1::AttachEvent first)
-      : store_(store), event_(std::move(first)) {
-    auto session = store_->Attach(
+  AttachReactor(SnapshotService* service, const v1::AttachRequest& request, v1::AttachEvent first)
+      : service_(service), event_(std::move(first)) {
+    auto session = service_->store_->Attach(
         request.job_id(), request.rank(),
         std::vector<uint32_t>(request.local_ranks().begin(), request.local_ranks().end()));
     if (!session.ok()) {
-      Finish(ToGrpc(session.status()));
+      End(ToGrpc(session.status()));
       return;
     }
     session_ = *session;
@@ -32,28 +30,39 @@ class AttachReactor final : public grpc::ServerWriteReactor<v1::AttachEvent> {
 
   void OnWriteDone(bool ok) override {
     // Nothing more to send: the stream stays open until the client goes.
-    if (!ok) Finish(grpc::Status::CANCELLED);
+    if (!ok) End(grpc::Status::CANCELLED);
   }
 
-  void OnCancel() override { Finish(grpc::Status::CANCELLED); }
+  void OnCancel() override { End(grpc::Status::CANCELLED); }
 
   void OnDone() override {
+    service_->Forget(this);
     if (session_ != 0) {
-      store_->Detach(session_);
+      service_->store_->Detach(session_);
       Log("session %d ended: job %s rank %d", session_, job_, rank_);
     }
     delete this;
   }
 
+  // Finishes the stream once, whoever asks first.
+  void End(const grpc::Status& status) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (finished_) return;
+      finished_ = true;
+    }
+    Finish(status);
+  }
+
  private:
-  StepStore* const store_;
+  SnapshotService* const service_;
   v1::AttachEvent event_;
   uint64_t session_ = 0;
   std::string job_;
   uint32_t rank_ = 0;
+  absl::Mutex mu_;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
 };
-
-}  // namespace
 
 SnapshotService::SnapshotService(StepStore* store, std::string arena_path, uint64_t arena_bytes,
                                  uint32_t slot)
@@ -66,7 +75,36 @@ grpc::ServerWriteReactor<v1::AttachEvent>* SnapshotService::Attach(
   first.set_arena_bytes(arena_bytes_);
   first.set_slot(slot_);
   first.set_daemon_version("ecsnapd 0.1");
-  return new AttachReactor(store_, *request, std::move(first));
+  auto* reactor = new AttachReactor(this, *request, std::move(first));
+  absl::MutexLock lock(&mu_);
+  if (closing_) {
+    reactor->End(grpc::Status(grpc::StatusCode::UNAVAILABLE, "ecsnapd is shutting down"));
+  } else {
+    live_.insert(reactor);
+  }
+  return reactor;
+}
+
+void SnapshotService::EndSessions() {
+  std::vector<AttachReactor*> live;
+  {
+    absl::MutexLock lock(&mu_);
+    closing_ = true;
+    live.assign(live_.begin(), live_.end());
+  }
+  // A reactor is deleted only after OnDone, which first takes it out of
+  // live_ under mu_; End() is safe on those still listed. Ending them all
+  // here (not through OnCancel after the grace period) lets shutdown finish
+  // at once.
+  absl::MutexLock lock(&mu_);
+  for (AttachReactor* r : live) {
+    if (live_.count(r)) r->End(grpc::Status(grpc::StatusCode::UNAVAILABLE, "ecsnapd is shutting down"));
+  }
+}
+
+void SnapshotService::Forget(AttachReactor* reactor) {
+  absl::MutexLock lock(&mu_);
+  live_.erase(reactor);
 }
 
 grpc::Status SnapshotService::BeginRank(grpc::ServerContext*, const v1::BeginRankRequest* request,

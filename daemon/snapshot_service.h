@@ -6,7 +6,11 @@
 #ifndef ECSNAP_DAEMON_SNAPSHOT_SERVICE_H_
 #define ECSNAP_DAEMON_SNAPSHOT_SERVICE_H_
 
+#include <set>
 #include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 
 #include "daemon/step_store.h"
 #include "proto/snapshot.grpc.pb.h"
@@ -41,11 +45,22 @@ class SnapshotService final : public v1::Snapshot::WithCallbackMethod_Attach<v1:
   grpc::Status ReleaseRestore(grpc::ServerContext*, const v1::ReleaseRestoreRequest* request,
                               v1::ReleaseRestoreResponse* response) override;
 
+  // Ends every Attach stream now, so that a shutdown need not wait for
+  // clients to hang up. Later Attach calls are refused.
+  void EndSessions();
+
  private:
+  class AttachReactor;
+  void Forget(AttachReactor* reactor);
+
   StepStore* const store_;
   const std::string arena_path_;
   const uint64_t arena_bytes_;
   const uint32_t slot_;
+
+  absl::Mutex mu_;
+  std::set<AttachReactor*> live_ ABSL_GUARDED_BY(mu_);
+  bool closing_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace ecsnap::daemon

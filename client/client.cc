@@ -1,0 +1,504 @@
+// libecsnap's implementation: the public API of client/ecsnap.h over the
+// data-plane gRPC service, with the shared-memory arena for the bytes.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <thread>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
+#include "client/copy.h"
+#include "client/ecsnap.h"
+#include "common/grpc_status.h"
+#include "common/unique_fd.h"
+#include "ec/crc32c.h"
+#include "proto/snapshot.grpc.pb.h"
+
+namespace ecsnap {
+
+using client_internal::CopyAll;
+using client_internal::CopyTask;
+
+// Tensors start on this boundary inside a rank's window.
+constexpr uint64_t kTensorAlignBytes = 64;
+// Payload bytes per WriteRank message.
+constexpr uint64_t kStreamChunkBytes = 1 << 20;
+// Snapshots queued behind the one in progress.
+constexpr size_t kMaxQueuedSnapshots = 4;
+constexpr int kMaxMessageBytes = 64 << 20;
+
+struct SnapshotHandle::State {
+  uint64_t step = 0;
+  uint64_t total = 0;
+  std::vector<Tensor> tensors;
+  std::vector<uint64_t> offsets;  // of each tensor in the window
+  std::atomic<uint64_t> copied{0};
+
+  absl::Mutex mu;
+  bool done ABSL_GUARDED_BY(mu) = false;
+  absl::Status status ABSL_GUARDED_BY(mu);
+
+  void Finish(absl::Status s) {
+    absl::MutexLock lock(&mu);
+    status = std::move(s);
+    done = true;
+  }
+};
+
+absl::Status SnapshotHandle::Wait() const {
+  absl::MutexLock lock(&state_->mu);
+  state_->mu.Await(absl::Condition(&state_->done));
+  return state_->status;
+}
+
+bool SnapshotHandle::done() const {
+  absl::MutexLock lock(&state_->mu);
+  return state_->done;
+}
+
+uint64_t SnapshotHandle::step() const { return state_->step; }
+uint64_t SnapshotHandle::bytes_copied() const { return state_->copied.load(); }
+uint64_t SnapshotHandle::bytes_total() const { return state_->total; }
+
+namespace {
+
+std::string ChannelTarget(const std::string& address) {
+  if (absl::StartsWith(address, "unix:")) return address;
+  if (!address.empty() && address[0] == '/') return "unix:" + address;
+  return address;  // host:port
+}
+
+absl::Status Annotate(const absl::Status& s, const std::string& what) {
+  if (s.ok()) return s;
+  return absl::Status(s.code(), absl::StrCat(what, ": ", s.message()));
+}
+
+class ClientImpl final : public Client {
+ public:
+  explicit ClientImpl(ClientOptions options) : options_(std::move(options)) {}
+
+  ~ClientImpl() override {
+    {
+      absl::MutexLock lock(&mu_);
+      stopping_ = true;
+    }
+    if (worker_.joinable()) worker_.join();
+    attach_context_.TryCancel();
+    if (attach_reader_thread_.joinable()) attach_reader_thread_.join();
+  }
+
+  absl::Status Init() {
+    if (options_.local_ranks.empty()) options_.local_ranks.push_back(options_.rank);
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(kMaxMessageBytes);
+    args.SetMaxSendMessageSize(kMaxMessageBytes);
+    channel_ = grpc::CreateCustomChannel(ChannelTarget(options_.daemon_address),
+                                         grpc::InsecureChannelCredentials(), args);
+    stub_ = v1::Snapshot::NewStub(channel_);
+
+    v1::AttachRequest req;
+    req.set_job_id(options_.job_id);
+    req.set_rank(options_.rank);
+    for (uint32_t r : options_.local_ranks) req.add_local_ranks(r);
+    attach_reader_ = stub_->Attach(&attach_context_, req);
+    v1::AttachEvent first;
+    if (!attach_reader_->Read(&first)) {
+      absl::Status st = FromGrpc(attach_reader_->Finish());
+      if (st.code() == absl::StatusCode::kUnavailable) {
+        st = absl::UnavailableError(absl::StrFormat(
+            "no ecsnapd answers at %s (%s); is the daemon running?", options_.daemon_address,
+            st.message()));
+      }
+      return st;
+    }
+    session_ = first.session_id();
+    // Drains the session stream; it ends when the daemon or this client goes.
+    attach_reader_thread_ = std::thread([this] {
+      v1::AttachEvent ev;
+      while (attach_reader_->Read(&ev)) {
+      }
+      attach_reader_->Finish();
+    });
+
+    if (options_.transport != Transport::kGrpc) {
+      absl::Status st = MapArena(first.arena_path(), first.arena_bytes());
+      if (!st.ok() && options_.transport == Transport::kSharedMemory) return st;
+    }
+    worker_ = std::thread([this] { WorkerLoop(); });
+    return absl::OkStatus();
+  }
+
+  bool shared_memory() const override { return arena_.data() != nullptr; }
+
+  absl::StatusOr<SnapshotHandle> Snapshot(uint64_t step, std::vector<Tensor> tensors) override {
+    auto state = std::make_shared<SnapshotHandle::State>();
+    state->step = step;
+    uint64_t offset = 0;
+    for (const Tensor& t : tensors) {
+      if (t.bytes > 0 && t.data == nullptr) {
+        return absl::InvalidArgumentError(
+            absl::StrFormat("tensor '%s' has %d bytes but no data", t.name, t.bytes));
+      }
+      offset = (offset + kTensorAlignBytes - 1) / kTensorAlignBytes * kTensorAlignBytes;
+      state->offsets.push_back(offset);
+      offset += t.bytes;
+    }
+    state->total = offset;
+    state->tensors = std::move(tensors);
+    absl::MutexLock lock(&mu_);
+    if (queue_.size() >= kMaxQueuedSnapshots) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "%d snapshots are already waiting; Wait() for one before starting step %d",
+          queue_.size(), step));
+    }
+    queue_.push_back(state);
+    return SnapshotHandle(state);
+  }
+
+  absl::StatusOr<std::vector<RestorableStep>> ListRestorable() override {
+    grpc::ClientContext ctx;
+    SetDeadline(ctx);
+    v1::ListRestorableRequest req;
+    req.set_session_id(session_);
+    v1::ListRestorableResponse resp;
+    absl::Status st = FromGrpc(stub_->ListRestorable(&ctx, req, &resp));
+    if (!st.ok()) return st;
+    std::vector<RestorableStep> out;
+    for (const auto& s : resp.steps()) {
+      out.push_back({s.step(), static_cast<StepState>(s.state()), s.bytes()});
+    }
+    return out;
+  }
+
+  absl::StatusOr<RestoredState> Restore(uint64_t step) override {
+    auto lease = Lease(step);
+    if (!lease.ok()) return lease.status();
+    const v1::RestoreResponse& r = *lease;
+    RestoredState out;
+    out.step = r.step();
+    // Not zero-filled: every byte is written below.
+    out.buffer = std::shared_ptr<uint8_t>(new uint8_t[std::max<uint64_t>(r.window_bytes(), 1)],
+                                          std::default_delete<uint8_t[]>());
+    std::vector<CopyTask> tasks;
+    for (const auto& t : r.manifest().tensors()) {
+      tasks.push_back({out.buffer.get() + t.offset(), nullptr, t.length(), 0});
+    }
+    absl::Status st = Fetch(r, tasks);
+    ReleaseLease(r.lease_id());
+    if (!st.ok()) return st;
+    for (const auto& t : r.manifest().tensors()) {
+      RestoredTensor rt;
+      rt.name = t.name();
+      rt.kind = static_cast<TensorKind>(t.kind());
+      rt.dtype = static_cast<DType>(t.dtype());
+      rt.shape.assign(t.shape().begin(), t.shape().end());
+      rt.data = absl::Span<const uint8_t>(out.buffer.get() + t.offset(), t.length());
+      out.tensors.push_back(std::move(rt));
+    }
+    return out;
+  }
+
+  absl::StatusOr<uint64_t> RestoreInto(uint64_t step,
+                                       absl::Span<const TensorDestination> into) override {
+    auto lease = Lease(step);
+    if (!lease.ok()) return lease.status();
+    const v1::RestoreResponse& r = *lease;
+    std::map<std::string, const TensorDestination*> by_name;
+    for (const TensorDestination& d : into) by_name[d.name] = &d;
+    std::vector<CopyTask> tasks;
+    absl::Status st;
+    for (const auto& t : r.manifest().tensors()) {
+      auto it = by_name.find(t.name());
+      if (it == by_name.end()) {
+        st = absl::InvalidArgumentError(absl::StrFormat(
+            "step %d holds tensor '%s' but no destination was given for it", r.step(), t.name()));
+        break;
+      }
+      if (it->second->bytes != t.length()) {
+        st = absl::InvalidArgumentError(absl::StrFormat(
+            "tensor '%s' of step %d has %d bytes but its destination has %d", t.name(), r.step(),
+            t.length(), it->second->bytes));
+        break;
+      }
+      tasks.push_back({static_cast<uint8_t*>(it->second->data), nullptr, t.length(), 0});
+      by_name.erase(it);
+    }
+    if (st.ok() && !by_name.empty()) {
+      st = absl::InvalidArgumentError(absl::StrFormat(
+          "destination '%s' is not a tensor of step %d", by_name.begin()->first, r.step()));
+    }
+    if (st.ok()) st = Fetch(r, tasks);
+    ReleaseLease(r.lease_id());
+    if (!st.ok()) return st;
+    return r.step();
+  }
+
+ private:
+  void SetDeadline(grpc::ClientContext& ctx) const {
+    ctx.set_deadline(std::chrono::system_clock::now() +
+                     std::chrono::milliseconds(options_.rpc_timeout_ms));
+  }
+
+  absl::Status MapArena(const std::string& path, uint64_t bytes) {
+    if (path.empty()) return absl::UnavailableError("the daemon does not share its arena");
+    UniqueFd fd(::open(path.c_str(), O_RDWR | O_CLOEXEC));
+    if (!fd.valid()) {
+      return absl::UnavailableError(absl::StrFormat(
+          "cannot open the daemon's arena %s (%s): not on the daemon's node, or another user",
+          path, std::strerror(errno)));
+    }
+    struct stat st;
+    if (::fstat(fd.get(), &st) != 0 || static_cast<uint64_t>(st.st_size) != bytes) {
+      return absl::UnavailableError(
+          absl::StrFormat("the arena %s is not the %d-byte file the daemon announced", path, bytes));
+    }
+    // Populated once here, so no snapshot ever pays a page fault.
+    void* addr = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                        fd.get(), 0);
+    if (addr == MAP_FAILED) {
+      return absl::UnavailableError(
+          absl::StrFormat("cannot map the arena %s: %s", path, std::strerror(errno)));
+    }
+    arena_ = Mapping(addr, bytes);
+    return absl::OkStatus();
+  }
+
+  void WorkerLoop() {
+    while (true) {
+      std::shared_ptr<SnapshotHandle::State> s;
+      {
+        absl::MutexLock lock(&mu_);
+        mu_.Await(absl::Condition(
+            +[](ClientImpl* c) ABSL_EXCLUSIVE_LOCKS_REQUIRED(c->mu_) {
+              return c->stopping_ || !c->queue_.empty();
+            },
+            this));
+        if (queue_.empty()) return;  // stopping, nothing left
+        s = queue_.front();
+        queue_.pop_front();
+      }
+      s->Finish(Annotate(RunSnapshot(*s), absl::StrFormat("snapshot of step %d", s->step)));
+    }
+  }
+
+  absl::Status RunSnapshot(SnapshotHandle::State& s) {
+    v1::BeginRankResponse window;
+    {
+      grpc::ClientContext ctx;
+      SetDeadline(ctx);
+      v1::BeginRankRequest req;
+      req.set_session_id(session_);
+      req.set_step(s.step);
+      req.set_bytes(s.total);
+      absl::Status st = FromGrpc(stub_->BeginRank(&ctx, req, &window));
+      if (!st.ok()) return st;
+    }
+    v1::CommitRankRequest commit;
+    commit.set_session_id(session_);
+    commit.set_step(s.step);
+    absl::Status st = shared_memory() ? CopyIn(s, window, commit.mutable_manifest())
+                                      : StreamIn(s, commit.mutable_manifest());
+    if (st.ok()) {
+      grpc::ClientContext ctx;
+      SetDeadline(ctx);
+      v1::CommitRankResponse resp;
+      st = FromGrpc(stub_->CommitRank(&ctx, commit, &resp));
+      if (st.ok()) return st;
+    }
+    grpc::ClientContext ctx;
+    SetDeadline(ctx);
+    v1::AbortRankRequest abort;
+    abort.set_session_id(session_);
+    abort.set_step(s.step);
+    v1::AbortRankResponse ignored;
+    stub_->AbortRank(&ctx, abort, &ignored);
+    return st;
+  }
+
+  static v1::TensorEntry* AddEntry(const Tensor& t, uint64_t offset, v1::Manifest* manifest) {
+    v1::TensorEntry* e = manifest->add_tensors();
+    e->set_name(t.name);
+    e->set_kind(static_cast<v1::TensorKind>(t.kind));
+    e->set_dtype(static_cast<v1::DType>(t.dtype));
+    for (int64_t d : t.shape) e->add_shape(d);
+    e->set_offset(offset);
+    e->set_length(t.bytes);
+    return e;
+  }
+
+  // Shared memory: one copy from the trainer's tensors into the window.
+  absl::Status CopyIn(SnapshotHandle::State& s, const v1::BeginRankResponse& window,
+                      v1::Manifest* manifest) {
+    if (window.window_offset() > arena_.size() ||
+        s.total > arena_.size() - window.window_offset()) {
+      return absl::InternalError("the daemon granted a window outside its arena");
+    }
+    uint8_t* base = arena_.data() + window.window_offset();
+    std::vector<CopyTask> tasks;
+    for (size_t i = 0; i < s.tensors.size(); ++i) {
+      tasks.push_back({base + s.offsets[i], static_cast<const uint8_t*>(s.tensors[i].data),
+                       s.tensors[i].bytes, 0});
+    }
+    CopyAll(tasks, options_.copy_threads, &s.copied);
+    for (size_t i = 0; i < s.tensors.size(); ++i) {
+      AddEntry(s.tensors[i], s.offsets[i], manifest)->set_crc32c(tasks[i].crc);
+    }
+    return absl::OkStatus();
+  }
+
+  // gRPC: the same bytes, streamed in chunks.
+  absl::Status StreamIn(SnapshotHandle::State& s, v1::Manifest* manifest) {
+    grpc::ClientContext ctx;
+    v1::WriteRankResponse resp;
+    auto writer = stub_->WriteRank(&ctx, &resp);
+    v1::WriteRankChunk chunk;
+    chunk.set_session_id(session_);
+    chunk.set_step(s.step);
+    bool ok = true;
+    for (size_t i = 0; i < s.tensors.size() && ok; ++i) {
+      const Tensor& t = s.tensors[i];
+      const uint8_t* src = static_cast<const uint8_t*>(t.data);
+      uint32_t crc = 0;
+      for (uint64_t done = 0; done < t.bytes && ok; done += kStreamChunkBytes) {
+        const uint64_t n = std::min(kStreamChunkBytes, t.bytes - done);
+        crc = ec::Crc32c(absl::Span<const uint8_t>(src + done, n), crc);
+        chunk.set_offset(s.offsets[i] + done);
+        chunk.set_data(src + done, n);
+        ok = writer->Write(chunk);
+        s.copied.fetch_add(n, std::memory_order_relaxed);
+      }
+      AddEntry(t, s.offsets[i], manifest)->set_crc32c(crc);
+    }
+    if (s.tensors.empty() || s.total == 0) {
+      // An empty rank still opens the stream once, so the daemon sees the step.
+      chunk.clear_data();
+      ok = writer->Write(chunk);
+    }
+    writer->WritesDone();
+    absl::Status st = FromGrpc(writer->Finish());
+    if (st.ok() && !ok) st = absl::UnavailableError("the daemon closed the write stream early");
+    return st;
+  }
+
+  absl::StatusOr<v1::RestoreResponse> Lease(uint64_t step) {
+    grpc::ClientContext ctx;
+    SetDeadline(ctx);
+    v1::RestoreRequest req;
+    req.set_session_id(session_);
+    req.set_step(step);
+    v1::RestoreResponse resp;
+    absl::Status st = FromGrpc(stub_->Restore(&ctx, req, &resp));
+    if (!st.ok()) return st;
+    return resp;
+  }
+
+  void ReleaseLease(uint64_t lease_id) {
+    grpc::ClientContext ctx;
+    SetDeadline(ctx);
+    v1::ReleaseRestoreRequest req;
+    req.set_session_id(session_);
+    req.set_lease_id(lease_id);
+    v1::ReleaseRestoreResponse resp;
+    stub_->ReleaseRestore(&ctx, req, &resp);
+  }
+
+  // Fills every task's dst from the leased window (tasks in manifest order,
+  // src unset), then checks the checksums.
+  absl::Status Fetch(const v1::RestoreResponse& r, std::vector<CopyTask>& tasks) {
+    std::unique_ptr<uint8_t[]> staged;
+    const uint8_t* window = nullptr;
+    if (shared_memory()) {
+      if (r.window_offset() > arena_.size() ||
+          r.window_bytes() > arena_.size() - r.window_offset()) {
+        return absl::InternalError("the daemon leased a window outside its arena");
+      }
+      window = arena_.data() + r.window_offset();
+    } else {
+      staged.reset(new uint8_t[std::max<uint64_t>(r.window_bytes(), 1)]);
+      absl::Status st = StreamOut(r, staged.get());
+      if (!st.ok()) return st;
+      window = staged.get();
+    }
+    for (int i = 0; i < r.manifest().tensors_size(); ++i) {
+      const auto& t = r.manifest().tensors(i);
+      if (t.offset() > r.window_bytes() || t.length() > r.window_bytes() - t.offset()) {
+        return absl::DataLossError(
+            absl::StrFormat("tensor '%s' lies outside its step's window", t.name()));
+      }
+      tasks[i].src = window + t.offset();
+    }
+    CopyAll(tasks, options_.copy_threads, nullptr);
+    if (!options_.verify_restore) return absl::OkStatus();
+    for (int i = 0; i < r.manifest().tensors_size(); ++i) {
+      const auto& t = r.manifest().tensors(i);
+      if (tasks[i].crc != t.crc32c()) {
+        return absl::DataLossError(absl::StrFormat(
+            "tensor '%s' of step %d fails its checksum (0x%08x, expected 0x%08x)", t.name(),
+            r.step(), tasks[i].crc, t.crc32c()));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status StreamOut(const v1::RestoreResponse& r, uint8_t* out) {
+    grpc::ClientContext ctx;
+    v1::ReadRankRequest req;
+    req.set_session_id(session_);
+    req.set_lease_id(r.lease_id());
+    req.set_offset(0);
+    req.set_length(r.window_bytes());
+    auto reader = stub_->ReadRank(&ctx, req);
+    v1::ReadRankChunk chunk;
+    uint64_t got = 0;
+    while (reader->Read(&chunk)) {
+      if (chunk.offset() > r.window_bytes() ||
+          chunk.data().size() > r.window_bytes() - chunk.offset()) {
+        ctx.TryCancel();
+        reader->Finish();
+        return absl::DataLossError("the daemon sent bytes outside the window");
+      }
+      std::memcpy(out + chunk.offset(), chunk.data().data(), chunk.data().size());
+      got += chunk.data().size();
+    }
+    absl::Status st = FromGrpc(reader->Finish());
+    if (st.ok() && got != r.window_bytes()) {
+      st = absl::DataLossError(absl::StrFormat("received %d of %d bytes", got, r.window_bytes()));
+    }
+    return st;
+  }
+
+  ClientOptions options_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::Snapshot::Stub> stub_;
+  grpc::ClientContext attach_context_;
+  std::unique_ptr<grpc::ClientReader<v1::AttachEvent>> attach_reader_;
+  std::thread attach_reader_thread_;
+  uint64_t session_ = 0;
+  Mapping arena_;
+
+  absl::Mutex mu_;
+  std::deque<std::shared_ptr<SnapshotHandle::State>> queue_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread worker_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) {
+  auto client = std::make_unique<ClientImpl>(options);
+  absl::Status st = client->Init();
+  if (!st.ok()) return st;
+  return std::unique_ptr<Client>(std::move(client));
+}
+
+}  // namespace ecsnap

@@ -1,0 +1,177 @@
+// libecsnap: snapshot a trainer rank's state into its node's ecsnapd, and
+// restore it.
+//
+//   ecsnap::ClientOptions options;
+//   options.job_id = "gpt-7b";
+//   options.rank = rank;
+//   options.local_ranks = {0, 1, 2, 3, 4, 5, 6, 7};
+//   auto client = ecsnap::Client::Connect(options);          // once per process
+//   ...
+//   auto handle = (*client)->Snapshot(step, tensors);        // returns at once
+//   forward_backward();                                      // copies run meanwhile
+//   handle->Wait();                                          // before optimizer.step()
+//   ...
+//   auto state = (*client)->Restore(ecsnap::kLatestStep);    // after a restart
+//
+// On the daemon's node the client maps the daemon's shared-memory arena once
+// and copies tensors straight into it: one copy, no bytes through sockets.
+// Elsewhere (or with Transport::kGrpc) it streams the same bytes over gRPC.
+// Both paths give the same results.
+//
+// Thread safety: a Client may be used from several threads; snapshots run
+// one at a time, in the order they were started. Errors are absl::Status
+// values carrying the daemon's message (codes as in DESIGN.md §8).
+#ifndef ECSNAP_CLIENT_ECSNAP_H_
+#define ECSNAP_CLIENT_ECSNAP_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+
+namespace ecsnap {
+
+// Same numbering as proto/snapshot.proto.
+enum class TensorKind : int { kParam = 1, kOptimizer = 2, kRng = 3, kExtra = 4 };
+
+enum class DType : int {
+  kBytes = 1,  // opaque bytes: pickled extras, RNG state
+  kFloat32 = 2,
+  kFloat64 = 3,
+  kFloat16 = 4,
+  kBFloat16 = 5,
+  kInt8 = 6,
+  kUInt8 = 7,
+  kInt16 = 8,
+  kInt32 = 9,
+  kInt64 = 10,
+  kBool = 11,
+  kFloat8E4M3 = 12,
+  kFloat8E5M2 = 13,
+};
+
+// One tensor to snapshot. The bytes are borrowed: they must stay valid and
+// unmodified until the snapshot's Wait() returns.
+struct Tensor {
+  std::string name;  // unique within the rank, 1 to 4096 bytes
+  TensorKind kind = TensorKind::kParam;
+  DType dtype = DType::kBytes;
+  std::vector<int64_t> shape;  // elements x dtype size must equal `bytes`
+  const void* data = nullptr;
+  uint64_t bytes = 0;
+};
+
+// A restored tensor. `data` points into the RestoredState that returned it.
+struct RestoredTensor {
+  std::string name;
+  TensorKind kind = TensorKind::kParam;
+  DType dtype = DType::kBytes;
+  std::vector<int64_t> shape;
+  absl::Span<const uint8_t> data;
+};
+
+// A rank's state for one step, owning its bytes.
+struct RestoredState {
+  uint64_t step = 0;
+  std::vector<RestoredTensor> tensors;
+  std::shared_ptr<uint8_t> buffer;  // backs every tensor's data
+};
+
+// Where Restore() writes a tensor: a caller buffer of exactly its size.
+struct TensorDestination {
+  std::string name;
+  void* data = nullptr;
+  uint64_t bytes = 0;
+};
+
+enum class StepState { kReceiving = 1, kLocal = 2, kProtected = 3, kRebuilding = 4 };
+
+struct RestorableStep {
+  uint64_t step = 0;
+  StepState state = StepState::kLocal;
+  uint64_t bytes = 0;
+};
+
+inline constexpr uint64_t kLatestStep = 0;
+
+enum class Transport {
+  kAuto,          // shared memory when the arena can be mapped, else gRPC
+  kSharedMemory,  // shared memory or fail
+  kGrpc,          // always stream over gRPC
+};
+
+struct ClientOptions {
+  // The daemon: a Unix socket path, or "host:port" for TCP.
+  // Default: /run/ecsnap/ecsnapd.sock.
+  std::string daemon_address = "/run/ecsnap/ecsnapd.sock";
+  std::string job_id;
+  uint32_t rank = 0;
+  // Every rank of the job on this node, this one included. Default: {rank}.
+  std::vector<uint32_t> local_ranks;
+  // Default: kAuto.
+  Transport transport = Transport::kAuto;
+  // Threads copying (and checksumming) tensors. Default: 2.
+  int copy_threads = 2;
+  // Check every restored tensor's CRC-32C. Default: true.
+  bool verify_restore = true;
+  // Deadline of each control call to the daemon, in ms. Default: 30000.
+  int rpc_timeout_ms = 30000;
+};
+
+// A snapshot in progress. Copyable; every copy refers to the same snapshot.
+class SnapshotHandle {
+ public:
+  // Blocks until the snapshot is committed (or failed). After it returns the
+  // tensors may be modified. Returns the snapshot's outcome; calling it again
+  // returns the same outcome.
+  absl::Status Wait() const;
+  // True once Wait() would not block.
+  bool done() const;
+  uint64_t step() const;
+  // Bytes copied so far, of bytes_total().
+  uint64_t bytes_copied() const;
+  uint64_t bytes_total() const;
+
+  struct State;
+  explicit SnapshotHandle(std::shared_ptr<State> state) : state_(std::move(state)) {}
+
+ private:
+  std::shared_ptr<State> state_;
+};
+
+class Client {
+ public:
+  // Connects to the daemon and opens this rank's session (the session ends,
+  // and uncommitted data is discarded, when the Client is destroyed or the
+  // process dies). UNAVAILABLE if the daemon does not answer.
+  static absl::StatusOr<std::unique_ptr<Client>> Connect(const ClientOptions& options);
+
+  virtual ~Client() = default;
+
+  // Starts snapshotting `tensors` as `step` and returns at once. Steps must
+  // grow. The tensors' bytes are borrowed until the handle's Wait() returns.
+  // Argument errors are returned here; transfer and commit errors by Wait().
+  virtual absl::StatusOr<SnapshotHandle> Snapshot(uint64_t step, std::vector<Tensor> tensors) = 0;
+
+  // This rank's restorable steps, newest first.
+  virtual absl::StatusOr<std::vector<RestorableStep>> ListRestorable() = 0;
+
+  // Restores `step` (kLatestStep: the newest) into buffers it allocates.
+  virtual absl::StatusOr<RestoredState> Restore(uint64_t step) = 0;
+
+  // Restores `step` into caller buffers, each tensor by name; every tensor of
+  // the step must have a destination of its exact size. Returns the step.
+  virtual absl::StatusOr<uint64_t> RestoreInto(uint64_t step,
+                                               absl::Span<const TensorDestination> into) = 0;
+
+  // True when snapshots and restores go through the shared-memory arena.
+  virtual bool shared_memory() const = 0;
+};
+
+}  // namespace ecsnap
+
+#endif  // ECSNAP_CLIENT_ECSNAP_H_

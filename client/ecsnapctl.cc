@@ -1,0 +1,166 @@
+// ecsnapctl: the admin CLI of ecsnapd.
+//
+//   ecsnapctl [--address=127.0.0.1:7070 | unix:PATH] [--token_file=F] [--json] COMMAND
+//
+//   status                      the daemon: slot, arena use, sessions, peers
+//   steps [--job=J]             every step held, with its state
+//   drop --job=J [--step=S]     drops one step, or every step of a job
+//   verify [--job=J] [--step=S] recomputes every stored checksum
+//
+// Exit status: 0 on success, 1 when the daemon answers an error (printed on
+// stderr), 2 on a usage error.
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <string>
+
+#include <google/protobuf/util/json_util.h>
+#include <grpcpp/grpcpp.h>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
+#include "common/format.h"
+#include "proto/admin.grpc.pb.h"
+
+ABSL_FLAG(std::string, address, "127.0.0.1:7070", "Daemon admin address: host:port or unix:PATH.");
+ABSL_FLAG(std::string, token_file, "", "File with the admin bearer token.");
+ABSL_FLAG(bool, json, false, "Print the daemon's answer as JSON.");
+ABSL_FLAG(std::string, job, "", "Job id.");
+ABSL_FLAG(uint64_t, step, 0, "Step (0: every step).");
+ABSL_FLAG(int, timeout_ms, 10000, "Deadline of the call.");
+
+namespace {
+
+using ecsnap::FormatBytes;
+
+std::string Address(std::string a) {
+  if (!a.empty() && a[0] == '/') return "unix:" + a;
+  return a;
+}
+
+int Fail(const grpc::Status& st) {
+  std::fprintf(stderr, "ecsnapctl: %s\n", st.error_message().c_str());
+  return 1;
+}
+
+int PrintJson(const google::protobuf::Message& m) {
+  std::string out;
+  google::protobuf::util::JsonPrintOptions opts;
+  opts.add_whitespace = true;
+  opts.always_print_primitive_fields = true;
+  (void)google::protobuf::util::MessageToJsonString(m, &out, opts);
+  std::printf("%s", out.c_str());
+  return 0;
+}
+
+std::string State(ecsnap::v1::StepState s) {
+  std::string name = ecsnap::v1::StepState_Name(s);
+  return name.empty() ? "?" : name;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "ecsnapctl [--address=A] [--token_file=F] [--json] status | steps [--job=J] | "
+      "drop --job=J [--step=S] | verify [--job=J] [--step=S]");
+  std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+  if (args.size() != 2) {
+    std::fprintf(stderr, "usage: %s\n", absl::ProgramUsageMessage().data());
+    return 2;
+  }
+  const std::string command = args[1];
+  const bool json = absl::GetFlag(FLAGS_json);
+
+  std::string token;
+  if (!absl::GetFlag(FLAGS_token_file).empty()) {
+    std::ifstream in(absl::GetFlag(FLAGS_token_file));
+    if (!in) {
+      std::fprintf(stderr, "ecsnapctl: cannot read %s\n", absl::GetFlag(FLAGS_token_file).c_str());
+      return 2;
+    }
+    std::getline(in, token);
+    token = std::string(absl::StripAsciiWhitespace(token));
+  }
+  auto stub = ecsnap::admin::Admin::NewStub(
+      grpc::CreateChannel(Address(absl::GetFlag(FLAGS_address)), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() +
+                   std::chrono::milliseconds(absl::GetFlag(FLAGS_timeout_ms)));
+  if (!token.empty()) ctx.AddMetadata("authorization", "Bearer " + token);
+
+  if (command == "status") {
+    ecsnap::admin::StatusResponse r;
+    grpc::Status st = stub->Status(&ctx, {}, &r);
+    if (!st.ok()) return Fail(st);
+    if (json) return PrintJson(r);
+    std::printf("%s, slot %u (group %u, RS %u+%u), up %.1f s\n", r.version().c_str(), r.slot(),
+                r.group(), r.k(), r.m(), r.uptime_ms() / 1000.0);
+    std::printf("arena     %s used of %s (pre-faulted in %.2f s)\n",
+                FormatBytes(r.arena_used_bytes()).c_str(), FormatBytes(r.arena_bytes()).c_str(),
+                r.arena_prefault_ms() / 1000.0);
+    std::printf("sessions  %u, jobs %u\n", r.sessions(), r.jobs());
+    for (const auto& p : r.peers()) {
+      std::printf("peer      slot %u %s %s%s\n", p.slot(), p.address().c_str(),
+                  p.reachable() ? "reachable" : "UNREACHABLE",
+                  p.last_error().empty() ? "" : (" (" + p.last_error() + ")").c_str());
+    }
+    if (r.rebuild().active()) {
+      std::printf("rebuild   job %s step %lu: %s of %s\n", r.rebuild().job_id().c_str(),
+                  r.rebuild().step(), FormatBytes(r.rebuild().bytes_done()).c_str(),
+                  FormatBytes(r.rebuild().bytes_total()).c_str());
+    }
+    return 0;
+  }
+  if (command == "steps") {
+    ecsnap::admin::ListStepsRequest req;
+    req.set_job_id(absl::GetFlag(FLAGS_job));
+    ecsnap::admin::ListStepsResponse r;
+    grpc::Status st = stub->ListSteps(&ctx, req, &r);
+    if (!st.ok()) return Fail(st);
+    if (json) return PrintJson(r);
+    std::printf("%-24s %10s  %-10s %6s  %12s\n", "JOB", "STEP", "STATE", "RANKS", "BYTES");
+    for (const auto& s : r.steps()) {
+      std::printf("%-24s %10lu  %-10s %3u/%-2u  %12s\n", s.job_id().c_str(), s.step(),
+                  State(s.state()).c_str(), s.ranks_committed(), s.ranks_expected(),
+                  FormatBytes(s.bytes()).c_str());
+    }
+    if (r.steps().empty()) std::printf("(no steps)\n");
+    return 0;
+  }
+  if (command == "drop") {
+    if (absl::GetFlag(FLAGS_job).empty()) {
+      std::fprintf(stderr, "ecsnapctl: drop needs --job (and --step, or every step goes)\n");
+      return 2;
+    }
+    ecsnap::admin::DropRequest req;
+    req.set_job_id(absl::GetFlag(FLAGS_job));
+    req.set_step(absl::GetFlag(FLAGS_step));
+    ecsnap::admin::DropResponse r;
+    grpc::Status st = stub->Drop(&ctx, req, &r);
+    if (!st.ok()) return Fail(st);
+    if (json) return PrintJson(r);
+    std::printf("dropped %u step(s), %s\n", r.steps_dropped(), FormatBytes(r.bytes_freed()).c_str());
+    return 0;
+  }
+  if (command == "verify") {
+    ecsnap::admin::VerifyRequest req;
+    req.set_job_id(absl::GetFlag(FLAGS_job));
+    req.set_step(absl::GetFlag(FLAGS_step));
+    ecsnap::admin::VerifyResponse r;
+    grpc::Status st = stub->Verify(&ctx, req, &r);
+    if (!st.ok()) return Fail(st);
+    if (json) return PrintJson(r);
+    std::printf("checked %u tensors, %s: %s\n", r.tensors_checked(),
+                FormatBytes(r.bytes_checked()).c_str(),
+                r.errors().empty() ? "all intact" : "ERRORS");
+    for (const auto& e : r.errors()) std::printf("  %s\n", e.c_str());
+    return r.errors().empty() ? 0 : 1;
+  }
+  std::fprintf(stderr, "ecsnapctl: unknown command '%s'\nusage: %s\n", command.c_str(),
+               absl::ProgramUsageMessage().data());
+  return 2;
+}

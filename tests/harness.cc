@@ -1,0 +1,150 @@
+#include "tests/harness.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace ecsnap::testing {
+
+TempDir::TempDir() {
+  char templ[] = "/tmp/ecsnap-test-XXXXXX";
+  char* p = ::mkdtemp(templ);
+  if (p == nullptr) std::abort();
+  path_ = p;
+}
+
+TempDir::~TempDir() { std::system(("rm -rf '" + path_ + "'").c_str()); }
+
+std::string RunfilePath(const std::string& workspace_relative) {
+  const char* srcdir = std::getenv("TEST_SRCDIR");
+  if (srcdir == nullptr) return workspace_relative;
+  return absl::StrCat(srcdir, "/ecsnap/", workspace_relative);
+}
+
+pid_t Spawn(const std::vector<std::string>& argv, const std::string& log_path) {
+  const pid_t pid = ::fork();
+  if (pid != 0) return pid;
+  const int fd = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+  if (fd >= 0) {
+    ::dup2(fd, 1);
+    ::dup2(fd, 2);
+  }
+  std::vector<char*> args;
+  for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  ::execv(args[0], args.data());
+  ::_exit(127);
+}
+
+int StopProcess(pid_t pid, int signal, int timeout_ms) {
+  if (pid <= 0) return -1;
+  ::kill(pid, signal);
+  int status = 0;
+  for (int waited = 0; waited < timeout_ms; waited += 10) {
+    if (::waitpid(pid, &status, WNOHANG) == pid) return status;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ::kill(pid, SIGKILL);
+  ::waitpid(pid, &status, 0);
+  return status;
+}
+
+DaemonProcess::DaemonProcess(std::string dir, Options options)
+    : dir_(std::move(dir)), options_(std::move(options)) {
+  socket_ = dir_ + "/data.sock";
+  admin_socket_ = dir_ + "/admin.sock";
+  log_ = dir_ + "/ecsnapd.log";
+}
+
+absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(const std::string& dir,
+                                                                    Options options) {
+  std::unique_ptr<DaemonProcess> d(new DaemonProcess(dir, std::move(options)));
+  absl::Status st = d->Launch();
+  if (!st.ok()) return st;
+  return d;
+}
+
+absl::Status DaemonProcess::Launch() {
+  std::vector<std::string> argv = {
+      RunfilePath("daemon/ecsnapd"),
+      "--arena_dir=" + dir_ + "/arena",
+      absl::StrCat("--arena_bytes=", options_.arena_bytes),
+      "--socket=" + socket_,
+      "--admin_address=unix:" + admin_socket_,
+      absl::StrCat("--retain=", options_.retain),
+  };
+  if (!options_.admin_token_file.empty()) {
+    argv.push_back("--admin_token_file=" + options_.admin_token_file);
+  }
+  for (const auto& f : options_.extra_flags) argv.push_back(f);
+  pid_ = Spawn(argv, log_);
+  // Ready when the admin plane answers; bounded at 20 s. A fresh channel per
+  // probe: one that failed before the socket existed would sit out gRPC's
+  // reconnect backoff.
+  for (int attempt = 0; attempt < 400; ++attempt) {
+    auto stub = AdminStub();
+    if (!alive()) {
+      return absl::InternalError(absl::StrCat("ecsnapd exited during start:\n", Log()));
+    }
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(200));
+    if (!options_.admin_token_file.empty()) {
+      std::ifstream in(options_.admin_token_file);
+      std::string token;
+      std::getline(in, token);
+      ctx.AddMetadata("authorization", "Bearer " + token);
+    }
+    admin::StatusResponse r;
+    if (stub->Status(&ctx, {}, &r).ok()) return absl::OkStatus();
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return absl::DeadlineExceededError(absl::StrCat("ecsnapd did not become ready:\n", Log()));
+}
+
+DaemonProcess::~DaemonProcess() {
+  if (pid_ > 0) StopProcess(pid_, SIGTERM);
+}
+
+void DaemonProcess::Kill() {
+  StopProcess(pid_, SIGKILL);
+  pid_ = -1;
+}
+
+absl::Status DaemonProcess::Restart() {
+  if (pid_ > 0) Kill();
+  return Launch();
+}
+
+bool DaemonProcess::alive() {
+  if (pid_ <= 0) return false;
+  int status;
+  if (::waitpid(pid_, &status, WNOHANG) == 0) return true;
+  pid_ = -1;
+  return false;
+}
+
+std::string DaemonProcess::Log() const {
+  std::ifstream in(log_);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+std::unique_ptr<admin::Admin::Stub> DaemonProcess::AdminStub() const {
+  return admin::Admin::NewStub(
+      grpc::CreateChannel(admin_address(), grpc::InsecureChannelCredentials()));
+}
+
+}  // namespace ecsnap::testing

@@ -1,0 +1,419 @@
+// Single-node snapshot service, end to end: real ecsnapd processes, the real
+// client library, on private Unix sockets.
+#include <signal.h>
+#include <sys/wait.h>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <random>
+#include <thread>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/strings/str_cat.h"
+#include "client/ecsnap.h"
+#include "ec/crc32c.h"
+#include "gtest/gtest.h"
+#include "proto/snapshot.grpc.pb.h"
+#include "tests/harness.h"
+
+namespace ecsnap {
+namespace {
+
+using testing::DaemonProcess;
+using testing::TempDir;
+
+// A rank's synthetic training state; owns the bytes the Tensors borrow.
+struct State {
+  std::vector<std::vector<uint8_t>> storage;
+  std::vector<Tensor> tensors;
+};
+
+State MakeState(uint64_t seed, int scale = 1) {
+  struct Spec {
+    const char* name;
+    TensorKind kind;
+    DType dtype;
+    std::vector<int64_t> shape;
+    size_t elem;
+  };
+  const std::vector<Spec> specs = {
+      {"embed.weight", TensorKind::kParam, DType::kFloat32, {64 * scale, 33}, 4},
+      {"block0.attn.qkv", TensorKind::kParam, DType::kBFloat16, {33, 99}, 2},
+      {"block0.ln.bias", TensorKind::kParam, DType::kFloat16, {1}, 2},
+      {"empty", TensorKind::kParam, DType::kFloat32, {0, 5}, 4},
+      {"adam.exp_avg", TensorKind::kOptimizer, DType::kFloat64, {1000 * scale + 7}, 8},
+      {"adam.step", TensorKind::kOptimizer, DType::kInt64, {}, 8},
+      {"mask", TensorKind::kParam, DType::kBool, {13}, 1},
+      {"rng.cpu", TensorKind::kRng, DType::kUInt8, {5056}, 1},
+      {"extra.loader", TensorKind::kExtra, DType::kBytes, {}, 0},
+      {"one_byte", TensorKind::kExtra, DType::kInt8, {1}, 1},
+  };
+  std::mt19937_64 rng(seed);
+  State s;
+  for (const Spec& spec : specs) {
+    uint64_t elements = 1;
+    for (int64_t d : spec.shape) elements *= d;
+    const uint64_t bytes = spec.elem == 0 ? 777 : elements * spec.elem;
+    s.storage.emplace_back(bytes);
+    for (auto& b : s.storage.back()) b = static_cast<uint8_t>(rng());
+  }
+  for (size_t i = 0; i < specs.size(); ++i) {
+    Tensor t;
+    t.name = specs[i].name;
+    t.kind = specs[i].kind;
+    t.dtype = specs[i].dtype;
+    t.shape = specs[i].shape;
+    t.data = s.storage[i].data();
+    t.bytes = s.storage[i].size();
+    s.tensors.push_back(t);
+  }
+  return s;
+}
+
+void ExpectRestored(const State& want, const RestoredState& got) {
+  ASSERT_EQ(got.tensors.size(), want.tensors.size());
+  for (size_t i = 0; i < want.tensors.size(); ++i) {
+    const Tensor& w = want.tensors[i];
+    const RestoredTensor& g = got.tensors[i];
+    EXPECT_EQ(g.name, w.name);
+    EXPECT_EQ(g.kind, w.kind);
+    EXPECT_EQ(g.dtype, w.dtype);
+    EXPECT_EQ(g.shape, w.shape);
+    ASSERT_EQ(g.data.size(), w.bytes) << w.name;
+    EXPECT_TRUE(std::equal(g.data.begin(), g.data.end(), want.storage[i].begin())) << w.name;
+  }
+}
+
+class SnapshotTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto d = DaemonProcess::Start(dir_.path(), options_);
+    ASSERT_TRUE(d.ok()) << d.status();
+    daemon_ = std::move(*d);
+  }
+
+  std::unique_ptr<Client> Connect(uint32_t rank, std::vector<uint32_t> local_ranks,
+                                  Transport transport = Transport::kSharedMemory,
+                                  std::string job = "job") {
+    ClientOptions o;
+    o.daemon_address = daemon_->socket();
+    o.job_id = job;
+    o.rank = rank;
+    o.local_ranks = local_ranks;
+    o.transport = transport;
+    auto c = Client::Connect(o);
+    EXPECT_TRUE(c.ok()) << c.status();
+    return c.ok() ? std::move(*c) : nullptr;
+  }
+
+  // Polls the admin plane until `job` holds exactly `steps` (bounded).
+  bool WaitForSteps(const std::string& job, std::vector<uint64_t> steps) {
+    auto stub = daemon_->AdminStub();
+    for (int i = 0; i < 200; ++i) {
+      grpc::ClientContext ctx;
+      admin::ListStepsRequest req;
+      req.set_job_id(job);
+      admin::ListStepsResponse r;
+      if (stub->ListSteps(&ctx, req, &r).ok()) {
+        std::vector<uint64_t> have;
+        for (const auto& s : r.steps()) have.push_back(s.step());
+        if (have == steps) return true;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(25));
+    }
+    return false;
+  }
+
+  TempDir dir_;
+  DaemonProcess::Options options_;
+  std::unique_ptr<DaemonProcess> daemon_;
+};
+
+TEST_F(SnapshotTest, MixedTensorsRoundTripThroughSharedMemoryAndGrpcAlike) {
+  for (Transport transport : {Transport::kSharedMemory, Transport::kGrpc}) {
+    const std::string job = transport == Transport::kGrpc ? "grpc-job" : "shm-job";
+    auto client = Connect(0, {0}, transport, job);
+    ASSERT_NE(client, nullptr);
+    EXPECT_EQ(client->shared_memory(), transport == Transport::kSharedMemory);
+    State s = MakeState(7, 50);
+    auto handle = client->Snapshot(3, s.tensors);
+    ASSERT_TRUE(handle.ok()) << handle.status();
+    ASSERT_TRUE(handle->Wait().ok()) << handle->Wait();
+    EXPECT_EQ(handle->bytes_copied(), [&] {
+      uint64_t n = 0;
+      for (auto& t : s.tensors) n += t.bytes;
+      return n;
+    }());
+
+    auto restored = client->Restore(kLatestStep);
+    ASSERT_TRUE(restored.ok()) << restored.status();
+    EXPECT_EQ(restored->step, 3u);
+    ExpectRestored(s, *restored);
+
+    // Into caller buffers.
+    std::vector<std::vector<uint8_t>> out;
+    std::vector<TensorDestination> into;
+    for (const Tensor& t : s.tensors) out.emplace_back(t.bytes, 0xEE);
+    for (size_t i = 0; i < s.tensors.size(); ++i) {
+      into.push_back({s.tensors[i].name, out[i].data(), out[i].size()});
+    }
+    auto step = client->RestoreInto(3, into);
+    ASSERT_TRUE(step.ok()) << step.status();
+    for (size_t i = 0; i < out.size(); ++i) EXPECT_EQ(out[i], s.storage[i]) << s.tensors[i].name;
+
+    // A destination of the wrong size is refused before anything is copied.
+    into[0].bytes -= 1;
+    EXPECT_EQ(client->RestoreInto(3, into).status().code(), absl::StatusCode::kInvalidArgument);
+  }
+}
+
+TEST_F(SnapshotTest, TwoRanksCommitAStepThatEachRestoresItsOwnPart) {
+  auto r0 = Connect(0, {0, 1});
+  auto r1 = Connect(1, {0, 1});
+  State s0 = MakeState(1), s1 = MakeState(2);
+  for (uint64_t step = 1; step <= 3; ++step) {
+    auto h0 = r0->Snapshot(step, s0.tensors);
+    auto h1 = r1->Snapshot(step, s1.tensors);
+    ASSERT_TRUE(h0->Wait().ok()) << h0->Wait();
+    ASSERT_TRUE(h1->Wait().ok()) << h1->Wait();
+  }
+  auto steps = r0->ListRestorable();
+  ASSERT_TRUE(steps.ok());
+  ASSERT_EQ(steps->size(), 1u);  // retain = 1
+  EXPECT_EQ((*steps)[0].step, 3u);
+  EXPECT_EQ((*steps)[0].state, StepState::kLocal);
+  ExpectRestored(s0, *r0->Restore(kLatestStep));
+  ExpectRestored(s1, *r1->Restore(3));
+}
+
+TEST_F(SnapshotTest, ATrainerKilledMidStreamLeavesNothingVisible) {
+  State s1 = MakeState(11);
+  {
+    auto c = Connect(0, {0});
+    ASSERT_TRUE(c->Snapshot(1, s1.tensors)->Wait().ok());
+  }
+  const std::string out = dir_.path() + "/stall.out";
+  const pid_t trainer = testing::Spawn(
+      {testing::RunfilePath("tests/stall_trainer"), "--socket=" + daemon_->socket(), "--rank=0",
+       "--local_ranks=0", "--step=2", "--bytes=4194304"},
+      out);
+  bool stalled = false;
+  for (int i = 0; i < 400 && !stalled; ++i) {
+    std::ifstream in(out);
+    std::string line;
+    while (std::getline(in, line)) stalled |= line == "STALLED";
+    if (!stalled) std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  }
+  ASSERT_TRUE(stalled) << "the trainer never reached mid-stream";
+  ASSERT_TRUE(WaitForSteps("job", {1, 2}));  // step 2 is receiving
+  testing::StopProcess(trainer, SIGKILL);
+
+  // The daemon notices the dead session and discards the half-written step.
+  ASSERT_TRUE(WaitForSteps("job", {1})) << daemon_->Log();
+  auto c = Connect(0, {0});
+  auto steps = c->ListRestorable();
+  ASSERT_EQ(steps->size(), 1u);
+  EXPECT_EQ((*steps)[0].step, 1u);
+  ExpectRestored(s1, *c->Restore(kLatestStep));
+  // The restarted rank snapshots step 2 again.
+  State s2 = MakeState(12);
+  ASSERT_TRUE(c->Snapshot(2, s2.tensors)->Wait().ok());
+  ExpectRestored(s2, *c->Restore(kLatestStep));
+  EXPECT_TRUE(daemon_->alive());
+}
+
+TEST_F(SnapshotTest, ADaemonKilledAndRestartedKeepsEveryCommittedStep) {
+  options_.retain = 2;
+  daemon_.reset();
+  SetUp();
+  State s[4][2];
+  for (int step = 1; step <= 4; ++step) {
+    for (int r = 0; r < 2; ++r) s[step - 1][r] = MakeState(step * 10 + r, step);
+  }
+  {
+    auto r0 = Connect(0, {0, 1});
+    auto r1 = Connect(1, {0, 1});
+    for (int step = 1; step <= 3; ++step) {
+      ASSERT_TRUE(r0->Snapshot(step, s[step - 1][0].tensors)->Wait().ok());
+      ASSERT_TRUE(r1->Snapshot(step, s[step - 1][1].tensors)->Wait().ok());
+    }
+    // Step 4: rank 0 committed, rank 1 never did. Then the daemon dies.
+    ASSERT_TRUE(r0->Snapshot(4, s[3][0].tensors)->Wait().ok());
+    ASSERT_TRUE(WaitForSteps("job", {2, 3, 4}));
+    daemon_->Kill();
+  }
+  ASSERT_TRUE(daemon_->Restart().ok()) << daemon_->Log();
+  EXPECT_NE(daemon_->Log().find("re-adopted 2 step(s)"), std::string::npos) << daemon_->Log();
+  auto r0 = Connect(0, {0, 1});
+  auto r1 = Connect(1, {0, 1});
+  auto steps = r0->ListRestorable();
+  ASSERT_TRUE(steps.ok());
+  ASSERT_EQ(steps->size(), 2u);
+  EXPECT_EQ((*steps)[0].step, 3u);
+  EXPECT_EQ((*steps)[1].step, 2u);
+  for (int step : {2, 3}) {
+    ExpectRestored(s[step - 1][0], *r0->Restore(step));
+    ExpectRestored(s[step - 1][1], *r1->Restore(step));
+  }
+  EXPECT_TRUE(WaitForSteps("job", {2, 3}));  // the step in flight is gone
+}
+
+// Bad input, sent on the wire as a broken or hostile client would. A healthy
+// client keeps working between every case, and the daemon stays up.
+TEST_F(SnapshotTest, BadInputGetsAReadableStatusAndTheDaemonKeepsServing) {
+  auto healthy = Connect(0, {0}, Transport::kSharedMemory, "healthy");
+  uint64_t healthy_step = 0;
+  auto still_serving = [&] {
+    State s = MakeState(++healthy_step);
+    auto h = healthy->Snapshot(healthy_step, s.tensors);
+    ASSERT_TRUE(h.ok() && h->Wait().ok()) << h->Wait();
+    ExpectRestored(s, *healthy->Restore(kLatestStep));
+  };
+
+  auto stub = v1::Snapshot::NewStub(grpc::CreateChannel("unix:" + daemon_->socket(),
+                                                        grpc::InsecureChannelCredentials()));
+  grpc::ClientContext attach_ctx;
+  v1::AttachRequest attach;
+  attach.set_job_id("bad");
+  attach.set_rank(0);
+  attach.add_local_ranks(0);
+  auto session_stream = stub->Attach(&attach_ctx, attach);
+  v1::AttachEvent ev;
+  ASSERT_TRUE(session_stream->Read(&ev));
+  const uint64_t session = ev.session_id();
+
+  auto expect = [&](grpc::Status st, grpc::StatusCode code, const std::string& text) {
+    EXPECT_EQ(st.error_code(), code) << st.error_message();
+    EXPECT_NE(st.error_message().find(text), std::string::npos) << st.error_message();
+    still_serving();
+  };
+  auto begin = [&](uint64_t sess, uint64_t step, uint64_t bytes) {
+    grpc::ClientContext ctx;
+    v1::BeginRankRequest req;
+    req.set_session_id(sess);
+    req.set_step(step);
+    req.set_bytes(bytes);
+    v1::BeginRankResponse resp;
+    return stub->BeginRank(&ctx, req, &resp);
+  };
+  auto commit = [&](uint64_t step, const v1::Manifest& m) {
+    grpc::ClientContext ctx;
+    v1::CommitRankRequest req;
+    req.set_session_id(session);
+    req.set_step(step);
+    *req.mutable_manifest() = m;
+    v1::CommitRankResponse resp;
+    return stub->CommitRank(&ctx, req, &resp);
+  };
+  auto write = [&](uint64_t step, uint64_t offset, const std::string& data) {
+    grpc::ClientContext ctx;
+    v1::WriteRankResponse resp;
+    auto w = stub->WriteRank(&ctx, &resp);
+    v1::WriteRankChunk c;
+    c.set_session_id(session);
+    c.set_step(step);
+    c.set_offset(offset);
+    c.set_data(data);
+    w->Write(c);
+    w->WritesDone();
+    return w->Finish();
+  };
+  auto entry = [](const std::string& name, uint64_t offset, const std::string& bytes) {
+    v1::TensorEntry e;
+    e.set_name(name);
+    e.set_kind(v1::PARAM);
+    e.set_dtype(v1::UINT8);
+    e.add_shape(bytes.size());
+    e.set_offset(offset);
+    e.set_length(bytes.size());
+    e.set_crc32c(ec::Crc32c(absl::Span<const uint8_t>(
+        reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size())));
+    return e;
+  };
+
+  // Unknown session / job.
+  expect(begin(424242, 1, 10), grpc::StatusCode::NOT_FOUND, "session 424242 is not attached");
+  // A step larger than the arena.
+  expect(begin(session, 1, uint64_t{1} << 40), grpc::StatusCode::RESOURCE_EXHAUSTED,
+         "needs 1.00 TiB but the whole arena holds");
+  // Commit a good step 5.
+  const std::string payload(1000, 'x');
+  ASSERT_TRUE(begin(session, 5, 1000).ok());
+  ASSERT_TRUE(write(5, 0, payload).ok());
+  v1::Manifest good;
+  *good.add_tensors() = entry("w", 0, payload);
+  ASSERT_TRUE(commit(5, good).ok());
+  // Steps going backwards.
+  expect(begin(session, 4, 10), grpc::StatusCode::FAILED_PRECONDITION, "steps only grow");
+  // A write past the window.
+  ASSERT_TRUE(begin(session, 6, 1000).ok());
+  expect(write(6, 900, std::string(200, 'y')), grpc::StatusCode::INVALID_ARGUMENT,
+         "passes the end of the 1000-byte window");
+  ASSERT_TRUE(write(6, 0, payload).ok());
+  // Manifest offsets outside the window.
+  v1::Manifest outside;
+  *outside.add_tensors() = entry("w", 500, payload);
+  expect(commit(6, outside), grpc::StatusCode::INVALID_ARGUMENT,
+         "lies outside the rank's 1000-byte window");
+  // A wrong checksum.
+  v1::Manifest wrong = good;
+  wrong.mutable_tensors(0)->set_crc32c(good.tensors(0).crc32c() ^ 1);
+  expect(commit(6, wrong), grpc::StatusCode::INVALID_ARGUMENT, "has crc32c");
+  // An oversized name.
+  v1::Manifest long_name = good;
+  long_name.mutable_tensors(0)->set_name(std::string(10000, 'n'));
+  expect(commit(6, long_name), grpc::StatusCode::INVALID_ARGUMENT, "names must have 1 to 4096");
+  // An oversized message (the manifest of a hostile client).
+  v1::Manifest huge = good;
+  huge.mutable_tensors(0)->set_name(std::string(70 << 20, 'h'));
+  {
+    grpc::Status st = commit(6, huge);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << st.error_message();
+    still_serving();
+  }
+  // Too many local ranks, an invalid job id.
+  for (auto [job, ranks, text] :
+       std::vector<std::tuple<std::string, int, std::string>>{
+           {"ok", 2000, "at most 1024 per node"}, {"no spaces", 1, "job id 'no spaces'"}}) {
+    grpc::ClientContext ctx;
+    v1::AttachRequest bad;
+    bad.set_job_id(job);
+    bad.set_rank(0);
+    for (int r = 0; r < ranks; ++r) bad.add_local_ranks(r);
+    auto s = stub->Attach(&ctx, bad);
+    v1::AttachEvent e;
+    EXPECT_FALSE(s->Read(&e));
+    expect(s->Finish(), grpc::StatusCode::INVALID_ARGUMENT, text);
+  }
+  // After all that, the good step 5 is still there and step 6 still commits.
+  ASSERT_TRUE(commit(6, good).ok());
+  EXPECT_TRUE(daemon_->alive());
+  attach_ctx.TryCancel();
+  session_stream->Finish();
+}
+
+TEST_F(SnapshotTest, ASnapshotThatDoesNotFitIsRefusedWithTheBytesNeeded) {
+  auto c = Connect(0, {0});
+  std::vector<uint8_t> big(100 << 20, 1);
+  Tensor t;
+  t.name = "too_big";
+  t.dtype = DType::kUInt8;
+  t.shape = {static_cast<int64_t>(big.size())};
+  t.data = big.data();
+  t.bytes = big.size();
+  auto h = c->Snapshot(1, {t});
+  ASSERT_TRUE(h.ok());
+  absl::Status st = h->Wait();
+  EXPECT_EQ(st.code(), absl::StatusCode::kResourceExhausted) << st;
+  EXPECT_NE(st.message().find("snapshot of step 1: job job step 1 rank 0 needs 100.00 MiB"),
+            std::string::npos)
+      << st;
+  // The client and daemon carry on.
+  State s = MakeState(1);
+  ASSERT_TRUE(c->Snapshot(1, s.tensors)->Wait().ok());
+}
+
+}  // namespace
+}  // namespace ecsnap
