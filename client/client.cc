@@ -4,6 +4,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -45,17 +46,34 @@ struct SnapshotHandle::State {
   std::atomic<uint64_t> copied{0};
 
   absl::Mutex mu;
-  bool done ABSL_GUARDED_BY(mu) = false;
+  bool released ABSL_GUARDED_BY(mu) = false;  // the trainer's tensors are free
+  absl::Status copy_status ABSL_GUARDED_BY(mu);
+  bool done ABSL_GUARDED_BY(mu) = false;  // committed or failed
   absl::Status status ABSL_GUARDED_BY(mu);
 
+  void Copied(absl::Status s) {
+    absl::MutexLock lock(&mu);
+    copy_status = std::move(s);
+    released = true;
+  }
   void Finish(absl::Status s) {
     absl::MutexLock lock(&mu);
+    if (!released) {
+      copy_status = s;
+      released = true;
+    }
     status = std::move(s);
     done = true;
   }
 };
 
 absl::Status SnapshotHandle::Wait() const {
+  absl::MutexLock lock(&state_->mu);
+  state_->mu.Await(absl::Condition(&state_->released));
+  return state_->copy_status;
+}
+
+absl::Status SnapshotHandle::WaitCommitted() const {
   absl::MutexLock lock(&state_->mu);
   state_->mu.Await(absl::Condition(&state_->done));
   return state_->status;
@@ -309,6 +327,9 @@ class ClientImpl final : public Client {
     absl::Status st = shared_memory() ? CopyIn(s, window, commit.mutable_manifest())
                                       : StreamIn(s, commit.mutable_manifest());
     if (st.ok()) {
+      // The bytes are in the daemon's memory: the trainer may go on while
+      // the daemon checks them.
+      s.Copied(absl::OkStatus());
       grpc::ClientContext ctx;
       SetDeadline(ctx);
       v1::CommitRankResponse resp;
@@ -413,31 +434,28 @@ class ClientImpl final : public Client {
   }
 
   // Fills every task's dst from the leased window (tasks in manifest order,
-  // src unset), then checks the checksums.
+  // src unset), computing each task's CRC-32C, then checks them.
   absl::Status Fetch(const v1::RestoreResponse& r, std::vector<CopyTask>& tasks) {
-    std::unique_ptr<uint8_t[]> staged;
-    const uint8_t* window = nullptr;
+    for (const auto& t : r.manifest().tensors()) {
+      if (t.offset() > r.window_bytes() || t.length() > r.window_bytes() - t.offset()) {
+        return absl::DataLossError(
+            absl::StrFormat("tensor '%s' lies outside its step's window", t.name()));
+      }
+    }
     if (shared_memory()) {
       if (r.window_offset() > arena_.size() ||
           r.window_bytes() > arena_.size() - r.window_offset()) {
         return absl::InternalError("the daemon leased a window outside its arena");
       }
-      window = arena_.data() + r.window_offset();
-    } else {
-      staged.reset(new uint8_t[std::max<uint64_t>(r.window_bytes(), 1)]);
-      absl::Status st = StreamOut(r, staged.get());
-      if (!st.ok()) return st;
-      window = staged.get();
-    }
-    for (int i = 0; i < r.manifest().tensors_size(); ++i) {
-      const auto& t = r.manifest().tensors(i);
-      if (t.offset() > r.window_bytes() || t.length() > r.window_bytes() - t.offset()) {
-        return absl::DataLossError(
-            absl::StrFormat("tensor '%s' lies outside its step's window", t.name()));
+      const uint8_t* window = arena_.data() + r.window_offset();
+      for (int i = 0; i < r.manifest().tensors_size(); ++i) {
+        tasks[i].src = window + r.manifest().tensors(i).offset();
       }
-      tasks[i].src = window + t.offset();
+      CopyAll(tasks, options_.copy_threads, nullptr);
+    } else {
+      absl::Status st = StreamOut(r, tasks);
+      if (!st.ok()) return st;
     }
-    CopyAll(tasks, options_.copy_threads, nullptr);
     if (!options_.verify_restore) return absl::OkStatus();
     for (int i = 0; i < r.manifest().tensors_size(); ++i) {
       const auto& t = r.manifest().tensors(i);
@@ -450,7 +468,14 @@ class ClientImpl final : public Client {
     return absl::OkStatus();
   }
 
-  absl::Status StreamOut(const v1::RestoreResponse& r, uint8_t* out) {
+  // gRPC: reads the window in order and scatters each chunk straight into
+  // the tensors it overlaps, checksumming each piece as it lands.
+  absl::Status StreamOut(const v1::RestoreResponse& r, std::vector<CopyTask>& tasks) {
+    const auto& tensors = r.manifest().tensors();
+    std::vector<int> order(tensors.size());
+    for (int i = 0; i < tensors.size(); ++i) order[i] = i;
+    std::sort(order.begin(), order.end(),
+              [&](int a, int b) { return tensors[a].offset() < tensors[b].offset(); });
     grpc::ClientContext ctx;
     v1::ReadRankRequest req;
     req.set_session_id(session_);
@@ -459,20 +484,35 @@ class ClientImpl final : public Client {
     req.set_length(r.window_bytes());
     auto reader = stub_->ReadRank(&ctx, req);
     v1::ReadRankChunk chunk;
-    uint64_t got = 0;
+    uint64_t next = 0;
+    size_t first = 0;  // in `order`: tensors before it end before `next`
     while (reader->Read(&chunk)) {
-      if (chunk.offset() > r.window_bytes() ||
-          chunk.data().size() > r.window_bytes() - chunk.offset()) {
+      const uint64_t a = chunk.offset(), b = a + chunk.data().size();
+      if (a != next || b > r.window_bytes()) {
         ctx.TryCancel();
         reader->Finish();
-        return absl::DataLossError("the daemon sent bytes outside the window");
+        return absl::DataLossError(absl::StrFormat(
+            "the daemon sent bytes [%d, %d) where [%d, ...) was due", a, b, next));
       }
-      std::memcpy(out + chunk.offset(), chunk.data().data(), chunk.data().size());
-      got += chunk.data().size();
+      const uint8_t* data = reinterpret_cast<const uint8_t*>(chunk.data().data());
+      while (first < order.size() &&
+             tensors[order[first]].offset() + tensors[order[first]].length() <= a) {
+        ++first;
+      }
+      for (size_t k = first; k < order.size() && tensors[order[k]].offset() < b; ++k) {
+        const auto& t = tensors[order[k]];
+        const uint64_t lo = std::max(a, t.offset()), hi = std::min(b, t.offset() + t.length());
+        if (lo >= hi) continue;
+        CopyTask& task = tasks[order[k]];
+        uint8_t* dst = task.dst + (lo - t.offset());
+        std::memcpy(dst, data + (lo - a), hi - lo);
+        task.crc = ec::Crc32c(absl::Span<const uint8_t>(dst, hi - lo), task.crc);
+      }
+      next = b;
     }
     absl::Status st = FromGrpc(reader->Finish());
-    if (st.ok() && got != r.window_bytes()) {
-      st = absl::DataLossError(absl::StrFormat("received %d of %d bytes", got, r.window_bytes()));
+    if (st.ok() && next != r.window_bytes()) {
+      st = absl::DataLossError(absl::StrFormat("received %d of %d bytes", next, r.window_bytes()));
     }
     return st;
   }

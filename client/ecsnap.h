@@ -10,6 +10,7 @@
 //   auto handle = (*client)->Snapshot(step, tensors);        // returns at once
 //   forward_backward();                                      // copies run meanwhile
 //   handle->Wait();                                          // before optimizer.step()
+//   ...                                                      // the daemon verifies meanwhile
 //   ...
 //   auto state = (*client)->Restore(ecsnap::kLatestStep);    // after a restart
 //
@@ -123,13 +124,21 @@ struct ClientOptions {
 };
 
 // A snapshot in progress. Copyable; every copy refers to the same snapshot.
+//
+// A snapshot has two moments: the tensors are copied into the daemon's memory
+// (after which the trainer may modify them: Wait), and the daemon has checked
+// every checksum and published the rank (WaitCommitted). The daemon's check
+// reads its own memory, so it overlaps the trainer's next computation.
 class SnapshotHandle {
  public:
-  // Blocks until the snapshot is committed (or failed). After it returns the
-  // tensors may be modified. Returns the snapshot's outcome; calling it again
-  // returns the same outcome.
+  // Blocks until the tensors are no longer needed: copied into the daemon's
+  // memory, or the snapshot failed before that. Returns that outcome. Call it
+  // before the optimizer modifies the tensors.
   absl::Status Wait() const;
-  // True once Wait() would not block.
+  // Blocks until the daemon has verified and committed the rank (or refused
+  // it). Returns the snapshot's final outcome; the same on every call.
+  absl::Status WaitCommitted() const;
+  // True once WaitCommitted() would not block.
   bool done() const;
   uint64_t step() const;
   // Bytes copied so far, of bytes_total().
@@ -154,7 +163,9 @@ class Client {
 
   // Starts snapshotting `tensors` as `step` and returns at once. Steps must
   // grow. The tensors' bytes are borrowed until the handle's Wait() returns.
-  // Argument errors are returned here; transfer and commit errors by Wait().
+  // Argument errors are returned here; transfer errors by Wait(), commit
+  // errors by WaitCommitted(). Snapshots run one after the other: a step's
+  // copy starts once the previous step is committed.
   virtual absl::StatusOr<SnapshotHandle> Snapshot(uint64_t step, std::vector<Tensor> tensors) = 0;
 
   // This rank's restorable steps, newest first.

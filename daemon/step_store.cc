@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <set>
+#include <thread>
 
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -60,20 +61,47 @@ std::string RankLabel(const std::string& job, uint64_t step, uint32_t rank) {
   return absl::StrFormat("job %s step %d rank %d", job, step, rank);
 }
 
-// Checks every tensor's CRC-32C against the bytes of `window`.
+// Checks every tensor's CRC-32C against the bytes of `window`, spreading
+// whole tensors over up to `threads` threads (largest first, least loaded).
 absl::Status CheckCrcs(const v1::Manifest& manifest, absl::Span<const uint8_t> window,
-                       VerifyReport* report) {
-  for (const v1::TensorEntry& t : manifest.tensors()) {
-    const uint32_t crc = ec::Crc32c(window.subspan(t.offset(), t.length()));
+                       int threads, VerifyReport* report) {
+  const int n = manifest.tensors_size();
+  std::vector<uint32_t> crcs(n);
+  std::vector<int> order(n);
+  for (int i = 0; i < n; ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](int a, int b) {
+    return manifest.tensors(a).length() > manifest.tensors(b).length();
+  });
+  threads = std::max(1, std::min(threads, n));
+  std::vector<std::vector<int>> share(threads);
+  std::vector<uint64_t> load(threads, 0);
+  for (int i : order) {
+    const int t = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
+    share[t].push_back(i);
+    load[t] += manifest.tensors(i).length();
+  }
+  auto run = [&](int t) {
+    for (int i : share[t]) {
+      const v1::TensorEntry& e = manifest.tensors(i);
+      crcs[i] = ec::Crc32c(window.subspan(e.offset(), e.length()));
+    }
+  };
+  std::vector<std::thread> helpers;
+  for (int t = 1; t < threads; ++t) helpers.emplace_back(run, t);
+  run(0);
+  for (auto& h : helpers) h.join();
+
+  for (int i = 0; i < n; ++i) {
+    const v1::TensorEntry& t = manifest.tensors(i);
     if (report != nullptr) {
       ++report->tensors_checked;
       report->bytes_checked += t.length();
     }
-    if (crc != t.crc32c()) {
+    if (crcs[i] != t.crc32c()) {
       return absl::InvalidArgumentError(absl::StrFormat(
           "tensor '%s' has crc32c 0x%08x in the manifest but its %d bytes in the window have "
           "0x%08x; the copy was incomplete or the manifest is stale",
-          t.name(), t.crc32c(), t.length(), crc));
+          t.name(), t.crc32c(), t.length(), crcs[i]));
     }
   }
   return absl::OkStatus();
@@ -192,7 +220,8 @@ AdoptReport StepStore::Adopt() {
       continue;
     }
     absl::Status st = CheckManifest(r.manifest(), r.window_bytes());
-    if (st.ok()) st = CheckCrcs(r.manifest(), arena_->Bytes(extent).first(r.window_bytes()), nullptr);
+    if (st.ok()) st = CheckCrcs(r.manifest(), arena_->Bytes(extent).first(r.window_bytes()),
+                                options_.verify_threads, nullptr);
     if (!st.ok()) {
       arena_->Free(extent);
       drop(label + ": " + std::string(st.message()) + ", dropped");
@@ -456,7 +485,10 @@ absl::StatusOr<v1::StepState> StepStore::CommitRank(uint64_t session, uint64_t s
   // The checks read the whole window: outside the lock, the window pinned.
   const std::string label = RankLabel(rd->job_id, step, rd->rank);
   absl::Status st = CheckManifest(manifest, rd->bytes);
-  if (st.ok()) st = CheckCrcs(manifest, arena_->Bytes(rd->extent).first(rd->bytes), nullptr);
+  if (st.ok()) {
+    st = CheckCrcs(manifest, arena_->Bytes(rd->extent).first(rd->bytes), options_.verify_threads,
+                   nullptr);
+  }
   std::string record;
   if (st.ok()) {
     RankRecord r;
@@ -714,7 +746,7 @@ absl::StatusOr<VerifyReport> StepStore::Verify(const std::string& job_id, uint64
   VerifyReport report;
   for (const auto& rd : ranks) {
     absl::Status st =
-        CheckCrcs(rd->manifest, arena_->Bytes(rd->extent).first(rd->bytes), &report);
+        CheckCrcs(rd->manifest, arena_->Bytes(rd->extent).first(rd->bytes), 1, &report);
     if (!st.ok()) {
       report.errors.push_back(
           absl::StrCat(RankLabel(rd->job_id, rd->step, rd->rank), ": ", st.message()));

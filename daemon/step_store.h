@@ -64,6 +64,9 @@ struct StoreOptions {
   // The state that makes a step complete: LOCAL without peers (m = 0),
   // PROTECTED with them. Default: LOCAL.
   v1::StepState final_state = v1::LOCAL;
+  // Threads checking a commit's checksums. It is on the trainer's critical
+  // path (Wait() returns after it). Default: 2.
+  int verify_threads = 2;
   StoreLimits limits;
 };
 

@@ -140,7 +140,9 @@ TEST_F(SnapshotTest, MixedTensorsRoundTripThroughSharedMemoryAndGrpcAlike) {
     State s = MakeState(7, 50);
     auto handle = client->Snapshot(3, s.tensors);
     ASSERT_TRUE(handle.ok()) << handle.status();
-    ASSERT_TRUE(handle->Wait().ok()) << handle->Wait();
+    ASSERT_TRUE(handle->Wait().ok()) << handle->Wait();  // tensors free
+    ASSERT_TRUE(handle->WaitCommitted().ok()) << handle->WaitCommitted();
+    EXPECT_TRUE(handle->done());
     EXPECT_EQ(handle->bytes_copied(), [&] {
       uint64_t n = 0;
       for (auto& t : s.tensors) n += t.bytes;
@@ -176,8 +178,8 @@ TEST_F(SnapshotTest, TwoRanksCommitAStepThatEachRestoresItsOwnPart) {
   for (uint64_t step = 1; step <= 3; ++step) {
     auto h0 = r0->Snapshot(step, s0.tensors);
     auto h1 = r1->Snapshot(step, s1.tensors);
-    ASSERT_TRUE(h0->Wait().ok()) << h0->Wait();
-    ASSERT_TRUE(h1->Wait().ok()) << h1->Wait();
+    ASSERT_TRUE(h0->WaitCommitted().ok()) << h0->WaitCommitted();
+    ASSERT_TRUE(h1->WaitCommitted().ok()) << h1->WaitCommitted();
   }
   auto steps = r0->ListRestorable();
   ASSERT_TRUE(steps.ok());
@@ -192,7 +194,7 @@ TEST_F(SnapshotTest, ATrainerKilledMidStreamLeavesNothingVisible) {
   State s1 = MakeState(11);
   {
     auto c = Connect(0, {0});
-    ASSERT_TRUE(c->Snapshot(1, s1.tensors)->Wait().ok());
+    ASSERT_TRUE(c->Snapshot(1, s1.tensors)->WaitCommitted().ok());
   }
   const std::string out = dir_.path() + "/stall.out";
   const pid_t trainer = testing::Spawn(
@@ -219,7 +221,7 @@ TEST_F(SnapshotTest, ATrainerKilledMidStreamLeavesNothingVisible) {
   ExpectRestored(s1, *c->Restore(kLatestStep));
   // The restarted rank snapshots step 2 again.
   State s2 = MakeState(12);
-  ASSERT_TRUE(c->Snapshot(2, s2.tensors)->Wait().ok());
+  ASSERT_TRUE(c->Snapshot(2, s2.tensors)->WaitCommitted().ok());
   ExpectRestored(s2, *c->Restore(kLatestStep));
   EXPECT_TRUE(daemon_->alive());
 }
@@ -236,11 +238,11 @@ TEST_F(SnapshotTest, ADaemonKilledAndRestartedKeepsEveryCommittedStep) {
     auto r0 = Connect(0, {0, 1});
     auto r1 = Connect(1, {0, 1});
     for (int step = 1; step <= 3; ++step) {
-      ASSERT_TRUE(r0->Snapshot(step, s[step - 1][0].tensors)->Wait().ok());
-      ASSERT_TRUE(r1->Snapshot(step, s[step - 1][1].tensors)->Wait().ok());
+      ASSERT_TRUE(r0->Snapshot(step, s[step - 1][0].tensors)->WaitCommitted().ok());
+      ASSERT_TRUE(r1->Snapshot(step, s[step - 1][1].tensors)->WaitCommitted().ok());
     }
     // Step 4: rank 0 committed, rank 1 never did. Then the daemon dies.
-    ASSERT_TRUE(r0->Snapshot(4, s[3][0].tensors)->Wait().ok());
+    ASSERT_TRUE(r0->Snapshot(4, s[3][0].tensors)->WaitCommitted().ok());
     ASSERT_TRUE(WaitForSteps("job", {2, 3, 4}));
     daemon_->Kill();
   }
@@ -268,7 +270,7 @@ TEST_F(SnapshotTest, BadInputGetsAReadableStatusAndTheDaemonKeepsServing) {
   auto still_serving = [&] {
     State s = MakeState(++healthy_step);
     auto h = healthy->Snapshot(healthy_step, s.tensors);
-    ASSERT_TRUE(h.ok() && h->Wait().ok()) << h->Wait();
+    ASSERT_TRUE(h.ok() && h->WaitCommitted().ok()) << h->WaitCommitted();
     ExpectRestored(s, *healthy->Restore(kLatestStep));
   };
 
@@ -405,14 +407,15 @@ TEST_F(SnapshotTest, ASnapshotThatDoesNotFitIsRefusedWithTheBytesNeeded) {
   t.bytes = big.size();
   auto h = c->Snapshot(1, {t});
   ASSERT_TRUE(h.ok());
-  absl::Status st = h->Wait();
+  absl::Status st = h->WaitCommitted();
   EXPECT_EQ(st.code(), absl::StatusCode::kResourceExhausted) << st;
+  EXPECT_EQ(h->Wait(), st);  // failed before the copy: both report it
   EXPECT_NE(st.message().find("snapshot of step 1: job job step 1 rank 0 needs 100.00 MiB"),
             std::string::npos)
       << st;
   // The client and daemon carry on.
   State s = MakeState(1);
-  ASSERT_TRUE(c->Snapshot(1, s.tensors)->Wait().ok());
+  ASSERT_TRUE(c->Snapshot(1, s.tensors)->WaitCommitted().ok());
 }
 
 }  // namespace

@@ -1,0 +1,165 @@
+// ingest_bench: what a trainer waits for, against memcpy, in the same run.
+//
+// Starts a real ecsnapd (arena in /dev/shm) and, for a rank state of --bytes
+// in --tensors tensors, times (best of --reps):
+//   memcpy   the same bytes into pre-faulted memory: the physical limit
+//   shm      Snapshot + Wait through the shared-memory arena
+//   grpc     Snapshot + Wait streamed over gRPC on the Unix socket
+//   restore  Restore into pre-faulted caller buffers through the arena
+// Ratios are times relative to memcpy (1.0 = as fast as memcpy). Last line:
+//   RESULT shm_stall_vs_memcpy=<x> grpc_stall_vs_memcpy=<y> restore_vs_memcpy=<z>
+//
+//   bazel run -c opt //tests/bench:ingest_bench -- --bytes=1073741824 --tensors=64
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/str_cat.h"
+#include "client/ecsnap.h"
+#include "tests/harness.h"
+
+ABSL_FLAG(uint64_t, bytes, uint64_t{1} << 30, "Bytes of the rank's state.");
+ABSL_FLAG(int, tensors, 64, "Tensors the state is cut into.");
+ABSL_FLAG(int, reps, 3, "Repetitions; the best is reported.");
+ABSL_FLAG(int, copy_threads, 2, "Client copy threads.");
+
+namespace {
+
+double Seconds(const std::function<void()>& fn) {
+  const auto t0 = std::chrono::steady_clock::now();
+  fn();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+double Best(int reps, const std::function<void()>& fn) {
+  double best = 1e30;
+  for (int i = 0; i < reps; ++i) best = std::min(best, Seconds(fn));
+  return best;
+}
+
+void Check(const absl::Status& st, const char* what) {
+  if (!st.ok()) {
+    std::fprintf(stderr, "ingest_bench: %s: %s\n", what, std::string(st.message()).c_str());
+    std::exit(1);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  const uint64_t bytes = absl::GetFlag(FLAGS_bytes);
+  const int count = std::max(1, absl::GetFlag(FLAGS_tensors));
+  const int reps = std::max(1, absl::GetFlag(FLAGS_reps));
+  const uint64_t per = bytes / count / 64 * 64;
+
+  // The trainer's tensors and a pre-faulted destination of the same shape.
+  std::vector<std::vector<uint8_t>> src(count), dst(count);
+  std::mt19937_64 rng(1);
+  for (int i = 0; i < count; ++i) {
+    src[i].resize(per);
+    dst[i].assign(per, 0);
+    uint64_t* w = reinterpret_cast<uint64_t*>(src[i].data());
+    for (uint64_t j = 0; j < per / 8; ++j) w[j] = rng();
+  }
+  std::vector<ecsnap::Tensor> tensors;
+  std::vector<ecsnap::TensorDestination> into;
+  for (int i = 0; i < count; ++i) {
+    ecsnap::Tensor t;
+    t.name = absl::StrCat("layer", i, ".weight");
+    t.dtype = ecsnap::DType::kFloat32;
+    t.shape = {static_cast<int64_t>(per / 4)};
+    t.data = src[i].data();
+    t.bytes = per;
+    tensors.push_back(t);
+    into.push_back({t.name, dst[i].data(), per});
+  }
+  const double total = static_cast<double>(per) * count;
+
+  char dir_template[] = "/dev/shm/ecsnap-bench-XXXXXX";
+  const std::string dir = ::mkdtemp(dir_template);
+  ecsnap::testing::DaemonProcess::Options dopts;
+  // Two jobs, each one retained step plus one in flight.
+  dopts.arena_bytes = (4 * static_cast<uint64_t>(total) + (64 << 20)) / 4096 * 4096;
+  auto daemon = ecsnap::testing::DaemonProcess::Start(dir, dopts);
+  Check(daemon.status(), "starting ecsnapd");
+
+  auto connect = [&](ecsnap::Transport transport, const char* job) {
+    ecsnap::ClientOptions o;
+    o.daemon_address = (*daemon)->socket();
+    o.job_id = job;
+    o.transport = transport;
+    o.copy_threads = absl::GetFlag(FLAGS_copy_threads);
+    auto c = ecsnap::Client::Connect(o);
+    Check(c.status(), "connecting");
+    return std::move(*c);
+  };
+  auto shm = connect(ecsnap::Transport::kSharedMemory, "bench-shm");
+  auto grpc = connect(ecsnap::Transport::kGrpc, "bench-grpc");
+
+  // Memory bandwidth drifts on a shared machine: memcpy is timed before and
+  // after the other stages, and the best of both counts.
+  auto memcpy_all = [&] {
+    for (int i = 0; i < count; ++i) std::memcpy(dst[i].data(), src[i].data(), per);
+  };
+  double t_memcpy = Best(reps, memcpy_all);
+  // The stall is Snapshot + Wait: until the tensors may be modified. The
+  // daemon's verification and commit follow (WaitCommitted), off the clock
+  // of the stall but timed on their own.
+  auto stall = [&](ecsnap::Client& client, uint64_t& step, double* committed) {
+    double best = 1e30;
+    for (int i = 0; i < reps; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      auto h = client.Snapshot(++step, tensors);
+      Check(h.status(), "snapshot");
+      Check(h->Wait(), "snapshot wait");
+      const auto t1 = std::chrono::steady_clock::now();
+      Check(h->WaitCommitted(), "snapshot commit");
+      const auto t2 = std::chrono::steady_clock::now();
+      best = std::min(best, std::chrono::duration<double>(t1 - t0).count());
+      *committed = std::min(*committed, std::chrono::duration<double>(t2 - t0).count());
+    }
+    return best;
+  };
+  uint64_t step = 0, grpc_step = 0;
+  double c_shm = 1e30, c_grpc = 1e30;
+  const double t_shm = stall(*shm, step, &c_shm);
+  const double t_grpc = stall(*grpc, grpc_step, &c_grpc);
+  const double t_restore = Best(reps, [&] { Check(shm->RestoreInto(0, into).status(), "restore"); });
+  for (int i = 0; i < count; ++i) {
+    if (dst[i] != src[i]) {
+      std::fprintf(stderr, "ingest_bench: restored tensor %d differs\n", i);
+      return 1;
+    }
+  }
+  const double t_grpc_restore = Best(1, [&] { Check(grpc->RestoreInto(0, into).status(), "restore"); });
+  t_memcpy = std::min(t_memcpy, Best(reps, memcpy_all));
+
+  std::printf("ingest_bench: %.2f GiB in %d tensors, %d copy threads, best of %d\n",
+              total / (1 << 30), count, absl::GetFlag(FLAGS_copy_threads), reps);
+  auto row = [&](const char* what, double t) {
+    std::printf("%-34s %8.1f ms %8.2f GB/s %7.3fx memcpy\n", what, t * 1e3, total / t / 1e9,
+                t / t_memcpy);
+  };
+  row("memcpy into pre-faulted memory", t_memcpy);
+  row("Snapshot+Wait, shared memory", t_shm);
+  row("Snapshot+Wait, gRPC (Unix socket)", t_grpc);
+  row("Snapshot to committed, shared mem", c_shm);
+  row("Snapshot to committed, gRPC", c_grpc);
+  row("Restore, shared memory", t_restore);
+  row("Restore, gRPC (Unix socket)", t_grpc_restore);
+  std::printf("RESULT shm_stall_vs_memcpy=%.3f grpc_stall_vs_memcpy=%.3f restore_vs_memcpy=%.3f\n",
+              t_shm / t_memcpy, t_grpc / t_memcpy, t_restore / t_memcpy);
+  shm.reset();
+  grpc.reset();
+  daemon->reset();
+  std::system(("rm -rf '" + dir + "'").c_str());
+  return 0;
+}
