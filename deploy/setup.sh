@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 deploy/install_deps.sh
 echo "setup: building //..."
 bazel build //...
-echo "setup: built. Running the main job:"
-.bazel/bin/daemon/ecsnapd --help 2>&1 | head -20 || true
+echo "setup: built. Running the main job (deploy/demo.sh):"
+deploy/demo.sh
