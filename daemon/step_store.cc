@@ -365,6 +365,31 @@ absl::StatusOr<StepStore::RankData*> StepStore::OpenRank(Session* s, uint64_t st
   return s->open.get();
 }
 
+absl::StatusOr<std::shared_ptr<StepStore::RankData>> StepStore::WritableRank(uint64_t session,
+                                                                              uint64_t step) {
+  auto s = FindSession(session);
+  if (!s.ok()) return s.status();
+  auto r = OpenRank(*s, step);
+  if (!r.ok()) return r.status();
+  if ((*r)->phase != RankData::Phase::kWriting) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "%s is being committed; it takes no more writes or commits",
+        RankLabel((*s)->job_id, step, (*s)->rank)));
+  }
+  return (*s)->open;
+}
+
+absl::StatusOr<std::shared_ptr<StepStore::RankData>> StepStore::FindLease(uint64_t session,
+                                                                           uint64_t lease_id) {
+  auto s = FindSession(session);
+  if (!s.ok()) return s.status();
+  auto it = (*s)->leases.find(lease_id);
+  if (it == (*s)->leases.end()) {
+    return absl::NotFoundError(absl::StrFormat("lease %d is not held by this session", lease_id));
+  }
+  return it->second;
+}
+
 void StepStore::DiscardOpenRank(Session* s) {
   if (!s->open) return;
   std::shared_ptr<RankData> rd = std::move(s->open);
@@ -443,19 +468,14 @@ absl::Status StepStore::Write(uint64_t session, uint64_t step, uint64_t offset,
   std::shared_ptr<RankData> rd;
   {
     absl::MutexLock lock(&mu_);
-    auto s = FindSession(session);
-    if (!s.ok()) return s.status();
-    auto r = OpenRank(*s, step);
+    auto r = WritableRank(session, step);
     if (!r.ok()) return r.status();
-    if ((*r)->phase != RankData::Phase::kWriting) {
-      return absl::FailedPreconditionError("the rank is committing; writes are closed");
-    }
-    if (offset > (*r)->bytes || data.size() > (*r)->bytes - offset) {
+    rd = *std::move(r);
+    if (offset > rd->bytes || data.size() > rd->bytes - offset) {
       return absl::InvalidArgumentError(absl::StrFormat(
           "write of %d bytes at offset %d passes the end of the %d-byte window", data.size(),
-          offset, (*r)->bytes));
+          offset, rd->bytes));
     }
-    rd = (*s)->open;
     ++rd->pins;
   }
   std::memcpy(arena_->base() + rd->extent.offset + offset, data.data(), data.size());
@@ -470,14 +490,9 @@ absl::StatusOr<v1::StepState> StepStore::CommitRank(uint64_t session, uint64_t s
   std::vector<uint32_t> local_ranks;
   {
     absl::MutexLock lock(&mu_);
-    auto s = FindSession(session);
-    if (!s.ok()) return s.status();
-    auto r = OpenRank(*s, step);
+    auto r = WritableRank(session, step);
     if (!r.ok()) return r.status();
-    if ((*r)->phase != RankData::Phase::kWriting) {
-      return absl::FailedPreconditionError("a commit of this rank is already in progress");
-    }
-    rd = (*s)->open;
+    rd = *std::move(r);
     rd->phase = RankData::Phase::kCommitting;
     ++rd->pins;
     local_ranks = jobs_.at(rd->job_id)->local_ranks;
@@ -650,27 +665,19 @@ absl::StatusOr<RestoreLease> StepStore::Restore(uint64_t session, uint64_t step)
 
 absl::Status StepStore::Release(uint64_t session, uint64_t lease_id) {
   absl::MutexLock lock(&mu_);
-  auto s = FindSession(session);
-  if (!s.ok()) return s.status();
-  auto it = (*s)->leases.find(lease_id);
-  if (it == (*s)->leases.end()) {
-    return absl::NotFoundError(absl::StrFormat("lease %d is not held by this session", lease_id));
-  }
-  Unpin(it->second);
-  (*s)->leases.erase(it);
+  auto rd = FindLease(session, lease_id);
+  if (!rd.ok()) return rd.status();
+  Unpin(*rd);
+  sessions_.at(session)->leases.erase(lease_id);
   return absl::OkStatus();
 }
 
 absl::StatusOr<absl::Span<const uint8_t>> StepStore::Read(uint64_t session, uint64_t lease_id,
                                                           uint64_t offset, uint64_t length) {
   absl::MutexLock lock(&mu_);
-  auto s = FindSession(session);
-  if (!s.ok()) return s.status();
-  auto it = (*s)->leases.find(lease_id);
-  if (it == (*s)->leases.end()) {
-    return absl::NotFoundError(absl::StrFormat("lease %d is not held by this session", lease_id));
-  }
-  const RankData& rd = *it->second;
+  auto lease = FindLease(session, lease_id);
+  if (!lease.ok()) return lease.status();
+  const RankData& rd = **lease;
   if (offset > rd.bytes || length > rd.bytes - offset) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "read of %d bytes at offset %d passes the end of the %d-byte window", length, offset,

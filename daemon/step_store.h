@@ -171,6 +171,11 @@ class StepStore {
   absl::StatusOr<Session*> FindSession(uint64_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Step `step` of the session's job, with the session's rank open on it.
   absl::StatusOr<RankData*> OpenRank(Session* s, uint64_t step) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The session's open rank at `step`, still taking writes.
+  absl::StatusOr<std::shared_ptr<RankData>> WritableRank(uint64_t session, uint64_t step)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<std::shared_ptr<RankData>> FindLease(uint64_t session, uint64_t lease_id)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void DiscardOpenRank(Session* s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Drops a rank's data: its record now, its window once nobody pins it.
   void Kill(std::shared_ptr<RankData> rank) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
