@@ -9,17 +9,22 @@ bazel test //... "$@"
 bazel_rc=$?
 
 testlogs="$(bazel info bazel-testlogs 2>/dev/null)"
-python3 - "$testlogs" "$bazel_rc" <<'PY'
-import glob, os, sys
+# Only the reports of today's test targets: a deleted target's old report
+# must not count.
+targets="$(bazel query 'tests(//...)' 2>/dev/null)"
+python3 - "$testlogs" "$bazel_rc" "$targets" <<'PY'
+import os, sys
 import xml.etree.ElementTree as ET
 
-root, bazel_rc = sys.argv[1], int(sys.argv[2])
+root, bazel_rc, targets = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
 passed = failed = skipped = 0
-for path in glob.glob(os.path.join(root, "**", "test.xml"), recursive=True):
+for label in targets:
+    package, name = label.lstrip("/").split(":")
+    path = os.path.join(root, package, name, "test.xml")
     try:
         tree = ET.parse(path)
-    except ET.ParseError:
-        failed += 1  # a test binary that crashed before writing its report
+    except (ET.ParseError, OSError):
+        failed += 1  # a test that crashed before writing its report, or never ran
         continue
     for case in tree.iter("testcase"):
         if case.find("failure") is not None or case.find("error") is not None:
