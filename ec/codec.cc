@@ -182,6 +182,29 @@ absl::Status Codec::Fold(int position, ConstBytes data,
   return absl::OkStatus();
 }
 
+absl::Status Codec::FoldRow(int row, int position, ConstBytes data, MutableBytes parity) const {
+  if (row < 0 || row >= m_ || position < 0 || position >= k_) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "row %d / data position %d is outside RS(%d,%d)", row, position, k_, m_));
+  }
+  if (parity.size() < data.size()) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "parity row %d has %d bytes, shorter than the %d-byte data chunk %d", row, parity.size(),
+        data.size(), position));
+  }
+  // One row's tables are contiguous: [row][col][32].
+  uint8_t* tables =
+      const_cast<uint8_t*>(parity_tables_.data()) + kTableBytesPerCoefficient * k_ * row;
+  constexpr uint64_t kMaxPiece = uint64_t{1} << 30;
+  for (uint64_t done = 0; done < data.size(); done += kMaxPiece) {
+    const int piece = static_cast<int>(std::min<uint64_t>(kMaxPiece, data.size() - done));
+    uint8_t* out = parity.data() + done;
+    ec_encode_data_update(piece, k_, 1, position, tables, const_cast<uint8_t*>(data.data()) + done,
+                          &out);
+  }
+  return absl::OkStatus();
+}
+
 std::shared_ptr<const std::vector<uint8_t>> Codec::DecodeTables(uint32_t survivor_mask,
                                                                 uint32_t target_mask) const {
   const uint64_t key = (uint64_t{survivor_mask} << 32) | target_mask;

@@ -57,6 +57,11 @@ class Codec {
   absl::Status Fold(int position, ConstBytes data,
                     absl::Span<const MutableBytes> parity) const;
 
+  // Adds data chunk `position` into parity row `row` (0..m-1) alone: the
+  // fold of a slot that keeps one row of the stripe. Folding all k chunks into
+  // a zeroed row equals row `row` of Encode.
+  absl::Status FoldRow(int row, int position, ConstBytes data, MutableBytes parity) const;
+
   // Rebuilds the chunks at positions `targets` into `outputs` (same order and
   // count) from the chunks marked in `present` (bit q set: shards[q] holds
   // position q intact; shards.size() == k + m). Each output is computed over

@@ -180,6 +180,28 @@ TEST(Codec, FoldInAnyOrderEqualsOneShotEncode) {
   }
 }
 
+TEST(Codec, FoldingOneRowEqualsThatRowOfEncode) {
+  std::mt19937_64 rng(5);
+  auto codec = *Codec::Create(4, 3);
+  std::vector<std::vector<uint8_t>> data;
+  for (int p = 0; p < 4; ++p) data.push_back(RandomBytes(rng, 100 + 700 * p));
+  std::vector<std::vector<uint8_t>> parity(3, std::vector<uint8_t>(2200));
+  std::vector<ConstBytes> in(data.begin(), data.end());
+  std::vector<MutableBytes> out;
+  for (auto& p : parity) out.push_back(absl::MakeSpan(p));
+  ASSERT_TRUE(codec->Encode(in, out).ok());
+  for (int row = 0; row < 3; ++row) {
+    std::vector<uint8_t> folded(2200, 0);
+    for (int p : {2, 0, 3, 1}) ASSERT_TRUE(codec->FoldRow(row, p, data[p], absl::MakeSpan(folded)).ok());
+    EXPECT_EQ(folded, parity[row]) << "row " << row;
+  }
+  std::vector<uint8_t> small(10);
+  EXPECT_EQ(codec->FoldRow(3, 0, data[0], absl::MakeSpan(small)).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(codec->FoldRow(0, 0, data[0], absl::MakeSpan(small)).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(Codec, MatchesAnIndependentCauchyReference) {
   // parity[r][i] = sum_p inv((k + r) ^ p) * data[p][i] in GF(2^8), computed
   // here byte by byte with ISA-L's scalar gf_mul / gf_inv.
