@@ -9,8 +9,13 @@
 namespace ecsnap::daemon {
 
 AdminService::AdminService(StepStore* store, const Arena* arena, AdminInfo info,
-                           std::string token)
-    : store_(store), arena_(arena), info_(std::move(info)), token_(std::move(token)) {}
+                           std::string token, const Protector* protector, Rebuilder* rebuilder)
+    : store_(store),
+      arena_(arena),
+      info_(std::move(info)),
+      token_(std::move(token)),
+      protector_(protector),
+      rebuilder_(rebuilder) {}
 
 grpc::Status AdminService::Authenticate(const grpc::ServerContext& context) const {
   if (token_.empty()) return grpc::Status::OK;
@@ -46,6 +51,17 @@ grpc::Status AdminService::Status(grpc::ServerContext* context, const admin::Sta
   response->set_sessions(store_->sessions());
   response->set_jobs(store_->jobs());
   response->set_version(info_.version);
+  if (protector_ != nullptr) {
+    for (const PeerState& p : protector_->Peers()) {
+      admin::PeerStatus* ps = response->add_peers();
+      ps->set_slot(p.slot);
+      ps->set_address(p.address);
+      ps->set_reachable(p.reachable);
+      ps->set_last_seen_ms_ago(p.last_seen_ms_ago < 0 ? 0 : p.last_seen_ms_ago);
+      ps->set_last_error(p.last_error);
+    }
+  }
+  if (rebuilder_ != nullptr) *response->mutable_rebuild() = rebuilder_->status();
   return grpc::Status::OK;
 }
 
@@ -89,15 +105,18 @@ grpc::Status AdminService::Verify(grpc::ServerContext* context,
   return grpc::Status::OK;
 }
 
-grpc::Status AdminService::Rebuild(grpc::ServerContext* context, const admin::RebuildRequest*,
-                                   admin::RebuildResponse*) {
+grpc::Status AdminService::Rebuild(grpc::ServerContext* context,
+                                   const admin::RebuildRequest* request,
+                                   admin::RebuildResponse* response) {
   if (auto st = Authenticate(*context); !st.ok()) return st;
-  if (info_.m == 0) {
+  if (rebuilder_ == nullptr) {
     return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
                         "this daemon has no peers (m = 0): there is nothing to rebuild from");
   }
-  return grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
-                      "rebuild from peers is not available in this build");
+  Log("admin: rebuild requested%s", request->job_id().empty() ? "" : " for job " + request->job_id());
+  absl::Status st = rebuilder_->Run(request->job_id());
+  *response->mutable_rebuild() = rebuilder_->status();
+  return ToGrpc(st);
 }
 
 }  // namespace ecsnap::daemon

@@ -8,6 +8,8 @@
 #include <string>
 
 #include "daemon/arena.h"
+#include "daemon/protector.h"
+#include "daemon/rebuilder.h"
 #include "daemon/step_store.h"
 #include "proto/admin.grpc.pb.h"
 
@@ -24,7 +26,9 @@ struct AdminInfo {
 class AdminService final : public admin::Admin::Service {
  public:
   // Empty `token`: no authentication (loopback or a private socket only).
-  AdminService(StepStore* store, const Arena* arena, AdminInfo info, std::string token);
+  // `protector` and `rebuilder` are null without peers (m = 0).
+  AdminService(StepStore* store, const Arena* arena, AdminInfo info, std::string token,
+               const Protector* protector, Rebuilder* rebuilder);
 
   grpc::Status Status(grpc::ServerContext* context, const admin::StatusRequest* request,
                       admin::StatusResponse* response) override;
@@ -44,6 +48,8 @@ class AdminService final : public admin::Admin::Service {
   const Arena* const arena_;
   const AdminInfo info_;
   const std::string token_;
+  const Protector* const protector_;
+  Rebuilder* const rebuilder_;
   const std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
 };
 

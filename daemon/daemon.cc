@@ -13,6 +13,7 @@
 #include <grpcpp/server_builder.h>
 
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
 #include "common/format.h"
 #include "common/log.h"
@@ -84,11 +85,6 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
   d->config_ = config;
   const config::Daemon& dc = config.daemon();
   const config::Cluster& cc = config.cluster();
-  if (cc.m() > 0) {
-    return absl::UnimplementedError(
-        "cluster.m > 0 needs the peer plane, which this build does not have yet; use m: 0");
-  }
-
   Arena::Options ao;
   ao.dir = dc.arena_dir();
   ao.bytes = dc.arena_bytes();
@@ -101,13 +97,17 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
 
   StoreOptions so;
   so.retain = dc.retain();
-  so.final_state = v1::LOCAL;
+  so.final_state = cc.m() > 0 ? v1::PROTECTED : v1::LOCAL;
   d->store_ = std::make_unique<StepStore>(d->arena_.get(), so);
   if (d->arena_->adopted()) {
     AdoptReport r = d->store_->Adopt();
     Log("re-adopted %d step(s) (%d rank(s)) from the arena; dropped %d rank(s)", r.steps_adopted,
         r.ranks_adopted, r.ranks_dropped);
     for (const std::string& note : r.notes) Log("  %s", note);
+  }
+
+  if (cc.m() > 0) {
+    if (absl::Status st = d->StartPeerPlane(slot); !st.ok()) return st;
   }
 
   auto token = ReadToken(dc.admin_token_file());
@@ -117,11 +117,17 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
                                                            d->arena_->size(), slot);
   AdminInfo info;
   info.slot = slot;
+  info.group = d->protector_ ? d->protector_->group().id : 0;
   info.k = cc.k();
   info.m = cc.m();
   info.version = kVersion;
-  d->admin_service_ =
-      std::make_unique<AdminService>(d->store_.get(), d->arena_.get(), info, *token);
+  d->admin_service_ = std::make_unique<AdminService>(d->store_.get(), d->arena_.get(), info,
+                                                     *token, d->protector_.get(),
+                                                     d->rebuilder_.get());
+  if (d->rebuilder_) {
+    Rebuilder* rebuilder = d->rebuilder_.get();
+    d->snapshot_service_->SetBeforeRestore([rebuilder] { rebuilder->WaitIdle(absl::Seconds(60)); });
+  }
 
   if (absl::Status st = ClaimSocketPath(dc.socket_path()); !st.ok()) return st;
   {
@@ -158,7 +164,49 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
   Log("%s slot %d serving: data unix:%s%s, admin %s%s", kVersion, slot, dc.socket_path(),
       dc.data_address().empty() ? "" : " and " + dc.data_address(), dc.admin_address(),
       token->empty() ? " (no admin token)" : "");
+  if (d->rebuilder_) {
+    // Learn what the group holds: rebuild what this slot lost, re-protect
+    // what it re-adopted. Serving starts at once; restores wait for it.
+    Rebuilder* rebuilder = d->rebuilder_.get();
+    d->rebuild_thread_ = std::thread([rebuilder] { rebuilder->Run(""); });
+  }
   return d;
+}
+
+absl::Status Daemon::StartPeerPlane(uint32_t slot) {
+  const config::Cluster& cc = config_.cluster();
+  auto group = FormGroup(cc, slot);
+  if (!group.ok()) return group.status();
+  auto layout = ec::Layout::Create(cc.k(), cc.m());
+  if (!layout.ok()) return layout.status();
+  auto codec = ec::Codec::Create(cc.k(), cc.m());
+  if (!codec.ok()) return codec.status();
+  codec_ = std::move(*codec);
+  parity_ = std::make_unique<ParityStore>(arena_.get(), *layout, codec_.get(), group->self);
+  Protector::Options po;
+  po.peer_timeout_ms = cc.peer_timeout_ms();
+  po.retain = config_.daemon().retain();
+  const std::string listen = group->addresses[group->self];
+  protector_ = std::make_unique<Protector>(store_.get(), parity_.get(), *group, *layout, po);
+  rebuilder_ = std::make_unique<Rebuilder>(arena_.get(), store_.get(), parity_.get(),
+                                           protector_.get(), codec_.get());
+  Protector* protector = protector_.get();
+  store_->SetLocalListener(
+      [protector](const std::string& job, uint64_t step) { protector->OnLocal(job, step); });
+  peer_service_ = std::make_unique<PeerService>(store_.get(), parity_.get(), protector_.get());
+  grpc::ServerBuilder builder;
+  Configure(builder);
+  builder.AddListeningPort(listen, grpc::InsecureServerCredentials());
+  builder.RegisterService(peer_service_.get());
+  peer_server_ = builder.BuildAndStart();
+  if (!peer_server_) {
+    return absl::UnavailableError(
+        absl::StrFormat("cannot serve the peer plane on %s (in use, or no permission)", listen));
+  }
+  protector_->Start();
+  Log("group %d: slots {%s}, this slot at position %d, RS %d+%d, peer plane on %s", group->id,
+      absl::StrJoin(group->slots, ", "), group->self, cc.k(), cc.m(), listen);
+  return absl::OkStatus();
 }
 
 void Daemon::Shutdown() {
@@ -166,12 +214,16 @@ void Daemon::Shutdown() {
   if (snapshot_service_) snapshot_service_->EndSessions();
   if (data_server_) data_server_->Shutdown(deadline);
   if (admin_server_) admin_server_->Shutdown(deadline);
+  if (peer_server_) peer_server_->Shutdown(deadline);
+  if (protector_) protector_->Stop();
+  if (rebuild_thread_.joinable()) rebuild_thread_.join();
 }
 
 Daemon::~Daemon() {
   Shutdown();
   data_server_.reset();
   admin_server_.reset();
+  peer_server_.reset();
 }
 
 }  // namespace ecsnap::daemon

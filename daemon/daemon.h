@@ -5,12 +5,18 @@
 #define ECSNAP_DAEMON_DAEMON_H_
 
 #include <memory>
+#include <thread>
 
 #include <grpcpp/server.h>
 
 #include "absl/status/statusor.h"
 #include "daemon/admin_service.h"
 #include "daemon/arena.h"
+#include "daemon/group.h"
+#include "daemon/parity_store.h"
+#include "daemon/peer_service.h"
+#include "daemon/protector.h"
+#include "daemon/rebuilder.h"
 #include "daemon/snapshot_service.h"
 #include "daemon/step_store.h"
 #include "proto/config.pb.h"
@@ -32,9 +38,19 @@ class Daemon {
  private:
   Daemon() = default;
 
+  absl::Status StartPeerPlane(uint32_t slot);
+
   config::Config config_;
   std::unique_ptr<Arena> arena_;
   std::unique_ptr<StepStore> store_;
+  // The peer plane, with m > 0 only.
+  std::unique_ptr<ec::Codec> codec_;
+  std::unique_ptr<ParityStore> parity_;
+  std::unique_ptr<Protector> protector_;
+  std::unique_ptr<Rebuilder> rebuilder_;
+  std::unique_ptr<PeerService> peer_service_;
+  std::unique_ptr<grpc::Server> peer_server_;
+  std::thread rebuild_thread_;
   std::unique_ptr<SnapshotService> snapshot_service_;
   std::unique_ptr<AdminService> admin_service_;
   std::unique_ptr<grpc::Server> data_server_;

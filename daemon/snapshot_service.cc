@@ -163,6 +163,7 @@ grpc::Status SnapshotService::ListRestorable(grpc::ServerContext*,
 
 grpc::Status SnapshotService::Restore(grpc::ServerContext*, const v1::RestoreRequest* request,
                                       v1::RestoreResponse* response) {
+  if (before_restore_) before_restore_();
   auto lease = store_->Restore(request->session_id(), request->step());
   if (!lease.ok()) return ToGrpc(lease.status());
   response->set_step(lease->step);

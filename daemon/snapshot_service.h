@@ -6,6 +6,7 @@
 #ifndef ECSNAP_DAEMON_SNAPSHOT_SERVICE_H_
 #define ECSNAP_DAEMON_SNAPSHOT_SERVICE_H_
 
+#include <functional>
 #include <set>
 #include <string>
 
@@ -25,6 +26,10 @@ class SnapshotService final : public v1::Snapshot::WithCallbackMethod_Attach<v1:
   // `arena_path` is told to clients that may map the arena; empty when they
   // must stream. `store` must outlive the service.
   SnapshotService(StepStore* store, std::string arena_path, uint64_t arena_bytes, uint32_t slot);
+
+  // Called before each Restore; with peers, it waits (bounded) for a rebuild
+  // in progress so that the restore sees the rebuilt step.
+  void SetBeforeRestore(std::function<void()> hook) { before_restore_ = std::move(hook); }
 
   grpc::ServerWriteReactor<v1::AttachEvent>* Attach(grpc::CallbackServerContext* context,
                                                     const v1::AttachRequest* request) override;
@@ -57,6 +62,7 @@ class SnapshotService final : public v1::Snapshot::WithCallbackMethod_Attach<v1:
   const std::string arena_path_;
   const uint64_t arena_bytes_;
   const uint32_t slot_;
+  std::function<void()> before_restore_;
 
   absl::Mutex mu_;
   std::set<AttachReactor*> live_ ABSL_GUARDED_BY(mu_);

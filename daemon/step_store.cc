@@ -546,7 +546,16 @@ absl::StatusOr<v1::StepState> StepStore::CommitRank(uint64_t session, uint64_t s
   job.last_committed[rd->rank] = std::max(job.last_committed[rd->rank], step);
   auto ses = sessions_.find(session);
   if (ses != sessions_.end() && ses->second->open == rd) ses->second->open.reset();
-  return Settle(job, job.steps.at(step));
+  Step& settled = job.steps.at(step);
+  const v1::StepState before = settled.state;
+  const v1::StepState after = Settle(job, settled);
+  if (before == v1::RECEIVING && after == v1::LOCAL && local_listener_) {
+    const std::string job_id = job.id;
+    mu_.Unlock();
+    local_listener_(job_id, step);
+    mu_.Lock();
+  }
+  return after;
 }
 
 v1::StepState StepStore::Settle(Job& job, Step& step) {
@@ -643,6 +652,7 @@ absl::StatusOr<RestoreLease> StepStore::Restore(uint64_t session, uint64_t step)
     restorable.push_back(it->first);
     if (!found && (step == 0 || step == it->first)) found = rd->second;
   }
+  if (!found && unrecoverable_.count(ses->job_id)) return unrecoverable_.at(ses->job_id);
   if (!found) {
     return absl::NotFoundError(absl::StrFormat(
         "job %s has no restorable %s for rank %d on this node; restorable steps: {%s}",
@@ -778,6 +788,115 @@ absl::Status StepStore::MarkProtected(const std::string& job_id, uint64_t step) 
   st.state = v1::PROTECTED;
   Settle(*it->second, st);
   return absl::OkStatus();
+}
+
+void StepStore::SetLocalListener(std::function<void(const std::string&, uint64_t)> listener) {
+  absl::MutexLock lock(&mu_);
+  local_listener_ = std::move(listener);
+}
+
+absl::StatusOr<Payload> StepStore::PinPayload(const std::string& job_id, uint64_t step) {
+  absl::MutexLock lock(&mu_);
+  auto job = jobs_.find(job_id);
+  if (job == jobs_.end() || job->second->steps.count(step) == 0) {
+    return absl::NotFoundError(absl::StrFormat("job %s holds no step %d here", job_id, step));
+  }
+  const Step& st = job->second->steps.at(step);
+  if (st.state == v1::RECEIVING) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("job %s step %d is still receiving", job_id, step));
+  }
+  Payload p;
+  p.local_ranks = job->second->local_ranks;
+  p.state = st.state;
+  auto pinned = std::make_shared<std::vector<std::shared_ptr<RankData>>>();
+  for (const auto& [rank, rd] : st.ranks) {
+    ++rd->pins;
+    pinned->push_back(rd);
+    p.ranks.push_back({rank, absl::Span<const uint8_t>(arena_->base() + rd->extent.offset, rd->bytes),
+                       rd->manifest});
+    p.bytes += rd->bytes;
+  }
+  p.pin = std::shared_ptr<void>(nullptr, [this, pinned](void*) {
+    absl::MutexLock lock(&mu_);
+    for (const auto& rd : *pinned) Unpin(rd);
+  });
+  return p;
+}
+
+absl::Status StepStore::InstallRebuilt(const std::string& job_id, uint64_t step,
+                                       std::vector<uint32_t> local_ranks,
+                                       std::vector<RebuiltRank> ranks) {
+  std::sort(local_ranks.begin(), local_ranks.end());
+  for (const RebuiltRank& r : ranks) {
+    absl::Status st = CheckManifest(r.manifest, r.bytes);
+    if (st.ok()) {
+      st = CheckCrcs(r.manifest, arena_->Bytes(r.extent).first(r.bytes), options_.verify_threads,
+                     nullptr);
+    }
+    if (!st.ok()) {
+      return absl::DataLossError(absl::StrCat("rebuilt ", RankLabel(job_id, step, r.rank), ": ",
+                                              st.message()));
+    }
+  }
+  absl::MutexLock lock(&mu_);
+  unrecoverable_.erase(job_id);
+  auto& job = jobs_[job_id];
+  if (!job) {
+    job = std::make_unique<Job>();
+    job->id = job_id;
+    job->local_ranks = local_ranks;
+  }
+  if (!job->steps.empty() && job->steps.rbegin()->first >= step) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "job %s already holds step %d, not older than the rebuilt step %d", job_id,
+        job->steps.rbegin()->first, step));
+  }
+  Step& st = job->steps[step];
+  st.state = v1::PROTECTED;
+  for (RebuiltRank& r : ranks) {
+    RankRecord rec;
+    rec.set_job_id(job_id);
+    rec.set_step(step);
+    rec.set_rank(r.rank);
+    for (uint32_t lr : local_ranks) rec.add_local_ranks(lr);
+    rec.set_window_offset(r.extent.offset);
+    rec.set_window_bytes(r.bytes);
+    rec.set_window_extent_bytes(r.extent.bytes);
+    *rec.mutable_manifest() = r.manifest;
+    const std::string bytes = rec.SerializeAsString();
+    auto rd = std::make_shared<RankData>();
+    rd->job_id = job_id;
+    rd->step = step;
+    rd->rank = r.rank;
+    rd->extent = r.extent;
+    rd->bytes = r.bytes;
+    rd->phase = RankData::Phase::kCommitted;
+    rd->manifest = std::move(r.manifest);
+    auto id = arena_->AddRecord(absl::Span<const uint8_t>(
+        reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()));
+    if (id.ok()) rd->record_id = *id;  // without a record it is lost at a restart only
+    st.ranks[r.rank] = rd;
+    job->last_committed[r.rank] = std::max(job->last_committed[r.rank], step);
+  }
+  Retire(*job);
+  return absl::OkStatus();
+}
+
+void StepStore::SetUnrecoverable(const std::string& job_id, absl::Status why) {
+  absl::MutexLock lock(&mu_);
+  unrecoverable_[job_id] = std::move(why);
+}
+
+std::vector<std::pair<std::string, uint64_t>> StepStore::CompleteSteps() {
+  absl::MutexLock lock(&mu_);
+  std::vector<std::pair<std::string, uint64_t>> out;
+  for (const auto& [id, job] : jobs_) {
+    for (const auto& [n, st] : job->steps) {
+      if (st.state != v1::RECEIVING) out.emplace_back(id, n);
+    }
+  }
+  return out;
 }
 
 uint32_t StepStore::sessions() const {

@@ -25,6 +25,7 @@
 #define ECSNAP_DAEMON_STEP_STORE_H_
 
 #include <cstdint>
+#include <algorithm>
 #include <functional>
 #include <map>
 #include <memory>
@@ -99,6 +100,44 @@ struct AdoptReport {
   std::vector<std::string> notes;  // one line per dropped rank or step, for the log
 };
 
+// A slot's payload for one step: every local rank's window, in rank order,
+// pinned (not freed, not retired) while the Payload lives.
+struct Payload {
+  struct Rank {
+    uint32_t rank = 0;
+    absl::Span<const uint8_t> bytes;
+    v1::Manifest manifest;
+  };
+  std::vector<uint32_t> local_ranks;
+  std::vector<Rank> ranks;
+  uint64_t bytes = 0;
+  v1::StepState state = v1::STEP_STATE_UNSPECIFIED;
+  std::shared_ptr<void> pin;
+
+  // Calls `fn` with the pieces of [offset, offset + length) of the ranks'
+  // windows laid end to end.
+  template <typename Fn>
+  void ForEachPiece(uint64_t offset, uint64_t length, Fn&& fn) const {
+    uint64_t base = 0;
+    for (const Rank& r : ranks) {
+      const uint64_t end = base + r.bytes.size();
+      if (length > 0 && offset < end && offset + length > base) {
+        const uint64_t lo = std::max(offset, base), hi = std::min(offset + length, end);
+        fn(r.bytes.subspan(lo - base, hi - lo));
+      }
+      base = end;
+    }
+  }
+};
+
+// A rank rebuilt from peers, to install with InstallRebuilt.
+struct RebuiltRank {
+  uint32_t rank = 0;
+  ArenaExtent extent;  // allocated by the caller, filled, and checked
+  uint64_t bytes = 0;
+  v1::Manifest manifest;
+};
+
 struct VerifyReport {
   uint32_t tensors_checked = 0;
   uint64_t bytes_checked = 0;
@@ -159,6 +198,26 @@ class StepStore {
   // Marks a LOCAL step PROTECTED (the protection layer calls this).
   absl::Status MarkProtected(const std::string& job_id, uint64_t step);
 
+  // Called (outside the store's lock) each time a step becomes LOCAL. Set
+  // before serving.
+  void SetLocalListener(std::function<void(const std::string& job, uint64_t step)> listener);
+
+  // Pins the committed payload of `step` of `job_id` (LOCAL or later).
+  absl::StatusOr<Payload> PinPayload(const std::string& job_id, uint64_t step);
+
+  // Installs a step rebuilt from peers as PROTECTED: every rank's extent
+  // becomes its window and is recorded in the arena's index. DATA_LOSS if a
+  // tensor checksum fails (the caller still owns the extents then);
+  // FAILED_PRECONDITION if the job already holds this step or a newer one.
+  absl::Status InstallRebuilt(const std::string& job_id, uint64_t step,
+                              std::vector<uint32_t> local_ranks,
+                              std::vector<RebuiltRank> ranks);
+  // Makes Restore of a job with nothing restorable answer `why` (DATA_LOSS
+  // naming what was lost) instead of NOT_FOUND, until a step is installed.
+  void SetUnrecoverable(const std::string& job_id, absl::Status why);
+  // Every (job, step) held in state LOCAL or later.
+  std::vector<std::pair<std::string, uint64_t>> CompleteSteps();
+
   uint32_t sessions() const;
   uint32_t jobs() const;
 
@@ -188,11 +247,13 @@ class StepStore {
 
   Arena* const arena_;
   const StoreOptions options_;
+  std::function<void(const std::string&, uint64_t)> local_listener_;
 
   mutable absl::Mutex mu_;
   std::map<std::string, std::unique_ptr<Job>> jobs_ ABSL_GUARDED_BY(mu_);
   std::map<uint64_t, std::unique_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  std::map<std::string, absl::Status> unrecoverable_ ABSL_GUARDED_BY(mu_);
 };
 
 // Bytes per element of a dtype; 0 for BYTES (any length) and unknown values.

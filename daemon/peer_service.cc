@@ -1,0 +1,159 @@
+#include "daemon/peer_service.h"
+
+#include <set>
+
+#include "absl/strings/str_format.h"
+#include "common/grpc_status.h"
+
+namespace ecsnap::daemon {
+
+PeerService::PeerService(StepStore* store, ParityStore* parity, Protector* protector)
+    : store_(store), parity_(parity), protector_(protector) {}
+
+grpc::Status PeerService::PushChunk(grpc::ServerContext*,
+                                    grpc::ServerReader<peer::PushChunkMessage>* reader,
+                                    peer::PushChunkResponse* response) {
+  peer::PushChunkMessage msg;
+  if (!reader->Read(&msg) || !msg.has_header()) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        "a chunk push must start with its header");
+  }
+  const peer::PushChunkHeader h = msg.header();
+  parity_->RecordSlot(h.id().job_id(), h.id().step(), h.from());
+  auto fold = parity_->BeginFold(h.id().job_id(), h.id().step(), h.id().stripe(),
+                                 h.id().position(), h.length(), h.crc32c());
+  if (!fold.ok()) return ToGrpc(fold.status());
+  if (*fold == nullptr) {  // folded before: drain, acknowledge
+    while (reader->Read(&msg)) {
+    }
+    return grpc::Status::OK;
+  }
+  while (reader->Read(&msg)) {
+    absl::Status st = parity_->FoldPiece(
+        **fold, absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(msg.data().data()),
+                                          msg.data().size()));
+    if (!st.ok()) {
+      parity_->AbortFold(**fold);
+      return ToGrpc(st);
+    }
+  }
+  auto notice = parity_->EndFold(**fold);
+  if (!notice.ok()) return ToGrpc(notice.status());
+  if (notice->has_value()) {
+    response->set_stripe_complete(true);
+    protector_->Announce(**notice);
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status PeerService::NotifyStripeProtected(grpc::ServerContext*,
+                                                const peer::StripeProtected* request,
+                                                peer::StripeProtectedResponse*) {
+  protector_->OnRowComplete(*request);
+  return grpc::Status::OK;
+}
+
+grpc::Status PeerService::GetChunk(grpc::ServerContext* context,
+                                   const peer::GetChunkRequest* request,
+                                   grpc::ServerWriter<peer::GetChunkMessage>* writer) {
+  const peer::ChunkId& id = request->id();
+  const ec::Layout& layout = protector_->layout();
+  const int self = protector_->group().self;
+  if (id.stripe() >= static_cast<uint32_t>(layout.stripes()) ||
+      layout.SlotOf(id.stripe(), id.position()) != self) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        absl::StrFormat("slot %d does not hold stripe %d position %d", self,
+                                        id.stripe(), id.position()));
+  }
+  // The bytes to send, pinned while they are sent.
+  std::shared_ptr<void> pin;
+  std::function<void(uint64_t, uint64_t, const std::function<void(absl::Span<const uint8_t>)>&)>
+      each;
+  uint64_t length = 0;
+  uint32_t crc = 0;
+  Payload payload;
+  ParityStore::PinnedRow row;
+  if (id.position() < static_cast<uint32_t>(layout.k())) {
+    auto p = store_->PinPayload(id.job_id(), id.step());
+    if (!p.ok()) return ToGrpc(p.status());
+    payload = std::move(*p);
+    const ec::Extent e = layout.DataChunk(payload.bytes, id.position());
+    length = e.length;
+    each = [&payload, e](uint64_t off, uint64_t len,
+                         const std::function<void(absl::Span<const uint8_t>)>& fn) {
+      payload.ForEachPiece(e.offset + off, len, fn);
+    };
+  } else {
+    auto r = parity_->Row(id.job_id(), id.step(), id.stripe());
+    if (!r.ok()) return ToGrpc(r.status());
+    row = std::move(*r);
+    length = row.bytes.size();
+    crc = row.crc32c;
+    each = [&row](uint64_t off, uint64_t len,
+                  const std::function<void(absl::Span<const uint8_t>)>& fn) {
+      fn(row.bytes.subspan(off, len));
+    };
+  }
+  const uint64_t offset = std::min(request->offset(), length);
+  const uint64_t want = request->length() == 0 ? length - offset
+                                                : std::min(request->length(), length - offset);
+  peer::GetChunkMessage msg;
+  msg.mutable_header()->mutable_id()->CopyFrom(id);
+  msg.mutable_header()->set_length(length);
+  msg.mutable_header()->set_crc32c(crc);
+  if (!writer->Write(msg)) return grpc::Status::CANCELLED;
+  bool ok = true;
+  each(offset, want, [&](absl::Span<const uint8_t> piece) {
+    for (uint64_t at = 0; ok && at < piece.size(); at += kPeerChunkBytes) {
+      const uint64_t n = std::min<uint64_t>(kPeerChunkBytes, piece.size() - at);
+      msg.set_data(piece.data() + at, n);
+      ok = !context->IsCancelled() && writer->Write(msg);
+    }
+  });
+  return ok ? grpc::Status::OK : grpc::Status::CANCELLED;
+}
+
+grpc::Status PeerService::Inventory(grpc::ServerContext*, const peer::InventoryRequest* request,
+                                    peer::InventoryResponse* response) {
+  const ec::Layout& layout = protector_->layout();
+  const int self = protector_->group().self;
+  const int n = layout.n();
+  response->set_slot(self);
+  std::map<std::pair<std::string, uint64_t>, peer::StepInventory> steps;
+  auto entry = [&](const std::string& job, uint64_t step) -> peer::StepInventory& {
+    peer::StepInventory& inv = steps[{job, step}];
+    inv.set_job_id(job);
+    inv.set_step(step);
+    return inv;
+  };
+  for (const auto& [job, step] : store_->CompleteSteps()) {
+    if (!request->job_id().empty() && job != request->job_id()) continue;
+    auto payload = store_->PinPayload(job, step);
+    if (!payload.ok()) continue;
+    peer::StepInventory& inv = entry(job, step);
+    inv.set_state(payload->state);
+    for (int p = 0; p < layout.k(); ++p) inv.add_chunks(layout.StripeOfDataChunk(self, p) * n + p);
+  }
+  for (const auto& [key, k] : parity_->Knowledge()) {
+    if (!request->job_id().empty() && key.first != request->job_id()) continue;
+    peer::StepInventory& inv = entry(key.first, key.second);
+    for (int stripe : k.complete_stripes) {
+      inv.add_chunks(stripe * n + layout.PositionOf(stripe, self));
+    }
+    for (const auto& [slot, s] : k.slots) *inv.add_slots() = s;
+    for (const auto& [sr, row] : k.rows) *inv.add_rows() = row;
+  }
+  for (auto& [key, inv] : steps) *response->add_steps() = std::move(inv);
+  return grpc::Status::OK;
+}
+
+grpc::Status PeerService::Ping(grpc::ServerContext*, const peer::PingRequest*,
+                               peer::PingResponse* response) {
+  response->set_slot(protector_->group().slots[protector_->group().self]);
+  response->set_uptime_ms(std::chrono::duration_cast<std::chrono::milliseconds>(
+                              std::chrono::steady_clock::now() - started_)
+                              .count());
+  return grpc::Status::OK;
+}
+
+}  // namespace ecsnap::daemon

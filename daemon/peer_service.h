@@ -1,0 +1,41 @@
+// The peer plane's gRPC service (proto/peer.proto): thin handlers over
+// ParityStore, StepStore and Protector. Sync handlers: folds and chunk reads
+// run on gRPC's bounded thread pool, never in a reaction.
+#ifndef ECSNAP_DAEMON_PEER_SERVICE_H_
+#define ECSNAP_DAEMON_PEER_SERVICE_H_
+
+#include <chrono>
+
+#include "daemon/parity_store.h"
+#include "daemon/protector.h"
+#include "daemon/step_store.h"
+#include "proto/peer.grpc.pb.h"
+
+namespace ecsnap::daemon {
+
+class PeerService final : public peer::Peer::Service {
+ public:
+  PeerService(StepStore* store, ParityStore* parity, Protector* protector);
+
+  grpc::Status PushChunk(grpc::ServerContext* context,
+                         grpc::ServerReader<peer::PushChunkMessage>* reader,
+                         peer::PushChunkResponse* response) override;
+  grpc::Status NotifyStripeProtected(grpc::ServerContext*, const peer::StripeProtected* request,
+                                     peer::StripeProtectedResponse*) override;
+  grpc::Status GetChunk(grpc::ServerContext* context, const peer::GetChunkRequest* request,
+                        grpc::ServerWriter<peer::GetChunkMessage>* writer) override;
+  grpc::Status Inventory(grpc::ServerContext*, const peer::InventoryRequest* request,
+                         peer::InventoryResponse* response) override;
+  grpc::Status Ping(grpc::ServerContext*, const peer::PingRequest*,
+                    peer::PingResponse* response) override;
+
+ private:
+  StepStore* const store_;
+  ParityStore* const parity_;
+  Protector* const protector_;
+  const std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
+};
+
+}  // namespace ecsnap::daemon
+
+#endif  // ECSNAP_DAEMON_PEER_SERVICE_H_

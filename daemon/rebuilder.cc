@@ -1,0 +1,333 @@
+#include "daemon/rebuilder.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <set>
+#include <thread>
+
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "common/format.h"
+#include "common/grpc_status.h"
+#include "common/log.h"
+#include "daemon/store.pb.h"
+#include "ec/crc32c.h"
+
+namespace ecsnap::daemon {
+namespace {
+
+// Bytes of each survivor fetched per round: bounds the rebuild's memory to
+// (k + 1) slices whatever the payload size.
+constexpr uint64_t kSliceBytes = 32 << 20;
+
+}  // namespace
+
+// What the group knows of one (job, step), merged over the answering peers.
+struct Rebuilder::StepView {
+  std::map<int, peer::SlotStep> slots;                        // by group position
+  std::map<std::pair<int, int>, peer::StripeProtected> rows;  // (stripe, row)
+  std::map<std::pair<int, int>, std::set<int>> held;          // (stripe, position) -> holders
+};
+
+Rebuilder::Rebuilder(Arena* arena, StepStore* store, ParityStore* parity, Protector* protector,
+                     const ec::Codec* codec)
+    : arena_(arena), store_(store), parity_(parity), protector_(protector), codec_(codec) {}
+
+admin::RebuildStatus Rebuilder::status() const {
+  absl::MutexLock lock(&mu_);
+  return status_;
+}
+
+void Rebuilder::WaitIdle(absl::Duration timeout) const {
+  absl::MutexLock lock(&mu_);
+  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !status_.active(); };
+  mu_.AwaitWithTimeout(absl::Condition(&idle), timeout);
+}
+
+absl::Status Rebuilder::Run(const std::string& job_filter) {
+  const Group& group = protector_->group();
+  const ec::Layout& layout = protector_->layout();
+  const int n = layout.n(), k = layout.k(), m = layout.m(), self = group.self;
+  {
+    absl::MutexLock lock(&mu_);
+    status_.set_active(true);
+    status_.set_last_error("");
+  }
+  // Inventories of every peer that answers.
+  std::map<std::pair<std::string, uint64_t>, StepView> views;
+  std::set<int> answered;
+  for (int i = 0; i < n; ++i) {
+    if (i == self) continue;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(protector_->Deadline(0));
+    peer::InventoryRequest req;
+    req.set_job_id(job_filter);
+    peer::InventoryResponse resp;
+    if (!protector_->Stub(i)->Inventory(&ctx, req, &resp).ok()) continue;
+    answered.insert(i);
+    for (const auto& inv : resp.steps()) {
+      StepView& v = views[{inv.job_id(), inv.step()}];
+      for (const auto& s : inv.slots()) v.slots[s.slot()] = s;
+      for (const auto& r : inv.rows()) v.rows[{int(r.stripe()), int(r.row())}] = r;
+      for (uint32_t c : inv.chunks()) v.held[{int(c / n), int(c % n)}].insert(i);
+    }
+  }
+  // Rows announced while this daemon was away: steps it re-adopted may be
+  // protected already.
+  std::set<std::pair<std::string, uint64_t>> have;
+  for (const auto& s : store_->CompleteSteps()) have.insert(s);
+  for (const auto& [key, v] : views) {
+    if (!have.count(key)) continue;
+    for (const auto& [slot, s] : v.slots) parity_->RecordSlot(key.first, key.second, s);
+    for (const auto& [sr, row] : v.rows) protector_->OnRowComplete(row);
+  }
+
+  std::map<std::string, std::vector<uint64_t>> by_job;  // protected steps, newest first
+  for (const auto& [key, v] : views) {
+    if (static_cast<int>(v.rows.size()) == n * m) by_job[key.first].push_back(key.second);
+  }
+  absl::Status first_error;
+  for (auto& [job, steps] : by_job) {
+    std::sort(steps.rbegin(), steps.rend());
+    uint64_t newest_here = 0;
+    for (const auto& [j, s] : have) {
+      if (j == job) newest_here = std::max(newest_here, s);
+    }
+    if (steps.front() <= newest_here) continue;  // nothing newer to rebuild
+    absl::Status outcome = absl::NotFoundError("no step");
+    for (uint64_t step : steps) {
+      if (step <= newest_here) break;
+      const StepView& v = views.at({job, step});
+      // Every stripe needs k intact chunks on answering peers.
+      std::set<int> lost = {self};
+      for (int i = 0; i < n; ++i) {
+        if (i != self && !answered.count(i)) lost.insert(i);
+      }
+      bool decodable = static_cast<int>(v.slots.size()) == n;
+      for (int s = 0; s < n && decodable; ++s) {
+        int intact = 0;
+        for (int q = 0; q < n; ++q) {
+          auto it = v.held.find({s, q});
+          if (it != v.held.end() && !it->second.empty()) ++intact;
+        }
+        decodable = intact >= k;
+      }
+      if (!decodable) {
+        std::vector<uint32_t> missing;
+        for (int i : lost) missing.push_back(group.slots[i]);
+        outcome = absl::DataLossError(absl::StrFormat(
+            "job %s step %d cannot be rebuilt: group %d (RS %d+%d) has lost slots {%s}, more "
+            "than the %d it can lose; restore from a disk checkpoint",
+            job, step, group.id, k, m, absl::StrJoin(missing, ", "), m));
+        continue;  // an older step may still decode
+      }
+      outcome = RebuildStep(job, step, v);
+      if (outcome.ok()) break;
+      Log("job %s step %d: rebuild failed: %s", job, step, outcome.message());
+    }
+    if (!outcome.ok()) {
+      Log("%s", outcome.message());
+      if (outcome.code() == absl::StatusCode::kDataLoss) store_->SetUnrecoverable(job, outcome);
+      if (first_error.ok()) first_error = outcome;
+    }
+  }
+  absl::MutexLock lock(&mu_);
+  status_.set_active(false);
+  if (!first_error.ok()) status_.set_last_error(std::string(first_error.message()));
+  return first_error;
+}
+
+absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const StepView& v) {
+  const Group& group = protector_->group();
+  const ec::Layout& layout = protector_->layout();
+  const int n = layout.n(), k = layout.k(), self = group.self;
+  const auto t0 = std::chrono::steady_clock::now();
+
+  const peer::SlotStep& me = v.slots.at(self);
+  SlotManifest sm;
+  if (!sm.ParseFromString(me.manifests()) ||
+      ec::Crc32c(absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(me.manifests().data()),
+                                           me.manifests().size())) != me.manifests_crc32c()) {
+    return absl::DataLossError("this slot's manifests, as the peers keep them, are damaged");
+  }
+  std::vector<uint64_t> lens(n);
+  for (const auto& [pos, s] : v.slots) lens[pos] = s.payload_bytes();
+
+  // Fresh windows for the slot's ranks, laid end to end as the payload.
+  std::vector<RebuiltRank> ranks;
+  auto free_all = [&] {
+    for (const RebuiltRank& r : ranks) arena_->Free(r.extent);
+  };
+  for (const auto& r : sm.ranks()) {
+    auto extent = arena_->Allocate(r.bytes());
+    if (!extent.ok()) {
+      free_all();
+      return absl::ResourceExhaustedError(
+          absl::StrCat("rebuilding job ", job, " step ", step, ": ", extent.status().message()));
+    }
+    ranks.push_back({r.rank(), *extent, r.bytes(), r.manifest()});
+  }
+  // Writes [offset, offset + bytes) of the rebuilt payload.
+  auto write_payload = [&](uint64_t offset, const uint8_t* data, uint64_t bytes) {
+    uint64_t base = 0;
+    for (const RebuiltRank& r : ranks) {
+      const uint64_t end = base + r.bytes;
+      if (offset < end && offset + bytes > base) {
+        const uint64_t lo = std::max(offset, base), hi = std::min(offset + bytes, end);
+        std::memcpy(arena_->base() + r.extent.offset + (lo - base), data + (lo - offset), hi - lo);
+      }
+      base = end;
+    }
+  };
+
+  uint64_t total = 0;
+  for (int s = 0; s < n; ++s) total += layout.ChunkLength(lens, s, layout.PositionOf(s, self));
+  {
+    absl::MutexLock lock(&mu_);
+    status_.set_job_id(job);
+    status_.set_step(step);
+    status_.set_bytes_done(0);
+    status_.set_bytes_total(total);
+  }
+
+  for (int s = 0; s < n; ++s) {
+    const int target = layout.PositionOf(s, self);
+    const uint64_t out_len = layout.ChunkLength(lens, s, target);
+    std::vector<uint8_t> parity_out(target >= k ? out_len : 0);
+    // Expected CRC of each position, from what was recorded.
+    auto expected_crc = [&](int q) -> uint32_t {
+      if (q < k) return v.slots.at(layout.SlotOf(s, q)).chunk_crc32c(q);
+      auto it = v.rows.find({s, q - k});
+      return it == v.rows.end() ? 0 : it->second.parity_crc32c();
+    };
+    std::set<int> bad;
+    bool done = false;
+    while (!done) {
+      // The first k intact positions, data first.
+      std::vector<int> use;
+      for (int q = 0; q < n && static_cast<int>(use.size()) < k; ++q) {
+        auto it = v.held.find({s, q});
+        if (q == target || bad.count(q) || it == v.held.end() || it->second.empty()) continue;
+        use.push_back(q);
+      }
+      if (static_cast<int>(use.size()) < k) {
+        free_all();
+        return absl::DataLossError(absl::StrFormat(
+            "job %s step %d stripe %d: only %d intact chunks left, RS(%d,%d) needs %d", job, step,
+            s, use.size(), k, layout.m(), k));
+      }
+      std::vector<uint32_t> crcs(n, 0);
+      bool all_good = true;
+      // Slices run to the longest chunk in play: every survivor is read
+      // whole, so that its CRC can be checked.
+      uint64_t span = out_len;
+      for (int q : use) span = std::max(span, layout.ChunkLength(lens, s, q));
+      for (uint64_t at = 0; at < std::max<uint64_t>(span, 1) && all_good; at += kSliceBytes) {
+        const uint64_t slice = std::min(kSliceBytes, out_len - std::min(out_len, at));
+        std::vector<std::vector<uint8_t>> bufs(use.size());
+        std::vector<absl::Status> got(use.size());
+        std::vector<std::thread> fetchers;
+        for (size_t i = 0; i < use.size(); ++i) {
+          fetchers.emplace_back([&, i] {
+            const int q = use[i];
+            const int holder = *v.held.at({s, q}).begin();
+            const uint64_t len = layout.ChunkLength(lens, s, q);
+            const uint64_t from = std::min(at, len);
+            // Only the part of the survivor that overlaps this slice.
+            const uint64_t want = std::min(len - from, kSliceBytes);
+            bufs[i].resize(want);
+            if (want == 0) return;
+            grpc::ClientContext ctx;
+            ctx.set_deadline(protector_->Deadline(want));
+            peer::GetChunkRequest req;
+            req.mutable_id()->set_job_id(job);
+            req.mutable_id()->set_step(step);
+            req.mutable_id()->set_stripe(s);
+            req.mutable_id()->set_position(q);
+            req.set_offset(from);
+            req.set_length(want);
+            auto reader = protector_->Stub(holder)->GetChunk(&ctx, req);
+            peer::GetChunkMessage msg;
+            uint64_t filled = 0;
+            while (reader->Read(&msg)) {
+              if (msg.has_header()) continue;
+              const uint64_t nbytes = std::min<uint64_t>(msg.data().size(), want - filled);
+              std::memcpy(bufs[i].data() + filled, msg.data().data(), nbytes);
+              filled += nbytes;
+            }
+            got[i] = FromGrpc(reader->Finish());
+            if (got[i].ok() && filled != want) {
+              got[i] = absl::DataLossError("short chunk");
+            }
+            crcs[q] = ec::Crc32c(bufs[i], crcs[q]);
+          });
+        }
+        for (auto& f : fetchers) f.join();
+        for (size_t i = 0; i < use.size(); ++i) {
+          if (!got[i].ok()) {
+            Log("job %s step %d stripe %d: position %d unreadable (%s); using another", job, step,
+                s, use[i], got[i].message());
+            bad.insert(use[i]);
+            all_good = false;
+          }
+        }
+        if (!all_good) break;
+        std::vector<ec::ConstBytes> shards(n);
+        uint32_t present = 0;
+        for (size_t i = 0; i < use.size(); ++i) {
+          shards[use[i]] = bufs[i];
+          present |= 1u << use[i];
+        }
+        std::vector<uint8_t> out(slice);
+        std::vector<ec::MutableBytes> outs = {absl::MakeSpan(out)};
+        std::vector<int> targets = {target};
+        if (absl::Status st = codec_->Reconstruct(s, shards, present, targets, outs); !st.ok()) {
+          free_all();
+          return st;
+        }
+        if (target < k) {
+          write_payload(layout.DataChunk(lens[self], target).offset + at, out.data(), slice);
+        } else {
+          std::memcpy(parity_out.data() + at, out.data(), slice);
+        }
+        absl::MutexLock lock(&mu_);
+        status_.set_bytes_done(status_.bytes_done() + slice);
+      }
+      if (!all_good) continue;
+      // Whole chunks now read: check each against its recorded CRC.
+      for (int q : use) {
+        if (crcs[q] != expected_crc(q)) {
+          Log("job %s step %d stripe %d: position %d fails its crc32c; treated as lost", job,
+              step, s, q);
+          bad.insert(q);
+          all_good = false;
+        }
+      }
+      done = all_good;
+    }
+    if (target >= k) {
+      if (absl::Status st = parity_->InstallRow(job, step, s, parity_out); !st.ok()) {
+        free_all();
+        return st;
+      }
+    }
+  }
+  for (const auto& [pos, s] : v.slots) parity_->RecordSlot(job, step, s);
+  std::vector<uint32_t> local_ranks(sm.local_ranks().begin(), sm.local_ranks().end());
+  absl::Status st = store_->InstallRebuilt(job, step, local_ranks, ranks);
+  if (!st.ok()) {
+    free_all();
+    return st;
+  }
+  for (const auto& [sr, row] : v.rows) parity_->RecordRow(row);
+  const double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  Log("rebuilt job %s step %d from group %d: %s decoded in %.2f s, every checksum verified", job,
+      step, group.id, FormatBytes(total), secs);
+  return absl::OkStatus();
+}
+
+}  // namespace ecsnap::daemon
