@@ -6,6 +6,7 @@
 //   steps [--job=J]             every step held, with its state
 //   drop --job=J [--step=S]     drops one step, or every step of a job
 //   verify [--job=J] [--step=S] recomputes every stored checksum
+//   rebuild [--job=J]           rebuilds from the group what this slot lacks
 //
 // Exit status: 0 on success, 1 when the daemon answers an error (printed on
 // stderr), 2 on a usage error.
@@ -30,7 +31,7 @@ ABSL_FLAG(std::string, token_file, "", "File with the admin bearer token.");
 ABSL_FLAG(bool, json, false, "Print the daemon's answer as JSON.");
 ABSL_FLAG(std::string, job, "", "Job id.");
 ABSL_FLAG(uint64_t, step, 0, "Step (0: every step).");
-ABSL_FLAG(int, timeout_ms, 10000, "Deadline of the call.");
+ABSL_FLAG(int, timeout_ms, 10000, "Deadline of the call (rebuild: at least an hour).");
 
 namespace {
 
@@ -66,7 +67,7 @@ std::string State(ecsnap::v1::StepState s) {
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "ecsnapctl [--address=A] [--token_file=F] [--json] status | steps [--job=J] | "
-      "drop --job=J [--step=S] | verify [--job=J] [--step=S]");
+      "drop --job=J [--step=S] | verify [--job=J] [--step=S] | rebuild [--job=J]");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   if (args.size() != 2) {
     std::fprintf(stderr, "usage: %s\n", absl::ProgramUsageMessage().data());
@@ -159,6 +160,20 @@ int main(int argc, char** argv) {
                 r.errors().empty() ? "all intact" : "ERRORS");
     for (const auto& e : r.errors()) std::printf("  %s\n", e.c_str());
     return r.errors().empty() ? 0 : 1;
+  }
+  if (command == "rebuild") {
+    ctx.set_deadline(std::chrono::system_clock::now() +
+                     std::max(std::chrono::milliseconds(absl::GetFlag(FLAGS_timeout_ms)),
+                              std::chrono::milliseconds(3600 * 1000)));
+    ecsnap::admin::RebuildRequest req;
+    req.set_job_id(absl::GetFlag(FLAGS_job));
+    ecsnap::admin::RebuildResponse r;
+    grpc::Status st = stub->Rebuild(&ctx, req, &r);
+    if (!st.ok()) return Fail(st);
+    if (json) return PrintJson(r);
+    std::printf("rebuild done: job %s step %lu, %s decoded\n", r.rebuild().job_id().c_str(),
+                r.rebuild().step(), FormatBytes(r.rebuild().bytes_done()).c_str());
+    return 0;
   }
   std::fprintf(stderr, "ecsnapctl: unknown command '%s'\nusage: %s\n", command.c_str(),
                absl::ProgramUsageMessage().data());

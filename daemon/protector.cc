@@ -136,7 +136,8 @@ void Protector::PushLoop() {
 
 void Protector::PushStep(const std::string& job, uint64_t step) {
   auto payload = store_->PinPayload(job, step);
-  if (!payload.ok()) return;  // retired meanwhile
+  if (!payload.ok()) return;                      // retired meanwhile
+  if (payload->state == v1::PROTECTED) return;    // a retry that is no longer needed
   const int k = layout_.k(), m = layout_.m(), self = group_.self;
   const peer::SlotStep me = Describe(*payload, layout_, self);
   parity_->RecordSlot(job, step, me);
@@ -168,6 +169,7 @@ absl::Status Protector::PushTo(int holder, const std::string& job, uint64_t step
     const ec::Extent e = layout_.DataChunk(payload.bytes, p);
     grpc::ClientContext ctx;
     ctx.set_deadline(Deadline(e.length));
+    ctx.set_wait_for_ready(true);  // a peer still starting: wait, within the deadline
     peer::PushChunkResponse resp;
     auto writer = stubs_[holder]->PushChunk(&ctx, &resp);
     peer::PushChunkMessage msg;
@@ -217,6 +219,7 @@ void Protector::AnnounceLoop() {
       if (i == group_.self) continue;
       grpc::ClientContext ctx;
       ctx.set_deadline(Deadline(0));
+      ctx.set_wait_for_ready(true);
       peer::StripeProtectedResponse resp;
       NotePeer(i, FromGrpc(stubs_[i]->NotifyStripeProtected(&ctx, row, &resp)));
     }
@@ -247,7 +250,20 @@ void Protector::PingLoop() {
 }
 
 void Protector::NotePeer(int position, const absl::Status& status) {
-  absl::MutexLock lock(&mu_);
+  bool back = false;
+  {
+    absl::MutexLock lock(&mu_);
+    back = status.ok() && !peers_[position].reachable;
+    NotePeerLocked(position, status);
+  }
+  if (back) {
+    // Steps left LOCAL while the peer was away: push them again. Holders
+    // acknowledge what they folded already, so a repeat costs nothing.
+    for (const auto& [job, step] : store_->CompleteSteps()) OnLocal(job, step);
+  }
+}
+
+void Protector::NotePeerLocked(int position, const absl::Status& status) {
   PeerState& p = peers_[position];
   if (status.ok()) {
     if (!p.reachable) Log("peer slot %d (%s) answers again", p.slot, p.address);

@@ -90,6 +90,7 @@ class Protector {
   absl::Status PushTo(int holder, const std::string& job, uint64_t step, const Payload& payload,
                       const peer::SlotStep& me, const std::vector<int>& chunks);
   void NotePeer(int position, const absl::Status& status);
+  void NotePeerLocked(int position, const absl::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   StepStore* const store_;
   ParityStore* const parity_;

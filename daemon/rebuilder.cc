@@ -34,7 +34,12 @@ struct Rebuilder::StepView {
 
 Rebuilder::Rebuilder(Arena* arena, StepStore* store, ParityStore* parity, Protector* protector,
                      const ec::Codec* codec)
-    : arena_(arena), store_(store), parity_(parity), protector_(protector), codec_(codec) {}
+    : arena_(arena), store_(store), parity_(parity), protector_(protector), codec_(codec) {
+  // Active until the first pass (run at start) ends: a restore that comes
+  // first waits for it instead of finding nothing.
+  absl::MutexLock lock(&mu_);
+  status_.set_active(true);
+}
 
 admin::RebuildStatus Rebuilder::status() const {
   absl::MutexLock lock(&mu_);
@@ -63,6 +68,7 @@ absl::Status Rebuilder::Run(const std::string& job_filter) {
     if (i == self) continue;
     grpc::ClientContext ctx;
     ctx.set_deadline(protector_->Deadline(0));
+    ctx.set_wait_for_ready(true);
     peer::InventoryRequest req;
     req.set_job_id(job_filter);
     peer::InventoryResponse resp;

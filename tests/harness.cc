@@ -1,6 +1,10 @@
 #include "tests/harness.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -88,6 +92,10 @@ absl::Status DaemonProcess::Launch() {
   if (!options_.admin_token_file.empty()) {
     argv.push_back("--admin_token_file=" + options_.admin_token_file);
   }
+  if (!options_.config_path.empty()) {
+    argv.push_back("--config=" + options_.config_path);
+    argv.push_back(absl::StrCat("--slot=", options_.slot));
+  }
   for (const auto& f : options_.extra_flags) argv.push_back(f);
   pid_ = Spawn(argv, log_);
   // Ready when the admin plane answers; bounded at 20 s. A fresh channel per
@@ -127,6 +135,20 @@ absl::Status DaemonProcess::Restart() {
   return Launch();
 }
 
+absl::Status DaemonProcess::Replace() {
+  if (pid_ > 0) Kill();
+  std::system(("rm -rf '" + dir_ + "/arena'").c_str());
+  return Launch();
+}
+
+void DaemonProcess::Pause() {
+  if (pid_ > 0) ::kill(pid_, SIGSTOP);
+}
+
+void DaemonProcess::Resume() {
+  if (pid_ > 0) ::kill(pid_, SIGCONT);
+}
+
 bool DaemonProcess::alive() {
   if (pid_ <= 0) return false;
   int status;
@@ -145,6 +167,49 @@ std::string DaemonProcess::Log() const {
 std::unique_ptr<admin::Admin::Stub> DaemonProcess::AdminStub() const {
   return admin::Admin::NewStub(
       grpc::CreateChannel(admin_address(), grpc::InsecureChannelCredentials()));
+}
+
+std::vector<int> FreePorts(int count) {
+  // All held open at once, so the kernel cannot hand the same one twice.
+  std::vector<int> fds, ports;
+  for (int i = 0; i < count; ++i) {
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = 0;
+    ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+    socklen_t len = sizeof(addr);
+    ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+    ports.push_back(ntohs(addr.sin_port));
+    fds.push_back(fd);
+  }
+  for (int fd : fds) ::close(fd);
+  return ports;
+}
+
+absl::StatusOr<std::unique_ptr<Cluster>> Cluster::Start(const std::string& dir, int k, int m,
+                                                        DaemonProcess::Options options) {
+  const int n = k + m;
+  const std::vector<int> ports = FreePorts(n);
+  std::string config = absl::StrFormat("cluster {\n  k: %d\n  m: %d\n  peer_timeout_ms: 2000\n", k, m);
+  for (int port : ports) {
+    absl::StrAppend(&config, "  slots { peer_address: \"127.0.0.1:", port, "\" }\n");
+  }
+  absl::StrAppend(&config, "}\n");
+  const std::string config_path = dir + "/cluster.textproto";
+  std::ofstream(config_path) << config;
+  std::unique_ptr<Cluster> c(new Cluster());
+  options.config_path = config_path;
+  for (int slot = 0; slot < n; ++slot) {
+    const std::string d = absl::StrCat(dir, "/slot", slot);
+    ::mkdir(d.c_str(), 0755);
+    options.slot = slot;
+    auto daemon = DaemonProcess::Start(d, options);
+    if (!daemon.ok()) return daemon.status();
+    c->daemons_.push_back(std::move(*daemon));
+  }
+  return c;
 }
 
 }  // namespace ecsnap::testing

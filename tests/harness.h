@@ -44,6 +44,9 @@ class DaemonProcess {
     uint64_t arena_bytes = 64 << 20;
     uint32_t retain = 1;
     std::string admin_token_file;
+    // A cluster file and this daemon's slot in it (empty: a lone daemon).
+    std::string config_path;
+    uint32_t slot = 0;
     std::vector<std::string> extra_flags;
   };
 
@@ -57,6 +60,14 @@ class DaemonProcess {
   void Kill();
   // Same directory, same flags: the daemon a supervisor would restart.
   absl::Status Restart();
+  // A replacement node: SIGKILL, the arena file deleted, started afresh in
+  // the same slot.
+  absl::Status Replace();
+  // Stops (SIGSTOP) or resumes (SIGCONT) the process.
+  void Pause();
+  void Resume();
+  // The arena file (shared memory: writing it changes the live daemon's data).
+  std::string arena_path() const { return dir_ + "/arena/arena"; }
 
   pid_t pid() const { return pid_; }
   // Reaps the daemon if it exited.
@@ -77,6 +88,21 @@ class DaemonProcess {
   std::string admin_socket_;
   std::string log_;
   pid_t pid_ = -1;  // -1 once reaped
+};
+
+// Free TCP ports on 127.0.0.1, as the kernel hands them out.
+std::vector<int> FreePorts(int count);
+
+// n = k + m daemons forming one group on 127.0.0.1.
+class Cluster {
+ public:
+  static absl::StatusOr<std::unique_ptr<Cluster>> Start(const std::string& dir, int k, int m,
+                                                        DaemonProcess::Options options);
+  int n() const { return static_cast<int>(daemons_.size()); }
+  DaemonProcess& daemon(int slot) { return *daemons_[slot]; }
+
+ private:
+  std::vector<std::unique_ptr<DaemonProcess>> daemons_;
 };
 
 }  // namespace ecsnap::testing

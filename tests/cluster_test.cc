@@ -1,0 +1,287 @@
+// Cross-node protection, end to end: real ecsnapd processes forming one
+// group on 127.0.0.1, two trainer ranks per node, nodes killed and replaced.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <thread>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "client/ecsnap.h"
+#include "gtest/gtest.h"
+#include "tests/harness.h"
+
+namespace ecsnap {
+namespace {
+
+using testing::Cluster;
+using testing::DaemonProcess;
+using testing::TempDir;
+
+constexpr int kRanksPerNode = 2;
+
+// A rank's state at a step: unequal sizes across slots and ranks.
+struct State {
+  std::vector<std::vector<uint8_t>> bytes;
+  std::vector<Tensor> tensors;
+};
+
+State MakeState(int slot, int rank, uint64_t step) {
+  std::mt19937_64 rng(step * 1000 + slot * 10 + rank);
+  State s;
+  const std::vector<uint64_t> sizes = {40000 + 1000u * slot + 7u * rank, 333, 0, 4096 + 1u * slot};
+  for (uint64_t size : sizes) {
+    s.bytes.emplace_back(size);
+    for (auto& b : s.bytes.back()) b = static_cast<uint8_t>(rng());
+  }
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    Tensor t;
+    t.name = absl::StrCat("t", i);
+    t.dtype = DType::kUInt8;
+    t.shape = {static_cast<int64_t>(sizes[i])};
+    t.data = s.bytes[i].data();
+    t.bytes = sizes[i];
+    s.tensors.push_back(t);
+  }
+  return s;
+}
+
+class ClusterTest : public ::testing::Test {
+ protected:
+  void StartCluster(int k, int m) {
+    DaemonProcess::Options o;
+    o.arena_bytes = 32 << 20;
+    auto c = Cluster::Start(dir_.path(), k, m, o);
+    ASSERT_TRUE(c.ok()) << c.status();
+    cluster_ = std::move(*c);
+    clients_.resize(cluster_->n());
+    for (int s = 0; s < cluster_->n(); ++s) Reconnect(s);
+  }
+
+  void Reconnect(int slot) {
+    clients_[slot].clear();
+    for (int r = 0; r < kRanksPerNode; ++r) {
+      ClientOptions o;
+      o.daemon_address = cluster_->daemon(slot).socket();
+      o.job_id = "job";
+      o.rank = slot * kRanksPerNode + r;
+      for (int lr = 0; lr < kRanksPerNode; ++lr) o.local_ranks.push_back(slot * kRanksPerNode + lr);
+      auto c = Client::Connect(o);
+      ASSERT_TRUE(c.ok()) << c.status();
+      clients_[slot].push_back(std::move(*c));
+    }
+  }
+
+  // Every rank of `slots` (default: all) snapshots `step`; waits for the
+  // copies, and for the commits when `commit`.
+  void Snapshot(uint64_t step, std::vector<int> slots = {}, bool commit = true) {
+    if (slots.empty()) {
+      for (int s = 0; s < cluster_->n(); ++s) slots.push_back(s);
+    }
+    std::vector<State> states;
+    std::vector<SnapshotHandle> handles;
+    states.reserve(slots.size() * kRanksPerNode);
+    for (int s : slots) {
+      for (int r = 0; r < kRanksPerNode; ++r) {
+        states.push_back(MakeState(s, r, step));
+        auto h = clients_[s][r]->Snapshot(step, states.back().tensors);
+        ASSERT_TRUE(h.ok()) << h.status();
+        handles.push_back(*h);
+      }
+    }
+    for (auto& h : handles) {
+      ASSERT_TRUE(h.Wait().ok()) << h.Wait();
+      if (commit) ASSERT_TRUE(h.WaitCommitted().ok()) << h.WaitCommitted();
+    }
+  }
+
+  // The state of `step` of `slot` on its daemon, as admin ListSteps says.
+  v1::StepState StateOf(int slot, uint64_t step) {
+    auto stub = cluster_->daemon(slot).AdminStub();
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    admin::ListStepsRequest req;
+    req.set_job_id("job");
+    admin::ListStepsResponse resp;
+    if (!stub->ListSteps(&ctx, req, &resp).ok()) return v1::STEP_STATE_UNSPECIFIED;
+    for (const auto& s : resp.steps()) {
+      if (s.step() == step) return s.state();
+    }
+    return v1::STEP_STATE_UNSPECIFIED;
+  }
+
+  bool WaitProtected(uint64_t step) {
+    for (int i = 0; i < 400; ++i) {
+      bool all = true;
+      for (int s = 0; s < cluster_->n() && all; ++s) all = StateOf(s, step) == v1::PROTECTED;
+      if (all) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(25));
+    }
+    return false;
+  }
+
+  // Every rank of `slot` restores its newest step; returns it (0 on error).
+  uint64_t RestoreAndCheck(int slot) {
+    uint64_t step = 0;
+    for (int r = 0; r < kRanksPerNode; ++r) {
+      auto got = clients_[slot][r]->Restore(kLatestStep);
+      EXPECT_TRUE(got.ok()) << "slot " << slot << " rank " << r << ": " << got.status();
+      if (!got.ok()) return 0;
+      const State want = MakeState(slot, r, got->step);
+      EXPECT_EQ(got->tensors.size(), want.tensors.size());
+      for (size_t i = 0; i < want.tensors.size() && i < got->tensors.size(); ++i) {
+        const auto& g = got->tensors[i].data;
+        EXPECT_TRUE(g.size() == want.bytes[i].size() &&
+                    std::equal(g.begin(), g.end(), want.bytes[i].begin()))
+            << "slot " << slot << " rank " << r << " step " << got->step << " tensor " << i;
+      }
+      step = got->step;
+    }
+    return step;
+  }
+
+  TempDir dir_;
+  std::unique_ptr<Cluster> cluster_;
+  std::vector<std::vector<std::unique_ptr<Client>>> clients_;
+};
+
+struct Shape {
+  int k;
+  int m;
+  int max_cases;  // subsets tried (all of them when there are fewer)
+};
+
+class EveryLoss : public ClusterTest, public ::testing::WithParamInterface<Shape> {};
+
+TEST_P(EveryLoss, ReplacedNodesRestoreTheNewestProtectedStepByteForByte) {
+  const int k = GetParam().k, m = GetParam().m, n = k + m;
+  StartCluster(k, m);
+  // Every subset of 1..m slots, in a seeded order.
+  std::vector<uint32_t> subsets;
+  for (uint32_t mask = 1; mask < (1u << n); ++mask) {
+    if (__builtin_popcount(mask) <= m) subsets.push_back(mask);
+  }
+  std::shuffle(subsets.begin(), subsets.end(), std::mt19937(42));
+  if (static_cast<int>(subsets.size()) > GetParam().max_cases) subsets.resize(GetParam().max_cases);
+
+  uint64_t step = 0;
+  int run = 0, recovered = 0;
+  for (size_t i = 0; i < subsets.size(); ++i) {
+    Snapshot(++step);
+    ASSERT_TRUE(WaitProtected(step)) << "step " << step << " never became PROTECTED\n"
+                                     << cluster_->daemon(0).Log();
+    const uint64_t protected_step = step;
+    // Every other case dies in the middle of the next step's push and fold.
+    const bool mid_push = i % 2 == 1;
+    if (mid_push) Snapshot(++step, {}, /*commit=*/false);
+    std::vector<int> lost;
+    for (int s = 0; s < n; ++s) {
+      if (subsets[i] & (1u << s)) lost.push_back(s);
+    }
+    for (int s : lost) clients_[s].clear();
+    for (int s : lost) cluster_->daemon(s).Kill();
+    for (int s : lost) ASSERT_TRUE(cluster_->daemon(s).Replace().ok());
+    ++run;
+    bool ok = true;
+    for (int s : lost) {
+      Reconnect(s);
+      const uint64_t got = RestoreAndCheck(s);
+      // The newest step the group had protected, or the one in flight if it
+      // made it before the kill.
+      ok &= got == protected_step || (mid_push && got == step);
+      EXPECT_TRUE(got == protected_step || (mid_push && got == step))
+          << "lost {" << absl::StrJoin(lost, ",") << "}: restored step " << got << ", protected "
+          << protected_step << "\n"
+          << cluster_->daemon(s).Log();
+    }
+    recovered += ok && !::testing::Test::HasFailure();
+    if (::testing::Test::HasFailure()) break;
+  }
+  std::printf("failure matrix RS(%d,%d): %d cases run, %d recovered\n", k, m, run, recovered);
+  EXPECT_EQ(run, recovered);
+}
+
+INSTANTIATE_TEST_SUITE_P(Codes, EveryLoss,
+                         ::testing::Values(Shape{2, 1, 100}, Shape{4, 2, 100}, Shape{6, 2, 12},
+                                           Shape{1, 2, 100}),
+                         [](const ::testing::TestParamInfo<Shape>& info) {
+                           return absl::StrCat("RS", info.param.k, "_", info.param.m);
+                         });
+
+TEST_F(ClusterTest, MoreThanMLostSlotsAnswerDataLossNamingThem) {
+  StartCluster(2, 1);
+  Snapshot(1);
+  ASSERT_TRUE(WaitProtected(1));
+  for (int s : {0, 2}) {
+    clients_[s].clear();
+    cluster_->daemon(s).Kill();
+  }
+  for (int s : {0, 2}) ASSERT_TRUE(cluster_->daemon(s).Replace().ok());
+  Reconnect(0);
+  auto got = clients_[0][0]->Restore(kLatestStep);
+  ASSERT_EQ(got.status().code(), absl::StatusCode::kDataLoss) << got.status();
+  EXPECT_NE(got.status().message().find("job job step 1 cannot be rebuilt: group 0 (RS 2+1) has "
+                                        "lost slots {"),
+            std::string::npos)
+      << got.status();
+  EXPECT_TRUE(cluster_->daemon(0).alive());
+}
+
+TEST_F(ClusterTest, AHungPeerDoesNotBlockSnapshotsAndTheStepStaysLocal) {
+  StartCluster(2, 1);
+  Snapshot(1);
+  ASSERT_TRUE(WaitProtected(1));
+  cluster_->daemon(2).Pause();
+  const auto t0 = std::chrono::steady_clock::now();
+  Snapshot(2, {0, 1});
+  const double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_LT(secs, 2.0) << "snapshots waited on the hung peer";
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  EXPECT_EQ(StateOf(0, 2), v1::LOCAL);
+  EXPECT_EQ(StateOf(1, 2), v1::LOCAL);
+  EXPECT_EQ(StateOf(0, 1), v1::PROTECTED);  // still kept: step 2 is not protected
+  cluster_->daemon(2).Resume();
+  Snapshot(3);
+  EXPECT_TRUE(WaitProtected(3));
+}
+
+TEST_F(ClusterTest, ACorruptStoredChunkIsCaughtAndRebuiltAround) {
+  StartCluster(2, 2);
+  Snapshot(1);
+  ASSERT_TRUE(WaitProtected(1));
+  // Flip a byte of slot 1's first data chunk in its live arena (the file is
+  // the daemon's memory): the start of rank 2's first tensor.
+  const State victim = MakeState(1, 0, 1);
+  const int fd = ::open(cluster_->daemon(1).arena_path().c_str(), O_RDWR);
+  ASSERT_GE(fd, 0);
+  struct stat st;
+  ASSERT_EQ(::fstat(fd, &st), 0);
+  auto* base = static_cast<uint8_t*>(
+      ::mmap(nullptr, st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
+  ASSERT_NE(base, MAP_FAILED);
+  auto* at = static_cast<uint8_t*>(
+      ::memmem(base, st.st_size, victim.bytes[0].data(), 64));
+  ASSERT_NE(at, nullptr);
+  at[32] ^= 0xFF;
+  ::munmap(base, st.st_size);
+  ::close(fd);
+
+  clients_[0].clear();
+  ASSERT_TRUE(cluster_->daemon(0).Replace().ok());
+  Reconnect(0);
+  EXPECT_EQ(RestoreAndCheck(0), 1u);
+  EXPECT_NE(cluster_->daemon(0).Log().find("fails its crc32c; treated as lost"), std::string::npos)
+      << cluster_->daemon(0).Log();
+}
+
+}  // namespace
+}  // namespace ecsnap
