@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <filesystem>
 
 #include "absl/strings/str_format.h"
 #include "common/format.h"
@@ -66,9 +67,13 @@ absl::StatusOr<std::unique_ptr<Arena>> Arena::Open(const Options& options) {
   if (options.index_entries == 0 || options.index_entries > (1u << 20)) {
     return absl::InvalidArgumentError("arena index must have 1 to 1048576 entries");
   }
-  if (::mkdir(options.dir.c_str(), 0700) != 0 && errno != EEXIST) {
-    return Errno(absl::StrFormat("cannot create arena directory %s", options.dir));
+  std::error_code ec;
+  std::filesystem::create_directories(options.dir, ec);
+  if (ec) {
+    return absl::InternalError(absl::StrFormat("cannot create arena directory %s: %s",
+                                               options.dir, ec.message()));
   }
+  ::chmod(options.dir.c_str(), 0700);
   const std::string path = options.dir + "/arena";
   UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
   if (!fd.valid()) return Errno(absl::StrFormat("cannot open arena file %s", path));

@@ -155,6 +155,7 @@ grpc::Status SnapshotService::AbortRank(grpc::ServerContext*, const v1::AbortRan
 grpc::Status SnapshotService::ListRestorable(grpc::ServerContext*,
                                              const v1::ListRestorableRequest* request,
                                              v1::ListRestorableResponse* response) {
+  if (before_restore_) before_restore_();
   auto steps = store_->ListRestorable(request->session_id());
   if (!steps.ok()) return ToGrpc(steps.status());
   for (auto& s : *steps) *response->add_steps() = std::move(s);

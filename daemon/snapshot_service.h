@@ -27,8 +27,8 @@ class SnapshotService final : public v1::Snapshot::WithCallbackMethod_Attach<v1:
   // must stream. `store` must outlive the service.
   SnapshotService(StepStore* store, std::string arena_path, uint64_t arena_bytes, uint32_t slot);
 
-  // Called before each Restore; with peers, it waits (bounded) for a rebuild
-  // in progress so that the restore sees the rebuilt step.
+  // Called before each Restore and ListRestorable; with peers, it waits
+  // (bounded) for a rebuild in progress so that they see the rebuilt step.
   void SetBeforeRestore(std::function<void()> hook) { before_restore_ = std::move(hook); }
 
   grpc::ServerWriteReactor<v1::AttachEvent>* Attach(grpc::CallbackServerContext* context,

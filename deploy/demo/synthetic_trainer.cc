@@ -3,7 +3,7 @@
 // byte against a fresh copy.
 //
 //   synthetic_trainer --socket=S --rank=R --local_ranks=0,1 --steps=4
-//       snapshots steps 1..4, waiting for each to commit
+//       snapshots steps 1..4 (from --from_step), waiting for each to commit
 //   ... --die_mid_snapshot_at=4
 //       at step 4 kills itself with SIGKILL while the copy is half done
 //   ... --restore
@@ -27,10 +27,12 @@ ABSL_FLAG(std::string, socket, "/run/ecsnap/ecsnapd.sock", "ecsnapd's data socke
 ABSL_FLAG(std::string, job, "demo", "Job id.");
 ABSL_FLAG(uint32_t, rank, 0, "This rank.");
 ABSL_FLAG(std::vector<std::string>, local_ranks, {}, "Ranks of the job on this node.");
-ABSL_FLAG(int, steps, 3, "Snapshot steps 1..steps.");
+ABSL_FLAG(int, steps, 3, "Snapshot steps from_step..steps.");
+ABSL_FLAG(int, from_step, 1, "First step to snapshot.");
 ABSL_FLAG(int, die_mid_snapshot_at, 0, "SIGKILL this process mid-snapshot of this step.");
 ABSL_FLAG(bool, restore, false, "Restore the newest step and check it.");
 ABSL_FLAG(int, mib, 64, "MiB of state.");
+ABSL_FLAG(int, copy_threads, 2, "Copy threads of the client.");
 
 namespace {
 
@@ -107,6 +109,7 @@ int main(int argc, char** argv) {
   options.daemon_address = absl::GetFlag(FLAGS_socket);
   options.job_id = absl::GetFlag(FLAGS_job);
   options.rank = rank;
+  options.copy_threads = absl::GetFlag(FLAGS_copy_threads);
   for (const std::string& r : absl::GetFlag(FLAGS_local_ranks)) {
     options.local_ranks.push_back(static_cast<uint32_t>(std::stoul(r)));
   }
@@ -142,7 +145,7 @@ int main(int argc, char** argv) {
     return 0;
   }
 
-  for (int step = 1; step <= absl::GetFlag(FLAGS_steps); ++step) {
+  for (int step = absl::GetFlag(FLAGS_from_step); step <= absl::GetFlag(FLAGS_steps); ++step) {
     State state = MakeState(rank, step, mib);
     const auto t0 = Clock::now();
     auto handle = (*client)->Snapshot(step, state.tensors);
