@@ -3,6 +3,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <map>
 #include <set>
@@ -22,6 +23,8 @@ namespace {
 // Bytes of each survivor fetched per round: bounds the rebuild's memory to
 // (k + 1) slices whatever the payload size.
 constexpr uint64_t kSliceBytes = 32 << 20;
+// Slice buffers of all stripes being rebuilt at once.
+constexpr uint64_t kMaxInFlightBytes = uint64_t{512} << 20;
 
 }  // namespace
 
@@ -199,7 +202,9 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
     status_.set_bytes_total(total);
   }
 
-  for (int s = 0; s < n; ++s) {
+  // Stripes are rebuilt concurrently, as many as keep the slices in flight
+  // under kMaxInFlightBytes.
+  auto rebuild_stripe = [&](int s) -> absl::Status {
     const int target = layout.PositionOf(s, self);
     const uint64_t out_len = layout.ChunkLength(lens, s, target);
     std::vector<uint8_t> parity_out(target >= k ? out_len : 0);
@@ -220,7 +225,6 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
         use.push_back(q);
       }
       if (static_cast<int>(use.size()) < k) {
-        free_all();
         return absl::DataLossError(absl::StrFormat(
             "job %s step %d stripe %d: only %d intact chunks left, RS(%d,%d) needs %d", job, step,
             s, use.size(), k, layout.m(), k));
@@ -291,7 +295,6 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
         std::vector<ec::MutableBytes> outs = {absl::MakeSpan(out)};
         std::vector<int> targets = {target};
         if (absl::Status st = codec_->Reconstruct(s, shards, present, targets, outs); !st.ok()) {
-          free_all();
           return st;
         }
         if (target < k) {
@@ -316,9 +319,26 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
     }
     if (target >= k) {
       if (absl::Status st = parity_->InstallRow(job, step, s, parity_out); !st.ok()) {
-        free_all();
         return st;
       }
+    }
+    return absl::OkStatus();
+  };
+  const int workers = static_cast<int>(std::max<uint64_t>(
+      1, std::min<uint64_t>(n, kMaxInFlightBytes / ((k + 1) * kSliceBytes))));
+  std::atomic<int> next{0};
+  std::vector<absl::Status> results(n);
+  std::vector<std::thread> pool;
+  for (int w = 0; w < workers; ++w) {
+    pool.emplace_back([&] {
+      for (int s = next++; s < n; s = next++) results[s] = rebuild_stripe(s);
+    });
+  }
+  for (auto& t : pool) t.join();
+  for (const absl::Status& st : results) {
+    if (!st.ok()) {
+      free_all();
+      return st;
     }
   }
   for (const auto& [pos, s] : v.slots) parity_->RecordSlot(job, step, s);

@@ -1,0 +1,193 @@
+// protect_bench: the peer plane against raw TCP on loopback, same run.
+//
+// Starts n = k + m daemons (one group on 127.0.0.1), one rank per node with
+// --bytes of state, and times
+//   protect  from every node LOCAL to every node PROTECTED: each node sends
+//            m x payload and folds m x payload, n x m x payload in all
+//   rebuild  one node SIGKILLed and replaced empty: it fetches k chunks for
+//            each of its n stripes, n x payload, decodes and verifies
+// against streaming the same number of bytes through one plain TCP socket
+// pair on 127.0.0.1. Ratios are times relative to TCP (1.0 = at its limit).
+// Last line: RESULT protect_vs_tcp=<x> rebuild_vs_tcp=<y>
+//
+//   bazel run -c opt //tests/bench:protect_bench [-- --bytes=1073741824 --k=2 --m=2]
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <random>
+#include <regex>
+#include <sstream>
+#include <thread>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/str_cat.h"
+#include "client/ecsnap.h"
+#include "tests/harness.h"
+
+ABSL_FLAG(uint64_t, bytes, uint64_t{1} << 30, "State bytes per node (one rank per node).");
+ABSL_FLAG(int, k, 2, "Data chunks per stripe.");
+ABSL_FLAG(int, m, 2, "Parity chunks per stripe.");
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+void Check(const absl::Status& st, const char* what) {
+  if (!st.ok()) {
+    std::fprintf(stderr, "protect_bench: %s: %s\n", what, std::string(st.message()).c_str());
+    std::exit(1);
+  }
+}
+
+// Seconds to stream `bytes` through one TCP connection on 127.0.0.1.
+double TcpSeconds(uint64_t bytes) {
+  const int listener = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  socklen_t len = sizeof(addr);
+  ::getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len);
+  ::listen(listener, 1);
+  constexpr size_t kBuf = 1 << 20;
+  std::thread reader([&] {
+    const int fd = ::accept(listener, nullptr, nullptr);
+    std::vector<char> buf(kBuf);
+    uint64_t got = 0;
+    while (got < bytes) {
+      const ssize_t n = ::read(fd, buf.data(), buf.size());
+      if (n <= 0) break;
+      got += n;
+    }
+    ::close(fd);
+  });
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  std::vector<char> buf(kBuf, 'x');
+  const auto t0 = Clock::now();
+  for (uint64_t sent = 0; sent < bytes;) {
+    const ssize_t n = ::write(fd, buf.data(), std::min<uint64_t>(buf.size(), bytes - sent));
+    if (n <= 0) break;
+    sent += n;
+  }
+  ::shutdown(fd, SHUT_WR);
+  reader.join();
+  const double secs = Since(t0);
+  ::close(fd);
+  ::close(listener);
+  return secs;
+}
+
+ecsnap::v1::StepState StateOf(ecsnap::testing::DaemonProcess& d, uint64_t step) {
+  auto stub = d.AdminStub();
+  grpc::ClientContext ctx;
+  ecsnap::admin::ListStepsRequest req;
+  ecsnap::admin::ListStepsResponse resp;
+  if (!stub->ListSteps(&ctx, req, &resp).ok()) return ecsnap::v1::STEP_STATE_UNSPECIFIED;
+  for (const auto& s : resp.steps()) {
+    if (s.step() == step) return s.state();
+  }
+  return ecsnap::v1::STEP_STATE_UNSPECIFIED;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  const uint64_t bytes = absl::GetFlag(FLAGS_bytes) / 4096 * 4096;
+  const int k = absl::GetFlag(FLAGS_k), m = absl::GetFlag(FLAGS_m), n = k + m;
+
+  char dir_template[] = "/dev/shm/ecsnap-bench-XXXXXX";
+  const std::string dir = ::mkdtemp(dir_template);
+  ecsnap::testing::DaemonProcess::Options o;
+  // The step and its parity (m/k), plus the next step's window: slack.
+  o.arena_bytes = ((bytes + bytes * m / k) * 3 / 2 + (64 << 20)) / 4096 * 4096;
+  auto cluster = ecsnap::testing::Cluster::Start(dir, k, m, o);
+  Check(cluster.status(), "starting the cluster");
+
+  // One rank per node, each with its own state.
+  std::vector<std::vector<uint8_t>> state(n);
+  std::vector<std::unique_ptr<ecsnap::Client>> clients;
+  std::mt19937_64 rng(1);
+  for (int s = 0; s < n; ++s) {
+    state[s].resize(bytes);
+    uint64_t* w = reinterpret_cast<uint64_t*>(state[s].data());
+    for (uint64_t i = 0; i < bytes / 8; ++i) w[i] = rng();
+    ecsnap::ClientOptions co;
+    co.daemon_address = (*cluster)->daemon(s).socket();
+    co.job_id = "bench";
+    co.rank = s;
+    auto c = ecsnap::Client::Connect(co);
+    Check(c.status(), "connecting");
+    clients.push_back(std::move(*c));
+  }
+  auto tensors_of = [&](int s) {
+    ecsnap::Tensor t;
+    t.name = "state";
+    t.dtype = ecsnap::DType::kUInt8;
+    t.shape = {static_cast<int64_t>(bytes)};
+    t.data = state[s].data();
+    t.bytes = bytes;
+    return std::vector<ecsnap::Tensor>{t};
+  };
+  std::vector<ecsnap::SnapshotHandle> handles;
+  for (int s = 0; s < n; ++s) handles.push_back(*clients[s]->Snapshot(1, tensors_of(s)));
+  for (auto& h : handles) Check(h.WaitCommitted(), "snapshot");
+  const auto t_local = Clock::now();  // every node LOCAL
+  for (int i = 0; i < 120000; ++i) {
+    bool all = true;
+    for (int s = 0; s < n && all; ++s) all = StateOf((*cluster)->daemon(s), 1) == ecsnap::v1::PROTECTED;
+    if (all) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  const double t_protect = Since(t_local);
+
+  // Lose node 1 and replace it empty; the daemon times its own rebuild.
+  clients[1].reset();
+  Check((*cluster)->daemon(1).Replace(), "replacing node 1");
+  double t_rebuild = 0;
+  const std::regex decoded("decoded in ([0-9.]+) s");
+  for (int i = 0; i < 6000 && t_rebuild == 0; ++i) {
+    std::smatch match;
+    const std::string log = (*cluster)->daemon(1).Log();
+    if (std::regex_search(log, match, decoded)) t_rebuild = std::stod(match[1]);
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  if (t_rebuild == 0) {
+    std::fprintf(stderr, "protect_bench: no rebuild\n%s", (*cluster)->daemon(1).Log().c_str());
+    return 1;
+  }
+
+  const uint64_t protect_bytes = static_cast<uint64_t>(n) * m * bytes;
+  const uint64_t rebuild_bytes = static_cast<uint64_t>(n) * bytes;
+  const double tcp_protect = TcpSeconds(protect_bytes);
+  const double tcp_rebuild = TcpSeconds(rebuild_bytes);
+  std::printf("protect_bench: RS(%d,%d), %d nodes on 127.0.0.1, %.2f GiB per node\n", k, m, n,
+              bytes / double(1 << 30));
+  auto row = [](const char* what, uint64_t b, double t, double tcp) {
+    std::printf("%-40s %7.2f GiB %8.3f s %7.2f GB/s  (raw TCP %.3f s) %6.2fx\n", what,
+                b / double(1 << 30), t, b / t / 1e9, tcp, t / tcp);
+  };
+  row("LOCAL -> PROTECTED, whole group", protect_bytes, t_protect, tcp_protect);
+  row("rebuild of one lost node", rebuild_bytes, t_rebuild, tcp_rebuild);
+  std::printf("RESULT protect_vs_tcp=%.3f rebuild_vs_tcp=%.3f\n", t_protect / tcp_protect,
+              t_rebuild / tcp_rebuild);
+  clients.clear();
+  cluster->reset();
+  std::system(("rm -rf '" + dir + "'").c_str());
+  return 0;
+}
