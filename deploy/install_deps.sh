@@ -11,7 +11,8 @@ PACKAGES=(
   libisal-dev              # Reed-Solomon and CRC-32C
   libibverbs-dev           # RDMA transport (rdma-core)
   libgtest-dev libgmock-dev libbenchmark-dev
-  python3 iproute2 procps
+  python3 python3-dev python3-numpy python3-torch python3-pybind11 pybind11-dev
+  iproute2 procps
 )
 
 missing=()

@@ -1,0 +1,141 @@
+"""PyTorch helpers: snapshot and restore a model, its optimizer, RNG states
+and extras through ecsnap, and agree on a step across ranks.
+
+    handle = ecsnap.torch.snapshot(client, step, model, optimizer, extra={"epoch": e})
+    loss = model(batch).backward()     # the copy runs meanwhile (parameters are read only)
+    handle.wait()                      # before optimizer.step() changes the tensors
+    optimizer.step()
+
+    step = ecsnap.torch.agree_step(client)          # after a restart, on every rank
+    extra = ecsnap.torch.restore(client, model, optimizer, step)
+
+Tensors are read in place (through their data pointers): nothing is copied
+in Python. CPU tensors only are read directly; CUDA tensors are copied to
+the host first.
+"""
+
+import pickle
+import random
+
+import numpy as np
+import torch
+
+_DTYPES = {
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.int8: "int8",
+    torch.uint8: "uint8",
+    torch.int16: "int16",
+    torch.int32: "int32",
+    torch.int64: "int64",
+    torch.bool: "bool",
+}
+_TORCH = {name: dtype for dtype, name in _DTYPES.items()}
+_TORCH["bytes"] = torch.uint8
+
+
+class _Batch:
+    """The tensors of one snapshot and the objects that own their bytes."""
+
+    def __init__(self):
+        self.tensors = []
+        self.keep = []
+
+    def add(self, name, kind, tensor):
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if not t.is_contiguous():
+            t = t.contiguous()
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"tensor {name}: dtype {t.dtype} cannot be snapshotted")
+        self.keep.append(t)
+        self.tensors.append((name, kind, _DTYPES[t.dtype], list(t.shape), t.data_ptr(),
+                             t.numel() * t.element_size()))
+
+    def add_object(self, name, kind, obj):
+        data = bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+        t = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        self.keep.extend([data, t])
+        self.tensors.append((name, kind, "bytes", [], t.data_ptr() if data else 0, len(data)))
+
+
+def snapshot(client, step, model, optimizer=None, extra=None):
+    """Starts snapshotting `step`; returns a handle. Call handle.wait() before
+    the optimizer changes the parameters or its state."""
+    batch = _Batch()
+    for name, tensor in model.state_dict().items():
+        batch.add("model." + name, "param", tensor)
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        scalars = {}
+        for pid, entries in state["state"].items():
+            for key, value in entries.items():
+                if torch.is_tensor(value):
+                    batch.add(f"optim.state.{pid}.{key}", "optimizer", value)
+                else:
+                    scalars[(pid, key)] = value
+        batch.add_object("optim.meta", "optimizer",
+                         {"param_groups": state["param_groups"], "scalars": scalars})
+    batch.add("rng.torch", "rng", torch.get_rng_state())
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            batch.add(f"rng.cuda.{i}", "rng", s)
+    batch.add_object("rng.python", "rng", (random.getstate(), np.random.get_state()))
+    batch.add_object("extra", "extra", extra)
+    return client.snapshot(step, batch.tensors, batch.keep)
+
+
+def _tensor(restored):
+    dtype = _TORCH[restored.dtype]
+    if restored.nbytes == 0:
+        return torch.empty(restored.shape if restored.dtype != "bytes" else [0], dtype=dtype)
+    t = torch.frombuffer(restored, dtype=dtype)
+    return t if restored.dtype == "bytes" else t.reshape(restored.shape)
+
+
+def _object(restored):
+    return pickle.loads(bytes(memoryview(restored))) if restored.nbytes else None
+
+
+def restore(client, model, optimizer=None, step=0):
+    """Loads `step` (0: the newest) into `model` and `optimizer` in place and
+    sets the RNG states. Returns (step, extra)."""
+    got, tensors = client.restore(step)
+    by_name = {t.name: t for t in tensors}
+    model.load_state_dict({name[len("model."):]: _tensor(t)
+                           for name, t in by_name.items() if name.startswith("model.")})
+    if optimizer is not None:
+        meta = _object(by_name["optim.meta"])
+        state = {}
+        for name, t in by_name.items():
+            if name.startswith("optim.state."):
+                pid, key = name[len("optim.state."):].split(".", 1)
+                state.setdefault(int(pid), {})[key] = _tensor(t)
+        for (pid, key), value in meta["scalars"].items():
+            state.setdefault(pid, {})[key] = value
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(_tensor(by_name["rng.torch"]).clone())
+    if torch.cuda.is_available():
+        states = [_tensor(by_name[n]).clone() for n in sorted(by_name) if n.startswith("rng.cuda.")]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    python_state, numpy_state = _object(by_name["rng.python"])
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
+    return got, _object(by_name["extra"])
+
+
+def agree_step(client, group=None):
+    """The newest step every rank of `group` can restore (0 if none), agreed
+    with torch.distributed. Each rank lists its restorable steps; the answer
+    is the newest step in all the lists: the minimum of the ranks' newest
+    steps is not enough, since a rank may have retired that step already."""
+    import torch.distributed as dist
+    mine = sorted(step for step, _, _ in client.list_restorable())
+    lists = [None] * dist.get_world_size(group)
+    dist.all_gather_object(lists, mine, group=group)
+    common = set(lists[0]).intersection(*[set(l) for l in lists[1:]])
+    return max(common) if common else 0
