@@ -226,38 +226,77 @@ class ClientImpl final : public Client {
     return out;
   }
 
-  absl::StatusOr<uint64_t> RestoreInto(uint64_t step,
-                                       absl::Span<const TensorDestination> into) override {
+  absl::StatusOr<uint64_t> RestoreInto(uint64_t step, absl::Span<const TensorDestination> into,
+                                       RestoredState* rest) override {
     auto lease = Lease(step);
     if (!lease.ok()) return lease.status();
     const v1::RestoreResponse& r = *lease;
     std::map<std::string, const TensorDestination*> by_name;
     for (const TensorDestination& d : into) by_name[d.name] = &d;
-    std::vector<CopyTask> tasks;
+    // Tensors without a destination go, 64-byte aligned, into one buffer
+    // returned in `rest`.
+    std::vector<uint64_t> rest_offset(r.manifest().tensors_size(), ~uint64_t{0});
+    uint64_t rest_bytes = 0;
     absl::Status st;
-    for (const auto& t : r.manifest().tensors()) {
+    for (int i = 0; i < r.manifest().tensors_size() && st.ok(); ++i) {
+      const auto& t = r.manifest().tensors(i);
       auto it = by_name.find(t.name());
       if (it == by_name.end()) {
-        st = absl::InvalidArgumentError(absl::StrFormat(
-            "step %d holds tensor '%s' but no destination was given for it", r.step(), t.name()));
-        break;
+        if (rest == nullptr) {
+          st = absl::InvalidArgumentError(absl::StrFormat(
+              "step %d holds tensor '%s' but no destination was given for it", r.step(),
+              t.name()));
+        }
+        rest_offset[i] = (rest_bytes + kTensorAlignBytes - 1) / kTensorAlignBytes * kTensorAlignBytes;
+        rest_bytes = rest_offset[i] + t.length();
+        continue;
       }
       if (it->second->bytes != t.length()) {
         st = absl::InvalidArgumentError(absl::StrFormat(
             "tensor '%s' of step %d has %d bytes but its destination has %d", t.name(), r.step(),
             t.length(), it->second->bytes));
-        break;
       }
-      tasks.push_back({static_cast<uint8_t*>(it->second->data), nullptr, t.length(), 0});
-      by_name.erase(it);
     }
-    if (st.ok() && !by_name.empty()) {
-      st = absl::InvalidArgumentError(absl::StrFormat(
-          "destination '%s' is not a tensor of step %d", by_name.begin()->first, r.step()));
+    for (const auto& [name, d] : by_name) {
+      bool found = false;
+      for (const auto& t : r.manifest().tensors()) found |= t.name() == name;
+      if (!found && st.ok()) {
+        st = absl::InvalidArgumentError(
+            absl::StrFormat("destination '%s' is not a tensor of step %d", name, r.step()));
+      }
     }
-    if (st.ok()) st = Fetch(r, tasks);
+    std::shared_ptr<uint8_t> buffer;
+    std::vector<CopyTask> tasks;
+    if (st.ok()) {
+      buffer = std::shared_ptr<uint8_t>(new uint8_t[std::max<uint64_t>(rest_bytes, 1)],
+                                        std::default_delete<uint8_t[]>());
+      for (int i = 0; i < r.manifest().tensors_size(); ++i) {
+        const auto& t = r.manifest().tensors(i);
+        uint8_t* dst = rest_offset[i] != ~uint64_t{0}
+                           ? buffer.get() + rest_offset[i]
+                           : static_cast<uint8_t*>(by_name.at(t.name())->data);
+        tasks.push_back({dst, nullptr, t.length(), 0});
+      }
+      st = Fetch(r, tasks);
+    }
     ReleaseLease(r.lease_id());
     if (!st.ok()) return st;
+    if (rest != nullptr) {
+      rest->step = r.step();
+      rest->buffer = buffer;
+      rest->tensors.clear();
+      for (int i = 0; i < r.manifest().tensors_size(); ++i) {
+        if (rest_offset[i] == ~uint64_t{0}) continue;
+        const auto& t = r.manifest().tensors(i);
+        RestoredTensor rt;
+        rt.name = t.name();
+        rt.kind = static_cast<TensorKind>(t.kind());
+        rt.dtype = static_cast<DType>(t.dtype());
+        rt.shape.assign(t.shape().begin(), t.shape().end());
+        rt.data = absl::Span<const uint8_t>(buffer.get() + rest_offset[i], t.length());
+        rest->tensors.push_back(std::move(rt));
+      }
+    }
     return r.step();
   }
 

@@ -174,10 +174,13 @@ class Client {
   // Restores `step` (kLatestStep: the newest) into buffers it allocates.
   virtual absl::StatusOr<RestoredState> Restore(uint64_t step) = 0;
 
-  // Restores `step` into caller buffers, each tensor by name; every tensor of
-  // the step must have a destination of its exact size. Returns the step.
+  // Restores `step` into caller buffers, each tensor by name, each of its
+  // exact size. A destination that names no tensor of the step is an error.
+  // Tensors without a destination are returned in `rest` (owning their
+  // bytes) when it is given, and are an error when it is not. Returns the step.
   virtual absl::StatusOr<uint64_t> RestoreInto(uint64_t step,
-                                               absl::Span<const TensorDestination> into) = 0;
+                                               absl::Span<const TensorDestination> into,
+                                               RestoredState* rest = nullptr) = 0;
 
   // True when snapshots and restores go through the shared-memory arena.
   virtual bool shared_memory() const = 0;

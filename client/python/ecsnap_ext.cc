@@ -189,19 +189,28 @@ class PyClient {
     return {s.step, std::move(out)};
   }
 
-  // into: [(name, data_ptr, nbytes)] of writable memory.
-  uint64_t RestoreInto(uint64_t step, const py::list& into) {
+  // into: [(name, data_ptr, nbytes)] of writable memory. Restores those in
+  // place; returns (step, [RestoredTensor]) for the tensors not named.
+  std::pair<uint64_t, std::vector<PyRestoredTensor>> RestoreInto(uint64_t step,
+                                                                 const py::list& into) {
     std::vector<TensorDestination> dst;
     for (const py::handle& item : into) {
       auto t = item.cast<std::tuple<std::string, uintptr_t, uint64_t>>();
       dst.push_back({std::get<0>(t), reinterpret_cast<void*>(std::get<1>(t)), std::get<2>(t)});
     }
     absl::StatusOr<uint64_t> got;
+    RestoredState rest;
     {
       py::gil_scoped_release release;
-      got = client_->RestoreInto(step, dst);
+      got = client_->RestoreInto(step, dst, &rest);
     }
-    return Value(std::move(got));
+    const uint64_t s = Value(std::move(got));
+    std::vector<PyRestoredTensor> out;
+    for (const RestoredTensor& t : rest.tensors) {
+      out.push_back({t.name, KindName(t.kind), DTypeName(t.dtype), t.shape, rest.buffer,
+                     t.data.data(), t.data.size()});
+    }
+    return {s, std::move(out)};
   }
 
   bool shared_memory() const { return client_->shared_memory(); }

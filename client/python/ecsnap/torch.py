@@ -100,23 +100,55 @@ def _object(restored):
     return pickle.loads(bytes(memoryview(restored))) if restored.nbytes else None
 
 
+def _destination(name, tensor, into):
+    if tensor.device.type == "cpu" and tensor.is_contiguous():
+        into.append((name, tensor.data_ptr(), tensor.numel() * tensor.element_size()))
+        return True
+    return False
+
+
 def restore(client, model, optimizer=None, step=0):
     """Loads `step` (0: the newest) into `model` and `optimizer` in place and
-    sets the RNG states. Returns (step, extra)."""
-    got, tensors = client.restore(step)
-    by_name = {t.name: t for t in tensors}
-    model.load_state_dict({name[len("model."):]: _tensor(t)
-                           for name, t in by_name.items() if name.startswith("model.")})
+    sets the RNG states. Returns (step, extra).
+
+    The model's tensors, and the optimizer's state where it exists already,
+    are written in place: one copy from the daemon's memory, no temporary
+    state_dict. What has no place yet (the state of a fresh optimizer, say)
+    is restored into new tensors and loaded the usual way."""
+    into = []
+    model_state = model.state_dict()
+    in_place = {name for name, t in model_state.items() if _destination("model." + name, t, into)}
+    optim_state = optimizer.state_dict()["state"] if optimizer is not None else {}
+    for pid, entries in optim_state.items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                _destination(f"optim.state.{pid}.{key}", value, into)
+    got, rest = client.restore_into(step, into)
+    by_name = {t.name: t for t in rest}
+
+    with torch.no_grad():
+        for name, t in model_state.items():
+            if name not in in_place:
+                t.copy_(_tensor(by_name["model." + name]))
     if optimizer is not None:
         meta = _object(by_name["optim.meta"])
-        state = {}
-        for name, t in by_name.items():
-            if name.startswith("optim.state."):
+        late = {n: t for n, t in by_name.items() if n.startswith("optim.state.")}
+        if late or set(meta["scalars"]) - {(p, k) for p, e in optim_state.items() for k in e}:
+            # Some state had no place: rebuild the whole state_dict.
+            state = {pid: dict(entries) for pid, entries in optim_state.items()}
+            for name, t in late.items():
                 pid, key = name[len("optim.state."):].split(".", 1)
                 state.setdefault(int(pid), {})[key] = _tensor(t)
-        for (pid, key), value in meta["scalars"].items():
-            state.setdefault(pid, {})[key] = value
-        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+            for (pid, key), value in meta["scalars"].items():
+                state.setdefault(pid, {})[key] = value
+            optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        else:
+            # Everything was restored in place: only hyperparameters and scalars.
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
+                group.update({k: v for k, v in saved.items() if k != "params"})
+            for (pid, key), value in meta["scalars"].items():
+                optimizer.state[params[pid]][key] = value
     torch.set_rng_state(_tensor(by_name["rng.torch"]).clone())
     if torch.cuda.is_available():
         states = [_tensor(by_name[n]).clone() for n in sorted(by_name) if n.startswith("rng.cuda.")]

@@ -1,0 +1,116 @@
+"""torch_compare: ecsnap against what PyTorch users do today, same run.
+
+For a model state of about --gib GiB (parameters + AdamW moments), times
+(best of --reps):
+  stall    ecsnap.torch.snapshot(...) + handle.wait(): until the trainer may
+           step the optimizer again
+  save     torch.save of the same state_dicts to /dev/shm and to local disk
+  restore  ecsnap.torch.restore into the model and optimizer, against
+           torch.load from /dev/shm followed by the same load_state_dicts
+Last line: RESULT stall_vs_torch_save_shm=<x> restore_vs_torch_load_shm=<y>
+(ratios of times; below 1.0 is faster than PyTorch).
+
+    bazel build //client/python:package //daemon:ecsnapd //client:ecsnapctl
+    PYTHONPATH=client/python:tests/python /usr/bin/python3 tests/bench/torch_compare.py
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+import ecsnap
+import ecsnap.torch as et
+from ecsnap_testing import Cluster
+
+
+def best(reps, fn):
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gib", type=float, default=1.0)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--disk_dir", default=tempfile.gettempdir())
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    # Parameters and two AdamW moments: 12 bytes per float32 parameter.
+    width = 4096
+    layers = max(1, round(a.gib * (1 << 30) / 12 / (width * width)))
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    state_bytes = sum(p.numel() * 12 for p in model.parameters())
+
+    cluster = Cluster(k=1, m=0, arena_bytes=(3 * state_bytes + (256 << 20)) // 4096 * 4096)
+    try:
+        client = ecsnap.Client(cluster.socket(0), job="compare", rank=0)
+        step = [0]
+
+        stalls = []
+        for _ in range(a.reps):
+            t0 = time.perf_counter()
+            step[0] += 1
+            handle = et.snapshot(client, step[0], model, opt)
+            handle.wait()
+            stalls.append(time.perf_counter() - t0)
+            handle.wait_committed()
+        t_stall = min(stalls)
+
+        shm_path = os.path.join("/dev/shm", f"torch_compare_{os.getpid()}.pt")
+        disk_path = os.path.join(a.disk_dir, f"torch_compare_{os.getpid()}.pt")
+        state = lambda: {"model": model.state_dict(), "optim": opt.state_dict()}
+        t_save_shm = best(a.reps, lambda: torch.save(state(), shm_path))
+
+        def save_disk():
+            torch.save(state(), disk_path)
+            with open(disk_path, "rb+") as f:
+                os.fsync(f.fileno())  # a checkpoint is on disk only once synced
+
+        t_save_disk = best(a.reps, save_disk)
+
+        t_restore = best(a.reps, lambda: et.restore(client, model, opt))
+
+        def load_shm():
+            loaded = torch.load(shm_path)
+            model.load_state_dict(loaded["model"])
+            opt.load_state_dict(loaded["optim"])
+
+        t_load_shm = best(a.reps, load_shm)
+        t_load_only = best(a.reps, lambda: torch.load(shm_path))
+        os.unlink(shm_path)
+        os.unlink(disk_path)
+    finally:
+        cluster.stop()
+
+    gib = state_bytes / (1 << 30)
+    print(f"torch_compare: {gib:.2f} GiB of state ({layers} x Linear({width},{width}) + AdamW), "
+          f"torch {torch.__version__}, best of {a.reps}")
+    rows = [
+        ("ecsnap snapshot + wait (trainer stall)", t_stall),
+        ("torch.save to /dev/shm", t_save_shm),
+        ("torch.save to disk (+fsync)", t_save_disk),
+        ("ecsnap restore into model + optimizer", t_restore),
+        ("torch.load from /dev/shm + load_state_dict", t_load_shm),
+        ("torch.load from /dev/shm alone", t_load_only),
+    ]
+    for name, t in rows:
+        print(f"{name:<44} {t * 1e3:9.1f} ms {gib / t:7.2f} GiB/s")
+    print(f"RESULT stall_vs_torch_save_shm={t_stall / t_save_shm:.3f} "
+          f"restore_vs_torch_load_shm={t_restore / t_load_shm:.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

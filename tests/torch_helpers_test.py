@@ -1,0 +1,144 @@
+"""ecsnap.torch against a real ecsnapd: the README example, both restore
+paths (into existing optimizer state in place, and into a fresh optimizer),
+dtypes, RNG states, extras, agree_step and bad input."""
+
+import os
+import random
+import re
+import subprocess
+import sys
+import unittest
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import ecsnap
+import ecsnap.torch as et
+from ecsnap_testing import Cluster, free_ports
+
+README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")
+
+
+def model_and_optimizer(dtype=torch.float32):
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.LayerNorm(24),
+                                torch.nn.Linear(24, 3)).to(dtype)
+    return model, torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.01)
+
+
+def train(model, optimizer, steps):
+    for _ in range(steps):
+        model(torch.randn(4, 12, dtype=next(model.parameters()).dtype)).float().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+class TorchHelpers(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.cluster = Cluster(k=1, m=0, arena_bytes=64 << 20, retain=1)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.cluster.stop()
+
+    def client(self, job):
+        return ecsnap.Client(self.cluster.socket(0), job=job, rank=0)
+
+    def test_the_readme_example_runs(self):
+        with open(README) as f:
+            text = f.read()
+        section = text[text.index("## Use from PyTorch"):]
+        code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+        env = dict(os.environ, ECSNAP_SOCKET=self.cluster.socket(0))
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=120)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        self.assertIn("restored step 5", out.stdout)
+
+    def check_round_trip(self, job, dtype, fresh_optimizer):
+        client = self.client(job)
+        model, opt = model_and_optimizer(dtype)
+        train(model, opt, 3)
+        random.seed(5)
+        np.random.seed(5)
+        handle = et.snapshot(client, 7, model, opt, extra={"epoch": 2, "loader": [1, 2, 3]})
+        handle.wait()
+        handle.wait_committed()
+        want_params = [p.detach().clone() for p in model.parameters()]
+        want_opt = opt.state_dict()
+        want_rng = (torch.rand(4), random.random(), np.random.rand())
+
+        model2, opt2 = model_and_optimizer(dtype)
+        if fresh_optimizer:
+            opt2 = torch.optim.AdamW(model2.parameters(), lr=0.9)
+        else:
+            train(model2, opt2, 1)  # state exists: restored in place
+            opt2.param_groups[0]["lr"] = 0.9
+        torch.manual_seed(999)
+        step, extra = et.restore(client, model2, opt2)
+        self.assertEqual(step, 7)
+        self.assertEqual(extra, {"epoch": 2, "loader": [1, 2, 3]})
+        for a, b in zip(want_params, model2.parameters()):
+            self.assertTrue(torch.equal(a, b))
+        got_opt = opt2.state_dict()
+        self.assertEqual(got_opt["param_groups"][0]["lr"], 0.05)
+        for pid, entries in want_opt["state"].items():
+            for key, value in entries.items():
+                self.assertTrue(torch.equal(value, got_opt["state"][pid][key]), (pid, key))
+        self.assertTrue(torch.equal(torch.rand(4), want_rng[0]))
+        self.assertEqual(random.random(), want_rng[1])
+        self.assertEqual(np.random.rand(), want_rng[2])
+        # Training goes on identically from the restored state.
+        x = torch.randn(4, 12, dtype=dtype)
+        for m, o in ((model, opt), (model2, opt2)):
+            m(x).float().sum().backward()
+            o.step()
+        for a, b in zip(model.parameters(), model2.parameters()):
+            self.assertTrue(torch.equal(a, b))
+
+    def test_restore_into_existing_optimizer_state_in_place(self):
+        self.check_round_trip("inplace", torch.float32, fresh_optimizer=False)
+
+    def test_restore_into_a_fresh_optimizer(self):
+        self.check_round_trip("fresh", torch.float32, fresh_optimizer=True)
+
+    def test_bfloat16_and_the_grpc_transport(self):
+        client = ecsnap.Client(self.cluster.socket(0), job="bf16", rank=0, transport="grpc")
+        self.assertFalse(client.shared_memory)
+        model, opt = model_and_optimizer(torch.bfloat16)
+        train(model, opt, 2)
+        et.snapshot(client, 1, model, opt).wait_committed()
+        model2, opt2 = model_and_optimizer(torch.bfloat16)
+        et.restore(client, model2, opt2)
+        for a, b in zip(model.parameters(), model2.parameters()):
+            self.assertTrue(torch.equal(a, b))
+
+    def test_agree_step_on_a_one_rank_group(self):
+        client = self.client("agree")
+        model, opt = model_and_optimizer()
+        for step in (3, 4):
+            et.snapshot(client, step, model, opt).wait_committed()
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_ports(1)[0]}",
+                                rank=0, world_size=1)
+        try:
+            self.assertEqual(et.agree_step(client), 4)
+        finally:
+            dist.destroy_process_group()
+
+    def test_errors_are_exceptions_with_the_daemons_message(self):
+        client = self.client("errors")
+        model, opt = model_and_optimizer()
+        et.snapshot(client, 5, model, opt).wait_committed()
+        with self.assertRaisesRegex(RuntimeError, "FAILED_PRECONDITION: .*steps only grow"):
+            et.snapshot(client, 4, model, opt).wait()
+        with self.assertRaisesRegex(RuntimeError, "NOT_FOUND: .*no restorable step 9"):
+            client.restore(9)
+        other = torch.nn.Linear(3, 3)
+        with self.assertRaisesRegex(RuntimeError, "INVALID_ARGUMENT"):
+            et.restore(client, other)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
