@@ -17,6 +17,7 @@ import sys
 import time
 import unittest
 
+import junit
 from ecsnap_testing import Cluster, free_ports
 
 WORLD, STEPS = 4, 10
@@ -97,4 +98,4 @@ class ExactRecovery(unittest.TestCase):
 
 
 if __name__ == "__main__":
-    unittest.main(verbosity=2)
+    junit.main()

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 import ecsnap
 import ecsnap.torch as et
+import junit
 from ecsnap_testing import Cluster, free_ports
 
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")
@@ -141,4 +142,4 @@ class TorchHelpers(unittest.TestCase):
 
 
 if __name__ == "__main__":
-    unittest.main(verbosity=2)
+    junit.main()
