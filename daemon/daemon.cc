@@ -126,7 +126,11 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
                                                      d->rebuilder_.get());
   if (d->rebuilder_) {
     Rebuilder* rebuilder = d->rebuilder_.get();
-    d->snapshot_service_->SetBeforeRestore([rebuilder] { rebuilder->WaitIdle(absl::Seconds(60)); });
+    StepStore* store = d->store_.get();
+    d->snapshot_service_->SetBeforeRestore([rebuilder, store](uint64_t session) {
+      auto who = store->SessionRank(session);
+      if (who.ok()) rebuilder->ServeRank(who->first, who->second, absl::Seconds(60));
+    });
   }
 
   if (absl::Status st = ClaimSocketPath(dc.socket_path()); !st.ok()) return st;
@@ -188,8 +192,10 @@ absl::Status Daemon::StartPeerPlane(uint32_t slot) {
   po.retain = config_.daemon().retain();
   const std::string listen = group->addresses[group->self];
   protector_ = std::make_unique<Protector>(store_.get(), parity_.get(), *group, *layout, po);
+  Rebuilder::Options ro;
+  ro.bytes_per_second = cc.rebuild_bytes_per_sec();
   rebuilder_ = std::make_unique<Rebuilder>(arena_.get(), store_.get(), parity_.get(),
-                                           protector_.get(), codec_.get());
+                                           protector_.get(), codec_.get(), ro);
   Protector* protector = protector_.get();
   store_->SetLocalListener(
       [protector](const std::string& job, uint64_t step) { protector->OnLocal(job, step); });

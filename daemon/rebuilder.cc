@@ -36,8 +36,13 @@ struct Rebuilder::StepView {
 };
 
 Rebuilder::Rebuilder(Arena* arena, StepStore* store, ParityStore* parity, Protector* protector,
-                     const ec::Codec* codec)
-    : arena_(arena), store_(store), parity_(parity), protector_(protector), codec_(codec) {
+                     const ec::Codec* codec, Options options)
+    : arena_(arena),
+      store_(store),
+      parity_(parity),
+      protector_(protector),
+      codec_(codec),
+      options_(options) {
   // Active until the first pass (run at start) ends: a restore that comes
   // first waits for it instead of finding nothing.
   absl::MutexLock lock(&mu_);
@@ -63,6 +68,8 @@ absl::Status Rebuilder::Run(const std::string& job_filter) {
     absl::MutexLock lock(&mu_);
     status_.set_active(true);
     status_.set_last_error("");
+    throttle_start_ = absl::Now();
+    throttled_bytes_ = 0;
   }
   // Inventories of every peer that answers.
   std::map<std::pair<std::string, uint64_t>, StepView> views;
@@ -149,6 +156,103 @@ absl::Status Rebuilder::Run(const std::string& job_filter) {
   return first_error;
 }
 
+struct Rebuilder::Current {
+  std::string job;
+  uint64_t step = 0;
+  const StepView* view = nullptr;
+  std::vector<uint64_t> lens;          // payload bytes of every group position
+  std::vector<uint32_t> local_ranks;
+  std::vector<RebuiltRank> ranks;      // fresh windows, laid end to end
+  std::vector<uint64_t> rank_offset;   // of each rank in the payload
+  std::vector<bool> installed;         // served early, owned by the store (mu_)
+  std::vector<bool> claimed;           // being decoded on demand (mu_)
+};
+
+absl::Status Rebuilder::DecodeSlice(const Current& c, int s, int target,
+                                    const std::vector<int>& use, uint64_t at, uint64_t read,
+                                    absl::Span<uint8_t> out, std::vector<uint32_t>* crcs,
+                                    int* failed) {
+  const ec::Layout& layout = protector_->layout();
+  const int n = layout.n();
+  std::vector<std::vector<uint8_t>> bufs(use.size());
+  std::vector<absl::Status> got(use.size());
+  std::vector<std::thread> fetchers;
+  for (size_t i = 0; i < use.size(); ++i) {
+    fetchers.emplace_back([&, i] {
+      const int q = use[i];
+      const int holder = *c.view->held.at({s, q}).begin();
+      const uint64_t len = layout.ChunkLength(c.lens, s, q);
+      const uint64_t from = std::min(at, len);
+      const uint64_t want = std::min(len - from, read);
+      bufs[i].resize(want);
+      if (want == 0) return;
+      grpc::ClientContext ctx;
+      ctx.set_deadline(protector_->Deadline(want));
+      peer::GetChunkRequest req;
+      req.mutable_id()->set_job_id(c.job);
+      req.mutable_id()->set_step(c.step);
+      req.mutable_id()->set_stripe(s);
+      req.mutable_id()->set_position(q);
+      req.set_offset(from);
+      req.set_length(want);
+      auto reader = protector_->Stub(holder)->GetChunk(&ctx, req);
+      peer::GetChunkMessage msg;
+      uint64_t filled = 0;
+      while (reader->Read(&msg)) {
+        if (msg.has_header()) continue;
+        const uint64_t nbytes = std::min<uint64_t>(msg.data().size(), want - filled);
+        std::memcpy(bufs[i].data() + filled, msg.data().data(), nbytes);
+        filled += nbytes;
+      }
+      got[i] = FromGrpc(reader->Finish());
+      if (got[i].ok() && filled != want) got[i] = absl::DataLossError("short chunk");
+      if (crcs != nullptr) (*crcs)[q] = ec::Crc32c(bufs[i], (*crcs)[q]);
+    });
+  }
+  for (auto& f : fetchers) f.join();
+  for (size_t i = 0; i < use.size(); ++i) {
+    if (!got[i].ok()) {
+      *failed = use[i];
+      return got[i];
+    }
+  }
+  std::vector<ec::ConstBytes> shards(n);
+  uint32_t present = 0;
+  for (size_t i = 0; i < use.size(); ++i) {
+    shards[use[i]] = bufs[i];
+    present |= 1u << use[i];
+  }
+  std::vector<ec::MutableBytes> outs = {out};
+  std::vector<int> targets = {target};
+  return codec_->Reconstruct(s, shards, present, targets, outs);
+}
+
+void Rebuilder::WritePayload(Current& c, uint64_t offset, const uint8_t* data, uint64_t bytes) {
+  for (size_t i = 0; i < c.ranks.size(); ++i) {
+    const RebuiltRank& r = c.ranks[i];
+    const uint64_t base = c.rank_offset[i], end = base + r.bytes;
+    if (offset >= end || offset + bytes <= base) continue;
+    {
+      absl::MutexLock lock(&mu_);
+      if (c.installed[i]) continue;  // served on demand: the store owns it now
+    }
+    const uint64_t lo = std::max(offset, base), hi = std::min(offset + bytes, end);
+    std::memcpy(arena_->base() + r.extent.offset + (lo - base), data + (lo - offset), hi - lo);
+  }
+}
+
+std::vector<int> Rebuilder::Survivors(const Current& c, int s, int target,
+                                      const std::set<int>& bad) const {
+  const ec::Layout& layout = protector_->layout();
+  std::vector<int> use;  // the first k intact positions, data first
+  for (int q = 0; q < layout.n() && static_cast<int>(use.size()) < layout.k(); ++q) {
+    auto it = c.view->held.find({s, q});
+    if (q == target || bad.count(q) || it == c.view->held.end() || it->second.empty()) continue;
+    use.push_back(q);
+  }
+  return use;
+}
+
 absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const StepView& v) {
   const Group& group = protector_->group();
   const ec::Layout& layout = protector_->layout();
@@ -162,51 +266,57 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
                                            me.manifests().size())) != me.manifests_crc32c()) {
     return absl::DataLossError("this slot's manifests, as the peers keep them, are damaged");
   }
-  std::vector<uint64_t> lens(n);
-  for (const auto& [pos, s] : v.slots) lens[pos] = s.payload_bytes();
-
+  Current c;
+  c.job = job;
+  c.step = step;
+  c.view = &v;
+  c.lens.resize(n);
+  for (const auto& [pos, slot] : v.slots) c.lens[pos] = slot.payload_bytes();
+  c.local_ranks.assign(sm.local_ranks().begin(), sm.local_ranks().end());
   // Fresh windows for the slot's ranks, laid end to end as the payload.
-  std::vector<RebuiltRank> ranks;
-  auto free_all = [&] {
-    for (const RebuiltRank& r : ranks) arena_->Free(r.extent);
-  };
+  uint64_t offset = 0;
   for (const auto& r : sm.ranks()) {
     auto extent = arena_->Allocate(r.bytes());
     if (!extent.ok()) {
-      free_all();
+      for (const RebuiltRank& done : c.ranks) arena_->Free(done.extent);
       return absl::ResourceExhaustedError(
           absl::StrCat("rebuilding job ", job, " step ", step, ": ", extent.status().message()));
     }
-    ranks.push_back({r.rank(), *extent, r.bytes(), r.manifest()});
+    c.ranks.push_back({r.rank(), *extent, r.bytes(), r.manifest()});
+    c.rank_offset.push_back(offset);
+    offset += r.bytes();
   }
-  // Writes [offset, offset + bytes) of the rebuilt payload.
-  auto write_payload = [&](uint64_t offset, const uint8_t* data, uint64_t bytes) {
-    uint64_t base = 0;
-    for (const RebuiltRank& r : ranks) {
-      const uint64_t end = base + r.bytes;
-      if (offset < end && offset + bytes > base) {
-        const uint64_t lo = std::max(offset, base), hi = std::min(offset + bytes, end);
-        std::memcpy(arena_->base() + r.extent.offset + (lo - base), data + (lo - offset), hi - lo);
-      }
-      base = end;
-    }
-  };
+  c.installed.assign(c.ranks.size(), false);
+  c.claimed.assign(c.ranks.size(), false);
 
   uint64_t total = 0;
-  for (int s = 0; s < n; ++s) total += layout.ChunkLength(lens, s, layout.PositionOf(s, self));
+  for (int s = 0; s < n; ++s) total += layout.ChunkLength(c.lens, s, layout.PositionOf(s, self));
   {
     absl::MutexLock lock(&mu_);
     status_.set_job_id(job);
     status_.set_step(step);
     status_.set_bytes_done(0);
     status_.set_bytes_total(total);
+    current_ = &c;  // from here on, ranks can be served on demand
   }
+  auto finish = [&](absl::Status st) {
+    absl::MutexLock lock(&mu_);
+    auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return serving_ == 0; };
+    mu_.Await(absl::Condition(&idle));
+    current_ = nullptr;
+    if (!st.ok()) {
+      for (size_t i = 0; i < c.ranks.size(); ++i) {
+        if (!c.installed[i]) arena_->Free(c.ranks[i].extent);
+      }
+    }
+    return st;
+  };
 
   // Stripes are rebuilt concurrently, as many as keep the slices in flight
   // under kMaxInFlightBytes.
   auto rebuild_stripe = [&](int s) -> absl::Status {
     const int target = layout.PositionOf(s, self);
-    const uint64_t out_len = layout.ChunkLength(lens, s, target);
+    const uint64_t out_len = layout.ChunkLength(c.lens, s, target);
     std::vector<uint8_t> parity_out(target >= k ? out_len : 0);
     // Expected CRC of each position, from what was recorded.
     auto expected_crc = [&](int q) -> uint32_t {
@@ -215,95 +325,39 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
       return it == v.rows.end() ? 0 : it->second.parity_crc32c();
     };
     std::set<int> bad;
-    bool done = false;
-    while (!done) {
-      // The first k intact positions, data first.
-      std::vector<int> use;
-      for (int q = 0; q < n && static_cast<int>(use.size()) < k; ++q) {
-        auto it = v.held.find({s, q});
-        if (q == target || bad.count(q) || it == v.held.end() || it->second.empty()) continue;
-        use.push_back(q);
-      }
+    while (true) {
+      const std::vector<int> use = Survivors(c, s, target, bad);
       if (static_cast<int>(use.size()) < k) {
         return absl::DataLossError(absl::StrFormat(
             "job %s step %d stripe %d: only %d intact chunks left, RS(%d,%d) needs %d", job, step,
             s, use.size(), k, layout.m(), k));
       }
-      std::vector<uint32_t> crcs(n, 0);
-      bool all_good = true;
       // Slices run to the longest chunk in play: every survivor is read
       // whole, so that its CRC can be checked.
       uint64_t span = out_len;
-      for (int q : use) span = std::max(span, layout.ChunkLength(lens, s, q));
+      for (int q : use) span = std::max(span, layout.ChunkLength(c.lens, s, q));
+      std::vector<uint32_t> crcs(n, 0);
+      bool all_good = true;
       for (uint64_t at = 0; at < std::max<uint64_t>(span, 1) && all_good; at += kSliceBytes) {
         const uint64_t slice = std::min(kSliceBytes, out_len - std::min(out_len, at));
-        std::vector<std::vector<uint8_t>> bufs(use.size());
-        std::vector<absl::Status> got(use.size());
-        std::vector<std::thread> fetchers;
-        for (size_t i = 0; i < use.size(); ++i) {
-          fetchers.emplace_back([&, i] {
-            const int q = use[i];
-            const int holder = *v.held.at({s, q}).begin();
-            const uint64_t len = layout.ChunkLength(lens, s, q);
-            const uint64_t from = std::min(at, len);
-            // Only the part of the survivor that overlaps this slice.
-            const uint64_t want = std::min(len - from, kSliceBytes);
-            bufs[i].resize(want);
-            if (want == 0) return;
-            grpc::ClientContext ctx;
-            ctx.set_deadline(protector_->Deadline(want));
-            peer::GetChunkRequest req;
-            req.mutable_id()->set_job_id(job);
-            req.mutable_id()->set_step(step);
-            req.mutable_id()->set_stripe(s);
-            req.mutable_id()->set_position(q);
-            req.set_offset(from);
-            req.set_length(want);
-            auto reader = protector_->Stub(holder)->GetChunk(&ctx, req);
-            peer::GetChunkMessage msg;
-            uint64_t filled = 0;
-            while (reader->Read(&msg)) {
-              if (msg.has_header()) continue;
-              const uint64_t nbytes = std::min<uint64_t>(msg.data().size(), want - filled);
-              std::memcpy(bufs[i].data() + filled, msg.data().data(), nbytes);
-              filled += nbytes;
-            }
-            got[i] = FromGrpc(reader->Finish());
-            if (got[i].ok() && filled != want) {
-              got[i] = absl::DataLossError("short chunk");
-            }
-            crcs[q] = ec::Crc32c(bufs[i], crcs[q]);
-          });
-        }
-        for (auto& f : fetchers) f.join();
-        for (size_t i = 0; i < use.size(); ++i) {
-          if (!got[i].ok()) {
-            Log("job %s step %d stripe %d: position %d unreadable (%s); using another", job, step,
-                s, use[i], got[i].message());
-            bad.insert(use[i]);
-            all_good = false;
-          }
-        }
-        if (!all_good) break;
-        std::vector<ec::ConstBytes> shards(n);
-        uint32_t present = 0;
-        for (size_t i = 0; i < use.size(); ++i) {
-          shards[use[i]] = bufs[i];
-          present |= 1u << use[i];
-        }
         std::vector<uint8_t> out(slice);
-        std::vector<ec::MutableBytes> outs = {absl::MakeSpan(out)};
-        std::vector<int> targets = {target};
-        if (absl::Status st = codec_->Reconstruct(s, shards, present, targets, outs); !st.ok()) {
-          return st;
+        int failed = -1;
+        absl::Status st =
+            DecodeSlice(c, s, target, use, at, kSliceBytes, absl::MakeSpan(out), &crcs, &failed);
+        if (!st.ok()) {
+          if (failed < 0) return st;
+          Log("job %s step %d stripe %d: position %d unreadable (%s); using another", job, step,
+              s, failed, st.message());
+          bad.insert(failed);
+          all_good = false;
+          break;
         }
         if (target < k) {
-          write_payload(layout.DataChunk(lens[self], target).offset + at, out.data(), slice);
+          WritePayload(c, layout.DataChunk(c.lens[self], target).offset + at, out.data(), slice);
         } else {
           std::memcpy(parity_out.data() + at, out.data(), slice);
         }
-        absl::MutexLock lock(&mu_);
-        status_.set_bytes_done(status_.bytes_done() + slice);
+        Throttle(slice);
       }
       if (!all_good) continue;
       // Whole chunks now read: check each against its recorded CRC.
@@ -315,13 +369,9 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
           all_good = false;
         }
       }
-      done = all_good;
+      if (all_good) break;
     }
-    if (target >= k) {
-      if (absl::Status st = parity_->InstallRow(job, step, s, parity_out); !st.ok()) {
-        return st;
-      }
-    }
+    if (target >= k) return parity_->InstallRow(job, step, s, parity_out);
     return absl::OkStatus();
   };
   const int workers = static_cast<int>(std::max<uint64_t>(
@@ -336,24 +386,115 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
   }
   for (auto& t : pool) t.join();
   for (const absl::Status& st : results) {
-    if (!st.ok()) {
-      free_all();
-      return st;
+    if (!st.ok()) return finish(st);
+  }
+  for (const auto& [pos, slot] : v.slots) parity_->RecordSlot(job, step, slot);
+  std::vector<RebuiltRank> rest;
+  {
+    absl::MutexLock lock(&mu_);
+    auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return serving_ == 0; };
+    mu_.Await(absl::Condition(&idle));
+    for (size_t i = 0; i < c.ranks.size(); ++i) {
+      if (!c.installed[i]) rest.push_back(c.ranks[i]);
+      c.installed[i] = true;  // the store owns them all from here
     }
   }
-  for (const auto& [pos, s] : v.slots) parity_->RecordSlot(job, step, s);
-  std::vector<uint32_t> local_ranks(sm.local_ranks().begin(), sm.local_ranks().end());
-  absl::Status st = store_->InstallRebuilt(job, step, local_ranks, ranks);
+  absl::Status st = store_->InstallRebuilt(job, step, c.local_ranks, rest);
   if (!st.ok()) {
-    free_all();
-    return st;
+    for (const RebuiltRank& r : rest) arena_->Free(r.extent);
+    return finish(st);
   }
   for (const auto& [sr, row] : v.rows) parity_->RecordRow(row);
   const double secs =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   Log("rebuilt job %s step %d from group %d: %s decoded in %.2f s, every checksum verified", job,
       step, group.id, FormatBytes(total), secs);
-  return absl::OkStatus();
+  return finish(absl::OkStatus());
+}
+
+void Rebuilder::Throttle(uint64_t bytes) {
+  if (options_.bytes_per_second == 0) return;
+  absl::Duration wait;
+  {
+    absl::MutexLock lock(&mu_);
+    throttled_bytes_ += bytes;
+    const absl::Time due =
+        throttle_start_ + absl::Seconds(static_cast<double>(throttled_bytes_) / options_.bytes_per_second);
+    wait = due - absl::Now();
+  }
+  if (wait > absl::ZeroDuration()) absl::SleepFor(wait);
+}
+
+void Rebuilder::ServeRank(const std::string& job, uint32_t rank, absl::Duration timeout) {
+  Current* c = nullptr;
+  size_t i = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    auto ready = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return !status_.active() || (current_ != nullptr && current_->job == job);
+    };
+    if (!mu_.AwaitWithTimeout(absl::Condition(&ready), timeout)) return;
+    if (current_ == nullptr || current_->job != job) return;  // nothing being rebuilt for it
+    c = current_;
+    for (i = 0; i < c->ranks.size() && c->ranks[i].rank != rank; ++i) {
+    }
+    if (i == c->ranks.size() || c->installed[i]) return;
+    if (c->claimed[i]) {
+      // Another restore of the same rank is decoding it: wait for that.
+      auto done = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return current_ != c || c->installed[i] || !c->claimed[i];
+      };
+      mu_.AwaitWithTimeout(absl::Condition(&done), timeout);
+      return;
+    }
+    c->claimed[i] = true;
+    ++serving_;
+  }
+  // Decode this rank's bytes alone: its range of the payload, chunk by chunk,
+  // from the same ranges of k survivors. No chunk is read whole here, so the
+  // rank's tensor checksums are what vouch for the result.
+  const ec::Layout& layout = protector_->layout();
+  const int self = protector_->group().self;
+  const RebuiltRank& r = c->ranks[i];
+  const uint64_t a = c->rank_offset[i], b = a + r.bytes;
+  const auto t0 = std::chrono::steady_clock::now();
+  absl::Status st;
+  for (int p = 0; p < layout.k() && st.ok(); ++p) {
+    const ec::Extent e = layout.DataChunk(c->lens[self], p);
+    const uint64_t lo = std::max(a, e.offset), hi = std::min(b, e.offset + e.length);
+    if (lo >= hi) continue;
+    const int s = layout.StripeOfDataChunk(self, p);
+    const std::vector<int> use = Survivors(*c, s, p, {});
+    if (static_cast<int>(use.size()) < layout.k()) {
+      st = absl::DataLossError("too few survivors");
+      break;
+    }
+    for (uint64_t at = lo; at < hi && st.ok(); at += kSliceBytes) {
+      const uint64_t len = std::min(kSliceBytes, hi - at);
+      int failed = -1;
+      st = DecodeSlice(*c, s, p, use, at - e.offset, len,
+                       arena_->Bytes(r.extent).subspan(at - a, len), nullptr, &failed);
+    }
+  }
+  if (st.ok()) st = store_->InstallRebuiltRank(c->job, c->step, c->local_ranks, r);
+  absl::MutexLock lock(&mu_);
+  if (st.ok()) {
+    c->installed[i] = true;
+    Log("job %s step %d rank %d served degraded: %s decoded on demand in %.2f s, before the "
+        "rebuild ends",
+        c->job, c->step, rank, FormatBytes(r.bytes),
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  } else {
+    // The full rebuild checks every chunk; the rank waits for it instead.
+    Log("job %s step %d rank %d: on-demand decode failed (%s); waiting for the rebuild", c->job,
+        c->step, rank, st.message());
+  }
+  c->claimed[i] = false;
+  --serving_;
+  if (!st.ok()) {
+    auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !status_.active(); };
+    mu_.AwaitWithTimeout(absl::Condition(&idle), timeout);
+  }
 }
 
 }  // namespace ecsnap::daemon

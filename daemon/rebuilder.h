@@ -17,7 +17,9 @@
 #ifndef ECSNAP_DAEMON_REBUILDER_H_
 #define ECSNAP_DAEMON_REBUILDER_H_
 
+#include <set>
 #include <string>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
@@ -33,8 +35,15 @@ namespace ecsnap::daemon {
 
 class Rebuilder {
  public:
+  struct Options {
+    // Cap on the bytes a rebuild decodes per second, to leave the network to
+    // training; on-demand decodes for a waiting rank are not capped.
+    // Default: 0 (no cap).
+    uint64_t bytes_per_second = 0;
+  };
+
   Rebuilder(Arena* arena, StepStore* store, ParityStore* parity, Protector* protector,
-            const ec::Codec* codec);
+            const ec::Codec* codec, Options options);
 
   // One pass over every job (or `job_id`): rebuild what this slot lacks.
   // Returns the first error; the others are logged.
@@ -44,18 +53,41 @@ class Rebuilder {
   // Blocks until no rebuild is running, at most `timeout`.
   void WaitIdle(absl::Duration timeout) const;
 
+  // Degraded restore: when `rank` of `job` lives in a step being rebuilt,
+  // decodes that rank's bytes now, ahead of the rebuild, checks them and
+  // makes them restorable (the step shows as REBUILDING). Returns once the
+  // rank can be restored, or no rebuild concerns it, or after `timeout`.
+  void ServeRank(const std::string& job, uint32_t rank, absl::Duration timeout);
+
  private:
   struct StepView;
+  struct Current;
   absl::Status RebuildStep(const std::string& job, uint64_t step, const StepView& view);
+  // Decodes out.size() bytes of position `target` of stripe `s` from byte
+  // `at` of the chunk, reading up to `read` bytes of each survivor in `use`
+  // (accumulating their CRCs into *crcs when given). On a survivor that
+  // cannot be read, sets *failed to its position.
+  absl::Status DecodeSlice(const Current& c, int s, int target, const std::vector<int>& use,
+                           uint64_t at, uint64_t read, absl::Span<uint8_t> out,
+                           std::vector<uint32_t>* crcs, int* failed);
+  // The first k intact positions of stripe `s` but `target` and `bad`.
+  std::vector<int> Survivors(const Current& c, int s, int target, const std::set<int>& bad) const;
+  void WritePayload(Current& c, uint64_t offset, const uint8_t* data, uint64_t bytes);
+  void Throttle(uint64_t bytes);
 
   Arena* const arena_;
   StepStore* const store_;
   ParityStore* const parity_;
   Protector* const protector_;
   const ec::Codec* const codec_;
+  const Options options_;
 
   mutable absl::Mutex mu_;
   admin::RebuildStatus status_ ABSL_GUARDED_BY(mu_);
+  Current* current_ ABSL_GUARDED_BY(mu_) = nullptr;  // the step being rebuilt
+  int serving_ ABSL_GUARDED_BY(mu_) = 0;              // on-demand decodes running
+  absl::Time throttle_start_ ABSL_GUARDED_BY(mu_);
+  uint64_t throttled_bytes_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace ecsnap::daemon

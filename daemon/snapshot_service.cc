@@ -155,7 +155,7 @@ grpc::Status SnapshotService::AbortRank(grpc::ServerContext*, const v1::AbortRan
 grpc::Status SnapshotService::ListRestorable(grpc::ServerContext*,
                                              const v1::ListRestorableRequest* request,
                                              v1::ListRestorableResponse* response) {
-  if (before_restore_) before_restore_();
+  if (before_restore_) before_restore_(request->session_id());
   auto steps = store_->ListRestorable(request->session_id());
   if (!steps.ok()) return ToGrpc(steps.status());
   for (auto& s : *steps) *response->add_steps() = std::move(s);
@@ -164,7 +164,7 @@ grpc::Status SnapshotService::ListRestorable(grpc::ServerContext*,
 
 grpc::Status SnapshotService::Restore(grpc::ServerContext*, const v1::RestoreRequest* request,
                                       v1::RestoreResponse* response) {
-  if (before_restore_) before_restore_();
+  if (before_restore_) before_restore_(request->session_id());
   auto lease = store_->Restore(request->session_id(), request->step());
   if (!lease.ok()) return ToGrpc(lease.status());
   response->set_step(lease->step);

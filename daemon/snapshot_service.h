@@ -27,9 +27,11 @@ class SnapshotService final : public v1::Snapshot::WithCallbackMethod_Attach<v1:
   // must stream. `store` must outlive the service.
   SnapshotService(StepStore* store, std::string arena_path, uint64_t arena_bytes, uint32_t slot);
 
-  // Called before each Restore and ListRestorable; with peers, it waits
-  // (bounded) for a rebuild in progress so that they see the rebuilt step.
-  void SetBeforeRestore(std::function<void()> hook) { before_restore_ = std::move(hook); }
+  // Called with the session before each Restore and ListRestorable; with
+  // peers, it serves the session's rank from a rebuild in progress.
+  void SetBeforeRestore(std::function<void(uint64_t session)> hook) {
+    before_restore_ = std::move(hook);
+  }
 
   grpc::ServerWriteReactor<v1::AttachEvent>* Attach(grpc::CallbackServerContext* context,
                                                     const v1::AttachRequest* request) override;
@@ -62,7 +64,7 @@ class SnapshotService final : public v1::Snapshot::WithCallbackMethod_Attach<v1:
   const std::string arena_path_;
   const uint64_t arena_bytes_;
   const uint32_t slot_;
-  std::function<void()> before_restore_;
+  std::function<void(uint64_t)> before_restore_;
 
   absl::Mutex mu_;
   std::set<AttachReactor*> live_ ABSL_GUARDED_BY(mu_);

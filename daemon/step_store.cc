@@ -8,6 +8,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/format.h"
+#include "common/status_macros.h"
 #include "daemon/store.pb.h"
 #include "ec/crc32c.h"
 
@@ -824,22 +825,42 @@ absl::StatusOr<Payload> StepStore::PinPayload(const std::string& job_id, uint64_
   return p;
 }
 
+absl::Status StepStore::CheckRebuilt(const std::string& job_id, uint64_t step,
+                                     const RebuiltRank& r) const {
+  absl::Status st = CheckManifest(r.manifest, r.bytes);
+  if (st.ok()) {
+    st = CheckCrcs(r.manifest, arena_->Bytes(r.extent).first(r.bytes), options_.verify_threads,
+                   nullptr);
+  }
+  if (!st.ok()) {
+    return absl::DataLossError(
+        absl::StrCat("rebuilt ", RankLabel(job_id, step, r.rank), ": ", st.message()));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status StepStore::InstallRebuilt(const std::string& job_id, uint64_t step,
                                        std::vector<uint32_t> local_ranks,
                                        std::vector<RebuiltRank> ranks) {
   std::sort(local_ranks.begin(), local_ranks.end());
-  for (const RebuiltRank& r : ranks) {
-    absl::Status st = CheckManifest(r.manifest, r.bytes);
-    if (st.ok()) {
-      st = CheckCrcs(r.manifest, arena_->Bytes(r.extent).first(r.bytes), options_.verify_threads,
-                     nullptr);
-    }
-    if (!st.ok()) {
-      return absl::DataLossError(absl::StrCat("rebuilt ", RankLabel(job_id, step, r.rank), ": ",
-                                              st.message()));
-    }
-  }
+  for (const RebuiltRank& r : ranks) RETURN_IF_ERROR(CheckRebuilt(job_id, step, r));
   absl::MutexLock lock(&mu_);
+  return AddRebuilt(job_id, step, local_ranks, std::move(ranks), v1::PROTECTED);
+}
+
+absl::Status StepStore::InstallRebuiltRank(const std::string& job_id, uint64_t step,
+                                           std::vector<uint32_t> local_ranks, RebuiltRank rank) {
+  std::sort(local_ranks.begin(), local_ranks.end());
+  RETURN_IF_ERROR(CheckRebuilt(job_id, step, rank));
+  absl::MutexLock lock(&mu_);
+  std::vector<RebuiltRank> one;
+  one.push_back(std::move(rank));
+  return AddRebuilt(job_id, step, local_ranks, std::move(one), v1::REBUILDING);
+}
+
+absl::Status StepStore::AddRebuilt(const std::string& job_id, uint64_t step,
+                                   const std::vector<uint32_t>& local_ranks,
+                                   std::vector<RebuiltRank> ranks, v1::StepState state) {
   unrecoverable_.erase(job_id);
   auto& job = jobs_[job_id];
   if (!job) {
@@ -847,13 +868,15 @@ absl::Status StepStore::InstallRebuilt(const std::string& job_id, uint64_t step,
     job->id = job_id;
     job->local_ranks = local_ranks;
   }
-  if (!job->steps.empty() && job->steps.rbegin()->first >= step) {
+  auto existing = job->steps.find(step);
+  const bool merging = existing != job->steps.end() && existing->second.state == v1::REBUILDING;
+  if (!merging && !job->steps.empty() && job->steps.rbegin()->first >= step) {
     return absl::FailedPreconditionError(absl::StrFormat(
         "job %s already holds step %d, not older than the rebuilt step %d", job_id,
         job->steps.rbegin()->first, step));
   }
   Step& st = job->steps[step];
-  st.state = v1::PROTECTED;
+  st.state = state;
   for (RebuiltRank& r : ranks) {
     RankRecord rec;
     rec.set_job_id(job_id);
@@ -879,8 +902,15 @@ absl::Status StepStore::InstallRebuilt(const std::string& job_id, uint64_t step,
     st.ranks[r.rank] = rd;
     job->last_committed[r.rank] = std::max(job->last_committed[r.rank], step);
   }
-  Retire(*job);
+  if (state == v1::PROTECTED) Retire(*job);
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::pair<std::string, uint32_t>> StepStore::SessionRank(uint64_t session) {
+  absl::MutexLock lock(&mu_);
+  auto s = FindSession(session);
+  if (!s.ok()) return s.status();
+  return std::make_pair((*s)->job_id, (*s)->rank);
 }
 
 void StepStore::SetUnrecoverable(const std::string& job_id, absl::Status why) {

@@ -212,6 +212,15 @@ class StepStore {
   absl::Status InstallRebuilt(const std::string& job_id, uint64_t step,
                               std::vector<uint32_t> local_ranks,
                               std::vector<RebuiltRank> ranks);
+  // Installs one rank of a step that is still being rebuilt (degraded
+  // restore): the step appears as REBUILDING and this rank can restore from
+  // it at once. Same checks as InstallRebuilt; a later InstallRebuilt of the
+  // step adds the other ranks and makes it PROTECTED.
+  absl::Status InstallRebuiltRank(const std::string& job_id, uint64_t step,
+                                  std::vector<uint32_t> local_ranks, RebuiltRank rank);
+  // The job and rank of a session.
+  absl::StatusOr<std::pair<std::string, uint32_t>> SessionRank(uint64_t session);
+
   // Makes Restore of a job with nothing restorable answer `why` (DATA_LOSS
   // naming what was lost) instead of NOT_FOUND, until a step is installed.
   void SetUnrecoverable(const std::string& job_id, absl::Status why);
@@ -244,6 +253,11 @@ class StepStore {
   v1::StepState Settle(Job& job, Step& step) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Retire(Job& job) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status CheckManifest(const v1::Manifest& manifest, uint64_t window_bytes) const;
+  absl::Status CheckRebuilt(const std::string& job_id, uint64_t step, const RebuiltRank& r) const;
+  // Adds rebuilt ranks to `step` (REBUILDING or new), recording each.
+  absl::Status AddRebuilt(const std::string& job_id, uint64_t step,
+                          const std::vector<uint32_t>& local_ranks, std::vector<RebuiltRank> ranks,
+                          v1::StepState state) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   Arena* const arena_;
   const StoreOptions options_;

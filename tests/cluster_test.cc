@@ -56,9 +56,10 @@ State MakeState(int slot, int rank, uint64_t step) {
 
 class ClusterTest : public ::testing::Test {
  protected:
-  void StartCluster(int k, int m) {
+  void StartCluster(int k, int m, std::string cluster_fields = "") {
     DaemonProcess::Options o;
     o.arena_bytes = 32 << 20;
+    o.cluster_fields = cluster_fields;
     auto c = Cluster::Start(dir_.path(), k, m, o);
     ASSERT_TRUE(c.ok()) << c.status();
     cluster_ = std::move(*c);
@@ -281,6 +282,37 @@ TEST_F(ClusterTest, ACorruptStoredChunkIsCaughtAndRebuiltAround) {
   EXPECT_EQ(RestoreAndCheck(0), 1u);
   EXPECT_NE(cluster_->daemon(0).Log().find("fails its crc32c; treated as lost"), std::string::npos)
       << cluster_->daemon(0).Log();
+}
+
+TEST_F(ClusterTest, ARankIsServedFromARebuildBeforeTheRebuildEnds) {
+  // Rebuilds capped at 50 KB/s: the full rebuild of a node takes seconds.
+  StartCluster(2, 2, "rebuild_bytes_per_sec: 50000");
+  Snapshot(1);
+  ASSERT_TRUE(WaitProtected(1));
+  clients_[0].clear();
+  ASSERT_TRUE(cluster_->daemon(0).Replace().ok());
+  Reconnect(0);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto steps = clients_[0][0]->ListRestorable();
+  ASSERT_TRUE(steps.ok()) << steps.status();
+  ASSERT_EQ(steps->size(), 1u);
+  EXPECT_EQ((*steps)[0].step, 1u);
+  EXPECT_EQ((*steps)[0].state, StepState::kRebuilding) << "served only after the whole rebuild";
+  EXPECT_EQ(RestoreAndCheck(0), 1u);
+  const double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_LT(secs, 2.0);
+  // The rebuild goes on and completes the step.
+  bool protected_again = false;
+  for (int i = 0; i < 600 && !protected_again; ++i) {
+    protected_again = StateOf(0, 1) == v1::PROTECTED;
+    if (!protected_again) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_TRUE(protected_again) << cluster_->daemon(0).Log();
+  EXPECT_NE(cluster_->daemon(0).Log().find("served degraded"), std::string::npos);
+  // Both ranks restore from the finished step too.
+  Reconnect(0);
+  EXPECT_EQ(RestoreAndCheck(0), 1u);
 }
 
 }  // namespace

@@ -192,7 +192,8 @@ absl::StatusOr<std::unique_ptr<Cluster>> Cluster::Start(const std::string& dir, 
                                                         DaemonProcess::Options options) {
   const int n = k + m;
   const std::vector<int> ports = FreePorts(n);
-  std::string config = absl::StrFormat("cluster {\n  k: %d\n  m: %d\n  peer_timeout_ms: 2000\n", k, m);
+  std::string config = absl::StrFormat("cluster {\n  k: %d\n  m: %d\n  peer_timeout_ms: 2000\n  %s\n",
+                                       k, m, options.cluster_fields);
   for (int port : ports) {
     absl::StrAppend(&config, "  slots { peer_address: \"127.0.0.1:", port, "\" }\n");
   }

@@ -44,6 +44,8 @@ class DaemonProcess {
     uint64_t arena_bytes = 64 << 20;
     uint32_t retain = 1;
     std::string admin_token_file;
+    // Extra fields of the cluster {} block, for Cluster::Start.
+    std::string cluster_fields;
     // A cluster file and this daemon's slot in it (empty: a lone daemon).
     std::string config_path;
     uint32_t slot = 0;
