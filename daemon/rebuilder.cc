@@ -166,6 +166,7 @@ struct Rebuilder::Current {
   std::vector<uint64_t> rank_offset;   // of each rank in the payload
   std::vector<bool> installed;         // served early, owned by the store (mu_)
   std::vector<bool> claimed;           // being decoded on demand (mu_)
+  bool finalizing = false;             // the rest is being installed (mu_)
 };
 
 absl::Status Rebuilder::DecodeSlice(const Current& c, int s, int target,
@@ -396,8 +397,9 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
     mu_.Await(absl::Condition(&idle));
     for (size_t i = 0; i < c.ranks.size(); ++i) {
       if (!c.installed[i]) rest.push_back(c.ranks[i]);
-      c.installed[i] = true;  // the store owns them all from here
     }
+    // Restores arriving from here on wait for the install below.
+    c.finalizing = true;
   }
   absl::Status st = store_->InstallRebuilt(job, step, c.local_ranks, rest);
   if (!st.ok()) {
@@ -436,6 +438,11 @@ void Rebuilder::ServeRank(const std::string& job, uint32_t rank, absl::Duration 
     if (!mu_.AwaitWithTimeout(absl::Condition(&ready), timeout)) return;
     if (current_ == nullptr || current_->job != job) return;  // nothing being rebuilt for it
     c = current_;
+    if (c->finalizing) {
+      auto gone = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return current_ != c; };
+      mu_.AwaitWithTimeout(absl::Condition(&gone), timeout);
+      return;
+    }
     for (i = 0; i < c->ranks.size() && c->ranks[i].rank != rank; ++i) {
     }
     if (i == c->ranks.size() || c->installed[i]) return;
