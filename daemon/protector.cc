@@ -116,22 +116,20 @@ peer::SlotStep Protector::Describe(const Payload& payload, const ec::Layout& lay
   return me;
 }
 
+template <typename T>
+bool Protector::Next(std::deque<T>& queue, T* out) {
+  absl::MutexLock lock(&mu_);
+  auto ready = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopping_ || !queue.empty(); };
+  mu_.Await(absl::Condition(&ready));
+  if (stopping_) return false;
+  *out = std::move(queue.front());
+  queue.pop_front();
+  return true;
+}
+
 void Protector::PushLoop() {
-  while (true) {
-    std::pair<std::string, uint64_t> next;
-    {
-      absl::MutexLock lock(&mu_);
-      auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-        return stopping_ || !pushes_.empty();
-      };
-      mu_.AwaitWithTimeout(absl::Condition(&ready), absl::Milliseconds(200));
-      if (stopping_) return;
-      if (pushes_.empty()) continue;
-      next = pushes_.front();
-      pushes_.pop_front();
-    }
-    PushStep(next.first, next.second);
-  }
+  std::pair<std::string, uint64_t> next;
+  while (Next(pushes_, &next)) PushStep(next.first, next.second);
 }
 
 void Protector::PushStep(const std::string& job, uint64_t step) {
@@ -201,19 +199,8 @@ absl::Status Protector::PushTo(int holder, const std::string& job, uint64_t step
 }
 
 void Protector::AnnounceLoop() {
-  while (true) {
-    peer::StripeProtected row;
-    {
-      absl::MutexLock lock(&mu_);
-      auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-        return stopping_ || !announcements_.empty();
-      };
-      mu_.AwaitWithTimeout(absl::Condition(&ready), absl::Milliseconds(200));
-      if (stopping_) return;
-      if (announcements_.empty()) continue;
-      row = announcements_.front();
-      announcements_.pop_front();
-    }
+  peer::StripeProtected row;
+  while (Next(announcements_, &row)) {
     OnRowComplete(row);
     for (int i = 0; i < layout_.n(); ++i) {
       if (i == group_.self) continue;

@@ -83,6 +83,9 @@ class Protector {
   static peer::SlotStep Describe(const Payload& payload, const ec::Layout& layout, int self);
 
  private:
+  // Pops the front of `queue` into *out, waiting for one; false once stopping.
+  template <typename T>
+  bool Next(std::deque<T>& queue, T* out) ABSL_LOCKS_EXCLUDED(mu_);
   void PushLoop();
   void AnnounceLoop();
   void PingLoop();
