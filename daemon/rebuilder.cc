@@ -172,10 +172,14 @@ struct Rebuilder::Current {
 absl::Status Rebuilder::DecodeSlice(const Current& c, int s, int target,
                                     const std::vector<int>& use, uint64_t at, uint64_t read,
                                     absl::Span<uint8_t> out, std::vector<uint32_t>* crcs,
-                                    int* failed) {
+                                    int* failed, Scratch* scratch) {
   const ec::Layout& layout = protector_->layout();
   const int n = layout.n();
-  std::vector<std::vector<uint8_t>> bufs(use.size());
+  // Buffers live across the slices of a stripe: fresh ones of this size come
+  // from mmap, and faulting their pages in costs more than the decode.
+  std::vector<std::vector<uint8_t>>& bufs = *scratch;
+  if (bufs.size() < use.size()) bufs.resize(use.size());
+  std::vector<size_t> sizes(use.size(), 0);
   std::vector<absl::Status> got(use.size());
   std::vector<std::thread> fetchers;
   for (size_t i = 0; i < use.size(); ++i) {
@@ -185,7 +189,8 @@ absl::Status Rebuilder::DecodeSlice(const Current& c, int s, int target,
       const uint64_t len = layout.ChunkLength(c.lens, s, q);
       const uint64_t from = std::min(at, len);
       const uint64_t want = std::min(len - from, read);
-      bufs[i].resize(want);
+      if (bufs[i].size() < want) bufs[i].resize(want);
+      sizes[i] = want;
       if (want == 0) return;
       grpc::ClientContext ctx;
       ctx.set_deadline(protector_->Deadline(want));
@@ -207,7 +212,9 @@ absl::Status Rebuilder::DecodeSlice(const Current& c, int s, int target,
       }
       got[i] = FromGrpc(reader->Finish());
       if (got[i].ok() && filled != want) got[i] = absl::DataLossError("short chunk");
-      if (crcs != nullptr) (*crcs)[q] = ec::Crc32c(bufs[i], (*crcs)[q]);
+      if (crcs != nullptr) {
+        (*crcs)[q] = ec::Crc32c(absl::MakeConstSpan(bufs[i]).first(want), (*crcs)[q]);
+      }
     });
   }
   for (auto& f : fetchers) f.join();
@@ -220,7 +227,7 @@ absl::Status Rebuilder::DecodeSlice(const Current& c, int s, int target,
   std::vector<ec::ConstBytes> shards(n);
   uint32_t present = 0;
   for (size_t i = 0; i < use.size(); ++i) {
-    shards[use[i]] = bufs[i];
+    shards[use[i]] = absl::MakeConstSpan(bufs[i]).first(sizes[i]);
     present |= 1u << use[i];
   }
   std::vector<ec::MutableBytes> outs = {out};
@@ -326,6 +333,8 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
       return it == v.rows.end() ? 0 : it->second.parity_crc32c();
     };
     std::set<int> bad;
+    Scratch scratch;
+    std::vector<uint8_t> out_buf(std::min(kSliceBytes, out_len));
     while (true) {
       const std::vector<int> use = Survivors(c, s, target, bad);
       if (static_cast<int>(use.size()) < k) {
@@ -341,10 +350,10 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
       bool all_good = true;
       for (uint64_t at = 0; at < std::max<uint64_t>(span, 1) && all_good; at += kSliceBytes) {
         const uint64_t slice = std::min(kSliceBytes, out_len - std::min(out_len, at));
-        std::vector<uint8_t> out(slice);
+        uint8_t* const out = out_buf.data();
         int failed = -1;
-        absl::Status st =
-            DecodeSlice(c, s, target, use, at, kSliceBytes, absl::MakeSpan(out), &crcs, &failed);
+        absl::Status st = DecodeSlice(c, s, target, use, at, kSliceBytes,
+                                      absl::MakeSpan(out, slice), &crcs, &failed, &scratch);
         if (!st.ok()) {
           if (failed < 0) return st;
           Log("job %s step %d stripe %d: position %d unreadable (%s); using another", job, step,
@@ -354,9 +363,9 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
           break;
         }
         if (target < k) {
-          WritePayload(c, layout.DataChunk(c.lens[self], target).offset + at, out.data(), slice);
+          WritePayload(c, layout.DataChunk(c.lens[self], target).offset + at, out, slice);
         } else {
-          std::memcpy(parity_out.data() + at, out.data(), slice);
+          std::memcpy(parity_out.data() + at, out, slice);
         }
         Throttle(slice);
       }
@@ -476,11 +485,12 @@ void Rebuilder::ServeRank(const std::string& job, uint32_t rank, absl::Duration 
       st = absl::DataLossError("too few survivors");
       break;
     }
+    Scratch scratch;
     for (uint64_t at = lo; at < hi && st.ok(); at += kSliceBytes) {
       const uint64_t len = std::min(kSliceBytes, hi - at);
       int failed = -1;
       st = DecodeSlice(*c, s, p, use, at - e.offset, len,
-                       arena_->Bytes(r.extent).subspan(at - a, len), nullptr, &failed);
+                       arena_->Bytes(r.extent).subspan(at - a, len), nullptr, &failed, &scratch);
     }
   }
   if (st.ok()) st = store_->InstallRebuiltRank(c->job, c->step, c->local_ranks, r);

@@ -62,6 +62,8 @@ class Rebuilder {
  private:
   struct StepView;
   struct Current;
+  // Survivor buffers reused across the slices of a stripe.
+  using Scratch = std::vector<std::vector<uint8_t>>;
   absl::Status RebuildStep(const std::string& job, uint64_t step, const StepView& view);
   // Decodes out.size() bytes of position `target` of stripe `s` from byte
   // `at` of the chunk, reading up to `read` bytes of each survivor in `use`
@@ -69,7 +71,7 @@ class Rebuilder {
   // cannot be read, sets *failed to its position.
   absl::Status DecodeSlice(const Current& c, int s, int target, const std::vector<int>& use,
                            uint64_t at, uint64_t read, absl::Span<uint8_t> out,
-                           std::vector<uint32_t>* crcs, int* failed);
+                           std::vector<uint32_t>* crcs, int* failed, Scratch* scratch);
   // The first k intact positions of stripe `s` but `target` and `bad`.
   std::vector<int> Survivors(const Current& c, int s, int target, const std::set<int>& bad) const;
   void WritePayload(Current& c, uint64_t offset, const uint8_t* data, uint64_t bytes);
