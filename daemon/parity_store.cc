@@ -215,22 +215,46 @@ absl::StatusOr<ParityStore::PinnedRow> ParityStore::Row(const std::string& job, 
       "slot %d holds no complete parity for job %s step %d stripe %d", self_, job, step, stripe));
 }
 
-absl::Status ParityStore::InstallRow(const std::string& job, uint64_t step, int stripe,
-                                     absl::Span<const uint8_t> bytes) {
+absl::StatusOr<absl::Span<uint8_t>> ParityStore::ReserveRow(const std::string& job, uint64_t step,
+                                                            int stripe, uint64_t length) {
   auto row = std::make_shared<RowState>(arena_);
+  absl::Span<uint8_t> bytes;
   {
     absl::MutexLock lock(&row->mu);
-    if (absl::Status st = Grow(*row, bytes.size()); !st.ok()) return st;
-    std::memcpy(arena_->base() + row->extent.offset, bytes.data(), bytes.size());
-    row->done = (1u << layout_.k()) - 1;
-    row->complete = true;
-    row->crc = ec::Crc32c(bytes);
+    if (absl::Status st = Grow(*row, length); !st.ok()) return st;
+    bytes = absl::Span<uint8_t>(arena_->base() + row->extent.offset, length);
   }
   absl::MutexLock lock(&mu_);
   auto& st = steps_[{job, step}];
   if (!st) st = std::make_unique<StepState>();
   st->rows[stripe] = row;
+  return bytes;
+}
+
+absl::Status ParityStore::CompleteRow(const std::string& job, uint64_t step, int stripe) {
+  std::shared_ptr<RowState> row;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = steps_.find({job, step});
+    if (it != steps_.end() && it->second->rows.count(stripe)) row = it->second->rows.at(stripe);
+  }
+  if (!row) {
+    return absl::NotFoundError(
+        absl::StrFormat("no reserved parity row for job %s step %d stripe %d", job, step, stripe));
+  }
+  absl::MutexLock lock(&row->mu);
+  row->done = (1u << layout_.k()) - 1;
+  row->complete = true;
+  row->crc = ec::Crc32c(absl::Span<const uint8_t>(arena_->base() + row->extent.offset, row->length));
   return absl::OkStatus();
+}
+
+absl::Status ParityStore::InstallRow(const std::string& job, uint64_t step, int stripe,
+                                     absl::Span<const uint8_t> bytes) {
+  auto row = ReserveRow(job, step, stripe, bytes.size());
+  if (!row.ok()) return row.status();
+  std::memcpy(row->data(), bytes.data(), bytes.size());
+  return CompleteRow(job, step, stripe);
 }
 
 std::map<std::pair<std::string, uint64_t>, ParityStore::StepKnowledge> ParityStore::Knowledge()

@@ -81,6 +81,12 @@ class ParityStore {
   // Installs a rebuilt parity row (already complete), copying `bytes`.
   absl::Status InstallRow(const std::string& job, uint64_t step, int stripe,
                           absl::Span<const uint8_t> bytes);
+  // For a rebuild that decodes straight into the arena: reserves an
+  // incomplete row of `length` bytes for `stripe` and returns its bytes to
+  // fill; CompleteRow then publishes it.
+  absl::StatusOr<absl::Span<uint8_t>> ReserveRow(const std::string& job, uint64_t step,
+                                                 int stripe, uint64_t length);
+  absl::Status CompleteRow(const std::string& job, uint64_t step, int stripe);
 
   // What this slot knows of a step: member shapes and complete rows.
   struct StepKnowledge {

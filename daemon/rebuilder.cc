@@ -325,7 +325,13 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
   auto rebuild_stripe = [&](int s) -> absl::Status {
     const int target = layout.PositionOf(s, self);
     const uint64_t out_len = layout.ChunkLength(c.lens, s, target);
-    std::vector<uint8_t> parity_out(target >= k ? out_len : 0);
+    // A lost parity row is decoded straight into its (pre-faulted) arena row.
+    absl::Span<uint8_t> parity_out;
+    if (target >= k) {
+      auto row = parity_->ReserveRow(job, step, s, out_len);
+      if (!row.ok()) return row.status();
+      parity_out = *row;
+    }
     // Expected CRC of each position, from what was recorded.
     auto expected_crc = [&](int q) -> uint32_t {
       if (q < k) return v.slots.at(layout.SlotOf(s, q)).chunk_crc32c(q);
@@ -334,7 +340,7 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
     };
     std::set<int> bad;
     Scratch scratch;
-    std::vector<uint8_t> out_buf(std::min(kSliceBytes, out_len));
+    std::vector<uint8_t> out_buf(target < k ? std::min(kSliceBytes, out_len) : 0);
     while (true) {
       const std::vector<int> use = Survivors(c, s, target, bad);
       if (static_cast<int>(use.size()) < k) {
@@ -350,7 +356,7 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
       bool all_good = true;
       for (uint64_t at = 0; at < std::max<uint64_t>(span, 1) && all_good; at += kSliceBytes) {
         const uint64_t slice = std::min(kSliceBytes, out_len - std::min(out_len, at));
-        uint8_t* const out = out_buf.data();
+        uint8_t* const out = target < k ? out_buf.data() : parity_out.data() + at;
         int failed = -1;
         absl::Status st = DecodeSlice(c, s, target, use, at, kSliceBytes,
                                       absl::MakeSpan(out, slice), &crcs, &failed, &scratch);
@@ -364,8 +370,6 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
         }
         if (target < k) {
           WritePayload(c, layout.DataChunk(c.lens[self], target).offset + at, out, slice);
-        } else {
-          std::memcpy(parity_out.data() + at, out, slice);
         }
         Throttle(slice);
       }
@@ -381,7 +385,7 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
       }
       if (all_good) break;
     }
-    if (target >= k) return parity_->InstallRow(job, step, s, parity_out);
+    if (target >= k) return parity_->CompleteRow(job, step, s);
     return absl::OkStatus();
   };
   const int workers = static_cast<int>(std::max<uint64_t>(
