@@ -199,30 +199,10 @@ class ClientImpl final : public Client {
   }
 
   absl::StatusOr<RestoredState> Restore(uint64_t step) override {
-    auto lease = Lease(step);
-    if (!lease.ok()) return lease.status();
-    const v1::RestoreResponse& r = *lease;
+    // No destinations: every tensor comes back in buffers of its own.
     RestoredState out;
-    out.step = r.step();
-    // Not zero-filled: every byte is written below.
-    out.buffer = std::shared_ptr<uint8_t>(new uint8_t[std::max<uint64_t>(r.window_bytes(), 1)],
-                                          std::default_delete<uint8_t[]>());
-    std::vector<CopyTask> tasks;
-    for (const auto& t : r.manifest().tensors()) {
-      tasks.push_back({out.buffer.get() + t.offset(), nullptr, t.length(), 0});
-    }
-    absl::Status st = Fetch(r, tasks);
-    ReleaseLease(r.lease_id());
-    if (!st.ok()) return st;
-    for (const auto& t : r.manifest().tensors()) {
-      RestoredTensor rt;
-      rt.name = t.name();
-      rt.kind = static_cast<TensorKind>(t.kind());
-      rt.dtype = static_cast<DType>(t.dtype());
-      rt.shape.assign(t.shape().begin(), t.shape().end());
-      rt.data = absl::Span<const uint8_t>(out.buffer.get() + t.offset(), t.length());
-      out.tensors.push_back(std::move(rt));
-    }
+    auto got = RestoreInto(step, {}, &out);
+    if (!got.ok()) return got.status();
     return out;
   }
 
