@@ -1,5 +1,6 @@
 #include "daemon/arena.h"
 
+#include <filesystem>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -17,7 +18,7 @@ class ArenaTest : public ::testing::Test {
     const char* tmp = std::getenv("TEST_TMPDIR");
     dir_ = std::string(tmp ? tmp : "/tmp") + "/arena_" +
            ::testing::UnitTest::GetInstance()->current_test_info()->name();
-    std::system(("rm -rf " + dir_).c_str());
+    std::filesystem::remove_all(dir_);
   }
   Arena::Options Opts(uint64_t bytes = 8 * kMiB) {
     Arena::Options o;

@@ -172,7 +172,8 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
     // Learn what the group holds: rebuild what this slot lost, re-protect
     // what it re-adopted. Serving starts at once; restores wait for it.
     Rebuilder* rebuilder = d->rebuilder_.get();
-    d->rebuild_thread_ = std::thread([rebuilder] { rebuilder->Run(""); });
+    // Its errors are logged and shown by ecsnapctl status.
+    d->rebuild_thread_ = std::thread([rebuilder] { rebuilder->Run("").IgnoreError(); });
   }
   return d;
 }

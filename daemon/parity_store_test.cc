@@ -1,5 +1,6 @@
 #include "daemon/parity_store.h"
 
+#include <filesystem>
 #include <cstdlib>
 #include <random>
 
@@ -14,7 +15,7 @@ class ParityStoreTest : public ::testing::Test {
   void SetUp() override {
     dir_ = std::string(std::getenv("TEST_TMPDIR") ? std::getenv("TEST_TMPDIR") : "/tmp") +
            "/parity_" + ::testing::UnitTest::GetInstance()->current_test_info()->name();
-    std::system(("rm -rf " + dir_).c_str());
+    std::filesystem::remove_all(dir_);
     Arena::Options o;
     o.dir = dir_;
     o.bytes = 8 << 20;

@@ -1,5 +1,6 @@
 #include "daemon/step_store.h"
 
+#include <filesystem>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -44,7 +45,7 @@ class StepStoreTest : public ::testing::Test {
     const char* tmp = std::getenv("TEST_TMPDIR");
     dir_ = std::string(tmp ? tmp : "/tmp") + "/store_" +
            ::testing::UnitTest::GetInstance()->current_test_info()->name();
-    std::system(("rm -rf " + dir_).c_str());
+    std::filesystem::remove_all(dir_);
     Open();
   }
   void Open(StoreOptions options = {}) {

@@ -1,5 +1,6 @@
 #include "tests/harness.h"
 
+#include <filesystem>
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -29,7 +30,7 @@ TempDir::TempDir() {
   path_ = p;
 }
 
-TempDir::~TempDir() { std::system(("rm -rf '" + path_ + "'").c_str()); }
+TempDir::~TempDir() { std::filesystem::remove_all(path_); }
 
 std::string RunfilePath(const std::string& workspace_relative) {
   const char* srcdir = std::getenv("TEST_SRCDIR");
@@ -137,7 +138,7 @@ absl::Status DaemonProcess::Restart() {
 
 absl::Status DaemonProcess::Replace() {
   if (pid_ > 0) Kill();
-  std::system(("rm -rf '" + dir_ + "/arena'").c_str());
+  std::filesystem::remove_all(dir_ + "/arena");
   return Launch();
 }
 

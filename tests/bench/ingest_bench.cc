@@ -10,6 +10,7 @@
 //   RESULT shm_stall_vs_memcpy=<x> grpc_stall_vs_memcpy=<y> restore_vs_memcpy=<z>
 //
 //   bazel run -c opt //tests/bench:ingest_bench -- --bytes=1073741824 --tensors=64
+#include <filesystem>
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -160,6 +161,6 @@ int main(int argc, char** argv) {
   shm.reset();
   grpc.reset();
   daemon->reset();
-  std::system(("rm -rf '" + dir + "'").c_str());
+  std::filesystem::remove_all(dir);
   return 0;
 }

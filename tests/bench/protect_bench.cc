@@ -11,6 +11,7 @@
 // Last line: RESULT protect_vs_tcp=<x> rebuild_vs_tcp=<y>
 //
 //   bazel run -c opt //tests/bench:protect_bench [-- --bytes=1073741824 --k=2 --m=2]
+#include <filesystem>
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -188,6 +189,6 @@ int main(int argc, char** argv) {
               t_rebuild / tcp_rebuild);
   clients.clear();
   cluster->reset();
-  std::system(("rm -rf '" + dir + "'").c_str());
+  std::filesystem::remove_all(dir);
   return 0;
 }
