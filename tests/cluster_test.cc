@@ -284,6 +284,21 @@ TEST_F(ClusterTest, ACorruptStoredChunkIsCaughtAndRebuiltAround) {
       << cluster_->daemon(0).Log();
 }
 
+TEST_F(ClusterTest, ARestartedDaemonReadoptsItsStepAndRegainsProtection) {
+  StartCluster(2, 1);
+  Snapshot(1);
+  ASSERT_TRUE(WaitProtected(1));
+  clients_[0].clear();
+  cluster_->daemon(0).Kill();  // a crash: the arena, in shared memory, survives
+  ASSERT_TRUE(cluster_->daemon(0).Restart().ok());
+  EXPECT_TRUE(WaitProtected(1)) << cluster_->daemon(0).Log();
+  Reconnect(0);
+  EXPECT_EQ(RestoreAndCheck(0), 1u);
+  // And the group protects the next step as before.
+  Snapshot(2);
+  EXPECT_TRUE(WaitProtected(2)) << cluster_->daemon(0).Log();
+}
+
 TEST_F(ClusterTest, ARankIsServedFromARebuildBeforeTheRebuildEnds) {
   // Rebuilds capped at 50 KB/s: the full rebuild of a node takes seconds.
   StartCluster(2, 2, "rebuild_bytes_per_sec: 50000");
