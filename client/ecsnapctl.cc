@@ -109,11 +109,15 @@ int main(int argc, char** argv) {
                   p.reachable() ? "reachable" : "UNREACHABLE",
                   p.last_error().empty() ? "" : (" (" + p.last_error() + ")").c_str());
     }
-    if (r.rebuild().active()) {
-      std::printf("rebuild   job %s step %lu: %s of %s\n", r.rebuild().job_id().c_str(),
-                  r.rebuild().step(), FormatBytes(r.rebuild().bytes_done()).c_str(),
-                  FormatBytes(r.rebuild().bytes_total()).c_str());
+    const auto& rb = r.rebuild();
+    if (rb.active() && rb.bytes_total() > 0) {
+      std::printf("rebuild   job %s step %lu: %s of %s (%.0f%%)\n", rb.job_id().c_str(), rb.step(),
+                  FormatBytes(rb.bytes_done()).c_str(), FormatBytes(rb.bytes_total()).c_str(),
+                  100.0 * rb.bytes_done() / rb.bytes_total());
+    } else if (rb.active()) {
+      std::printf("rebuild   asking the group what to rebuild\n");
     }
+    if (!rb.last_error().empty()) std::printf("rebuild   last error: %s\n", rb.last_error().c_str());
     return 0;
   }
   if (command == "steps") {

@@ -171,6 +171,23 @@ TEST_F(SnapshotTest, MixedTensorsRoundTripThroughSharedMemoryAndGrpcAlike) {
   }
 }
 
+TEST_F(SnapshotTest, ARemoteClientStreamsOverTcp) {
+  const int port = testing::FreePorts(1)[0];
+  options_.extra_flags = {absl::StrCat("--data_address=127.0.0.1:", port)};
+  daemon_.reset();
+  SetUp();
+  ClientOptions o;
+  o.daemon_address = absl::StrCat("127.0.0.1:", port);
+  o.job_id = "tcp";
+  o.transport = Transport::kGrpc;
+  auto client = Client::Connect(o);
+  ASSERT_TRUE(client.ok()) << client.status();
+  EXPECT_FALSE((*client)->shared_memory());
+  State s = MakeState(5, 20);
+  ASSERT_TRUE((*client)->Snapshot(1, s.tensors)->WaitCommitted().ok());
+  ExpectRestored(s, *(*client)->Restore(kLatestStep));
+}
+
 TEST_F(SnapshotTest, TwoRanksCommitAStepThatEachRestoresItsOwnPart) {
   auto r0 = Connect(0, {0, 1});
   auto r1 = Connect(1, {0, 1});
