@@ -4,6 +4,7 @@
 //   ecsnapd --arena_dir=/dev/shm/ecsnap --arena_bytes=8589934592 --socket=/run/ecsnap/ecsnapd.sock
 //
 // Flags override single fields of the config file.
+#include <malloc.h>
 #include <signal.h>
 
 #include <cstdio>
@@ -44,6 +45,12 @@ int main(int argc, char** argv) {
       "them across nodes with Reed-Solomon erasure coding.\n"
       "Usage: ecsnapd --config=cluster.textproto --slot=N [flags overriding the config]");
   absl::ParseCommandLine(argc, argv);
+
+  // Stream buffers (1 MiB messages, 32 MiB rebuild slices) come and go all
+  // the time. Kept on the heap, freed ones are reused; above glibc's default
+  // threshold each would be a fresh mmap whose pages fault in again.
+  mallopt(M_MMAP_THRESHOLD, 64 << 20);
+  mallopt(M_TRIM_THRESHOLD, 256 << 20);
 
   // Signals are taken synchronously by main; every other thread blocks them.
   sigset_t signals;
