@@ -283,7 +283,7 @@ absl::StatusOr<uint32_t> Arena::AddRecord(absl::Span<const uint8_t> record) {
   if (!extent.ok()) return extent.status();
   const uint32_t id = free_entries_.back();
   free_entries_.pop_back();
-  std::memcpy(base() + extent->offset, record.data(), record.size());
+  if (!record.empty()) std::memcpy(base() + extent->offset, record.data(), record.size());
   IndexEntry e{};
   e.sequence = ++sequence_;
   e.record_offset = extent->offset;

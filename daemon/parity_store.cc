@@ -253,7 +253,7 @@ absl::Status ParityStore::InstallRow(const std::string& job, uint64_t step, int 
                                      absl::Span<const uint8_t> bytes) {
   auto row = ReserveRow(job, step, stripe, bytes.size());
   if (!row.ok()) return row.status();
-  std::memcpy(row->data(), bytes.data(), bytes.size());
+  if (!bytes.empty()) std::memcpy(row->data(), bytes.data(), bytes.size());
   return CompleteRow(job, step, stripe);
 }
 

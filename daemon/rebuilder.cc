@@ -23,6 +23,8 @@ namespace {
 // Bytes of each survivor fetched per round: bounds the rebuild's memory to
 // (k + 1) slices whatever the payload size.
 constexpr uint64_t kSliceBytes = 32 << 20;
+// Passes over the group's inventories when steps are retired under a rebuild.
+constexpr int kMaxPasses = 3;
 // Slice buffers of all stripes being rebuilt at once.
 constexpr uint64_t kMaxInFlightBytes = uint64_t{512} << 20;
 
@@ -61,9 +63,6 @@ void Rebuilder::WaitIdle(absl::Duration timeout) const {
 }
 
 absl::Status Rebuilder::Run(const std::string& job_filter) {
-  const Group& group = protector_->group();
-  const ec::Layout& layout = protector_->layout();
-  const int n = layout.n(), k = layout.k(), m = layout.m(), self = group.self;
   {
     absl::MutexLock lock(&mu_);
     status_.set_active(true);
@@ -71,6 +70,24 @@ absl::Status Rebuilder::Run(const std::string& job_filter) {
     throttle_start_ = absl::Now();
     throttled_bytes_ = 0;
   }
+  absl::Status result;
+  for (int pass = 1; pass <= kMaxPasses; ++pass) {
+    bool again = false;
+    result = Pass(job_filter, /*final_pass=*/pass == kMaxPasses, &again);
+    if (!again) break;
+    Log("rebuild: the group retired a step while it was being rebuilt; looking again (pass %d)",
+        pass + 1);
+  }
+  absl::MutexLock lock(&mu_);
+  status_.set_active(false);
+  if (!result.ok()) status_.set_last_error(std::string(result.message()));
+  return result;
+}
+
+absl::Status Rebuilder::Pass(const std::string& job_filter, bool final_pass, bool* again) {
+  const Group& group = protector_->group();
+  const ec::Layout& layout = protector_->layout();
+  const int n = layout.n(), k = layout.k(), m = layout.m(), self = group.self;
   // Inventories of every peer that answers.
   std::map<std::pair<std::string, uint64_t>, StepView> views;
   std::set<int> answered;
@@ -143,16 +160,18 @@ absl::Status Rebuilder::Run(const std::string& job_filter) {
       outcome = RebuildStep(job, step, v);
       if (outcome.ok()) break;
       Log("job %s step %d: rebuild failed: %s", job, step, outcome.message());
+      if (outcome.code() == absl::StatusCode::kAborted && !final_pass) {
+        *again = true;  // a newer step is protected now: start over
+        break;
+      }
     }
+    if (*again) break;
     if (!outcome.ok()) {
       Log("%s", outcome.message());
       if (outcome.code() == absl::StatusCode::kDataLoss) store_->SetUnrecoverable(job, outcome);
       if (first_error.ok()) first_error = outcome;
     }
   }
-  absl::MutexLock lock(&mu_);
-  status_.set_active(false);
-  if (!first_error.ok()) status_.set_last_error(std::string(first_error.message()));
   return first_error;
 }
 
@@ -167,6 +186,7 @@ struct Rebuilder::Current {
   std::vector<bool> installed;         // served early, owned by the store (mu_)
   std::vector<bool> claimed;           // being decoded on demand (mu_)
   bool finalizing = false;             // the rest is being installed (mu_)
+  mutable std::atomic<bool> vanished{false};  // a peer no longer holds the step
 };
 
 absl::Status Rebuilder::DecodeSlice(const Current& c, int s, int target,
@@ -220,6 +240,8 @@ absl::Status Rebuilder::DecodeSlice(const Current& c, int s, int target,
   for (auto& f : fetchers) f.join();
   for (size_t i = 0; i < use.size(); ++i) {
     if (!got[i].ok()) {
+      // The peer retired the step (a newer one is protected): not a lost chunk.
+      if (got[i].code() == absl::StatusCode::kNotFound) c.vanished = true;
       *failed = use[i];
       return got[i];
     }
@@ -399,6 +421,10 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
     });
   }
   for (auto& t : pool) t.join();
+  if (c.vanished) {
+    return finish(absl::AbortedError(absl::StrFormat(
+        "job %s step %d was retired by peers during the rebuild", job, step)));
+  }
   for (const absl::Status& st : results) {
     if (!st.ok()) return finish(st);
   }

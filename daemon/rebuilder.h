@@ -64,6 +64,10 @@ class Rebuilder {
   struct Current;
   // Survivor buffers reused across the slices of a stripe.
   using Scratch = std::vector<std::vector<uint8_t>>;
+  // One look at the group's inventories and the rebuilds it calls for. Sets
+  // *again when a step was retired under a rebuild and a new look is due.
+  absl::Status Pass(const std::string& job_filter, bool final_pass, bool* again);
+  // ABORTED when peers retired the step meanwhile.
   absl::Status RebuildStep(const std::string& job, uint64_t step, const StepView& view);
   // Decodes out.size() bytes of position `target` of stripe `s` from byte
   // `at` of the chunk, reading up to `read` bytes of each survivor in `use`

@@ -479,7 +479,7 @@ absl::Status StepStore::Write(uint64_t session, uint64_t step, uint64_t offset,
     }
     ++rd->pins;
   }
-  std::memcpy(arena_->base() + rd->extent.offset + offset, data.data(), data.size());
+  if (!data.empty()) std::memcpy(arena_->base() + rd->extent.offset + offset, data.data(), data.size());
   absl::MutexLock lock(&mu_);
   Unpin(rd);
   return absl::OkStatus();
