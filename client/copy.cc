@@ -2,10 +2,9 @@
 
 #include <algorithm>
 #include <cstring>
-#include <numeric>
-#include <thread>
 
 #include "absl/types/span.h"
+#include "common/balanced_for.h"
 #include "ec/crc32c.h"
 
 namespace ecsnap::client_internal {
@@ -28,30 +27,9 @@ void CopyOne(CopyTask& t, std::atomic<uint64_t>* progress) {
 }  // namespace
 
 void CopyAll(std::vector<CopyTask>& tasks, int threads, std::atomic<uint64_t>* progress) {
-  threads = std::max(1, std::min<int>(threads, static_cast<int>(tasks.size())));
-  if (threads == 1) {
-    for (CopyTask& t : tasks) CopyOne(t, progress);
-    return;
-  }
-  // Largest first onto the least loaded thread.
-  std::vector<size_t> order(tasks.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::sort(order.begin(), order.end(),
-            [&](size_t a, size_t b) { return tasks[a].bytes > tasks[b].bytes; });
-  std::vector<std::vector<size_t>> share(threads);
-  std::vector<uint64_t> load(threads, 0);
-  for (size_t i : order) {
-    const int t = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
-    share[t].push_back(i);
-    load[t] += tasks[i].bytes;
-  }
-  auto run = [&](int t) {
-    for (size_t i : share[t]) CopyOne(tasks[i], progress);
-  };
-  std::vector<std::thread> helpers;
-  for (int t = 1; t < threads; ++t) helpers.emplace_back(run, t);
-  run(0);
-  for (auto& h : helpers) h.join();
+  std::vector<uint64_t> bytes;
+  for (const CopyTask& t : tasks) bytes.push_back(t.bytes);
+  BalancedFor(bytes, threads, [&](size_t i) { CopyOne(tasks[i], progress); });
 }
 
 }  // namespace ecsnap::client_internal

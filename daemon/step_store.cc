@@ -3,10 +3,10 @@
 #include <algorithm>
 #include <chrono>
 #include <set>
-#include <thread>
 
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "common/balanced_for.h"
 #include "common/format.h"
 #include "common/status_macros.h"
 #include "daemon/store.pb.h"
@@ -68,29 +68,12 @@ absl::Status CheckCrcs(const v1::Manifest& manifest, absl::Span<const uint8_t> w
                        int threads, VerifyReport* report) {
   const int n = manifest.tensors_size();
   std::vector<uint32_t> crcs(n);
-  std::vector<int> order(n);
-  for (int i = 0; i < n; ++i) order[i] = i;
-  std::sort(order.begin(), order.end(), [&](int a, int b) {
-    return manifest.tensors(a).length() > manifest.tensors(b).length();
+  std::vector<uint64_t> bytes;
+  for (const v1::TensorEntry& e : manifest.tensors()) bytes.push_back(e.length());
+  BalancedFor(bytes, threads, [&](size_t i) {
+    const v1::TensorEntry& e = manifest.tensors(static_cast<int>(i));
+    crcs[i] = ec::Crc32c(window.subspan(e.offset(), e.length()));
   });
-  threads = std::max(1, std::min(threads, n));
-  std::vector<std::vector<int>> share(threads);
-  std::vector<uint64_t> load(threads, 0);
-  for (int i : order) {
-    const int t = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
-    share[t].push_back(i);
-    load[t] += manifest.tensors(i).length();
-  }
-  auto run = [&](int t) {
-    for (int i : share[t]) {
-      const v1::TensorEntry& e = manifest.tensors(i);
-      crcs[i] = ec::Crc32c(window.subspan(e.offset(), e.length()));
-    }
-  };
-  std::vector<std::thread> helpers;
-  for (int t = 1; t < threads; ++t) helpers.emplace_back(run, t);
-  run(0);
-  for (auto& h : helpers) h.join();
 
   for (int i = 0; i < n; ++i) {
     const v1::TensorEntry& t = manifest.tensors(i);

@@ -100,7 +100,9 @@ class ClusterTest : public ::testing::Test {
     }
     for (auto& h : handles) {
       ASSERT_TRUE(h.Wait().ok()) << h.Wait();
-      if (commit) ASSERT_TRUE(h.WaitCommitted().ok()) << h.WaitCommitted();
+      if (commit) {
+        ASSERT_TRUE(h.WaitCommitted().ok()) << h.WaitCommitted();
+      }
     }
   }
 
