@@ -126,12 +126,10 @@ grpc::Status PeerService::Inventory(grpc::ServerContext*, const peer::InventoryR
     inv.set_step(step);
     return inv;
   };
-  for (const auto& [job, step] : store_->CompleteSteps()) {
-    if (!request->job_id().empty() && job != request->job_id()) continue;
-    auto payload = store_->PinPayload(job, step);
-    if (!payload.ok()) continue;
-    peer::StepInventory& inv = entry(job, step);
-    inv.set_state(payload->state);
+  for (const StepSummary& held : store_->ListSteps(request->job_id())) {
+    if (held.state == v1::RECEIVING) continue;
+    peer::StepInventory& inv = entry(held.job_id, held.step);
+    inv.set_state(held.state);
     for (int p = 0; p < layout.k(); ++p) inv.add_chunks(layout.StripeOfDataChunk(self, p) * n + p);
   }
   for (const auto& [key, k] : parity_->Knowledge()) {

@@ -98,7 +98,7 @@ peer::SlotStep Protector::Describe(const Payload& payload, const ec::Layout& lay
     SlotManifest::Rank* out = sm.add_ranks();
     out->set_rank(r.rank);
     out->set_bytes(r.bytes.size());
-    *out->mutable_manifest() = r.manifest;
+    *out->mutable_manifest() = *r.manifest;
   }
   peer::SlotStep me;
   me.set_slot(self);

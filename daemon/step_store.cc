@@ -798,7 +798,7 @@ absl::StatusOr<Payload> StepStore::PinPayload(const std::string& job_id, uint64_
     ++rd->pins;
     pinned->push_back(rd);
     p.ranks.push_back({rank, absl::Span<const uint8_t>(arena_->base() + rd->extent.offset, rd->bytes),
-                       rd->manifest});
+                       &rd->manifest});
     p.bytes += rd->bytes;
   }
   p.pin = std::shared_ptr<void>(nullptr, [this, pinned](void*) {

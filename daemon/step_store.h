@@ -106,7 +106,9 @@ struct Payload {
   struct Rank {
     uint32_t rank = 0;
     absl::Span<const uint8_t> bytes;
-    v1::Manifest manifest;
+    // The rank's manifest, valid (and unchanging) while the Payload lives:
+    // the pin keeps the committed rank, whose manifest is never modified.
+    const v1::Manifest* manifest = nullptr;
   };
   std::vector<uint32_t> local_ranks;
   std::vector<Rank> ranks;
