@@ -127,7 +127,8 @@ grpc::Status PeerService::Inventory(grpc::ServerContext*, const peer::InventoryR
     return inv;
   };
   for (const StepSummary& held : store_->ListSteps(request->job_id())) {
-    if (held.state == v1::RECEIVING) continue;
+    // A REBUILDING step holds only the ranks served so far: not its chunks.
+    if (held.state != v1::LOCAL && held.state != v1::PROTECTED) continue;
     peer::StepInventory& inv = entry(held.job_id, held.step);
     inv.set_state(held.state);
     for (int p = 0; p < layout.k(); ++p) inv.add_chunks(layout.StripeOfDataChunk(self, p) * n + p);
