@@ -20,7 +20,8 @@ namespace ecsnap::daemon {
 namespace {
 
 constexpr char kMagic[8] = {'E', 'C', 'S', 'N', 'A', 'P', 'A', '1'};
-constexpr uint32_t kVersion = 1;
+// 2: index entries name the kind of their record.
+constexpr uint32_t kVersion = 2;
 constexpr uint64_t kHeaderBytes = 4096;
 constexpr uint64_t kEntryValid = 0x45435350454e5452ull;  // "ECSPENTR"
 
@@ -53,8 +54,9 @@ struct Arena::IndexEntry {
   uint64_t record_offset;
   uint64_t record_bytes;  // exact length of the record
   uint32_t record_crc;
+  uint32_t kind;       // RecordKind
   uint32_t entry_crc;  // over the fields above
-  uint8_t pad[24];
+  uint8_t pad[20];
 };
 
 absl::StatusOr<std::unique_ptr<Arena>> Arena::Open(const Options& options) {
@@ -172,6 +174,7 @@ void Arena::LoadIndex() {
     sequence_ = std::max(sequence_, e->sequence);
     ArenaRecord r;
     r.id = id - 1;
+    r.kind = static_cast<RecordKind>(e->kind);
     r.extent = {e->record_offset, AlignUp(std::max<uint64_t>(e->record_bytes, 1))};
     r.bytes = absl::Span<const uint8_t>(base() + e->record_offset, e->record_bytes);
     adopted_records_.push_back(r);
@@ -272,7 +275,7 @@ uint64_t Arena::free_bytes() const {
   return free_bytes_;
 }
 
-absl::StatusOr<uint32_t> Arena::AddRecord(absl::Span<const uint8_t> record) {
+absl::StatusOr<uint32_t> Arena::AddRecord(RecordKind kind, absl::Span<const uint8_t> record) {
   absl::MutexLock lock(&mu_);
   if (free_entries_.empty()) {
     return absl::ResourceExhaustedError(absl::StrFormat(
@@ -289,6 +292,7 @@ absl::StatusOr<uint32_t> Arena::AddRecord(absl::Span<const uint8_t> record) {
   e.record_offset = extent->offset;
   e.record_bytes = record.size();
   e.record_crc = Crc(record.data(), record.size());
+  e.kind = static_cast<uint32_t>(kind);
   e.valid = kEntryValid;
   e.entry_crc = Crc(&e, offsetof(IndexEntry, entry_crc));
   // Publish: the record is in place before its entry says so.
@@ -308,9 +312,21 @@ void Arena::RemoveRecord(uint32_t id) {
   free_entries_.push_back(id);
 }
 
-std::vector<ArenaRecord> Arena::TakeAdoptedRecords() {
+void Arena::DropUnclaimedRecords() {
+  std::vector<ArenaRecord> left;
+  {
+    absl::MutexLock lock(&mu_);
+    left.swap(adopted_records_);
+  }
+  for (const ArenaRecord& r : left) RemoveRecord(r.id);
+}
+
+std::vector<ArenaRecord> Arena::TakeAdoptedRecords(RecordKind kind) {
   absl::MutexLock lock(&mu_);
-  return std::move(adopted_records_);
+  std::vector<ArenaRecord> taken, rest;
+  for (ArenaRecord& r : adopted_records_) (r.kind == kind ? taken : rest).push_back(r);
+  adopted_records_ = std::move(rest);
+  return taken;
 }
 
 }  // namespace ecsnap::daemon

@@ -42,9 +42,17 @@ struct ArenaExtent {
   uint64_t bytes = 0;   // rounded up to kArenaAlignBytes
 };
 
+// What a record describes. The index holds records of several owners; each
+// takes back its own kind at a restart.
+enum class RecordKind : uint32_t {
+  kRank = 1,       // a committed rank's window (StepStore)
+  kParityRow = 2,  // a complete parity row (ParityStore)
+};
+
 // A record found in the index at Open().
 struct ArenaRecord {
   uint32_t id = 0;
+  RecordKind kind = RecordKind::kRank;
   ArenaExtent extent;
   absl::Span<const uint8_t> bytes;
 };
@@ -93,12 +101,15 @@ class Arena {
 
   // Stores `record` in a fresh extent and publishes it in the index.
   // RESOURCE_EXHAUSTED when the index or the data region is full.
-  absl::StatusOr<uint32_t> AddRecord(absl::Span<const uint8_t> record);
+  absl::StatusOr<uint32_t> AddRecord(RecordKind kind, absl::Span<const uint8_t> record);
   // Unpublishes record `id` and frees its extent.
   void RemoveRecord(uint32_t id);
-  // The valid records found at Open(), with their extents already reserved.
-  // Each must be either kept or removed with RemoveRecord().
-  std::vector<ArenaRecord> TakeAdoptedRecords();
+  // The valid records of `kind` found at Open(), with their extents already
+  // reserved. Each must be either kept or removed with RemoveRecord().
+  std::vector<ArenaRecord> TakeAdoptedRecords(RecordKind kind);
+  // Removes the adopted records nobody took (a kind this daemon no longer
+  // keeps, such as parity rows after a restart without peers).
+  void DropUnclaimedRecords();
 
   // The bytes of an extent; the extent must lie inside the file.
   absl::Span<uint8_t> Bytes(const ArenaExtent& extent) const {

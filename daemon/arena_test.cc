@@ -65,13 +65,13 @@ TEST_F(ArenaTest, RecordsSurviveAReopenAndRemovedOnesDoNot) {
     EXPECT_FALSE(arena->adopted());
     window = *arena->Allocate(10000);
     std::memset(arena->Bytes(window).data(), 0x5a, 10000);
-    kept = *arena->AddRecord({reinterpret_cast<const uint8_t*>("kept record"), 11});
-    removed = *arena->AddRecord({reinterpret_cast<const uint8_t*>("gone"), 4});
+    kept = *arena->AddRecord(RecordKind::kRank, {reinterpret_cast<const uint8_t*>("kept record"), 11});
+    removed = *arena->AddRecord(RecordKind::kRank, {reinterpret_cast<const uint8_t*>("gone"), 4});
     arena->RemoveRecord(removed);
   }
   auto arena = *Arena::Open(Opts());
   EXPECT_TRUE(arena->adopted());
-  auto records = arena->TakeAdoptedRecords();
+  auto records = arena->TakeAdoptedRecords(RecordKind::kRank);
   ASSERT_EQ(records.size(), 1u);
   EXPECT_EQ(records[0].id, kept);
   EXPECT_EQ(std::string(records[0].bytes.begin(), records[0].bytes.end()), "kept record");
@@ -84,14 +84,14 @@ TEST_F(ArenaTest, RecordsSurviveAReopenAndRemovedOnesDoNot) {
 TEST_F(ArenaTest, ACorruptRecordIsDroppedAtReopen) {
   {
     auto arena = *Arena::Open(Opts());
-    auto id = *arena->AddRecord({reinterpret_cast<const uint8_t*>("record"), 6});
+    auto id = *arena->AddRecord(RecordKind::kRank, {reinterpret_cast<const uint8_t*>("record"), 6});
     (void)id;
     // Corrupt the record bytes behind the index's back.
     auto records_extent = *arena->Allocate(1);  // the record sits just before this
     arena->base()[records_extent.offset - 4096] ^= 1;
   }
   auto arena = *Arena::Open(Opts());
-  EXPECT_TRUE(arena->TakeAdoptedRecords().empty());
+  EXPECT_TRUE(arena->TakeAdoptedRecords(RecordKind::kRank).empty());
 }
 
 TEST_F(ArenaTest, OneDaemonPerArenaAndTheSizeMustMatch) {
@@ -107,8 +107,8 @@ TEST_F(ArenaTest, OneDaemonPerArenaAndTheSizeMustMatch) {
 
 TEST_F(ArenaTest, TheIndexBoundsTheRecordsHeld) {
   auto arena = *Arena::Open(Opts());
-  for (int i = 0; i < 64; ++i) ASSERT_TRUE(arena->AddRecord({}).ok()) << i;
-  auto st = arena->AddRecord({}).status();
+  for (int i = 0; i < 64; ++i) ASSERT_TRUE(arena->AddRecord(RecordKind::kRank, {}).ok()) << i;
+  auto st = arena->AddRecord(RecordKind::kRank, {}).status();
   EXPECT_EQ(st.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(st.message().find("index is full"), std::string::npos);
 }

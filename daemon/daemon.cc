@@ -110,6 +110,8 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
     if (absl::Status st = d->StartPeerPlane(slot); !st.ok()) return st;
   }
 
+  d->arena_->DropUnclaimedRecords();
+
   auto token = ReadToken(dc.admin_token_file());
   if (!token.ok()) return token.status();
 
@@ -188,6 +190,11 @@ absl::Status Daemon::StartPeerPlane(uint32_t slot) {
   if (!codec.ok()) return codec.status();
   codec_ = std::move(*codec);
   parity_ = std::make_unique<ParityStore>(arena_.get(), *layout, codec_.get(), group->self);
+  if (arena_->adopted()) {
+    ParityStore::AdoptReport r = parity_->Adopt();
+    Log("re-adopted %d parity row(s) from the arena; dropped %d", r.rows_adopted, r.rows_dropped);
+    for (const std::string& note : r.notes) Log("  %s", note);
+  }
   Protector::Options po;
   po.peer_timeout_ms = cc.peer_timeout_ms();
   po.retain = config_.daemon().retain();
@@ -200,6 +207,11 @@ absl::Status Daemon::StartPeerPlane(uint32_t slot) {
   Protector* protector = protector_.get();
   store_->SetLocalListener(
       [protector](const std::string& job, uint64_t step) { protector->OnLocal(job, step); });
+  store_->SetRewindListener(
+      [protector](const std::string& job, uint64_t step) { protector->OnRewind(job, step); });
+  store_->SetRetentionGate(protector);
+  parity_->SetRowLostListener(
+      [protector](const peer::StripeProtected& row) { protector->Announce(row); });
   peer_service_ = std::make_unique<PeerService>(store_.get(), parity_.get(), protector_.get());
   grpc::ServerBuilder builder;
   Configure(builder);

@@ -4,6 +4,7 @@
 #include <set>
 
 #include "absl/strings/str_format.h"
+#include "daemon/store.pb.h"
 #include "ec/crc32c.h"
 
 namespace ecsnap::daemon {
@@ -11,23 +12,31 @@ namespace ecsnap::daemon {
 struct ParityStore::RowState {
   explicit RowState(Arena* a) : arena(a) {}
   ~RowState() {
+    if (record_id >= 0) arena->RemoveRecord(static_cast<uint32_t>(record_id));
     if (extent.bytes > 0) arena->Free(extent);
   }
   Arena* const arena;
   absl::Mutex mu;
-  ArenaExtent extent;       // capacity
-  uint64_t length = 0;      // the row's bytes so far: the longest chunk folded
-  uint32_t done = 0;        // positions folded, CRC checked
-  uint32_t active = 0;      // positions being folded
-  bool poisoned = false;
-  bool complete = false;
-  uint32_t crc = 0;         // of the complete row
+  ArenaExtent extent ABSL_GUARDED_BY(mu);   // capacity
+  uint64_t length ABSL_GUARDED_BY(mu) = 0;  // the row's bytes so far: the longest chunk folded
+  uint32_t done ABSL_GUARDED_BY(mu) = 0;    // positions folded, CRC checked
+  uint32_t active ABSL_GUARDED_BY(mu) = 0;  // positions being folded
+  // Bumped by every reset: folds begun under an older generation are void.
+  uint64_t generation ABSL_GUARDED_BY(mu) = 0;
+  bool complete ABSL_GUARDED_BY(mu) = false;
+  bool sealed ABSL_GUARDED_BY(mu) = false;  // the step was abandoned: never completes
+  uint32_t crc ABSL_GUARDED_BY(mu) = 0;     // of the complete row
+  // What each folded position carried.
+  std::vector<uint32_t> pos_crc ABSL_GUARDED_BY(mu);
+  std::vector<uint64_t> pos_length ABSL_GUARDED_BY(mu);
+  int64_t record_id ABSL_GUARDED_BY(mu) = -1;  // arena index entry once complete
 };
 
 struct ParityStore::StepState {
   std::map<int, std::shared_ptr<RowState>> rows;  // by stripe
   std::map<int, peer::SlotStep> slots;
   std::map<std::pair<int, int>, peer::StripeProtected> heard;
+  bool abandoned = false;
 };
 
 struct ParityStore::Fold {
@@ -39,6 +48,7 @@ struct ParityStore::Fold {
   uint32_t want_crc = 0;
   uint64_t received = 0;
   uint32_t crc = 0;
+  uint64_t generation = 0;
   bool ended = false;
   std::shared_ptr<RowState> row;
 };
@@ -53,7 +63,80 @@ int ParityStore::RowOf(int stripe) const {
   return q >= layout_.k() ? q - layout_.k() : -1;
 }
 
-absl::Status ParityStore::Grow(RowState& row, uint64_t length) {
+ParityStore::StepState& ParityStore::StepLocked(const std::string& job, uint64_t step) {
+  auto& st = steps_[{job, step}];
+  if (!st) st = std::make_unique<StepState>();
+  return *st;
+}
+
+void ParityStore::SetRowLostListener(std::function<void(const peer::StripeProtected&)> listener) {
+  absl::MutexLock lock(&mu_);
+  lost_listener_ = std::move(listener);
+}
+
+void ParityStore::NotifyLost(const std::optional<peer::StripeProtected>& notice) {
+  if (!notice.has_value()) return;
+  std::function<void(const peer::StripeProtected&)> listener;
+  {
+    absl::MutexLock lock(&mu_);
+    listener = lost_listener_;
+  }
+  if (listener) listener(*notice);
+}
+
+ParityStore::AdoptReport ParityStore::Adopt() {
+  AdoptReport report;
+  for (const ArenaRecord& rec : arena_->TakeAdoptedRecords(RecordKind::kParityRow)) {
+    ParityRecord r;
+    auto drop = [&](const std::string& why) {
+      arena_->RemoveRecord(rec.id);
+      ++report.rows_dropped;
+      report.notes.push_back(why);
+    };
+    if (!r.ParseFromArray(rec.bytes.data(), static_cast<int>(rec.bytes.size()))) {
+      drop(absl::StrFormat("index entry %d: unreadable parity record, dropped", rec.id));
+      continue;
+    }
+    const std::string label = absl::StrFormat("job %s step %d stripe %d parity row %d",
+                                              r.job_id(), r.step(), r.stripe(), r.row());
+    if (r.stripe() >= static_cast<uint32_t>(layout_.stripes()) ||
+        RowOf(static_cast<int>(r.stripe())) != static_cast<int>(r.row()) ||
+        r.position_crc32c_size() != layout_.k() || r.position_length_size() != layout_.k()) {
+      drop(label + ": not a row this slot keeps in RS(" + std::to_string(layout_.k()) + "," +
+           std::to_string(layout_.m()) + "), dropped");
+      continue;
+    }
+    const ArenaExtent extent{r.offset(), r.extent_bytes()};
+    if (r.length() > extent.bytes || !arena_->Reserve(extent).ok()) {
+      drop(label + ": extent outside the arena or overlapping another, dropped");
+      continue;
+    }
+    if (ec::Crc32c(arena_->Bytes(extent).first(r.length())) != r.crc32c()) {
+      arena_->Free(extent);
+      drop(label + ": its bytes fail their crc32c, dropped");
+      continue;
+    }
+    auto row = std::make_shared<RowState>(arena_);
+    {
+      absl::MutexLock lock(&row->mu);
+      row->extent = extent;
+      row->length = r.length();
+      row->done = (1u << layout_.k()) - 1;
+      row->complete = true;
+      row->crc = r.crc32c();
+      row->pos_crc.assign(r.position_crc32c().begin(), r.position_crc32c().end());
+      row->pos_length.assign(r.position_length().begin(), r.position_length().end());
+      row->record_id = rec.id;
+    }
+    absl::MutexLock lock(&mu_);
+    StepLocked(r.job_id(), r.step()).rows[static_cast<int>(r.stripe())] = std::move(row);
+    ++report.rows_adopted;
+  }
+  return report;
+}
+
+absl::Status ParityStore::Grow(RowState& row, uint64_t length) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  // Called with row.mu held.
   if (length <= row.length) return absl::OkStatus();
   if (length > row.extent.bytes || row.extent.bytes == 0) {
     auto extent = arena_->Allocate(length);
@@ -72,6 +155,57 @@ absl::Status ParityStore::Grow(RowState& row, uint64_t length) {
   return absl::OkStatus();
 }
 
+void ParityStore::Publish(RowState& row, const std::string& job, uint64_t step, int stripe)
+    ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  // Called with row.mu held.
+  row.complete = true;
+  row.crc = ec::Crc32c(absl::Span<const uint8_t>(arena_->base() + row.extent.offset, row.length));
+  ParityRecord r;
+  r.set_job_id(job);
+  r.set_step(step);
+  r.set_stripe(stripe);
+  r.set_row(RowOf(stripe));
+  r.set_offset(row.extent.offset);
+  r.set_extent_bytes(row.extent.bytes);
+  r.set_length(row.length);
+  r.set_crc32c(row.crc);
+  for (uint32_t c : row.pos_crc) r.add_position_crc32c(c);
+  for (uint64_t l : row.pos_length) r.add_position_length(l);
+  const std::string bytes = r.SerializeAsString();
+  auto id = arena_->AddRecord(RecordKind::kParityRow,
+                              absl::Span<const uint8_t>(
+                                  reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()));
+  // Without a record the row is only lost at a restart, which the group
+  // then learns from this slot's lost-row notices.
+  if (id.ok()) row.record_id = *id;
+}
+
+std::optional<peer::StripeProtected> ParityStore::Reset(RowState& row, const std::string& job,
+                                                        uint64_t step, int stripe,
+                                                        uint32_t keep_bit)
+    ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  // Called with row.mu held.
+  const bool others_folded = (row.done & ~keep_bit) != 0 || row.complete;
+  if (row.record_id >= 0) arena_->RemoveRecord(static_cast<uint32_t>(row.record_id));
+  row.record_id = -1;
+  row.length = 0;  // Grow zeroes what is folded next
+  row.done = 0;
+  row.complete = false;
+  row.crc = 0;
+  row.pos_crc.assign(layout_.k(), 0);
+  row.pos_length.assign(layout_.k(), 0);
+  ++row.generation;
+  if (!others_folded) return std::nullopt;
+  peer::StripeProtected notice;
+  notice.set_job_id(job);
+  notice.set_step(step);
+  notice.set_stripe(stripe);
+  notice.set_holder_slot(self_);
+  notice.set_row(RowOf(stripe));
+  notice.set_lost(true);
+  return notice;
+}
+
 absl::StatusOr<std::shared_ptr<ParityStore::Fold>> ParityStore::BeginFold(
     const std::string& job, uint64_t step, int stripe, int position, uint64_t length,
     uint32_t crc) {
@@ -84,35 +218,62 @@ absl::StatusOr<std::shared_ptr<ParityStore::Fold>> ParityStore::BeginFold(
   std::shared_ptr<RowState> row;
   {
     absl::MutexLock lock(&mu_);
-    auto& st = steps_[{job, step}];
-    if (!st) st = std::make_unique<StepState>();
-    auto& r = st->rows[stripe];
+    auto retired = retired_below_.find(job);
+    if (retired != retired_below_.end() && step < retired->second) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "job %s step %d is retired on slot %d (it keeps steps from %d on)", job, step, self_,
+          retired->second));
+    }
+    StepState& st = StepLocked(job, step);
+    if (st.abandoned) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "job %s step %d was abandoned by the group (a newer step superseded it before it was "
+          "protected); it is not pushed any more",
+          job, step));
+    }
+    auto& r = st.rows[stripe];
     if (!r) r = std::make_shared<RowState>(arena_);
     row = r;
   }
-  absl::MutexLock lock(&row->mu);
-  const uint32_t bit = 1u << position;
-  if (row->done & bit) return std::shared_ptr<Fold>();  // already in: never fold twice
-  if (row->active & bit) {
-    return absl::AbortedError(absl::StrFormat(
-        "job %s step %d stripe %d position %d is being pushed already", job, step, stripe,
-        position));
+  std::optional<peer::StripeProtected> lost;
+  std::shared_ptr<Fold> fold;
+  {
+    absl::MutexLock lock(&row->mu);
+    if (row->pos_crc.empty()) {
+      row->pos_crc.assign(layout_.k(), 0);
+      row->pos_length.assign(layout_.k(), 0);
+    }
+    const uint32_t bit = 1u << position;
+    if (row->sealed) {
+      return absl::FailedPreconditionError(
+          absl::StrFormat("job %s step %d was abandoned on slot %d", job, step, self_));
+    }
+    if (row->active & bit) {
+      return absl::AbortedError(absl::StrFormat(
+          "job %s step %d stripe %d position %d is being pushed already", job, step, stripe,
+          position));
+    }
+    if (row->done & bit) {
+      if (row->pos_crc[position] == crc && row->pos_length[position] == length) {
+        return std::shared_ptr<Fold>();  // already in: never fold twice
+      }
+      // Other bytes under the same name: the row holds a step that was
+      // rewound and written again. Nothing of it can be kept.
+      lost = Reset(*row, job, step, stripe, bit);
+    }
+    if (absl::Status st = Grow(*row, length); !st.ok()) return st;
+    row->active |= bit;
+    fold = std::make_shared<Fold>();
+    fold->job = job;
+    fold->step = step;
+    fold->stripe = stripe;
+    fold->position = position;
+    fold->length = length;
+    fold->want_crc = crc;
+    fold->generation = row->generation;
+    fold->row = row;
   }
-  if (row->poisoned) {
-    return absl::AbortedError(absl::StrFormat(
-        "job %s step %d stripe %d: its parity row was poisoned by a broken push", job, step,
-        stripe));
-  }
-  if (absl::Status st = Grow(*row, length); !st.ok()) return st;
-  row->active |= bit;
-  auto fold = std::make_shared<Fold>();
-  fold->job = job;
-  fold->step = step;
-  fold->stripe = stripe;
-  fold->position = position;
-  fold->length = length;
-  fold->want_crc = crc;
-  fold->row = row;
+  NotifyLost(lost);
   return fold;
 }
 
@@ -125,7 +286,11 @@ absl::Status ParityStore::FoldPiece(Fold& fold, absl::Span<const uint8_t> data) 
   }
   RowState& row = *fold.row;
   absl::MutexLock lock(&row.mu);
-  if (row.poisoned) return absl::AbortedError("the parity row was poisoned");
+  if (row.generation != fold.generation || row.sealed) {
+    return absl::AbortedError(absl::StrFormat(
+        "job %s step %d stripe %d: the parity row was discarded during the push; push again",
+        fold.job, fold.step, fold.stripe));
+  }
   absl::Status st = codec_->FoldRow(
       RowOf(fold.stripe), fold.position, data,
       absl::Span<uint8_t>(arena_->base() + row.extent.offset + fold.received, data.size()));
@@ -137,57 +302,91 @@ absl::Status ParityStore::FoldPiece(Fold& fold, absl::Span<const uint8_t> data) 
 
 absl::StatusOr<std::optional<peer::StripeProtected>> ParityStore::EndFold(Fold& fold) {
   RowState& row = *fold.row;
-  absl::MutexLock lock(&row.mu);
-  fold.ended = true;
-  const uint32_t bit = 1u << fold.position;
-  row.active &= ~bit;
-  if (fold.received != fold.length || fold.crc != fold.want_crc) {
-    // The bytes are already folded in: the row can no longer be trusted.
-    row.poisoned = true;
-    return absl::DataLossError(absl::StrFormat(
-        "push of job %s step %d stripe %d position %d: %d of %d bytes, crc32c 0x%08x where "
-        "0x%08x was announced; the row is discarded",
-        fold.job, fold.step, fold.stripe, fold.position, fold.received, fold.length, fold.crc,
-        fold.want_crc));
+  std::optional<peer::StripeProtected> lost;
+  absl::Status failed;
+  {
+    absl::MutexLock lock(&row.mu);
+    fold.ended = true;
+    const uint32_t bit = 1u << fold.position;
+    row.active &= ~bit;
+    if (row.generation != fold.generation || row.sealed) {
+      return absl::AbortedError(absl::StrFormat(
+          "job %s step %d stripe %d: the parity row was discarded during the push; push again",
+          fold.job, fold.step, fold.stripe));
+    }
+    if (fold.received != fold.length || fold.crc != fold.want_crc) {
+      // The bytes are already folded in: the row can no longer be trusted.
+      lost = Reset(row, fold.job, fold.step, fold.stripe, bit);
+      failed = absl::DataLossError(absl::StrFormat(
+          "push of job %s step %d stripe %d position %d: %d of %d bytes, crc32c 0x%08x where "
+          "0x%08x was announced; the row is discarded and the chunk must be pushed again",
+          fold.job, fold.step, fold.stripe, fold.position, fold.received, fold.length, fold.crc,
+          fold.want_crc));
+    } else {
+      row.done |= bit;
+      row.pos_crc[fold.position] = fold.want_crc;
+      row.pos_length[fold.position] = fold.length;
+      const uint32_t all = (1u << layout_.k()) - 1;
+      if (row.done != all || row.complete) return std::optional<peer::StripeProtected>();
+      Publish(row, fold.job, fold.step, fold.stripe);
+      peer::StripeProtected notice;
+      notice.set_job_id(fold.job);
+      notice.set_step(fold.step);
+      notice.set_stripe(fold.stripe);
+      notice.set_holder_slot(self_);
+      notice.set_row(RowOf(fold.stripe));
+      notice.set_parity_bytes(row.length);
+      notice.set_parity_crc32c(row.crc);
+      return std::optional<peer::StripeProtected>(notice);
+    }
   }
-  row.done |= bit;
-  const uint32_t all = (1u << layout_.k()) - 1;
-  if (row.done != all || row.poisoned || row.complete) return std::optional<peer::StripeProtected>();
-  row.complete = true;
-  row.crc = ec::Crc32c(absl::Span<const uint8_t>(arena_->base() + row.extent.offset, row.length));
-  peer::StripeProtected notice;
-  notice.set_job_id(fold.job);
-  notice.set_step(fold.step);
-  notice.set_stripe(fold.stripe);
-  notice.set_holder_slot(self_);
-  notice.set_row(RowOf(fold.stripe));
-  notice.set_parity_bytes(row.length);
-  notice.set_parity_crc32c(row.crc);
-  return std::optional<peer::StripeProtected>(notice);
+  NotifyLost(lost);
+  return failed;
 }
 
 void ParityStore::AbortFold(Fold& fold) {
   RowState& row = *fold.row;
-  absl::MutexLock lock(&row.mu);
-  if (fold.ended) return;
-  fold.ended = true;
-  row.active &= ~(1u << fold.position);
-  if (fold.received > 0) row.poisoned = true;
+  std::optional<peer::StripeProtected> lost;
+  {
+    absl::MutexLock lock(&row.mu);
+    if (fold.ended) return;
+    fold.ended = true;
+    const uint32_t bit = 1u << fold.position;
+    row.active &= ~bit;
+    if (fold.received > 0 && row.generation == fold.generation && !row.sealed) {
+      lost = Reset(row, fold.job, fold.step, fold.stripe, bit);
+    }
+  }
+  NotifyLost(lost);
 }
 
 void ParityStore::RecordSlot(const std::string& job, uint64_t step, const peer::SlotStep& slot) {
+  if (slot.slot() >= static_cast<uint32_t>(layout_.n())) return;
   absl::MutexLock lock(&mu_);
-  auto& st = steps_[{job, step}];
-  if (!st) st = std::make_unique<StepState>();
-  st->slots[slot.slot()] = slot;
+  StepLocked(job, step).slots[static_cast<int>(slot.slot())] = slot;
 }
 
 int ParityStore::RecordRow(const peer::StripeProtected& row) {
   absl::MutexLock lock(&mu_);
-  auto& st = steps_[{row.job_id(), row.step()}];
-  if (!st) st = std::make_unique<StepState>();
-  st->heard[{static_cast<int>(row.stripe()), static_cast<int>(row.row())}] = row;
-  return static_cast<int>(st->heard.size());
+  StepState& st = StepLocked(row.job_id(), row.step());
+  const std::pair<int, int> key{static_cast<int>(row.stripe()), static_cast<int>(row.row())};
+  if (row.lost()) {
+    st.heard.erase(key);
+  } else {
+    st.heard[key] = row;
+  }
+  int count = 0;
+  for (const auto& [sr, heard] : st.heard) {
+    if (static_cast<int>(heard.holder_slot()) == self_) {
+      // This slot's own row counts only while it holds it complete.
+      auto r = st.rows.find(sr.first);
+      if (r == st.rows.end()) continue;
+      absl::MutexLock row_lock(&r->second->mu);
+      if (!r->second->complete) continue;
+    }
+    ++count;
+  }
+  return count;
 }
 
 absl::StatusOr<ParityStore::PinnedRow> ParityStore::Row(const std::string& job, uint64_t step,
@@ -203,7 +402,7 @@ absl::StatusOr<ParityStore::PinnedRow> ParityStore::Row(const std::string& job, 
   }
   if (row) {
     absl::MutexLock lock(&row->mu);
-    if (row->complete && !row->poisoned) {
+    if (row->complete) {
       PinnedRow p;
       p.bytes = absl::Span<const uint8_t>(arena_->base() + row->extent.offset, row->length);
       p.crc32c = row->crc;
@@ -217,6 +416,10 @@ absl::StatusOr<ParityStore::PinnedRow> ParityStore::Row(const std::string& job, 
 
 absl::StatusOr<absl::Span<uint8_t>> ParityStore::ReserveRow(const std::string& job, uint64_t step,
                                                             int stripe, uint64_t length) {
+  if (stripe < 0 || stripe >= layout_.stripes() || RowOf(stripe) < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("slot %d keeps no parity row of stripe %d", self_, stripe));
+  }
   auto row = std::make_shared<RowState>(arena_);
   absl::Span<uint8_t> bytes;
   {
@@ -225,18 +428,20 @@ absl::StatusOr<absl::Span<uint8_t>> ParityStore::ReserveRow(const std::string& j
     bytes = absl::Span<uint8_t>(arena_->base() + row->extent.offset, length);
   }
   absl::MutexLock lock(&mu_);
-  auto& st = steps_[{job, step}];
-  if (!st) st = std::make_unique<StepState>();
-  st->rows[stripe] = row;
+  StepLocked(job, step).rows[stripe] = row;
   return bytes;
 }
 
-absl::Status ParityStore::CompleteRow(const std::string& job, uint64_t step, int stripe) {
+absl::Status ParityStore::CompleteRow(const std::string& job, uint64_t step, int stripe,
+                                      const std::map<int, peer::SlotStep>& slots) {
   std::shared_ptr<RowState> row;
   {
     absl::MutexLock lock(&mu_);
     auto it = steps_.find({job, step});
-    if (it != steps_.end() && it->second->rows.count(stripe)) row = it->second->rows.at(stripe);
+    if (it != steps_.end()) {
+      auto r = it->second->rows.find(stripe);
+      if (r != it->second->rows.end()) row = r->second;
+    }
   }
   if (!row) {
     return absl::NotFoundError(
@@ -244,17 +449,25 @@ absl::Status ParityStore::CompleteRow(const std::string& job, uint64_t step, int
   }
   absl::MutexLock lock(&row->mu);
   row->done = (1u << layout_.k()) - 1;
-  row->complete = true;
-  row->crc = ec::Crc32c(absl::Span<const uint8_t>(arena_->base() + row->extent.offset, row->length));
+  row->pos_crc.assign(layout_.k(), 0);
+  row->pos_length.assign(layout_.k(), 0);
+  for (int q = 0; q < layout_.k(); ++q) {
+    auto it = slots.find(layout_.SlotOf(stripe, q));
+    if (it == slots.end() || it->second.chunk_crc32c_size() != layout_.k()) continue;
+    row->pos_crc[q] = it->second.chunk_crc32c(q);
+    row->pos_length[q] = layout_.DataChunk(it->second.payload_bytes(), q).length;
+  }
+  Publish(*row, job, step, stripe);
   return absl::OkStatus();
 }
 
 absl::Status ParityStore::InstallRow(const std::string& job, uint64_t step, int stripe,
-                                     absl::Span<const uint8_t> bytes) {
+                                     absl::Span<const uint8_t> bytes,
+                                     const std::map<int, peer::SlotStep>& slots) {
   auto row = ReserveRow(job, step, stripe, bytes.size());
   if (!row.ok()) return row.status();
   if (!bytes.empty()) std::memcpy(row->data(), bytes.data(), bytes.size());
-  return CompleteRow(job, step, stripe);
+  return CompleteRow(job, step, stripe, slots);
 }
 
 std::map<std::pair<std::string, uint64_t>, ParityStore::StepKnowledge> ParityStore::Knowledge()
@@ -265,24 +478,98 @@ std::map<std::pair<std::string, uint64_t>, ParityStore::StepKnowledge> ParitySto
     StepKnowledge& k = out[key];
     k.slots = st->slots;
     k.rows = st->heard;
+    k.abandoned = st->abandoned;
     for (const auto& [stripe, row] : st->rows) {
       absl::MutexLock row_lock(&row->mu);
-      if (row->complete && !row->poisoned) k.complete_stripes.push_back(stripe);
+      if (row->complete) k.complete_stripes.push_back(stripe);
     }
   }
   return out;
 }
 
+std::vector<int> ParityStore::MissingRows(const std::string& job, uint64_t step) const {
+  std::vector<int> missing;
+  absl::MutexLock lock(&mu_);
+  auto it = steps_.find({job, step});
+  for (int s = 0; s < layout_.stripes(); ++s) {
+    if (RowOf(s) < 0) continue;
+    bool complete = false;
+    if (it != steps_.end()) {
+      auto r = it->second->rows.find(s);
+      if (r != it->second->rows.end()) {
+        absl::MutexLock row_lock(&r->second->mu);
+        complete = r->second->complete;
+      }
+    }
+    if (!complete) missing.push_back(s);
+  }
+  return missing;
+}
+
+bool ParityStore::TryAbandon(const std::string& job, uint64_t step) {
+  std::map<int, std::shared_ptr<RowState>> dropped;  // freed outside the lock
+  absl::MutexLock lock(&mu_);
+  StepState& st = StepLocked(job, step);
+  if (st.abandoned) return true;
+  // Seal the first incomplete row this slot keeps: from then on no fold can
+  // complete it, so the step can never be protected, whatever happens next.
+  bool sealed = false;
+  for (int s = 0; s < layout_.stripes() && !sealed; ++s) {
+    if (RowOf(s) < 0) continue;
+    auto& r = st.rows[s];
+    if (!r) r = std::make_shared<RowState>(arena_);
+    absl::MutexLock row_lock(&r->mu);
+    if (!r->complete) r->sealed = sealed = true;
+  }
+  if (!sealed) return false;
+  st.abandoned = true;
+  st.heard.clear();
+  for (auto& [s, r] : st.rows) {
+    absl::MutexLock row_lock(&r->mu);
+    r->sealed = true;
+  }
+  dropped.swap(st.rows);
+  return true;
+}
+
+void ParityStore::MarkAbandoned(const std::string& job, uint64_t step) {
+  std::map<int, std::shared_ptr<RowState>> dropped;
+  absl::MutexLock lock(&mu_);
+  StepState& st = StepLocked(job, step);
+  st.abandoned = true;
+  st.heard.clear();
+  for (auto& [s, r] : st.rows) {
+    absl::MutexLock row_lock(&r->mu);
+    r->sealed = true;
+  }
+  dropped.swap(st.rows);
+}
+
+bool ParityStore::Abandoned(const std::string& job, uint64_t step) const {
+  absl::MutexLock lock(&mu_);
+  auto it = steps_.find({job, step});
+  return it != steps_.end() && it->second->abandoned;
+}
+
 void ParityStore::DropBelow(const std::string& job, uint64_t step) {
   std::vector<std::unique_ptr<StepState>> dropped;  // freed outside the lock
   absl::MutexLock lock(&mu_);
-  for (auto it = steps_.begin(); it != steps_.end();) {
-    if (it->first.first == job && it->first.second < step) {
-      dropped.push_back(std::move(it->second));
-      it = steps_.erase(it);
-    } else {
-      ++it;
-    }
+  uint64_t& below = retired_below_[job];
+  below = std::max(below, step);
+  for (auto it = steps_.lower_bound({job, 0}); it != steps_.end() && it->first.first == job &&
+                                               it->first.second < step;) {
+    dropped.push_back(std::move(it->second));
+    it = steps_.erase(it);
+  }
+}
+
+void ParityStore::DropAbove(const std::string& job, uint64_t step) {
+  std::vector<std::unique_ptr<StepState>> dropped;
+  absl::MutexLock lock(&mu_);
+  for (auto it = steps_.upper_bound({job, step});
+       it != steps_.end() && it->first.first == job;) {
+    dropped.push_back(std::move(it->second));
+    it = steps_.erase(it);
   }
 }
 

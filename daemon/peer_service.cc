@@ -19,15 +19,24 @@ grpc::Status PeerService::PushChunk(grpc::ServerContext*,
                         "a chunk push must start with its header");
   }
   const peer::PushChunkHeader h = msg.header();
-  parity_->RecordSlot(h.id().job_id(), h.id().step(), h.from());
+  const ec::Layout& layout = protector_->layout();
+  // The sender must be the slot that owns this data position.
+  if (h.id().stripe() >= static_cast<uint32_t>(layout.stripes()) ||
+      h.id().position() >= static_cast<uint32_t>(layout.k()) ||
+      h.from().slot() != static_cast<uint32_t>(layout.SlotOf(h.id().stripe(), h.id().position())) ||
+      h.from().chunk_crc32c_size() != layout.k()) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        absl::StrFormat("a push of stripe %d position %d from group position %d "
+                                        "does not fit RS(%d,%d)",
+                                        h.id().stripe(), h.id().position(), h.from().slot(),
+                                        layout.k(), layout.m()));
+  }
   auto fold = parity_->BeginFold(h.id().job_id(), h.id().step(), h.id().stripe(),
                                  h.id().position(), h.length(), h.crc32c());
   if (!fold.ok()) return ToGrpc(fold.status());
-  if (*fold == nullptr) {  // folded before: drain, acknowledge
-    while (reader->Read(&msg)) {
-    }
-    return grpc::Status::OK;
-  }
+  parity_->RecordSlot(h.id().job_id(), h.id().step(), h.from());
+  // Folded before: answer at once; the sender stops sending.
+  if (*fold == nullptr) return grpc::Status::OK;
   while (reader->Read(&msg)) {
     absl::Status st = parity_->FoldPiece(
         **fold, absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(msg.data().data()),
@@ -51,6 +60,11 @@ grpc::Status PeerService::NotifyStripeProtected(grpc::ServerContext*,
                                                 peer::StripeProtectedResponse*) {
   protector_->OnRowComplete(*request);
   return grpc::Status::OK;
+}
+
+grpc::Status PeerService::NotifyJob(grpc::ServerContext*, const peer::JobNotice* request,
+                                    peer::JobNoticeResponse*) {
+  return ToGrpc(protector_->OnJobNotice(*request));
 }
 
 grpc::Status PeerService::GetChunk(grpc::ServerContext* context,
@@ -149,6 +163,11 @@ grpc::Status PeerService::Inventory(grpc::ServerContext*, const peer::InventoryR
 grpc::Status PeerService::Ping(grpc::ServerContext*, const peer::PingRequest*,
                                peer::PingResponse* response) {
   response->set_slot(protector_->group().slots[protector_->group().self]);
+  for (const auto& [job, step] : protector_->NewestProtected()) {
+    peer::PingResponse::JobProtected* p = response->add_protected_steps();
+    p->set_job_id(job);
+    p->set_step(step);
+  }
   response->set_uptime_ms(std::chrono::duration_cast<std::chrono::milliseconds>(
                               std::chrono::steady_clock::now() - started_)
                               .count());

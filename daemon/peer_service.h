@@ -22,6 +22,8 @@ class PeerService final : public peer::Peer::Service {
                          peer::PushChunkResponse* response) override;
   grpc::Status NotifyStripeProtected(grpc::ServerContext*, const peer::StripeProtected* request,
                                      peer::StripeProtectedResponse*) override;
+  grpc::Status NotifyJob(grpc::ServerContext*, const peer::JobNotice* request,
+                         peer::JobNoticeResponse*) override;
   grpc::Status GetChunk(grpc::ServerContext* context, const peer::GetChunkRequest* request,
                         grpc::ServerWriter<peer::GetChunkMessage>* writer) override;
   grpc::Status Inventory(grpc::ServerContext*, const peer::InventoryRequest* request,

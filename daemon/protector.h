@@ -1,28 +1,46 @@
-// Protector: moves a slot's LOCAL steps to PROTECTED across its group
-// (DESIGN.md §2, §3).
+// Protector: moves a slot's LOCAL steps to PROTECTED across its group, and
+// keeps the group's knowledge of protection honest (DESIGN.md §2, §3).
 //
 // When a step becomes LOCAL, the protector pushes each of the slot's k data
-// chunks to the m holders of that chunk's stripe, one gRPC stream per holder,
-// all holders at once, each under a deadline. A holder folds what it gets
-// (ParityStore) and, when a row is complete, announces it to the whole group.
-// A slot marks a step PROTECTED once it has heard all n * m rows complete,
-// and frees parity of older steps. A peer that is down or slow leaves the
-// step LOCAL; the next step tries again. Nothing here blocks a trainer.
+// chunks to the m holders of that chunk's stripe. Each holder (group
+// position) has a pusher thread of its own, working through a queue of
+// steps; a push that fails (peer down, reset, a row discarded on the far
+// side) is retried with exponential backoff until it succeeds, the step is
+// retired here, or the holder answers that the step is retired or abandoned
+// there. A call is cut when it stops making progress (CallWatchdog), never
+// because a guessed deadline ran out.
+//
+// A holder folds what it gets (ParityStore) and, when a row is complete,
+// announces it to the whole group. Notices to a peer (rows complete or lost,
+// steps protected, abandoned or rewound) go through that peer's outbox: one
+// sender thread per peer, deduplicated, retried until delivered, so a dead
+// peer delays nobody else and a stopped one hears everything when it
+// resumes. A slot marks a step PROTECTED once it knows all n * m rows
+// complete, and moves it back to LOCAL when a holder reports a row lost.
+//
+// Retention is a group decision: the protector tracks, per job, the newest
+// step each group member holds PROTECTED; steps from the smallest of those
+// (the group floor) on are never retired, so some step always survives any
+// m losses. A LOCAL step superseded by a newer one is dropped only when this
+// slot can seal it as never-protectable (ParityStore::TryAbandon) and tells
+// the group. It implements StepStore's RetentionGate.
 //
 // Peers are pinged every second; their state is shown by ecsnapctl status.
 #ifndef ECSNAP_DAEMON_PROTECTOR_H_
 #define ECSNAP_DAEMON_PROTECTOR_H_
 
 #include <chrono>
-#include <deque>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "daemon/call_watchdog.h"
 #include "daemon/group.h"
 #include "daemon/parity_store.h"
 #include "daemon/step_store.h"
@@ -44,11 +62,17 @@ struct PeerState {
   std::string last_error;
 };
 
-class Protector {
+// Why a step is not PROTECTED on this slot, for ecsnapctl status.
+struct StepExplanation {
+  std::vector<std::string> missing_rows;  // "stripe 2 row 0 on slot 3"
+  std::vector<std::string> pushes;        // "to slot 1: 4 attempts since 12 s: <error>"
+};
+
+class Protector : public RetentionGate {
  public:
   struct Options {
-    // A peer's deadline: per call, plus time for the bytes at 50 MB/s.
-    // Default: 5000.
+    // A call to a peer that moves no byte for this long is cut (and a push
+    // retried). Default: 5000.
     int peer_timeout_ms = 5000;
     // Default: 1000.
     int ping_interval_ms = 1000;
@@ -59,41 +83,91 @@ class Protector {
   // The stores must outlive the protector.
   Protector(StepStore* store, ParityStore* parity, Group group, const ec::Layout& layout,
             Options options);
-  ~Protector();
+  ~Protector() override;
 
   void Start();
+  // Cancels every call in flight and joins the threads: returns promptly
+  // whatever the peers do.
   void Stop();
 
-  // StepStore's listener: queues the step's push.
+  // StepStore's listener: queues the step's pushes to every holder.
   void OnLocal(const std::string& job, uint64_t step);
-  // A holder's row is complete (heard from the group, or folded here).
+  // A holder's row is complete, or lost (heard from the group, or here).
   void OnRowComplete(const peer::StripeProtected& row);
-  // Tells the whole group (this slot too) that a row is complete.
+  // Tells the whole group (this slot too) that a row is complete or lost.
   void Announce(const peer::StripeProtected& row);
+  // A peer's notice about a job. INVALID_ARGUMENT for a sender outside the
+  // group.
+  absl::Status OnJobNotice(const peer::JobNotice& notice);
+  // A restore here rewound `job` to `step`: the group discards newer steps.
+  void OnRewind(const std::string& job, uint64_t step);
+  // A step was installed PROTECTED by a rebuild.
+  void OnInstalled(const std::string& job, uint64_t step);
+  // The newest step of each job this slot holds PROTECTED.
+  std::vector<std::pair<std::string, uint64_t>> NewestProtected() const;
 
+  // RetentionGate (called under the step store's lock).
+  uint64_t GroupFloor(const std::string& job) override;
+  bool MayDropUnprotected(const std::string& job, uint64_t step) override;
+
+  StepExplanation Explain(const std::string& job, uint64_t step) const;
   std::vector<PeerState> Peers() const;
   // A stub to group position `position` (not this slot).
   peer::Peer::Stub* Stub(int position) const { return stubs_[position].get(); }
   const Group& group() const { return group_; }
   const ec::Layout& layout() const { return layout_; }
   std::chrono::system_clock::time_point Deadline(uint64_t bytes) const;
+  CallWatchdog* watchdog() { return &watchdog_; }
 
   // The shape this slot announces for a step: payload size, manifests and
   // the CRC of each data chunk.
   static peer::SlotStep Describe(const Payload& payload, const ec::Layout& layout, int self);
 
  private:
-  // Pops the front of `queue` into *out, waiting for one; false once stopping.
-  template <typename T>
-  bool Next(std::deque<T>& queue, T* out) ABSL_LOCKS_EXCLUDED(mu_);
-  void PushLoop();
-  void AnnounceLoop();
+  using Key = std::pair<std::string, uint64_t>;
+  struct PushTask {
+    absl::Time due;
+    int attempts = 0;
+    absl::Time first_failure;
+    std::string last_error;
+  };
+  struct Outgoing {
+    uint64_t seq = 0;
+    std::string job;
+    uint64_t step = 0;
+    std::optional<peer::StripeProtected> row;
+    std::optional<peer::JobNotice> notice;
+  };
+  // Everything this slot owes one peer.
+  struct Link {
+    std::map<Key, PushTask> pushes;
+    std::map<std::string, Outgoing> outbox;
+    bool wake = false;
+  };
+
+  void PushLoop(int holder);
+  void NotifyLoop(int peer);
   void PingLoop();
-  void PushStep(const std::string& job, uint64_t step);
-  absl::Status PushTo(int holder, const std::string& job, uint64_t step, const Payload& payload,
-                      const peer::SlotStep& me, const std::vector<int>& chunks);
+  // Pushes what `holder` keeps of (job, step). Permanent failures come back
+  // as FAILED_PRECONDITION or NOT_FOUND.
+  absl::Status PushStep(int holder, const std::string& job, uint64_t step);
+  absl::Status PushChunk(int holder, const std::string& job, uint64_t step, const Payload& payload,
+                         const peer::SlotStep& me, int p);
+  void QueuePushLocked(int holder, const std::string& job, uint64_t step)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void SendLocked(int peer, std::string key, Outgoing out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void BroadcastLocked(const peer::JobNotice& notice, const std::string& key)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Records that group position `position` holds `step` of `job` PROTECTED;
+  // applies retention when the group floor moves.
+  void NoteProtected(int position, const std::string& job, uint64_t step);
+  void ApplyFloor(const std::string& job);
+  uint64_t FloorLocked(const std::string& job) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void NotePeer(int position, const absl::Status& status);
-  void NotePeerLocked(int position, const absl::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Waits up to `d` or until stopping; false once stopping.
+  bool SleepFor(absl::Duration d);
+  absl::StatusOr<peer::SlotStep> Described(const std::string& job, uint64_t step,
+                                           const Payload& payload);
 
   StepStore* const store_;
   ParityStore* const parity_;
@@ -101,14 +175,22 @@ class Protector {
   const ec::Layout layout_;
   const Options options_;
   std::vector<std::unique_ptr<peer::Peer::Stub>> stubs_;
+  CallWatchdog watchdog_;
 
   mutable absl::Mutex mu_;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
-  std::deque<std::pair<std::string, uint64_t>> pushes_ ABSL_GUARDED_BY(mu_);
-  std::deque<peer::StripeProtected> announcements_ ABSL_GUARDED_BY(mu_);
+  uint64_t seq_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<Link> links_ ABSL_GUARDED_BY(mu_);  // by group position
   std::vector<PeerState> peers_ ABSL_GUARDED_BY(mu_);
   std::vector<std::chrono::steady_clock::time_point> seen_ ABSL_GUARDED_BY(mu_);
-  std::map<std::string, std::deque<uint64_t>> protected_ ABSL_GUARDED_BY(mu_);
+  // Newest protected steps here, per job (at most `retain`).
+  std::map<std::string, std::vector<uint64_t>> protected_ ABSL_GUARDED_BY(mu_);
+  // Per job, the newest step each group position holds PROTECTED.
+  std::map<std::string, std::vector<uint64_t>> newest_protected_ ABSL_GUARDED_BY(mu_);
+  // Per job, the step it was last rewound to.
+  std::map<std::string, uint64_t> rewound_ ABSL_GUARDED_BY(mu_);
+  // This slot's shape of each step being pushed (its CRCs cost a pass).
+  std::map<Key, std::shared_ptr<const peer::SlotStep>> described_ ABSL_GUARDED_BY(mu_);
   std::vector<std::thread> threads_;
 };
 

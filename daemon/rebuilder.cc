@@ -109,14 +109,34 @@ absl::Status Rebuilder::Pass(const std::string& job_filter, bool final_pass, boo
     }
   }
   // Rows announced while this daemon was away: steps it re-adopted may be
-  // protected already.
+  // protected already. A row the group heard from this slot counts only if
+  // this slot still holds it; one it lost (a restart before the row was
+  // recorded, a row failing its checksum) is announced lost, so the group
+  // knows the step is not protected until the row is pushed again.
   std::set<std::pair<std::string, uint64_t>> have;
   for (const auto& s : store_->CompleteSteps()) have.insert(s);
   for (const auto& [key, v] : views) {
-    if (!have.count(key)) continue;
+    const std::vector<int> missing = parity_->MissingRows(key.first, key.second);
     for (const auto& [slot, s] : v.slots) parity_->RecordSlot(key.first, key.second, s);
-    for (const auto& [sr, row] : v.rows) protector_->OnRowComplete(row);
+    for (const auto& [sr, row] : v.rows) {
+      // Only for a step this slot holds the data of (restarted in place):
+      // a replaced slot rebuilds its rows with the step.
+      const bool mine = static_cast<int>(row.holder_slot()) == self && have.count(key);
+      if (mine && std::find(missing.begin(), missing.end(), sr.first) != missing.end()) {
+        peer::StripeProtected lost = row;
+        lost.set_lost(true);
+        Log("job %s step %d: parity row %d of stripe %d, which the group heard complete, is "
+            "not here any more; announcing it lost",
+            key.first, key.second, row.row(), row.stripe());
+        protector_->Announce(lost);
+      } else if (have.count(key)) {
+        protector_->OnRowComplete(row);
+      }
+    }
   }
+  // Re-adopted steps not protected yet: push them (holders acknowledge what
+  // they folded already).
+  for (const auto& [job, step] : have) protector_->OnLocal(job, step);
 
   std::map<std::string, std::vector<uint64_t>> by_job;  // protected steps, newest first
   for (const auto& [key, v] : views) {
@@ -407,7 +427,7 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
       }
       if (all_good) break;
     }
-    if (target >= k) return parity_->CompleteRow(job, step, s);
+    if (target >= k) return parity_->CompleteRow(job, step, s, v.slots);
     return absl::OkStatus();
   };
   const int workers = static_cast<int>(std::max<uint64_t>(
@@ -446,6 +466,7 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
     return finish(st);
   }
   for (const auto& [sr, row] : v.rows) parity_->RecordRow(row);
+  protector_->OnInstalled(job, step);
   const double secs =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   Log("rebuilt job %s step %d from group %d: %s decoded in %.2f s, every checksum verified", job,

@@ -186,7 +186,7 @@ AdoptReport StepStore::Adopt() {
   std::map<std::pair<std::string, uint64_t>, std::vector<std::shared_ptr<RankData>>> found;
   std::map<std::string, std::vector<uint32_t>> job_ranks;
   std::vector<std::shared_ptr<RankData>> all;
-  for (const ArenaRecord& rec : arena_->TakeAdoptedRecords()) {
+  for (const ArenaRecord& rec : arena_->TakeAdoptedRecords(RecordKind::kRank)) {
     RankRecord r;
     auto drop = [&](const std::string& why) {
       arena_->RemoveRecord(rec.id);
@@ -517,7 +517,7 @@ absl::StatusOr<v1::StepState> StepStore::CommitRank(uint64_t session, uint64_t s
     rd->phase = RankData::Phase::kWriting;  // the client may fix it or abort
     return absl::Status(st.code(), absl::StrCat(label, ": ", st.message()));
   }
-  auto id = arena_->AddRecord(absl::Span<const uint8_t>(
+  auto id = arena_->AddRecord(RecordKind::kRank, absl::Span<const uint8_t>(
       reinterpret_cast<const uint8_t*>(record.data()), record.size()));
   if (!id.ok()) {
     rd->phase = RankData::Phase::kWriting;
@@ -559,20 +559,32 @@ void StepStore::Retire(Job& job) {
   // Keep the newest `retain` complete steps, the newest LOCAL step above
   // them (protection may still finish), and RECEIVING steps newer than every
   // LOCAL one. A step older than a LOCAL or complete one can never finish.
+  // With a group (gate_), nothing from the group floor on is retired, and a
+  // superseded LOCAL step above the floor only once the gate has made sure it
+  // can never be protected anywhere.
+  const uint64_t floor = gate_ != nullptr ? gate_->GroupFloor(job.id) : 0;
   uint32_t complete_seen = 0;
-  bool local_seen = false;
+  bool newer_seen = false;
   std::vector<uint64_t> doomed;
   for (auto it = job.steps.rbegin(); it != job.steps.rend(); ++it) {
+    const uint64_t step = it->first;
     const v1::StepState st = it->second.state;
     const bool complete = st == options_.final_state || st == v1::PROTECTED;
     if (complete) {
-      if (complete_seen++ >= options_.retain) doomed.push_back(it->first);
-      local_seen = true;
+      if (complete_seen++ >= options_.retain && (gate_ == nullptr || step < floor)) {
+        doomed.push_back(step);
+      }
+      newer_seen = true;
     } else if (st == v1::LOCAL) {
-      if (local_seen) doomed.push_back(it->first);
-      local_seen = true;
-    } else if (local_seen) {
-      doomed.push_back(it->first);
+      if (newer_seen) {
+        if (gate_ == nullptr || step < floor ||
+            (step > floor && gate_->MayDropUnprotected(job.id, step))) {
+          doomed.push_back(step);
+        }
+      }
+      newer_seen = true;
+    } else if (newer_seen) {
+      doomed.push_back(step);
     }
   }
   for (uint64_t step : doomed) EraseStep(job, step);
@@ -622,11 +634,19 @@ absl::StatusOr<std::vector<v1::RestorableStep>> StepStore::ListRestorable(uint64
 }
 
 absl::StatusOr<RestoreLease> StepStore::Restore(uint64_t session, uint64_t step) {
+  std::string rewound_job;
+  absl::StatusOr<RestoreLease> result = RestoreLocked(session, step, &rewound_job);
+  if (!rewound_job.empty() && rewind_listener_) rewind_listener_(rewound_job, step);
+  return result;
+}
+
+absl::StatusOr<RestoreLease> StepStore::RestoreLocked(uint64_t session, uint64_t step,
+                                                      std::string* rewound_job) {
   absl::MutexLock lock(&mu_);
   auto s = FindSession(session);
   if (!s.ok()) return s.status();
   Session* ses = *s;
-  const Job& job = *jobs_.at(ses->job_id);
+  Job& job = *jobs_.at(ses->job_id);
   std::shared_ptr<RankData> found;
   std::vector<uint64_t> restorable;
   for (auto it = job.steps.rbegin(); it != job.steps.rend(); ++it) {
@@ -647,6 +667,9 @@ absl::StatusOr<RestoreLease> StepStore::Restore(uint64_t session, uint64_t step)
     return absl::ResourceExhaustedError(absl::StrFormat(
         "session holds %d restore leases, its limit; release some", ses->leases.size()));
   }
+  // Restoring an older step than the job holds rewinds it: the newer steps
+  // never completed everywhere, and the trainers write them again.
+  if (step != 0 && RewindLocked(job, step) > 0) *rewound_job = job.id;
   ++found->pins;
   RestoreLease lease;
   lease.lease_id = next_id_++;
@@ -655,6 +678,49 @@ absl::StatusOr<RestoreLease> StepStore::Restore(uint64_t session, uint64_t step)
   lease.manifest = found->manifest;
   ses->leases[lease.lease_id] = found;
   return lease;
+}
+
+uint32_t StepStore::RewindLocked(Job& job, uint64_t step) {
+  std::vector<uint64_t> newer;
+  for (auto it = job.steps.upper_bound(step); it != job.steps.end(); ++it) newer.push_back(it->first);
+  for (uint64_t n : newer) EraseStep(job, n);
+  for (auto& [rank, last] : job.last_committed) last = std::min(last, step);
+  return static_cast<uint32_t>(newer.size());
+}
+
+uint32_t StepStore::RewindTo(const std::string& job_id, uint64_t step) {
+  absl::MutexLock lock(&mu_);
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) return 0;
+  return RewindLocked(*it->second, step);
+}
+
+void StepStore::SetRetentionGate(RetentionGate* gate) {
+  absl::MutexLock lock(&mu_);
+  gate_ = gate;
+}
+
+void StepStore::SetRewindListener(std::function<void(const std::string&, uint64_t)> listener) {
+  absl::MutexLock lock(&mu_);
+  rewind_listener_ = std::move(listener);
+}
+
+absl::Status StepStore::Demote(const std::string& job_id, uint64_t step) {
+  absl::MutexLock lock(&mu_);
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end() || it->second->steps.count(step) == 0 ||
+      it->second->steps.at(step).state != v1::PROTECTED) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("job %s holds no PROTECTED step %d", job_id, step));
+  }
+  it->second->steps.at(step).state = v1::LOCAL;
+  return absl::OkStatus();
+}
+
+void StepStore::ApplyRetention(const std::string& job_id) {
+  absl::MutexLock lock(&mu_);
+  auto it = jobs_.find(job_id);
+  if (it != jobs_.end()) Retire(*it->second);
 }
 
 absl::Status StepStore::Release(uint64_t session, uint64_t lease_id) {
@@ -879,7 +945,7 @@ absl::Status StepStore::AddRebuilt(const std::string& job_id, uint64_t step,
     rd->bytes = r.bytes;
     rd->phase = RankData::Phase::kCommitted;
     rd->manifest = std::move(r.manifest);
-    auto id = arena_->AddRecord(absl::Span<const uint8_t>(
+    auto id = arena_->AddRecord(RecordKind::kRank, absl::Span<const uint8_t>(
         reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()));
     if (id.ok()) rd->record_id = *id;  // without a record it is lost at a restart only
     st.ranks[r.rank] = rd;

@@ -59,6 +59,21 @@ struct StoreLimits {
   size_t max_leases_per_session = 64;
 };
 
+// What the protection layer says about retention (DESIGN.md §2: retention
+// is a group decision). Called with the store's lock held: implementations
+// must not call back into the store.
+class RetentionGate {
+ public:
+  virtual ~RetentionGate() = default;
+  // Steps of `job` from this one on are never retired: every node of the
+  // group holds one of them PROTECTED, and it must stay decodable.
+  virtual uint64_t GroupFloor(const std::string& job) = 0;
+  // `step` of `job` is LOCAL, above the group floor, and a newer step
+  // superseded it. True when it may be dropped: it can never become
+  // PROTECTED anywhere (the gate made sure of that).
+  virtual bool MayDropUnprotected(const std::string& job, uint64_t step) = 0;
+};
+
 struct StoreOptions {
   // Newest complete steps kept per job. Default: 1.
   uint32_t retain = 1;
@@ -199,6 +214,22 @@ class StepStore {
   absl::StatusOr<VerifyReport> Verify(const std::string& job_id, uint64_t step);
   // Marks a LOCAL step PROTECTED (the protection layer calls this).
   absl::Status MarkProtected(const std::string& job_id, uint64_t step);
+  // Moves a PROTECTED step back to LOCAL: a parity row of it was lost.
+  // FAILED_PRECONDITION when it is not PROTECTED.
+  absl::Status Demote(const std::string& job_id, uint64_t step);
+  // Applies retention to `job_id` again (the group floor moved, or a step
+  // was abandoned).
+  void ApplyRetention(const std::string& job_id);
+  // Discards every step of `job_id` newer than `step` (DESIGN.md §5,
+  // rewind): the job restored `step` and snapshots `step + 1` again.
+  // Returns how many steps were discarded.
+  uint32_t RewindTo(const std::string& job_id, uint64_t step);
+  // Asks `gate` before retiring steps (with peers). Set before serving;
+  // `gate` must outlive the store.
+  void SetRetentionGate(RetentionGate* gate);
+  // Called (outside the store's lock) when a Restore of an explicit step
+  // rewound the job. Set before serving.
+  void SetRewindListener(std::function<void(const std::string& job, uint64_t step)> listener);
 
   // Called (outside the store's lock) each time a step becomes LOCAL. Set
   // before serving.
@@ -244,6 +275,8 @@ class StepStore {
   // The session's open rank at `step`, still taking writes.
   absl::StatusOr<std::shared_ptr<RankData>> WritableRank(uint64_t session, uint64_t step)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<RestoreLease> RestoreLocked(uint64_t session, uint64_t step,
+                                             std::string* rewound_job) ABSL_LOCKS_EXCLUDED(mu_);
   absl::StatusOr<std::shared_ptr<RankData>> FindLease(uint64_t session, uint64_t lease_id)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void DiscardOpenRank(Session* s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -251,6 +284,7 @@ class StepStore {
   void Kill(std::shared_ptr<RankData> rank) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Unpin(const std::shared_ptr<RankData>& rank) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void EraseStep(Job& job, uint64_t step) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  uint32_t RewindLocked(Job& job, uint64_t step) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Updates a step's state after a commit and applies retention.
   v1::StepState Settle(Job& job, Step& step) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Retire(Job& job) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -264,6 +298,8 @@ class StepStore {
   Arena* const arena_;
   const StoreOptions options_;
   std::function<void(const std::string&, uint64_t)> local_listener_;
+  std::function<void(const std::string&, uint64_t)> rewind_listener_;
+  RetentionGate* gate_ = nullptr;
 
   mutable absl::Mutex mu_;
   std::map<std::string, std::unique_ptr<Job>> jobs_ ABSL_GUARDED_BY(mu_);
