@@ -132,6 +132,9 @@ int main(int argc, char** argv) {
       std::printf("%-24s %10lu  %-10s %3u/%-2u  %12s\n", s.job_id().c_str(), s.step(),
                   State(s.state()).c_str(), s.ranks_committed(), s.ranks_expected(),
                   FormatBytes(s.bytes()).c_str());
+      for (const std::string& why : s.not_protected_because()) {
+        std::printf("%-24s %10s    not protected: %s\n", "", "", why.c_str());
+      }
     }
     if (r.steps().empty()) std::printf("(no steps)\n");
     return 0;

@@ -77,6 +77,13 @@ grpc::Status AdminService::ListSteps(grpc::ServerContext* context,
     info->set_bytes(s.bytes);
     info->set_ranks_committed(s.ranks_committed);
     info->set_ranks_expected(s.ranks_expected);
+    if (protector_ != nullptr && s.state == v1::LOCAL) {
+      const StepExplanation why = protector_->Explain(s.job_id, s.step);
+      for (const std::string& p : why.pushes) info->add_not_protected_because(p);
+      for (const std::string& r : why.missing_rows) {
+        info->add_not_protected_because("no word yet of " + r);
+      }
+    }
   }
   return grpc::Status::OK;
 }

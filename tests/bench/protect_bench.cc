@@ -11,11 +11,16 @@
 // Last line: RESULT protect_vs_tcp=<x> rebuild_vs_tcp=<y>
 //
 //   bazel run -c opt //tests/bench:protect_bench [-- --bytes=1073741824 --k=2 --m=2]
+//
+// It refuses a --bytes the machine's memory cannot hold, fails loudly past
+// --max_seconds, and leaves no daemon or arena behind on any exit.
 #include <filesystem>
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -38,6 +43,8 @@
 ABSL_FLAG(uint64_t, bytes, uint64_t{1} << 30, "State bytes per node (one rank per node).");
 ABSL_FLAG(int, k, 2, "Data chunks per stripe.");
 ABSL_FLAG(int, m, 2, "Parity chunks per stripe.");
+ABSL_FLAG(int, max_seconds, 600,
+          "Wall-clock bound of the whole run: past it the bench fails loudly.");
 
 namespace {
 
@@ -52,6 +59,40 @@ void Check(const absl::Status& st, const char* what) {
     std::fprintf(stderr, "protect_bench: %s: %s\n", what, std::string(st.message()).c_str());
     std::exit(1);
   }
+}
+
+// Bytes of memory the kernel says it can still hand out (MemAvailable).
+uint64_t AvailableBytes() {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  uint64_t kib = 0;
+  std::string unit;
+  while (in >> key >> kib >> unit) {
+    if (key == "MemAvailable:") return kib * 1024;
+  }
+  return 0;
+}
+
+// Removes `dir` once this process is gone, however it goes (a return, a
+// crash, SIGKILL): a forked watcher waits for the end of a pipe that only
+// this process holds open. The daemons die with the bench (PR_SET_PDEATHSIG
+// in the harness), so nothing is left behind.
+void RemoveWhenGone(const std::string& dir) {
+  int fds[2];
+  if (::pipe(fds) != 0) return;
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::close(fds[1]);
+    ::setsid();  // not killed with the bench's process group
+    char c;
+    while (::read(fds[0], &c, 1) > 0) {
+    }
+    std::error_code ec;
+    std::filesystem::remove_all(dir, ec);
+    ::_exit(0);
+  }
+  ::close(fds[0]);  // the write end stays open, close-on-exec, until we die
+  ::fcntl(fds[1], F_SETFD, FD_CLOEXEC);
 }
 
 // Seconds to stream `bytes` through one TCP connection on 127.0.0.1.
@@ -112,11 +153,30 @@ int main(int argc, char** argv) {
   const uint64_t bytes = absl::GetFlag(FLAGS_bytes) / 4096 * 4096;
   const int k = absl::GetFlag(FLAGS_k), m = absl::GetFlag(FLAGS_m), n = k + m;
 
-  char dir_template[] = "/dev/shm/ecsnap-bench-XXXXXX";
-  const std::string dir = ::mkdtemp(dir_template);
   ecsnap::testing::DaemonProcess::Options o;
   // The step and its parity (m/k), plus the next step's window: slack.
   o.arena_bytes = ((bytes + bytes * m / k) * 3 / 2 + (64 << 20)) / 4096 * 4096;
+  // n arenas, the bench's own copy of every node's state, and the TCP
+  // baseline's buffers; refuse what the machine cannot hold rather than be
+  // killed half way with daemons and arenas left behind.
+  const uint64_t need = n * (o.arena_bytes + bytes) + (uint64_t{512} << 20);
+  const uint64_t have = AvailableBytes();
+  if (have != 0 && need > have * 9 / 10) {
+    std::fprintf(stderr,
+                 "protect_bench: --bytes=%llu needs about %.1f GiB (%d arenas and states) but "
+                 "%.1f GiB is available; use a smaller --bytes\n",
+                 static_cast<unsigned long long>(bytes), need / double(1 << 30), n,
+                 have / double(1 << 30));
+    return 2;
+  }
+  // The bench bounds its own time: SIGALRM's default action ends it, and
+  // RemoveWhenGone and the daemons' death signal clean up after it.
+  ::alarm(static_cast<unsigned>(absl::GetFlag(FLAGS_max_seconds)));
+  const auto t_start = Clock::now();
+
+  char dir_template[] = "/dev/shm/ecsnap-bench-XXXXXX";
+  const std::string dir = ::mkdtemp(dir_template);
+  RemoveWhenGone(dir);
   auto cluster = ecsnap::testing::Cluster::Start(dir, k, m, o);
   Check(cluster.status(), "starting the cluster");
 
@@ -149,20 +209,25 @@ int main(int argc, char** argv) {
   for (int s = 0; s < n; ++s) handles.push_back(*clients[s]->Snapshot(1, tensors_of(s)));
   for (auto& h : handles) Check(h.WaitCommitted(), "snapshot");
   const auto t_local = Clock::now();  // every node LOCAL
-  for (int i = 0; i < 120000; ++i) {
-    bool all = true;
+  bool all = false;
+  while (!all && Since(t_start) < absl::GetFlag(FLAGS_max_seconds)) {
+    all = true;
     for (int s = 0; s < n && all; ++s) all = StateOf((*cluster)->daemon(s), 1) == ecsnap::v1::PROTECTED;
-    if (all) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    if (!all) std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
   const double t_protect = Since(t_local);
+  if (!all) {
+    std::fprintf(stderr, "protect_bench: step 1 not PROTECTED on every node after %.0f s\n%s",
+                 t_protect, (*cluster)->daemon(0).Log().c_str());
+    return 1;
+  }
 
   // Lose node 1 and replace it empty; the daemon times its own rebuild.
   clients[1].reset();
   Check((*cluster)->daemon(1).Replace(), "replacing node 1");
   double t_rebuild = 0;
   const std::regex decoded("decoded in ([0-9.]+) s");
-  for (int i = 0; i < 6000 && t_rebuild == 0; ++i) {
+  while (t_rebuild == 0 && Since(t_start) < absl::GetFlag(FLAGS_max_seconds)) {
     std::smatch match;
     const std::string log = (*cluster)->daemon(1).Log();
     if (std::regex_search(log, match, decoded)) t_rebuild = std::stod(match[1]);
