@@ -35,6 +35,7 @@ grpc::Status PeerService::PushChunk(grpc::ServerContext*,
                                  h.id().position(), h.length(), h.crc32c());
   if (!fold.ok()) return ToGrpc(fold.status());
   parity_->RecordSlot(h.id().job_id(), h.id().step(), h.from());
+  protector_->OnPeerStep(h.id().job_id(), h.id().step());
   // Folded before: answer at once; the sender stops sending.
   if (*fold == nullptr) return grpc::Status::OK;
   while (reader->Read(&msg)) {

@@ -111,6 +111,14 @@ void Protector::QueuePushLocked(int holder, const std::string& job, uint64_t ste
   link.wake = true;
 }
 
+void Protector::OnPeerStep(const std::string& job, uint64_t step) {
+  if (!store_->AddEmptyStep(job, step)) return;
+  Log("job %s step %d: no rank of the job runs on this node; it takes part with an empty "
+      "payload",
+      job, step);
+  OnLocal(job, step);
+}
+
 void Protector::OnLocal(const std::string& job, uint64_t step) {
   absl::MutexLock lock(&mu_);
   for (int i = 0; i < layout_.n(); ++i) {

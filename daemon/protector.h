@@ -92,6 +92,9 @@ class Protector : public RetentionGate {
 
   // StepStore's listener: queues the step's pushes to every holder.
   void OnLocal(const std::string& job, uint64_t step);
+  // A peer pushed `step` of `job`: if no rank of the job runs here, this
+  // slot takes part with an empty payload (StepStore::AddEmptyStep).
+  void OnPeerStep(const std::string& job, uint64_t step);
   // A holder's row is complete, or lost (heard from the group, or here).
   void OnRowComplete(const peer::StripeProtected& row);
   // Tells the whole group (this slot too) that a row is complete or lost.

@@ -287,6 +287,13 @@ absl::StatusOr<uint64_t> StepStore::Attach(const std::string& job_id, uint32_t r
     job = std::make_unique<Job>();
     job->id = job_id;
     job->local_ranks = local_ranks;
+  } else if (job->local_ranks.empty() && job->sessions.empty()) {
+    // A job this node only took part in with empty payloads, and now its
+    // first rank here (a trainer that started late). The empty steps were
+    // placeholders: they go, so that the rank may write any step; the
+    // group re-folds a step whose real chunks differ from the empty ones.
+    job->local_ranks = local_ranks;
+    job->steps.clear();
   } else if (job->local_ranks != local_ranks) {
     return absl::FailedPreconditionError(absl::StrFormat(
         "job %s runs ranks {%s} on this node, but rank %d attached with {%s}; every rank must "
@@ -715,6 +722,22 @@ absl::Status StepStore::Demote(const std::string& job_id, uint64_t step) {
   }
   it->second->steps.at(step).state = v1::LOCAL;
   return absl::OkStatus();
+}
+
+bool StepStore::AddEmptyStep(const std::string& job_id, uint64_t step) {
+  if (!ValidJobId(job_id, options_.limits.max_job_id_bytes) || step == 0) return false;
+  absl::MutexLock lock(&mu_);
+  auto& job = jobs_[job_id];
+  if (!job) {
+    job = std::make_unique<Job>();
+    job->id = job_id;
+  }
+  if (!job->local_ranks.empty()) return false;
+  if (!job->steps.empty() && job->steps.rbegin()->first >= step) return false;
+  Step& st = job->steps[step];
+  st.state = v1::LOCAL;
+  Retire(*job);
+  return true;
 }
 
 void StepStore::ApplyRetention(const std::string& job_id) {

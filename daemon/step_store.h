@@ -217,6 +217,12 @@ class StepStore {
   // Moves a PROTECTED step back to LOCAL: a parity row of it was lost.
   // FAILED_PRECONDITION when it is not PROTECTED.
   absl::Status Demote(const std::string& job_id, uint64_t step);
+  // A group member pushed `step` of `job_id`, a job no rank of which runs on
+  // this node: this node's part of the step is an empty payload, LOCAL at
+  // once, so that the group can protect the step (DESIGN.md §2). Returns
+  // true when it added the step; false when the job has ranks here, or the
+  // step is not newer than the job's steps.
+  bool AddEmptyStep(const std::string& job_id, uint64_t step);
   // Applies retention to `job_id` again (the group floor moved, or a step
   // was abandoned).
   void ApplyRetention(const std::string& job_id);
