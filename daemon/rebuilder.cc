@@ -492,6 +492,9 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
       for (uint64_t at = 0; at < std::max<uint64_t>(span, 1) && all_good; at += kSliceBytes) {
         const uint64_t slice = std::min(kSliceBytes, out_len - std::min(out_len, at));
         uint8_t* const out = target < k ? out_buf.data() : parity_out.data() + at;
+        // Paced before the fetch, so that the cap spreads the survivors'
+        // traffic over time instead of sleeping after a burst.
+        Throttle(slice);
         int failed = -1;
         absl::Status st = DecodeSlice(c, s, target, use, at, kSliceBytes,
                                       absl::MakeSpan(out, slice), &crcs, &failed, &scratch);
@@ -508,7 +511,6 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
         }
         Progress(static_cast<int64_t>(slice));
         counted += slice;
-        Throttle(slice);
       }
       // A failed try is decoded again from other survivors: take back its
       // progress then.
