@@ -166,7 +166,9 @@ int main(int argc, char** argv) {
                 FormatBytes(r.bytes_checked()).c_str(),
                 r.errors().empty() ? "all intact" : "ERRORS");
     for (const auto& e : r.errors()) std::printf("  %s\n", e.c_str());
-    return r.errors().empty() ? 0 : 1;
+    std::printf("arena: %s\n",
+                r.arena_consistent() ? "consistent" : ("INCONSISTENT: " + r.arena_error()).c_str());
+    return r.errors().empty() && r.arena_consistent() ? 0 : 1;
   }
   if (command == "rebuild") {
     ctx.set_deadline(std::chrono::system_clock::now() +

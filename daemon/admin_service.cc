@@ -2,6 +2,8 @@
 
 #include <openssl/crypto.h>
 
+#include <cstdint>
+
 #include "absl/strings/str_format.h"
 #include "common/grpc_status.h"
 #include "common/log.h"
@@ -9,11 +11,13 @@
 namespace ecsnap::daemon {
 
 AdminService::AdminService(StepStore* store, const Arena* arena, AdminInfo info,
-                           std::string token, const Protector* protector, Rebuilder* rebuilder)
+                           std::string token, ParityStore* parity, const Protector* protector,
+                           Rebuilder* rebuilder)
     : store_(store),
       arena_(arena),
       info_(std::move(info)),
       token_(std::move(token)),
+      parity_(parity),
       protector_(protector),
       rebuilder_(rebuilder) {}
 
@@ -93,6 +97,12 @@ grpc::Status AdminService::Drop(grpc::ServerContext* context, const admin::DropR
   if (auto st = Authenticate(*context); !st.ok()) return st;
   auto dropped = store_->Drop(request->job_id(), request->step());
   if (!dropped.ok()) return ToGrpc(dropped.status());
+  // A whole job takes its parity rows with it. The rows of one dropped step
+  // stay until retention frees them with the step's older neighbours (when a
+  // newer step is protected), as every retired step's rows are.
+  if (parity_ != nullptr && request->step() == 0) {
+    parity_->DropBelow(request->job_id(), UINT64_MAX);
+  }
   Log("admin: dropped %d step(s) of job %s (%d bytes)", dropped->first, request->job_id(),
       dropped->second);
   response->set_steps_dropped(dropped->first);
@@ -109,6 +119,10 @@ grpc::Status AdminService::Verify(grpc::ServerContext* context,
   response->set_tensors_checked(report->tensors_checked);
   response->set_bytes_checked(report->bytes_checked);
   for (const auto& e : report->errors) response->add_errors(e);
+  const absl::Status arena = arena_->CheckConsistency();
+  response->set_arena_consistent(arena.ok());
+  response->set_arena_error(std::string(arena.message()));
+  if (!arena.ok()) Log("admin verify: %s", arena.message());
   return grpc::Status::OK;
 }
 

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "daemon/arena.h"
+#include "daemon/parity_store.h"
 #include "daemon/protector.h"
 #include "daemon/rebuilder.h"
 #include "daemon/step_store.h"
@@ -26,9 +27,9 @@ struct AdminInfo {
 class AdminService final : public admin::Admin::Service {
  public:
   // Empty `token`: no authentication (loopback or a private socket only).
-  // `protector` and `rebuilder` are null without peers (m = 0).
+  // `parity`, `protector` and `rebuilder` are null without peers (m = 0).
   AdminService(StepStore* store, const Arena* arena, AdminInfo info, std::string token,
-               const Protector* protector, Rebuilder* rebuilder);
+               ParityStore* parity, const Protector* protector, Rebuilder* rebuilder);
 
   grpc::Status Status(grpc::ServerContext* context, const admin::StatusRequest* request,
                       admin::StatusResponse* response) override;
@@ -48,6 +49,7 @@ class AdminService final : public admin::Admin::Service {
   const Arena* const arena_;
   const AdminInfo info_;
   const std::string token_;
+  ParityStore* const parity_;
   const Protector* const protector_;
   Rebuilder* const rebuilder_;
   const std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();

@@ -9,6 +9,8 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 
@@ -219,6 +221,7 @@ absl::StatusOr<ArenaExtent> Arena::AllocateLocked(uint64_t bytes) {
   free_.erase(best);
   if (left > 0) free_[rest_at] = left;
   free_bytes_ -= want;
+  allocated_[e.offset] = e.bytes;
   return e;
 }
 
@@ -229,6 +232,30 @@ void Arena::Free(const ArenaExtent& extent) {
 
 void Arena::FreeLocked(const ArenaExtent& extent) {
   if (extent.bytes == 0) return;
+  auto in_use = allocated_.find(extent.offset);
+  if (in_use == allocated_.end() || in_use->second != extent.bytes) {
+    // Freeing what is not in use would put memory that someone still owns on
+    // the free list, to be handed out a second time: stop here, loudly.
+    const std::string why =
+        in_use == allocated_.end()
+            ? std::string("no extent in use starts there")
+            : absl::StrFormat("the extent in use there has %d bytes", in_use->second);
+    std::string nearest = "none";
+    auto after = allocated_.upper_bound(extent.offset);
+    if (after != allocated_.begin()) {
+      auto before = std::prev(after);
+      nearest = absl::StrFormat("[%d, +%d)", before->first, before->second);
+    }
+    std::fprintf(stderr,
+                 "ecsnapd: FATAL: arena %s: Free of extent [%lu, +%lu) that is not an extent in "
+                 "use (a double, partial or overlapping free: %s; the nearest extent in use at "
+                 "or below it is %s); aborting before the free list overlaps\n",
+                 path_.c_str(), static_cast<unsigned long>(extent.offset),
+                 static_cast<unsigned long>(extent.bytes), why.c_str(), nearest.c_str());
+    std::fflush(stderr);
+    std::abort();
+  }
+  allocated_.erase(in_use);
   uint64_t off = extent.offset, len = extent.bytes;
   auto next = free_.lower_bound(off);
   if (next != free_.end() && next->first == off + len) {
@@ -256,7 +283,10 @@ absl::Status Arena::Reserve(const ArenaExtent& extent) {
 }
 
 bool Arena::ReserveLocked(const ArenaExtent& extent) {
-  if (extent.offset < data_offset_ || extent.offset % kArenaAlignBytes != 0) return false;
+  if (extent.offset < data_offset_ || extent.offset % kArenaAlignBytes != 0 ||
+      extent.bytes == 0 || extent.bytes % kArenaAlignBytes != 0) {
+    return false;
+  }
   auto it = free_.upper_bound(extent.offset);
   if (it == free_.begin()) return false;
   --it;
@@ -267,7 +297,57 @@ bool Arena::ReserveLocked(const ArenaExtent& extent) {
   const uint64_t end = extent.offset + extent.bytes;
   if (end < start + len) free_[end] = start + len - end;
   free_bytes_ -= extent.bytes;
+  allocated_[extent.offset] = extent.bytes;
   return true;
+}
+
+absl::Status Arena::CheckConsistency() const {
+  absl::MutexLock lock(&mu_);
+  // Walk both maps in offset order: each extent must start where the one
+  // before it ended, so that together they tile the data region.
+  auto used = allocated_.begin();
+  auto free = free_.begin();
+  uint64_t at = data_offset_, free_sum = 0;
+  while (used != allocated_.end() || free != free_.end()) {
+    const bool take_used =
+        free == free_.end() || (used != allocated_.end() && used->first < free->first);
+    const auto [off, len] = take_used ? *used++ : *free++;
+    const char* kind = take_used ? "in use" : "free";
+    if (len == 0 || off % kArenaAlignBytes != 0 || len % kArenaAlignBytes != 0) {
+      return absl::InternalError(absl::StrFormat(
+          "arena extent [%d, +%d) %s is empty or not aligned to %d bytes", off, len, kind,
+          kArenaAlignBytes));
+    }
+    if (off != at) {
+      return absl::InternalError(absl::StrFormat(
+          "arena extent [%d, +%d) %s %s the extents before it, which end at %d", off, len, kind,
+          off < at ? "overlaps" : "leaves a gap after", at));
+    }
+    if (len > size() - off) {
+      return absl::InternalError(absl::StrFormat(
+          "arena extent [%d, +%d) %s passes the end of the arena (%d bytes)", off, len, kind,
+          size()));
+    }
+    if (!take_used) free_sum += len;
+    at = off + len;
+  }
+  if (at != size()) {
+    return absl::InternalError(absl::StrFormat(
+        "arena extents cover the data region only up to %d of %d bytes", at, size()));
+  }
+  if (free_sum != free_bytes_) {
+    return absl::InternalError(absl::StrFormat(
+        "arena free extents add up to %d bytes but free_bytes says %d", free_sum, free_bytes_));
+  }
+  for (const auto& [id, extent] : records_) {
+    auto it = allocated_.find(extent.offset);
+    if (it == allocated_.end() || it->second != extent.bytes) {
+      return absl::InternalError(absl::StrFormat(
+          "arena record %d at [%d, +%d) is not an extent in use", id, extent.offset,
+          extent.bytes));
+    }
+  }
+  return absl::OkStatus();
 }
 
 uint64_t Arena::free_bytes() const {

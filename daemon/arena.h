@@ -92,12 +92,22 @@ class Arena {
   // A free extent of at least `bytes`; RESOURCE_EXHAUSTED naming the bytes
   // asked for and free when none is large enough.
   absl::StatusOr<ArenaExtent> Allocate(uint64_t bytes);
-  // Returns an extent from Allocate or Reserve.
+  // Returns an extent from Allocate or Reserve. The extent must be exactly one
+  // that is in use (same offset, same bytes): freeing anything else (twice,
+  // a part, an overlap) would let two owners share memory, so it is a broken
+  // invariant and aborts the process after naming the extent on stderr.
   void Free(const ArenaExtent& extent);
   // Marks an extent of an adopted record or window as in use. FAILED_PRECONDITION
   // when it is outside the data region or overlaps an extent in use.
   absl::Status Reserve(const ArenaExtent& extent);
   uint64_t free_bytes() const;
+
+  // Checks the arena's bookkeeping: extents in use and free extents are
+  // page-aligned, lie inside the data region, do not overlap and together
+  // cover it exactly; free_bytes() is the sum of the free ones; every record
+  // lies in an extent in use. OK, or INTERNAL naming the first extent that
+  // breaks a rule. Takes the lock for a walk over both maps.
+  absl::Status CheckConsistency() const;
 
   // Stores `record` in a fresh extent and publishes it in the index.
   // RESOURCE_EXHAUSTED when the index or the data region is full.
@@ -139,6 +149,8 @@ class Arena {
 
   mutable absl::Mutex mu_;
   std::map<uint64_t, uint64_t> free_ ABSL_GUARDED_BY(mu_);  // offset -> bytes
+  // Extents handed out by Allocate/Reserve and not yet freed: offset -> bytes.
+  std::map<uint64_t, uint64_t> allocated_ ABSL_GUARDED_BY(mu_);
   uint64_t free_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<uint32_t> free_entries_ ABSL_GUARDED_BY(mu_);
   std::map<uint32_t, ArenaExtent> records_ ABSL_GUARDED_BY(mu_);

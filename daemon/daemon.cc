@@ -124,8 +124,8 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
   info.m = cc.m();
   info.version = kVersion;
   d->admin_service_ = std::make_unique<AdminService>(d->store_.get(), d->arena_.get(), info,
-                                                     *token, d->protector_.get(),
-                                                     d->rebuilder_.get());
+                                                     *token, d->parity_.get(),
+                                                     d->protector_.get(), d->rebuilder_.get());
   if (d->rebuilder_) {
     Rebuilder* rebuilder = d->rebuilder_.get();
     StepStore* store = d->store_.get();

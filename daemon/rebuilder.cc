@@ -28,13 +28,38 @@ constexpr int kMaxPasses = 3;
 // Slice buffers of all stripes being rebuilt at once.
 constexpr uint64_t kMaxInFlightBytes = uint64_t{512} << 20;
 
+using Holders = std::map<std::pair<int, int>, std::set<int>>;  // (stripe, position) -> peers
+
+// Positions of stripe `s` that no answering peer holds intact.
+std::vector<int> MissingPositions(const Holders& held, int n, int s) {
+  std::vector<int> missing;
+  for (int q = 0; q < n; ++q) {
+    auto it = held.find({s, q});
+    if (it == held.end() || it->second.empty()) missing.push_back(q);
+  }
+  return missing;
+}
+
+// "stripe 1 has 1 of the 2 intact chunks it needs (positions {0, 2}, on slots
+// {3, 5}, are lost)", for a stripe that cannot be decoded.
+std::string StripeLoss(const ec::Layout& layout, const Group& group, const Holders& held, int s) {
+  const std::vector<int> missing = MissingPositions(held, layout.n(), s);
+  std::vector<uint32_t> slots;
+  for (int q : missing) slots.push_back(group.slots[layout.SlotOf(s, q)]);
+  return absl::StrFormat(
+      "stripe %d has %d of the %d intact chunks it needs (positions {%s}, on slots {%s}, are "
+      "lost)",
+      s, layout.n() - static_cast<int>(missing.size()), layout.k(), absl::StrJoin(missing, ", "),
+      absl::StrJoin(slots, ", "));
+}
+
 }  // namespace
 
 // What the group knows of one (job, step), merged over the answering peers.
 struct Rebuilder::StepView {
   std::map<int, peer::SlotStep> slots;                        // by group position
   std::map<std::pair<int, int>, peer::StripeProtected> rows;  // (stripe, row)
-  std::map<std::pair<int, int>, std::set<int>> held;          // (stripe, position) -> holders
+  Holders held;                                               // (stripe, position) -> holders
 };
 
 Rebuilder::Rebuilder(Arena* arena, StepStore* store, ParityStore* parity, Protector* protector,
@@ -65,6 +90,19 @@ void Rebuilder::WaitIdle(absl::Duration timeout) const {
 absl::Status Rebuilder::Run(const std::string& job_filter) {
   {
     absl::MutexLock lock(&mu_);
+    if (running_) {
+      // Two passes at once would decode the same step into two sets of
+      // windows and race to install them: the second caller is told instead.
+      std::string what = "looking at the group's inventories";
+      if (current_ != nullptr) {
+        const uint64_t total = status_.bytes_total();
+        what = absl::StrFormat("job %s step %d, %d%% done", status_.job_id(), status_.step(),
+                               total == 0 ? 0 : status_.bytes_done() * 100 / total);
+      }
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "a rebuild is already running (%s); see ecsnapctl status", what));
+    }
+    running_ = true;
     status_.set_active(true);
     status_.set_last_error("");
     throttle_start_ = absl::Now();
@@ -79,6 +117,7 @@ absl::Status Rebuilder::Run(const std::string& job_filter) {
         pass + 1);
   }
   absl::MutexLock lock(&mu_);
+  running_ = false;
   status_.set_active(false);
   if (!result.ok()) status_.set_last_error(std::string(result.message()));
   return result;
@@ -101,11 +140,39 @@ absl::Status Rebuilder::Pass(const std::string& job_filter, bool final_pass, boo
     peer::InventoryResponse resp;
     if (!protector_->Stub(i)->Inventory(&ctx, req, &resp).ok()) continue;
     answered.insert(i);
+    // A peer's word is range-checked before use: a bad entry is ignored (and
+    // counted in one line of the log), never trusted as an index.
+    int bad = 0;
     for (const auto& inv : resp.steps()) {
       StepView& v = views[{inv.job_id(), inv.step()}];
-      for (const auto& s : inv.slots()) v.slots[s.slot()] = s;
-      for (const auto& r : inv.rows()) v.rows[{int(r.stripe()), int(r.row())}] = r;
-      for (uint32_t c : inv.chunks()) v.held[{int(c / n), int(c % n)}].insert(i);
+      for (const auto& s : inv.slots()) {
+        if (s.slot() >= static_cast<uint32_t>(n)) {
+          ++bad;
+          continue;
+        }
+        v.slots[static_cast<int>(s.slot())] = s;
+      }
+      for (const auto& r : inv.rows()) {
+        if (r.stripe() >= static_cast<uint32_t>(n) || r.row() >= static_cast<uint32_t>(m) ||
+            r.holder_slot() >= static_cast<uint32_t>(n) || r.job_id() != inv.job_id() ||
+            r.step() != inv.step()) {
+          ++bad;
+          continue;
+        }
+        v.rows[{static_cast<int>(r.stripe()), static_cast<int>(r.row())}] = r;
+      }
+      for (uint32_t c : inv.chunks()) {
+        if (c >= static_cast<uint32_t>(n * n)) {
+          ++bad;
+          continue;
+        }
+        v.held[{static_cast<int>(c / n), static_cast<int>(c % n)}].insert(i);
+      }
+    }
+    if (bad > 0) {
+      Log("rebuild: the inventory of group position %d (slot %d) has %d entries naming a slot, "
+          "stripe, row or chunk outside RS %d+%d; ignored them",
+          i, group.slots[i], bad, k, m);
     }
   }
   // Rows announced while this daemon was away: steps it re-adopted may be
@@ -149,32 +216,43 @@ absl::Status Rebuilder::Pass(const std::string& job_filter, bool final_pass, boo
     for (const auto& [j, s] : have) {
       if (j == job) newest_here = std::max(newest_here, s);
     }
-    if (steps.front() <= newest_here) continue;  // nothing newer to rebuild
+    if (steps.front() <= newest_here) {
+      // Nothing newer to rebuild: the job is held here, so an old DATA_LOSS
+      // no longer describes it.
+      store_->ClearUnrecoverable(job);
+      continue;
+    }
     absl::Status outcome = absl::NotFoundError("no step");
     for (uint64_t step : steps) {
       if (step <= newest_here) break;
-      const StepView& v = views.at({job, step});
-      // Every stripe needs k intact chunks on answering peers.
+      const StepView& v = views.find({job, step})->second;
+      // Every stripe needs k intact chunks on answering peers, and every
+      // slot's manifests must be known.
       std::set<int> lost = {self};
       for (int i = 0; i < n; ++i) {
         if (i != self && !answered.count(i)) lost.insert(i);
       }
-      bool decodable = static_cast<int>(v.slots.size()) == n;
-      for (int s = 0; s < n && decodable; ++s) {
-        int intact = 0;
-        for (int q = 0; q < n; ++q) {
-          auto it = v.held.find({s, q});
-          if (it != v.held.end() && !it->second.empty()) ++intact;
-        }
-        decodable = intact >= k;
+      std::vector<std::string> why;
+      std::vector<uint32_t> unknown;
+      for (int i = 0; i < n; ++i) {
+        if (!v.slots.count(i)) unknown.push_back(group.slots[i]);
       }
-      if (!decodable) {
+      if (!unknown.empty()) {
+        why.push_back(absl::StrFormat("no answering peer knows the shape of slots {%s}",
+                                      absl::StrJoin(unknown, ", ")));
+      }
+      for (int s = 0; s < n; ++s) {
+        if (n - static_cast<int>(MissingPositions(v.held, n, s).size()) < k) {
+          why.push_back(StripeLoss(layout, group, v.held, s));
+        }
+      }
+      if (!why.empty()) {
         std::vector<uint32_t> missing;
         for (int i : lost) missing.push_back(group.slots[i]);
         outcome = absl::DataLossError(absl::StrFormat(
-            "job %s step %d cannot be rebuilt: group %d (RS %d+%d) has lost slots {%s}, more "
-            "than the %d it can lose; restore from a disk checkpoint",
-            job, step, group.id, k, m, absl::StrJoin(missing, ", "), m));
+            "job %s step %d cannot be rebuilt: group %d (RS %d+%d) has lost slots {%s}; %s; "
+            "restore from a disk checkpoint",
+            job, step, group.id, k, m, absl::StrJoin(missing, ", "), absl::StrJoin(why, "; ")));
         continue;  // an older step may still decode
       }
       outcome = RebuildStep(job, step, v);
@@ -186,6 +264,7 @@ absl::Status Rebuilder::Pass(const std::string& job_filter, bool final_pass, boo
       }
     }
     if (*again) break;
+    if (outcome.ok()) store_->ClearUnrecoverable(job);
     if (!outcome.ok()) {
       Log("%s", outcome.message());
       if (outcome.code() == absl::StatusCode::kDataLoss) store_->SetUnrecoverable(job, outcome);
@@ -203,7 +282,8 @@ struct Rebuilder::Current {
   std::vector<uint32_t> local_ranks;
   std::vector<RebuiltRank> ranks;      // fresh windows, laid end to end
   std::vector<uint64_t> rank_offset;   // of each rank in the payload
-  std::vector<bool> installed;         // served early, owned by the store (mu_)
+  std::vector<bool> installed;         // served early from an extent of its own (mu_)
+  std::vector<bool> handed_off;        // window now owned by the store
   std::vector<bool> claimed;           // being decoded on demand (mu_)
   bool finalizing = false;             // the rest is being installed (mu_)
   mutable std::atomic<bool> vanished{false};  // a peer no longer holds the step
@@ -225,7 +305,12 @@ absl::Status Rebuilder::DecodeSlice(const Current& c, int s, int target,
   for (size_t i = 0; i < use.size(); ++i) {
     fetchers.emplace_back([&, i] {
       const int q = use[i];
-      const int holder = *c.view->held.at({s, q}).begin();
+      auto holders = c.view->held.find({s, q});
+      if (holders == c.view->held.end() || holders->second.empty()) {
+        got[i] = absl::DataLossError(absl::StrFormat("no peer holds position %d", q));
+        return;
+      }
+      const int holder = *holders->second.begin();
       const uint64_t len = layout.ChunkLength(c.lens, s, q);
       const uint64_t from = std::min(at, len);
       const uint64_t want = std::min(len - from, read);
@@ -284,7 +369,9 @@ void Rebuilder::WritePayload(Current& c, uint64_t offset, const uint8_t* data, u
     if (offset >= end || offset + bytes <= base) continue;
     {
       absl::MutexLock lock(&mu_);
-      if (c.installed[i]) continue;  // served on demand: the store owns it now
+      // Served on demand from an extent of its own: this window is never
+      // installed, so it need not be filled.
+      if (c.installed[i]) continue;
     }
     const uint64_t lo = std::max(offset, base), hi = std::min(offset + bytes, end);
     std::memcpy(arena_->base() + r.extent.offset + (lo - base), data + (lo - offset), hi - lo);
@@ -309,7 +396,12 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
   const int n = layout.n(), k = layout.k(), self = group.self;
   const auto t0 = std::chrono::steady_clock::now();
 
-  const peer::SlotStep& me = v.slots.at(self);
+  auto mine = v.slots.find(self);
+  if (mine == v.slots.end() || static_cast<int>(v.slots.size()) != n) {
+    return absl::DataLossError(absl::StrFormat(
+        "job %s step %d: the peers do not know every slot's shape", job, step));
+  }
+  const peer::SlotStep& me = mine->second;
   SlotManifest sm;
   if (!sm.ParseFromString(me.manifests()) ||
       ec::Crc32c(absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(me.manifests().data()),
@@ -323,7 +415,20 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
   c.lens.resize(n);
   for (const auto& [pos, slot] : v.slots) c.lens[pos] = slot.payload_bytes();
   c.local_ranks.assign(sm.local_ranks().begin(), sm.local_ranks().end());
+  uint64_t manifest_bytes = 0;
+  for (const auto& r : sm.ranks()) manifest_bytes += r.bytes();
+  if (manifest_bytes != c.lens[self]) {
+    return absl::DataLossError(absl::StrFormat(
+        "job %s step %d: this slot's manifests add up to %d bytes but its payload has %d", job,
+        step, manifest_bytes, c.lens[self]));
+  }
   // Fresh windows for the slot's ranks, laid end to end as the payload.
+  //
+  // Ownership: the rebuild owns every window in c.ranks from Allocate until
+  // a successful InstallRebuilt hands it to the store (c.handed_off), and
+  // finish() frees every window it still owns, once, on every path. A rank
+  // served on demand lives in an extent ServeRank allocated (and frees if its
+  // install fails); its window here is never handed off, so finish() frees it.
   uint64_t offset = 0;
   for (const auto& r : sm.ranks()) {
     auto extent = arena_->Allocate(r.bytes());
@@ -337,6 +442,7 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
     offset += r.bytes();
   }
   c.installed.assign(c.ranks.size(), false);
+  c.handed_off.assign(c.ranks.size(), false);
   c.claimed.assign(c.ranks.size(), false);
 
   uint64_t total = 0;
@@ -354,10 +460,8 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
     auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return serving_ == 0; };
     mu_.Await(absl::Condition(&idle));
     current_ = nullptr;
-    if (!st.ok()) {
-      for (size_t i = 0; i < c.ranks.size(); ++i) {
-        if (!c.installed[i]) arena_->Free(c.ranks[i].extent);
-      }
+    for (size_t i = 0; i < c.ranks.size(); ++i) {
+      if (!c.handed_off[i]) arena_->Free(c.ranks[i].extent);
     }
     return st;
   };
@@ -374,12 +478,21 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
       if (!row.ok()) return row.status();
       parity_out = *row;
     }
-    // Expected CRC of each position, from what was recorded.
-    auto expected_crc = [&](int q) -> uint32_t {
-      if (q < k) return v.slots.at(layout.SlotOf(s, q)).chunk_crc32c(q);
+    // Expected CRC of each position, from what was recorded; false when the
+    // peers recorded none (the position is then treated as lost).
+    auto expected_crc = [&](int q, uint32_t* crc) -> bool {
+      if (q < k) {
+        auto it = v.slots.find(layout.SlotOf(s, q));
+        if (it == v.slots.end() || q >= it->second.chunk_crc32c_size()) return false;
+        *crc = it->second.chunk_crc32c(q);
+        return true;
+      }
       auto it = v.rows.find({s, q - k});
-      return it == v.rows.end() ? 0 : it->second.parity_crc32c();
+      if (it == v.rows.end()) return false;
+      *crc = it->second.parity_crc32c();
+      return true;
     };
+    uint64_t counted = 0;  // this stripe's share of bytes_done
     std::set<int> bad;
     Scratch scratch;
     std::vector<uint8_t> out_buf(target < k ? std::min(kSliceBytes, out_len) : 0);
@@ -399,6 +512,9 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
       for (uint64_t at = 0; at < std::max<uint64_t>(span, 1) && all_good; at += kSliceBytes) {
         const uint64_t slice = std::min(kSliceBytes, out_len - std::min(out_len, at));
         uint8_t* const out = target < k ? out_buf.data() : parity_out.data() + at;
+        // Paced before the fetch, so that the cap spreads the survivors'
+        // traffic over time instead of sleeping after a burst.
+        Throttle(slice);
         int failed = -1;
         absl::Status st = DecodeSlice(c, s, target, use, at, kSliceBytes,
                                       absl::MakeSpan(out, slice), &crcs, &failed, &scratch);
@@ -413,12 +529,23 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
         if (target < k) {
           WritePayload(c, layout.DataChunk(c.lens[self], target).offset + at, out, slice);
         }
-        Throttle(slice);
+        Progress(static_cast<int64_t>(slice));
+        counted += slice;
       }
-      if (!all_good) continue;
+      // A failed try is decoded again from other survivors: take back its
+      // progress then.
+      auto retry = [&] {
+        Progress(-static_cast<int64_t>(counted));
+        counted = 0;
+      };
+      if (!all_good) {
+        retry();
+        continue;
+      }
       // Whole chunks now read: check each against its recorded CRC.
       for (int q : use) {
-        if (crcs[q] != expected_crc(q)) {
+        uint32_t want = 0;
+        if (!expected_crc(q, &want) || crcs[q] != want) {
           Log("job %s step %d stripe %d: position %d fails its crc32c; treated as lost", job,
               step, s, q);
           bad.insert(q);
@@ -426,6 +553,7 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
         }
       }
       if (all_good) break;
+      retry();
     }
     if (target >= k) return parity_->CompleteRow(job, step, s, v.slots);
     return absl::OkStatus();
@@ -450,21 +578,23 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
   }
   for (const auto& [pos, slot] : v.slots) parity_->RecordSlot(job, step, slot);
   std::vector<RebuiltRank> rest;
+  std::vector<size_t> rest_index;
   {
     absl::MutexLock lock(&mu_);
     auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return serving_ == 0; };
     mu_.Await(absl::Condition(&idle));
     for (size_t i = 0; i < c.ranks.size(); ++i) {
-      if (!c.installed[i]) rest.push_back(c.ranks[i]);
+      if (c.installed[i]) continue;
+      rest.push_back(c.ranks[i]);
+      rest_index.push_back(i);
     }
     // Restores arriving from here on wait for the install below.
     c.finalizing = true;
   }
+  // On failure the windows are still the rebuild's: finish() frees them.
   absl::Status st = store_->InstallRebuilt(job, step, c.local_ranks, rest);
-  if (!st.ok()) {
-    for (const RebuiltRank& r : rest) arena_->Free(r.extent);
-    return finish(st);
-  }
+  if (!st.ok()) return finish(st);
+  for (size_t i : rest_index) c.handed_off[i] = true;
   for (const auto& [sr, row] : v.rows) parity_->RecordRow(row);
   protector_->OnInstalled(job, step);
   const double secs =
@@ -472,6 +602,11 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
   Log("rebuilt job %s step %d from group %d: %s decoded in %.2f s, every checksum verified", job,
       step, group.id, FormatBytes(total), secs);
   return finish(absl::OkStatus());
+}
+
+void Rebuilder::Progress(int64_t bytes) {
+  absl::MutexLock lock(&mu_);
+  status_.set_bytes_done(status_.bytes_done() + bytes);
 }
 
 void Rebuilder::Throttle(uint64_t bytes) {
@@ -520,12 +655,25 @@ void Rebuilder::ServeRank(const std::string& job, uint32_t rank, absl::Duration 
   // Decode this rank's bytes alone: its range of the payload, chunk by chunk,
   // from the same ranges of k survivors. No chunk is read whole here, so the
   // rank's tensor checksums are what vouch for the result.
+  //
+  // The bytes go to an extent of this call's own, not to the rebuild's window
+  // for the rank, which the full rebuild keeps writing: once installed, the
+  // served rank belongs to the store and nothing else writes it. If the
+  // install fails, the extent is freed here; the rebuild's window is freed by
+  // the rebuild, at its end.
   const ec::Layout& layout = protector_->layout();
-  const int self = protector_->group().self;
-  const RebuiltRank& r = c->ranks[i];
+  const Group& group = protector_->group();
+  const int self = group.self;
+  RebuiltRank r = c->ranks[i];
   const uint64_t a = c->rank_offset[i], b = a + r.bytes;
   const auto t0 = std::chrono::steady_clock::now();
   absl::Status st;
+  absl::StatusOr<ArenaExtent> own = arena_->Allocate(r.bytes);
+  if (own.ok()) {
+    r.extent = *own;
+  } else {
+    st = own.status();
+  }
   for (int p = 0; p < layout.k() && st.ok(); ++p) {
     const ec::Extent e = layout.DataChunk(c->lens[self], p);
     const uint64_t lo = std::max(a, e.offset), hi = std::min(b, e.offset + e.length);
@@ -533,7 +681,10 @@ void Rebuilder::ServeRank(const std::string& job, uint32_t rank, absl::Duration 
     const int s = layout.StripeOfDataChunk(self, p);
     const std::vector<int> use = Survivors(*c, s, p, {});
     if (static_cast<int>(use.size()) < layout.k()) {
-      st = absl::DataLossError("too few survivors");
+      st = absl::DataLossError(absl::StrFormat(
+          "job %s step %d rank %d cannot be decoded on demand: in group %d (RS %d+%d), %s",
+          c->job, c->step, rank, group.id, layout.k(), layout.m(),
+          StripeLoss(layout, group, c->view->held, s)));
       break;
     }
     Scratch scratch;
@@ -545,6 +696,7 @@ void Rebuilder::ServeRank(const std::string& job, uint32_t rank, absl::Duration 
     }
   }
   if (st.ok()) st = store_->InstallRebuiltRank(c->job, c->step, c->local_ranks, r);
+  if (!st.ok() && own.ok()) arena_->Free(*own);  // not installed: still this call's
   absl::MutexLock lock(&mu_);
   if (st.ok()) {
     c->installed[i] = true;

@@ -17,6 +17,7 @@
 #ifndef ECSNAP_DAEMON_REBUILDER_H_
 #define ECSNAP_DAEMON_REBUILDER_H_
 
+#include <cstdint>
 #include <set>
 #include <string>
 #include <vector>
@@ -47,6 +48,12 @@ class Rebuilder {
 
   // One pass over every job (or `job_id`): rebuild what this slot lacks.
   // Returns the first error; the others are logged.
+  //
+  // One pass runs at a time. A Run called while another is running does not
+  // wait and does nothing: it returns FAILED_PRECONDITION ("a rebuild is
+  // already running (job X step Y, N% done); see ecsnapctl status"). The
+  // running pass reads the group's inventories itself, so a caller that wants
+  // a fresh look once it ends calls Run again when status().active is false.
   absl::Status Run(const std::string& job_id);
 
   admin::RebuildStatus status() const;
@@ -57,6 +64,8 @@ class Rebuilder {
   // decodes that rank's bytes now, ahead of the rebuild, checks them and
   // makes them restorable (the step shows as REBUILDING). Returns once the
   // rank can be restored, or no rebuild concerns it, or after `timeout`.
+  // The rank is decoded into an arena extent of its own, never into the
+  // rebuild's window for it: what is served is never overwritten.
   void ServeRank(const std::string& job, uint32_t rank, absl::Duration timeout);
 
  private:
@@ -80,6 +89,8 @@ class Rebuilder {
   std::vector<int> Survivors(const Current& c, int s, int target, const std::set<int>& bad) const;
   void WritePayload(Current& c, uint64_t offset, const uint8_t* data, uint64_t bytes);
   void Throttle(uint64_t bytes);
+  // Adds `bytes` (negative: takes back) to the rebuild's bytes_done.
+  void Progress(int64_t bytes);
 
   Arena* const arena_;
   StepStore* const store_;
@@ -91,6 +102,7 @@ class Rebuilder {
   mutable absl::Mutex mu_;
   admin::RebuildStatus status_ ABSL_GUARDED_BY(mu_);
   Current* current_ ABSL_GUARDED_BY(mu_) = nullptr;  // the step being rebuilt
+  bool running_ ABSL_GUARDED_BY(mu_) = false;         // a Run is in progress
   int serving_ ABSL_GUARDED_BY(mu_) = 0;              // on-demand decodes running
   absl::Time throttle_start_ ABSL_GUARDED_BY(mu_);
   uint64_t throttled_bytes_ ABSL_GUARDED_BY(mu_) = 0;

@@ -971,7 +971,11 @@ absl::Status StepStore::AddRebuilt(const std::string& job_id, uint64_t step,
     auto id = arena_->AddRecord(RecordKind::kRank, absl::Span<const uint8_t>(
         reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()));
     if (id.ok()) rd->record_id = *id;  // without a record it is lost at a restart only
-    st.ranks[r.rank] = rd;
+    // A rank served early (or by a rebuild that failed) is replaced: its
+    // record goes now, its window once no restore pins it.
+    std::shared_ptr<RankData>& slot = st.ranks[r.rank];
+    if (slot) Kill(slot);
+    slot = rd;
     job->last_committed[r.rank] = std::max(job->last_committed[r.rank], step);
   }
   if (state == v1::PROTECTED) Retire(*job);
@@ -990,12 +994,17 @@ void StepStore::SetUnrecoverable(const std::string& job_id, absl::Status why) {
   unrecoverable_[job_id] = std::move(why);
 }
 
+void StepStore::ClearUnrecoverable(const std::string& job_id) {
+  absl::MutexLock lock(&mu_);
+  unrecoverable_.erase(job_id);
+}
+
 std::vector<std::pair<std::string, uint64_t>> StepStore::CompleteSteps() {
   absl::MutexLock lock(&mu_);
   std::vector<std::pair<std::string, uint64_t>> out;
   for (const auto& [id, job] : jobs_) {
     for (const auto& [n, st] : job->steps) {
-      if (st.state != v1::RECEIVING) out.emplace_back(id, n);
+      if (st.state == v1::LOCAL || st.state == v1::PROTECTED) out.emplace_back(id, n);
     }
   }
   return out;

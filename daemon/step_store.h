@@ -261,9 +261,15 @@ class StepStore {
   absl::StatusOr<std::pair<std::string, uint32_t>> SessionRank(uint64_t session);
 
   // Makes Restore of a job with nothing restorable answer `why` (DATA_LOSS
-  // naming what was lost) instead of NOT_FOUND, until a step is installed.
+  // naming what was lost) instead of NOT_FOUND, until a step is installed or
+  // ClearUnrecoverable is called.
   void SetUnrecoverable(const std::string& job_id, absl::Status why);
-  // Every (job, step) held in state LOCAL or later.
+  // Forgets the status SetUnrecoverable stored (a later rebuild pass found
+  // the job recoverable): Restore answers from what is held again.
+  void ClearUnrecoverable(const std::string& job_id);
+  // Every (job, step) held whole: LOCAL or PROTECTED. A REBUILDING step is
+  // not held (it has only the ranks served so far): a rebuild that failed is
+  // tried again.
   std::vector<std::pair<std::string, uint64_t>> CompleteSteps();
 
   uint32_t sessions() const;

@@ -327,5 +327,64 @@ TEST_F(StepStoreTest, VerifyAndDropForOperators) {
   EXPECT_EQ(arena_->free_bytes(), arena_->data_bytes());
 }
 
+// A rank decoded into a fresh extent, as the rebuilder hands it over.
+RebuiltRank Rebuilt(Arena& arena, uint32_t rank, const RankState& s) {
+  RebuiltRank r;
+  r.rank = rank;
+  r.extent = *arena.Allocate(s.bytes.size());
+  std::memcpy(arena.Bytes(r.extent).data(), s.bytes.data(), s.bytes.size());
+  r.bytes = s.bytes.size();
+  r.manifest = s.manifest;
+  return r;
+}
+
+TEST_F(StepStoreTest, ARankRebuiltAgainReplacesTheOldOneWithoutALeak) {
+  const uint64_t free_at_start = arena_->free_bytes();
+  const RankState s0 = MakeState(3, {5000, 123});
+  const RankState s1 = MakeState(4, {7000});
+  // Served early, then served again (a rebuild that failed and was retried),
+  // then installed whole.
+  ASSERT_TRUE(store_->InstallRebuiltRank("job", 3, {0, 1}, Rebuilt(*arena_, 0, s0)).ok());
+  auto r = *store_->Attach("job", 0, {0, 1});
+  auto lease = *store_->Restore(r, 3);  // pins the first copy
+  ASSERT_TRUE(store_->InstallRebuiltRank("job", 3, {0, 1}, Rebuilt(*arena_, 0, s0)).ok());
+  std::vector<RebuiltRank> whole;
+  whole.push_back(Rebuilt(*arena_, 0, s0));
+  whole.push_back(Rebuilt(*arena_, 1, s1));
+  ASSERT_TRUE(store_->InstallRebuilt("job", 3, {0, 1}, std::move(whole)).ok());
+  // The pinned copy is intact until released; the restorable one too.
+  auto pinned = *store_->Read(r, lease.lease_id, 0, s0.bytes.size());
+  EXPECT_TRUE(std::equal(pinned.begin(), pinned.end(), s0.bytes.begin()));
+  ASSERT_TRUE(store_->Release(r, lease.lease_id).ok());
+  EXPECT_EQ(Get(r, 3), s0.bytes);
+  ASSERT_TRUE(arena_->CheckConsistency().ok()) << arena_->CheckConsistency();
+  // Everything the replaced copies held is back once the job goes.
+  store_->Detach(r);
+  ASSERT_TRUE(store_->Drop("job", 0).ok());
+  EXPECT_EQ(arena_->free_bytes(), free_at_start);
+  EXPECT_TRUE(arena_->CheckConsistency().ok()) << arena_->CheckConsistency();
+}
+
+TEST_F(StepStoreTest, ARebuildingStepIsNotCompleteSoAFailedRebuildIsRetried) {
+  const RankState s0 = MakeState(5, {3000});
+  ASSERT_TRUE(store_->InstallRebuiltRank("job", 2, {0, 1}, Rebuilt(*arena_, 0, s0)).ok());
+  EXPECT_TRUE(store_->CompleteSteps().empty());
+  std::vector<RebuiltRank> whole;
+  whole.push_back(Rebuilt(*arena_, 0, s0));
+  whole.push_back(Rebuilt(*arena_, 1, MakeState(6, {100})));
+  ASSERT_TRUE(store_->InstallRebuilt("job", 2, {0, 1}, std::move(whole)).ok());
+  const auto complete = store_->CompleteSteps();
+  ASSERT_EQ(complete.size(), 1u);
+  EXPECT_EQ(complete[0], std::make_pair(std::string("job"), uint64_t{2}));
+}
+
+TEST_F(StepStoreTest, AnUnrecoverableJobAnswersDataLossUntilCleared) {
+  auto r = *store_->Attach("job", 0, {0});
+  store_->SetUnrecoverable("job", absl::DataLossError("job job step 4 cannot be rebuilt"));
+  EXPECT_EQ(store_->Restore(r, 0).status().code(), absl::StatusCode::kDataLoss);
+  store_->ClearUnrecoverable("job");
+  EXPECT_EQ(store_->Restore(r, 0).status().code(), absl::StatusCode::kNotFound);
+}
+
 }  // namespace
 }  // namespace ecsnap::daemon
