@@ -84,6 +84,25 @@ TEST_F(ArenaTest, RecordsSurviveAReopenAndRemovedOnesDoNot) {
   EXPECT_EQ(arena->Reserve(window).code(), absl::StatusCode::kFailedPrecondition);
 }
 
+TEST_F(ArenaTest, EachOwnerTakesItsOwnKindAndUnclaimedRecordsAreFreed) {
+  {
+    auto arena = *Arena::Open(Opts());
+    ASSERT_TRUE(arena->AddRecord(RecordKind::kRank, {reinterpret_cast<const uint8_t*>("r"), 1}).ok());
+    ASSERT_TRUE(
+        arena->AddRecord(RecordKind::kParityRow, {reinterpret_cast<const uint8_t*>("p"), 1}).ok());
+  }
+  auto arena = *Arena::Open(Opts());
+  const uint64_t free_at_open = arena->free_bytes();
+  auto ranks = arena->TakeAdoptedRecords(RecordKind::kRank);
+  ASSERT_EQ(ranks.size(), 1u);
+  EXPECT_EQ(ranks[0].bytes[0], 'r');
+  // A daemon restarted without peers keeps no parity: the row record goes.
+  arena->DropUnclaimedRecords();
+  EXPECT_EQ(arena->free_bytes(), free_at_open + kArenaAlignBytes);
+  EXPECT_TRUE(arena->TakeAdoptedRecords(RecordKind::kParityRow).empty());
+  EXPECT_TRUE(arena->CheckConsistency().ok());
+}
+
 TEST_F(ArenaTest, ACorruptRecordIsDroppedAtReopen) {
   {
     auto arena = *Arena::Open(Opts());
@@ -225,7 +244,7 @@ TEST_F(ArenaTest, RandomAllocFreeKeepsTheArenaConsistent) {
       }
     } else if (rng() % 2 == 0 || records.empty()) {
       const std::string rec(1 + rng() % 6000, 'r');
-      auto id = arena->AddRecord({reinterpret_cast<const uint8_t*>(rec.data()), rec.size()});
+      auto id = arena->AddRecord(RecordKind::kRank, {reinterpret_cast<const uint8_t*>(rec.data()), rec.size()});
       if (id.ok()) records.push_back(*id);
     } else {
       const size_t i = rng() % records.size();
@@ -250,11 +269,11 @@ TEST_F(ArenaTest, AReopenedArenaIsConsistentWithItsRecordsAndWindows) {
   {
     auto arena = *Arena::Open(Opts());
     window = *arena->Allocate(5 * 4096);
-    for (int i = 0; i < 5; ++i) ASSERT_TRUE(arena->AddRecord({}).ok());
+    for (int i = 0; i < 5; ++i) ASSERT_TRUE(arena->AddRecord(RecordKind::kRank, {}).ok());
     EXPECT_TRUE(arena->CheckConsistency().ok()) << arena->CheckConsistency();
   }
   auto arena = *Arena::Open(Opts());
-  auto records = arena->TakeAdoptedRecords();
+  auto records = arena->TakeAdoptedRecords(RecordKind::kRank);
   EXPECT_EQ(records.size(), 5u);
   ASSERT_TRUE(arena->Reserve(window).ok());
   EXPECT_TRUE(arena->CheckConsistency().ok()) << arena->CheckConsistency();

@@ -175,7 +175,11 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
     // what it re-adopted. Serving starts at once; restores wait for it.
     Rebuilder* rebuilder = d->rebuilder_.get();
     // Its errors are logged and shown by ecsnapctl status.
-    d->rebuild_thread_ = std::thread([rebuilder] { rebuilder->Run("").IgnoreError(); });
+    Protector* protector = d->protector_.get();
+    d->rebuild_thread_ = std::thread([rebuilder, protector] {
+      rebuilder->Run("").IgnoreError();
+      protector->SetReady();
+    });
   }
   return d;
 }

@@ -487,6 +487,15 @@ std::map<std::pair<std::string, uint64_t>, ParityStore::StepKnowledge> ParitySto
   return out;
 }
 
+bool ParityStore::KnowsPayloadOf(const std::string& job, int slot) const {
+  absl::MutexLock lock(&mu_);
+  for (auto it = steps_.lower_bound({job, 0}); it != steps_.end() && it->first.first == job; ++it) {
+    auto s = it->second->slots.find(slot);
+    if (s != it->second->slots.end() && s->second.payload_bytes() > 0) return true;
+  }
+  return false;
+}
+
 std::vector<int> ParityStore::MissingRows(const std::string& job, uint64_t step) const {
   std::vector<int> missing;
   absl::MutexLock lock(&mu_);

@@ -135,6 +135,10 @@ class ParityStore {
   };
   std::map<std::pair<std::string, uint64_t>, StepKnowledge> Knowledge() const;
 
+  // True when some step of `job` is known in which group position `slot`
+  // had a payload (it runs ranks of the job).
+  bool KnowsPayloadOf(const std::string& job, int slot) const;
+
   // Stripes whose row this slot keeps for (job, step) but does not hold
   // complete.
   std::vector<int> MissingRows(const std::string& job, uint64_t step) const;

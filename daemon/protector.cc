@@ -111,7 +111,17 @@ void Protector::QueuePushLocked(int holder, const std::string& job, uint64_t ste
   link.wake = true;
 }
 
+void Protector::SetReady() {
+  absl::MutexLock lock(&mu_);
+  ready_ = true;
+}
+
 void Protector::OnPeerStep(const std::string& job, uint64_t step) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (!ready_) return;
+  }
+  if (parity_->KnowsPayloadOf(job, group_.self)) return;
   if (!store_->AddEmptyStep(job, step)) return;
   Log("job %s step %d: no rank of the job runs on this node; it takes part with an empty "
       "payload",

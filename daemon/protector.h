@@ -94,7 +94,11 @@ class Protector : public RetentionGate {
   void OnLocal(const std::string& job, uint64_t step);
   // A peer pushed `step` of `job`: if no rank of the job runs here, this
   // slot takes part with an empty payload (StepStore::AddEmptyStep).
+  // Only after SetReady (the start-up rebuild pass is over), and never for a
+  // job the group knows this slot had a payload of (a replaced node whose
+  // ranks have not come back yet).
   void OnPeerStep(const std::string& job, uint64_t step);
+  void SetReady();
   // A holder's row is complete, or lost (heard from the group, or here).
   void OnRowComplete(const peer::StripeProtected& row);
   // Tells the whole group (this slot too) that a row is complete or lost.
@@ -182,6 +186,7 @@ class Protector : public RetentionGate {
 
   mutable absl::Mutex mu_;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  bool ready_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t seq_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<Link> links_ ABSL_GUARDED_BY(mu_);  // by group position
   std::vector<PeerState> peers_ ABSL_GUARDED_BY(mu_);
