@@ -3,11 +3,15 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <map>
 #include <random>
 #include <thread>
 
@@ -15,6 +19,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "client/ecsnap.h"
 #include "gtest/gtest.h"
 #include "tests/harness.h"
@@ -328,6 +335,310 @@ TEST_F(ClusterTest, ARankIsServedFromARebuildBeforeTheRebuildEnds) {
   Reconnect(0);
   EXPECT_EQ(RestoreAndCheck(0), 1u);
 }
+
+// ---------------------------------------------------------------------------
+// Fault injection (issue 8): restarts followed by losses, slow and hung
+// peers, shutdown under load, and a job that rewinds. Each test states the
+// promise it checks; on failure it prints the daemons' logs.
+
+// A rank's state of `step`, attempt `salt` (a rewound step is snapshotted
+// again with other bytes), with one extra tensor of `big_bytes` (0: none).
+State MakeFaultState(int slot, int rank, uint64_t step, uint64_t salt, uint64_t big_bytes) {
+  State s = MakeState(slot, rank, step);
+  std::mt19937_64 rng((step * 1000 + slot * 10 + rank) ^ (salt * 0x9E3779B97F4A7C15ull));
+  // Salted bytes in every tensor, so that two attempts of a step differ.
+  if (salt != 0) {
+    for (auto& b : s.bytes) {
+      for (auto& x : b) x = static_cast<uint8_t>(rng());
+    }
+  }
+  if (big_bytes > 0) {
+    s.bytes.emplace_back(big_bytes);
+    auto& big = s.bytes.back();
+    for (uint64_t i = 0; i < big_bytes; i += 8) {
+      const uint64_t v = rng();
+      std::memcpy(big.data() + i, &v, std::min<uint64_t>(8, big_bytes - i));
+    }
+  }
+  // The vectors may have moved: point the tensors at them again.
+  s.tensors.clear();
+  for (size_t i = 0; i < s.bytes.size(); ++i) {
+    Tensor t;
+    t.name = absl::StrCat("t", i);
+    t.dtype = DType::kUInt8;
+    t.shape = {static_cast<int64_t>(s.bytes[i].size())};
+    t.data = s.bytes[i].data();
+    t.bytes = s.bytes[i].size();
+    s.tensors.push_back(t);
+  }
+  return s;
+}
+
+// Each line of `log` (timestamp stripped) that appears more than `max`
+// times, with its count.
+std::map<std::string, int> RepeatedLines(const std::string& log, int max) {
+  std::map<std::string, int> count;
+  for (absl::string_view line : absl::StrSplit(log, '\n')) {
+    const size_t space = line.find(' ');
+    if (space == absl::string_view::npos) continue;
+    ++count[std::string(line.substr(space + 1))];
+  }
+  for (auto it = count.begin(); it != count.end();) {
+    it = it->second > max ? std::next(it) : count.erase(it);
+  }
+  return count;
+}
+
+class FaultTest : public ClusterTest {
+ protected:
+  // How each rank's bytes are made: attempt `salt`, `big_bytes` extra.
+  struct Workload {
+    uint64_t salt = 0;
+    uint64_t big_bytes = 0;
+  };
+
+  void StartFaultCluster(int k, int m, std::string cluster_fields = "",
+                         uint64_t arena_bytes = 32 << 20) {
+    DaemonProcess::Options o;
+    o.arena_bytes = arena_bytes;
+    o.cluster_fields = std::move(cluster_fields);
+    auto c = Cluster::Start(dir_.path(), k, m, o);
+    ASSERT_TRUE(c.ok()) << c.status();
+    cluster_ = std::move(*c);
+    clients_.resize(cluster_->n());
+    for (int s = 0; s < cluster_->n(); ++s) Reconnect(s);
+  }
+
+  std::vector<int> AllSlots() const {
+    std::vector<int> all;
+    for (int s = 0; s < cluster_->n(); ++s) all.push_back(s);
+    return all;
+  }
+
+  // Every rank of `slots` snapshots `step` made by `w`; waits for the copies
+  // and the commits. Returns the first error.
+  absl::Status SnapshotWith(uint64_t step, const std::vector<int>& slots, Workload w) {
+    std::vector<State> states;
+    std::vector<SnapshotHandle> handles;
+    states.reserve(slots.size() * kRanksPerNode);
+    for (int s : slots) {
+      for (int r = 0; r < kRanksPerNode; ++r) {
+        states.push_back(MakeFaultState(s, r, step, w.salt, w.big_bytes));
+        auto h = clients_[s][r]->Snapshot(step, states.back().tensors);
+        if (!h.ok()) {
+          return absl::Status(h.status().code(), absl::StrCat("slot ", s, " rank ", r, " step ",
+                                                              step, ": ", h.status().message()));
+        }
+        handles.push_back(*h);
+      }
+    }
+    absl::Status first;
+    for (auto& h : handles) {
+      absl::Status st = h.WaitCommitted();
+      if (first.ok() && !st.ok()) {
+        first = absl::Status(st.code(), absl::StrCat("step ", step, ": ", st.message()));
+      }
+    }
+    return first;
+  }
+
+  // True once every daemon reports `step` PROTECTED, within `bound`.
+  bool WaitAllProtected(uint64_t step, absl::Duration bound) {
+    const absl::Time end = absl::Now() + bound;
+    while (absl::Now() < end) {
+      bool all = true;
+      for (int s = 0; s < cluster_->n() && all; ++s) all = StateOf(s, step) == v1::PROTECTED;
+      if (all) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(25));
+    }
+    return false;
+  }
+
+  std::string States(uint64_t step) {
+    std::string out = absl::StrCat("step ", step, " by slot:");
+    for (int s = 0; s < cluster_->n(); ++s) {
+      absl::StrAppend(&out, " ", s, "=", v1::StepState_Name(StateOf(s, step)));
+    }
+    return out;
+  }
+
+  // The last `lines` lines of every daemon's log.
+  std::string Logs(int lines = 60) {
+    std::string out;
+    for (int s = 0; s < cluster_->n(); ++s) {
+      const std::string log = cluster_->daemon(s).Log();
+      std::vector<absl::string_view> all = absl::StrSplit(log, '\n');
+      const size_t from = all.size() > static_cast<size_t>(lines) ? all.size() - lines : 0;
+      absl::StrAppend(&out, "---- slot ", s, " (last ", lines, " lines) ----\n");
+      for (size_t i = from; i < all.size(); ++i) absl::StrAppend(&out, all[i], "\n");
+    }
+    return out;
+  }
+
+  // Every rank of `slot` restores `request` (or the newest); the step must be
+  // `want_step` and the bytes those `w` made. Returns false (after reporting)
+  // otherwise.
+  bool RestoreExactly(int slot, uint64_t request, uint64_t want_step, Workload w) {
+    bool ok = true;
+    for (int r = 0; r < kRanksPerNode; ++r) {
+      auto got = clients_[slot][r]->Restore(request);
+      if (!got.ok()) {
+        ADD_FAILURE() << "slot " << slot << " rank " << r << " restoring step "
+                      << (request == kLatestStep ? std::string("latest") : absl::StrCat(request))
+                      << " (want " << want_step << "): " << got.status();
+        ok = false;
+        continue;
+      }
+      if (got->step != want_step) {
+        ADD_FAILURE() << "slot " << slot << " rank " << r << " restored step " << got->step
+                      << ", want " << want_step;
+        ok = false;
+        continue;
+      }
+      const State want = MakeFaultState(slot, r, want_step, w.salt, w.big_bytes);
+      if (got->tensors.size() != want.bytes.size()) {
+        ADD_FAILURE() << "slot " << slot << " rank " << r << " step " << want_step << ": "
+                      << got->tensors.size() << " tensors, want " << want.bytes.size();
+        ok = false;
+        continue;
+      }
+      for (size_t i = 0; i < want.bytes.size(); ++i) {
+        const auto& g = got->tensors[i].data;
+        if (g.size() != want.bytes[i].size() ||
+            !std::equal(g.begin(), g.end(), want.bytes[i].begin())) {
+          ADD_FAILURE() << "slot " << slot << " rank " << r << " step " << want_step << " tensor "
+                        << i << ": bytes differ from the snapshot";
+          ok = false;
+        }
+      }
+    }
+    return ok;
+  }
+
+  // No daemon's log repeats a line more than `max` times.
+  void ExpectNoLogStorm(int max) {
+    for (int s = 0; s < cluster_->n(); ++s) {
+      for (const auto& [line, count] : RepeatedLines(cluster_->daemon(s).Log(), max)) {
+        ADD_FAILURE() << "slot " << s << " logged " << count << " times (bound " << max
+                      << "): " << line;
+      }
+    }
+  }
+
+  admin::StatusResponse AdminStatus(int slot) {
+    auto stub = cluster_->daemon(slot).AdminStub();
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    admin::StatusResponse r;
+    stub->Status(&ctx, {}, &r);
+    return r;
+  }
+};
+
+// A seed from ECSNAP_TEST_SEED, else from the clock; printed by the caller.
+uint64_t TestSeed() {
+  if (const char* env = std::getenv("ECSNAP_TEST_SEED"); env != nullptr && *env != '\0') {
+    return std::strtoull(env, nullptr, 10);
+  }
+  return static_cast<uint64_t>(absl::ToUnixNanos(absl::Now()));
+}
+
+// What DaemonProcess::Terminate() measured, in words.
+std::string ExitTime(absl::Duration took) {
+  if (took == absl::InfiniteDuration()) return "did not exit within the bound; SIGKILLed";
+  return absl::StrCat("exited in ", absl::FormatDuration(took));
+}
+
+std::string SlotSet(const std::vector<int>& slots) {
+  return absl::StrCat("{", absl::StrJoin(slots, ","), "}");
+}
+
+class RestartThenLoss : public FaultTest, public ::testing::WithParamInterface<Shape> {};
+
+// DESIGN.md §2: PROTECTED holds only while every parity row exists. A daemon
+// restarted in place must get its rows back (re-adopted or pushed again)
+// before the group says PROTECTED; after that, any <= m other nodes lost
+// (or the restarted ones among them) restore byte for byte.
+TEST_P(RestartThenLoss, AnyMLossesAfterInPlaceRestartsRestoreTheProtectedStep) {
+  const int k = GetParam().k, m = GetParam().m, n = k + m;
+  const uint64_t seed = TestSeed();
+  std::printf("restart-then-loss RS(%d,%d): seed %llu (replay: ECSNAP_TEST_SEED=%llu)\n", k, m,
+              static_cast<unsigned long long>(seed), static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  StartFaultCluster(k, m);
+  int run = 0, recovered = 0;
+  uint64_t step = 0;
+  for (int c = 0; c < GetParam().max_cases && !HasFailure(); ++c) {
+    ++step;
+    ASSERT_TRUE(SnapshotWith(step, AllSlots(), {}).ok());
+    ASSERT_TRUE(WaitAllProtected(step, absl::Seconds(20))) << States(step) << "\n" << Logs();
+
+    std::vector<int> order = AllSlots();
+    std::shuffle(order.begin(), order.end(), rng);
+    const int restarted_count = 1 + static_cast<int>(rng() % m);
+    std::vector<int> restarted(order.begin(), order.begin() + restarted_count);
+    // Even cases lose other nodes; odd cases lose the restarted ones (and
+    // maybe others, up to m).
+    const bool lose_restarted = c % 2 == 1;
+    std::vector<int> lost;
+    if (lose_restarted) {
+      lost = restarted;
+      const int extra = static_cast<int>(rng() % (m - restarted_count + 1));
+      lost.insert(lost.end(), order.begin() + restarted_count,
+                  order.begin() + restarted_count + extra);
+    } else {
+      const int others = std::min(m, n - restarted_count);
+      const int count = 1 + static_cast<int>(rng() % others);
+      lost.assign(order.begin() + restarted_count, order.begin() + restarted_count + count);
+    }
+    std::sort(restarted.begin(), restarted.end());
+    std::sort(lost.begin(), lost.end());
+    std::printf("  case %d: step %llu, restart %s in place, then replace %s empty\n", c,
+                static_cast<unsigned long long>(step), SlotSet(restarted).c_str(),
+                SlotSet(lost).c_str());
+    std::fflush(stdout);
+
+    for (int s : restarted) clients_[s].clear();
+    for (int s : restarted) cluster_->daemon(s).Kill();
+    for (int s : restarted) {
+      absl::Status st = cluster_->daemon(s).Restart();
+      ASSERT_TRUE(st.ok()) << st;
+    }
+    for (int s : restarted) Reconnect(s);
+    ASSERT_TRUE(WaitAllProtected(step, absl::Seconds(30)))
+        << "after restarting " << SlotSet(restarted) << ": " << States(step) << "\n"
+        << Logs();
+
+    for (int s : lost) clients_[s].clear();
+    for (int s : lost) cluster_->daemon(s).Kill();
+    for (int s : lost) {
+      absl::Status st = cluster_->daemon(s).Replace();
+      ASSERT_TRUE(st.ok()) << st;
+    }
+    ++run;
+    bool ok = true;
+    for (int s : lost) {
+      Reconnect(s);
+      ok &= RestoreExactly(s, kLatestStep, step, {});
+    }
+    if (ok) {
+      ++recovered;
+    } else {
+      ADD_FAILURE() << "case " << c << " (seed " << seed << "): restarted "
+                    << SlotSet(restarted) << ", then lost " << SlotSet(lost) << "\n"
+                    << Logs();
+    }
+  }
+  std::printf("restart-then-loss RS(%d,%d): seed %llu, %d cases run, %d recovered\n", k, m,
+              static_cast<unsigned long long>(seed), run, recovered);
+  EXPECT_EQ(run, recovered);
+}
+
+INSTANTIATE_TEST_SUITE_P(Codes, RestartThenLoss,
+                         ::testing::Values(Shape{2, 1, 4}, Shape{2, 2, 4}, Shape{4, 2, 4}),
+                         [](const ::testing::TestParamInfo<Shape>& info) {
+                           return absl::StrCat("RS", info.param.k, "_", info.param.m);
+                         });
 
 }  // namespace
 }  // namespace ecsnap
