@@ -640,5 +640,54 @@ INSTANTIATE_TEST_SUITE_P(Codes, RestartThenLoss,
                            return absl::StrCat("RS", info.param.k, "_", info.param.m);
                          });
 
+// DESIGN.md §2: a failed push never poisons anything for good. A holder
+// stopped in the middle of a push, past the peer timeout, then resumed: the
+// step and the next one reach PROTECTED everywhere, and no log repeats an
+// error without bound.
+TEST_F(FaultTest, AHolderStoppedMidPushPastTheTimeoutCatchesUp) {
+  constexpr uint64_t kBig = 6 << 20;  // per rank: pushes take a while
+  StartFaultCluster(2, 1, "peer_timeout_ms: 1000", 160 << 20);
+  ASSERT_TRUE(SnapshotWith(1, AllSlots(), {0, kBig}).ok());
+  ASSERT_TRUE(WaitAllProtected(1, absl::Seconds(30))) << States(1) << "\n" << Logs();
+
+  absl::Status st = SnapshotWith(2, AllSlots(), {0, kBig});
+  cluster_->daemon(2).Pause();  // right after the commits: pushes to it in flight
+  ASSERT_TRUE(st.ok()) << st;
+  std::this_thread::sleep_for(std::chrono::seconds(3));
+  cluster_->daemon(2).Resume();
+  const absl::Time resumed = absl::Now();
+  const bool caught_up = WaitAllProtected(2, absl::Seconds(30));
+  EXPECT_TRUE(caught_up) << "30 s after SIGCONT: " << States(2) << "\n" << Logs();
+  if (caught_up) {
+    std::printf("step 2 protected everywhere %s after SIGCONT\n",
+                absl::FormatDuration(absl::Now() - resumed).c_str());
+  }
+
+  st = SnapshotWith(3, AllSlots(), {0, kBig});
+  ASSERT_TRUE(st.ok()) << st;
+  EXPECT_TRUE(WaitAllProtected(3, absl::Seconds(30))) << States(3) << "\n" << Logs();
+  ExpectNoLogStorm(20);
+  for (int s = 0; s < cluster_->n(); ++s) EXPECT_TRUE(cluster_->daemon(s).alive()) << s;
+}
+
+// A holder stopped before the others push to it, resumed once their pushes
+// and announcements have timed out: every daemon, the stopped one included,
+// ends up showing the step PROTECTED (announcements are sent again).
+TEST_F(FaultTest, AHolderStoppedBeforeThePushEndsUpProtectedLikeTheOthers) {
+  StartFaultCluster(2, 1, "peer_timeout_ms: 1000");
+  ASSERT_TRUE(SnapshotWith(1, {2}, {}).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  cluster_->daemon(2).Pause();
+  absl::Status st = SnapshotWith(1, {0, 1}, {});
+  if (!st.ok()) cluster_->daemon(2).Resume();
+  ASSERT_TRUE(st.ok()) << st;
+  std::this_thread::sleep_for(std::chrono::seconds(3));
+  cluster_->daemon(2).Resume();
+  EXPECT_TRUE(WaitAllProtected(1, absl::Seconds(30)))
+      << "30 s after SIGCONT: " << States(1) << "\n"
+      << Logs();
+  ExpectNoLogStorm(20);
+}
+
 }  // namespace
 }  // namespace ecsnap
