@@ -689,5 +689,47 @@ TEST_F(FaultTest, AHolderStoppedBeforeThePushEndsUpProtectedLikeTheOthers) {
   ExpectNoLogStorm(20);
 }
 
+// SIGTERM exits within 2 s whatever the peers do: here a push to a stopped
+// peer is in flight (its deadline is many seconds away).
+TEST_F(FaultTest, SigtermExitsWithinTwoSecondsWhileAPushToAStoppedPeerIsInFlight) {
+  StartFaultCluster(2, 1, "", 128 << 20);
+  ASSERT_TRUE(SnapshotWith(1, AllSlots(), {}).ok());
+  ASSERT_TRUE(WaitAllProtected(1, absl::Seconds(20))) << States(1) << "\n" << Logs();
+  cluster_->daemon(2).Pause();
+  absl::Status st = SnapshotWith(2, {0, 1}, {0, 6 << 20});
+  ASSERT_TRUE(st.ok()) << st;
+  clients_[0].clear();
+  int status = 0;
+  const absl::Duration took = cluster_->daemon(0).Terminate(absl::Seconds(20), &status);
+  cluster_->daemon(2).Resume();
+  std::printf("SIGTERM with a push to a stopped peer in flight: %s\n", ExitTime(took).c_str());
+  EXPECT_LT(took, absl::Milliseconds(2500)) << Logs();
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "wait status " << status;
+}
+
+// SIGTERM exits within 2 s while a rebuild capped at 2 MB/s has seconds to go.
+TEST_F(FaultTest, SigtermExitsWithinTwoSecondsDuringACappedRebuild) {
+  StartFaultCluster(2, 2, "rebuild_bytes_per_sec: 2000000", 128 << 20);
+  ASSERT_TRUE(SnapshotWith(1, AllSlots(), {0, 4 << 20}).ok());
+  ASSERT_TRUE(WaitAllProtected(1, absl::Seconds(30))) << States(1) << "\n" << Logs();
+  clients_[0].clear();
+  ASSERT_TRUE(cluster_->daemon(0).Replace().ok());
+  bool rebuilding = false;
+  for (int i = 0; i < 200 && !rebuilding; ++i) {
+    rebuilding = AdminStatus(0).rebuild().active();
+    if (!rebuilding) std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  }
+  ASSERT_TRUE(rebuilding) << "the replacement never started its rebuild\n" << Logs();
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  const admin::RebuildStatus progress = AdminStatus(0).rebuild();
+  int status = 0;
+  const absl::Duration took = cluster_->daemon(0).Terminate(absl::Seconds(30), &status);
+  std::printf("SIGTERM during a capped rebuild (active %d, %llu of %llu bytes): %s\n",
+              progress.active(), static_cast<unsigned long long>(progress.bytes_done()),
+              static_cast<unsigned long long>(progress.bytes_total()), ExitTime(took).c_str());
+  EXPECT_LT(took, absl::Milliseconds(2500)) << Logs();
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "wait status " << status;
+}
+
 }  // namespace
 }  // namespace ecsnap
