@@ -700,7 +700,7 @@ TEST_F(FaultTest, SigtermExitsWithinTwoSecondsWhileAPushToAStoppedPeerIsInFlight
   ASSERT_TRUE(st.ok()) << st;
   clients_[0].clear();
   int status = 0;
-  const absl::Duration took = cluster_->daemon(0).Terminate(absl::Seconds(20), &status);
+  const absl::Duration took = cluster_->daemon(0).Terminate(absl::Seconds(10), &status);
   cluster_->daemon(2).Resume();
   std::printf("SIGTERM with a push to a stopped peer in flight: %s\n", ExitTime(took).c_str());
   EXPECT_LT(took, absl::Milliseconds(2500)) << Logs();
