@@ -397,12 +397,19 @@ class FaultTest : public ClusterTest {
     uint64_t big_bytes = 0;
   };
 
+  // A group of k + m daemons in `subdir` of the test's directory (empty:
+  // the directory itself), each slot's ranks connected.
   void StartFaultCluster(int k, int m, std::string cluster_fields = "",
-                         uint64_t arena_bytes = 32 << 20) {
+                         uint64_t arena_bytes = 32 << 20, const std::string& subdir = "") {
     DaemonProcess::Options o;
     o.arena_bytes = arena_bytes;
     o.cluster_fields = std::move(cluster_fields);
-    auto c = Cluster::Start(dir_.path(), k, m, o);
+    std::string dir = dir_.path();
+    if (!subdir.empty()) {
+      dir = absl::StrCat(dir, "/", subdir);
+      ASSERT_EQ(::mkdir(dir.c_str(), 0755), 0) << dir;
+    }
+    auto c = Cluster::Start(dir, k, m, o);
     ASSERT_TRUE(c.ok()) << c.status();
     cluster_ = std::move(*c);
     clients_.resize(cluster_->n());
@@ -565,15 +572,12 @@ TEST_P(RestartThenLoss, AnyMLossesAfterInPlaceRestartsRestoreTheProtectedStep) {
   std::printf("restart-then-loss RS(%d,%d): seed %llu (replay: ECSNAP_TEST_SEED=%llu)\n", k, m,
               static_cast<unsigned long long>(seed), static_cast<unsigned long long>(seed));
   std::mt19937_64 rng(seed);
-  StartFaultCluster(k, m);
+  const ::testing::TestResult& result =
+      *::testing::UnitTest::GetInstance()->current_test_info()->result();
   int run = 0, recovered = 0;
-  uint64_t step = 0;
-  for (int c = 0; c < GetParam().max_cases && !HasFailure(); ++c) {
-    ++step;
-    ASSERT_TRUE(SnapshotWith(step, AllSlots(), {}).ok());
-    ASSERT_TRUE(WaitAllProtected(step, absl::Seconds(20))) << States(step) << "\n" << Logs();
-
-    std::vector<int> order = AllSlots();
+  for (int c = 0; c < GetParam().max_cases; ++c) {
+    std::vector<int> order(n);
+    for (int s = 0; s < n; ++s) order[s] = s;
     std::shuffle(order.begin(), order.end(), rng);
     const int restarted_count = 1 + static_cast<int>(rng() % m);
     std::vector<int> restarted(order.begin(), order.begin() + restarted_count);
@@ -593,40 +597,51 @@ TEST_P(RestartThenLoss, AnyMLossesAfterInPlaceRestartsRestoreTheProtectedStep) {
     }
     std::sort(restarted.begin(), restarted.end());
     std::sort(lost.begin(), lost.end());
+    const uint64_t step = c + 1;
     std::printf("  case %d: step %llu, restart %s in place, then replace %s empty\n", c,
                 static_cast<unsigned long long>(step), SlotSet(restarted).c_str(),
                 SlotSet(lost).c_str());
     std::fflush(stdout);
 
-    for (int s : restarted) clients_[s].clear();
-    for (int s : restarted) cluster_->daemon(s).Kill();
-    for (int s : restarted) {
-      absl::Status st = cluster_->daemon(s).Restart();
-      ASSERT_TRUE(st.ok()) << st;
-    }
-    for (int s : restarted) Reconnect(s);
-    ASSERT_TRUE(WaitAllProtected(step, absl::Seconds(30)))
-        << "after restarting " << SlotSet(restarted) << ": " << States(step) << "\n"
-        << Logs();
+    // Each case on a fresh group, so that one case's damage does not leak
+    // into the next.
+    const int failures_before = result.total_part_count();
+    [&] {
+      clients_.clear();
+      cluster_.reset();
+      StartFaultCluster(k, m, "", 32 << 20, absl::StrCat("case", c));
+      ASSERT_TRUE(SnapshotWith(step, AllSlots(), {}).ok());
+      ASSERT_TRUE(WaitAllProtected(step, absl::Seconds(20))) << States(step) << "\n" << Logs(30);
 
-    for (int s : lost) clients_[s].clear();
-    for (int s : lost) cluster_->daemon(s).Kill();
-    for (int s : lost) {
-      absl::Status st = cluster_->daemon(s).Replace();
-      ASSERT_TRUE(st.ok()) << st;
-    }
+      for (int s : restarted) clients_[s].clear();
+      for (int s : restarted) cluster_->daemon(s).Kill();
+      for (int s : restarted) {
+        absl::Status st = cluster_->daemon(s).Restart();
+        ASSERT_TRUE(st.ok()) << st;
+      }
+      for (int s : restarted) Reconnect(s);
+      ASSERT_TRUE(WaitAllProtected(step, absl::Seconds(30)))
+          << "after restarting " << SlotSet(restarted) << ": " << States(step) << "\n"
+          << Logs(30);
+
+      for (int s : lost) clients_[s].clear();
+      for (int s : lost) cluster_->daemon(s).Kill();
+      for (int s : lost) {
+        absl::Status st = cluster_->daemon(s).Replace();
+        ASSERT_TRUE(st.ok()) << st;
+      }
+      for (int s : lost) {
+        Reconnect(s);
+        RestoreExactly(s, kLatestStep, step, {});
+      }
+    }();
     ++run;
-    bool ok = true;
-    for (int s : lost) {
-      Reconnect(s);
-      ok &= RestoreExactly(s, kLatestStep, step, {});
-    }
-    if (ok) {
+    if (result.total_part_count() == failures_before) {
       ++recovered;
     } else {
-      ADD_FAILURE() << "case " << c << " (seed " << seed << "): restarted "
-                    << SlotSet(restarted) << ", then lost " << SlotSet(lost) << "\n"
-                    << Logs();
+      ADD_FAILURE() << "case " << c << " (seed " << seed << "): restarted " << SlotSet(restarted)
+                    << ", then lost " << SlotSet(lost) << "\n"
+                    << Logs(30);
     }
   }
   std::printf("restart-then-loss RS(%d,%d): seed %llu, %d cases run, %d recovered\n", k, m,
