@@ -5,7 +5,9 @@
 //     least as new as the newest one every daemon had reported PROTECTED
 //     before the kill, byte for byte, and never DATA_LOSS;
 //   - a restarted daemon's rank restores the same way from its own arena;
-//   - no daemon dies unless the nemesis killed it.
+//   - no daemon dies unless the nemesis killed it;
+//   - once the faults stop, a new step becomes PROTECTED everywhere, every
+//     rank still held verifies, and the arenas hold no leftovers.
 //
 //   bazel test //tests:thrash_test                          (about 2 minutes)
 //   .bazel/bin/tests/thrash_test --minutes=30               (a long run)
@@ -72,6 +74,12 @@ constexpr char kClusterFields[] = "rebuild_bytes_per_sec: 500000";
 // How long a restarted or replaced node may take to report PROTECTED again.
 constexpr absl::Duration kHealBound = absl::Seconds(90);
 constexpr absl::Duration kRestoreBound = absl::Seconds(60);
+// Once the faults stop, how long the group may take to protect a new step.
+constexpr absl::Duration kSettleBound = absl::Seconds(60);
+// Arena bytes a daemon may still use at the end: with retain 1, one
+// protected step and one in flight, data and parity (about 0.8 MiB each),
+// with room to spare; leaking a row or a rank per fault would exceed it.
+constexpr uint64_t kArenaUsedBound = 4 << 20;
 
 uint64_t ChooseSeed() {
   uint64_t seed = absl::GetFlag(FLAGS_seed);
@@ -175,6 +183,8 @@ class Thrasher {
   void CheckRestore(int slot, uint64_t floor, const char* after);
 
   void KillAndStart(const std::vector<int>& slots, bool replace);
+  void Settle();
+  void CheckArenas();
   void Pause(int slot);
   void Corrupt(int slot);
 
@@ -560,9 +570,72 @@ void Thrasher::Run(absl::Duration duration, int max_events) {
   }
   for (int slot = 0; slot < kN; ++slot) cluster_->daemon(slot).Resume();
   faults_.clear();
-  Tend();  // the liveness check, once more
+  Settle();
   stop_ = true;
   for (auto& t : threads) t.join();
+  CheckArenas();
+}
+
+// The faults stop: a step snapshotted after the last one becomes PROTECTED
+// on every daemon within kSettleBound, and no daemon dies meanwhile.
+void Thrasher::Settle() {
+  const uint64_t after = StepNow() + 1;
+  const absl::Time deadline = absl::Now() + kSettleBound;
+  uint64_t group_protected = 0;
+  while (absl::Now() < deadline) {
+    Tend();
+    {
+      absl::MutexLock l(&mu_);
+      group_protected = group_protected_;
+    }
+    if (group_protected >= after) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  std::printf("settle: step %llu protected everywhere (wanted %llu or newer)\n",
+              static_cast<unsigned long long>(group_protected),
+              static_cast<unsigned long long>(after));
+  if (group_protected < after) {
+    Fail(absl::StrCat("no step snapshotted after the last fault (", after,
+                      " or newer) became PROTECTED on every daemon within ",
+                      absl::FormatDuration(kSettleBound), "; newest: ", group_protected),
+         -1);
+  }
+}
+
+// With the writers gone: every rank a daemon still holds verifies, and the
+// arena holds a few steps' worth, not what every fault left behind.
+void Thrasher::CheckArenas() {
+  std::this_thread::sleep_for(std::chrono::seconds(1));  // retirements settle
+  for (int slot = 0; slot < kN; ++slot) {
+    auto stub = cluster_->daemon(slot).AdminStub();
+    {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+      admin::VerifyRequest req;
+      req.set_job_id(kJob);
+      admin::VerifyResponse resp;
+      grpc::Status st = stub->Verify(&ctx, req, &resp);
+      if (!st.ok() || resp.errors_size() > 0 || resp.tensors_checked() == 0) {
+        Fail(absl::StrCat("slot ", slot, " verify: ", st.error_message(), " ",
+                          resp.tensors_checked(), " tensors checked, errors: ",
+                          absl::StrJoin(resp.errors(), "; ")),
+             slot);
+      }
+    }
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    admin::StatusResponse status;
+    grpc::Status st = stub->Status(&ctx, {}, &status);
+    std::printf("slot %d: arena %llu of %llu bytes used\n", slot,
+                static_cast<unsigned long long>(status.arena_used_bytes()),
+                static_cast<unsigned long long>(status.arena_bytes()));
+    if (!st.ok() || status.arena_used_bytes() > kArenaUsedBound) {
+      Fail(absl::StrCat("slot ", slot, ": ", st.error_message(), " arena ",
+                        status.arena_used_bytes(), " bytes used after the run, more than ",
+                        kArenaUsedBound),
+           slot);
+    }
+  }
 }
 
 TEST(Thrash, AnyMLostNodesRestoreTheNewestProtectedStepUnderRandomFaults) {
