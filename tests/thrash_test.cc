@@ -205,6 +205,7 @@ class Thrasher {
   std::map<uint64_t, std::bitset<kN>> seen_protected_ ABSL_GUARDED_BY(mu_);
   uint64_t group_protected_ ABSL_GUARDED_BY(mu_) = 0;  // every slot reported it PROTECTED
   uint64_t newest_protected_[kN] ABSL_GUARDED_BY(mu_) = {};  // since the slot's last event
+  uint64_t epoch_[kN] ABSL_GUARDED_BY(mu_) = {};  // kills of the slot so far
   std::vector<std::string> failures_ ABSL_GUARDED_BY(mu_);
   int writer_errors_ ABSL_GUARDED_BY(mu_) = 0;
 };
@@ -268,6 +269,11 @@ void Thrasher::Poller() {
   while (!stop_) {
     for (int slot = 0; slot < kN && !stop_; ++slot) {
       if (stubs[slot] == nullptr) stubs[slot] = cluster_->daemon(slot).AdminStub();
+      uint64_t epoch;
+      {
+        absl::MutexLock l(&mu_);
+        epoch = epoch_[slot];
+      }
       grpc::ClientContext ctx;
       ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(300));
       admin::ListStepsRequest req;
@@ -278,6 +284,8 @@ void Thrasher::Poller() {
         continue;
       }
       absl::MutexLock l(&mu_);
+      // An answer from before the node was killed says nothing of the new one.
+      if (epoch != epoch_[slot]) continue;
       for (const auto& s : resp.steps()) {
         if (s.state() != v1::PROTECTED) continue;
         newest_protected_[slot] = std::max(newest_protected_[slot], s.step());
@@ -371,6 +379,11 @@ void Thrasher::Tend() {
     Fail(absl::StrCat("slot ", slot, " died, and the nemesis did not kill it"), slot);
     TakeDown(slot);
     faults_.erase(slot);
+    {
+      absl::MutexLock l(&mu_);
+      newest_protected_[slot] = 0;
+      ++epoch_[slot];
+    }
     if (absl::Status st = cluster_->daemon(slot).Restart(); !st.ok()) {
       Fail(absl::StrCat("slot ", slot, " does not restart: ", st.ToString()), slot);
     }
@@ -453,7 +466,10 @@ void Thrasher::KillAndStart(const std::vector<int>& slots, bool replace) {
   {
     absl::MutexLock l(&mu_);
     floor = group_protected_;
-    for (int slot : slots) newest_protected_[slot] = 0;
+    for (int slot : slots) {
+      newest_protected_[slot] = 0;
+      ++epoch_[slot];
+    }
   }
   for (int slot : slots) {
     faults_.erase(slot);  // a kill ends a pause too
