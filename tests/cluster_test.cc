@@ -698,9 +698,8 @@ TEST_F(FaultTest, AHolderStoppedBeforeThePushEndsUpProtectedLikeTheOthers) {
   ASSERT_TRUE(st.ok()) << st;
   std::this_thread::sleep_for(std::chrono::seconds(3));
   cluster_->daemon(2).Resume();
-  EXPECT_TRUE(WaitAllProtected(1, absl::Seconds(30)))
-      << "30 s after SIGCONT: " << States(1) << "\n"
-      << Logs();
+  EXPECT_TRUE(WaitAllProtected(1, absl::Seconds(30))) << "30 s after SIGCONT: " << States(1) << "\n"
+                                                      << Logs();
   ExpectNoLogStorm(20);
 }
 

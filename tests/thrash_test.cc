@@ -167,7 +167,7 @@ class Thrasher {
                              // kCorrupt: every slot has reported a newer step PROTECTED
     absl::Time until;        // kPaused: SIGCONT then
     absl::Time since;
-    bool stuck = false;      // reported once as a failure; stays counted
+    bool stuck = false;  // reported once as a failure; stays counted
   };
 
   void Writer(int slot);
@@ -203,9 +203,9 @@ class Thrasher {
   std::bitset<kN> down_ ABSL_GUARDED_BY(mu_);         // writers must let go of the node
   std::bitset<kN> writer_idle_ ABSL_GUARDED_BY(mu_);  // and have
   std::map<uint64_t, std::bitset<kN>> seen_protected_ ABSL_GUARDED_BY(mu_);
-  uint64_t group_protected_ ABSL_GUARDED_BY(mu_) = 0;  // every slot reported it PROTECTED
+  uint64_t group_protected_ ABSL_GUARDED_BY(mu_) = 0;        // every slot reported it PROTECTED
   uint64_t newest_protected_[kN] ABSL_GUARDED_BY(mu_) = {};  // since the slot's last event
-  uint64_t epoch_[kN] ABSL_GUARDED_BY(mu_) = {};  // kills of the slot so far
+  uint64_t epoch_[kN] ABSL_GUARDED_BY(mu_) = {};             // kills of the slot so far
   std::vector<std::string> failures_ ABSL_GUARDED_BY(mu_);
   int writer_errors_ ABSL_GUARDED_BY(mu_) = 0;
 };
@@ -252,9 +252,9 @@ void Thrasher::Writer(int slot) {
     if (!st.ok()) {
       // Expected while a daemon is down, stopped or rebuilding: start again
       // with a fresh session, as a trainer would.
-      if (++errors <= 5) std::printf("  writer %d step %llu: %s\n", slot,
-                                     static_cast<unsigned long long>(step),
-                                     st.ToString().c_str());
+      if (++errors <= 5)
+        std::printf("  writer %d step %llu: %s\n", slot, static_cast<unsigned long long>(step),
+                    st.ToString().c_str());
       absl::MutexLock l(&mu_);
       ++writer_errors_;
       client.reset();
@@ -302,9 +302,9 @@ void Thrasher::Poller() {
 }
 
 void Thrasher::Fail(const std::string& what, int slot) {
-  const std::string line = absl::StrCat(
-      "FAILURE at ", absl::FormatDuration(absl::Now() - nemesis_start_), " (seed ", seed_,
-      "): ", what);
+  const std::string line =
+      absl::StrCat("FAILURE at ", absl::FormatDuration(absl::Now() - nemesis_start_), " (seed ",
+                   seed_, "): ", what);
   std::printf("%s\n", line.c_str());
   bool first_few;
   {
@@ -399,9 +399,8 @@ void Thrasher::TakeDown(int slot) {
     writer_idle_.reset(slot);
   }
   absl::MutexLock l(&mu_);
-  auto idle = [this, slot]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) -> bool {
-    return writer_idle_.test(slot);
-  };
+  auto idle = [this, slot]()
+                  ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) -> bool { return writer_idle_.test(slot); };
   // The writer may be waiting on a stopped daemon: bounded by its RPC deadline.
   if (!mu_.AwaitWithTimeout(absl::Condition(&idle), absl::Seconds(15))) {
     std::printf("  writer %d did not let go of its session within 15 s\n", slot);
@@ -447,8 +446,8 @@ void Thrasher::CheckRestore(int slot, uint64_t floor, const char* after) {
   bool same = got->tensors.size() == want.bytes.size();
   for (size_t i = 0; same && i < want.bytes.size(); ++i) {
     const auto& g = got->tensors[i].data;
-    same = g.size() == want.bytes[i].size() &&
-           std::equal(g.begin(), g.end(), want.bytes[i].begin());
+    same =
+        g.size() == want.bytes[i].size() && std::equal(g.begin(), g.end(), want.bytes[i].begin());
   }
   if (!same) {
     Fail(absl::StrCat(context, ": step ", got->step, " restored with other bytes"), slot);
@@ -570,11 +569,11 @@ void Thrasher::Run(absl::Duration duration, int max_events) {
                        : kind < 6 ? "replace"
                        : kind < 8 ? "stop"
                                   : "corrupt";
-    std::printf("t=%s event %d: %s slots {%s}, faults %s\n",
-                absl::FormatDuration(
-                    absl::Trunc(absl::Now() - nemesis_start_, absl::Milliseconds(100)))
-                    .c_str(),
-                events_, name, absl::StrJoin(slots, ",").c_str(), Faults().c_str());
+    std::printf(
+        "t=%s event %d: %s slots {%s}, faults %s\n",
+        absl::FormatDuration(absl::Trunc(absl::Now() - nemesis_start_, absl::Milliseconds(100)))
+            .c_str(),
+        events_, name, absl::StrJoin(slots, ",").c_str(), Faults().c_str());
     std::fflush(stdout);
     if (kind < 6) {
       KillAndStart(slots, /*replace=*/kind >= 3);
@@ -633,8 +632,8 @@ void Thrasher::CheckArenas() {
       grpc::Status st = stub->Verify(&ctx, req, &resp);
       if (!st.ok() || resp.errors_size() > 0 || resp.tensors_checked() == 0) {
         Fail(absl::StrCat("slot ", slot, " verify: ", st.error_message(), " ",
-                          resp.tensors_checked(), " tensors checked, errors: ",
-                          absl::StrJoin(resp.errors(), "; ")),
+                          resp.tensors_checked(),
+                          " tensors checked, errors: ", absl::StrJoin(resp.errors(), "; ")),
              slot);
       }
     }
@@ -670,10 +669,11 @@ TEST(Thrash, AnyMLostNodesRestoreTheNewestProtectedStepUnderRandomFaults) {
   Thrasher thrasher(seed, cluster->get());
   thrasher.Run(absl::Seconds(absl::GetFlag(FLAGS_minutes) * 60), absl::GetFlag(FLAGS_max_events));
   const std::vector<std::string> failures = thrasher.failures();
-  std::printf("thrash: seed %llu, %d events, %d restores checked, %zu failures (%d writer errors "
-              "tolerated)\n",
-              static_cast<unsigned long long>(seed), thrasher.events(),
-              thrasher.restores_checked(), failures.size(), thrasher.writer_errors());
+  std::printf(
+      "thrash: seed %llu, %d events, %d restores checked, %zu failures (%d writer errors "
+      "tolerated)\n",
+      static_cast<unsigned long long>(seed), thrasher.events(), thrasher.restores_checked(),
+      failures.size(), thrasher.writer_errors());
   EXPECT_TRUE(failures.empty()) << "seed " << seed << ":\n" << absl::StrJoin(failures, "\n");
 }
 
