@@ -4,6 +4,7 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <signal.h>
@@ -39,8 +40,12 @@ std::string RunfilePath(const std::string& workspace_relative) {
 }
 
 pid_t Spawn(const std::vector<std::string>& argv, const std::string& log_path) {
+  const pid_t parent = ::getpid();
   const pid_t pid = ::fork();
   if (pid != 0) return pid;
+  // Die with the parent. If it already died between fork and prctl, the
+  // signal will never come: exit now.
+  if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || ::getppid() != parent) ::_exit(126);
   const int fd = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
   if (fd >= 0) {
     ::dup2(fd, 1);
@@ -123,7 +128,31 @@ absl::Status DaemonProcess::Launch() {
 }
 
 DaemonProcess::~DaemonProcess() {
-  if (pid_ > 0) StopProcess(pid_, SIGTERM);
+  if (pid_ > 0) StopProcess(pid_, SIGKILL);
+}
+
+absl::Duration DaemonProcess::Terminate(absl::Duration bound, int* wait_status) {
+  if (wait_status != nullptr) *wait_status = -1;
+  if (pid_ <= 0) return absl::InfiniteDuration();
+  const absl::Time start = absl::Now();
+  ::kill(pid_, SIGTERM);
+  ::kill(pid_, SIGCONT);
+  int status = 0;
+  absl::Duration took = absl::InfiniteDuration();
+  while (absl::Now() - start < bound) {
+    if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+      took = absl::Now() - start;
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  if (took == absl::InfiniteDuration()) {
+    ::kill(pid_, SIGKILL);
+    ::waitpid(pid_, &status, 0);
+  }
+  pid_ = -1;
+  if (wait_status != nullptr) *wait_status = status;
+  return took;
 }
 
 void DaemonProcess::Kill() {
@@ -193,8 +222,12 @@ absl::StatusOr<std::unique_ptr<Cluster>> Cluster::Start(const std::string& dir, 
                                                         DaemonProcess::Options options) {
   const int n = k + m;
   const std::vector<int> ports = FreePorts(n);
-  std::string config = absl::StrFormat("cluster {\n  k: %d\n  m: %d\n  peer_timeout_ms: 2000\n  %s\n",
-                                       k, m, options.cluster_fields);
+  // peer_timeout_ms 2000 unless the test sets its own (a field may appear
+  // only once).
+  const bool own_timeout = options.cluster_fields.find("peer_timeout_ms") != std::string::npos;
+  std::string config = absl::StrFormat("cluster {\n  k: %d\n  m: %d\n%s  %s\n", k, m,
+                                       own_timeout ? "" : "  peer_timeout_ms: 2000\n",
+                                       options.cluster_fields);
   for (int port : ports) {
     absl::StrAppend(&config, "  slots { peer_address: \"127.0.0.1:", port, "\" }\n");
   }

@@ -2,6 +2,12 @@
 //
 // Every daemon binds sockets inside a fresh temporary directory, is started
 // with fork/exec, and is stopped by its process id. Waits are bounded.
+//
+// A daemon never outlives the test: it is SIGKILLed when the thread that
+// spawned it exits (PR_SET_PDEATHSIG), so a test killed by a timeout or a
+// crash leaves no ecsnapd behind; its arena lives in the test's TempDir.
+// Spawn daemons from a thread that lives as long as they should (the test's
+// main thread).
 #ifndef ECSNAP_TESTS_HARNESS_H_
 #define ECSNAP_TESTS_HARNESS_H_
 
@@ -13,6 +19,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "proto/admin.grpc.pb.h"
 
 namespace ecsnap::testing {
@@ -32,7 +39,8 @@ class TempDir {
 // Path of a binary built by Bazel, from the test's runfiles.
 std::string RunfilePath(const std::string& workspace_relative);
 
-// Runs `argv` with stdout and stderr sent to `log_path`; returns its pid.
+// Runs `argv` with stdout and stderr sent to `log_path`; returns its pid. The
+// child is SIGKILLed when the calling thread exits.
 pid_t Spawn(const std::vector<std::string>& argv, const std::string& log_path);
 // Sends `signal` to `pid` and reaps it within `timeout_ms` (SIGKILL after).
 // Returns the exit status as waitpid reports it.
@@ -56,7 +64,15 @@ class DaemonProcess {
   // admin plane answers.
   static absl::StatusOr<std::unique_ptr<DaemonProcess>> Start(const std::string& dir,
                                                               Options options);
+  // SIGKILL, reaped: no graceful shutdown, which a stopped process would not
+  // run anyway.
   ~DaemonProcess();
+
+  // SIGTERM (and SIGCONT, in case it is paused), then reaps the process
+  // within `bound`, SIGKILLing it after that. Returns how long it took to
+  // exit, or absl::InfiniteDuration() when it had to be killed (or was not
+  // running). `wait_status`, when given, receives waitpid's status.
+  absl::Duration Terminate(absl::Duration bound = absl::Seconds(10), int* wait_status = nullptr);
 
   // SIGKILL, reaped. The arena file stays, as after a crash.
   void Kill();
