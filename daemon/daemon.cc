@@ -5,6 +5,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <fstream>
 
@@ -176,9 +177,11 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
     Rebuilder* rebuilder = d->rebuilder_.get();
     // Its errors are logged and shown by ecsnapctl status.
     Protector* protector = d->protector_.get();
-    d->rebuild_thread_ = std::thread([rebuilder, protector] {
+    std::atomic<bool>* done = &d->rebuild_done_;
+    d->rebuild_thread_ = std::thread([rebuilder, protector, done] {
       rebuilder->Run("").IgnoreError();
       protector->SetReady();
+      *done = true;
     });
   }
   return d;
@@ -232,14 +235,27 @@ absl::Status Daemon::StartPeerPlane(uint32_t slot) {
   return absl::OkStatus();
 }
 
-void Daemon::Shutdown() {
-  const auto deadline = std::chrono::system_clock::now() + std::chrono::seconds(2);
+bool Daemon::Shutdown() {
+  // Within about a second whatever the peers do (DESIGN.md §10): the rebuild
+  // stops at its next slice and every call in flight to a peer is cancelled
+  // first, so that no handler waits on a peer; then the servers get what is
+  // left of the grace.
+  const auto deadline = std::chrono::system_clock::now() + std::chrono::seconds(1);
+  if (rebuilder_) rebuilder_->Stop();
+  bool clean = true;
+  if (protector_) clean = protector_->Stop(absl::Milliseconds(500));
   if (snapshot_service_) snapshot_service_->EndSessions();
   if (data_server_) data_server_->Shutdown(deadline);
   if (admin_server_) admin_server_->Shutdown(deadline);
   if (peer_server_) peer_server_->Shutdown(deadline);
-  if (protector_) protector_->Stop();
-  if (rebuild_thread_.joinable()) rebuild_thread_.join();
+  if (!clean) return false;
+  if (rebuild_thread_.joinable()) {
+    // The start-up pass ends at its next slice once stopped; bounded anyway.
+    for (int i = 0; i < 100 && !rebuild_done_; ++i) absl::SleepFor(absl::Milliseconds(10));
+    if (!rebuild_done_) return false;
+    rebuild_thread_.join();
+  }
+  return true;
 }
 
 Daemon::~Daemon() {

@@ -4,6 +4,7 @@
 #ifndef ECSNAP_DAEMON_DAEMON_H_
 #define ECSNAP_DAEMON_DAEMON_H_
 
+#include <atomic>
 #include <memory>
 #include <thread>
 
@@ -32,8 +33,11 @@ class Daemon {
                                                        uint32_t slot);
   ~Daemon();
 
-  // Stops accepting calls and ends those in progress within a short grace.
-  void Shutdown();
+  // Stops accepting calls and ends those in progress within a short grace
+  // (about 2 s whatever the peers do). Returns false when a call to a peer
+  // did not end: the caller must then exit the process without destroying
+  // the daemon (committed steps are safe in the arena file either way).
+  bool Shutdown();
 
  private:
   Daemon() = default;
@@ -51,6 +55,7 @@ class Daemon {
   std::unique_ptr<PeerService> peer_service_;
   std::unique_ptr<grpc::Server> peer_server_;
   std::thread rebuild_thread_;
+  std::atomic<bool> rebuild_done_{false};
   std::unique_ptr<SnapshotService> snapshot_service_;
   std::unique_ptr<AdminService> admin_service_;
   std::unique_ptr<grpc::Server> data_server_;

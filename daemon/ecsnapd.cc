@@ -92,7 +92,11 @@ int main(int argc, char** argv) {
   int sig = 0;
   sigwait(&signals, &sig);
   ecsnap::Log("signal %d: shutting down; committed steps stay in the arena", sig);
-  (*daemon)->Shutdown();
+  if (!(*daemon)->Shutdown()) {
+    ecsnap::Log("a call to a peer did not end within the grace; exiting without waiting for it");
+    std::fflush(nullptr);
+    std::_Exit(0);
+  }
   daemon->reset();
   return 0;
 }

@@ -68,25 +68,52 @@ Protector::Protector(StepStore* store, ParityStore* parity, Group group, const e
   }
 }
 
-Protector::~Protector() { Stop(); }
-
-void Protector::Start() {
-  for (int i = 0; i < layout_.n(); ++i) {
-    if (i == group_.self) continue;
-    threads_.emplace_back([this, i] { PushLoop(i); });
-    threads_.emplace_back([this, i] { NotifyLoop(i); });
-  }
-  threads_.emplace_back([this] { PingLoop(); });
+Protector::~Protector() {
+  // A thread left inside a call would use this object after it is gone.
+  if (!Stop()) std::abort();
 }
 
-void Protector::Stop() {
+void Protector::Start() {
+  auto run = [this](auto fn) {
+    {
+      absl::MutexLock lock(&mu_);
+      ++running_;
+    }
+    threads_.emplace_back([this, fn] {
+      fn();
+      absl::MutexLock lock(&mu_);
+      --running_;
+    });
+  };
+  for (int i = 0; i < layout_.n(); ++i) {
+    if (i == group_.self) continue;
+    run([this, i] { PushLoop(i); });
+    run([this, i] { NotifyLoop(i); });
+  }
+  run([this] { PingLoop(); });
+}
+
+bool Protector::Stop(absl::Duration grace) {
+  bool all_done = false;
   {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
   }
   watchdog_.CancelAll();
-  for (auto& t : threads_) t.join();
+  {
+    absl::MutexLock lock(&mu_);
+    auto done = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return running_ == 0; };
+    all_done = mu_.AwaitWithTimeout(absl::Condition(&done), grace);
+  }
+  for (auto& t : threads_) {
+    if (all_done) {
+      t.join();
+    } else {
+      t.detach();
+    }
+  }
   threads_.clear();
+  return all_done;
 }
 
 bool Protector::SleepFor(absl::Duration d) {

@@ -86,9 +86,12 @@ class Protector : public RetentionGate {
   ~Protector() override;
 
   void Start();
-  // Cancels every call in flight and joins the threads: returns promptly
-  // whatever the peers do.
-  void Stop();
+  // Cancels every call in flight and waits for the threads, at most
+  // `grace`. Returns false when some thread is still inside a call (gRPC
+  // does not always end a write blocked by a stopped peer's flow control
+  // when the call is cancelled): the threads are then left to the process's
+  // exit, and the caller must exit without destroying the protector.
+  bool Stop(absl::Duration grace = absl::Seconds(1));
 
   // StepStore's listener: queues the step's pushes to every holder.
   void OnLocal(const std::string& job, uint64_t step);
@@ -187,6 +190,7 @@ class Protector : public RetentionGate {
   mutable absl::Mutex mu_;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   bool ready_ ABSL_GUARDED_BY(mu_) = false;
+  int running_ ABSL_GUARDED_BY(mu_) = 0;  // threads not yet returned
   uint64_t seq_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<Link> links_ ABSL_GUARDED_BY(mu_);  // by group position
   std::vector<PeerState> peers_ ABSL_GUARDED_BY(mu_);

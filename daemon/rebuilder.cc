@@ -109,7 +109,7 @@ absl::Status Rebuilder::Run(const std::string& job_filter) {
     throttled_bytes_ = 0;
   }
   absl::Status result;
-  for (int pass = 1; pass <= kMaxPasses; ++pass) {
+  for (int pass = 1; pass <= kMaxPasses && !stopping_; ++pass) {
     bool again = false;
     result = Pass(job_filter, /*final_pass=*/pass == kMaxPasses, &again);
     if (!again) break;
@@ -135,6 +135,7 @@ absl::Status Rebuilder::Pass(const std::string& job_filter, bool final_pass, boo
     grpc::ClientContext ctx;
     ctx.set_deadline(protector_->Deadline(0));
     ctx.set_wait_for_ready(true);
+    auto watch = protector_->watchdog()->Start(&ctx);
     peer::InventoryRequest req;
     req.set_job_id(job_filter);
     peer::InventoryResponse resp;
@@ -267,7 +268,9 @@ absl::Status Rebuilder::Pass(const std::string& job_filter, bool final_pass, boo
     if (outcome.ok()) store_->ClearUnrecoverable(job);
     if (!outcome.ok()) {
       Log("%s", outcome.message());
-      if (outcome.code() == absl::StatusCode::kDataLoss) store_->SetUnrecoverable(job, outcome);
+      if (outcome.code() == absl::StatusCode::kDataLoss && !stopping_) {
+        store_->SetUnrecoverable(job, outcome);
+      }
       if (first_error.ok()) first_error = outcome;
     }
   }
@@ -318,7 +321,8 @@ absl::Status Rebuilder::DecodeSlice(const Current& c, int s, int target,
       sizes[i] = want;
       if (want == 0) return;
       grpc::ClientContext ctx;
-      ctx.set_deadline(protector_->Deadline(want));
+      // Cut when it stops moving (or at shutdown), not at a guessed deadline.
+      auto watch = protector_->watchdog()->Start(&ctx);
       peer::GetChunkRequest req;
       req.mutable_id()->set_job_id(c.job);
       req.mutable_id()->set_step(c.step);
@@ -330,6 +334,7 @@ absl::Status Rebuilder::DecodeSlice(const Current& c, int s, int target,
       peer::GetChunkMessage msg;
       uint64_t filled = 0;
       while (reader->Read(&msg)) {
+        watch->Progress();
         if (msg.has_header()) continue;
         const uint64_t nbytes = std::min<uint64_t>(msg.data().size(), want - filled);
         std::memcpy(bufs[i].data() + filled, msg.data().data(), nbytes);
@@ -497,6 +502,7 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
     Scratch scratch;
     std::vector<uint8_t> out_buf(target < k ? std::min(kSliceBytes, out_len) : 0);
     while (true) {
+      if (stopping_) return absl::CancelledError("the daemon is shutting down");
       const std::vector<int> use = Survivors(c, s, target, bad);
       if (static_cast<int>(use.size()) < k) {
         return absl::DataLossError(absl::StrFormat(
@@ -611,15 +617,19 @@ void Rebuilder::Progress(int64_t bytes) {
 
 void Rebuilder::Throttle(uint64_t bytes) {
   if (options_.bytes_per_second == 0) return;
-  absl::Duration wait;
-  {
-    absl::MutexLock lock(&mu_);
-    throttled_bytes_ += bytes;
-    const absl::Time due =
-        throttle_start_ + absl::Seconds(static_cast<double>(throttled_bytes_) / options_.bytes_per_second);
-    wait = due - absl::Now();
-  }
-  if (wait > absl::ZeroDuration()) absl::SleepFor(wait);
+  absl::MutexLock lock(&mu_);
+  throttled_bytes_ += bytes;
+  const absl::Time due = throttle_start_ + absl::Seconds(static_cast<double>(throttled_bytes_) /
+                                                         options_.bytes_per_second);
+  // Sleeps until due, or until Stop.
+  auto stop = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_requested_; };
+  mu_.AwaitWithDeadline(absl::Condition(&stop), due);
+}
+
+void Rebuilder::Stop() {
+  stopping_ = true;
+  absl::MutexLock lock(&mu_);
+  stop_requested_ = true;
 }
 
 void Rebuilder::ServeRank(const std::string& job, uint32_t rank, absl::Duration timeout) {

@@ -18,6 +18,7 @@
 #define ECSNAP_DAEMON_REBUILDER_H_
 
 #include <cstdint>
+#include <atomic>
 #include <set>
 #include <string>
 #include <vector>
@@ -59,6 +60,10 @@ class Rebuilder {
   admin::RebuildStatus status() const;
   // Blocks until no rebuild is running, at most `timeout`.
   void WaitIdle(absl::Duration timeout) const;
+  // Ends the rebuild in progress promptly (its calls are cancelled through
+  // the protector's watchdog, which Protector::Stop cancels) and refuses
+  // later ones. For shutdown.
+  void Stop();
 
   // Degraded restore: when `rank` of `job` lives in a step being rebuilt,
   // decodes that rank's bytes now, ahead of the rebuild, checks them and
@@ -99,7 +104,9 @@ class Rebuilder {
   const ec::Codec* const codec_;
   const Options options_;
 
+  std::atomic<bool> stopping_{false};
   mutable absl::Mutex mu_;
+  bool stop_requested_ ABSL_GUARDED_BY(mu_) = false;
   admin::RebuildStatus status_ ABSL_GUARDED_BY(mu_);
   Current* current_ ABSL_GUARDED_BY(mu_) = nullptr;  // the step being rebuilt
   bool running_ ABSL_GUARDED_BY(mu_) = false;         // a Run is in progress
