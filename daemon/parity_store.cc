@@ -531,27 +531,26 @@ bool ParityStore::TryAbandon(const std::string& job, uint64_t step) {
     if (!r->complete) r->sealed = sealed = true;
   }
   if (!sealed) return false;
-  st.abandoned = true;
-  st.heard.clear();
-  for (auto& [s, r] : st.rows) {
-    absl::MutexLock row_lock(&r->mu);
-    r->sealed = true;
-  }
-  dropped.swap(st.rows);
+  dropped = AbandonLocked(st);
   return true;
 }
 
 void ParityStore::MarkAbandoned(const std::string& job, uint64_t step) {
-  std::map<int, std::shared_ptr<RowState>> dropped;
+  std::map<int, std::shared_ptr<RowState>> dropped;  // freed outside the lock
   absl::MutexLock lock(&mu_);
-  StepState& st = StepLocked(job, step);
+  dropped = AbandonLocked(StepLocked(job, step));
+}
+
+std::map<int, std::shared_ptr<ParityStore::RowState>> ParityStore::AbandonLocked(StepState& st) {
   st.abandoned = true;
   st.heard.clear();
   for (auto& [s, r] : st.rows) {
     absl::MutexLock row_lock(&r->mu);
     r->sealed = true;
   }
-  dropped.swap(st.rows);
+  std::map<int, std::shared_ptr<RowState>> out;
+  out.swap(st.rows);
+  return out;
 }
 
 bool ParityStore::Abandoned(const std::string& job, uint64_t step) const {

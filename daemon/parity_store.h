@@ -175,6 +175,10 @@ class ParityStore {
   std::optional<peer::StripeProtected> Reset(RowState& row, const std::string& job, uint64_t step,
                                              int stripe, uint32_t keep_bit);
   void NotifyLost(const std::optional<peer::StripeProtected>& notice);
+  // Marks the step abandoned, seals its rows and hands them out (to be
+  // freed outside the lock).
+  std::map<int, std::shared_ptr<RowState>> AbandonLocked(StepState& st)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   Arena* const arena_;
   const ec::Layout layout_;

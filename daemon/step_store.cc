@@ -46,6 +46,7 @@ struct StepStore::Session {
   uint32_t rank = 0;
   std::shared_ptr<RankData> open;  // the step being written, if any
   std::map<uint64_t, std::shared_ptr<RankData>> leases;
+  uint64_t restored = 0;  // the step this rank restored last, until it snapshots
 };
 
 namespace {
@@ -409,6 +410,16 @@ void StepStore::Unpin(const std::shared_ptr<RankData>& rd) {
 }
 
 absl::StatusOr<Window> StepStore::BeginRank(uint64_t session, uint64_t step, uint64_t bytes) {
+  std::string rewound_job;
+  uint64_t rewound_to = 0;
+  absl::StatusOr<Window> window = BeginRankImpl(session, step, bytes, &rewound_job, &rewound_to);
+  if (!rewound_job.empty() && rewind_listener_) rewind_listener_(rewound_job, rewound_to);
+  return window;
+}
+
+absl::StatusOr<Window> StepStore::BeginRankImpl(uint64_t session, uint64_t step, uint64_t bytes,
+                                                  std::string* rewound_job,
+                                                  uint64_t* rewound_to) {
   absl::MutexLock lock(&mu_);
   auto s = FindSession(session);
   if (!s.ok()) return s.status();
@@ -425,10 +436,24 @@ absl::StatusOr<Window> StepStore::BeginRank(uint64_t session, uint64_t step, uin
         ses->open->step));
   }
   Job& job = *jobs_.at(ses->job_id);
-  uint64_t newest = job.last_committed.count(ses->rank) ? job.last_committed[ses->rank] : 0;
-  for (const auto& [n, st] : job.steps) {
-    if (st.state != v1::RECEIVING) newest = std::max(newest, n);
+  auto newest_held = [&] {
+    uint64_t newest = job.last_committed.count(ses->rank) ? job.last_committed[ses->rank] : 0;
+    for (const auto& [n, st] : job.steps) {
+      if (st.state != v1::RECEIVING) newest = std::max(newest, n);
+    }
+    return newest;
+  };
+  uint64_t newest = newest_held();
+  if (step <= newest && ses->restored != 0 && step > ses->restored) {
+    // The first snapshot after restoring an older step: the job rewinds to
+    // it (DESIGN.md §5). The newer steps never completed everywhere, and
+    // the trainers write them again.
+    RewindLocked(job, ses->restored);
+    *rewound_job = job.id;
+    *rewound_to = ses->restored;
+    newest = newest_held();
   }
+  ses->restored = 0;
   if (step <= newest) {
     return absl::FailedPreconditionError(absl::StrFormat(
         "%s: step %d is not newer than step %d, which this job already holds; steps only grow",
@@ -641,14 +666,6 @@ absl::StatusOr<std::vector<v1::RestorableStep>> StepStore::ListRestorable(uint64
 }
 
 absl::StatusOr<RestoreLease> StepStore::Restore(uint64_t session, uint64_t step) {
-  std::string rewound_job;
-  absl::StatusOr<RestoreLease> result = RestoreLocked(session, step, &rewound_job);
-  if (!rewound_job.empty() && rewind_listener_) rewind_listener_(rewound_job, step);
-  return result;
-}
-
-absl::StatusOr<RestoreLease> StepStore::RestoreLocked(uint64_t session, uint64_t step,
-                                                      std::string* rewound_job) {
   absl::MutexLock lock(&mu_);
   auto s = FindSession(session);
   if (!s.ok()) return s.status();
@@ -674,9 +691,9 @@ absl::StatusOr<RestoreLease> StepStore::RestoreLocked(uint64_t session, uint64_t
     return absl::ResourceExhaustedError(absl::StrFormat(
         "session holds %d restore leases, its limit; release some", ses->leases.size()));
   }
-  // Restoring an older step than the job holds rewinds it: the newer steps
-  // never completed everywhere, and the trainers write them again.
-  if (step != 0 && RewindLocked(job, step) > 0) *rewound_job = job.id;
+  // The rank's next snapshot, if it is not newer than what the job holds,
+  // rewinds the job to this step (BeginRank).
+  ses->restored = found->step;
   ++found->pins;
   RestoreLease lease;
   lease.lease_id = next_id_++;

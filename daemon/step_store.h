@@ -183,7 +183,9 @@ class StepStore {
   // Ends a session: its uncommitted step is discarded, its leases released.
   void Detach(uint64_t session);
 
-  // Grants a window of `bytes` for the session's rank at `step`.
+  // Grants a window of `bytes` for the session's rank at `step`. If the
+  // rank restored step s and `step` is not newer than the job's steps, the
+  // job is rewound to s first: every step newer than s is discarded.
   absl::StatusOr<Window> BeginRank(uint64_t session, uint64_t step, uint64_t bytes);
   // Copies `data` into the open window at `offset` (the path for clients
   // that cannot map the arena).
@@ -233,8 +235,8 @@ class StepStore {
   // Asks `gate` before retiring steps (with peers). Set before serving;
   // `gate` must outlive the store.
   void SetRetentionGate(RetentionGate* gate);
-  // Called (outside the store's lock) when a Restore of an explicit step
-  // rewound the job. Set before serving.
+  // Called (outside the store's lock) when a rank's first snapshot after it
+  // restored an older step rewound the job. Set before serving.
   void SetRewindListener(std::function<void(const std::string& job, uint64_t step)> listener);
 
   // Called (outside the store's lock) each time a step becomes LOCAL. Set
@@ -287,8 +289,9 @@ class StepStore {
   // The session's open rank at `step`, still taking writes.
   absl::StatusOr<std::shared_ptr<RankData>> WritableRank(uint64_t session, uint64_t step)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::StatusOr<RestoreLease> RestoreLocked(uint64_t session, uint64_t step,
-                                             std::string* rewound_job) ABSL_LOCKS_EXCLUDED(mu_);
+  absl::StatusOr<Window> BeginRankImpl(uint64_t session, uint64_t step, uint64_t bytes,
+                                         std::string* rewound_job, uint64_t* rewound_to)
+      ABSL_LOCKS_EXCLUDED(mu_);
   absl::StatusOr<std::shared_ptr<RankData>> FindLease(uint64_t session, uint64_t lease_id)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void DiscardOpenRank(Session* s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
