@@ -96,6 +96,34 @@ class ExactRecovery(unittest.TestCase):
         print(f"trainer killed at step {die_at}, daemon 2 replaced; restored step {restored}; "
               f"steps {restored + 1}..{STEPS} bit-identical to the reference run")
 
+    def test_ranks_that_committed_a_step_the_others_never_did_rewind_and_continue_exactly(self):
+        ref_out = os.path.join(self.tmp, "reference2.jsonl")
+        codes, logs = run_ranks(self.cluster, "reference2", ref_out, lambda r: [])
+        self.assertEqual(codes, [0] * WORLD, "\n".join(logs))
+        reference = {r["step"]: r for r in records(ref_out)}
+
+        # Ranks 0, 2, 3 commit step 6; rank 1 dies before snapshotting it. The
+        # job agrees on step 5, restores it, and must snapshot step 6 again.
+        out = os.path.join(self.tmp, "rewind.jsonl")
+        codes, logs = run_ranks(self.cluster, "rewind", out,
+                                lambda r: ["--die_before_snapshot", "6"] if r == 1
+                                else ["--commit_at", "6"])
+        self.assertEqual(codes[1], -9, logs[1])
+        codes, logs = run_ranks(self.cluster, "rewind", out, lambda r: ["--resume"])
+        self.assertEqual(codes, [0] * WORLD, "\n".join(logs) + self.cluster.log(0))
+        lines = records(out)
+        restored = [l["restored"] for l in lines if "restored" in l]
+        self.assertEqual(restored, [5])
+        after = [l for l in lines[lines.index({"restored": 5}):] if "step" in l]
+        self.assertEqual([l["step"] for l in after], list(range(6, STEPS + 1)))
+        for l in after:
+            self.assertEqual(l["loss"], reference[l["step"]]["loss"], f"loss at step {l['step']}")
+            self.assertEqual(l["params"], reference[l["step"]]["params"],
+                             f"parameters at step {l['step']}")
+        self.assertIn("job rewind rewound to step 5", self.cluster.log(0))
+        print("ranks 0, 2, 3 committed step 6 and rank 1 never did; the job restored step 5, "
+              f"rewound, and steps 6..{STEPS} are bit-identical to the reference run")
+
 
 if __name__ == "__main__":
     junit.main()

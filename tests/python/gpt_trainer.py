@@ -55,7 +55,10 @@ def param_hash(model):
 
 def main():
     ap = argparse.ArgumentParser()
-    for name in ("rank", "world", "port", "steps", "die_at_step"):
+    # --die_before_snapshot K: SIGKILL after step K's update, before its snapshot.
+    # --commit_at K: wait until step K's snapshot is committed before going on.
+    for name in ("rank", "world", "port", "steps", "die_at_step", "die_before_snapshot",
+                 "commit_at"):
         ap.add_argument("--" + name, type=int, default=0)
     ap.add_argument("--socket")
     ap.add_argument("--job")
@@ -101,7 +104,11 @@ def main():
             with open(a.out, "a") as f:
                 f.write(json.dumps({"step": step, "loss": loss.item().hex(),
                                     "params": param_hash(model)}) + "\n")
+        if step == a.die_before_snapshot:
+            os.kill(os.getpid(), signal.SIGKILL)  # the others commit this step; this rank never
         handle = et.snapshot(client, step, model, opt, extra={"step": step})
+        if step == a.commit_at:
+            handle.wait_committed()
     if handle is not None:
         handle.wait_committed()
     dist.destroy_process_group()
