@@ -237,6 +237,7 @@ absl::StatusOr<std::shared_ptr<ParityStore::Fold>> ParityStore::BeginFold(
   }
   std::optional<peer::StripeProtected> lost;
   std::shared_ptr<Fold> fold;
+  absl::Status grow_failed;
   {
     absl::MutexLock lock(&row->mu);
     if (row->pos_crc.empty()) {
@@ -255,25 +256,30 @@ absl::StatusOr<std::shared_ptr<ParityStore::Fold>> ParityStore::BeginFold(
     }
     if (row->done & bit) {
       if (row->pos_crc[position] == crc && row->pos_length[position] == length) {
-        return std::shared_ptr<Fold>();  // already in: never fold twice
+        // Already in: never fold twice.
+        return std::shared_ptr<Fold>();
       }
       // Other bytes under the same name: the row holds a step that was
       // rewound and written again. Nothing of it can be kept.
       lost = Reset(*row, job, step, stripe, bit);
     }
-    if (absl::Status st = Grow(*row, length); !st.ok()) return st;
-    row->active |= bit;
-    fold = std::make_shared<Fold>();
-    fold->job = job;
-    fold->step = step;
-    fold->stripe = stripe;
-    fold->position = position;
-    fold->length = length;
-    fold->want_crc = crc;
-    fold->generation = row->generation;
-    fold->row = row;
+    if (absl::Status st = Grow(*row, length); !st.ok()) {
+      grow_failed = st;
+    } else {
+      row->active |= bit;
+      fold = std::make_shared<Fold>();
+      fold->job = job;
+      fold->step = step;
+      fold->stripe = stripe;
+      fold->position = position;
+      fold->length = length;
+      fold->want_crc = crc;
+      fold->generation = row->generation;
+      fold->row = row;
+    }
   }
-  NotifyLost(lost);
+  NotifyLost(lost);  // a reset row is announced lost even when it cannot grow
+  if (!grow_failed.ok()) return grow_failed;
   return fold;
 }
 
@@ -360,14 +366,21 @@ void ParityStore::AbortFold(Fold& fold) {
   NotifyLost(lost);
 }
 
+bool ParityStore::RetiredLocked(const std::string& job, uint64_t step) const {
+  auto it = retired_below_.find(job);
+  return it != retired_below_.end() && step < it->second;
+}
+
 void ParityStore::RecordSlot(const std::string& job, uint64_t step, const peer::SlotStep& slot) {
   if (slot.slot() >= static_cast<uint32_t>(layout_.n())) return;
   absl::MutexLock lock(&mu_);
+  if (RetiredLocked(job, step)) return;
   StepLocked(job, step).slots[static_cast<int>(slot.slot())] = slot;
 }
 
 int ParityStore::RecordRow(const peer::StripeProtected& row) {
   absl::MutexLock lock(&mu_);
+  if (RetiredLocked(row.job_id(), row.step())) return 0;
   StepState& st = StepLocked(row.job_id(), row.step());
   const std::pair<int, int> key{static_cast<int>(row.stripe()), static_cast<int>(row.row())};
   if (row.lost()) {
@@ -487,6 +500,21 @@ std::map<std::pair<std::string, uint64_t>, ParityStore::StepKnowledge> ParitySto
   return out;
 }
 
+std::optional<peer::StripeProtected> ParityStore::CompleteNotice(const std::string& job,
+                                                                uint64_t step, int stripe) {
+  auto row = Row(job, step, stripe);
+  if (!row.ok()) return std::nullopt;
+  peer::StripeProtected notice;
+  notice.set_job_id(job);
+  notice.set_step(step);
+  notice.set_stripe(stripe);
+  notice.set_holder_slot(self_);
+  notice.set_row(RowOf(stripe));
+  notice.set_parity_bytes(row->bytes.size());
+  notice.set_parity_crc32c(row->crc32c);
+  return notice;
+}
+
 bool ParityStore::KnowsPayloadOf(const std::string& job, int slot) const {
   absl::MutexLock lock(&mu_);
   for (auto it = steps_.lower_bound({job, 0}); it != steps_.end() && it->first.first == job; ++it) {
@@ -544,6 +572,7 @@ void ParityStore::MarkAbandoned(const std::string& job, uint64_t step) {
 std::map<int, std::shared_ptr<ParityStore::RowState>> ParityStore::AbandonLocked(StepState& st) {
   st.abandoned = true;
   st.heard.clear();
+  st.slots.clear();
   for (auto& [s, r] : st.rows) {
     absl::MutexLock row_lock(&r->mu);
     r->sealed = true;
@@ -576,6 +605,12 @@ void ParityStore::DropAbove(const std::string& job, uint64_t step) {
   absl::MutexLock lock(&mu_);
   for (auto it = steps_.upper_bound({job, step});
        it != steps_.end() && it->first.first == job;) {
+    // A fold still in flight on a dropped row must not complete (and
+    // announce) it: the row belongs to a step the job no longer has.
+    for (auto& [s, r] : it->second->rows) {
+      absl::MutexLock row_lock(&r->mu);
+      r->sealed = true;
+    }
     dropped.push_back(std::move(it->second));
     it = steps_.erase(it);
   }

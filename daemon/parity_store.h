@@ -135,6 +135,12 @@ class ParityStore {
   };
   std::map<std::pair<std::string, uint64_t>, StepKnowledge> Knowledge() const;
 
+  // The completion notice of the row this slot keeps for `stripe`, when it
+  // holds it complete (to announce it again: a notice may have died with a
+  // restart).
+  std::optional<peer::StripeProtected> CompleteNotice(const std::string& job, uint64_t step,
+                                                      int stripe);
+
   // True when some step of `job` is known in which group position `slot`
   // had a payload (it runs ranks of the job).
   bool KnowsPayloadOf(const std::string& job, int slot) const;
@@ -167,6 +173,7 @@ class ParityStore {
   // The parity row this slot keeps for `stripe`, or -1.
   int RowOf(int stripe) const;
   StepState& StepLocked(const std::string& job, uint64_t step) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool RetiredLocked(const std::string& job, uint64_t step) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Grow(RowState& row, uint64_t length);
   // Marks the row complete and records it in the arena index.
   void Publish(RowState& row, const std::string& job, uint64_t step, int stripe);

@@ -36,8 +36,14 @@ grpc::Status PeerService::PushChunk(grpc::ServerContext*,
   if (!fold.ok()) return ToGrpc(fold.status());
   parity_->RecordSlot(h.id().job_id(), h.id().step(), h.from());
   protector_->OnPeerStep(h.id().job_id(), h.id().step());
-  // Folded before: answer at once; the sender stops sending.
-  if (*fold == nullptr) return grpc::Status::OK;
+  // Folded before: answer at once (the sender stops sending), and announce
+  // the row again if it is complete: the first notice may have died with a
+  // restart of this daemon before every peer heard it.
+  if (*fold == nullptr) {
+    auto notice = parity_->CompleteNotice(h.id().job_id(), h.id().step(), h.id().stripe());
+    if (notice.has_value()) protector_->Announce(*notice);
+    return grpc::Status::OK;
+  }
   while (reader->Read(&msg)) {
     absl::Status st = parity_->FoldPiece(
         **fold, absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(msg.data().data()),

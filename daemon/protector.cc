@@ -3,6 +3,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
+#include <set>
 
 #include "absl/strings/str_format.h"
 #include "common/grpc_status.h"
@@ -139,8 +140,21 @@ void Protector::QueuePushLocked(int holder, const std::string& job, uint64_t ste
 }
 
 void Protector::SetReady() {
-  absl::MutexLock lock(&mu_);
-  ready_ = true;
+  {
+    absl::MutexLock lock(&mu_);
+    ready_ = true;
+  }
+  // Retention waited for the start-up pass (a re-adopted arena keeps every
+  // step until then): apply it now.
+  std::set<std::string> jobs;
+  for (const auto& [job, step] : store_->CompleteSteps()) jobs.insert(job);
+  for (const std::string& job : jobs) store_->ApplyRetention(job);
+}
+
+uint64_t Protector::NewestProtectedAnywhereLocked(const std::string& job) const {
+  auto it = newest_protected_.find(job);
+  if (it == newest_protected_.end()) return 0;
+  return *std::max_element(it->second.begin(), it->second.end());
 }
 
 void Protector::OnPeerStep(const std::string& job, uint64_t step) {
@@ -366,7 +380,8 @@ void Protector::NotifyLoop(int peer) {
     }
     watch.reset();
     // A refusal is final: resending the same notice cannot change it.
-    const bool delivered = st.ok() || st.code() == absl::StatusCode::kInvalidArgument;
+    const bool delivered = st.ok() || st.code() == absl::StatusCode::kInvalidArgument ||
+                           st.code() == absl::StatusCode::kFailedPrecondition;
     NotePeer(peer, delivered ? absl::OkStatus() : st);
     if (delivered) {
       failures = 0;
@@ -394,6 +409,9 @@ void Protector::OnRowComplete(const peer::StripeProtected& row) {
     // A holder lost the row: the step is not protected until the stripe's
     // data chunks are folded in again. Its data slots push them again.
     if (store_->Demote(row.job_id(), row.step()).ok()) {
+      absl::MutexLock lock(&mu_);
+      auto& steps = protected_[row.job_id()];
+      steps.erase(std::remove(steps.begin(), steps.end(), row.step()), steps.end());
       Log("job %s step %d back to LOCAL: slot %d lost parity row %d of stripe %d", row.job_id(),
           row.step(), group_.slots[row.holder_slot()], row.row(), row.stripe());
     }
@@ -479,6 +497,14 @@ void Protector::ApplyFloor(const std::string& job) {
 }
 
 bool Protector::MayDropUnprotected(const std::string& job, uint64_t step) {
+  {
+    absl::MutexLock lock(&mu_);
+    // Before the start-up pass, this slot does not know what the group
+    // protected; and a step some member holds PROTECTED is never abandoned,
+    // whatever rows this slot lacks of it.
+    if (!ready_ || step <= NewestProtectedAnywhereLocked(job)) return false;
+  }
+  if (parity_->Abandoned(job, step)) return true;  // told the group already
   if (!parity_->TryAbandon(job, step)) return false;
   absl::MutexLock lock(&mu_);
   peer::JobNotice notice;
@@ -503,6 +529,14 @@ absl::Status Protector::OnJobNotice(const peer::JobNotice& notice) {
       NoteProtected(static_cast<int>(notice.slot()), job, notice.protected_step());
       break;
     case peer::JobNotice::kAbandonedStep: {
+      {
+        absl::MutexLock lock(&mu_);
+        if (notice.abandoned_step() <= NewestProtectedAnywhereLocked(job)) {
+          return absl::FailedPreconditionError(absl::StrFormat(
+              "job %s step %d is PROTECTED in the group; it cannot be abandoned", job,
+              notice.abandoned_step()));
+        }
+      }
       parity_->MarkAbandoned(job, notice.abandoned_step());
       {
         absl::MutexLock lock(&mu_);
@@ -513,6 +547,7 @@ absl::Status Protector::OnJobNotice(const peer::JobNotice& notice) {
     }
     case peer::JobNotice::kRewoundTo: {
       const uint64_t step = notice.rewound_to();
+      if (step == 0) return absl::InvalidArgumentError("a rewind to step 0");
       {
         absl::MutexLock lock(&mu_);
         auto it = rewound_.find(job);

@@ -173,6 +173,9 @@ class Protector : public RetentionGate {
   void NoteProtected(int position, const std::string& job, uint64_t step);
   void ApplyFloor(const std::string& job);
   uint64_t FloorLocked(const std::string& job) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The newest step of `job` some group member is known to hold PROTECTED.
+  uint64_t NewestProtectedAnywhereLocked(const std::string& job) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void NotePeer(int position, const absl::Status& status);
   // Waits up to `d` or until stopping; false once stopping.
   bool SleepFor(absl::Duration d);

@@ -38,6 +38,7 @@ struct StepStore::Job {
   std::map<uint64_t, Step> steps;
   std::map<uint32_t, uint64_t> last_committed;  // rank -> newest step it committed
   std::map<uint32_t, uint64_t> sessions;        // rank -> live session
+  uint64_t rewinds = 0;                         // rewinds so far
 };
 
 struct StepStore::Session {
@@ -47,6 +48,7 @@ struct StepStore::Session {
   std::shared_ptr<RankData> open;  // the step being written, if any
   std::map<uint64_t, std::shared_ptr<RankData>> leases;
   uint64_t restored = 0;  // the step this rank restored last, until it snapshots
+  uint64_t restored_epoch = 0;  // the job's rewinds when it restored
 };
 
 namespace {
@@ -444,10 +446,13 @@ absl::StatusOr<Window> StepStore::BeginRankImpl(uint64_t session, uint64_t step,
     return newest;
   };
   uint64_t newest = newest_held();
-  if (step <= newest && ses->restored != 0 && step > ses->restored) {
+  if (ses->restored != 0 && step > ses->restored && ses->restored_epoch == job.rewinds &&
+      job.steps.upper_bound(ses->restored) != job.steps.end()) {
     // The first snapshot after restoring an older step: the job rewinds to
     // it (DESIGN.md §5). The newer steps never completed everywhere, and
-    // the trainers write them again.
+    // the trainers write them again. Only the first rank to snapshot after
+    // its restore rewinds: the others find the job rewound already (its
+    // epoch moved) and must not discard the windows the first one opened.
     RewindLocked(job, ses->restored);
     *rewound_job = job.id;
     *rewound_to = ses->restored;
@@ -594,6 +599,9 @@ void StepStore::Retire(Job& job) {
   // With a group (gate_), nothing from the group floor on is retired, and a
   // superseded LOCAL step above the floor only once the gate has made sure it
   // can never be protected anywhere.
+  // With peers, nothing is retired before the gate is there to say what the
+  // group still needs (a daemon re-adopting its arena at start).
+  if (gate_ == nullptr && options_.final_state == v1::PROTECTED) return;
   const uint64_t floor = gate_ != nullptr ? gate_->GroupFloor(job.id) : 0;
   uint32_t complete_seen = 0;
   bool newer_seen = false;
@@ -694,6 +702,7 @@ absl::StatusOr<RestoreLease> StepStore::Restore(uint64_t session, uint64_t step)
   // The rank's next snapshot, if it is not newer than what the job holds,
   // rewinds the job to this step (BeginRank).
   ses->restored = found->step;
+  ses->restored_epoch = job.rewinds;
   ++found->pins;
   RestoreLease lease;
   lease.lease_id = next_id_++;
@@ -704,9 +713,14 @@ absl::StatusOr<RestoreLease> StepStore::Restore(uint64_t session, uint64_t step)
   return lease;
 }
 
-uint32_t StepStore::RewindLocked(Job& job, uint64_t step) {
+uint32_t StepStore::RewindLocked(Job& job, uint64_t step, bool keep_receiving) {
   std::vector<uint64_t> newer;
-  for (auto it = job.steps.upper_bound(step); it != job.steps.end(); ++it) newer.push_back(it->first);
+  for (auto it = job.steps.upper_bound(step); it != job.steps.end(); ++it) {
+    // A peer's rewind never takes a window a trainer here is writing.
+    if (keep_receiving && it->second.state == v1::RECEIVING) continue;
+    newer.push_back(it->first);
+  }
+  ++job.rewinds;
   for (uint64_t n : newer) EraseStep(job, n);
   for (auto& [rank, last] : job.last_committed) last = std::min(last, step);
   return static_cast<uint32_t>(newer.size());
@@ -716,7 +730,7 @@ uint32_t StepStore::RewindTo(const std::string& job_id, uint64_t step) {
   absl::MutexLock lock(&mu_);
   auto it = jobs_.find(job_id);
   if (it == jobs_.end()) return 0;
-  return RewindLocked(*it->second, step);
+  return RewindLocked(*it->second, step, /*keep_receiving=*/true);
 }
 
 void StepStore::SetRetentionGate(RetentionGate* gate) {

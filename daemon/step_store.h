@@ -229,7 +229,8 @@ class StepStore {
   // was abandoned).
   void ApplyRetention(const std::string& job_id);
   // Discards every step of `job_id` newer than `step` (DESIGN.md §5,
-  // rewind): the job restored `step` and snapshots `step + 1` again.
+  // rewind, as a peer reported it), except steps still RECEIVING: a trainer
+  // here may be writing one already.
   // Returns how many steps were discarded.
   uint32_t RewindTo(const std::string& job_id, uint64_t step);
   // Asks `gate` before retiring steps (with peers). Set before serving;
@@ -299,7 +300,8 @@ class StepStore {
   void Kill(std::shared_ptr<RankData> rank) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Unpin(const std::shared_ptr<RankData>& rank) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void EraseStep(Job& job, uint64_t step) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  uint32_t RewindLocked(Job& job, uint64_t step) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  uint32_t RewindLocked(Job& job, uint64_t step, bool keep_receiving = false)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Updates a step's state after a commit and applies retention.
   v1::StepState Settle(Job& job, Step& step) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Retire(Job& job) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -386,5 +386,89 @@ TEST_F(StepStoreTest, AnUnrecoverableJobAnswersDataLossUntilCleared) {
   EXPECT_EQ(store_->Restore(r, 0).status().code(), absl::StatusCode::kNotFound);
 }
 
+// A gate that keeps everything from `floor` on and may drop what `drop`
+// allows, recording what it was asked.
+class TestGate : public RetentionGate {
+ public:
+  uint64_t GroupFloor(const std::string&) override { return floor; }
+  bool MayDropUnprotected(const std::string&, uint64_t step) override {
+    asked.push_back(step);
+    return drop;
+  }
+  uint64_t floor = 0;
+  bool drop = false;
+  std::vector<uint64_t> asked;
+};
+
+TEST_F(StepStoreTest, WithPeersNothingAtOrAboveTheGroupFloorIsRetired) {
+  StoreOptions o;
+  o.final_state = v1::PROTECTED;
+  Open(o);
+  TestGate gate;
+  store_->SetRetentionGate(&gate);
+  const uint64_t s = *store_->Attach("job", 0, {0});
+  for (uint64_t step = 1; step <= 3; ++step) {
+    ASSERT_TRUE(Put(s, step, MakeState(step, {100})).ok());
+    ASSERT_TRUE(store_->MarkProtected("job", step).ok());
+  }
+  // retain = 1, but the group floor is step 2: some node holds nothing
+  // newer PROTECTED, so 2 and 3 stay; 1 goes.
+  gate.floor = 2;
+  store_->ApplyRetention("job");
+  std::vector<uint64_t> held;
+  for (const StepSummary& st : store_->ListSteps("job")) held.push_back(st.step);
+  EXPECT_EQ(held, (std::vector<uint64_t>{2, 3}));
+  // A superseded LOCAL step above the floor goes only when the gate sealed it.
+  ASSERT_TRUE(Put(s, 4, MakeState(4, {100})).ok());
+  ASSERT_TRUE(Put(s, 5, MakeState(5, {100})).ok());
+  EXPECT_EQ(gate.asked.back(), 4u);
+  EXPECT_EQ(store_->ListSteps("job").size(), 4u);  // 2, 3, 4, 5
+  gate.drop = true;
+  store_->ApplyRetention("job");
+  held.clear();
+  for (const StepSummary& st : store_->ListSteps("job")) held.push_back(st.step);
+  EXPECT_EQ(held, (std::vector<uint64_t>{2, 3, 5}));
+}
+
+TEST_F(StepStoreTest, ADaemonWithPeersRetiresNothingBeforeItsGateIsSet) {
+  StoreOptions o;
+  o.final_state = v1::PROTECTED;
+  Open(o);
+  {
+    const uint64_t s = *store_->Attach("job", 0, {0});
+    for (uint64_t step = 1; step <= 3; ++step) ASSERT_TRUE(Put(s, step, MakeState(step, {64})).ok());
+  }
+  // A restart: re-adopted steps are all LOCAL; the group may need any of
+  // them (the floor), which only the gate knows.
+  Open(o);
+  AdoptReport r = store_->Adopt();
+  EXPECT_EQ(r.steps_adopted, 3u);
+  EXPECT_EQ(store_->ListSteps("job").size(), 3u);
+}
+
+TEST_F(StepStoreTest, TheFirstSnapshotAfterRestoringAnOlderStepRewindsTheJobOnce) {
+  const uint64_t a = *store_->Attach("job", 0, {0, 1});
+  const uint64_t b = *store_->Attach("job", 1, {0, 1});
+  ASSERT_TRUE(Put(a, 1, MakeState(1, {64})).ok());
+  ASSERT_TRUE(Put(b, 1, MakeState(2, {64})).ok());
+  // Rank 0 committed step 2 before the job died; rank 1 never did.
+  ASSERT_TRUE(Put(a, 2, MakeState(3, {64})).ok());
+  Get(a, 1);
+  Get(b, 1);
+  // Rank 1 snapshots step 2 first: the job rewinds to 1, dropping rank 0's
+  // old step 2 ...
+  auto wb = store_->BeginRank(b, 2, 64);
+  ASSERT_TRUE(wb.ok()) << wb.status();
+  // ... and rank 0's snapshot of step 2 must not discard rank 1's open window.
+  const RankState a2 = MakeState(4, {64}), b2 = MakeState(5, {64});
+  ASSERT_TRUE(Put(a, 2, a2).ok());
+  std::memcpy(arena_->base() + wb->offset, b2.bytes.data(), b2.bytes.size());
+  auto st = store_->CommitRank(b, 2, b2.manifest);
+  ASSERT_TRUE(st.ok()) << st.status();
+  EXPECT_EQ(*st, v1::LOCAL);
+  EXPECT_EQ(Get(a, 2), a2.bytes);
+  EXPECT_EQ(Get(b, 2), b2.bytes);
+}
+
 }  // namespace
 }  // namespace ecsnap::daemon
