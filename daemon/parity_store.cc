@@ -63,6 +63,17 @@ int ParityStore::RowOf(int stripe) const {
   return q >= layout_.k() ? q - layout_.k() : -1;
 }
 
+peer::StripeProtected ParityStore::Notice(const std::string& job, uint64_t step,
+                                          int stripe) const {
+  peer::StripeProtected notice;
+  notice.set_job_id(job);
+  notice.set_step(step);
+  notice.set_stripe(stripe);
+  notice.set_holder_slot(self_);
+  notice.set_row(RowOf(stripe));
+  return notice;
+}
+
 ParityStore::StepState& ParityStore::StepLocked(const std::string& job, uint64_t step) {
   auto& st = steps_[{job, step}];
   if (!st) st = std::make_unique<StepState>();
@@ -196,12 +207,7 @@ std::optional<peer::StripeProtected> ParityStore::Reset(RowState& row, const std
   row.pos_length.assign(layout_.k(), 0);
   ++row.generation;
   if (!others_folded) return std::nullopt;
-  peer::StripeProtected notice;
-  notice.set_job_id(job);
-  notice.set_step(step);
-  notice.set_stripe(stripe);
-  notice.set_holder_slot(self_);
-  notice.set_row(RowOf(stripe));
+  peer::StripeProtected notice = Notice(job, step, stripe);
   notice.set_lost(true);
   return notice;
 }
@@ -335,12 +341,7 @@ absl::StatusOr<std::optional<peer::StripeProtected>> ParityStore::EndFold(Fold& 
       const uint32_t all = (1u << layout_.k()) - 1;
       if (row.done != all || row.complete) return std::optional<peer::StripeProtected>();
       Publish(row, fold.job, fold.step, fold.stripe);
-      peer::StripeProtected notice;
-      notice.set_job_id(fold.job);
-      notice.set_step(fold.step);
-      notice.set_stripe(fold.stripe);
-      notice.set_holder_slot(self_);
-      notice.set_row(RowOf(fold.stripe));
+      peer::StripeProtected notice = Notice(fold.job, fold.step, fold.stripe);
       notice.set_parity_bytes(row.length);
       notice.set_parity_crc32c(row.crc);
       return std::optional<peer::StripeProtected>(notice);
@@ -504,12 +505,7 @@ std::optional<peer::StripeProtected> ParityStore::CompleteNotice(const std::stri
                                                                 uint64_t step, int stripe) {
   auto row = Row(job, step, stripe);
   if (!row.ok()) return std::nullopt;
-  peer::StripeProtected notice;
-  notice.set_job_id(job);
-  notice.set_step(step);
-  notice.set_stripe(stripe);
-  notice.set_holder_slot(self_);
-  notice.set_row(RowOf(stripe));
+  peer::StripeProtected notice = Notice(job, step, stripe);
   notice.set_parity_bytes(row->bytes.size());
   notice.set_parity_crc32c(row->crc32c);
   return notice;

@@ -172,6 +172,8 @@ class ParityStore {
 
   // The parity row this slot keeps for `stripe`, or -1.
   int RowOf(int stripe) const;
+  // A notice about the row this slot keeps for `stripe`, with no state yet.
+  peer::StripeProtected Notice(const std::string& job, uint64_t step, int stripe) const;
   StepState& StepLocked(const std::string& job, uint64_t step) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool RetiredLocked(const std::string& job, uint64_t step) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Grow(RowState& row, uint64_t length);

@@ -29,6 +29,9 @@ struct StepStore::RankData {
 
 struct StepStore::Step {
   v1::StepState state = v1::RECEIVING;
+  // When a trainer opened it, in the store's step sequence (0: adopted,
+  // rebuilt or empty).
+  uint64_t created = 0;
   std::map<uint32_t, std::shared_ptr<RankData>> ranks;
 };
 
@@ -38,7 +41,6 @@ struct StepStore::Job {
   std::map<uint64_t, Step> steps;
   std::map<uint32_t, uint64_t> last_committed;  // rank -> newest step it committed
   std::map<uint32_t, uint64_t> sessions;        // rank -> live session
-  uint64_t rewinds = 0;                         // rewinds so far
 };
 
 struct StepStore::Session {
@@ -48,7 +50,7 @@ struct StepStore::Session {
   std::shared_ptr<RankData> open;  // the step being written, if any
   std::map<uint64_t, std::shared_ptr<RankData>> leases;
   uint64_t restored = 0;  // the step this rank restored last, until it snapshots
-  uint64_t restored_epoch = 0;  // the job's rewinds when it restored
+  uint64_t restored_at = 0;  // the store's step sequence when it restored
 };
 
 namespace {
@@ -446,14 +448,19 @@ absl::StatusOr<Window> StepStore::BeginRankImpl(uint64_t session, uint64_t step,
     return newest;
   };
   uint64_t newest = newest_held();
-  if (ses->restored != 0 && step > ses->restored && ses->restored_epoch == job.rewinds &&
-      job.steps.upper_bound(ses->restored) != job.steps.end()) {
-    // The first snapshot after restoring an older step: the job rewinds to
-    // it (DESIGN.md §5). The newer steps never completed everywhere, and
-    // the trainers write them again. Only the first rank to snapshot after
-    // its restore rewinds: the others find the job rewound already (its
-    // epoch moved) and must not discard the windows the first one opened.
-    RewindLocked(job, ses->restored);
+  // The first snapshot after restoring an older step rewinds the job to it
+  // (DESIGN.md §5): the steps newer than it that existed when the rank
+  // restored never completed everywhere, and the trainers write them again.
+  // Steps opened since (by the other ranks of the job, already writing the
+  // next step) are kept.
+  bool stale = false;
+  if (ses->restored != 0 && step > ses->restored) {
+    for (auto it = job.steps.upper_bound(ses->restored); it != job.steps.end(); ++it) {
+      stale |= it->second.created <= ses->restored_at;
+    }
+  }
+  if (stale) {
+    RewindLocked(job, ses->restored, /*keep_receiving=*/false, ses->restored_at);
     *rewound_job = job.id;
     *rewound_to = ses->restored;
     newest = newest_held();
@@ -479,7 +486,9 @@ absl::StatusOr<Window> StepStore::BeginRankImpl(uint64_t session, uint64_t step,
   rd->rank = ses->rank;
   rd->extent = *extent;
   rd->bytes = bytes;
-  job.steps[step].ranks[ses->rank] = rd;
+  Step& opened = job.steps[step];
+  if (opened.created == 0) opened.created = ++step_seq_;
+  opened.ranks[ses->rank] = rd;
   ses->open = rd;
   return Window{extent->offset, bytes};
 }
@@ -702,7 +711,7 @@ absl::StatusOr<RestoreLease> StepStore::Restore(uint64_t session, uint64_t step)
   // The rank's next snapshot, if it is not newer than what the job holds,
   // rewinds the job to this step (BeginRank).
   ses->restored = found->step;
-  ses->restored_epoch = job.rewinds;
+  ses->restored_at = step_seq_;
   ++found->pins;
   RestoreLease lease;
   lease.lease_id = next_id_++;
@@ -713,14 +722,15 @@ absl::StatusOr<RestoreLease> StepStore::Restore(uint64_t session, uint64_t step)
   return lease;
 }
 
-uint32_t StepStore::RewindLocked(Job& job, uint64_t step, bool keep_receiving) {
+uint32_t StepStore::RewindLocked(Job& job, uint64_t step, bool keep_receiving,
+                                 uint64_t created_until) {
   std::vector<uint64_t> newer;
   for (auto it = job.steps.upper_bound(step); it != job.steps.end(); ++it) {
     // A peer's rewind never takes a window a trainer here is writing.
     if (keep_receiving && it->second.state == v1::RECEIVING) continue;
+    if (it->second.created > created_until) continue;
     newer.push_back(it->first);
   }
-  ++job.rewinds;
   for (uint64_t n : newer) EraseStep(job, n);
   for (auto& [rank, last] : job.last_committed) last = std::min(last, step);
   return static_cast<uint32_t>(newer.size());

@@ -300,8 +300,10 @@ class StepStore {
   void Kill(std::shared_ptr<RankData> rank) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Unpin(const std::shared_ptr<RankData>& rank) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void EraseStep(Job& job, uint64_t step) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  uint32_t RewindLocked(Job& job, uint64_t step, bool keep_receiving = false)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Discards the steps of `job` newer than `step` opened up to
+  // `created_until` in the step sequence.
+  uint32_t RewindLocked(Job& job, uint64_t step, bool keep_receiving = false,
+                        uint64_t created_until = UINT64_MAX) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Updates a step's state after a commit and applies retention.
   v1::StepState Settle(Job& job, Step& step) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Retire(Job& job) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -322,6 +324,7 @@ class StepStore {
   std::map<std::string, std::unique_ptr<Job>> jobs_ ABSL_GUARDED_BY(mu_);
   std::map<uint64_t, std::unique_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  uint64_t step_seq_ ABSL_GUARDED_BY(mu_) = 0;  // steps opened by trainers so far
   std::map<std::string, absl::Status> unrecoverable_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -470,5 +470,23 @@ TEST_F(StepStoreTest, TheFirstSnapshotAfterRestoringAnOlderStepRewindsTheJobOnce
   EXPECT_EQ(Get(b, 2), b2.bytes);
 }
 
+TEST_F(StepStoreTest, RestoringTheNewestStepRewindsNothingOpenedSince) {
+  const uint64_t a = *store_->Attach("job", 0, {0, 1});
+  const uint64_t b = *store_->Attach("job", 1, {0, 1});
+  ASSERT_TRUE(Put(a, 1, MakeState(1, {64})).ok());
+  ASSERT_TRUE(Put(b, 1, MakeState(2, {64})).ok());
+  Get(a, 0);
+  Get(b, 0);
+  // Rank 0 opens step 2 first; rank 1's snapshot of step 2 joins it.
+  auto wa = store_->BeginRank(a, 2, 64);
+  ASSERT_TRUE(wa.ok());
+  const RankState a2 = MakeState(3, {64}), b2 = MakeState(4, {64});
+  ASSERT_TRUE(Put(b, 2, b2).ok());
+  std::memcpy(arena_->base() + wa->offset, a2.bytes.data(), a2.bytes.size());
+  auto st = store_->CommitRank(a, 2, a2.manifest);
+  ASSERT_TRUE(st.ok()) << st.status();
+  EXPECT_EQ(*st, v1::LOCAL);
+}
+
 }  // namespace
 }  // namespace ecsnap::daemon
