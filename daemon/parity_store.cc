@@ -475,6 +475,21 @@ absl::Status ParityStore::CompleteRow(const std::string& job, uint64_t step, int
   return absl::OkStatus();
 }
 
+void ParityStore::DiscardIncompleteRow(const std::string& job, uint64_t step, int stripe) {
+  std::shared_ptr<RowState> dropped;  // freed outside the lock
+  absl::MutexLock lock(&mu_);
+  auto it = steps_.find({job, step});
+  if (it == steps_.end()) return;
+  auto r = it->second->rows.find(stripe);
+  if (r == it->second->rows.end()) return;
+  {
+    absl::MutexLock row_lock(&r->second->mu);
+    if (r->second->complete || r->second->active != 0 || r->second->done != 0) return;
+  }
+  dropped = std::move(r->second);
+  it->second->rows.erase(r);
+}
+
 absl::Status ParityStore::InstallRow(const std::string& job, uint64_t step, int stripe,
                                      absl::Span<const uint8_t> bytes,
                                      const std::map<int, peer::SlotStep>& slots) {

@@ -123,6 +123,9 @@ class ParityStore {
   // `slots` (the group's shapes of the step, by position) give the CRC of
   // each data position folded in, so that a later push of the same bytes is
   // acknowledged and one of other bytes resets the row.
+  // Drops the row this slot keeps for `stripe` if it is not complete (a
+  // rebuild that failed after ReserveRow).
+  void DiscardIncompleteRow(const std::string& job, uint64_t step, int stripe);
   absl::Status CompleteRow(const std::string& job, uint64_t step, int stripe,
                            const std::map<int, peer::SlotStep>& slots);
 

@@ -2,6 +2,7 @@
 
 #include <filesystem>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 
 #include "ec/crc32c.h"
@@ -281,6 +282,30 @@ TEST_F(ParityStoreTest, KnowledgeAndDropping) {
   EXPECT_TRUE(store.Knowledge().empty());
   // The row's extent and its index record's page.
   EXPECT_EQ(arena_->free_bytes(), free_before + 8192 + 4096);
+}
+
+TEST_F(ParityStoreTest, ARowReservedByAFailedRebuildIsDiscardedACompleteOneIsNot) {
+  ParityStore store(arena_.get(), *ec::Layout::Create(3, 2), codec_.get(), 1);
+  const uint64_t free_before = arena_->free_bytes();
+  auto half = store.ReserveRow("job", 7, 0, 5000);
+  ASSERT_TRUE(half.ok());
+  std::memset(half->data(), 0xab, half->size());  // half-decoded bytes
+  ASSERT_TRUE(store.InstallRow("job", 7, 1, std::vector<uint8_t>(100, 1)).ok());
+  store.DiscardIncompleteRow("job", 7, 0);
+  store.DiscardIncompleteRow("job", 7, 1);
+  EXPECT_EQ(store.MissingRows("job", 7), std::vector<int>{0});
+  EXPECT_TRUE(store.Row("job", 7, 1).ok());
+  // Stripe 0's extent is back; stripe 1's row and its index record remain.
+  EXPECT_EQ(arena_->free_bytes(), free_before - 4096 - 4096);
+  // A push into stripe 0 starts from zeros, not from the leftover bytes.
+  const std::vector<uint8_t> d = Bytes(64, 5);
+  for (int p : {0, 1, 2}) ASSERT_TRUE(Push(store, 0, p, d).ok());
+  std::vector<std::vector<uint8_t>> parity(2, std::vector<uint8_t>(64));
+  std::vector<ec::ConstBytes> in = {d, d, d};
+  std::vector<ec::MutableBytes> out = {absl::MakeSpan(parity[0]), absl::MakeSpan(parity[1])};
+  ASSERT_TRUE(codec_->Encode(in, out).ok());
+  auto row = *store.Row("job", 7, 0);
+  EXPECT_EQ(std::vector<uint8_t>(row.bytes.begin(), row.bytes.end()), parity[1]);
 }
 
 }  // namespace

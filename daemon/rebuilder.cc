@@ -468,6 +468,13 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
     for (size_t i = 0; i < c.ranks.size(); ++i) {
       if (!c.handed_off[i]) arena_->Free(c.ranks[i].extent);
     }
+    if (!st.ok()) {
+      // Rows reserved for decoding and never completed: half-decoded bytes
+      // that a later fold must not start from.
+      for (int s = 0; s < n; ++s) {
+        if (layout.PositionOf(s, self) >= k) parity_->DiscardIncompleteRow(job, step, s);
+      }
+    }
     return st;
   };
 
