@@ -30,6 +30,24 @@ constexpr uint64_t kMaxInFlightBytes = uint64_t{512} << 20;
 
 using Holders = std::map<std::pair<int, int>, std::set<int>>;  // (stripe, position) -> peers
 
+// A holder that stands for "nobody needs to hold it": a chunk of zero bytes
+// (the payload of a node that runs no rank of the job) is known without
+// asking anyone, even after the node that had it restarted or was lost.
+constexpr int kKnownEmpty = -1;
+
+void AddKnownEmptyChunks(const ec::Layout& layout, const std::map<int, peer::SlotStep>& slots,
+                         Holders* held) {
+  const int n = layout.n();
+  if (static_cast<int>(slots.size()) != n) return;
+  std::vector<uint64_t> lens(n);
+  for (const auto& [pos, slot] : slots) lens[pos] = slot.payload_bytes();
+  for (int s = 0; s < n; ++s) {
+    for (int q = 0; q < n; ++q) {
+      if (layout.ChunkLength(lens, s, q) == 0) (*held)[{s, q}].insert(kKnownEmpty);
+    }
+  }
+}
+
 // Positions of stripe `s` that no answering peer holds intact.
 std::vector<int> MissingPositions(const Holders& held, int n, int s) {
   std::vector<int> missing;
@@ -176,6 +194,7 @@ absl::Status Rebuilder::Pass(const std::string& job_filter, bool final_pass, boo
           i, group.slots[i], bad, k, m);
     }
   }
+  for (auto& [key, v] : views) AddKnownEmptyChunks(layout, v.slots, &v.held);
   // Rows announced while this daemon was away: steps it re-adopted may be
   // protected already. A row the group heard from this slot counts only if
   // this slot still holds it; one it lost (a restart before the row was
@@ -317,6 +336,10 @@ absl::Status Rebuilder::DecodeSlice(const Current& c, int s, int target,
       const uint64_t len = layout.ChunkLength(c.lens, s, q);
       const uint64_t from = std::min(at, len);
       const uint64_t want = std::min(len - from, read);
+      if (want > 0 && holder == kKnownEmpty) {
+        got[i] = absl::DataLossError(absl::StrFormat("position %d is not empty", q));
+        return;
+      }
       if (bufs[i].size() < want) bufs[i].resize(want);
       sizes[i] = want;
       if (want == 0) return;

@@ -1014,5 +1014,94 @@ TEST_F(FaultTest, RestoringAnOlderStepRewindsTheJobAndTheNextStepsAreProtectedAn
   EXPECT_TRUE(RestoreExactly(0, kLatestStep, s + 2, {})) << Logs();
 }
 
+// Issue 8 item 7: a job whose ranks run on 2 of the 4 nodes of an RS(2,2)
+// group. The two nodes without ranks take part with empty payloads, so the
+// job's steps become PROTECTED everywhere; and the empty chunks are known
+// without anyone holding them, so the job survives one of those nodes
+// restarting (its empty steps gone) and then m other nodes lost.
+TEST_F(FaultTest, NodesWithoutRanksTakePartWithEmptyPayloadsAndTheJobSurvivesLosses) {
+  StartFaultCluster(2, 2);
+  auto connect = [&](int slot, int r) {
+    ClientOptions o;
+    o.daemon_address = cluster_->daemon(slot).socket();
+    o.job_id = "sparse";
+    o.rank = slot * kRanksPerNode + r;
+    for (int lr = 0; lr < kRanksPerNode; ++lr) o.local_ranks.push_back(slot * kRanksPerNode + lr);
+    auto c = Client::Connect(o);
+    EXPECT_TRUE(c.ok()) << c.status();
+    return c.ok() ? std::move(*c) : nullptr;
+  };
+  std::vector<std::vector<std::unique_ptr<Client>>> ranks(2);
+  for (int slot : {0, 1}) {
+    for (int r = 0; r < kRanksPerNode; ++r) ranks[slot].push_back(connect(slot, r));
+  }
+  auto snapshot = [&](uint64_t step) {
+    std::vector<State> states;
+    states.reserve(2 * kRanksPerNode);
+    std::vector<SnapshotHandle> handles;
+    for (int slot : {0, 1}) {
+      for (int r = 0; r < kRanksPerNode; ++r) {
+        states.push_back(MakeState(slot, r, step));
+        auto h = ranks[slot][r]->Snapshot(step, states.back().tensors);
+        ASSERT_TRUE(h.ok()) << h.status();
+        handles.push_back(*h);
+      }
+    }
+    for (auto& h : handles) ASSERT_TRUE(h.WaitCommitted().ok());
+  };
+  auto state = [&](int slot, uint64_t step) {
+    auto stub = cluster_->daemon(slot).AdminStub();
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    admin::ListStepsRequest req;
+    req.set_job_id("sparse");
+    admin::ListStepsResponse resp;
+    if (!stub->ListSteps(&ctx, req, &resp).ok()) return v1::STEP_STATE_UNSPECIFIED;
+    for (const auto& st : resp.steps()) {
+      if (st.step() == step) return st.state();
+    }
+    return v1::STEP_STATE_UNSPECIFIED;
+  };
+  auto all_protected = [&](uint64_t step) {
+    for (int i = 0; i < 800; ++i) {
+      bool all = true;
+      for (int slot = 0; slot < 4 && all; ++slot) all = state(slot, step) == v1::PROTECTED;
+      if (all) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(25));
+    }
+    return false;
+  };
+  snapshot(1);
+  ASSERT_TRUE(all_protected(1)) << cluster_->daemon(2).Log();
+  snapshot(2);
+  ASSERT_TRUE(all_protected(2)) << cluster_->daemon(3).Log();
+  EXPECT_NE(cluster_->daemon(3).Log().find("no rank of the job runs on this node"),
+            std::string::npos);
+  // Slot 3 restarts in place: its empty steps had no record and are gone.
+  cluster_->daemon(3).Kill();
+  ASSERT_TRUE(cluster_->daemon(3).Restart().ok());
+  // Then slots 0 and 2 are lost: step 2 still decodes, since the chunks of
+  // slots 2 and 3 are empty and need no holder.
+  ranks[0].clear();
+  cluster_->daemon(0).Kill();
+  cluster_->daemon(2).Kill();
+  ASSERT_TRUE(cluster_->daemon(0).Replace().ok());
+  ASSERT_TRUE(cluster_->daemon(2).Replace().ok());
+  for (int r = 0; r < kRanksPerNode; ++r) {
+    auto c = connect(0, r);
+    ASSERT_NE(c, nullptr);
+    auto got = c->Restore(kLatestStep);
+    ASSERT_TRUE(got.ok()) << got.status() << "\n" << cluster_->daemon(0).Log();
+    EXPECT_EQ(got->step, 2u);
+    const State want = MakeState(0, r, 2);
+    ASSERT_EQ(got->tensors.size(), want.tensors.size());
+    for (size_t i = 0; i < want.tensors.size(); ++i) {
+      EXPECT_TRUE(std::equal(got->tensors[i].data.begin(), got->tensors[i].data.end(),
+                             want.bytes[i].begin(), want.bytes[i].end()))
+          << "rank " << r << " tensor " << i;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace ecsnap
