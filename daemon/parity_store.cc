@@ -442,7 +442,16 @@ absl::StatusOr<absl::Span<uint8_t>> ParityStore::ReserveRow(const std::string& j
     bytes = absl::Span<uint8_t>(arena_->base() + row->extent.offset, length);
   }
   absl::MutexLock lock(&mu_);
-  StepLocked(job, step).rows[stripe] = row;
+  auto& slot_row = StepLocked(job, step).rows[stripe];
+  if (slot_row) {
+    absl::MutexLock row_lock(&slot_row->mu);
+    if (slot_row->complete || slot_row->active != 0) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "job %s step %d stripe %d: this slot holds (or is folding) that parity row already",
+          job, step, stripe));
+    }
+  }
+  slot_row = row;
   return bytes;
 }
 

@@ -117,7 +117,8 @@ class ParityStore {
                           const std::map<int, peer::SlotStep>& slots = {});
   // For a rebuild that decodes straight into the arena: reserves an
   // incomplete row of `length` bytes for `stripe` and returns its bytes to
-  // fill; CompleteRow then publishes (and records) it.
+  // fill; CompleteRow then publishes (and records) it. FAILED_PRECONDITION
+  // when the slot holds the row complete, or a push is folding into it.
   absl::StatusOr<absl::Span<uint8_t>> ReserveRow(const std::string& job, uint64_t step,
                                                  int stripe, uint64_t length);
   // `slots` (the group's shapes of the step, by position) give the CRC of

@@ -291,6 +291,9 @@ TEST_F(ParityStoreTest, ARowReservedByAFailedRebuildIsDiscardedACompleteOneIsNot
   ASSERT_TRUE(half.ok());
   std::memset(half->data(), 0xab, half->size());  // half-decoded bytes
   ASSERT_TRUE(store.InstallRow("job", 7, 1, std::vector<uint8_t>(100, 1)).ok());
+  // A rebuild never replaces a row this slot holds complete.
+  EXPECT_EQ(store.ReserveRow("job", 7, 1, 100).status().code(),
+            absl::StatusCode::kFailedPrecondition);
   store.DiscardIncompleteRow("job", 7, 0);
   store.DiscardIncompleteRow("job", 7, 1);
   EXPECT_EQ(store.MissingRows("job", 7), std::vector<int>{0});

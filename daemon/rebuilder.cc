@@ -509,6 +509,9 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
     // A lost parity row is decoded straight into its (pre-faulted) arena row.
     absl::Span<uint8_t> parity_out;
     if (target >= k) {
+      // A row this slot still holds (re-adopted after a restart) is kept as
+      // it is: it was verified when adopted, and peers may be reading it.
+      if (parity_->Row(job, step, s).ok()) return absl::OkStatus();
       auto row = parity_->ReserveRow(job, step, s, out_len);
       if (!row.ok()) return row.status();
       parity_out = *row;

@@ -1091,7 +1091,8 @@ TEST_F(FaultTest, NodesWithoutRanksTakePartWithEmptyPayloadsAndTheJobSurvivesLos
     auto c = connect(0, r);
     ASSERT_NE(c, nullptr);
     auto got = c->Restore(kLatestStep);
-    ASSERT_TRUE(got.ok()) << got.status() << "\n" << cluster_->daemon(0).Log();
+    ASSERT_TRUE(got.ok()) << got.status() << "\n" << cluster_->daemon(0).Log() << "\n---- slot 3\n"
+                          << cluster_->daemon(3).Log();
     EXPECT_EQ(got->step, 2u);
     const State want = MakeState(0, r, 2);
     ASSERT_EQ(got->tensors.size(), want.tensors.size());
