@@ -144,6 +144,13 @@ void Protector::SetReady() {
     absl::MutexLock lock(&mu_);
     ready_ = true;
   }
+  // Peers' steps that arrived during the start-up pass.
+  std::map<std::string, uint64_t> deferred;
+  {
+    absl::MutexLock lock(&mu_);
+    deferred.swap(deferred_);
+  }
+  for (const auto& [job, step] : deferred) OnPeerStep(job, step);
   // Retention waited for the start-up pass (a re-adopted arena keeps every
   // step until then): apply it now.
   std::set<std::string> jobs;
@@ -160,7 +167,12 @@ uint64_t Protector::NewestProtectedAnywhereLocked(const std::string& job) const 
 void Protector::OnPeerStep(const std::string& job, uint64_t step) {
   {
     absl::MutexLock lock(&mu_);
-    if (!ready_) return;
+    if (!ready_) {
+      // Decided once the start-up pass is over (SetReady).
+      uint64_t& newest = deferred_[job];
+      newest = std::max(newest, step);
+      return;
+    }
   }
   if (parity_->KnowsPayloadOf(job, group_.self)) return;
   if (!store_->AddEmptyStep(job, step)) return;

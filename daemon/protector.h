@@ -194,6 +194,8 @@ class Protector : public RetentionGate {
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   bool ready_ ABSL_GUARDED_BY(mu_) = false;
   int running_ ABSL_GUARDED_BY(mu_) = 0;  // threads not yet returned
+  // Per job, the newest step a peer pushed before SetReady.
+  std::map<std::string, uint64_t> deferred_ ABSL_GUARDED_BY(mu_);
   uint64_t seq_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<Link> links_ ABSL_GUARDED_BY(mu_);  // by group position
   std::vector<PeerState> peers_ ABSL_GUARDED_BY(mu_);
