@@ -114,12 +114,12 @@ class ClusterTest : public ::testing::Test {
   }
 
   // The state of `step` of `slot` on its daemon, as admin ListSteps says.
-  v1::StepState StateOf(int slot, uint64_t step) {
+  v1::StepState StateOf(int slot, uint64_t step, const std::string& job = "job") {
     auto stub = cluster_->daemon(slot).AdminStub();
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
     admin::ListStepsRequest req;
-    req.set_job_id("job");
+    req.set_job_id(job);
     admin::ListStepsResponse resp;
     if (!stub->ListSteps(&ctx, req, &resp).ok()) return v1::STEP_STATE_UNSPECIFIED;
     for (const auto& s : resp.steps()) {
@@ -1049,23 +1049,10 @@ TEST_F(FaultTest, NodesWithoutRanksTakePartWithEmptyPayloadsAndTheJobSurvivesLos
     }
     for (auto& h : handles) ASSERT_TRUE(h.WaitCommitted().ok());
   };
-  auto state = [&](int slot, uint64_t step) {
-    auto stub = cluster_->daemon(slot).AdminStub();
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-    admin::ListStepsRequest req;
-    req.set_job_id("sparse");
-    admin::ListStepsResponse resp;
-    if (!stub->ListSteps(&ctx, req, &resp).ok()) return v1::STEP_STATE_UNSPECIFIED;
-    for (const auto& st : resp.steps()) {
-      if (st.step() == step) return st.state();
-    }
-    return v1::STEP_STATE_UNSPECIFIED;
-  };
   auto all_protected = [&](uint64_t step) {
     for (int i = 0; i < 800; ++i) {
       bool all = true;
-      for (int slot = 0; slot < 4 && all; ++slot) all = state(slot, step) == v1::PROTECTED;
+      for (int slot = 0; slot < 4 && all; ++slot) all = StateOf(slot, step, "sparse") == v1::PROTECTED;
       if (all) return true;
       std::this_thread::sleep_for(std::chrono::milliseconds(25));
     }
