@@ -497,15 +497,19 @@ void Protector::ApplyFloor(const std::string& job) {
       drop_below = std::min(floor, it->second.front());
     }
     // Notices about steps below that point are moot.
-    for (Link& link : links_) {
-      for (auto o = link.outbox.begin(); o != link.outbox.end();) {
-        const bool moot = o->second.job == job && o->second.row.has_value() &&
-                          o->second.step < drop_below;
-        o = moot ? link.outbox.erase(o) : std::next(o);
-      }
-    }
+    DropRowNoticesLocked(job, [drop_below](uint64_t s) { return s < drop_below; });
   }
   if (drop_below > 0) parity_->DropBelow(job, drop_below);
+}
+
+void Protector::DropRowNoticesLocked(const std::string& job,
+                                     const std::function<bool(uint64_t)>& moot) {
+  for (Link& link : links_) {
+    for (auto o = link.outbox.begin(); o != link.outbox.end();) {
+      const bool drop = o->second.job == job && o->second.row.has_value() && moot(o->second.step);
+      o = drop ? link.outbox.erase(o) : std::next(o);
+    }
+  }
 }
 
 bool Protector::MayDropUnprotected(const std::string& job, uint64_t step) {
@@ -592,11 +596,8 @@ void Protector::OnRewind(const std::string& job, uint64_t step) {
     for (auto p = link.pushes.begin(); p != link.pushes.end();) {
       p = p->first.first == job && p->first.second > step ? link.pushes.erase(p) : std::next(p);
     }
-    for (auto o = link.outbox.begin(); o != link.outbox.end();) {
-      const bool moot = o->second.job == job && o->second.row.has_value() && o->second.step > step;
-      o = moot ? link.outbox.erase(o) : std::next(o);
-    }
   }
+  DropRowNoticesLocked(job, [step](uint64_t s) { return s > step; });
   for (auto d = described_.begin(); d != described_.end();) {
     d = d->first.first == job && d->first.second > step ? described_.erase(d) : std::next(d);
   }

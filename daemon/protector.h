@@ -30,6 +30,7 @@
 #define ECSNAP_DAEMON_PROTECTOR_H_
 
 #include <chrono>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -172,6 +173,9 @@ class Protector : public RetentionGate {
   // applies retention when the group floor moves.
   void NoteProtected(int position, const std::string& job, uint64_t step);
   void ApplyFloor(const std::string& job);
+  // Drops the row notices of `job` owed to peers whose step is `moot`.
+  void DropRowNoticesLocked(const std::string& job, const std::function<bool(uint64_t)>& moot)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   uint64_t FloorLocked(const std::string& job) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The newest step of `job` some group member is known to hold PROTECTED.
   uint64_t NewestProtectedAnywhereLocked(const std::string& job) const
