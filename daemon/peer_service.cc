@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_format.h"
 #include "common/grpc_status.h"
+#include "daemon/payload_chunks.h"
 
 namespace ecsnap::daemon {
 
@@ -98,7 +99,8 @@ grpc::Status PeerService::GetChunk(grpc::ServerContext* context,
     auto p = store_->PinPayload(id.job_id(), id.step());
     if (!p.ok()) return ToGrpc(p.status());
     payload = std::move(*p);
-    const ec::Extent e = layout.DataChunk(payload.bytes, id.position());
+    const ec::Extent e =
+        PayloadChunks(layout, self, payload.RankBytes()).Chunk(static_cast<int>(id.position()));
     length = e.length;
     each = [&payload, e](uint64_t off, uint64_t len,
                          const std::function<void(absl::Span<const uint8_t>)>& fn) {

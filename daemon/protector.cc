@@ -269,13 +269,14 @@ absl::Status Protector::PushStep(int holder, const std::string& job, uint64_t st
   }
   auto me = Described(job, step, *payload);
   if (!me.ok()) return me.status();
-  const int k = layout_.k(), m = layout_.m(), self = group_.self;
+  const int k = layout_.k(), m = layout_.m();
+  const PayloadChunks chunks(layout_, group_.self, payload->RankBytes());
   for (int p = 0; p < k; ++p) {
-    const int stripe = layout_.StripeOfDataChunk(self, p);
+    const int stripe = chunks.StripeOf(p);
     bool keeps = false;
     for (int r = 0; r < m; ++r) keeps |= layout_.SlotOf(stripe, k + r) == holder;
     if (!keeps) continue;
-    absl::Status st = PushChunk(holder, job, step, *payload, *me, p);
+    absl::Status st = PushChunk(holder, job, step, *payload, chunks, *me, p);
     NotePeer(holder, Permanent(st) ? absl::OkStatus() : st);
     if (!st.ok()) return st;
   }
@@ -283,8 +284,9 @@ absl::Status Protector::PushStep(int holder, const std::string& job, uint64_t st
 }
 
 absl::Status Protector::PushChunk(int holder, const std::string& job, uint64_t step,
-                                  const Payload& payload, const peer::SlotStep& me, int p) {
-  const ec::Extent e = layout_.DataChunk(payload.bytes, p);
+                                  const Payload& payload, const PayloadChunks& chunks,
+                                  const peer::SlotStep& me, int p) {
+  const ec::Extent e = chunks.Chunk(p);
   grpc::ClientContext ctx;
   ctx.set_wait_for_ready(true);  // a peer still starting: wait, while the watchdog allows
   auto watch = watchdog_.Start(&ctx);
@@ -294,7 +296,7 @@ absl::Status Protector::PushChunk(int holder, const std::string& job, uint64_t s
   peer::PushChunkHeader* h = msg.mutable_header();
   h->mutable_id()->set_job_id(job);
   h->mutable_id()->set_step(step);
-  h->mutable_id()->set_stripe(layout_.StripeOfDataChunk(group_.self, p));
+  h->mutable_id()->set_stripe(chunks.StripeOf(p));
   h->mutable_id()->set_position(p);
   h->set_length(e.length);
   h->set_crc32c(me.chunk_crc32c(p));
@@ -660,8 +662,9 @@ peer::SlotStep Protector::Describe(const Payload& payload, const ec::Layout& lay
   me.set_manifests(sm.SerializeAsString());
   me.set_manifests_crc32c(ec::Crc32c(absl::Span<const uint8_t>(
       reinterpret_cast<const uint8_t*>(me.manifests().data()), me.manifests().size())));
+  const PayloadChunks chunks(layout, self, payload.RankBytes());
   for (int p = 0; p < layout.k(); ++p) {
-    const ec::Extent e = layout.DataChunk(payload.bytes, p);
+    const ec::Extent e = chunks.Chunk(p);
     uint32_t crc = 0;
     payload.ForEachPiece(e.offset, e.length,
                          [&](absl::Span<const uint8_t> piece) { crc = ec::Crc32c(piece, crc); });

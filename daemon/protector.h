@@ -44,6 +44,7 @@
 #include "daemon/call_watchdog.h"
 #include "daemon/group.h"
 #include "daemon/parity_store.h"
+#include "daemon/payload_chunks.h"
 #include "daemon/step_store.h"
 #include "ec/codec.h"
 #include "ec/layout.h"
@@ -163,7 +164,7 @@ class Protector : public RetentionGate {
   // as FAILED_PRECONDITION or NOT_FOUND.
   absl::Status PushStep(int holder, const std::string& job, uint64_t step);
   absl::Status PushChunk(int holder, const std::string& job, uint64_t step, const Payload& payload,
-                         const peer::SlotStep& me, int p);
+                         const PayloadChunks& chunks, const peer::SlotStep& me, int p);
   void QueuePushLocked(int holder, const std::string& job, uint64_t step)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void SendLocked(int peer, std::string key, Outgoing out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <set>
 #include <thread>
 
@@ -14,6 +15,7 @@
 #include "common/format.h"
 #include "common/grpc_status.h"
 #include "common/log.h"
+#include "daemon/payload_chunks.h"
 #include "daemon/store.pb.h"
 #include "ec/crc32c.h"
 
@@ -303,7 +305,7 @@ struct Rebuilder::Current {
   std::vector<uint64_t> lens;          // payload bytes of every group position
   std::vector<uint32_t> local_ranks;
   std::vector<RebuiltRank> ranks;      // fresh windows, laid end to end
-  std::vector<uint64_t> rank_offset;   // of each rank in the payload
+  std::unique_ptr<PayloadChunks> payload;  // this slot's payload: chunks and rank windows
   std::vector<bool> installed;         // served early from an extent of its own (mu_)
   std::vector<bool> handed_off;        // window now owned by the store
   std::vector<bool> claimed;           // being decoded on demand (mu_)
@@ -391,19 +393,15 @@ absl::Status Rebuilder::DecodeSlice(const Current& c, int s, int target,
 }
 
 void Rebuilder::WritePayload(Current& c, uint64_t offset, const uint8_t* data, uint64_t bytes) {
-  for (size_t i = 0; i < c.ranks.size(); ++i) {
-    const RebuiltRank& r = c.ranks[i];
-    const uint64_t base = c.rank_offset[i], end = base + r.bytes;
-    if (offset >= end || offset + bytes <= base) continue;
+  c.payload->ForEachPiece(offset, bytes, [&](size_t i, uint64_t at, uint64_t from, uint64_t len) {
     {
       absl::MutexLock lock(&mu_);
       // Served on demand from an extent of its own: this window is never
       // installed, so it need not be filled.
-      if (c.installed[i]) continue;
+      if (c.installed[i]) return;
     }
-    const uint64_t lo = std::max(offset, base), hi = std::min(offset + bytes, end);
-    std::memcpy(arena_->base() + r.extent.offset + (lo - base), data + (lo - offset), hi - lo);
-  }
+    std::memcpy(arena_->base() + c.ranks[i].extent.offset + at, data + from, len);
+  });
 }
 
 std::vector<int> Rebuilder::Survivors(const Current& c, int s, int target,
@@ -457,7 +455,7 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
   // finish() frees every window it still owns, once, on every path. A rank
   // served on demand lives in an extent ServeRank allocated (and frees if its
   // install fails); its window here is never handed off, so finish() frees it.
-  uint64_t offset = 0;
+  std::vector<uint64_t> rank_bytes;
   for (const auto& r : sm.ranks()) {
     auto extent = arena_->Allocate(r.bytes());
     if (!extent.ok()) {
@@ -466,9 +464,9 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
           absl::StrCat("rebuilding job ", job, " step ", step, ": ", extent.status().message()));
     }
     c.ranks.push_back({r.rank(), *extent, r.bytes(), r.manifest()});
-    c.rank_offset.push_back(offset);
-    offset += r.bytes();
+    rank_bytes.push_back(r.bytes());
   }
+  c.payload = std::make_unique<PayloadChunks>(layout, self, std::move(rank_bytes));
   c.installed.assign(c.ranks.size(), false);
   c.handed_off.assign(c.ranks.size(), false);
   c.claimed.assign(c.ranks.size(), false);
@@ -566,7 +564,7 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
           break;
         }
         if (target < k) {
-          WritePayload(c, layout.DataChunk(c.lens[self], target).offset + at, out, slice);
+          WritePayload(c, c.payload->Chunk(target).offset + at, out, slice);
         }
         Progress(static_cast<int64_t>(slice));
         counted += slice;
@@ -706,9 +704,9 @@ void Rebuilder::ServeRank(const std::string& job, uint32_t rank, absl::Duration 
   // the rebuild, at its end.
   const ec::Layout& layout = protector_->layout();
   const Group& group = protector_->group();
-  const int self = group.self;
   RebuiltRank r = c->ranks[i];
-  const uint64_t a = c->rank_offset[i], b = a + r.bytes;
+  const PayloadChunks& payload = *c->payload;
+  const uint64_t a = payload.RankOffset(i), b = a + r.bytes;
   const auto t0 = std::chrono::steady_clock::now();
   absl::Status st;
   absl::StatusOr<ArenaExtent> own = arena_->Allocate(r.bytes);
@@ -718,10 +716,10 @@ void Rebuilder::ServeRank(const std::string& job, uint32_t rank, absl::Duration 
     st = own.status();
   }
   for (int p = 0; p < layout.k() && st.ok(); ++p) {
-    const ec::Extent e = layout.DataChunk(c->lens[self], p);
+    const ec::Extent e = payload.Chunk(p);
     const uint64_t lo = std::max(a, e.offset), hi = std::min(b, e.offset + e.length);
     if (lo >= hi) continue;
-    const int s = layout.StripeOfDataChunk(self, p);
+    const int s = payload.StripeOf(p);
     const std::vector<int> use = Survivors(*c, s, p, {});
     if (static_cast<int>(use.size()) < layout.k()) {
       st = absl::DataLossError(absl::StrFormat(

@@ -6,9 +6,10 @@
 
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "common/balanced_for.h"
 #include "common/format.h"
 #include "common/status_macros.h"
+#include "daemon/manifest_check.h"
+#include "daemon/rank_record.h"
 #include "daemon/store.pb.h"
 #include "ec/crc32c.h"
 
@@ -67,122 +68,20 @@ std::string RankLabel(const std::string& job, uint64_t step, uint32_t rank) {
   return absl::StrFormat("job %s step %d rank %d", job, step, rank);
 }
 
-// Checks every tensor's CRC-32C against the bytes of `window`, spreading
-// whole tensors over up to `threads` threads (largest first, least loaded).
-absl::Status CheckCrcs(const v1::Manifest& manifest, absl::Span<const uint8_t> window,
-                       int threads, VerifyReport* report) {
-  const int n = manifest.tensors_size();
-  std::vector<uint32_t> crcs(n);
-  std::vector<uint64_t> bytes;
-  for (const v1::TensorEntry& e : manifest.tensors()) bytes.push_back(e.length());
-  BalancedFor(bytes, threads, [&](size_t i) {
-    const v1::TensorEntry& e = manifest.tensors(static_cast<int>(i));
-    crcs[i] = ec::Crc32c(window.subspan(e.offset(), e.length()));
-  });
-
-  for (int i = 0; i < n; ++i) {
-    const v1::TensorEntry& t = manifest.tensors(i);
-    if (report != nullptr) {
-      ++report->tensors_checked;
-      report->bytes_checked += t.length();
-    }
-    if (crcs[i] != t.crc32c()) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "tensor '%s' has crc32c 0x%08x in the manifest but its %d bytes in the window have "
-          "0x%08x; the copy was incomplete or the manifest is stale",
-          t.name(), t.crc32c(), t.length(), crcs[i]));
-    }
-  }
-  return absl::OkStatus();
+ManifestLimits ManifestLimitsOf(const StoreLimits& lim) {
+  ManifestLimits m;
+  m.max_tensors = lim.max_tensors_per_rank;
+  m.max_name_bytes = lim.max_tensor_name_bytes;
+  m.max_dims = lim.max_tensor_dims;
+  return m;
 }
 
 }  // namespace
-
-size_t DTypeBytes(v1::DType dtype) {
-  switch (dtype) {
-    case v1::FLOAT64:
-    case v1::INT64:
-      return 8;
-    case v1::FLOAT32:
-    case v1::INT32:
-      return 4;
-    case v1::FLOAT16:
-    case v1::BFLOAT16:
-    case v1::INT16:
-      return 2;
-    case v1::INT8:
-    case v1::UINT8:
-    case v1::BOOL:
-    case v1::FLOAT8_E4M3:
-    case v1::FLOAT8_E5M2:
-      return 1;
-    default:
-      return 0;
-  }
-}
 
 StepStore::StepStore(Arena* arena, StoreOptions options)
     : arena_(arena), options_(std::move(options)) {}
 
 StepStore::~StepStore() = default;
-
-absl::Status StepStore::CheckManifest(const v1::Manifest& manifest, uint64_t window_bytes) const {
-  const StoreLimits& lim = options_.limits;
-  if (static_cast<size_t>(manifest.tensors_size()) > lim.max_tensors_per_rank) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "the manifest lists %d tensors; at most %d are allowed per rank", manifest.tensors_size(),
-        lim.max_tensors_per_rank));
-  }
-  std::set<std::string> names;
-  for (const v1::TensorEntry& t : manifest.tensors()) {
-    if (t.name().empty() || t.name().size() > lim.max_tensor_name_bytes) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "tensor name of %d bytes: names must have 1 to %d bytes", t.name().size(),
-          lim.max_tensor_name_bytes));
-    }
-    if (!names.insert(t.name()).second) {
-      return absl::InvalidArgumentError(
-          absl::StrFormat("tensor '%s' appears twice in the manifest", t.name()));
-    }
-    if (!v1::TensorKind_IsValid(t.kind()) || t.kind() == v1::TENSOR_KIND_UNSPECIFIED) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "tensor '%s' has kind %d; use PARAM, OPTIMIZER, RNG or EXTRA", t.name(), t.kind()));
-    }
-    if (!v1::DType_IsValid(t.dtype()) || t.dtype() == v1::DTYPE_UNSPECIFIED) {
-      return absl::InvalidArgumentError(
-          absl::StrFormat("tensor '%s' has unknown dtype %d", t.name(), t.dtype()));
-    }
-    if (static_cast<size_t>(t.shape_size()) > lim.max_tensor_dims) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "tensor '%s' has %d dimensions; at most %d are allowed", t.name(), t.shape_size(),
-          lim.max_tensor_dims));
-    }
-    if (t.offset() > window_bytes || t.length() > window_bytes - t.offset()) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "tensor '%s' at offset %d with %d bytes lies outside the rank's %d-byte window",
-          t.name(), t.offset(), t.length(), window_bytes));
-    }
-    const size_t elem = DTypeBytes(t.dtype());
-    if (elem != 0) {
-      // Elements times element size must equal the length, without overflow.
-      uint64_t elements = 1;
-      for (int64_t d : t.shape()) {
-        if (d < 0 || (d > 0 && elements > window_bytes / static_cast<uint64_t>(d))) {
-          return absl::InvalidArgumentError(absl::StrFormat(
-              "tensor '%s' has shape dimension %d, negative or larger than its window",
-              t.name(), d));
-        }
-        elements *= static_cast<uint64_t>(d);
-      }
-      if (elements * elem != t.length()) {
-        return absl::InvalidArgumentError(absl::StrFormat(
-            "tensor '%s' has %d elements of %d bytes but claims %d bytes", t.name(), elements,
-            elem, t.length()));
-      }
-    }
-  }
-  return absl::OkStatus();
-}
 
 AdoptReport StepStore::Adopt() {
   AdoptReport report;
@@ -192,23 +91,24 @@ AdoptReport StepStore::Adopt() {
   std::map<std::string, std::vector<uint32_t>> job_ranks;
   std::vector<std::shared_ptr<RankData>> all;
   for (const ArenaRecord& rec : arena_->TakeAdoptedRecords(RecordKind::kRank)) {
-    RankRecord r;
     auto drop = [&](const std::string& why) {
       arena_->RemoveRecord(rec.id);
       ++report.ranks_dropped;
       report.notes.push_back(why);
     };
-    if (!r.ParseFromArray(rec.bytes.data(), static_cast<int>(rec.bytes.size()))) {
-      drop(absl::StrFormat("index entry %d: unreadable record, dropped", rec.id));
+    auto decoded = DecodeRankRecord(rec.bytes);
+    if (!decoded.ok()) {
+      drop(absl::StrFormat("index entry %d: %s, dropped", rec.id, decoded.status().message()));
       continue;
     }
+    const RankRecord& r = *decoded;
     const std::string label = RankLabel(r.job_id(), r.step(), r.rank());
-    const ArenaExtent extent{r.window_offset(), r.window_extent_bytes()};
-    if (r.window_bytes() > extent.bytes || !arena_->Reserve(extent).ok()) {
+    const ArenaExtent extent = WindowOf(r);
+    if (!arena_->Reserve(extent).ok()) {
       drop(label + ": window outside the arena or overlapping another, dropped");
       continue;
     }
-    absl::Status st = CheckManifest(r.manifest(), r.window_bytes());
+    absl::Status st = CheckManifest(r.manifest(), r.window_bytes(), ManifestLimitsOf(options_.limits));
     if (st.ok()) st = CheckCrcs(r.manifest(), arena_->Bytes(extent).first(r.window_bytes()),
                                 options_.verify_threads, nullptr);
     if (!st.ok()) {
@@ -529,26 +429,15 @@ absl::StatusOr<v1::StepState> StepStore::CommitRank(uint64_t session, uint64_t s
   }
   // The checks read the whole window: outside the lock, the window pinned.
   const std::string label = RankLabel(rd->job_id, step, rd->rank);
-  absl::Status st = CheckManifest(manifest, rd->bytes);
+  absl::Status st = CheckManifest(manifest, rd->bytes, ManifestLimitsOf(options_.limits));
   if (st.ok()) {
     st = CheckCrcs(manifest, arena_->Bytes(rd->extent).first(rd->bytes), options_.verify_threads,
                    nullptr);
   }
   std::string record;
   if (st.ok()) {
-    RankRecord r;
-    r.set_job_id(rd->job_id);
-    r.set_step(step);
-    r.set_rank(rd->rank);
-    for (uint32_t lr : local_ranks) r.add_local_ranks(lr);
-    r.set_window_offset(rd->extent.offset);
-    r.set_window_bytes(rd->bytes);
-    r.set_window_extent_bytes(rd->extent.bytes);
-    *r.mutable_manifest() = manifest;
-    r.set_committed_unix_ms(std::chrono::duration_cast<std::chrono::milliseconds>(
-                                std::chrono::system_clock::now().time_since_epoch())
-                                .count());
-    record = r.SerializeAsString();
+    record = EncodeRankRecord(
+        {rd->job_id, step, rd->rank, local_ranks, rd->extent, rd->bytes, &manifest});
   }
 
   absl::MutexLock lock(&mu_);
@@ -940,7 +829,7 @@ absl::StatusOr<Payload> StepStore::PinPayload(const std::string& job_id, uint64_
 
 absl::Status StepStore::CheckRebuilt(const std::string& job_id, uint64_t step,
                                      const RebuiltRank& r) const {
-  absl::Status st = CheckManifest(r.manifest, r.bytes);
+  absl::Status st = CheckManifest(r.manifest, r.bytes, ManifestLimitsOf(options_.limits));
   if (st.ok()) {
     st = CheckCrcs(r.manifest, arena_->Bytes(r.extent).first(r.bytes), options_.verify_threads,
                    nullptr);
@@ -991,16 +880,8 @@ absl::Status StepStore::AddRebuilt(const std::string& job_id, uint64_t step,
   Step& st = job->steps[step];
   st.state = state;
   for (RebuiltRank& r : ranks) {
-    RankRecord rec;
-    rec.set_job_id(job_id);
-    rec.set_step(step);
-    rec.set_rank(r.rank);
-    for (uint32_t lr : local_ranks) rec.add_local_ranks(lr);
-    rec.set_window_offset(r.extent.offset);
-    rec.set_window_bytes(r.bytes);
-    rec.set_window_extent_bytes(r.extent.bytes);
-    *rec.mutable_manifest() = r.manifest;
-    const std::string bytes = rec.SerializeAsString();
+    const std::string bytes =
+        EncodeRankRecord({job_id, step, r.rank, local_ranks, r.extent, r.bytes, &r.manifest});
     auto rd = std::make_shared<RankData>();
     rd->job_id = job_id;
     rd->step = step;

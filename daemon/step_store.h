@@ -37,6 +37,8 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 #include "daemon/arena.h"
+#include "daemon/manifest_check.h"
+#include "daemon/payload_chunks.h"
 #include "proto/snapshot.pb.h"
 
 namespace ecsnap::daemon {
@@ -131,19 +133,22 @@ struct Payload {
   v1::StepState state = v1::STEP_STATE_UNSPECIFIED;
   std::shared_ptr<void> pin;
 
+  // The bytes of each rank's window, in order: the payload's shape, for
+  // PayloadChunks.
+  std::vector<uint64_t> RankBytes() const {
+    std::vector<uint64_t> out;
+    for (const Rank& r : ranks) out.push_back(r.bytes.size());
+    return out;
+  }
+
   // Calls `fn` with the pieces of [offset, offset + length) of the ranks'
   // windows laid end to end.
   template <typename Fn>
   void ForEachPiece(uint64_t offset, uint64_t length, Fn&& fn) const {
-    uint64_t base = 0;
-    for (const Rank& r : ranks) {
-      const uint64_t end = base + r.bytes.size();
-      if (length > 0 && offset < end && offset + length > base) {
-        const uint64_t lo = std::max(offset, base), hi = std::min(offset + length, end);
-        fn(r.bytes.subspan(lo - base, hi - lo));
-      }
-      base = end;
-    }
+    ForEachRankPiece(RankBytes(), offset, length,
+                     [&](size_t i, uint64_t at, uint64_t, uint64_t len) {
+                       fn(ranks[i].bytes.subspan(at, len));
+                     });
   }
 };
 
@@ -153,12 +158,6 @@ struct RebuiltRank {
   ArenaExtent extent;  // allocated by the caller, filled, and checked
   uint64_t bytes = 0;
   v1::Manifest manifest;
-};
-
-struct VerifyReport {
-  uint32_t tensors_checked = 0;
-  uint64_t bytes_checked = 0;
-  std::vector<std::string> errors;
 };
 
 class StepStore {
@@ -307,7 +306,6 @@ class StepStore {
   // Updates a step's state after a commit and applies retention.
   v1::StepState Settle(Job& job, Step& step) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Retire(Job& job) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status CheckManifest(const v1::Manifest& manifest, uint64_t window_bytes) const;
   absl::Status CheckRebuilt(const std::string& job_id, uint64_t step, const RebuiltRank& r) const;
   // Adds rebuilt ranks to `step` (REBUILDING or new), recording each.
   absl::Status AddRebuilt(const std::string& job_id, uint64_t step,
@@ -327,9 +325,6 @@ class StepStore {
   uint64_t step_seq_ ABSL_GUARDED_BY(mu_) = 0;  // steps opened by trainers so far
   std::map<std::string, absl::Status> unrecoverable_ ABSL_GUARDED_BY(mu_);
 };
-
-// Bytes per element of a dtype; 0 for BYTES (any length) and unknown values.
-size_t DTypeBytes(v1::DType dtype);
 
 }  // namespace ecsnap::daemon
 
