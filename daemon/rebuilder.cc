@@ -16,6 +16,7 @@
 #include "common/grpc_status.h"
 #include "common/log.h"
 #include "daemon/payload_chunks.h"
+#include "daemon/rebuild_plan.h"
 #include "daemon/store.pb.h"
 #include "ec/crc32c.h"
 
@@ -30,57 +31,7 @@ constexpr int kMaxPasses = 3;
 // Slice buffers of all stripes being rebuilt at once.
 constexpr uint64_t kMaxInFlightBytes = uint64_t{512} << 20;
 
-using Holders = std::map<std::pair<int, int>, std::set<int>>;  // (stripe, position) -> peers
-
-// A holder that stands for "nobody needs to hold it": a chunk of zero bytes
-// (the payload of a node that runs no rank of the job) is known without
-// asking anyone, even after the node that had it restarted or was lost.
-constexpr int kKnownEmpty = -1;
-
-void AddKnownEmptyChunks(const ec::Layout& layout, const std::map<int, peer::SlotStep>& slots,
-                         Holders* held) {
-  const int n = layout.n();
-  if (static_cast<int>(slots.size()) != n) return;
-  std::vector<uint64_t> lens(n);
-  for (const auto& [pos, slot] : slots) lens[pos] = slot.payload_bytes();
-  for (int s = 0; s < n; ++s) {
-    for (int q = 0; q < n; ++q) {
-      if (layout.ChunkLength(lens, s, q) == 0) (*held)[{s, q}].insert(kKnownEmpty);
-    }
-  }
-}
-
-// Positions of stripe `s` that no answering peer holds intact.
-std::vector<int> MissingPositions(const Holders& held, int n, int s) {
-  std::vector<int> missing;
-  for (int q = 0; q < n; ++q) {
-    auto it = held.find({s, q});
-    if (it == held.end() || it->second.empty()) missing.push_back(q);
-  }
-  return missing;
-}
-
-// "stripe 1 has 1 of the 2 intact chunks it needs (positions {0, 2}, on slots
-// {3, 5}, are lost)", for a stripe that cannot be decoded.
-std::string StripeLoss(const ec::Layout& layout, const Group& group, const Holders& held, int s) {
-  const std::vector<int> missing = MissingPositions(held, layout.n(), s);
-  std::vector<uint32_t> slots;
-  for (int q : missing) slots.push_back(group.slots[layout.SlotOf(s, q)]);
-  return absl::StrFormat(
-      "stripe %d has %d of the %d intact chunks it needs (positions {%s}, on slots {%s}, are "
-      "lost)",
-      s, layout.n() - static_cast<int>(missing.size()), layout.k(), absl::StrJoin(missing, ", "),
-      absl::StrJoin(slots, ", "));
-}
-
 }  // namespace
-
-// What the group knows of one (job, step), merged over the answering peers.
-struct Rebuilder::StepView {
-  std::map<int, peer::SlotStep> slots;                        // by group position
-  std::map<std::pair<int, int>, peer::StripeProtected> rows;  // (stripe, row)
-  Holders held;                                               // (stripe, position) -> holders
-};
 
 Rebuilder::Rebuilder(Arena* arena, StepStore* store, ParityStore* parity, Protector* protector,
                      const ec::Codec* codec, Options options)
@@ -148,8 +99,7 @@ absl::Status Rebuilder::Pass(const std::string& job_filter, bool final_pass, boo
   const ec::Layout& layout = protector_->layout();
   const int n = layout.n(), k = layout.k(), m = layout.m(), self = group.self;
   // Inventories of every peer that answers.
-  std::map<std::pair<std::string, uint64_t>, StepView> views;
-  std::set<int> answered;
+  GroupView view(layout);
   for (int i = 0; i < n; ++i) {
     if (i == self) continue;
     grpc::ClientContext ctx;
@@ -160,51 +110,21 @@ absl::Status Rebuilder::Pass(const std::string& job_filter, bool final_pass, boo
     req.set_job_id(job_filter);
     peer::InventoryResponse resp;
     if (!protector_->Stub(i)->Inventory(&ctx, req, &resp).ok()) continue;
-    answered.insert(i);
-    // A peer's word is range-checked before use: a bad entry is ignored (and
-    // counted in one line of the log), never trusted as an index.
-    int bad = 0;
-    for (const auto& inv : resp.steps()) {
-      StepView& v = views[{inv.job_id(), inv.step()}];
-      for (const auto& s : inv.slots()) {
-        if (s.slot() >= static_cast<uint32_t>(n)) {
-          ++bad;
-          continue;
-        }
-        v.slots[static_cast<int>(s.slot())] = s;
-      }
-      for (const auto& r : inv.rows()) {
-        if (r.stripe() >= static_cast<uint32_t>(n) || r.row() >= static_cast<uint32_t>(m) ||
-            r.holder_slot() >= static_cast<uint32_t>(n) || r.job_id() != inv.job_id() ||
-            r.step() != inv.step()) {
-          ++bad;
-          continue;
-        }
-        v.rows[{static_cast<int>(r.stripe()), static_cast<int>(r.row())}] = r;
-      }
-      for (uint32_t c : inv.chunks()) {
-        if (c >= static_cast<uint32_t>(n * n)) {
-          ++bad;
-          continue;
-        }
-        v.held[{static_cast<int>(c / n), static_cast<int>(c % n)}].insert(i);
-      }
-    }
-    if (bad > 0) {
+    if (const int bad = view.Merge(i, resp); bad > 0) {
       Log("rebuild: the inventory of group position %d (slot %d) has %d entries naming a slot, "
           "stripe, row or chunk outside RS %d+%d; ignored them",
           i, group.slots[i], bad, k, m);
     }
   }
-  for (auto& [key, v] : views) AddKnownEmptyChunks(layout, v.slots, &v.held);
+  view.AddKnownEmptyChunks();
   // Rows announced while this daemon was away: steps it re-adopted may be
   // protected already. A row the group heard from this slot counts only if
   // this slot still holds it; one it lost (a restart before the row was
   // recorded, a row failing its checksum) is announced lost, so the group
   // knows the step is not protected until the row is pushed again.
-  std::set<std::pair<std::string, uint64_t>> have;
+  std::set<StepKey> have;
   for (const auto& s : store_->CompleteSteps()) have.insert(s);
-  for (const auto& [key, v] : views) {
+  for (const auto& [key, v] : view.steps()) {
     const std::vector<int> missing = parity_->MissingRows(key.first, key.second);
     for (const auto& [slot, s] : v.slots) parity_->RecordSlot(key.first, key.second, s);
     for (const auto& [sr, row] : v.rows) {
@@ -227,59 +147,24 @@ absl::Status Rebuilder::Pass(const std::string& job_filter, bool final_pass, boo
   // they folded already).
   for (const auto& [job, step] : have) protector_->OnLocal(job, step);
 
-  std::map<std::string, std::vector<uint64_t>> by_job;  // protected steps, newest first
-  for (const auto& [key, v] : views) {
-    if (static_cast<int>(v.rows.size()) == n * m) by_job[key.first].push_back(key.second);
-  }
   absl::Status first_error;
-  for (auto& [job, steps] : by_job) {
-    std::sort(steps.rbegin(), steps.rend());
-    uint64_t newest_here = 0;
-    for (const auto& [j, s] : have) {
-      if (j == job) newest_here = std::max(newest_here, s);
-    }
-    if (steps.front() <= newest_here) {
+  for (const JobPlan& plan : PlanRebuild(layout, group, view, have)) {
+    const std::string& job = plan.job;
+    if (plan.candidates.empty()) {
       // Nothing newer to rebuild: the job is held here, so an old DATA_LOSS
       // no longer describes it.
       store_->ClearUnrecoverable(job);
       continue;
     }
     absl::Status outcome = absl::NotFoundError("no step");
-    for (uint64_t step : steps) {
-      if (step <= newest_here) break;
-      const StepView& v = views.find({job, step})->second;
-      // Every stripe needs k intact chunks on answering peers, and every
-      // slot's manifests must be known.
-      std::set<int> lost = {self};
-      for (int i = 0; i < n; ++i) {
-        if (i != self && !answered.count(i)) lost.insert(i);
-      }
-      std::vector<std::string> why;
-      std::vector<uint32_t> unknown;
-      for (int i = 0; i < n; ++i) {
-        if (!v.slots.count(i)) unknown.push_back(group.slots[i]);
-      }
-      if (!unknown.empty()) {
-        why.push_back(absl::StrFormat("no answering peer knows the shape of slots {%s}",
-                                      absl::StrJoin(unknown, ", ")));
-      }
-      for (int s = 0; s < n; ++s) {
-        if (n - static_cast<int>(MissingPositions(v.held, n, s).size()) < k) {
-          why.push_back(StripeLoss(layout, group, v.held, s));
-        }
-      }
-      if (!why.empty()) {
-        std::vector<uint32_t> missing;
-        for (int i : lost) missing.push_back(group.slots[i]);
-        outcome = absl::DataLossError(absl::StrFormat(
-            "job %s step %d cannot be rebuilt: group %d (RS %d+%d) has lost slots {%s}; %s; "
-            "restore from a disk checkpoint",
-            job, step, group.id, k, m, absl::StrJoin(missing, ", "), absl::StrJoin(why, "; ")));
+    for (const RebuildCandidate& cand : plan.candidates) {
+      if (!cand.decodable.ok()) {
+        outcome = cand.decodable;
         continue;  // an older step may still decode
       }
-      outcome = RebuildStep(job, step, v);
+      outcome = RebuildStep(job, cand.step, view.steps().at({job, cand.step}));
       if (outcome.ok()) break;
-      Log("job %s step %d: rebuild failed: %s", job, step, outcome.message());
+      Log("job %s step %d: rebuild failed: %s", job, cand.step, outcome.message());
       if (outcome.code() == absl::StatusCode::kAborted && !final_pass) {
         *again = true;  // a newer step is protected now: start over
         break;

@@ -27,6 +27,7 @@
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "daemon/arena.h"
+#include "daemon/group_view.h"
 #include "daemon/parity_store.h"
 #include "daemon/protector.h"
 #include "daemon/step_store.h"
@@ -74,7 +75,6 @@ class Rebuilder {
   void ServeRank(const std::string& job, uint32_t rank, absl::Duration timeout);
 
  private:
-  struct StepView;
   struct Current;
   // Survivor buffers reused across the slices of a stripe.
   using Scratch = std::vector<std::vector<uint8_t>>;
