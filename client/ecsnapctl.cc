@@ -1,6 +1,13 @@
 // ecsnapctl: the admin CLI of ecsnapd.
 //
-//   ecsnapctl [--address=127.0.0.1:7070 | unix:PATH] [--token_file=F] [--json] COMMAND
+//   ecsnapctl [--address=127.0.0.1:7070 | unix:PATH] [--token_file=F]
+//             [--ca_file=CA --slot=N] [--json] COMMAND
+//
+// Every call carries the daemon's admin token (the daemon writes it at first
+// start; by default ecsnapctl reads admin.token beside a unix: address, else
+// /run/ecsnap/admin.token). Local addresses are reached with local
+// credentials; others need --ca_file, and the daemon must then present the
+// certificate of slot N.
 //
 //   status                      the daemon: slot, arena use, sessions, peers
 //   steps [--job=J]             every step held, with its state
@@ -23,11 +30,17 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/strip.h"
+#include "client/admin_channel.h"
 #include "common/format.h"
 #include "proto/admin.grpc.pb.h"
 
 ABSL_FLAG(std::string, address, "127.0.0.1:7070", "Daemon admin address: host:port or unix:PATH.");
-ABSL_FLAG(std::string, token_file, "", "File with the admin bearer token.");
+ABSL_FLAG(std::string, token_file, "",
+          "File with the admin bearer token (default: admin.token beside a unix: address, "
+          "else /run/ecsnap/admin.token).");
+ABSL_FLAG(std::string, ca_file, "",
+          "Cluster CA (PEM): reach the daemon over TLS, as the holder of --slot's certificate.");
+ABSL_FLAG(uint32_t, slot, 0, "With --ca_file: the slot of the daemon at --address.");
 ABSL_FLAG(bool, json, false, "Print the daemon's answer as JSON.");
 ABSL_FLAG(std::string, job, "", "Job id.");
 ABSL_FLAG(uint64_t, step, 0, "Step (0: every step).");
@@ -36,11 +49,6 @@ ABSL_FLAG(int, timeout_ms, 10000, "Deadline of the call (rebuild: at least an ho
 namespace {
 
 using ecsnap::FormatBytes;
-
-std::string Address(std::string a) {
-  if (!a.empty() && a[0] == '/') return "unix:" + a;
-  return a;
-}
 
 int Fail(const grpc::Status& st) {
   std::fprintf(stderr, "ecsnapctl: %s\n", st.error_message().c_str());
@@ -66,7 +74,7 @@ std::string State(ecsnap::v1::StepState s) {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "ecsnapctl [--address=A] [--token_file=F] [--json] status | steps [--job=J] | "
+      "ecsnapctl [--address=A] [--token_file=F] [--ca_file=CA --slot=N] [--json] status | steps [--job=J] | "
       "drop --job=J [--step=S] | verify [--job=J] [--step=S] | rebuild [--job=J]");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   if (args.size() != 2) {
@@ -76,22 +84,20 @@ int main(int argc, char** argv) {
   const std::string command = args[1];
   const bool json = absl::GetFlag(FLAGS_json);
 
-  std::string token;
-  if (!absl::GetFlag(FLAGS_token_file).empty()) {
-    std::ifstream in(absl::GetFlag(FLAGS_token_file));
-    if (!in) {
-      std::fprintf(stderr, "ecsnapctl: cannot read %s\n", absl::GetFlag(FLAGS_token_file).c_str());
-      return 2;
-    }
-    std::getline(in, token);
-    token = std::string(absl::StripAsciiWhitespace(token));
+  ecsnap::AdminChannelOptions channel_options;
+  channel_options.address = absl::GetFlag(FLAGS_address);
+  channel_options.token_file = absl::GetFlag(FLAGS_token_file);
+  channel_options.ca_file = absl::GetFlag(FLAGS_ca_file);
+  channel_options.slot = absl::GetFlag(FLAGS_slot);
+  auto channel = ecsnap::OpenAdminChannel(channel_options);
+  if (!channel.ok()) {
+    std::fprintf(stderr, "ecsnapctl: %s\n", std::string(channel.status().message()).c_str());
+    return 2;
   }
-  auto stub = ecsnap::admin::Admin::NewStub(
-      grpc::CreateChannel(Address(absl::GetFlag(FLAGS_address)), grpc::InsecureChannelCredentials()));
+  auto stub = ecsnap::admin::Admin::NewStub(*channel);
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() +
                    std::chrono::milliseconds(absl::GetFlag(FLAGS_timeout_ms)));
-  if (!token.empty()) ctx.AddMetadata("authorization", "Bearer " + token);
 
   if (command == "status") {
     ecsnap::admin::StatusResponse r;

@@ -1,5 +1,5 @@
-// The admin plane (proto/admin.proto) over StepStore, for ecsnapctl. Every
-// call must carry "authorization: Bearer <token>" when the daemon has a token.
+// The admin plane (proto/admin.proto) over StepStore, for ecsnapctl. Callers
+// are authenticated before any handler runs (daemon/admin_auth.h).
 #ifndef ECSNAP_DAEMON_ADMIN_SERVICE_H_
 #define ECSNAP_DAEMON_ADMIN_SERVICE_H_
 
@@ -26,10 +26,8 @@ struct AdminInfo {
 
 class AdminService final : public admin::Admin::Service {
  public:
-  // Empty `token`: no authentication (loopback or a private socket only).
   // `parity`, `protector` and `rebuilder` are null without peers (m = 0).
-  AdminService(StepStore* store, const Arena* arena, AdminInfo info, std::string token,
-               ParityStore* parity, const Protector* protector, Rebuilder* rebuilder);
+  AdminService(StepStore* store, const Arena* arena, AdminInfo info, ParityStore* parity, const Protector* protector, Rebuilder* rebuilder);
 
   grpc::Status Status(grpc::ServerContext* context, const admin::StatusRequest* request,
                       admin::StatusResponse* response) override;
@@ -43,12 +41,10 @@ class AdminService final : public admin::Admin::Service {
                        admin::RebuildResponse* response) override;
 
  private:
-  grpc::Status Authenticate(const grpc::ServerContext& context) const;
 
   StepStore* const store_;
   const Arena* const arena_;
   const AdminInfo info_;
-  const std::string token_;
   ParityStore* const parity_;
   const Protector* const protector_;
   Rebuilder* const rebuilder_;

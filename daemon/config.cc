@@ -50,6 +50,12 @@ void ApplyDefaults(config::Config* config) {
   if (d->socket_path().empty()) d->set_socket_path("/run/ecsnap/ecsnapd.sock");
   if (d->admin_address().empty()) d->set_admin_address("127.0.0.1:7070");
   if (d->retain() == 0) d->set_retain(1);
+  if (d->admin_token_file().empty()) {
+    const std::string& sock = d->socket_path();
+    const size_t slash = sock.rfind('/');
+    d->set_admin_token_file((slash == std::string::npos ? std::string(".") : sock.substr(0, slash)) +
+                            "/admin.token");
+  }
 }
 
 absl::Status ValidateConfig(const config::Config& config, uint32_t slot) {

@@ -19,6 +19,8 @@
 #include "common/format.h"
 #include "common/log.h"
 #include "common/unique_fd.h"
+#include "daemon/admin_auth.h"
+#include "daemon/tls.h"
 
 namespace ecsnap::daemon {
 namespace {
@@ -56,19 +58,6 @@ absl::Status ClaimSocketPath(const std::string& path) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::string> ReadToken(const std::string& path) {
-  if (path.empty()) return std::string();
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrFormat("cannot read admin token file %s", path));
-  std::string token;
-  std::getline(in, token);
-  token = std::string(absl::StripAsciiWhitespace(token));
-  if (token.empty()) {
-    return absl::InvalidArgumentError(absl::StrFormat("admin token file %s is empty", path));
-  }
-  return token;
-}
-
 void Configure(grpc::ServerBuilder& builder) {
   grpc::ResourceQuota quota("ecsnapd");
   quota.SetMaxThreads(kMaxServerThreads);
@@ -86,6 +75,17 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
   d->config_ = config;
   const config::Daemon& dc = config.daemon();
   const config::Cluster& cc = config.cluster();
+  // Transport security first: a daemon that would serve in clear where it
+  // must not, or with a certificate that is not its own, never starts.
+  if (absl::Status st = CheckTransportSecurity(config, slot); !st.ok()) return st;
+  auto tls = LoadTls(dc, slot);
+  if (!tls.ok()) return tls.status();
+  d->tls_ = std::move(*tls);
+  const TlsMaterial* tls_material = d->tls_ ? &*d->tls_ : nullptr;
+  bool token_created = false;
+  auto token = LoadOrCreateAdminToken(dc.admin_token_file(), &token_created);
+  if (!token.ok()) return token.status();
+  if (token_created) Log("wrote a new admin token to %s (mode 0600)", dc.admin_token_file());
   Arena::Options ao;
   ao.dir = dc.arena_dir();
   ao.bytes = dc.arena_bytes();
@@ -113,8 +113,6 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
 
   d->arena_->DropUnclaimedRecords();
 
-  auto token = ReadToken(dc.admin_token_file());
-  if (!token.ok()) return token.status();
 
   d->snapshot_service_ = std::make_unique<SnapshotService>(d->store_.get(), d->arena_->path(),
                                                            d->arena_->size(), slot);
@@ -125,7 +123,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
   info.m = cc.m();
   info.version = kVersion;
   d->admin_service_ = std::make_unique<AdminService>(d->store_.get(), d->arena_.get(), info,
-                                                     *token, d->parity_.get(),
+                                                     d->parity_.get(),
                                                      d->protector_.get(), d->rebuilder_.get());
   if (d->rebuilder_) {
     Rebuilder* rebuilder = d->rebuilder_.get();
@@ -142,7 +140,9 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
     Configure(builder);
     builder.AddListeningPort("unix:" + dc.socket_path(), grpc::InsecureServerCredentials());
     if (!dc.data_address().empty()) {
-      builder.AddListeningPort(dc.data_address(), grpc::InsecureServerCredentials());
+      builder.AddListeningPort(dc.data_address(),
+                               tls_material != nullptr ? ServerTlsCredentials(*tls_material)
+                                                       : grpc::InsecureServerCredentials());
     }
     builder.RegisterService(d->snapshot_service_.get());
     d->data_server_ = builder.BuildAndStart();
@@ -160,7 +160,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
     }
     grpc::ServerBuilder builder;
     Configure(builder);
-    builder.AddListeningPort(admin, grpc::InsecureServerCredentials());
+    builder.AddListeningPort(admin, AdminServerCredentials(admin, tls_material, *token));
     builder.RegisterService(d->admin_service_.get());
     d->admin_server_ = builder.BuildAndStart();
     if (!d->admin_server_) {
@@ -168,9 +168,10 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
           absl::StrFormat("cannot serve the admin plane on %s (in use, or no permission)", admin));
     }
   }
-  Log("%s slot %d serving: data unix:%s%s, admin %s%s", kVersion, slot, dc.socket_path(),
-      dc.data_address().empty() ? "" : " and " + dc.data_address(), dc.admin_address(),
-      token->empty() ? " (no admin token)" : "");
+  Log("%s slot %d serving: data unix:%s%s, admin %s (token in %s)%s", kVersion, slot,
+      dc.socket_path(), dc.data_address().empty() ? "" : " and " + dc.data_address(),
+      dc.admin_address(), dc.admin_token_file(),
+      tls_material != nullptr ? ", TLS on" : ", plaintext (loopback only)");
   if (d->rebuilder_) {
     // Learn what the group holds: rebuild what this slot lost, re-protect
     // what it re-adopted. Serving starts at once; restores wait for it.
@@ -205,6 +206,11 @@ absl::Status Daemon::StartPeerPlane(uint32_t slot) {
   Protector::Options po;
   po.peer_timeout_ms = cc.peer_timeout_ms();
   po.retain = config_.daemon().retain();
+  const TlsMaterial* tls = tls_ ? &*tls_ : nullptr;
+  po.credentials = PeerChannelCredentials(tls);
+  if (tls != nullptr) {
+    for (uint32_t s : group->slots) po.peer_names.push_back(SlotName(s));
+  }
   const std::string listen = group->addresses[group->self];
   protector_ = std::make_unique<Protector>(store_.get(), parity_.get(), *group, *layout, po);
   Rebuilder::Options ro;
@@ -219,10 +225,11 @@ absl::Status Daemon::StartPeerPlane(uint32_t slot) {
   store_->SetRetentionGate(protector);
   parity_->SetRowLostListener(
       [protector](const peer::StripeProtected& row) { protector->Announce(row); });
-  peer_service_ = std::make_unique<PeerService>(store_.get(), parity_.get(), protector_.get());
+  peer_service_ = std::make_unique<PeerService>(store_.get(), parity_.get(), protector_.get(),
+                                                /*authenticated=*/tls != nullptr);
   grpc::ServerBuilder builder;
   Configure(builder);
-  builder.AddListeningPort(listen, grpc::InsecureServerCredentials());
+  builder.AddListeningPort(listen, PeerServerCredentials(tls));
   builder.RegisterService(peer_service_.get());
   peer_server_ = builder.BuildAndStart();
   if (!peer_server_) {
@@ -230,8 +237,9 @@ absl::Status Daemon::StartPeerPlane(uint32_t slot) {
         absl::StrFormat("cannot serve the peer plane on %s (in use, or no permission)", listen));
   }
   protector_->Start();
-  Log("group %d: slots {%s}, this slot at position %d, RS %d+%d, peer plane on %s", group->id,
-      absl::StrJoin(group->slots, ", "), group->self, cc.k(), cc.m(), listen);
+  Log("group %d: slots {%s}, this slot at position %d, RS %d+%d, peer plane on %s (%s)",
+      group->id, absl::StrJoin(group->slots, ", "), group->self, cc.k(), cc.m(), listen,
+      tls != nullptr ? "mutual TLS, peers named by their certificates" : "plaintext");
   return absl::OkStatus();
 }
 

@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <memory>
+#include <optional>
 #include <thread>
 
 #include <grpcpp/server.h>
@@ -19,6 +20,7 @@
 #include "daemon/protector.h"
 #include "daemon/rebuilder.h"
 #include "daemon/snapshot_service.h"
+#include "daemon/tls.h"
 #include "daemon/step_store.h"
 #include "proto/config.pb.h"
 
@@ -45,6 +47,7 @@ class Daemon {
   absl::Status StartPeerPlane(uint32_t slot);
 
   config::Config config_;
+  std::optional<TlsMaterial> tls_;  // the planes' certificate, key and CA
   std::unique_ptr<Arena> arena_;
   std::unique_ptr<StepStore> store_;
   // The peer plane, with m > 0 only.

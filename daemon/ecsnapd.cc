@@ -69,7 +69,6 @@ int main(int argc, char** argv) {
     }
     config = *loaded;
   }
-  ecsnap::daemon::ApplyDefaults(&config);
   auto* d = config.mutable_daemon();
   if (Given("arena_dir") || d->arena_dir().empty()) d->set_arena_dir(absl::GetFlag(FLAGS_arena_dir));
   if (Given("arena_bytes")) d->set_arena_bytes(absl::GetFlag(FLAGS_arena_bytes));
@@ -78,6 +77,9 @@ int main(int argc, char** argv) {
   if (Given("admin_address")) d->set_admin_address(absl::GetFlag(FLAGS_admin_address));
   if (Given("admin_token_file")) d->set_admin_token_file(absl::GetFlag(FLAGS_admin_token_file));
   if (Given("retain")) d->set_retain(absl::GetFlag(FLAGS_retain));
+  // After the flags: defaults that derive from other fields (the admin token
+  // file beside the socket) follow what the flags set.
+  ecsnap::daemon::ApplyDefaults(&config);
   const uint32_t slot = absl::GetFlag(FLAGS_slot);
   if (absl::Status st = ecsnap::daemon::ValidateConfig(config, slot); !st.ok()) {
     std::fprintf(stderr, "ecsnapd: %s\n", std::string(st.message()).c_str());

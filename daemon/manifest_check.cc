@@ -1,5 +1,6 @@
 #include "daemon/manifest_check.h"
 
+#include <algorithm>
 #include <set>
 #include <string>
 #include <vector>
@@ -9,6 +10,14 @@
 #include "ec/crc32c.h"
 
 namespace ecsnap::daemon {
+
+bool ValidJobId(const std::string& id, size_t max_bytes) {
+  if (id.empty() || id.size() > max_bytes) return false;
+  return std::all_of(id.begin(), id.end(), [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           c == '-' || c == '_' || c == '.';
+  });
+}
 
 size_t DTypeBytes(v1::DType dtype) {
   switch (dtype) {

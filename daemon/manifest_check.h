@@ -43,6 +43,9 @@ absl::Status CheckManifest(const v1::Manifest& manifest, uint64_t window_bytes,
 absl::Status CheckCrcs(const v1::Manifest& manifest, absl::Span<const uint8_t> window,
                        int threads, VerifyReport* report);
 
+// A job id: 1 to `max_bytes` characters of [A-Za-z0-9._-].
+bool ValidJobId(const std::string& id, size_t max_bytes);
+
 // Bytes per element of a dtype; 0 for BYTES (any length) and unknown values.
 size_t DTypeBytes(v1::DType dtype);
 

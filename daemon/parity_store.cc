@@ -197,6 +197,7 @@ std::optional<peer::StripeProtected> ParityStore::Reset(RowState& row, const std
     ABSL_NO_THREAD_SAFETY_ANALYSIS {
   // Called with row.mu held.
   const bool others_folded = (row.done & ~keep_bit) != 0 || row.complete;
+  const bool was_complete = row.complete;
   if (row.record_id >= 0) arena_->RemoveRecord(static_cast<uint32_t>(row.record_id));
   row.record_id = -1;
   row.length = 0;  // Grow zeroes what is folded next
@@ -206,6 +207,13 @@ std::optional<peer::StripeProtected> ParityStore::Reset(RowState& row, const std
   row.pos_crc.assign(layout_.k(), 0);
   row.pos_length.assign(layout_.k(), 0);
   ++row.generation;
+  // Nothing folds into it now, and no reader can hold it (only complete rows
+  // are served): its space goes back to the arena, so that broken pushes
+  // cannot pile up reservations. The next fold allocates again.
+  if (!was_complete && row.active == 0 && row.extent.bytes > 0) {
+    arena_->Free(row.extent);
+    row.extent = ArenaExtent{};
+  }
   if (!others_folded) return std::nullopt;
   peer::StripeProtected notice = Notice(job, step, stripe);
   notice.set_lost(true);
@@ -362,6 +370,11 @@ void ParityStore::AbortFold(Fold& fold) {
     row.active &= ~bit;
     if (fold.received > 0 && row.generation == fold.generation && !row.sealed) {
       lost = Reset(row, fold.job, fold.step, fold.stripe, bit);
+    } else if (row.done == 0 && row.active == 0 && !row.complete && row.extent.bytes > 0) {
+      // A push that ended before its first byte: release what it reserved.
+      arena_->Free(row.extent);
+      row.extent = ArenaExtent{};
+      row.length = 0;
     }
   }
   NotifyLost(lost);

@@ -3,15 +3,62 @@
 #include <set>
 
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "common/grpc_status.h"
+#include "daemon/manifest_check.h"
 #include "daemon/payload_chunks.h"
+#include "daemon/tls.h"
 
 namespace ecsnap::daemon {
 
-PeerService::PeerService(StepStore* store, ParityStore* parity, Protector* protector)
-    : store_(store), parity_(parity), protector_(protector) {}
+namespace {
 
-grpc::Status PeerService::PushChunk(grpc::ServerContext*,
+grpc::Status Invalid(const std::string& what) {
+  return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, what);
+}
+
+}  // namespace
+
+PeerService::PeerService(StepStore* store, ParityStore* parity, Protector* protector,
+                         bool authenticated)
+    : store_(store), parity_(parity), protector_(protector), authenticated_(authenticated) {}
+
+grpc::Status PeerService::Admit(const grpc::ServerContext& context, int position) const {
+  if (!authenticated_) return grpc::Status::OK;  // plaintext: loopback only (config check)
+  const Group& group = protector_->group();
+  const std::set<uint32_t> slots = CallerSlots(context);
+  if (position >= 0) {
+    const uint32_t want = group.slots[position];
+    if (slots.count(want)) return grpc::Status::OK;
+    return grpc::Status(
+        grpc::StatusCode::PERMISSION_DENIED,
+        absl::StrFormat("a message about slot %d must come from slot %d's certificate; this "
+                        "caller's names slots {%s}",
+                        want, want, absl::StrJoin(slots, ", ")));
+  }
+  for (uint32_t s : group.slots) {
+    if (s != group.slots[group.self] && slots.count(s)) return grpc::Status::OK;
+  }
+  return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                      absl::StrFormat("only the peers of group %d (slots {%s}) may call this; "
+                                      "the caller's certificate names slots {%s}",
+                                      group.id, absl::StrJoin(group.slots, ", "),
+                                      absl::StrJoin(slots, ", ")));
+}
+
+grpc::Status PeerService::CheckStep(const std::string& job, uint64_t step) const {
+  if (!ValidJobId(job, StoreLimits().max_job_id_bytes)) {
+    return Invalid(absl::StrFormat(
+        "job id of %d bytes: ids are 1 to %d characters of [A-Za-z0-9._-]", job.size(),
+        StoreLimits().max_job_id_bytes));
+  }
+  if (step == 0 || step == UINT64_MAX) {
+    return Invalid(absl::StrFormat("step %d of job %s: steps are 1 to 2^64-2", step, job));
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status PeerService::PushChunk(grpc::ServerContext* context,
                                     grpc::ServerReader<peer::PushChunkMessage>* reader,
                                     peer::PushChunkResponse* response) {
   peer::PushChunkMessage msg;
@@ -21,16 +68,26 @@ grpc::Status PeerService::PushChunk(grpc::ServerContext*,
   }
   const peer::PushChunkHeader h = msg.header();
   const ec::Layout& layout = protector_->layout();
-  // The sender must be the slot that owns this data position.
+  // Everything is checked before anything is recorded or reserved: a refused
+  // push leaves no trace. The sender must be the slot that owns this data
+  // position, and the length the one its announced payload gives.
   if (h.id().stripe() >= static_cast<uint32_t>(layout.stripes()) ||
       h.id().position() >= static_cast<uint32_t>(layout.k()) ||
       h.from().slot() != static_cast<uint32_t>(layout.SlotOf(h.id().stripe(), h.id().position())) ||
       h.from().chunk_crc32c_size() != layout.k()) {
-    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                        absl::StrFormat("a push of stripe %d position %d from group position %d "
-                                        "does not fit RS(%d,%d)",
-                                        h.id().stripe(), h.id().position(), h.from().slot(),
-                                        layout.k(), layout.m()));
+    return Invalid(absl::StrFormat(
+        "a push of stripe %d position %d from group position %d does not fit RS(%d,%d)",
+        h.id().stripe(), h.id().position(), h.from().slot(), layout.k(), layout.m()));
+  }
+  if (grpc::Status st = Admit(*context, static_cast<int>(h.from().slot())); !st.ok()) return st;
+  if (grpc::Status st = CheckStep(h.id().job_id(), h.id().step()); !st.ok()) return st;
+  const uint64_t expected = layout.DataChunk(h.from().payload_bytes(), h.id().position()).length;
+  if (h.length() != expected || h.from().chunk_crc32c(h.id().position()) != h.crc32c()) {
+    return Invalid(absl::StrFormat(
+        "a push of stripe %d position %d announces %d bytes with crc32c 0x%08x, but the sender's "
+        "payload of %d bytes gives a %d-byte chunk with crc32c 0x%08x",
+        h.id().stripe(), h.id().position(), h.length(), h.crc32c(), h.from().payload_bytes(),
+        expected, h.from().chunk_crc32c(h.id().position())));
   }
   auto fold = parity_->BeginFold(h.id().job_id(), h.id().step(), h.id().stripe(),
                                  h.id().position(), h.length(), h.crc32c());
@@ -63,25 +120,47 @@ grpc::Status PeerService::PushChunk(grpc::ServerContext*,
   return grpc::Status::OK;
 }
 
-grpc::Status PeerService::NotifyStripeProtected(grpc::ServerContext*,
+grpc::Status PeerService::NotifyStripeProtected(grpc::ServerContext* context,
                                                 const peer::StripeProtected* request,
                                                 peer::StripeProtectedResponse*) {
+  const ec::Layout& layout = protector_->layout();
+  const uint32_t n = static_cast<uint32_t>(layout.n()), m = static_cast<uint32_t>(layout.m());
+  // Only a row's holder announces it.
+  if (request->stripe() >= n || request->row() >= m ||
+      static_cast<int>(request->holder_slot()) !=
+          layout.SlotOf(static_cast<int>(request->stripe()), layout.k() + request->row())) {
+    return Invalid(absl::StrFormat(
+        "parity row %d of stripe %d held by group position %d does not fit RS(%d,%d)",
+        request->row(), request->stripe(), request->holder_slot(), layout.k(), layout.m()));
+  }
+  if (grpc::Status st = Admit(*context, static_cast<int>(request->holder_slot())); !st.ok()) {
+    return st;
+  }
+  if (grpc::Status st = CheckStep(request->job_id(), request->step()); !st.ok()) return st;
   protector_->OnRowComplete(*request);
   return grpc::Status::OK;
 }
 
-grpc::Status PeerService::NotifyJob(grpc::ServerContext*, const peer::JobNotice* request,
+grpc::Status PeerService::NotifyJob(grpc::ServerContext* context, const peer::JobNotice* request,
                                     peer::JobNoticeResponse*) {
+  if (request->slot() >= static_cast<uint32_t>(protector_->layout().n())) {
+    return Invalid(absl::StrFormat("a notice from group position %d: the group has %d",
+                                   request->slot(), protector_->layout().n()));
+  }
+  if (grpc::Status st = Admit(*context, static_cast<int>(request->slot())); !st.ok()) return st;
+  if (grpc::Status st = CheckStep(request->job_id(), 1); !st.ok()) return st;
   return ToGrpc(protector_->OnJobNotice(*request));
 }
 
 grpc::Status PeerService::GetChunk(grpc::ServerContext* context,
                                    const peer::GetChunkRequest* request,
                                    grpc::ServerWriter<peer::GetChunkMessage>* writer) {
+  if (grpc::Status st = Admit(*context, -1); !st.ok()) return st;
   const peer::ChunkId& id = request->id();
   const ec::Layout& layout = protector_->layout();
   const int self = protector_->group().self;
   if (id.stripe() >= static_cast<uint32_t>(layout.stripes()) ||
+      id.position() >= static_cast<uint32_t>(layout.n()) ||
       layout.SlotOf(id.stripe(), id.position()) != self) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                         absl::StrFormat("slot %d does not hold stripe %d position %d", self,
@@ -136,8 +215,10 @@ grpc::Status PeerService::GetChunk(grpc::ServerContext* context,
   return ok ? grpc::Status::OK : grpc::Status::CANCELLED;
 }
 
-grpc::Status PeerService::Inventory(grpc::ServerContext*, const peer::InventoryRequest* request,
+grpc::Status PeerService::Inventory(grpc::ServerContext* context,
+                                    const peer::InventoryRequest* request,
                                     peer::InventoryResponse* response) {
+  if (grpc::Status st = Admit(*context, -1); !st.ok()) return st;
   const ec::Layout& layout = protector_->layout();
   const int self = protector_->group().self;
   const int n = layout.n();
@@ -169,8 +250,9 @@ grpc::Status PeerService::Inventory(grpc::ServerContext*, const peer::InventoryR
   return grpc::Status::OK;
 }
 
-grpc::Status PeerService::Ping(grpc::ServerContext*, const peer::PingRequest*,
+grpc::Status PeerService::Ping(grpc::ServerContext* context, const peer::PingRequest*,
                                peer::PingResponse* response) {
+  if (grpc::Status st = Admit(*context, -1); !st.ok()) return st;
   response->set_slot(protector_->group().slots[protector_->group().self]);
   for (const auto& [job, step] : protector_->NewestProtected()) {
     peer::PingResponse::JobProtected* p = response->add_protected_steps();

@@ -5,6 +5,7 @@
 #define ECSNAP_DAEMON_PEER_SERVICE_H_
 
 #include <chrono>
+#include <string>
 
 #include "daemon/parity_store.h"
 #include "daemon/protector.h"
@@ -15,7 +16,10 @@ namespace ecsnap::daemon {
 
 class PeerService final : public peer::Peer::Service {
  public:
-  PeerService(StepStore* store, ParityStore* parity, Protector* protector);
+  // `authenticated`: the peer plane is mutual TLS, and a message about a
+  // group position is accepted only from that slot's certificate (reads
+  // only from the group's); false: plaintext, loopback only.
+  PeerService(StepStore* store, ParityStore* parity, Protector* protector, bool authenticated);
 
   grpc::Status PushChunk(grpc::ServerContext* context,
                          grpc::ServerReader<peer::PushChunkMessage>* reader,
@@ -32,9 +36,16 @@ class PeerService final : public peer::Peer::Service {
                     peer::PingResponse* response) override;
 
  private:
+  // OK when the caller may speak for group position `position` (-1: for
+  // any peer of the group); PERMISSION_DENIED otherwise.
+  grpc::Status Admit(const grpc::ServerContext& context, int position) const;
+  // INVALID_ARGUMENT for a job id or step no trainer could have made.
+  grpc::Status CheckStep(const std::string& job, uint64_t step) const;
+
   StepStore* const store_;
   ParityStore* const parity_;
   Protector* const protector_;
+  const bool authenticated_;
   const std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
 };
 

@@ -55,11 +55,17 @@ Protector::Protector(StepStore* store, ParityStore* parity, Group group, const e
   args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
   absl::MutexLock lock(&mu_);
   links_.resize(group_.addresses.size());
+  const std::shared_ptr<grpc::ChannelCredentials> credentials =
+      options.credentials ? options.credentials : grpc::InsecureChannelCredentials();
   for (size_t i = 0; i < group_.addresses.size(); ++i) {
+    grpc::ChannelArguments peer_args = args;
+    if (i < options.peer_names.size() && !options.peer_names[i].empty()) {
+      peer_args.SetSslTargetNameOverride(options.peer_names[i]);
+    }
     stubs_.push_back(static_cast<int>(i) == group_.self
                          ? nullptr
                          : peer::Peer::NewStub(grpc::CreateCustomChannel(
-                               group_.addresses[i], grpc::InsecureChannelCredentials(), args)));
+                               group_.addresses[i], credentials, peer_args)));
     PeerState p;
     p.position = static_cast<int>(i);
     p.slot = group_.slots[i];

@@ -38,6 +38,8 @@
 #include <thread>
 #include <vector>
 
+#include <grpcpp/security/credentials.h>
+
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
@@ -80,6 +82,11 @@ class Protector : public RetentionGate {
     int ping_interval_ms = 1000;
     // Protected steps whose parity is kept per job. Default: 1.
     uint32_t retain = 1;
+    // How peers are dialled. Default (null): plaintext.
+    std::shared_ptr<grpc::ChannelCredentials> credentials;
+    // Per group position, the name the peer's certificate must carry, so
+    // that a call reaches that slot and no other (empty: not checked).
+    std::vector<std::string> peer_names;
   };
 
   // The stores must outlive the protector.

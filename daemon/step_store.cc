@@ -56,14 +56,6 @@ struct StepStore::Session {
 
 namespace {
 
-bool ValidJobId(const std::string& id, size_t max_bytes) {
-  if (id.empty() || id.size() > max_bytes) return false;
-  return std::all_of(id.begin(), id.end(), [](char c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-           c == '-' || c == '_' || c == '.';
-  });
-}
-
 std::string RankLabel(const std::string& job, uint64_t step, uint32_t rank) {
   return absl::StrFormat("job %s step %d rank %d", job, step, rank);
 }

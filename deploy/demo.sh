@@ -66,10 +66,14 @@ print(*[x.getsockname()[1] for x in s])')"
   echo "}"
   # Per node: a protected, a LOCAL and a receiving step (trainers are not in
   # lockstep), each with its parity (m/k = 1x), of 2 ranks: 12x, plus slack.
-  echo "daemon { arena_bytes: $(( (14 * MIB + 64) << 20 )) }"
+  echo "daemon { arena_bytes: $(( (14 * MIB + 64) << 20 ))"
+  # Mutual TLS between the daemons: each slot's certificate names it.
+  echo "  tls { cert_file: \"$WORK/tls/slot-{slot}.crt\" key_file: \"$WORK/tls/slot-{slot}.key\""
+  echo "        ca_file: \"$WORK/tls/ca.crt\" } }"
 } >"$WORK/cluster.textproto"
+deploy/make_certs.sh "$WORK/tls" "$NODES" >/dev/null
 
-say "== ecsnap demo: $NODES nodes, one group (RS 2+2), 2 ranks per node, $MIB MiB of state per rank"
+say "== ecsnap demo: $NODES nodes, one group (RS 2+2, mutual TLS between daemons), 2 ranks per node, $MIB MiB of state per rank"
 t=$(now)
 for s in $(seq 0 $((NODES - 1))); do start_daemon "$s"; done
 say "[cluster] $NODES daemons up in $(since "$t"); each arena pre-faulted at start"

@@ -20,6 +20,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/strings/str_cat.h"
+#include "client/admin_channel.h"
 #include "absl/strings/str_format.h"
 
 namespace ecsnap::testing {
@@ -114,12 +115,6 @@ absl::Status DaemonProcess::Launch() {
     }
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(200));
-    if (!options_.admin_token_file.empty()) {
-      std::ifstream in(options_.admin_token_file);
-      std::string token;
-      std::getline(in, token);
-      ctx.AddMetadata("authorization", "Bearer " + token);
-    }
     admin::StatusResponse r;
     if (stub->Status(&ctx, {}, &r).ok()) return absl::OkStatus();
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -195,8 +190,21 @@ std::string DaemonProcess::Log() const {
 }
 
 std::unique_ptr<admin::Admin::Stub> DaemonProcess::AdminStub() const {
-  return admin::Admin::NewStub(
-      grpc::CreateChannel(admin_address(), grpc::InsecureChannelCredentials()));
+  AdminChannelOptions o;
+  o.address = admin_address();
+  o.token_file = admin_token_file();
+  auto channel = OpenAdminChannel(o);
+  // Before the daemon wrote its token: a channel whose calls fail, so that
+  // callers probing for readiness try again.
+  if (!channel.ok()) {
+    return admin::Admin::NewStub(
+        grpc::CreateChannel("unix:" + dir_ + "/no-token-yet", grpc::InsecureChannelCredentials()));
+  }
+  return admin::Admin::NewStub(*channel);
+}
+
+std::string DaemonProcess::admin_token_file() const {
+  return options_.admin_token_file.empty() ? dir_ + "/admin.token" : options_.admin_token_file;
 }
 
 std::vector<int> FreePorts(int count) {
@@ -232,9 +240,25 @@ absl::StatusOr<std::unique_ptr<Cluster>> Cluster::Start(const std::string& dir, 
     absl::StrAppend(&config, "  slots { peer_address: \"127.0.0.1:", port, "\" }\n");
   }
   absl::StrAppend(&config, "}\n");
+  if (options.tls) {
+    const std::string tls = dir + "/tls";
+    const std::string make = absl::StrCat("bash ", RunfilePath("deploy/make_certs.sh"), " ", tls,
+                                          " ", n, " >", dir, "/make_certs.log 2>&1");
+    if (std::system(make.c_str()) != 0) {
+      return absl::InternalError(absl::StrCat("deploy/make_certs.sh failed; see ", dir,
+                                              "/make_certs.log"));
+    }
+    absl::StrAppend(&config, "daemon {\n  tls {\n    cert_file: \"", tls,
+                    "/slot-{slot}.crt\"\n    key_file: \"", tls,
+                    "/slot-{slot}.key\"\n    ca_file: \"", tls, "/ca.crt\"\n  }\n}\n");
+  } else {
+    absl::StrAppend(&config, "daemon { plaintext: true }\n");
+  }
   const std::string config_path = dir + "/cluster.textproto";
   std::ofstream(config_path) << config;
   std::unique_ptr<Cluster> c(new Cluster());
+  for (int port : ports) c->peer_addresses_.push_back(absl::StrCat("127.0.0.1:", port));
+  if (options.tls) c->tls_dir_ = dir + "/tls";
   options.config_path = config_path;
   for (int slot = 0; slot < n; ++slot) {
     const std::string d = absl::StrCat(dir, "/slot", slot);

@@ -54,6 +54,9 @@ class DaemonProcess {
     std::string admin_token_file;
     // Extra fields of the cluster {} block, for Cluster::Start.
     std::string cluster_fields;
+    // For Cluster::Start: mutual TLS on the peer plane, with a CA and
+    // per-slot certificates made by deploy/make_certs.sh (false: plaintext).
+    bool tls = true;
     // A cluster file and this daemon's slot in it (empty: a lone daemon).
     std::string config_path;
     uint32_t slot = 0;
@@ -94,7 +97,9 @@ class DaemonProcess {
   std::string admin_address() const { return "unix:" + admin_socket_; }
   const std::string& log_path() const { return log_; }
   std::string Log() const;
+  // Local credentials and this daemon's admin token.
   std::unique_ptr<admin::Admin::Stub> AdminStub() const;
+  std::string admin_token_file() const;
 
  private:
   DaemonProcess(std::string dir, Options options);
@@ -118,9 +123,16 @@ class Cluster {
                                                         DaemonProcess::Options options);
   int n() const { return static_cast<int>(daemons_.size()); }
   DaemonProcess& daemon(int slot) { return *daemons_[slot]; }
+  // host:port of a slot's peer plane.
+  const std::string& peer_address(int slot) const { return peer_addresses_[slot]; }
+  // The CA and per-slot certificates (with options.tls): ca.crt, slot-N.crt,
+  // slot-N.key; empty without TLS.
+  const std::string& tls_dir() const { return tls_dir_; }
 
  private:
   std::vector<std::unique_ptr<DaemonProcess>> daemons_;
+  std::vector<std::string> peer_addresses_;
+  std::string tls_dir_;
 };
 
 }  // namespace ecsnap::testing

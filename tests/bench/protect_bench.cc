@@ -42,6 +42,9 @@
 
 ABSL_FLAG(uint64_t, bytes, uint64_t{1} << 30, "State bytes per node (one rank per node).");
 ABSL_FLAG(int, k, 2, "Data chunks per stripe.");
+ABSL_FLAG(bool, tls, false,
+          "Mutual TLS on the peer plane (as deployed off loopback); default plaintext, so that "
+          "the figures compare with the TCP baseline, which is plaintext too.");
 ABSL_FLAG(int, m, 2, "Parity chunks per stripe.");
 ABSL_FLAG(int, max_seconds, 600,
           "Wall-clock bound of the whole run: past it the bench fails loudly.");
@@ -154,6 +157,7 @@ int main(int argc, char** argv) {
   const int k = absl::GetFlag(FLAGS_k), m = absl::GetFlag(FLAGS_m), n = k + m;
 
   ecsnap::testing::DaemonProcess::Options o;
+  o.tls = absl::GetFlag(FLAGS_tls);
   // The step and its parity (m/k), plus the next step's window: slack.
   o.arena_bytes = ((bytes + bytes * m / k) * 3 / 2 + (64 << 20)) / 4096 * 4096;
   // n arenas, the bench's own copy of every node's state, and the TCP

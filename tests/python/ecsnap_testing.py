@@ -40,10 +40,21 @@ class Cluster:
         self.root = root or tempfile.mkdtemp(prefix="ecsnap-py-", dir="/dev/shm")
         ports = free_ports(self.n)
         slots = "".join(f'  slots {{ peer_address: "127.0.0.1:{p}" }}\n' for p in ports)
+        # Mutual TLS on the peer plane, as in production: a CA and one
+        # certificate per slot.
+        tls = os.path.join(self.root, "tls")
+        make_certs = runfile("deploy/make_certs.sh")
+        if not os.path.exists(make_certs):  # outside Bazel: the source tree's
+            make_certs = os.path.join(os.path.dirname(__file__), "..", "..", "deploy",
+                                      "make_certs.sh")
+        subprocess.run(["bash", make_certs, tls, str(self.n)], check=True,
+                       stdout=subprocess.DEVNULL)
         self.config = os.path.join(self.root, "cluster.textproto")
         with open(self.config, "w") as f:
             f.write(f"cluster {{\n  k: {k}\n  m: {m}\n  peer_timeout_ms: 3000\n{slots}}}\n"
-                    f"daemon {{ arena_bytes: {arena_bytes} retain: {retain} }}\n")
+                    f"daemon {{ arena_bytes: {arena_bytes} retain: {retain}\n"
+                    f'  tls {{ cert_file: "{tls}/slot-{{slot}}.crt" '
+                    f'key_file: "{tls}/slot-{{slot}}.key" ca_file: "{tls}/ca.crt" }} }}\n')
         self.procs = [None] * self.n
         for slot in range(self.n):
             self.start(slot)
