@@ -8,12 +8,12 @@
 
 #include <cerrno>
 #include <cstring>
-#include <fstream>
 
 #include <grpcpp/security/auth_metadata_processor.h>
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/strip.h"
 
@@ -53,13 +53,71 @@ class TokenProcessor final : public grpc::AuthMetadataProcessor {
 
 }  // namespace
 
+namespace {
+
+// Reads the token of an existing file opened without following a link: a
+// regular file of this user, readable by nobody else.
+absl::StatusOr<std::string> ReadToken(const std::string& path, int fd) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("admin token file %s is not a regular file", path));
+  }
+  if (st.st_uid != ::geteuid()) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "admin token file %s belongs to uid %d, not to this daemon's uid %d; remove it to have "
+        "a new one made",
+        path, st.st_uid, ::geteuid()));
+  }
+  if ((st.st_mode & 077) != 0) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "admin token file %s is readable by others (mode %o); chmod 600 it", path,
+        st.st_mode & 0777));
+  }
+  std::string text(256, '\0');
+  const ssize_t got = ::pread(fd, text.data(), text.size(), 0);
+  text.resize(got > 0 ? static_cast<size_t>(got) : 0);
+  const std::string token(absl::StripAsciiWhitespace(text));
+  if (token.empty()) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("admin token file %s is empty; remove it to have a new one made", path));
+  }
+  return token;
+}
+
+}  // namespace
+
 absl::StatusOr<std::string> LoadOrCreateAdminToken(const std::string& path, bool* created) {
   *created = false;
-  struct stat st {};
-  if (::stat(path.c_str(), &st) != 0) {
+  const size_t slash = path.rfind('/');
+  if (slash != std::string::npos && slash > 0) {
+    const std::string dir = path.substr(0, slash);
+    if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "cannot create the directory of admin token file %s: %s", path, std::strerror(errno)));
+    }
+  }
+  // A few rounds: another daemon sharing the directory may be writing it.
+  for (int attempt = 0; attempt < 50; ++attempt) {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd >= 0) {
+      auto token = ReadToken(path, fd);
+      ::close(fd);
+      // Empty: being written by its maker; look again shortly.
+      if (token.ok() || !absl::StrContains(token.status().message(), "is empty") ||
+          attempt == 49) {
+        return token;
+      }
+      ::usleep(20000);
+      continue;
+    }
+    if (errno == ELOOP) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "admin token file %s is a symbolic link; it must be a file of its own", path));
+    }
     if (errno != ENOENT) {
       return absl::FailedPreconditionError(
-          absl::StrFormat("cannot stat admin token file %s: %s", path, std::strerror(errno)));
+          absl::StrFormat("cannot open admin token file %s: %s", path, std::strerror(errno)));
     }
     unsigned char raw[32];
     if (RAND_bytes(raw, sizeof(raw)) != 1) {
@@ -67,46 +125,34 @@ absl::StatusOr<std::string> LoadOrCreateAdminToken(const std::string& path, bool
     }
     const std::string token = absl::BytesToHexString(
         absl::string_view(reinterpret_cast<const char*>(raw), sizeof(raw)));
-    const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-    if (fd < 0 && errno == EEXIST) {
-      // Another daemon sharing the directory made it first: use that one,
-      // once it is written.
-      for (int i = 0; i < 100; ++i) {
-        struct stat now {};
-        if (::stat(path.c_str(), &now) == 0 && now.st_size > 0) break;
-        ::usleep(10000);
-      }
-      return LoadOrCreateAdminToken(path, created);
-    }
-    if (fd < 0) {
+    // Written whole under a temporary name, then linked into place: nobody
+    // reads half a token, and an existing file (or link) is never replaced.
+    const std::string tmp = absl::StrFormat("%s.%d.tmp", path, ::getpid());
+    ::unlink(tmp.c_str());
+    const int out = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (out < 0) {
       return absl::FailedPreconditionError(absl::StrFormat(
           "cannot create admin token file %s: %s", path, std::strerror(errno)));
     }
     const std::string line = token + "\n";
-    const bool ok = ::write(fd, line.data(), line.size()) == static_cast<ssize_t>(line.size());
-    ::close(fd);
-    if (!ok) {
-      ::unlink(path.c_str());
-      return absl::FailedPreconditionError(
-          absl::StrFormat("cannot write admin token file %s", path));
+    const bool ok = ::write(out, line.data(), line.size()) == static_cast<ssize_t>(line.size()) &&
+                    ::fsync(out) == 0;
+    ::close(out);
+    const bool linked = ok && ::link(tmp.c_str(), path.c_str()) == 0;
+    const int link_errno = errno;
+    ::unlink(tmp.c_str());
+    if (linked) {
+      *created = true;
+      return token;
     }
-    *created = true;
-    return token;
+    if (!ok || link_errno != EEXIST) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "cannot write admin token file %s: %s", path, std::strerror(link_errno)));
+    }
+    // Made meanwhile by another daemon: read that one.
   }
-  if ((st.st_mode & 077) != 0) {
-    return absl::FailedPreconditionError(absl::StrFormat(
-        "admin token file %s is readable by others (mode %o); chmod 600 it", path,
-        st.st_mode & 0777));
-  }
-  std::ifstream in(path);
-  std::string token;
-  std::getline(in, token);
-  token = std::string(absl::StripAsciiWhitespace(token));
-  if (token.empty()) {
-    return absl::FailedPreconditionError(
-        absl::StrFormat("admin token file %s is empty; remove it to have a new one made", path));
-  }
-  return token;
+  return absl::FailedPreconditionError(
+      absl::StrFormat("admin token file %s keeps changing; is another process rewriting it?", path));
 }
 
 std::shared_ptr<grpc::ServerCredentials> AdminServerCredentials(const std::string& address,

@@ -18,8 +18,9 @@
 namespace ecsnap::daemon {
 
 // The token in `path`; when the file does not exist, a new random token
-// (256 bits, hex) written there with mode 0600. FAILED_PRECONDITION when the
-// file is readable by others than its owner, or empty.
+// (256 bits, hex) written there with mode 0600 (and its directory made).
+// FAILED_PRECONDITION when the file is a link, not this user's, readable by
+// others, or empty.
 absl::StatusOr<std::string> LoadOrCreateAdminToken(const std::string& path, bool* created);
 
 // Credentials of the admin server at `address` (host:port or unix:PATH):

@@ -27,7 +27,9 @@ int GroupView::Merge(int from, const peer::InventoryResponse& inventory) {
       v.rows[{static_cast<int>(r.stripe()), static_cast<int>(r.row())}] = r;
     }
     for (uint32_t c : inv.chunks()) {
-      if (c >= n * n) {
+      // A peer vouches for the chunks it holds itself, no other.
+      if (c >= n * n || layout_.PositionOf(static_cast<int>(c / n), from) !=
+                            static_cast<int>(c % n)) {
         ++bad;
         continue;
       }

@@ -25,6 +25,12 @@ struct ParityStore::RowState {
   uint64_t generation ABSL_GUARDED_BY(mu) = 0;
   bool complete ABSL_GUARDED_BY(mu) = false;
   bool sealed ABSL_GUARDED_BY(mu) = false;  // the step was abandoned: never completes
+  // Reserved by a rebuild, which decodes into the extent without the lock
+  // until CompleteRow: no push folds into it, and its space stays.
+  bool decoding ABSL_GUARDED_BY(mu) = false;
+  // Was complete once: readers may still hold its bytes (PinnedRow pins the
+  // row, not a copy), so its extent is never given back before the row dies.
+  bool ever_complete ABSL_GUARDED_BY(mu) = false;
   uint32_t crc ABSL_GUARDED_BY(mu) = 0;     // of the complete row
   // What each folded position carried.
   std::vector<uint32_t> pos_crc ABSL_GUARDED_BY(mu);
@@ -134,6 +140,7 @@ ParityStore::AdoptReport ParityStore::Adopt() {
       row->length = r.length();
       row->done = (1u << layout_.k()) - 1;
       row->complete = true;
+      row->ever_complete = true;
       row->crc = r.crc32c();
       row->pos_crc.assign(r.position_crc32c().begin(), r.position_crc32c().end());
       row->pos_length.assign(r.position_length().begin(), r.position_length().end());
@@ -170,6 +177,8 @@ void ParityStore::Publish(RowState& row, const std::string& job, uint64_t step, 
     ABSL_NO_THREAD_SAFETY_ANALYSIS {
   // Called with row.mu held.
   row.complete = true;
+  row.ever_complete = true;
+  row.decoding = false;
   row.crc = ec::Crc32c(absl::Span<const uint8_t>(arena_->base() + row.extent.offset, row.length));
   ParityRecord r;
   r.set_job_id(job);
@@ -197,7 +206,6 @@ std::optional<peer::StripeProtected> ParityStore::Reset(RowState& row, const std
     ABSL_NO_THREAD_SAFETY_ANALYSIS {
   // Called with row.mu held.
   const bool others_folded = (row.done & ~keep_bit) != 0 || row.complete;
-  const bool was_complete = row.complete;
   if (row.record_id >= 0) arena_->RemoveRecord(static_cast<uint32_t>(row.record_id));
   row.record_id = -1;
   row.length = 0;  // Grow zeroes what is folded next
@@ -207,10 +215,11 @@ std::optional<peer::StripeProtected> ParityStore::Reset(RowState& row, const std
   row.pos_crc.assign(layout_.k(), 0);
   row.pos_length.assign(layout_.k(), 0);
   ++row.generation;
-  // Nothing folds into it now, and no reader can hold it (only complete rows
-  // are served): its space goes back to the arena, so that broken pushes
-  // cannot pile up reservations. The next fold allocates again.
-  if (!was_complete && row.active == 0 && row.extent.bytes > 0) {
+  // Nothing folds into it now, no reader can hold it (it was never served)
+  // and no rebuild decodes into it: its space goes back to the arena, so
+  // that broken pushes cannot pile up reservations. The next fold allocates
+  // again.
+  if (!row.ever_complete && !row.decoding && row.active == 0 && row.extent.bytes > 0) {
     arena_->Free(row.extent);
     row.extent = ArenaExtent{};
   }
@@ -262,6 +271,11 @@ absl::StatusOr<std::shared_ptr<ParityStore::Fold>> ParityStore::BeginFold(
     if (row->sealed) {
       return absl::FailedPreconditionError(
           absl::StrFormat("job %s step %d was abandoned on slot %d", job, step, self_));
+    }
+    if (row->decoding) {
+      return absl::AbortedError(absl::StrFormat(
+          "job %s step %d stripe %d: slot %d is rebuilding that parity row; push again later",
+          job, step, stripe, self_));
     }
     if (row->active & bit) {
       return absl::AbortedError(absl::StrFormat(
@@ -370,7 +384,8 @@ void ParityStore::AbortFold(Fold& fold) {
     row.active &= ~bit;
     if (fold.received > 0 && row.generation == fold.generation && !row.sealed) {
       lost = Reset(row, fold.job, fold.step, fold.stripe, bit);
-    } else if (row.done == 0 && row.active == 0 && !row.complete && row.extent.bytes > 0) {
+    } else if (row.generation == fold.generation && row.done == 0 && row.active == 0 &&
+               !row.ever_complete && !row.decoding && row.extent.bytes > 0) {
       // A push that ended before its first byte: release what it reserved.
       arena_->Free(row.extent);
       row.extent = ArenaExtent{};
@@ -452,6 +467,7 @@ absl::StatusOr<absl::Span<uint8_t>> ParityStore::ReserveRow(const std::string& j
   {
     absl::MutexLock lock(&row->mu);
     if (absl::Status st = Grow(*row, length); !st.ok()) return st;
+    row->decoding = true;
     bytes = absl::Span<uint8_t>(arena_->base() + row->extent.offset, length);
   }
   absl::MutexLock lock(&mu_);

@@ -1,5 +1,6 @@
 #include "daemon/peer_service.h"
 
+#include <algorithm>
 #include <set>
 
 #include "absl/strings/str_format.h"
@@ -92,12 +93,17 @@ grpc::Status PeerService::PushChunk(grpc::ServerContext* context,
   auto fold = parity_->BeginFold(h.id().job_id(), h.id().step(), h.id().stripe(),
                                  h.id().position(), h.length(), h.crc32c());
   if (!fold.ok()) return ToGrpc(fold.status());
-  parity_->RecordSlot(h.id().job_id(), h.id().step(), h.from());
-  protector_->OnPeerStep(h.id().job_id(), h.id().step());
+  // What the sender says of its step counts once its bytes did: a push that
+  // breaks changes nothing here but the row it reset.
+  auto learn = [&] {
+    parity_->RecordSlot(h.id().job_id(), h.id().step(), h.from());
+    protector_->OnPeerStep(h.id().job_id(), h.id().step());
+  };
   // Folded before: answer at once (the sender stops sending), and announce
   // the row again if it is complete: the first notice may have died with a
   // restart of this daemon before every peer heard it.
   if (*fold == nullptr) {
+    learn();
     auto notice = parity_->CompleteNotice(h.id().job_id(), h.id().step(), h.id().stripe());
     if (notice.has_value()) protector_->Announce(*notice);
     return grpc::Status::OK;
@@ -113,6 +119,7 @@ grpc::Status PeerService::PushChunk(grpc::ServerContext* context,
   }
   auto notice = parity_->EndFold(**fold);
   if (!notice.ok()) return ToGrpc(notice.status());
+  learn();
   if (notice->has_value()) {
     response->set_stripe_complete(true);
     protector_->Announce(**notice);
@@ -148,7 +155,12 @@ grpc::Status PeerService::NotifyJob(grpc::ServerContext* context, const peer::Jo
                                    request->slot(), protector_->layout().n()));
   }
   if (grpc::Status st = Admit(*context, static_cast<int>(request->slot())); !st.ok()) return st;
-  if (grpc::Status st = CheckStep(request->job_id(), 1); !st.ok()) return st;
+  // The step the notice names (a rewind may name 0: nothing kept).
+  uint64_t step = 1;
+  if (request->has_protected_step()) step = request->protected_step();
+  if (request->has_abandoned_step()) step = request->abandoned_step();
+  if (request->has_rewound_to()) step = std::max<uint64_t>(request->rewound_to(), 1);
+  if (grpc::Status st = CheckStep(request->job_id(), step); !st.ok()) return st;
   return ToGrpc(protector_->OnJobNotice(*request));
 }
 

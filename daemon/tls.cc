@@ -16,6 +16,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_replace.h"
 #include "absl/strings/strip.h"
 
@@ -153,6 +154,7 @@ bool IsLoopback(const std::string& address) {
     return true;
   }
   std::string a = address;
+  if (a.find(',') != std::string::npos) return false;  // a list of addresses
   if (absl::StartsWith(a, "ipv4:")) a = a.substr(5);
   if (absl::StartsWith(a, "ipv6:")) a = a.substr(5);
   const std::string host = HostOf(a);
@@ -257,14 +259,21 @@ std::set<uint32_t> CallerSlots(const grpc::ServerContext& context) {
   std::set<uint32_t> slots;
   const std::shared_ptr<const grpc::AuthContext> auth = context.auth_context();
   if (auth == nullptr || !auth->IsPeerAuthenticated()) return slots;
-  for (const grpc::string_ref& v : auth->FindPropertyValues("x509_subject_alternative_name")) {
-    absl::string_view name(v.data(), v.size());
+  // DNS names only (not URI or e-mail names), each exactly SlotName(N):
+  // "slot-01.ecsnap" or "slot-+1.ecsnap" name no slot.
+  for (const grpc::string_ref& v : auth->FindPropertyValues(GRPC_PEER_DNS_PROPERTY_NAME)) {
+    const std::string name = absl::AsciiStrToLower(absl::string_view(v.data(), v.size()));
+    absl::string_view digits = name;
     uint32_t slot = 0;
-    if (absl::ConsumePrefix(&name, kSlotPrefix) && absl::ConsumeSuffix(&name, kSlotSuffix) &&
-        absl::SimpleAtoi(name, &slot)) {
+    if (absl::ConsumePrefix(&digits, kSlotPrefix) && absl::ConsumeSuffix(&digits, kSlotSuffix) &&
+        !digits.empty() && digits.size() <= 10 &&
+        digits.find_first_not_of("0123456789") == absl::string_view::npos &&
+        absl::SimpleAtoi(digits, &slot) && SlotName(slot) == name) {
       slots.insert(slot);
     }
   }
+  // A certificate speaks for one slot: one naming several is nobody's.
+  if (slots.size() > 1) slots.clear();
   return slots;
 }
 

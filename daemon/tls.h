@@ -2,7 +2,8 @@
 //
 // With the config's `tls` files, the peer plane is mutual TLS: every daemon
 // presents a certificate of the cluster's CA whose subject alternative names
-// include "slot-N.ecsnap" for its slot N, and requires the same of its
+// include "slot-N.ecsnap" for its slot N (one slot per certificate), and
+// requires the same of its
 // callers. A caller's slot comes from its certificate, never from a message,
 // and a client checks that the server it reaches holds the certificate of
 // the slot it dialled (whatever the address). The admin and TCP data planes
@@ -60,8 +61,8 @@ void SetPeerTarget(const TlsMaterial* tls, uint32_t slot, grpc::ChannelArguments
 // Server-side TLS (no client certificate) for the admin and TCP data planes.
 std::shared_ptr<grpc::ServerCredentials> ServerTlsCredentials(const TlsMaterial& tls);
 
-// The cluster slots the caller's certificate names; empty on a plaintext
-// connection or a certificate that names none.
+// The cluster slot the caller's certificate names (a set of at most one);
+// empty on a plaintext connection, or a certificate naming none or several.
 std::set<uint32_t> CallerSlots(const grpc::ServerContext& context);
 
 }  // namespace ecsnap::daemon
