@@ -8,6 +8,7 @@ PACKAGES=(
   g++ pkg-config
   libgrpc++-dev protobuf-compiler protobuf-compiler-grpc libprotobuf-dev
   libabsl-dev libssl-dev
+  openssl                  # deploy/make_certs.sh: the cluster CA and per-slot certificates
   libisal-dev              # Reed-Solomon and CRC-32C
   libibverbs-dev           # RDMA transport (rdma-core)
   libgtest-dev libgmock-dev libbenchmark-dev
