@@ -1,8 +1,5 @@
 #include "client/admin_channel.h"
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -15,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/strip.h"
+#include "common/address.h"
 
 namespace ecsnap {
 namespace {
@@ -22,23 +20,6 @@ namespace {
 std::string Target(const std::string& a) {
   if (!a.empty() && a[0] == '/') return "unix:" + a;
   return a;
-}
-
-bool IsLoopback(const std::string& target) {
-  if (absl::StartsWith(target, "unix:")) return true;
-  std::string host = target;
-  if (absl::StartsWith(host, "[")) {
-    host = host.substr(1, host.find(']') == std::string::npos ? std::string::npos
-                                                               : host.find(']') - 1);
-  } else if (host.rfind(':') != std::string::npos) {
-    host = host.substr(0, host.rfind(':'));
-  }
-  if (host == "localhost") return true;
-  // Literal addresses only: "127.evil.example" is a name, resolved anywhere.
-  in_addr v4{};
-  if (::inet_pton(AF_INET, host.c_str(), &v4) == 1) return (ntohl(v4.s_addr) >> 24) == 127;
-  in6_addr v6{};
-  return ::inet_pton(AF_INET6, host.c_str(), &v6) == 1 && IN6_IS_ADDR_LOOPBACK(&v6);
 }
 
 absl::StatusOr<std::string> ReadFile(const std::string& what, const std::string& path) {
@@ -99,10 +80,10 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> OpenAdminChannel(
     grpc::SslCredentialsOptions ssl;
     ssl.pem_root_certs = *ca;
     transport = grpc::SslCredentials(ssl);
-    args.SetSslTargetNameOverride(absl::StrCat("slot-", options.slot, ".ecsnap"));
+    args.SetSslTargetNameOverride(SlotName(options.slot));
   } else if (absl::StartsWith(target, "unix:")) {
     transport = grpc::experimental::LocalCredentials(UDS);
-  } else if (IsLoopback(target)) {
+  } else if (IsLoopbackAddress(target)) {
     transport = grpc::experimental::LocalCredentials(LOCAL_TCP);
   } else {
     return absl::InvalidArgumentError(absl::StrFormat(

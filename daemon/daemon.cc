@@ -81,7 +81,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
   auto tls = LoadTls(dc, slot);
   if (!tls.ok()) return tls.status();
   d->tls_ = std::move(*tls);
-  const TlsMaterial* tls_material = d->tls_ ? &*d->tls_ : nullptr;
+  const TlsMaterial* tls_material = d->tls();
   bool token_created = false;
   auto token = LoadOrCreateAdminToken(dc.admin_token_file(), &token_created);
   if (!token.ok()) return token.status();
@@ -112,7 +112,6 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
   }
 
   d->arena_->DropUnclaimedRecords();
-
 
   d->snapshot_service_ = std::make_unique<SnapshotService>(d->store_.get(), d->arena_->path(),
                                                            d->arena_->size(), slot);
@@ -206,7 +205,7 @@ absl::Status Daemon::StartPeerPlane(uint32_t slot) {
   Protector::Options po;
   po.peer_timeout_ms = cc.peer_timeout_ms();
   po.retain = config_.daemon().retain();
-  const TlsMaterial* tls = tls_ ? &*tls_ : nullptr;
+  const TlsMaterial* tls = this->tls();
   po.credentials = PeerChannelCredentials(tls);
   if (tls != nullptr) {
     for (uint32_t s : group->slots) po.peer_names.push_back(SlotName(s));

@@ -45,6 +45,8 @@ class Daemon {
   Daemon() = default;
 
   absl::Status StartPeerPlane(uint32_t slot);
+  // The planes' certificate, key and CA; null without tls (plaintext).
+  const TlsMaterial* tls() const { return tls_ ? &*tls_ : nullptr; }
 
   config::Config config_;
   std::optional<TlsMaterial> tls_;  // the planes' certificate, key and CA

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <set>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/grpc_status.h"
@@ -27,24 +28,24 @@ PeerService::PeerService(StepStore* store, ParityStore* parity, Protector* prote
 grpc::Status PeerService::Admit(const grpc::ServerContext& context, int position) const {
   if (!authenticated_) return grpc::Status::OK;  // plaintext: loopback only (config check)
   const Group& group = protector_->group();
-  const std::set<uint32_t> slots = CallerSlots(context);
+  const std::optional<uint32_t> caller = CallerSlot(context);
+  const std::string named = caller ? absl::StrCat("slot ", *caller) : "no single slot";
   if (position >= 0) {
     const uint32_t want = group.slots[position];
-    if (slots.count(want)) return grpc::Status::OK;
-    return grpc::Status(
-        grpc::StatusCode::PERMISSION_DENIED,
-        absl::StrFormat("a message about slot %d must come from slot %d's certificate; this "
-                        "caller's names slots {%s}",
-                        want, want, absl::StrJoin(slots, ", ")));
+    if (caller == want) return grpc::Status::OK;
+    return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                        absl::StrFormat("a message about slot %d must come from slot %d's "
+                                        "certificate; this caller's names %s",
+                                        want, want, named));
   }
-  for (uint32_t s : group.slots) {
-    if (s != group.slots[group.self] && slots.count(s)) return grpc::Status::OK;
+  if (caller && *caller != group.slots[group.self] &&
+      std::find(group.slots.begin(), group.slots.end(), *caller) != group.slots.end()) {
+    return grpc::Status::OK;
   }
   return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
                       absl::StrFormat("only the peers of group %d (slots {%s}) may call this; "
-                                      "the caller's certificate names slots {%s}",
-                                      group.id, absl::StrJoin(group.slots, ", "),
-                                      absl::StrJoin(slots, ", ")));
+                                      "the caller's certificate names %s",
+                                      group.id, absl::StrJoin(group.slots, ", "), named));
 }
 
 grpc::Status PeerService::CheckStep(const std::string& job, uint64_t step) const {

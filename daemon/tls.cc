@@ -1,7 +1,5 @@
 #include "daemon/tls.h"
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
 #include <openssl/bio.h>
 #include <openssl/err.h>
 #include <openssl/pem.h>
@@ -9,22 +7,17 @@
 #include <openssl/x509v3.h>
 
 #include <fstream>
+#include <set>
 #include <sstream>
 #include <vector>
 
-#include "absl/strings/match.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "absl/strings/ascii.h"
 #include "absl/strings/str_replace.h"
-#include "absl/strings/strip.h"
+#include "common/address.h"
 
 namespace ecsnap::daemon {
 namespace {
-
-constexpr char kSlotPrefix[] = "slot-";
-constexpr char kSlotSuffix[] = ".ecsnap";
 
 absl::StatusOr<std::string> ReadFile(const std::string& what, const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -135,36 +128,7 @@ absl::Status CheckMaterial(const TlsMaterial& m, const config::Tls& files, uint3
   return absl::OkStatus();
 }
 
-// "host:port" or "[v6]:port" -> host.
-std::string HostOf(const std::string& address) {
-  if (absl::StartsWith(address, "[")) {
-    const size_t end = address.find(']');
-    return end == std::string::npos ? address : address.substr(1, end - 1);
-  }
-  const size_t colon = address.rfind(':');
-  return colon == std::string::npos ? address : address.substr(0, colon);
-}
-
 }  // namespace
-
-std::string SlotName(uint32_t slot) { return absl::StrCat(kSlotPrefix, slot, kSlotSuffix); }
-
-bool IsLoopback(const std::string& address) {
-  if (absl::StartsWith(address, "unix:") || absl::StartsWith(address, "unix-abstract:")) {
-    return true;
-  }
-  std::string a = address;
-  if (a.find(',') != std::string::npos) return false;  // a list of addresses
-  if (absl::StartsWith(a, "ipv4:")) a = a.substr(5);
-  if (absl::StartsWith(a, "ipv6:")) a = a.substr(5);
-  const std::string host = HostOf(a);
-  if (host == "localhost") return true;
-  // Literal addresses only: "127.evil.example" is a name, resolved anywhere.
-  in_addr v4{};
-  if (::inet_pton(AF_INET, host.c_str(), &v4) == 1) return (ntohl(v4.s_addr) >> 24) == 127;
-  in6_addr v6{};
-  return ::inet_pton(AF_INET6, host.c_str(), &v6) == 1 && IN6_IS_ADDR_LOOPBACK(&v6);
-}
 
 absl::StatusOr<std::optional<TlsMaterial>> LoadTls(const config::Daemon& daemon, uint32_t slot) {
   // One config serves every slot: "{slot}" in a path is this daemon's slot.
@@ -204,11 +168,11 @@ absl::Status CheckTransportSecurity(const config::Config& config, uint32_t slot)
   if (peers) {
     for (int i = 0; i < config.cluster().slots_size(); ++i) {
       const std::string& a = config.cluster().slots(i).peer_address();
-      if (!IsLoopback(a)) open.push_back(absl::StrCat("cluster.slots[", i, "] ", a));
+      if (!IsLoopbackAddress(a)) open.push_back(absl::StrCat("cluster.slots[", i, "] ", a));
     }
   }
-  if (!IsLoopback(d.admin_address())) open.push_back("daemon.admin_address " + d.admin_address());
-  if (!d.data_address().empty() && !IsLoopback(d.data_address())) {
+  if (!IsLoopbackAddress(d.admin_address())) open.push_back("daemon.admin_address " + d.admin_address());
+  if (!d.data_address().empty() && !IsLoopbackAddress(d.data_address())) {
     open.push_back("daemon.data_address " + d.data_address());
   }
   if (!open.empty()) {
@@ -245,36 +209,25 @@ std::shared_ptr<grpc::ChannelCredentials> PeerChannelCredentials(const TlsMateri
   return grpc::SslCredentials(options);
 }
 
-void SetPeerTarget(const TlsMaterial* tls, uint32_t slot, grpc::ChannelArguments* args) {
-  if (tls != nullptr) args->SetSslTargetNameOverride(SlotName(slot));
-}
-
 std::shared_ptr<grpc::ServerCredentials> ServerTlsCredentials(const TlsMaterial& tls) {
   grpc::SslServerCredentialsOptions options(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
   options.pem_key_cert_pairs.push_back({tls.key, tls.cert});
   return grpc::SslServerCredentials(options);
 }
 
-std::set<uint32_t> CallerSlots(const grpc::ServerContext& context) {
-  std::set<uint32_t> slots;
+std::optional<uint32_t> CallerSlot(const grpc::ServerContext& context) {
   const std::shared_ptr<const grpc::AuthContext> auth = context.auth_context();
-  if (auth == nullptr || !auth->IsPeerAuthenticated()) return slots;
+  if (auth == nullptr || !auth->IsPeerAuthenticated()) return std::nullopt;
   // DNS names only (not URI or e-mail names), each exactly SlotName(N):
   // "slot-01.ecsnap" or "slot-+1.ecsnap" name no slot.
+  std::set<uint32_t> slots;
   for (const grpc::string_ref& v : auth->FindPropertyValues(GRPC_PEER_DNS_PROPERTY_NAME)) {
-    const std::string name = absl::AsciiStrToLower(absl::string_view(v.data(), v.size()));
-    absl::string_view digits = name;
     uint32_t slot = 0;
-    if (absl::ConsumePrefix(&digits, kSlotPrefix) && absl::ConsumeSuffix(&digits, kSlotSuffix) &&
-        !digits.empty() && digits.size() <= 10 &&
-        digits.find_first_not_of("0123456789") == absl::string_view::npos &&
-        absl::SimpleAtoi(digits, &slot) && SlotName(slot) == name) {
-      slots.insert(slot);
-    }
+    if (ParseSlotName(std::string(v.data(), v.size()), &slot)) slots.insert(slot);
   }
   // A certificate speaks for one slot: one naming several is nobody's.
-  if (slots.size() > 1) slots.clear();
-  return slots;
+  if (slots.size() != 1) return std::nullopt;
+  return *slots.begin();
 }
 
 }  // namespace ecsnap::daemon

@@ -2,7 +2,8 @@
 //
 // With the config's `tls` files, the peer plane is mutual TLS: every daemon
 // presents a certificate of the cluster's CA whose subject alternative names
-// include "slot-N.ecsnap" for its slot N (one slot per certificate), and
+// include SlotName(N) ("slot-N.ecsnap", common/address.h) for its slot N
+// (one slot per certificate), and
 // requires the same of its
 // callers. A caller's slot comes from its certificate, never from a message,
 // and a client checks that the server it reaches holds the certificate of
@@ -15,7 +16,6 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
-#include <set>
 #include <string>
 
 #include <grpcpp/grpcpp.h>
@@ -23,6 +23,7 @@
 #include <grpcpp/security/server_credentials.h>
 
 #include "absl/status/statusor.h"
+#include "common/address.h"
 #include "proto/config.pb.h"
 
 namespace ecsnap::daemon {
@@ -33,9 +34,6 @@ struct TlsMaterial {
   std::string key;
   std::string ca;
 };
-
-// The DNS name a certificate carries for cluster slot `slot`.
-std::string SlotName(uint32_t slot);
 
 // Reads and checks the daemon's `tls` files for `slot`: each readable, the
 // certificate within its validity period, issued by the CA, naming the slot,
@@ -48,22 +46,15 @@ absl::StatusOr<std::optional<TlsMaterial>> LoadTls(const config::Daemon& daemon,
 // is refused with a sentence saying what to set.
 absl::Status CheckTransportSecurity(const config::Config& config, uint32_t slot);
 
-// True for 127.0.0.0/8, ::1, localhost and unix: addresses.
-bool IsLoopback(const std::string& address);
-
 // Credentials of the peer plane: mutual TLS with `tls`, plaintext without.
 std::shared_ptr<grpc::ServerCredentials> PeerServerCredentials(const TlsMaterial* tls);
 std::shared_ptr<grpc::ChannelCredentials> PeerChannelCredentials(const TlsMaterial* tls);
-// Channel arguments for dialling cluster slot `slot`: with TLS, the server
-// must present that slot's certificate.
-void SetPeerTarget(const TlsMaterial* tls, uint32_t slot, grpc::ChannelArguments* args);
-
 // Server-side TLS (no client certificate) for the admin and TCP data planes.
 std::shared_ptr<grpc::ServerCredentials> ServerTlsCredentials(const TlsMaterial& tls);
 
-// The cluster slot the caller's certificate names (a set of at most one);
-// empty on a plaintext connection, or a certificate naming none or several.
-std::set<uint32_t> CallerSlots(const grpc::ServerContext& context);
+// The cluster slot the caller's certificate names; nullopt on a plaintext
+// connection, or for a certificate naming none or several.
+std::optional<uint32_t> CallerSlot(const grpc::ServerContext& context);
 
 }  // namespace ecsnap::daemon
 
