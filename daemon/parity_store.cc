@@ -200,6 +200,17 @@ void ParityStore::Publish(RowState& row, const std::string& job, uint64_t step, 
   if (id.ok()) row.record_id = *id;
 }
 
+void ParityStore::ReleaseIfIdle(RowState& row) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  // Called with row.mu held. Nothing folds into it now, no reader can hold
+  // it (it was never served) and no rebuild decodes into it: its space goes
+  // back to the arena, so that broken pushes cannot pile up reservations.
+  // The next fold allocates again (Grow starts from length 0).
+  if (row.ever_complete || row.decoding || row.active != 0 || row.extent.bytes == 0) return;
+  arena_->Free(row.extent);
+  row.extent = ArenaExtent{};
+  row.length = 0;
+}
+
 std::optional<peer::StripeProtected> ParityStore::Reset(RowState& row, const std::string& job,
                                                         uint64_t step, int stripe,
                                                         uint32_t keep_bit)
@@ -215,14 +226,7 @@ std::optional<peer::StripeProtected> ParityStore::Reset(RowState& row, const std
   row.pos_crc.assign(layout_.k(), 0);
   row.pos_length.assign(layout_.k(), 0);
   ++row.generation;
-  // Nothing folds into it now, no reader can hold it (it was never served)
-  // and no rebuild decodes into it: its space goes back to the arena, so
-  // that broken pushes cannot pile up reservations. The next fold allocates
-  // again.
-  if (!row.ever_complete && !row.decoding && row.active == 0 && row.extent.bytes > 0) {
-    arena_->Free(row.extent);
-    row.extent = ArenaExtent{};
-  }
+  ReleaseIfIdle(row);
   if (!others_folded) return std::nullopt;
   peer::StripeProtected notice = Notice(job, step, stripe);
   notice.set_lost(true);
@@ -384,12 +388,9 @@ void ParityStore::AbortFold(Fold& fold) {
     row.active &= ~bit;
     if (fold.received > 0 && row.generation == fold.generation && !row.sealed) {
       lost = Reset(row, fold.job, fold.step, fold.stripe, bit);
-    } else if (row.generation == fold.generation && row.done == 0 && row.active == 0 &&
-               !row.ever_complete && !row.decoding && row.extent.bytes > 0) {
+    } else if (row.generation == fold.generation && row.done == 0) {
       // A push that ended before its first byte: release what it reserved.
-      arena_->Free(row.extent);
-      row.extent = ArenaExtent{};
-      row.length = 0;
+      ReleaseIfIdle(row);
     }
   }
   NotifyLost(lost);

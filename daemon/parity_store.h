@@ -187,6 +187,9 @@ class ParityStore {
   // notice to send when positions of other pushes were folded in it.
   std::optional<peer::StripeProtected> Reset(RowState& row, const std::string& job, uint64_t step,
                                              int stripe, uint32_t keep_bit);
+  // Gives an incomplete row's space back when nothing can touch it: no fold
+  // active, never complete (no reader), not reserved by a rebuild.
+  void ReleaseIfIdle(RowState& row);
   void NotifyLost(const std::optional<peer::StripeProtected>& notice);
   // Marks the step abandoned, seals its rows and hands them out (to be
   // freed outside the lock).
