@@ -15,6 +15,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "client/ecsnap.h"
 #include "gtest/gtest.h"
@@ -68,18 +69,33 @@ class ClusterTest : public ::testing::Test {
     for (int s = 0; s < cluster_->n(); ++s) Reconnect(s);
   }
 
+  // Rank `r` of node `slot` attached to its daemon for `job`.
+  absl::StatusOr<std::unique_ptr<Client>> ConnectRank(int slot, int r,
+                                                      const std::string& job = "job") {
+    ClientOptions o;
+    o.daemon_address = cluster_->daemon(slot).socket();
+    o.job_id = job;
+    o.rank = slot * kRanksPerNode + r;
+    for (int lr = 0; lr < kRanksPerNode; ++lr) o.local_ranks.push_back(slot * kRanksPerNode + lr);
+    return Client::Connect(o);
+  }
+
   void Reconnect(int slot) {
     clients_[slot].clear();
     for (int r = 0; r < kRanksPerNode; ++r) {
-      ClientOptions o;
-      o.daemon_address = cluster_->daemon(slot).socket();
-      o.job_id = "job";
-      o.rank = slot * kRanksPerNode + r;
-      for (int lr = 0; lr < kRanksPerNode; ++lr) o.local_ranks.push_back(slot * kRanksPerNode + lr);
-      auto c = Client::Connect(o);
+      auto c = ConnectRank(slot, r);
       ASSERT_TRUE(c.ok()) << c.status();
       clients_[slot].push_back(std::move(*c));
     }
+  }
+
+  // A lost node: its ranks gone, SIGKILLed, its arena deleted and an empty
+  // daemon started in its slot; its ranks attach again when `reconnect`.
+  void ReplaceNode(int slot, bool reconnect = true) {
+    clients_[slot].clear();
+    const absl::Status st = cluster_->daemon(slot).Replace();
+    ASSERT_TRUE(st.ok()) << st;
+    if (reconnect) Reconnect(slot);
   }
 
   // Every rank of `slots` (default: all) snapshots `step`; waits for the

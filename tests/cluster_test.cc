@@ -151,9 +151,7 @@ TEST_F(ClusterTest, ACorruptStoredChunkIsCaughtAndRebuiltAround) {
   ::munmap(base, st.st_size);
   ::close(fd);
 
-  clients_[0].clear();
-  ASSERT_TRUE(cluster_->daemon(0).Replace().ok());
-  Reconnect(0);
+  ASSERT_NO_FATAL_FAILURE(ReplaceNode(0));
   EXPECT_EQ(RestoreAndCheck(0), 1u);
   EXPECT_NE(cluster_->daemon(0).Log().find("fails its crc32c; treated as lost"), std::string::npos)
       << cluster_->daemon(0).Log();
@@ -179,9 +177,7 @@ TEST_F(ClusterTest, ARankIsServedFromARebuildBeforeTheRebuildEnds) {
   StartCluster(2, 2, "rebuild_bytes_per_sec: 50000");
   Snapshot(1);
   ASSERT_TRUE(WaitProtected(1));
-  clients_[0].clear();
-  ASSERT_TRUE(cluster_->daemon(0).Replace().ok());
-  Reconnect(0);
+  ASSERT_NO_FATAL_FAILURE(ReplaceNode(0));
   auto steps = clients_[0][0]->ListRestorable();
   ASSERT_TRUE(steps.ok()) << steps.status();
   ASSERT_EQ(steps->size(), 1u);
@@ -288,8 +284,7 @@ TEST_F(RebuildFaultTest, ASurvivorKilledMidRebuildIsReadAroundAndEveryRankRestor
   StartCluster(2, 2, "rebuild_bytes_per_sec: 20000");
   Snapshot(1);
   ASSERT_TRUE(WaitProtected(1));
-  clients_[0].clear();
-  ASSERT_TRUE(cluster_->daemon(0).Replace().ok());
+  ASSERT_NO_FATAL_FAILURE(ReplaceNode(0, /*reconnect=*/false));
   // Progress shows, and the rebuild is not over: kill a survivor now.
   ASSERT_TRUE(WaitRebuild(0, [](const admin::RebuildStatus& r) {
     return r.active() && r.bytes_done() > 0 && r.bytes_done() < r.bytes_total();
@@ -324,9 +319,7 @@ TEST_F(RebuildFaultTest, ARebuildThatFailsAfterADegradedServeIsRetriedWhole) {
   StartCluster(2, 1, "rebuild_bytes_per_sec: 20000");
   Snapshot(1);
   ASSERT_TRUE(WaitProtected(1));
-  clients_[0].clear();
-  ASSERT_TRUE(cluster_->daemon(0).Replace().ok());
-  Reconnect(0);
+  ASSERT_NO_FATAL_FAILURE(ReplaceNode(0));
   // Rank 0 is served degraded: the step is REBUILDING with that rank only.
   RestoreRankAndCheck(0, 0, 1);
   ASSERT_TRUE(WaitRebuild(0, [](const admin::RebuildStatus& r) {
@@ -365,9 +358,7 @@ TEST_F(RebuildFaultTest, CorruptSurvivorChunksAreReadAroundAndTheArenaStaysConsi
     ASSERT_TRUE(stub->Verify(&ctx, admin::VerifyRequest(), &resp).ok());
     ASSERT_EQ(resp.errors_size(), 2) << resp.DebugString();
   }
-  clients_[0].clear();
-  ASSERT_TRUE(cluster_->daemon(0).Replace().ok());
-  Reconnect(0);
+  ASSERT_NO_FATAL_FAILURE(ReplaceNode(0));
   // Served (degraded, checked by the tensor checksums) while the rebuild
   // goes on; then from the finished step.
   EXPECT_EQ(RestoreAndCheck(0), 1u);
@@ -386,8 +377,7 @@ TEST_F(RebuildFaultTest, AnAdminRebuildDuringTheStartUpOneIsRefusedAndOneRuns) {
   StartCluster(2, 2, "rebuild_bytes_per_sec: 30000");
   Snapshot(1);
   ASSERT_TRUE(WaitProtected(1));
-  clients_[0].clear();
-  ASSERT_TRUE(cluster_->daemon(0).Replace().ok());
+  ASSERT_NO_FATAL_FAILURE(ReplaceNode(0, /*reconnect=*/false));
   ASSERT_TRUE(WaitRebuild(0, [](const admin::RebuildStatus& r) {
     return r.active() && r.job_id() == "job" && r.step() == 1;
   })) << cluster_->daemon(0).Log();
@@ -411,9 +401,7 @@ TEST_F(RebuildFaultTest, ANewerStepCommittedUnderARebuildFreesItsWindowsOnce) {
   StartCluster(2, 1, "rebuild_bytes_per_sec: 20000");
   Snapshot(1);
   ASSERT_TRUE(WaitProtected(1));
-  clients_[0].clear();
-  ASSERT_TRUE(cluster_->daemon(0).Replace().ok());
-  Reconnect(0);
+  ASSERT_NO_FATAL_FAILURE(ReplaceNode(0));
   ASSERT_TRUE(WaitRebuild(0, [](const admin::RebuildStatus& r) {
     return r.active() && r.job_id() == "job";
   }));
@@ -822,8 +810,7 @@ TEST_F(FaultTest, SigtermExitsWithinTwoSecondsDuringACappedRebuild) {
   StartFaultCluster(2, 2, "rebuild_bytes_per_sec: 2000000", 128 << 20);
   ASSERT_TRUE(SnapshotWith(1, AllSlots(), {0, 4 << 20}).ok());
   ASSERT_TRUE(WaitAllProtected(1, absl::Seconds(30))) << States(1) << "\n" << Logs();
-  clients_[0].clear();
-  ASSERT_TRUE(cluster_->daemon(0).Replace().ok());
+  ASSERT_NO_FATAL_FAILURE(ReplaceNode(0, /*reconnect=*/false));
   bool rebuilding = false;
   for (int i = 0; i < 200 && !rebuilding; ++i) {
     rebuilding = AdminStatus(0).rebuild().active();
@@ -867,17 +854,13 @@ TEST_F(FaultTest, RestoringAnOlderStepRewindsTheJobAndTheNextStepsAreProtectedAn
   ASSERT_TRUE(WaitAllProtected(s + 1, absl::Seconds(20))) << States(s + 1) << "\n" << Logs();
   // Slot 1's chunks of s+1 are decoded with parity that slot 0's data went
   // into: stale parity from attempt 1 would show here.
-  clients_[1].clear();
-  ASSERT_TRUE(cluster_->daemon(1).Replace().ok());
-  Reconnect(1);
+  ASSERT_NO_FATAL_FAILURE(ReplaceNode(1));
   EXPECT_TRUE(RestoreExactly(1, kLatestStep, s + 1, {2, 0})) << Logs();
 
   st = SnapshotWith(s + 2, AllSlots(), {});
   ASSERT_TRUE(st.ok()) << st << "\n" << Logs();
   ASSERT_TRUE(WaitAllProtected(s + 2, absl::Seconds(20))) << States(s + 2) << "\n" << Logs();
-  clients_[0].clear();
-  ASSERT_TRUE(cluster_->daemon(0).Replace().ok());
-  Reconnect(0);
+  ASSERT_NO_FATAL_FAILURE(ReplaceNode(0));
   EXPECT_TRUE(RestoreExactly(0, kLatestStep, s + 2, {})) << Logs();
 }
 
@@ -888,13 +871,8 @@ TEST_F(FaultTest, RestoringAnOlderStepRewindsTheJobAndTheNextStepsAreProtectedAn
 // restarting (its empty steps gone) and then m other nodes lost.
 TEST_F(FaultTest, NodesWithoutRanksTakePartWithEmptyPayloadsAndTheJobSurvivesLosses) {
   StartFaultCluster(2, 2);
-  auto connect = [&](int slot, int r) {
-    ClientOptions o;
-    o.daemon_address = cluster_->daemon(slot).socket();
-    o.job_id = "sparse";
-    o.rank = slot * kRanksPerNode + r;
-    for (int lr = 0; lr < kRanksPerNode; ++lr) o.local_ranks.push_back(slot * kRanksPerNode + lr);
-    auto c = Client::Connect(o);
+  auto connect = [&](int slot, int r) -> std::unique_ptr<Client> {
+    auto c = ConnectRank(slot, r, "sparse");
     EXPECT_TRUE(c.ok()) << c.status();
     return c.ok() ? std::move(*c) : nullptr;
   };

@@ -140,9 +140,7 @@ class HostilePeerTest : public ClusterTest {
                                                << cluster_->daemon(s).Log();
       EXPECT_EQ(StateOf(s, 1), v1::PROTECTED) << "slot " << s;
     }
-    clients_[1].clear();
-    ASSERT_TRUE(cluster_->daemon(1).Replace().ok());
-    Reconnect(1);
+    ASSERT_NO_FATAL_FAILURE(ReplaceNode(1));
     for (int s = 0; s < kN; ++s) EXPECT_EQ(RestoreAndCheck(s), 1u) << "slot " << s;
   }
 };
