@@ -1,6 +1,7 @@
 #include "daemon/rebuild_plan.h"
 
 #include <cstdint>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -153,6 +154,26 @@ TEST_F(RebuildPlanTest, OutOfRangeInventoryEntriesAreIgnoredAndCounted) {
   EXPECT_TRUE(v.slots.empty());
   EXPECT_TRUE(v.rows.empty());
   EXPECT_TRUE(v.held.empty());
+}
+
+TEST_F(RebuildPlanTest, APeerVouchesOnlyForItsOwnChunks) {
+  GroupView view(layout_);
+  peer::InventoryResponse resp;
+  peer::StepInventory* inv = resp.add_steps();
+  inv->set_job_id("job");
+  inv->set_step(5);
+  const int n = layout_.n();
+  for (int s = 0; s < n; ++s) {
+    for (int q = 0; q < n; ++q) inv->add_chunks(s * n + q);  // every chunk of the step
+  }
+  // Position 1 holds one chunk per stripe; the other claims are ignored.
+  EXPECT_EQ(view.Merge(1, resp), n * (n - 1));
+  const StepView& v = view.steps().at({"job", 5});
+  ASSERT_EQ(v.held.size(), static_cast<size_t>(n));
+  for (const auto& [sq, holders] : v.held) {
+    EXPECT_EQ(sq.second, layout_.PositionOf(sq.first, 1));
+    EXPECT_EQ(holders, std::set<int>{1});
+  }
 }
 
 TEST_F(RebuildPlanTest, EmptyChunksNeedNoHolder) {

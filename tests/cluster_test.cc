@@ -205,25 +205,6 @@ TEST_F(ClusterTest, ARankIsServedFromARebuildBeforeTheRebuildEnds) {
 // consistent (admin Verify).
 class RebuildFaultTest : public ClusterTest {
  protected:
-  admin::RebuildStatus RebuildStatusOf(int slot) {
-    auto stub = cluster_->daemon(slot).AdminStub();
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-    admin::StatusResponse resp;
-    if (!stub->Status(&ctx, admin::StatusRequest(), &resp).ok()) return {};
-    return resp.rebuild();
-  }
-
-  // Polls the rebuild status of `slot` until `pred` holds (at most 60 s).
-  template <typename Pred>
-  bool WaitRebuild(int slot, Pred pred) {
-    for (int i = 0; i < 2400; ++i) {
-      if (pred(RebuildStatusOf(slot))) return true;
-      std::this_thread::sleep_for(std::chrono::milliseconds(25));
-    }
-    return false;
-  }
-
   grpc::Status AdminRebuild(int slot, admin::RebuildResponse* resp) {
     auto stub = cluster_->daemon(slot).AdminStub();
     grpc::ClientContext ctx;

@@ -289,8 +289,59 @@ TEST_F(HostilePeerTest, ForgedAndOutOfRangeMessagesAreRefusedAndLeaveNoTrace) {
     if (s.step() == 1) continue;
     EXPECT_EQ(s.rows_size(), 0) << "step " << s.step();
     for (const auto& slot : s.slots()) EXPECT_LT(slot.slot(), static_cast<uint32_t>(kN));
+    // A push whose bytes never arrived taught nothing of its sender's step.
+    if (s.step() >= 100) EXPECT_EQ(s.slots_size(), 0) << "step " << s.step();
+  }
+  // Job notices naming impossible steps.
+  for (uint64_t step : {uint64_t{0}, UINT64_MAX}) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(Soon());
+    peer::JobNotice notice;
+    notice.set_job_id("job");
+    notice.set_slot(sender);
+    notice.set_protected_step(step);
+    peer::JobNoticeResponse resp;
+    EXPECT_EQ(as_sender->NotifyJob(&ctx, notice, &resp).error_code(),
+              grpc::StatusCode::INVALID_ARGUMENT)
+        << "protected_step " << step;
   }
   ExpectProtectedStepSurvives();
+}
+
+// A replaced node decodes its parity rows straight into arena rows reserved
+// for the rebuild. A push into such a row (a peer that still holds the step
+// LOCAL, or a hostile owner of a data position) is refused, so it can
+// neither fold into bytes being decoded nor free them under the decoder; the
+// rebuilt row is then what a later loss decodes from, bit for bit.
+class RebuildingPeerTest : public HostilePeerTest {
+ protected:
+  void SetUp() override {
+    StartCluster(kK, kM, "rebuild_bytes_per_sec: 20000");
+    Snapshot(1);
+    ASSERT_TRUE(WaitProtected(1)) << cluster_->daemon(0).Log();
+  }
+};
+
+TEST_F(RebuildingPeerTest, APushIntoARowBeingRebuiltIsRefusedAndTheRowStaysRight) {
+  const int target = 2;
+  ASSERT_NO_FATAL_FAILURE(ReplaceNode(target, /*reconnect=*/false));
+  ASSERT_TRUE(WaitRebuild(target, [](const admin::RebuildStatus& r) {
+    return r.active() && r.job_id() == "job" && r.step() == 1 && r.bytes_done() > 0;
+  })) << cluster_->daemon(target).Log();
+  int sender = 0;
+  const peer::PushChunkHeader h = Header(target, "job", 1, &sender);
+  auto as_sender = PeerAs(target, sender);
+  // Cut halfway: before, its reset freed the row the rebuild was writing.
+  EXPECT_EQ(Push(as_sender.get(), h, h.length() / 2).error_code(), grpc::StatusCode::ABORTED);
+  EXPECT_EQ(Push(as_sender.get(), h).error_code(), grpc::StatusCode::ABORTED);
+  ASSERT_TRUE(WaitRebuild(target, [](const admin::RebuildStatus& r) { return !r.active(); }));
+  EXPECT_EQ(RebuildStatusOf(target).last_error(), "") << cluster_->daemon(target).Log();
+  ASSERT_TRUE(WaitProtected(1)) << cluster_->daemon(target).Log();
+  // The sender's node is lost now: its data comes back through the rebuilt
+  // parity row.
+  ASSERT_NO_FATAL_FAILURE(ReplaceNode(sender));
+  Reconnect(target);
+  for (int s = 0; s < kN; ++s) EXPECT_EQ(RestoreAndCheck(s), 1u) << "slot " << s;
 }
 
 TEST_F(HostilePeerTest, AdminCallsNeedTheDaemonsToken) {
