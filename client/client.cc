@@ -19,6 +19,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "client/copy.h"
+#include "client/data_channel.h"
 #include "client/ecsnap.h"
 #include "common/grpc_status.h"
 #include "common/unique_fd.h"
@@ -90,12 +91,6 @@ uint64_t SnapshotHandle::bytes_total() const { return state_->total; }
 
 namespace {
 
-std::string ChannelTarget(const std::string& address) {
-  if (absl::StartsWith(address, "unix:")) return address;
-  if (!address.empty() && address[0] == '/') return "unix:" + address;
-  return address;  // host:port
-}
-
 absl::Status Annotate(const absl::Status& s, const std::string& what) {
   if (s.ok()) return s;
   return absl::Status(s.code(), absl::StrCat(what, ": ", s.message()));
@@ -117,17 +112,25 @@ class ClientImpl final : public Client {
 
   absl::Status Init() {
     if (options_.local_ranks.empty()) options_.local_ranks.push_back(options_.rank);
-    grpc::ChannelArguments args;
-    args.SetMaxReceiveMessageSize(kMaxMessageBytes);
-    args.SetMaxSendMessageSize(kMaxMessageBytes);
-    channel_ = grpc::CreateCustomChannel(ChannelTarget(options_.daemon_address),
-                                         grpc::InsecureChannelCredentials(), args);
+    DataChannelOptions dco;
+    dco.address = options_.daemon_address;
+    dco.ca_file = options_.ca_file;
+    dco.tls_name = options_.tls_name;
+    dco.args.SetMaxReceiveMessageSize(kMaxMessageBytes);
+    dco.args.SetMaxSendMessageSize(kMaxMessageBytes);
+    dco.timeout = absl::Milliseconds(options_.rpc_timeout_ms);
+    auto data = OpenDataChannel(std::move(dco));
+    if (!data.ok()) return data.status();
+    channel_ = data->channel;
     stub_ = v1::Snapshot::NewStub(channel_);
 
     v1::AttachRequest req;
     req.set_job_id(options_.job_id);
     req.set_rank(options_.rank);
     for (uint32_t r : options_.local_ranks) req.add_local_ranks(r);
+    if (!options_.job_token.empty()) {
+      attach_context_.AddMetadata("authorization", "Bearer " + options_.job_token);
+    }
     attach_reader_ = stub_->Attach(&attach_context_, req);
     v1::AttachEvent first;
     if (!attach_reader_->Read(&first)) {
@@ -149,7 +152,7 @@ class ClientImpl final : public Client {
     });
 
     if (options_.transport != Transport::kGrpc) {
-      absl::Status st = MapArena(first.arena_path(), first.arena_bytes());
+      absl::Status st = MapArena(std::move(data->arena_fd), data->arena_bytes);
       if (!st.ok() && options_.transport == Transport::kSharedMemory) return st;
     }
     worker_ = std::thread([this] { WorkerLoop(); });
@@ -286,25 +289,24 @@ class ClientImpl final : public Client {
                      std::chrono::milliseconds(options_.rpc_timeout_ms));
   }
 
-  absl::Status MapArena(const std::string& path, uint64_t bytes) {
-    if (path.empty()) return absl::UnavailableError("the daemon does not share its arena");
-    UniqueFd fd(::open(path.c_str(), O_RDWR | O_CLOEXEC));
-    if (!fd.valid()) {
+  absl::Status MapArena(UniqueFd fd, uint64_t bytes) {
+    if (!fd.valid() || bytes == 0) {
       return absl::UnavailableError(absl::StrFormat(
-          "cannot open the daemon's arena %s (%s): not on the daemon's node, or another user",
-          path, std::strerror(errno)));
+          "ecsnapd at %s shares no arena with this process (a TCP address, or a daemon "
+          "without one): use Transport::kGrpc or kAuto",
+          options_.daemon_address));
     }
     struct stat st;
     if (::fstat(fd.get(), &st) != 0 || static_cast<uint64_t>(st.st_size) != bytes) {
       return absl::UnavailableError(
-          absl::StrFormat("the arena %s is not the %d-byte file the daemon announced", path, bytes));
+          absl::StrFormat("the arena ecsnapd passed is not the %d-byte file it announced", bytes));
     }
     // Populated once here, so no snapshot ever pays a page fault.
     void* addr = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
                         fd.get(), 0);
     if (addr == MAP_FAILED) {
       return absl::UnavailableError(
-          absl::StrFormat("cannot map the arena %s: %s", path, std::strerror(errno)));
+          absl::StrFormat("cannot map the daemon's arena: %s", std::strerror(errno)));
     }
     arena_ = Mapping(addr, bytes);
     return absl::OkStatus();
@@ -542,7 +544,7 @@ class ClientImpl final : public Client {
   grpc::ClientContext attach_context_;
   std::unique_ptr<grpc::ClientReader<v1::AttachEvent>> attach_reader_;
   std::thread attach_reader_thread_;
-  uint64_t session_ = 0;
+  std::string session_;  // the daemon's random id, valid on this channel only
   Mapping arena_;
 
   absl::Mutex mu_;

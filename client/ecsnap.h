@@ -121,6 +121,15 @@ struct ClientOptions {
   bool verify_restore = true;
   // Deadline of each control call to the daemon, in ms. Default: 30000.
   int rpc_timeout_ms = 30000;
+  // TCP only. The daemon's TLS: the cluster CA file and the name in the
+  // daemon's certificate ("slot-N.ecsnap"). Without them the connection is
+  // plaintext, which a daemon serves on loopback only.
+  std::string ca_file;
+  std::string tls_name;
+  // TCP only: the job's token (`ecsnapctl job-token --job=ID` on the
+  // daemon's node prints it). A Unix-socket client needs none: the daemon
+  // knows it by its uid.
+  std::string job_token;
 };
 
 // A snapshot in progress. Copyable; every copy refers to the same snapshot.

@@ -14,6 +14,10 @@
 //   drop --job=J [--step=S]     drops one step, or every step of a job
 //   verify [--job=J] [--step=S] recomputes every stored checksum
 //   rebuild [--job=J]           rebuilds from the group what this slot lacks
+//   job-token --job=J [--job_secret_file=F]
+//                               prints job J's token for the TCP data plane,
+//                               made from the daemon's job secret (run on the
+//                               daemon's node, as its user; no call is made)
 //
 // Exit status: 0 on success, 1 when the daemon answers an error (printed on
 // stderr), 2 on a usage error.
@@ -32,6 +36,7 @@
 #include "absl/strings/strip.h"
 #include "client/admin_channel.h"
 #include "common/format.h"
+#include "common/job_token.h"
 #include "proto/admin.grpc.pb.h"
 
 ABSL_FLAG(std::string, address, "127.0.0.1:7070", "Daemon admin address: host:port or unix:PATH.");
@@ -43,6 +48,8 @@ ABSL_FLAG(std::string, ca_file, "",
 ABSL_FLAG(uint32_t, slot, 0, "With --ca_file: the slot of the daemon at --address.");
 ABSL_FLAG(bool, json, false, "Print the daemon's answer as JSON.");
 ABSL_FLAG(std::string, job, "", "Job id.");
+ABSL_FLAG(std::string, job_secret_file, "/run/ecsnap/job.secret",
+          "job-token: the daemon's job secret (daemon.job_secret_file).");
 ABSL_FLAG(uint64_t, step, 0, "Step (0: every step).");
 ABSL_FLAG(int, timeout_ms, 10000, "Deadline of the call (rebuild: at least an hour).");
 
@@ -75,7 +82,8 @@ std::string State(ecsnap::v1::StepState s) {
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "ecsnapctl [--address=A] [--token_file=F] [--ca_file=CA --slot=N] [--json] status | steps [--job=J] | "
-      "drop --job=J [--step=S] | verify [--job=J] [--step=S] | rebuild [--job=J]");
+      "drop --job=J [--step=S] | verify [--job=J] [--step=S] | rebuild [--job=J] | "
+      "job-token --job=J [--job_secret_file=F]");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   if (args.size() != 2) {
     std::fprintf(stderr, "usage: %s\n", absl::ProgramUsageMessage().data());
@@ -83,6 +91,22 @@ int main(int argc, char** argv) {
   }
   const std::string command = args[1];
   const bool json = absl::GetFlag(FLAGS_json);
+  if (command == "job-token") {
+    if (absl::GetFlag(FLAGS_job).empty()) {
+      std::fprintf(stderr, "ecsnapctl: job-token needs --job\n");
+      return 2;
+    }
+    std::ifstream in(absl::GetFlag(FLAGS_job_secret_file));
+    std::string secret;
+    in >> secret;
+    if (secret.empty()) {
+      std::fprintf(stderr, "ecsnapctl: cannot read a job secret from %s\n",
+                   absl::GetFlag(FLAGS_job_secret_file).c_str());
+      return 1;
+    }
+    std::printf("%s\n", ecsnap::JobToken(secret, absl::GetFlag(FLAGS_job)).c_str());
+    return 0;
+  }
 
   ecsnap::AdminChannelOptions channel_options;
   channel_options.address = absl::GetFlag(FLAGS_address);

@@ -57,21 +57,21 @@ namespace {
 
 // Reads the token of an existing file opened without following a link: a
 // regular file of this user, readable by nobody else.
-absl::StatusOr<std::string> ReadToken(const std::string& path, int fd) {
+absl::StatusOr<std::string> ReadToken(const std::string& what, const std::string& path, int fd) {
   struct stat st {};
   if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     return absl::FailedPreconditionError(
-        absl::StrFormat("admin token file %s is not a regular file", path));
+        absl::StrFormat("%s %s is not a regular file", what, path));
   }
   if (st.st_uid != ::geteuid()) {
     return absl::FailedPreconditionError(absl::StrFormat(
-        "admin token file %s belongs to uid %d, not to this daemon's uid %d; remove it to have "
+        "%s %s belongs to uid %d, not to this daemon's uid %d; remove it to have "
         "a new one made",
-        path, st.st_uid, ::geteuid()));
+        what, path, st.st_uid, ::geteuid()));
   }
   if ((st.st_mode & 077) != 0) {
     return absl::FailedPreconditionError(absl::StrFormat(
-        "admin token file %s is readable by others (mode %o); chmod 600 it", path,
+        "%s %s is readable by others (mode %o); chmod 600 it", what, path,
         st.st_mode & 0777));
   }
   std::string text(256, '\0');
@@ -80,28 +80,29 @@ absl::StatusOr<std::string> ReadToken(const std::string& path, int fd) {
   const std::string token(absl::StripAsciiWhitespace(text));
   if (token.empty()) {
     return absl::FailedPreconditionError(
-        absl::StrFormat("admin token file %s is empty; remove it to have a new one made", path));
+        absl::StrFormat("%s %s is empty; remove it to have a new one made", what, path));
   }
   return token;
 }
 
 }  // namespace
 
-absl::StatusOr<std::string> LoadOrCreateAdminToken(const std::string& path, bool* created) {
+absl::StatusOr<std::string> LoadOrCreateSecret(const std::string& what, const std::string& path,
+                                              bool* created) {
   *created = false;
   const size_t slash = path.rfind('/');
   if (slash != std::string::npos && slash > 0) {
     const std::string dir = path.substr(0, slash);
     if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {
       return absl::FailedPreconditionError(absl::StrFormat(
-          "cannot create the directory of admin token file %s: %s", path, std::strerror(errno)));
+          "cannot create the directory of %s %s: %s", what, path, std::strerror(errno)));
     }
   }
   // A few rounds: another daemon sharing the directory may be writing it.
   for (int attempt = 0; attempt < 50; ++attempt) {
     const int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
     if (fd >= 0) {
-      auto token = ReadToken(path, fd);
+      auto token = ReadToken(what, path, fd);
       ::close(fd);
       // Empty: being written by its maker; look again shortly.
       if (token.ok() || !absl::StrContains(token.status().message(), "is empty") ||
@@ -113,15 +114,15 @@ absl::StatusOr<std::string> LoadOrCreateAdminToken(const std::string& path, bool
     }
     if (errno == ELOOP) {
       return absl::FailedPreconditionError(absl::StrFormat(
-          "admin token file %s is a symbolic link; it must be a file of its own", path));
+          "%s %s is a symbolic link; it must be a file of its own", what, path));
     }
     if (errno != ENOENT) {
       return absl::FailedPreconditionError(
-          absl::StrFormat("cannot open admin token file %s: %s", path, std::strerror(errno)));
+          absl::StrFormat("cannot open %s %s: %s", what, path, std::strerror(errno)));
     }
     unsigned char raw[32];
     if (RAND_bytes(raw, sizeof(raw)) != 1) {
-      return absl::InternalError("no randomness for a new admin token");
+      return absl::InternalError(absl::StrFormat("no randomness for a new %s", what));
     }
     const std::string token = absl::BytesToHexString(
         absl::string_view(reinterpret_cast<const char*>(raw), sizeof(raw)));
@@ -132,7 +133,7 @@ absl::StatusOr<std::string> LoadOrCreateAdminToken(const std::string& path, bool
     const int out = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (out < 0) {
       return absl::FailedPreconditionError(absl::StrFormat(
-          "cannot create admin token file %s: %s", path, std::strerror(errno)));
+          "cannot create %s %s: %s", what, path, std::strerror(errno)));
     }
     const std::string line = token + "\n";
     const bool ok = ::write(out, line.data(), line.size()) == static_cast<ssize_t>(line.size()) &&
@@ -147,12 +148,12 @@ absl::StatusOr<std::string> LoadOrCreateAdminToken(const std::string& path, bool
     }
     if (!ok || link_errno != EEXIST) {
       return absl::FailedPreconditionError(absl::StrFormat(
-          "cannot write admin token file %s: %s", path, std::strerror(link_errno)));
+          "cannot write %s %s: %s", what, path, std::strerror(link_errno)));
     }
     // Made meanwhile by another daemon: read that one.
   }
   return absl::FailedPreconditionError(
-      absl::StrFormat("admin token file %s keeps changing; is another process rewriting it?", path));
+      absl::StrFormat("%s %s keeps changing; is another process rewriting it?", what, path));
 }
 
 std::shared_ptr<grpc::ServerCredentials> AdminServerCredentials(const std::string& address,

@@ -17,11 +17,13 @@
 
 namespace ecsnap::daemon {
 
-// The token in `path`; when the file does not exist, a new random token
-// (256 bits, hex) written there with mode 0600 (and its directory made).
-// FAILED_PRECONDITION when the file is a link, not this user's, readable by
-// others, or empty.
-absl::StatusOr<std::string> LoadOrCreateAdminToken(const std::string& path, bool* created);
+// The secret in `path` (the admin token, the job secret); when the file
+// does not exist, a new random one (256 bits, hex) written there with mode
+// 0600 (and its directory made). FAILED_PRECONDITION when the file is a
+// link, not this user's, readable by others, or empty. `what` names the file
+// in messages ("admin token file").
+absl::StatusOr<std::string> LoadOrCreateSecret(const std::string& what, const std::string& path,
+                                              bool* created);
 
 // Credentials of the admin server at `address` (host:port or unix:PATH):
 // TLS on TCP when `tls` is given, else local credentials (Unix socket or

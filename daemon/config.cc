@@ -29,13 +29,16 @@ absl::StatusOr<config::Config> LoadConfig(const std::string& path) {
   if (!in) return absl::NotFoundError(absl::StrFormat("cannot read config file %s", path));
   std::stringstream text;
   text << in.rdbuf();
+  return ParseConfig(text.str(), "config file " + path);
+}
+
+absl::StatusOr<config::Config> ParseConfig(const std::string& text, const std::string& source) {
   config::Config config;
   google::protobuf::TextFormat::Parser parser;
   CollectErrors errors;
   parser.RecordErrorsTo(&errors);
-  if (!parser.ParseFromString(text.str(), &config)) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("config file %s: %s", path, errors.first()));
+  if (!parser.ParseFromString(text, &config)) {
+    return absl::InvalidArgumentError(absl::StrFormat("%s: %s", source, errors.first()));
   }
   return config;
 }
@@ -50,12 +53,11 @@ void ApplyDefaults(config::Config* config) {
   if (d->socket_path().empty()) d->set_socket_path("/run/ecsnap/ecsnapd.sock");
   if (d->admin_address().empty()) d->set_admin_address("127.0.0.1:7070");
   if (d->retain() == 0) d->set_retain(1);
-  if (d->admin_token_file().empty()) {
-    const std::string& sock = d->socket_path();
-    const size_t slash = sock.rfind('/');
-    d->set_admin_token_file((slash == std::string::npos ? std::string(".") : sock.substr(0, slash)) +
-                            "/admin.token");
-  }
+  const std::string& sock = d->socket_path();
+  const size_t slash = sock.rfind('/');
+  const std::string sock_dir = slash == std::string::npos ? std::string(".") : sock.substr(0, slash);
+  if (d->admin_token_file().empty()) d->set_admin_token_file(sock_dir + "/admin.token");
+  if (d->job_secret_file().empty()) d->set_job_secret_file(sock_dir + "/job.secret");
 }
 
 absl::Status ValidateConfig(const config::Config& config, uint32_t slot) {

@@ -12,6 +12,8 @@ namespace ecsnap::daemon {
 // Parses a text-format Config. INVALID_ARGUMENT with the parser's line and
 // column on a syntax error; NOT_FOUND when the file cannot be read.
 absl::StatusOr<config::Config> LoadConfig(const std::string& path);
+// The same from text; `source` names it in messages.
+absl::StatusOr<config::Config> ParseConfig(const std::string& text, const std::string& source);
 
 // Fills unset fields with their documented defaults.
 void ApplyDefaults(config::Config* config);

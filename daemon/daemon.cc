@@ -83,7 +83,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
   d->tls_ = std::move(*tls);
   const TlsMaterial* tls_material = d->tls();
   bool token_created = false;
-  auto token = LoadOrCreateAdminToken(dc.admin_token_file(), &token_created);
+  auto token = LoadOrCreateSecret("admin token file", dc.admin_token_file(), &token_created);
   if (!token.ok()) return token.status();
   if (token_created) Log("wrote a new admin token to %s (mode 0600)", dc.admin_token_file());
   Arena::Options ao;
@@ -113,8 +113,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
 
   d->arena_->DropUnclaimedRecords();
 
-  d->snapshot_service_ = std::make_unique<SnapshotService>(d->store_.get(), d->arena_->path(),
-                                                           d->arena_->size(), slot);
+  d->snapshot_service_ = std::make_unique<SnapshotService>(d->store_.get(), slot);
   AdminInfo info;
   info.slot = slot;
   info.group = d->protector_ ? d->protector_->group().id : 0;
@@ -135,9 +134,27 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
 
   if (absl::Status st = ClaimSocketPath(dc.socket_path()); !st.ok()) return st;
   {
+    TrainerPolicy policy;
+    policy.daemon_uid = ::geteuid();
+    policy.uids.insert(dc.trainer_uids().begin(), dc.trainer_uids().end());
+    policy.gids.insert(dc.trainer_gids().begin(), dc.trainer_gids().end());
+    auto listener = TrainerListener::Listen(dc.socket_path(), std::move(policy),
+                                            d->arena_->path(), d->arena_->size());
+    if (!listener.ok()) return listener.status();
+    d->trainer_listener_ = std::move(*listener);
+    TrainerListener* l = d->trainer_listener_.get();
+    d->snapshot_service_->SetConnectionKey(
+        [l](const std::string& peer) { return l->ConnectionKey(peer); });
+    if (!dc.data_address().empty()) {
+      bool created = false;
+      auto secret = LoadOrCreateSecret("job secret file", dc.job_secret_file(), &created);
+      if (!secret.ok()) return secret.status();
+      if (created) Log("made a job secret in %s", dc.job_secret_file());
+      d->snapshot_service_->SetJobSecret(*secret);
+    }
+
     grpc::ServerBuilder builder;
     Configure(builder);
-    builder.AddListeningPort("unix:" + dc.socket_path(), grpc::InsecureServerCredentials());
     if (!dc.data_address().empty()) {
       builder.AddListeningPort(dc.data_address(),
                                tls_material != nullptr ? ServerTlsCredentials(*tls_material)
@@ -150,7 +167,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
           "cannot serve the data plane on unix:%s%s (in use, or no permission)",
           dc.socket_path(), dc.data_address().empty() ? "" : " and " + dc.data_address()));
     }
-    ::chmod(dc.socket_path().c_str(), 0600);
+    d->trainer_listener_->Serve(d->data_server_.get());
   }
   {
     const std::string admin = dc.admin_address();
@@ -251,6 +268,7 @@ bool Daemon::Shutdown() {
   if (rebuilder_) rebuilder_->Stop();
   bool clean = true;
   if (protector_) clean = protector_->Stop(absl::Milliseconds(500));
+  if (trainer_listener_) trainer_listener_->Stop();
   if (snapshot_service_) snapshot_service_->EndSessions();
   if (data_server_) data_server_->Shutdown(deadline);
   if (admin_server_) admin_server_->Shutdown(deadline);

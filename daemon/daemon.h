@@ -21,6 +21,7 @@
 #include "daemon/rebuilder.h"
 #include "daemon/snapshot_service.h"
 #include "daemon/tls.h"
+#include "daemon/trainer_listener.h"
 #include "daemon/step_store.h"
 #include "proto/config.pb.h"
 
@@ -65,6 +66,8 @@ class Daemon {
   std::unique_ptr<AdminService> admin_service_;
   std::unique_ptr<grpc::Server> data_server_;
   std::unique_ptr<grpc::Server> admin_server_;
+  // Feeds data_server_: declared after it, so destroyed (stopped) first.
+  std::unique_ptr<TrainerListener> trainer_listener_;
 };
 
 }  // namespace ecsnap::daemon

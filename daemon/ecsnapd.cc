@@ -9,11 +9,13 @@
 
 #include <cstdio>
 #include <string>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/reflection.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
 #include "common/log.h"
 #include "daemon/config.h"
 #include "daemon/daemon.h"
@@ -27,6 +29,10 @@ ABSL_FLAG(std::string, data_address, "", "Optional TCP host:port of the data pla
 ABSL_FLAG(std::string, admin_address, "127.0.0.1:7070", "Admin plane: host:port or unix:PATH.");
 ABSL_FLAG(std::string, admin_token_file, "", "File with the admin bearer token.");
 ABSL_FLAG(uint32_t, retain, 1, "Newest complete steps kept per job.");
+ABSL_FLAG(std::vector<std::string>, trainer_uids, {},
+          "Comma-separated uids that may use the data socket besides the daemon's own.");
+ABSL_FLAG(std::vector<std::string>, trainer_gids, {},
+          "Comma-separated primary gids whose processes may use the data socket.");
 
 namespace {
 
@@ -35,6 +41,21 @@ namespace {
 bool Given(const char* name) {
   const absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
   return flag != nullptr && flag->CurrentValue() != flag->DefaultValue();
+}
+
+// Replaces `out` with the numbers of a comma-separated id flag.
+bool ParseIds(const char* flag, const std::vector<std::string>& ids,
+              google::protobuf::RepeatedField<uint32_t>* out) {
+  out->Clear();
+  for (const std::string& id : ids) {
+    uint32_t n = 0;
+    if (!absl::SimpleAtoi(id, &n)) {
+      std::fprintf(stderr, "ecsnapd: --%s: '%s' is not a number\n", flag, id.c_str());
+      return false;
+    }
+    out->Add(n);
+  }
+  return true;
 }
 
 }  // namespace
@@ -77,6 +98,14 @@ int main(int argc, char** argv) {
   if (Given("admin_address")) d->set_admin_address(absl::GetFlag(FLAGS_admin_address));
   if (Given("admin_token_file")) d->set_admin_token_file(absl::GetFlag(FLAGS_admin_token_file));
   if (Given("retain")) d->set_retain(absl::GetFlag(FLAGS_retain));
+  if (Given("trainer_uids") &&
+      !ParseIds("trainer_uids", absl::GetFlag(FLAGS_trainer_uids), d->mutable_trainer_uids())) {
+    return 2;
+  }
+  if (Given("trainer_gids") &&
+      !ParseIds("trainer_gids", absl::GetFlag(FLAGS_trainer_gids), d->mutable_trainer_gids())) {
+    return 2;
+  }
   // After the flags: defaults that derive from other fields (the admin token
   // file beside the socket) follow what the flags set.
   ecsnap::daemon::ApplyDefaults(&config);

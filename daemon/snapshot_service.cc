@@ -4,14 +4,27 @@
 #include <utility>
 #include <vector>
 
+#include <openssl/rand.h>
+
+#include <cstdlib>
+
+#include "absl/strings/match.h"
 #include "common/grpc_status.h"
+#include "common/job_token.h"
 #include "common/log.h"
 
 namespace ecsnap::daemon {
+namespace {
+
+constexpr int kSessionIdBytes = 16;
+
+}  // namespace
+
 // Holds a session open for as long as its client keeps the stream.
 class SnapshotService::AttachReactor final : public grpc::ServerWriteReactor<v1::AttachEvent> {
  public:
-  AttachReactor(SnapshotService* service, const v1::AttachRequest& request, v1::AttachEvent first)
+  AttachReactor(SnapshotService* service, const std::string& connection,
+                const v1::AttachRequest& request, v1::AttachEvent first)
       : service_(service), event_(std::move(first)) {
     auto session = service_->store_->Attach(
         request.job_id(), request.rank(),
@@ -21,10 +34,11 @@ class SnapshotService::AttachReactor final : public grpc::ServerWriteReactor<v1:
       return;
     }
     session_ = *session;
+    wire_id_ = service_->AddSession(session_, connection);
     job_ = request.job_id();
     rank_ = request.rank();
     Log("session %d attached: job %s rank %d", session_, job_, rank_);
-    event_.set_session_id(session_);
+    event_.set_session_id(wire_id_);
     StartWrite(&event_);
   }
 
@@ -38,6 +52,7 @@ class SnapshotService::AttachReactor final : public grpc::ServerWriteReactor<v1:
   void OnDone() override {
     service_->Forget(this);
     if (session_ != 0) {
+      service_->RemoveSession(wire_id_);
       service_->store_->Detach(session_);
       Log("session %d ended: job %s rank %d", session_, job_, rank_);
     }
@@ -58,24 +73,94 @@ class SnapshotService::AttachReactor final : public grpc::ServerWriteReactor<v1:
   SnapshotService* const service_;
   v1::AttachEvent event_;
   uint64_t session_ = 0;
+  std::string wire_id_;
   std::string job_;
   uint32_t rank_ = 0;
   absl::Mutex mu_;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
 };
 
-SnapshotService::SnapshotService(StepStore* store, std::string arena_path, uint64_t arena_bytes,
-                                 uint32_t slot)
-    : store_(store), arena_path_(std::move(arena_path)), arena_bytes_(arena_bytes), slot_(slot) {}
+// Answers an Attach that may not open a session.
+class SnapshotService::RefusedReactor final : public grpc::ServerWriteReactor<v1::AttachEvent> {
+ public:
+  void OnDone() override { delete this; }
+};
+
+absl::Status SnapshotService::CheckJobToken(const grpc::CallbackServerContext& context,
+                                            const std::string& job_id) const {
+  // The Unix socket admitted the process by its uid (TrainerListener).
+  if (absl::StartsWith(context.peer(), "fd:")) return absl::OkStatus();
+  if (job_secret_.empty()) {
+    return absl::PermissionDeniedError(
+        "this daemon takes trainers on its Unix socket only (no job secret for TCP)");
+  }
+  const auto& md = context.client_metadata();
+  auto it = md.find("authorization");
+  if (it == md.end()) {
+    return absl::UnauthenticatedError(
+        "a TCP client must present its job's token (ClientOptions::job_token; "
+        "`ecsnapctl job-token --job=ID` on the daemon's node prints it)");
+  }
+  const absl::string_view got(it->second.data(), it->second.size());
+  if (!TokensEqual(got, "Bearer " + JobToken(job_secret_, job_id))) {
+    return absl::PermissionDeniedError(
+        "the job token does not match this job and this daemon's job secret");
+  }
+  return absl::OkStatus();
+}
+
+SnapshotService::SnapshotService(StepStore* store, uint32_t slot) : store_(store), slot_(slot) {}
+
+std::string SnapshotService::ConnectionOf(const grpc::ServerContextBase& context) const {
+  const std::string peer = context.peer();
+  return connection_key_ ? connection_key_(peer) : peer;
+}
+
+std::string SnapshotService::AddSession(uint64_t session, std::string connection) {
+  std::string id(kSessionIdBytes, '\0');
+  // OpenSSL's generator, seeded by the kernel: ids nobody can predict. It
+  // cannot fail once OpenSSL has initialised; if it ever did, a predictable
+  // id would be worse than a dead daemon.
+  if (RAND_bytes(reinterpret_cast<unsigned char*>(id.data()), kSessionIdBytes) != 1) {
+    Log("no randomness for a session id; stopping");
+    std::abort();
+  }
+  absl::MutexLock lock(&mu_);
+  sessions_[id] = WireSession{session, std::move(connection)};
+  return id;
+}
+
+void SnapshotService::RemoveSession(const std::string& id) {
+  absl::MutexLock lock(&mu_);
+  sessions_.erase(id);
+}
+
+absl::StatusOr<uint64_t> SnapshotService::SessionOf(const grpc::ServerContextBase& context,
+                                                    const std::string& id) {
+  const std::string connection = ConnectionOf(context);
+  absl::MutexLock lock(&mu_);
+  auto it = sessions_.find(id);
+  // One answer for an unknown id and for another connection's: the caller
+  // learns nothing about sessions it does not hold.
+  if (it == sessions_.end() || it->second.connection != connection) {
+    return absl::NotFoundError(
+        "no session with this id on this connection: it ended (the client's Attach stream "
+        "closed) or belongs to another connection; attach again");
+  }
+  return it->second.session;
+}
 
 grpc::ServerWriteReactor<v1::AttachEvent>* SnapshotService::Attach(
-    grpc::CallbackServerContext*, const v1::AttachRequest* request) {
+    grpc::CallbackServerContext* context, const v1::AttachRequest* request) {
   v1::AttachEvent first;
-  first.set_arena_path(arena_path_);
-  first.set_arena_bytes(arena_bytes_);
   first.set_slot(slot_);
   first.set_daemon_version("ecsnapd 0.1");
-  auto* reactor = new AttachReactor(this, *request, std::move(first));
+  if (absl::Status st = CheckJobToken(*context, request->job_id()); !st.ok()) {
+    auto* refused = new RefusedReactor();
+    refused->Finish(ToGrpc(st));
+    return refused;
+  }
+  auto* reactor = new AttachReactor(this, ConnectionOf(*context), *request, std::move(first));
   absl::MutexLock lock(&mu_);
   if (closing_) {
     reactor->End(grpc::Status(grpc::StatusCode::UNAVAILABLE, "ecsnapd is shutting down"));
@@ -107,23 +192,28 @@ void SnapshotService::Forget(AttachReactor* reactor) {
   live_.erase(reactor);
 }
 
-grpc::Status SnapshotService::BeginRank(grpc::ServerContext*, const v1::BeginRankRequest* request,
+grpc::Status SnapshotService::BeginRank(grpc::ServerContext* context,
+                                        const v1::BeginRankRequest* request,
                                         v1::BeginRankResponse* response) {
-  auto window = store_->BeginRank(request->session_id(), request->step(), request->bytes());
+  auto session = SessionOf(*context, request->session_id());
+  if (!session.ok()) return ToGrpc(session.status());
+  auto window = store_->BeginRank(*session, request->step(), request->bytes());
   if (!window.ok()) return ToGrpc(window.status());
   response->set_window_offset(window->offset);
   response->set_window_bytes(window->bytes);
   return grpc::Status::OK;
 }
 
-grpc::Status SnapshotService::WriteRank(grpc::ServerContext*,
+grpc::Status SnapshotService::WriteRank(grpc::ServerContext* context,
                                         grpc::ServerReader<v1::WriteRankChunk>* reader,
                                         v1::WriteRankResponse* response) {
   v1::WriteRankChunk chunk;
   if (!reader->Read(&chunk)) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "WriteRank stream carried no message");
   }
-  const uint64_t session = chunk.session_id();
+  auto found = SessionOf(*context, chunk.session_id());
+  if (!found.ok()) return ToGrpc(found.status());
+  const uint64_t session = *found;
   const uint64_t step = chunk.step();
   uint64_t written = 0;
   do {
@@ -138,34 +228,44 @@ grpc::Status SnapshotService::WriteRank(grpc::ServerContext*,
   return grpc::Status::OK;
 }
 
-grpc::Status SnapshotService::CommitRank(grpc::ServerContext*,
+grpc::Status SnapshotService::CommitRank(grpc::ServerContext* context,
                                          const v1::CommitRankRequest* request,
                                          v1::CommitRankResponse* response) {
-  auto state = store_->CommitRank(request->session_id(), request->step(), request->manifest());
+  auto session = SessionOf(*context, request->session_id());
+  if (!session.ok()) return ToGrpc(session.status());
+  auto state = store_->CommitRank(*session, request->step(), request->manifest());
   if (!state.ok()) return ToGrpc(state.status());
   response->set_step_state(*state);
   return grpc::Status::OK;
 }
 
-grpc::Status SnapshotService::AbortRank(grpc::ServerContext*, const v1::AbortRankRequest* request,
+grpc::Status SnapshotService::AbortRank(grpc::ServerContext* context,
+                                        const v1::AbortRankRequest* request,
                                         v1::AbortRankResponse*) {
-  return ToGrpc(store_->AbortRank(request->session_id(), request->step()));
+  auto session = SessionOf(*context, request->session_id());
+  if (!session.ok()) return ToGrpc(session.status());
+  return ToGrpc(store_->AbortRank(*session, request->step()));
 }
 
-grpc::Status SnapshotService::ListRestorable(grpc::ServerContext*,
+grpc::Status SnapshotService::ListRestorable(grpc::ServerContext* context,
                                              const v1::ListRestorableRequest* request,
                                              v1::ListRestorableResponse* response) {
-  if (before_restore_) before_restore_(request->session_id());
-  auto steps = store_->ListRestorable(request->session_id());
+  auto session = SessionOf(*context, request->session_id());
+  if (!session.ok()) return ToGrpc(session.status());
+  if (before_restore_) before_restore_(*session);
+  auto steps = store_->ListRestorable(*session);
   if (!steps.ok()) return ToGrpc(steps.status());
   for (auto& s : *steps) *response->add_steps() = std::move(s);
   return grpc::Status::OK;
 }
 
-grpc::Status SnapshotService::Restore(grpc::ServerContext*, const v1::RestoreRequest* request,
+grpc::Status SnapshotService::Restore(grpc::ServerContext* context,
+                                      const v1::RestoreRequest* request,
                                       v1::RestoreResponse* response) {
-  if (before_restore_) before_restore_(request->session_id());
-  auto lease = store_->Restore(request->session_id(), request->step());
+  auto session = SessionOf(*context, request->session_id());
+  if (!session.ok()) return ToGrpc(session.status());
+  if (before_restore_) before_restore_(*session);
+  auto lease = store_->Restore(*session, request->step());
   if (!lease.ok()) return ToGrpc(lease.status());
   response->set_step(lease->step);
   *response->mutable_manifest() = std::move(lease->manifest);
@@ -178,8 +278,9 @@ grpc::Status SnapshotService::Restore(grpc::ServerContext*, const v1::RestoreReq
 grpc::Status SnapshotService::ReadRank(grpc::ServerContext* context,
                                        const v1::ReadRankRequest* request,
                                        grpc::ServerWriter<v1::ReadRankChunk>* writer) {
-  auto bytes = store_->Read(request->session_id(), request->lease_id(), request->offset(),
-                            request->length());
+  auto session = SessionOf(*context, request->session_id());
+  if (!session.ok()) return ToGrpc(session.status());
+  auto bytes = store_->Read(*session, request->lease_id(), request->offset(), request->length());
   if (!bytes.ok()) return ToGrpc(bytes.status());
   // The lease pins the window: the bytes stay put while they are sent.
   v1::ReadRankChunk chunk;
@@ -193,10 +294,12 @@ grpc::Status SnapshotService::ReadRank(grpc::ServerContext* context,
   return grpc::Status::OK;
 }
 
-grpc::Status SnapshotService::ReleaseRestore(grpc::ServerContext*,
+grpc::Status SnapshotService::ReleaseRestore(grpc::ServerContext* context,
                                              const v1::ReleaseRestoreRequest* request,
                                              v1::ReleaseRestoreResponse*) {
-  return ToGrpc(store_->Release(request->session_id(), request->lease_id()));
+  auto session = SessionOf(*context, request->session_id());
+  if (!session.ok()) return ToGrpc(session.status());
+  return ToGrpc(store_->Release(*session, request->lease_id()));
 }
 
 }  // namespace ecsnap::daemon

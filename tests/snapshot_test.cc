@@ -1,6 +1,7 @@
 // Single-node snapshot service, end to end: real ecsnapd processes, the real
 // client library, on private Unix sockets.
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 
 #include <chrono>
@@ -12,7 +13,9 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/strings/str_cat.h"
+#include "client/data_channel.h"
 #include "client/ecsnap.h"
+#include "common/job_token.h"
 #include "ec/crc32c.h"
 #include "gtest/gtest.h"
 #include "proto/snapshot.grpc.pb.h"
@@ -180,12 +183,128 @@ TEST_F(SnapshotTest, ARemoteClientStreamsOverTcp) {
   o.daemon_address = absl::StrCat("127.0.0.1:", port);
   o.job_id = "tcp";
   o.transport = Transport::kGrpc;
+  // No token, another job's token, a made-up one: refused before any session.
+  EXPECT_EQ(Client::Connect(o).status().code(), absl::StatusCode::kUnauthenticated);
+  const std::string socket = daemon_->socket();
+  std::ifstream in(socket.substr(0, socket.rfind('/')) + "/job.secret");
+  std::string secret;
+  in >> secret;
+  ASSERT_FALSE(secret.empty());
+  o.job_token = JobToken(secret, "another-job");
+  EXPECT_EQ(Client::Connect(o).status().code(), absl::StatusCode::kPermissionDenied);
+  o.job_token = JobToken("not the secret", "tcp");
+  EXPECT_EQ(Client::Connect(o).status().code(), absl::StatusCode::kPermissionDenied);
+  o.job_token = JobToken(secret, "tcp");
   auto client = Client::Connect(o);
   ASSERT_TRUE(client.ok()) << client.status();
   EXPECT_FALSE((*client)->shared_memory());
   State s = MakeState(5, 20);
   ASSERT_TRUE((*client)->Snapshot(1, s.tensors)->WaitCommitted().ok());
   ExpectRestored(s, *(*client)->Restore(kLatestStep));
+}
+
+// A session id is a bearer of nothing on another connection: a second
+// process that learns it (here: is handed it) can neither write, restore nor
+// abort with it, and the session's owner is unaffected.
+TEST_F(SnapshotTest, ASessionIdWorksOnlyOnTheConnectionThatAttached) {
+  auto open = [&] {
+    DataChannelOptions dco;
+    dco.address = daemon_->socket();
+    auto data = OpenDataChannel(std::move(dco));
+    EXPECT_TRUE(data.ok()) << data.status();
+    EXPECT_TRUE(data->arena_fd.valid());
+    return v1::Snapshot::NewStub(data->channel);
+  };
+  auto owner = open();
+  auto thief = open();
+  grpc::ClientContext attach_ctx;
+  v1::AttachRequest attach;
+  attach.set_job_id("victim");
+  attach.add_local_ranks(0);
+  auto stream = owner->Attach(&attach_ctx, attach);
+  v1::AttachEvent ev;
+  ASSERT_TRUE(stream->Read(&ev));
+  auto begin = [&](v1::Snapshot::Stub* stub, uint64_t step) {
+    grpc::ClientContext ctx;
+    v1::BeginRankRequest req;
+    req.set_session_id(ev.session_id());
+    req.set_step(step);
+    req.set_bytes(4096);
+    v1::BeginRankResponse resp;
+    return stub->BeginRank(&ctx, req, &resp);
+  };
+  grpc::Status stolen = begin(thief.get(), 1);
+  EXPECT_EQ(stolen.error_code(), grpc::StatusCode::NOT_FOUND) << stolen.error_message();
+  {
+    grpc::ClientContext ctx;
+    v1::RestoreRequest req;
+    req.set_session_id(ev.session_id());
+    v1::RestoreResponse resp;
+    EXPECT_EQ(thief->Restore(&ctx, req, &resp).error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+  EXPECT_TRUE(begin(owner.get(), 1).ok());
+}
+
+// Runs stall_trainer as `uid` against the daemon and returns what it printed
+// once it exits or stalls (bounded: 15 s).
+std::string TrainerAs(uid_t uid, const std::string& socket, const std::string& log) {
+  const pid_t pid = testing::Spawn(
+      {"/usr/bin/setpriv", absl::StrCat("--reuid=", uid), absl::StrCat("--regid=", uid),
+       "--clear-groups", testing::RunfilePath("tests/stall_trainer"), "--socket=" + socket,
+       "--job=other-user", "--step=1", "--bytes=8192"},
+      log);
+  bool reaped = false;
+  for (int i = 0; i < 300 && !reaped; ++i) {
+    std::ifstream in(log);
+    const std::string text(std::istreambuf_iterator<char>(in), {});
+    if (text.find("STALLED") != std::string::npos) break;
+    int status;
+    reaped = ::waitpid(pid, &status, WNOHANG) == pid;
+    if (!reaped) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  if (!reaped) testing::StopProcess(pid, SIGKILL);
+  std::ifstream in(log);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+// SO_PEERCRED admission: a process of another uid reaches neither the
+// daemon's sessions nor its arena unless the config names that uid.
+TEST_F(SnapshotTest, AnotherUserIsAdmittedOnlyWhenTheConfigNamesIt) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root, to run a trainer as another uid";
+  constexpr uid_t kOther = 65534;  // nobody
+  ASSERT_EQ(::chmod(dir_.path().c_str(), 0711), 0);  // the socket is reachable by path
+  auto start = [&](std::vector<std::string> flags) {
+    daemon_.reset();
+    options_.extra_flags = std::move(flags);
+    SetUp();
+  };
+  // Only the daemon's own uid: the socket file itself is closed to others.
+  std::string out = TrainerAs(kOther, daemon_->socket(), dir_.path() + "/t1.log");
+  EXPECT_NE(out.find("PERMISSION_DENIED"), std::string::npos) << out;
+  EXPECT_EQ(out.find("STALLED"), std::string::npos) << out;
+  // Other uids listed, not this one: the daemon answers, refuses, says why.
+  start({"--trainer_uids=4242", "--trainer_gids=4243"});
+  out = TrainerAs(kOther, daemon_->socket(), dir_.path() + "/t2.log");
+  EXPECT_NE(out.find("PERMISSION_DENIED: ecsnapd refuses process"), std::string::npos) << out;
+  EXPECT_NE(out.find("uid 65534"), std::string::npos) << out;
+  EXPECT_EQ(out.find("STALLED"), std::string::npos) << out;
+  // The arena is not reachable by path either.
+  const pid_t cat = testing::Spawn({"/usr/bin/setpriv", "--reuid=65534", "--regid=65534",
+                                    "--clear-groups", "/usr/bin/head", "-c1",
+                                    daemon_->arena_path()},
+                                   dir_.path() + "/cat.log");
+  const int cat_status = testing::StopProcess(cat, 0, 5000);
+  EXPECT_TRUE(WIFEXITED(cat_status) && WEXITSTATUS(cat_status) != 0) << cat_status;
+  // Named by primary gid: admitted, and its window is the daemon's arena.
+  start({"--trainer_gids=65534"});
+  out = TrainerAs(kOther, daemon_->socket(), dir_.path() + "/t3.log");
+  EXPECT_NE(out.find("STALLED"), std::string::npos) << out;
+  // The daemon's own trainers are unaffected throughout.
+  auto own = Connect(0, {0}, Transport::kSharedMemory, "own");
+  ASSERT_NE(own, nullptr);
+  State s = MakeState(3);
+  ASSERT_TRUE(own->Snapshot(1, s.tensors)->WaitCommitted().ok());
+  ExpectRestored(s, *own->Restore(kLatestStep));
 }
 
 TEST_F(SnapshotTest, TwoRanksCommitAStepThatEachRestoresItsOwnPart) {
@@ -291,8 +410,11 @@ TEST_F(SnapshotTest, BadInputGetsAReadableStatusAndTheDaemonKeepsServing) {
     ExpectRestored(s, *healthy->Restore(kLatestStep));
   };
 
-  auto stub = v1::Snapshot::NewStub(grpc::CreateChannel("unix:" + daemon_->socket(),
-                                                        grpc::InsecureChannelCredentials()));
+  DataChannelOptions dco;
+  dco.address = daemon_->socket();
+  auto data = OpenDataChannel(std::move(dco));
+  ASSERT_TRUE(data.ok()) << data.status();
+  auto stub = v1::Snapshot::NewStub(data->channel);
   grpc::ClientContext attach_ctx;
   v1::AttachRequest attach;
   attach.set_job_id("bad");
@@ -301,14 +423,15 @@ TEST_F(SnapshotTest, BadInputGetsAReadableStatusAndTheDaemonKeepsServing) {
   auto session_stream = stub->Attach(&attach_ctx, attach);
   v1::AttachEvent ev;
   ASSERT_TRUE(session_stream->Read(&ev));
-  const uint64_t session = ev.session_id();
+  const std::string session = ev.session_id();
+  ASSERT_EQ(session.size(), 16u);
 
   auto expect = [&](grpc::Status st, grpc::StatusCode code, const std::string& text) {
     EXPECT_EQ(st.error_code(), code) << st.error_message();
     EXPECT_NE(st.error_message().find(text), std::string::npos) << st.error_message();
     still_serving();
   };
-  auto begin = [&](uint64_t sess, uint64_t step, uint64_t bytes) {
+  auto begin = [&](const std::string& sess, uint64_t step, uint64_t bytes) {
     grpc::ClientContext ctx;
     v1::BeginRankRequest req;
     req.set_session_id(sess);
@@ -353,7 +476,8 @@ TEST_F(SnapshotTest, BadInputGetsAReadableStatusAndTheDaemonKeepsServing) {
   };
 
   // Unknown session / job.
-  expect(begin(424242, 1, 10), grpc::StatusCode::NOT_FOUND, "session 424242 is not attached");
+  expect(begin(std::string(16, '\x42'), 1, 10), grpc::StatusCode::NOT_FOUND,
+         "no session with this id on this connection");
   // A step larger than the arena.
   expect(begin(session, 1, uint64_t{1} << 40), grpc::StatusCode::RESOURCE_EXHAUSTED,
          "needs 1.00 TiB but the whole arena holds");

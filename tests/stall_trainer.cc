@@ -12,6 +12,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "client/data_channel.h"
 #include "proto/snapshot.grpc.pb.h"
 
 ABSL_FLAG(std::string, socket, "", "Daemon data socket.");
@@ -23,8 +24,14 @@ ABSL_FLAG(uint64_t, bytes, 1 << 20, "Bytes of the step.");
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
-  auto stub = ecsnap::v1::Snapshot::NewStub(grpc::CreateChannel(
-      "unix:" + absl::GetFlag(FLAGS_socket), grpc::InsecureChannelCredentials()));
+  ecsnap::DataChannelOptions options;
+  options.address = absl::GetFlag(FLAGS_socket);
+  auto data = ecsnap::OpenDataChannel(std::move(options));
+  if (!data.ok()) {
+    std::fprintf(stderr, "connect failed: %s\n", data.status().ToString().c_str());
+    return 1;
+  }
+  auto stub = ecsnap::v1::Snapshot::NewStub(data->channel);
   grpc::ClientContext attach_ctx;
   ecsnap::v1::AttachRequest req;
   req.set_job_id(absl::GetFlag(FLAGS_job));

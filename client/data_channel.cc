@@ -1,0 +1,85 @@
+#include "client/data_channel.h"
+
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include <grpcpp/create_channel.h>
+#include <grpcpp/create_channel_posix.h>
+#include <grpcpp/security/credentials.h>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_format.h"
+#include "common/trainer_hello.h"
+
+namespace ecsnap {
+namespace {
+
+absl::StatusOr<DataChannel> OpenUnix(const std::string& path, const DataChannelOptions& options) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof(addr.sun_path)) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("socket path %s is longer than a Unix socket allows", path));
+  }
+  std::memcpy(addr.sun_path, path.data(), path.size());
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) return absl::InternalError(absl::StrFormat("socket: %s", std::strerror(errno)));
+  int rc;
+  do {
+    rc = ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  } while (rc != 0 && errno == EINTR);
+  if (rc != 0) {
+    if (errno == EACCES || errno == EPERM) {
+      return absl::PermissionDeniedError(absl::StrFormat(
+          "cannot connect to ecsnapd at %s: permission denied. The daemon lets other users in "
+          "only when its config lists them (daemon.trainer_uids, daemon.trainer_gids)",
+          path));
+    }
+    return absl::UnavailableError(absl::StrFormat(
+        "no ecsnapd answers at %s (%s); is the daemon running?", path, std::strerror(errno)));
+  }
+  auto hello = ReceiveTrainerHello(fd.get(), options.timeout);
+  if (!hello.ok()) {
+    return absl::Status(hello.status().code(),
+                        absl::StrFormat("ecsnapd at %s: %s", path, hello.status().message()));
+  }
+  if (!hello->admitted) return absl::PermissionDeniedError(hello->message);
+  DataChannel out;
+  out.arena_fd = std::move(hello->arena_fd);
+  out.arena_bytes = hello->arena_bytes;
+  grpc::ChannelArguments args = options.args;
+  out.channel = grpc::CreateCustomInsecureChannelFromFd("ecsnapd", fd.Release(), args);
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<DataChannel> OpenDataChannel(DataChannelOptions options) {
+  const std::string& a = options.address;
+  if (absl::StartsWith(a, "unix:")) return OpenUnix(a.substr(5), options);
+  if (!a.empty() && a[0] == '/') return OpenUnix(a, options);
+  DataChannel out;
+  std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
+  if (!options.ca_file.empty()) {
+    std::ifstream in(options.ca_file);
+    std::stringstream pem;
+    pem << in.rdbuf();
+    if (!in || pem.str().empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("cannot read the CA file %s", options.ca_file));
+    }
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = pem.str();
+    creds = grpc::SslCredentials(ssl);
+    if (!options.tls_name.empty()) options.args.SetSslTargetNameOverride(options.tls_name);
+  }
+  out.channel = grpc::CreateCustomChannel(a, creds, options.args);
+  return out;
+}
+
+}  // namespace ecsnap

@@ -1,0 +1,126 @@
+#include "common/trainer_hello.h"
+
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include "gtest/gtest.h"
+
+namespace ecsnap {
+namespace {
+
+struct Pair {
+  Pair() {
+    int fds[2];
+    EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds), 0);
+    daemon = UniqueFd(fds[0]);
+    trainer = UniqueFd(fds[1]);
+  }
+  UniqueFd daemon, trainer;
+};
+
+UniqueFd MemFile(const std::string& bytes) {
+  UniqueFd fd(::memfd_create("hello-test", MFD_CLOEXEC));
+  EXPECT_TRUE(fd.valid());
+  EXPECT_EQ(::write(fd.get(), bytes.data(), bytes.size()), static_cast<ssize_t>(bytes.size()));
+  return fd;
+}
+
+TEST(TrainerHelloTest, AnAdmittedTrainerGetsTheArenaAndNotOneByteMore) {
+  Pair p;
+  UniqueFd arena = MemFile("arena bytes");
+  TrainerHello hello;
+  hello.admitted = true;
+  hello.arena_bytes = 11;
+  ASSERT_TRUE(SendTrainerHello(p.daemon.get(), hello, arena.get(), absl::Seconds(5)).ok());
+  ASSERT_EQ(::write(p.daemon.get(), "PRI *", 5), 5);  // what gRPC sends next
+
+  auto got = ReceiveTrainerHello(p.trainer.get(), absl::Seconds(5));
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_TRUE(got->admitted);
+  EXPECT_EQ(got->arena_bytes, 11u);
+  ASSERT_TRUE(got->arena_fd.valid());
+  char buf[16] = {};
+  EXPECT_EQ(::pread(got->arena_fd.get(), buf, 11, 0), 11);
+  EXPECT_STREQ(buf, "arena bytes");
+  // The bytes after the hello are left for the next reader.
+  char tail[6] = {};
+  EXPECT_EQ(::read(p.trainer.get(), tail, 5), 5);
+  EXPECT_STREQ(tail, "PRI *");
+}
+
+TEST(TrainerHelloTest, ARefusedTrainerGetsTheReasonAndNoDescriptor) {
+  Pair p;
+  UniqueFd arena = MemFile("secret");
+  TrainerHello hello;
+  hello.admitted = false;
+  hello.message = "uid 1234 is not allowed";
+  ASSERT_TRUE(SendTrainerHello(p.daemon.get(), hello, arena.get(), absl::Seconds(5)).ok());
+  auto got = ReceiveTrainerHello(p.trainer.get(), absl::Seconds(5));
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_FALSE(got->admitted);
+  EXPECT_EQ(got->message, "uid 1234 is not allowed");
+  EXPECT_FALSE(got->arena_fd.valid());
+}
+
+TEST(TrainerHelloTest, SomethingElseOnTheSocketIsNotTakenForAHello) {
+  {
+    Pair p;
+    const char junk[] = "HTTP/1.1 400 Bad Request\r\n\r\n";
+    ASSERT_EQ(::write(p.daemon.get(), junk, sizeof(junk)), static_cast<ssize_t>(sizeof(junk)));
+    auto got = ReceiveTrainerHello(p.trainer.get(), absl::Seconds(5));
+    EXPECT_EQ(got.status().code(), absl::StatusCode::kDataLoss) << got.status();
+  }
+  {
+    Pair p;
+    p.daemon.Reset();
+    auto got = ReceiveTrainerHello(p.trainer.get(), absl::Seconds(5));
+    EXPECT_EQ(got.status().code(), absl::StatusCode::kUnavailable) << got.status();
+  }
+  {
+    Pair p;  // a daemon that never answers
+    auto got = ReceiveTrainerHello(p.trainer.get(), absl::Milliseconds(100));
+    EXPECT_EQ(got.status().code(), absl::StatusCode::kDeadlineExceeded) << got.status();
+  }
+}
+
+TEST(TrainerHelloTest, AHelloWithAHugeMessageOrTwoDescriptorsIsRefused) {
+  {
+    Pair p;
+    char wire[24] = {'E', 'C', 'S', 'N', 'H', 'L', 'O', '1'};
+    const uint32_t admitted = 0, len = 1 << 30;
+    std::memcpy(wire + 8, &admitted, 4);
+    std::memcpy(wire + 12, &len, 4);
+    ASSERT_EQ(::write(p.daemon.get(), wire, sizeof(wire)), 24);
+    auto got = ReceiveTrainerHello(p.trainer.get(), absl::Seconds(5));
+    EXPECT_EQ(got.status().code(), absl::StatusCode::kDataLoss) << got.status();
+  }
+  {
+    Pair p;
+    UniqueFd a = MemFile("a"), b = MemFile("b");
+    char wire[24] = {'E', 'C', 'S', 'N', 'H', 'L', 'O', '1'};
+    const uint32_t admitted = 1;
+    std::memcpy(wire + 8, &admitted, 4);
+    iovec iov{wire, sizeof(wire)};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    alignas(cmsghdr) char control[CMSG_SPACE(2 * sizeof(int))] = {};
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof(control);
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(2 * sizeof(int));
+    const int two[2] = {a.get(), b.get()};
+    std::memcpy(CMSG_DATA(c), two, sizeof(two));
+    ASSERT_EQ(::sendmsg(p.daemon.get(), &msg, 0), 24);
+    auto got = ReceiveTrainerHello(p.trainer.get(), absl::Seconds(5));
+    EXPECT_EQ(got.status().code(), absl::StatusCode::kDataLoss) << got.status();
+  }
+}
+
+}  // namespace
+}  // namespace ecsnap

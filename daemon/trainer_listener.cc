@@ -1,0 +1,155 @@
+#include "daemon/trainer_listener.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include <grpcpp/server_posix.h>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/log.h"
+#include "common/trainer_hello.h"
+
+namespace ecsnap::daemon {
+namespace {
+
+constexpr int kAcceptPollMs = 100;
+constexpr absl::Duration kHelloTimeout = absl::Seconds(1);
+
+}  // namespace
+
+std::string TrainerPolicy::Refusal(pid_t pid, uid_t uid, gid_t gid) const {
+  if (uid == daemon_uid || uids.count(uid) != 0 || gids.count(gid) != 0) return "";
+  return absl::StrFormat(
+      "ecsnapd refuses process %d (uid %d, gid %d): only uid %d and the uids and gids in the "
+      "daemon's config (daemon.trainer_uids, daemon.trainer_gids) may snapshot on this node",
+      pid, uid, gid, daemon_uid);
+}
+
+absl::StatusOr<std::unique_ptr<TrainerListener>> TrainerListener::Listen(
+    const std::string& path, TrainerPolicy policy, const std::string& arena_path,
+    uint64_t arena_bytes) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof(addr.sun_path)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "socket path %s is longer than the %d bytes a Unix socket allows", path,
+        sizeof(addr.sun_path) - 1));
+  }
+  std::memcpy(addr.sun_path, path.data(), path.size());
+  UniqueFd arena_fd;
+  if (!arena_path.empty()) {
+    arena_fd = UniqueFd(::open(arena_path.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW));
+    if (!arena_fd.valid()) {
+      return absl::InternalError(absl::StrFormat("cannot open the arena %s to share it: %s",
+                                                 arena_path, std::strerror(errno)));
+    }
+  }
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) {
+    return absl::InternalError(absl::StrFormat("socket: %s", std::strerror(errno)));
+  }
+  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    return absl::UnavailableError(absl::StrFormat("cannot serve the data plane on %s: %s", path,
+                                                  std::strerror(errno)));
+  }
+  const mode_t mode = policy.uids.empty() && policy.gids.empty() ? 0600 : 0666;
+  if (::chmod(path.c_str(), mode) != 0 || ::listen(fd.get(), 128) != 0) {
+    const int err = errno;
+    ::unlink(path.c_str());
+    return absl::InternalError(
+        absl::StrFormat("cannot listen on %s: %s", path, std::strerror(err)));
+  }
+  return std::unique_ptr<TrainerListener>(new TrainerListener(
+      path, std::move(policy), std::move(fd), std::move(arena_fd), arena_bytes));
+}
+
+TrainerListener::TrainerListener(std::string path, TrainerPolicy policy, UniqueFd listen_fd,
+                                 UniqueFd arena_fd, uint64_t arena_bytes)
+    : path_(std::move(path)),
+      policy_(std::move(policy)),
+      listen_fd_(std::move(listen_fd)),
+      arena_fd_(std::move(arena_fd)),
+      arena_bytes_(arena_bytes) {}
+
+TrainerListener::~TrainerListener() { Stop(); }
+
+void TrainerListener::Serve(grpc::Server* server) {
+  thread_ = std::thread([this, server] { AcceptLoop(server); });
+}
+
+void TrainerListener::Stop() {
+  stop_ = true;
+  if (thread_.joinable()) {
+    thread_.join();
+    ::unlink(path_.c_str());
+  }
+}
+
+void TrainerListener::AcceptLoop(grpc::Server* server) {
+  while (!stop_) {
+    pollfd p{listen_fd_.get(), POLLIN, 0};
+    if (::poll(&p, 1, kAcceptPollMs) <= 0) continue;
+    UniqueFd conn(::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    if (!conn.valid()) {
+      if (errno == EMFILE || errno == ENFILE) {
+        Log("data plane: cannot accept a trainer: %s", std::strerror(errno));
+        ::poll(nullptr, 0, kAcceptPollMs);  // let descriptors come back
+      }
+      continue;
+    }
+    Admit(std::move(conn), server);
+  }
+}
+
+void TrainerListener::Admit(UniqueFd conn, grpc::Server* server) {
+  ucred cred{};
+  socklen_t len = sizeof(cred);
+  std::string refusal;
+  if (::getsockopt(conn.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+    refusal = absl::StrFormat("ecsnapd cannot tell who connected: %s", std::strerror(errno));
+  } else {
+    refusal = policy_.Refusal(cred.pid, cred.uid, cred.gid);
+  }
+  TrainerHello hello;
+  hello.admitted = refusal.empty();
+  hello.message = refusal;
+  hello.arena_bytes = arena_bytes_;
+  absl::Status sent = SendTrainerHello(conn.get(), hello, arena_fd_.get(), kHelloTimeout);
+  if (!refusal.empty()) {
+    ++refused_;
+    Log("data plane: refused a trainer connection: %s", refusal);
+    return;  // closes it
+  }
+  if (!sent.ok()) {
+    Log("data plane: trainer pid %d went away during the hello: %s", cred.pid, sent.message());
+    return;
+  }
+  const int flags = ::fcntl(conn.get(), F_GETFL);
+  if (flags < 0 || ::fcntl(conn.get(), F_SETFL, flags | O_NONBLOCK) != 0) return;
+  {
+    absl::MutexLock lock(&mu_);
+    generation_[conn.get()] = next_generation_++;
+  }
+  ++admitted_;
+  // gRPC owns the descriptor from here and closes it when the connection ends.
+  grpc::AddInsecureChannelFromFd(server, conn.Release());
+}
+
+std::string TrainerListener::ConnectionKey(const std::string& peer) const {
+  int fd = -1;
+  if (!absl::StartsWith(peer, "fd:") || !absl::SimpleAtoi(peer.substr(3), &fd)) return peer;
+  absl::MutexLock lock(&mu_);
+  auto it = generation_.find(fd);
+  return absl::StrCat(peer, "#", it == generation_.end() ? 0 : it->second);
+}
+
+}  // namespace ecsnap::daemon

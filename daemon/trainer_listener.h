@@ -1,0 +1,99 @@
+// The data plane's Unix socket: admits trainer processes by their kernel
+// credentials, hands each admitted one the arena's descriptor, then gives the
+// connection to the gRPC server (see common/trainer_hello.h).
+//
+// Admission is SO_PEERCRED: the uid and primary gid the kernel recorded when
+// the trainer connected, which the trainer cannot forge. The daemon's own uid
+// is always admitted; others only when the config lists them
+// (daemon.trainer_uids, daemon.trainer_gids). A refused process gets one
+// sentence saying why and is disconnected; it never sees a gRPC byte.
+//
+// Each admitted connection gets a key that no later connection reuses, so a
+// session can be bound to the connection that opened it (SnapshotService).
+#ifndef ECSNAP_DAEMON_TRAINER_LISTENER_H_
+#define ECSNAP_DAEMON_TRAINER_LISTENER_H_
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <thread>
+
+#include <grpcpp/server.h>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "common/unique_fd.h"
+
+namespace ecsnap::daemon {
+
+struct TrainerPolicy {
+  uid_t daemon_uid = 0;    // always admitted
+  std::set<uint32_t> uids;  // also admitted
+  std::set<uint32_t> gids;  // processes whose primary group is one of these
+
+  // Empty when `uid`/`gid` may connect, else the sentence that says why not.
+  std::string Refusal(pid_t pid, uid_t uid, gid_t gid) const;
+};
+
+class TrainerListener {
+ public:
+  // Binds `path` (which must be free: see ClaimSocketPath) and listens.
+  // `arena_path` is opened once here and its descriptor is what admitted
+  // trainers receive; empty shares no arena (they stream over gRPC). The
+  // socket file is 0600 when only the daemon's uid is admitted, 0666 when
+  // the policy names others (SO_PEERCRED is then the gate).
+  static absl::StatusOr<std::unique_ptr<TrainerListener>> Listen(const std::string& path,
+                                                                 TrainerPolicy policy,
+                                                                 const std::string& arena_path,
+                                                                 uint64_t arena_bytes);
+  ~TrainerListener();
+
+  // Accepts connections on a thread of its own and adds the admitted ones
+  // to `server`, which must outlive Stop().
+  void Serve(grpc::Server* server);
+  // Stops accepting (at most ~100 ms) and removes the socket file.
+  // Connections already handed to gRPC end with the server.
+  void Stop();
+
+  // The key of the connection a call came in on, from the call's peer
+  // string: "fd:N" names a connection this listener admitted; any other
+  // peer (a TCP data plane) is its own key.
+  std::string ConnectionKey(const std::string& peer) const;
+
+  uint64_t admitted() const { return admitted_.load(); }
+  uint64_t refused() const { return refused_.load(); }
+
+ private:
+  TrainerListener(std::string path, TrainerPolicy policy, UniqueFd listen_fd, UniqueFd arena_fd,
+                  uint64_t arena_bytes);
+  void AcceptLoop(grpc::Server* server);
+  void Admit(UniqueFd conn, grpc::Server* server);
+
+  const std::string path_;
+  const TrainerPolicy policy_;
+  const UniqueFd listen_fd_;
+  // A descriptor of its own, not the Arena's: that one holds the flock that
+  // keeps a second daemon out, and a trainer holding a copy of it would
+  // keep a restarted daemon out too.
+  const UniqueFd arena_fd_;
+  const uint64_t arena_bytes_;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+  std::atomic<uint64_t> admitted_{0};
+  std::atomic<uint64_t> refused_{0};
+
+  mutable absl::Mutex mu_;
+  // Descriptor number -> the admission (a counter) it carries now.
+  std::map<int, uint64_t> generation_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_generation_ ABSL_GUARDED_BY(mu_) = 1;
+};
+
+}  // namespace ecsnap::daemon
+
+#endif  // ECSNAP_DAEMON_TRAINER_LISTENER_H_
