@@ -2,7 +2,9 @@
 paths (into existing optimizer state in place, and into a fresh optimizer),
 dtypes, RNG states, extras, agree_step and bad input."""
 
+import collections
 import os
+import pickle
 import random
 import re
 import subprocess
@@ -139,6 +141,57 @@ class TorchHelpers(unittest.TestCase):
         other = torch.nn.Linear(3, 3)
         with self.assertRaisesRegex(RuntimeError, "INVALID_ARGUMENT"):
             et.restore(client, other)
+
+
+class _RunsAShellCommand:
+    """What a forged snapshot would carry: unpickling it runs a command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class RestoredObjects(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.cluster = Cluster(k=1, m=0, arena_bytes=64 << 20, retain=1)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.cluster.stop()
+
+    def test_a_pickled_os_system_call_is_refused_not_run(self):
+        client = ecsnap.Client(self.cluster.socket(0), job="hostile", rank=0)
+        model, opt = model_and_optimizer()
+        marker = os.path.join(self.cluster.dir(0), "code-ran")
+        et.snapshot(client, 1, model, opt, extra={"ok": 1, "evil": _RunsAShellCommand(marker)}
+                    ).wait_committed()
+        with self.assertRaisesRegex(pickle.UnpicklingError, "posix.system.*plain data only"):
+            et.restore(client, model, opt)
+        self.assertFalse(os.path.exists(marker), "the pickled command ran")
+        # The opt-out is explicit, and then it really is a full unpickler.
+        et.restore(client, model, opt, trust_pickles=True)
+        self.assertTrue(os.path.exists(marker))
+
+    def test_plain_data_extras_round_trip(self):
+        client = ecsnap.Client(self.cluster.socket(0), job="plain", rank=0)
+        model, opt = model_and_optimizer()
+        extra = {"epoch": 3, "lr": 0.5, "name": "run-7", "raw": b"\x00\x01", "none": None,
+                 "seen": {1, 2}, "order": collections.OrderedDict(a=1), "pair": (1, 2.5),
+                 "np": np.arange(5, dtype=np.int16), "np_scalar": np.float32(1.5),
+                 "t": torch.arange(6, dtype=torch.float64).reshape(2, 3), "dtype": torch.bfloat16,
+                 "c": 1 + 2j}
+        et.snapshot(client, 1, model, opt, extra=extra).wait_committed()
+        _, got = et.restore(client, model, opt)
+        self.assertEqual(set(got), set(extra))
+        for key in ("epoch", "lr", "name", "raw", "none", "seen", "order", "pair", "np_scalar",
+                    "dtype", "c"):
+            self.assertEqual(got[key], extra[key], key)
+        self.assertTrue(np.array_equal(got["np"], extra["np"]))
+        self.assertEqual(got["np"].dtype, np.int16)
+        self.assertTrue(torch.equal(got["t"], extra["t"]))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,20 @@ and extras through ecsnap, and agree on a step across ranks.
 Tensors are read in place (through their data pointers): nothing is copied
 in Python. CPU tensors only are read directly; CUDA tensors are copied to
 the host first.
+
+Restoring never runs code from a snapshot. RNG states travel as tensors.
+The optimizer's hyperparameters and the caller's `extra` are pickled, and
+read back by a restricted unpickler that builds only plain data: None,
+bools, numbers, strings, bytes, lists, tuples, dicts, sets, OrderedDicts,
+numpy arrays and scalars, torch tensors and dtypes. Anything else in the
+bytes (a class of the trainer's, a function such as os.system) raises
+pickle.UnpicklingError instead of running. A job whose extras hold other
+objects, and whose snapshots only it can write, passes
+restore(..., trust_pickles=True).
 """
 
+import collections
+import io
 import pickle
 import random
 
@@ -83,7 +95,7 @@ def snapshot(client, step, model, optimizer=None, extra=None):
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             batch.add(f"rng.cuda.{i}", "rng", s)
-    batch.add_object("rng.python", "rng", (random.getstate(), np.random.get_state()))
+    _add_rng_states(batch)
     batch.add_object("extra", "extra", extra)
     return client.snapshot(step, batch.tensors, batch.keep)
 
@@ -96,8 +108,78 @@ def _tensor(restored):
     return t if restored.dtype == "bytes" else t.reshape(restored.shape)
 
 
-def _object(restored):
-    return pickle.loads(bytes(memoryview(restored))) if restored.nbytes else None
+def _torch_storage_from_bytes(data):
+    # torch pickles a tensor's storage as a nested torch.save stream; read
+    # it with torch's own restricted loader, never the full one.
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+# (module, name) -> what the restricted unpickler may build for it.
+_SAFE_GLOBALS = {
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "complex"): complex,
+    ("builtins", "slice"): slice,
+    ("builtins", "range"): range,
+    ("builtins", "bytearray"): bytearray,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): np.core.multiarray._reconstruct,
+    ("numpy.core.multiarray", "scalar"): np.core.multiarray.scalar,
+    ("numpy.core.numeric", "_frombuffer"): np.core.numeric._frombuffer,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch.storage", "_load_from_bytes"): _torch_storage_from_bytes,
+}
+_SAFE_GLOBALS.update({("torch", str(d).split(".")[1]): d for d in _DTYPES})
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Builds plain data only; any other global is refused (see the module
+    docstring)."""
+
+    def find_class(self, module, name):
+        found = _SAFE_GLOBALS.get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(
+                f"a snapshot's pickled object names {module}.{name}, which ecsnap does not "
+                "load: restored objects may hold plain data only (numbers, strings, containers, "
+                "numpy arrays, torch tensors). If the snapshot comes from a trusted job, pass "
+                "trust_pickles=True.")
+        return found
+
+
+def _object(restored, trust_pickles=False):
+    if not restored.nbytes:
+        return None
+    data = bytes(memoryview(restored))
+    if trust_pickles:
+        return pickle.loads(data)
+    return _PlainDataUnpickler(io.BytesIO(data)).load()
+
+
+def _add_rng_states(batch):
+    """Python's and numpy's generator states, as tensors (no pickle)."""
+    version, internal, gauss = random.getstate()
+    batch.add("rng.python.state", "rng", torch.tensor([version, *internal], dtype=torch.int64))
+    batch.add("rng.python.gauss", "rng",
+              torch.tensor([0.0 if gauss is None else 1.0, gauss or 0.0], dtype=torch.float64))
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    if name != "MT19937":
+        raise TypeError(f"numpy's global generator is {name}; only MT19937 is supported")
+    batch.add("rng.numpy.key", "rng", torch.from_numpy(key.astype(np.uint32).view(np.int32)))
+    batch.add("rng.numpy.pos", "rng", torch.tensor([pos, has_gauss], dtype=torch.int64))
+    batch.add("rng.numpy.gauss", "rng", torch.tensor([cached], dtype=torch.float64))
+
+
+def _set_rng_states(by_name):
+    state = _tensor(by_name["rng.python.state"]).tolist()
+    flag, gauss = _tensor(by_name["rng.python.gauss"]).tolist()
+    random.setstate((state[0], tuple(state[1:]), gauss if flag else None))
+    key = _tensor(by_name["rng.numpy.key"]).numpy().view(np.uint32)
+    pos, has_gauss = _tensor(by_name["rng.numpy.pos"]).tolist()
+    (cached,) = _tensor(by_name["rng.numpy.gauss"]).tolist()
+    np.random.set_state(("MT19937", key, pos, has_gauss, cached))
 
 
 def _destination(name, tensor, into):
@@ -107,9 +189,10 @@ def _destination(name, tensor, into):
     return False
 
 
-def restore(client, model, optimizer=None, step=0):
+def restore(client, model, optimizer=None, step=0, trust_pickles=False):
     """Loads `step` (0: the newest) into `model` and `optimizer` in place and
-    sets the RNG states. Returns (step, extra).
+    sets the RNG states. Returns (step, extra). Pickled objects are read as
+    plain data only unless `trust_pickles` (see the module docstring).
 
     The model's tensors, and the optimizer's state where it exists already,
     are written in place: one copy from the daemon's memory, no temporary
@@ -125,13 +208,16 @@ def restore(client, model, optimizer=None, step=0):
                 _destination(f"optim.state.{pid}.{key}", value, into)
     got, rest = client.restore_into(step, into)
     by_name = {t.name: t for t in rest}
+    # Objects first: a refused one stops the restore before anything else
+    # is set (the tensors restored in place are already written).
+    meta = _object(by_name["optim.meta"], trust_pickles) if optimizer is not None else None
+    extra = _object(by_name["extra"], trust_pickles)
 
     with torch.no_grad():
         for name, t in model_state.items():
             if name not in in_place:
                 t.copy_(_tensor(by_name["model." + name]))
     if optimizer is not None:
-        meta = _object(by_name["optim.meta"])
         late = {n: t for n, t in by_name.items() if n.startswith("optim.state.")}
         if late or set(meta["scalars"]) - {(p, k) for p, e in optim_state.items() for k in e}:
             # Some state had no place: rebuild the whole state_dict.
@@ -154,10 +240,8 @@ def restore(client, model, optimizer=None, step=0):
         states = [_tensor(by_name[n]).clone() for n in sorted(by_name) if n.startswith("rng.cuda.")]
         if states:
             torch.cuda.set_rng_state_all(states)
-    python_state, numpy_state = _object(by_name["rng.python"])
-    random.setstate(python_state)
-    np.random.set_state(numpy_state)
-    return got, _object(by_name["extra"])
+    _set_rng_states(by_name)
+    return got, extra
 
 
 def agree_step(client, group=None):
