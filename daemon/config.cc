@@ -62,7 +62,8 @@ void ApplyDefaults(config::Config* config) {
 
 absl::Status ValidateConfig(const config::Config& config, uint32_t slot) {
   const config::Cluster& c = config.cluster();
-  const uint32_t n = c.k() + c.m();
+  // In 64 bits: k + m of two 32-bit fields must not wrap to a small n.
+  const uint64_t n = uint64_t{c.k()} + c.m();
   if (c.k() < 1 || n > 32) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "cluster.k = %d and cluster.m = %d: need k >= 1 and k + m <= 32", c.k(), c.m()));

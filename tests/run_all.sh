@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Runs every test of the project: `bazel test //...`, then sums the gtest XML
-# reports and prints "N passed, N failed, N skipped" as its last line.
+# Runs every test of the project: `bazel test //...`, then each fuzz target
+# for ECSNAP_FUZZ_SECONDS (default 20; 0 skips them) under ASan, then sums
+# the gtest XML reports and the fuzz results and prints
+# "N passed, N failed, N skipped" as its last line.
 # Exit status: 0 when every test passed, 1 otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -8,16 +10,29 @@ cd "$(dirname "$0")/.."
 bazel test //... "$@"
 bazel_rc=$?
 
+fuzz_results="$(mktemp)"
+trap 'rm -f "$fuzz_results"' EXIT
+fuzz_seconds="${ECSNAP_FUZZ_SECONDS:-20}"
+if [ "$fuzz_seconds" != 0 ]; then
+  ECSNAP_FUZZ_RESULTS="$fuzz_results" tests/fuzz/run_fuzzers.sh "$fuzz_seconds"
+fi
+
 testlogs="$(bazel info bazel-testlogs 2>/dev/null)"
 # Only the reports of today's test targets: a deleted target's old report
 # must not count.
 targets="$(bazel query 'tests(//...)' 2>/dev/null)"
-python3 - "$testlogs" "$bazel_rc" "$targets" <<'PY'
+python3 - "$testlogs" "$bazel_rc" "$targets" "$fuzz_results" <<'PY'
 import os, sys
 import xml.etree.ElementTree as ET
 
-root, bazel_rc, targets = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
+root, bazel_rc, targets, fuzz = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4]
 passed = failed = skipped = 0
+with open(fuzz) as f:
+    for line in f:
+        if line.split()[1:] == ["passed"]:
+            passed += 1
+        else:
+            failed += 1
 for label in targets:
     package, name = label.lstrip("/").split(":")
     path = os.path.join(root, package, name, "test.xml")
