@@ -13,7 +13,8 @@ PACKAGES=(
   libibverbs-dev           # RDMA transport (rdma-core)
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-dev python3-numpy python3-torch python3-pybind11 pybind11-dev
-  iproute2 procps
+  clang libclang-rt-14-dev # tests/fuzz (libFuzzer, ASan) and the thread-safety build
+  iproute2 procps util-linux
 )
 
 missing=()
