@@ -3,6 +3,7 @@ paths (into existing optimizer state in place, and into a fresh optimizer),
 dtypes, RNG states, extras, agree_step and bad input."""
 
 import collections
+import io
 import os
 import pickle
 import random
@@ -168,12 +169,22 @@ class RestoredObjects(unittest.TestCase):
         marker = os.path.join(self.cluster.dir(0), "code-ran")
         et.snapshot(client, 1, model, opt, extra={"ok": 1, "evil": _RunsAShellCommand(marker)}
                     ).wait_committed()
-        with self.assertRaisesRegex(pickle.UnpicklingError, "posix.system.*plain data only"):
+        with self.assertRaisesRegex(pickle.UnpicklingError, "posix.system.*may hold plain data"):
             et.restore(client, model, opt)
         self.assertFalse(os.path.exists(marker), "the pickled command ran")
         # The opt-out is explicit, and then it really is a full unpickler.
         et.restore(client, model, opt, trust_pickles=True)
         self.assertTrue(os.path.exists(marker))
+
+    def test_numpy_and_torch_reducers_are_not_reachable_from_the_bytes(self):
+        # Each of these names a constructor that a forged pickle can abuse
+        # (a dtype whose object field is attacker bytes; torch.load reached
+        # through a storage): none may be built by a restore.
+        for forged in (pickle.dumps(np.dtype("i4")), pickle.dumps(np.arange(3)),
+                       pickle.dumps(np.float32(1)), pickle.dumps(torch.arange(3)),
+                       pickle.dumps(bytearray(b"x"), protocol=2)):
+            with self.assertRaises(pickle.UnpicklingError):
+                et._PlainDataUnpickler(io.BytesIO(forged)).load()
 
     def test_plain_data_extras_round_trip(self):
         client = ecsnap.Client(self.cluster.socket(0), job="plain", rank=0)

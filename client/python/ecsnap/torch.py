@@ -14,14 +14,17 @@ in Python. CPU tensors only are read directly; CUDA tensors are copied to
 the host first.
 
 Restoring never runs code from a snapshot. RNG states travel as tensors.
-The optimizer's hyperparameters and the caller's `extra` are pickled, and
+The optimizer's hyperparameters and the caller's `extra` are pickled with
+every torch tensor and numpy array (or numpy scalar) in them taken out and
+snapshotted as a tensor of its own; the pickle keeps a reference. They are
 read back by a restricted unpickler that builds only plain data: None,
-bools, numbers, strings, bytes, lists, tuples, dicts, sets, OrderedDicts,
-numpy arrays and scalars, torch tensors and dtypes. Anything else in the
-bytes (a class of the trainer's, a function such as os.system) raises
-pickle.UnpicklingError instead of running. A job whose extras hold other
-objects, and whose snapshots only it can write, passes
-restore(..., trust_pickles=True).
+bools, numbers, strings, bytes, lists, tuples, dicts, sets, frozensets,
+OrderedDicts, torch dtypes, and those references. No numpy or torch
+constructor is reachable from the bytes (their reducers can be abused to
+forge object pointers or to reach torch.load). Anything else (a class of
+the trainer's, a function such as os.system) raises pickle.UnpicklingError
+instead of running. A job whose extras hold other objects, and whose
+snapshots only it can write, passes restore(..., trust_pickles=True).
 """
 
 import collections
@@ -68,10 +71,70 @@ class _Batch:
                              t.numel() * t.element_size()))
 
     def add_object(self, name, kind, obj):
-        data = bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+        """Pickles `obj` with its tensors and arrays taken out (see _Ref)."""
+        arrays = []
+        data = bytearray(pickle.dumps(_take_arrays(obj, arrays), protocol=pickle.HIGHEST_PROTOCOL))
         t = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
         self.keep.extend([data, t])
         self.tensors.append((name, kind, "bytes", [], t.data_ptr() if data else 0, len(data)))
+        for i, tensor in enumerate(arrays):
+            self.add(f"{name}.array.{i}", kind, tensor)
+
+
+class _Ref:
+    """Stands in a pickled object for a tensor or array snapshotted apart:
+    `kind` is "torch", "numpy" or "numpy_scalar", `index` its number."""
+
+    __slots__ = ("kind", "index")
+    KINDS = ("torch", "numpy", "numpy_scalar")
+
+    def __init__(self, kind, index):
+        if kind not in _Ref.KINDS or type(index) is not int or index < 0:
+            raise pickle.UnpicklingError(f"malformed array reference ({kind!r}, {index!r})")
+        self.kind = kind
+        self.index = index
+
+    def __reduce__(self):
+        return (_Ref, (self.kind, self.index))
+
+
+def _take_arrays(obj, arrays):
+    """`obj` with each tensor, numpy array and numpy scalar in its lists,
+    tuples, dicts and sets replaced by a _Ref; the tensors go to `arrays`."""
+    if torch.is_tensor(obj):
+        arrays.append(obj)
+        return _Ref("torch", len(arrays) - 1)
+    if isinstance(obj, (np.ndarray, np.generic)):
+        array = np.asarray(obj) if isinstance(obj, np.generic) else np.ascontiguousarray(obj)
+        tensor = torch.from_numpy(array) if array.dtype != np.object_ else None
+        if tensor is None or tensor.dtype not in _DTYPES:
+            raise TypeError(f"a numpy value of dtype {array.dtype} cannot be snapshotted safely; "
+                            "convert it to a supported dtype or to plain data")
+        arrays.append(tensor)
+        return _Ref("numpy" if isinstance(obj, np.ndarray) else "numpy_scalar", len(arrays) - 1)
+    if type(obj) in (list, tuple, set, frozenset):
+        return type(obj)(_take_arrays(v, arrays) for v in obj)
+    if type(obj) in (dict, collections.OrderedDict):
+        return type(obj)((_take_arrays(k, arrays), _take_arrays(v, arrays)) for k, v in obj.items())
+    return obj
+
+
+def _put_arrays(obj, name, by_name):
+    """The inverse of _take_arrays, with the tensors restored under `name`."""
+    if isinstance(obj, _Ref):
+        if obj.kind not in _Ref.KINDS or f"{name}.array.{obj.index}" not in by_name:
+            raise pickle.UnpicklingError(f"{name} refers to an array the snapshot does not hold")
+        tensor = _tensor(by_name[f"{name}.array.{obj.index}"]).clone()
+        if obj.kind == "torch":
+            return tensor
+        array = tensor.numpy()
+        return array if obj.kind == "numpy" else array[()]
+    if type(obj) in (list, tuple, set, frozenset):
+        return type(obj)(_put_arrays(v, name, by_name) for v in obj)
+    if type(obj) in (dict, collections.OrderedDict):
+        return type(obj)((_put_arrays(k, name, by_name), _put_arrays(v, name, by_name))
+                         for k, v in obj.items())
+    return obj
 
 
 def snapshot(client, step, model, optimizer=None, extra=None):
@@ -108,28 +171,14 @@ def _tensor(restored):
     return t if restored.dtype == "bytes" else t.reshape(restored.shape)
 
 
-def _torch_storage_from_bytes(data):
-    # torch pickles a tensor's storage as a nested torch.save stream; read
-    # it with torch's own restricted loader, never the full one.
-    return torch.load(io.BytesIO(data), weights_only=True)
-
-
-# (module, name) -> what the restricted unpickler may build for it.
+# (module, name) -> what the restricted unpickler may build for it. Nothing
+# here constructs from attacker-chosen bytes beyond plain Python values.
 _SAFE_GLOBALS = {
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "complex"): complex,
-    ("builtins", "slice"): slice,
-    ("builtins", "range"): range,
-    ("builtins", "bytearray"): bytearray,
     ("collections", "OrderedDict"): collections.OrderedDict,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("numpy.core.multiarray", "_reconstruct"): np.core.multiarray._reconstruct,
-    ("numpy.core.multiarray", "scalar"): np.core.multiarray.scalar,
-    ("numpy.core.numeric", "_frombuffer"): np.core.numeric._frombuffer,
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    ("torch.storage", "_load_from_bytes"): _torch_storage_from_bytes,
+    (_Ref.__module__, "_Ref"): _Ref,
 }
 _SAFE_GLOBALS.update({("torch", str(d).split(".")[1]): d for d in _DTYPES})
 
@@ -143,19 +192,21 @@ class _PlainDataUnpickler(pickle.Unpickler):
         if found is None:
             raise pickle.UnpicklingError(
                 f"a snapshot's pickled object names {module}.{name}, which ecsnap does not "
-                "load: restored objects may hold plain data only (numbers, strings, containers, "
-                "numpy arrays, torch tensors). If the snapshot comes from a trusted job, pass "
-                "trust_pickles=True.")
+                "load: restored objects may hold plain data, torch tensors and numpy arrays "
+                "only. If the snapshot comes from a trusted job, pass trust_pickles=True.")
         return found
 
 
-def _object(restored, trust_pickles=False):
+def _object(by_name, name, trust_pickles=False):
+    restored = by_name[name]
     if not restored.nbytes:
         return None
     data = bytes(memoryview(restored))
     if trust_pickles:
-        return pickle.loads(data)
-    return _PlainDataUnpickler(io.BytesIO(data)).load()
+        obj = pickle.loads(data)
+    else:
+        obj = _PlainDataUnpickler(io.BytesIO(data)).load()
+    return _put_arrays(obj, name, by_name)
 
 
 def _add_rng_states(batch):
@@ -172,7 +223,17 @@ def _add_rng_states(batch):
     batch.add("rng.numpy.gauss", "rng", torch.tensor([cached], dtype=torch.float64))
 
 
-def _set_rng_states(by_name):
+def _set_rng_states(by_name, trust_pickles):
+    if "rng.python.state" not in by_name and "rng.python" in by_name:
+        # Written by an ecsnap that pickled the generators' states.
+        if not trust_pickles:
+            raise pickle.UnpicklingError(
+                "this snapshot comes from an older ecsnap that pickled the RNG states; restore "
+                "it once with trust_pickles=True if its source is trusted")
+        python_state, numpy_state = pickle.loads(bytes(memoryview(by_name["rng.python"])))
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        return
     state = _tensor(by_name["rng.python.state"]).tolist()
     flag, gauss = _tensor(by_name["rng.python.gauss"]).tolist()
     random.setstate((state[0], tuple(state[1:]), gauss if flag else None))
@@ -210,8 +271,8 @@ def restore(client, model, optimizer=None, step=0, trust_pickles=False):
     by_name = {t.name: t for t in rest}
     # Objects first: a refused one stops the restore before anything else
     # is set (the tensors restored in place are already written).
-    meta = _object(by_name["optim.meta"], trust_pickles) if optimizer is not None else None
-    extra = _object(by_name["extra"], trust_pickles)
+    meta = _object(by_name, "optim.meta", trust_pickles) if optimizer is not None else None
+    extra = _object(by_name, "extra", trust_pickles)
 
     with torch.no_grad():
         for name, t in model_state.items():
@@ -240,7 +301,7 @@ def restore(client, model, optimizer=None, step=0, trust_pickles=False):
         states = [_tensor(by_name[n]).clone() for n in sorted(by_name) if n.startswith("rng.cuda.")]
         if states:
             torch.cuda.set_rng_state_all(states)
-    _set_rng_states(by_name)
+    _set_rng_states(by_name, trust_pickles)
     return got, extra
 
 
