@@ -3,6 +3,7 @@
 #include <sys/socket.h>
 #include <sys/un.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -14,6 +15,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
 #include "common/trainer_hello.h"
 
 namespace ecsnap {
@@ -27,13 +29,22 @@ absl::StatusOr<DataChannel> OpenUnix(const std::string& path, const DataChannelO
         absl::StrFormat("socket path %s is longer than a Unix socket allows", path));
   }
   std::memcpy(addr.sun_path, path.data(), path.size());
-  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
   if (!fd.valid()) return absl::InternalError(absl::StrFormat("socket: %s", std::strerror(errno)));
+  // Non-blocking, so that a daemon whose backlog is full (EAGAIN on a Unix
+  // socket) cannot hold the trainer past its deadline.
+  const absl::Time deadline = absl::Now() + options.timeout;
   int rc;
-  do {
-    rc = ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  } while (rc != 0 && errno == EINTR);
+  while ((rc = ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr))) != 0 &&
+         (errno == EINTR || errno == EAGAIN) && absl::Now() < deadline) {
+    if (errno == EAGAIN) absl::SleepFor(absl::Milliseconds(10));
+  }
   if (rc != 0) {
+    if (errno == EAGAIN) {
+      return absl::DeadlineExceededError(absl::StrFormat(
+          "ecsnapd at %s takes no new connection (its queue stayed full for %s)", path,
+          absl::FormatDuration(options.timeout)));
+    }
     if (errno == EACCES || errno == EPERM) {
       return absl::PermissionDeniedError(absl::StrFormat(
           "cannot connect to ecsnapd at %s: permission denied. The daemon lets other users in "
@@ -43,7 +54,7 @@ absl::StatusOr<DataChannel> OpenUnix(const std::string& path, const DataChannelO
     return absl::UnavailableError(absl::StrFormat(
         "no ecsnapd answers at %s (%s); is the daemon running?", path, std::strerror(errno)));
   }
-  auto hello = ReceiveTrainerHello(fd.get(), options.timeout);
+  auto hello = ReceiveTrainerHello(fd.get(), std::max(deadline - absl::Now(), absl::Milliseconds(1)));
   if (!hello.ok()) {
     return absl::Status(hello.status().code(),
                         absl::StrFormat("ecsnapd at %s: %s", path, hello.status().message()));

@@ -24,6 +24,7 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <sstream>
 #include <string>
 
 #include <google/protobuf/util/json_util.h>
@@ -96,9 +97,11 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "ecsnapctl: job-token needs --job\n");
       return 2;
     }
+    // Read as the daemon reads it: the whole file, whitespace trimmed.
     std::ifstream in(absl::GetFlag(FLAGS_job_secret_file));
-    std::string secret;
-    in >> secret;
+    std::stringstream text;
+    text << in.rdbuf();
+    const std::string secret(absl::StripAsciiWhitespace(text.str()));
     if (secret.empty()) {
       std::fprintf(stderr, "ecsnapctl: cannot read a job secret from %s\n",
                    absl::GetFlag(FLAGS_job_secret_file).c_str());

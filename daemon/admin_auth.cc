@@ -74,8 +74,12 @@ absl::StatusOr<std::string> ReadToken(const std::string& what, const std::string
         "%s %s is readable by others (mode %o); chmod 600 it", what, path,
         st.st_mode & 0777));
   }
-  std::string text(256, '\0');
+  std::string text(257, '\0');
   const ssize_t got = ::pread(fd, text.data(), text.size(), 0);
+  if (got > 256) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("%s %s is longer than 256 bytes; it holds one token", what, path));
+  }
   text.resize(got > 0 ? static_cast<size_t>(got) : 0);
   const std::string token(absl::StripAsciiWhitespace(text));
   if (token.empty()) {

@@ -155,6 +155,10 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
 
     grpc::ServerBuilder builder;
     Configure(builder);
+    // A connection with no call in flight (a trainer's session is an Attach
+    // that stays open) is closed after a while: no one holds descriptors
+    // without using them.
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS, 120 * 1000);
     if (!dc.data_address().empty()) {
       builder.AddListeningPort(dc.data_address(),
                                tls_material != nullptr ? ServerTlsCredentials(*tls_material)

@@ -48,9 +48,15 @@ absl::StatusOr<std::unique_ptr<TrainerListener>> TrainerListener::Listen(
   UniqueFd arena_fd;
   if (!arena_path.empty()) {
     arena_fd = UniqueFd(::open(arena_path.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW));
-    if (!arena_fd.valid()) {
+    struct stat st {};
+    if (!arena_fd.valid() || ::fstat(arena_fd.get(), &st) != 0) {
       return absl::InternalError(absl::StrFormat("cannot open the arena %s to share it: %s",
                                                  arena_path, std::strerror(errno)));
+    }
+    if (!S_ISREG(st.st_mode) || static_cast<uint64_t>(st.st_size) != arena_bytes) {
+      return absl::InternalError(absl::StrFormat(
+          "the arena %s changed under the daemon (not the %d-byte file it opened)", arena_path,
+          arena_bytes));
     }
   }
   UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
@@ -87,11 +93,9 @@ void TrainerListener::Serve(grpc::Server* server) {
 }
 
 void TrainerListener::Stop() {
-  stop_ = true;
-  if (thread_.joinable()) {
-    thread_.join();
-    ::unlink(path_.c_str());
-  }
+  if (stop_.exchange(true)) return;
+  if (thread_.joinable()) thread_.join();
+  ::unlink(path_.c_str());
 }
 
 void TrainerListener::AcceptLoop(grpc::Server* server) {
@@ -100,9 +104,11 @@ void TrainerListener::AcceptLoop(grpc::Server* server) {
     if (::poll(&p, 1, kAcceptPollMs) <= 0) continue;
     UniqueFd conn(::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
     if (!conn.valid()) {
-      if (errno == EMFILE || errno == ENFILE) {
+      if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED) {
+        // Out of descriptors or memory: say so, and let them come back
+        // rather than spin.
         Log("data plane: cannot accept a trainer: %s", std::strerror(errno));
-        ::poll(nullptr, 0, kAcceptPollMs);  // let descriptors come back
+        ::poll(nullptr, 0, kAcceptPollMs);
       }
       continue;
     }
@@ -114,10 +120,22 @@ void TrainerListener::Admit(UniqueFd conn, grpc::Server* server) {
   ucred cred{};
   socklen_t len = sizeof(cred);
   std::string refusal;
-  if (::getsockopt(conn.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+  struct stat st {};
+  if (::getsockopt(conn.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 ||
+      ::fstat(conn.get(), &st) != 0) {
     refusal = absl::StrFormat("ecsnapd cannot tell who connected: %s", std::strerror(errno));
   } else {
     refusal = policy_.Refusal(cred.pid, cred.uid, cred.gid);
+  }
+  if (refusal.empty()) {
+    absl::MutexLock lock(&mu_);
+    const int live = LiveConnections(cred.uid);
+    if (live >= kMaxConnectionsPerUid) {
+      refusal = absl::StrFormat(
+          "ecsnapd refuses process %d: uid %d already has %d connections open, the most one "
+          "user may; a trainer needs one per process",
+          cred.pid, cred.uid, live);
+    }
   }
   TrainerHello hello;
   hello.admitted = refusal.empty();
@@ -126,7 +144,7 @@ void TrainerListener::Admit(UniqueFd conn, grpc::Server* server) {
   absl::Status sent = SendTrainerHello(conn.get(), hello, arena_fd_.get(), kHelloTimeout);
   if (!refusal.empty()) {
     ++refused_;
-    Log("data plane: refused a trainer connection: %s", refusal);
+    LogRefusal(refusal);
     return;  // closes it
   }
   if (!sent.ok()) {
@@ -137,19 +155,52 @@ void TrainerListener::Admit(UniqueFd conn, grpc::Server* server) {
   if (flags < 0 || ::fcntl(conn.get(), F_SETFL, flags | O_NONBLOCK) != 0) return;
   {
     absl::MutexLock lock(&mu_);
-    generation_[conn.get()] = next_generation_++;
+    admitted_fds_[conn.get()] = Admitted{next_generation_++, cred.uid, st.st_ino};
   }
   ++admitted_;
   // gRPC owns the descriptor from here and closes it when the connection ends.
   grpc::AddInsecureChannelFromFd(server, conn.Release());
 }
 
+int TrainerListener::LiveConnections(uid_t uid) {
+  int live = 0;
+  for (auto it = admitted_fds_.begin(); it != admitted_fds_.end();) {
+    struct stat st {};
+    // A number gRPC closed is either free or names another file now.
+    if (::fstat(it->first, &st) != 0 || st.st_ino != it->second.inode) {
+      it = admitted_fds_.erase(it);
+      continue;
+    }
+    live += it->second.uid == uid;
+    ++it;
+  }
+  return live;
+}
+
+void TrainerListener::LogRefusal(const std::string& why) {
+  absl::MutexLock lock(&mu_);
+  const absl::Time now = absl::Now();
+  if (now - last_refusal_log_ < absl::Seconds(1)) {
+    ++refusals_unlogged_;
+    return;
+  }
+  if (refusals_unlogged_ > 0) {
+    Log("data plane: refused a trainer connection: %s (and %d more refusals since the last "
+        "line)",
+        why, refusals_unlogged_);
+  } else {
+    Log("data plane: refused a trainer connection: %s", why);
+  }
+  last_refusal_log_ = now;
+  refusals_unlogged_ = 0;
+}
+
 std::string TrainerListener::ConnectionKey(const std::string& peer) const {
   int fd = -1;
   if (!absl::StartsWith(peer, "fd:") || !absl::SimpleAtoi(peer.substr(3), &fd)) return peer;
   absl::MutexLock lock(&mu_);
-  auto it = generation_.find(fd);
-  return absl::StrCat(peer, "#", it == generation_.end() ? 0 : it->second);
+  auto it = admitted_fds_.find(fd);
+  return absl::StrCat(peer, "#", it == admitted_fds_.end() ? 0 : it->second.generation);
 }
 
 }  // namespace ecsnap::daemon

@@ -28,6 +28,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "common/unique_fd.h"
 
 namespace ecsnap::daemon {
@@ -40,6 +41,10 @@ struct TrainerPolicy {
   // Empty when `uid`/`gid` may connect, else the sentence that says why not.
   std::string Refusal(pid_t pid, uid_t uid, gid_t gid) const;
 };
+
+// Connections one uid may hold open at once (a trainer process needs one):
+// beyond, a flood from one user could take every descriptor of the daemon.
+inline constexpr int kMaxConnectionsPerUid = 512;
 
 class TrainerListener {
  public:
@@ -57,8 +62,8 @@ class TrainerListener {
   // Accepts connections on a thread of its own and adds the admitted ones
   // to `server`, which must outlive Stop().
   void Serve(grpc::Server* server);
-  // Stops accepting (at most ~100 ms) and removes the socket file.
-  // Connections already handed to gRPC end with the server.
+  // Stops accepting (at most ~100 ms) and removes the socket file, whether
+  // or not Serve ran. Connections already handed to gRPC end with the server.
   void Stop();
 
   // The key of the connection a call came in on, from the call's peer
@@ -74,6 +79,9 @@ class TrainerListener {
                   uint64_t arena_bytes);
   void AcceptLoop(grpc::Server* server);
   void Admit(UniqueFd conn, grpc::Server* server);
+  // Connections `uid` has open now; forgets the entries gRPC has closed.
+  int LiveConnections(uid_t uid) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void LogRefusal(const std::string& why);
 
   const std::string path_;
   const TrainerPolicy policy_;
@@ -89,9 +97,18 @@ class TrainerListener {
   std::atomic<uint64_t> refused_{0};
 
   mutable absl::Mutex mu_;
-  // Descriptor number -> the admission (a counter) it carries now.
-  std::map<int, uint64_t> generation_ ABSL_GUARDED_BY(mu_);
+  struct Admitted {
+    uint64_t generation;  // a counter: no two admissions share one
+    uid_t uid;
+    ino_t inode;  // of the socket: tells whether the number still names it
+  };
+  // Live connections (and, until noticed, some that gRPC closed), by
+  // descriptor number.
+  std::map<int, Admitted> admitted_fds_ ABSL_GUARDED_BY(mu_);
   uint64_t next_generation_ ABSL_GUARDED_BY(mu_) = 1;
+  // Refusals are logged at most once a second, with a count of the rest.
+  absl::Time last_refusal_log_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
+  uint64_t refusals_unlogged_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace ecsnap::daemon

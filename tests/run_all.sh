@@ -15,6 +15,10 @@ trap 'rm -f "$fuzz_results"' EXIT
 fuzz_seconds="${ECSNAP_FUZZ_SECONDS:-20}"
 if [ "$fuzz_seconds" != 0 ]; then
   ECSNAP_FUZZ_RESULTS="$fuzz_results" tests/fuzz/run_fuzzers.sh "$fuzz_seconds"
+  # A runner that died before reporting every target counts as a failure.
+  if [ $? -ne 0 ] && ! grep -q " failed$" "$fuzz_results"; then
+    echo "fuzz-runner failed" >>"$fuzz_results"
+  fi
 fi
 
 testlogs="$(bazel info bazel-testlogs 2>/dev/null)"

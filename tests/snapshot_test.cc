@@ -1,10 +1,13 @@
 // Single-node snapshot service, end to end: real ecsnapd processes, the real
 // client library, on private Unix sockets.
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 
 #include <chrono>
+#include <cstring>
 #include <cstdio>
 #include <fstream>
 #include <random>
@@ -16,6 +19,8 @@
 #include "client/data_channel.h"
 #include "client/ecsnap.h"
 #include "common/job_token.h"
+#include "common/trainer_hello.h"
+#include "common/unique_fd.h"
 #include "ec/crc32c.h"
 #include "gtest/gtest.h"
 #include "proto/snapshot.grpc.pb.h"
@@ -303,6 +308,47 @@ TEST_F(SnapshotTest, AnotherUserIsAdmittedOnlyWhenTheConfigNamesIt) {
   auto own = Connect(0, {0}, Transport::kSharedMemory, "own");
   ASSERT_NE(own, nullptr);
   State s = MakeState(3);
+  ASSERT_TRUE(own->Snapshot(1, s.tensors)->WaitCommitted().ok());
+  ExpectRestored(s, *own->Restore(kLatestStep));
+}
+
+// One user cannot take every descriptor of the daemon: past the per-uid
+// cap a connection is refused with the reason, and closing some lets new
+// ones in. A trainer of the same uid meanwhile keeps its session.
+TEST_F(SnapshotTest, AConnectionFloodFromOneUserIsCapped) {
+  auto own = Connect(0, {0}, Transport::kSharedMemory, "own");
+  ASSERT_NE(own, nullptr);
+  auto raw = [&] {
+    UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, daemon_->socket().c_str(), sizeof(addr.sun_path) - 1);
+    EXPECT_EQ(::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    return fd;
+  };
+  std::vector<UniqueFd> flood;
+  std::string refusal;
+  for (int i = 0; i < 600 && refusal.empty(); ++i) {
+    UniqueFd fd = raw();
+    auto hello = ReceiveTrainerHello(fd.get(), absl::Seconds(10));
+    ASSERT_TRUE(hello.ok()) << hello.status();
+    if (!hello->admitted) refusal = hello->message;
+    flood.push_back(std::move(fd));
+  }
+  // The session above holds one of the uid's connections.
+  EXPECT_EQ(flood.size(), 512u) << refusal;
+  EXPECT_NE(refusal.find("already has 512 connections open"), std::string::npos) << refusal;
+  flood.resize(100);  // closes 412
+  bool admitted = false;
+  for (int i = 0; i < 200 && !admitted; ++i) {  // gRPC notices the closes soon
+    UniqueFd fd = raw();
+    auto hello = ReceiveTrainerHello(fd.get(), absl::Seconds(10));
+    ASSERT_TRUE(hello.ok()) << hello.status();
+    admitted = hello->admitted;
+    if (!admitted) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_TRUE(admitted);
+  State s = MakeState(4);
   ASSERT_TRUE(own->Snapshot(1, s.tensors)->WaitCommitted().ok());
   ExpectRestored(s, *own->Restore(kLatestStep));
 }

@@ -16,14 +16,18 @@ secs="${1:-20}"
 shift || true
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=(manifest_fuzz rank_record_fuzz config_fuzz inventory_fuzz)
-base="${ECSNAP_FUZZ_OUTPUT_BASE:-$HOME/.cache/bazel-fuzz}"
+base="${ECSNAP_FUZZ_OUTPUT_BASE:-${HOME:-/root}/.cache/bazel-fuzz}"
 results="${ECSNAP_FUZZ_RESULTS:-/dev/null}"
 
 record() { echo "$1 $2" >>"$results"; }
+# The second Bazel server is not left running, whatever happens.
+trap 'bazel --output_base="$base" shutdown >/dev/null 2>&1' EXIT
 
 labels=()
 for t in "${targets[@]}"; do labels+=("//tests/fuzz:$t"); done
-if ! bazel --output_base="$base" build --config=fuzz --symlink_prefix=/ "${labels[@]}"; then
+# Bounded: a cold clang+ASan build of these targets takes a few minutes.
+if ! timeout --kill-after=30 1200 \
+    bazel --output_base="$base" build --config=fuzz --symlink_prefix=/ "${labels[@]}"; then
   echo "fuzz: the fuzz build failed"
   for t in "${targets[@]}"; do record "$t" failed; done
   exit 1
@@ -32,7 +36,7 @@ bin="$(bazel --output_base="$base" info --config=fuzz bazel-bin 2>/dev/null)"
 # The second Bazel server is not needed while the targets run.
 bazel --output_base="$base" shutdown
 
-work="$(mktemp -d /tmp/ecsnap-fuzz.XXXXXX)"
+work="$(mktemp -d /tmp/ecsnap-fuzz.XXXXXX)" || exit 1
 trap 'rm -rf "$work"' EXIT
 crashes=/tmp/ecsnap-fuzz-crashes
 status=0
