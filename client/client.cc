@@ -22,6 +22,7 @@
 #include "client/data_channel.h"
 #include "client/ecsnap.h"
 #include "common/grpc_status.h"
+#include "common/prefault.h"
 #include "common/unique_fd.h"
 #include "ec/crc32c.h"
 #include "proto/snapshot.grpc.pb.h"
@@ -301,12 +302,17 @@ class ClientImpl final : public Client {
       return absl::UnavailableError(
           absl::StrFormat("the arena ecsnapd passed is not the %d-byte file it announced", bytes));
     }
-    // Populated once here, so no snapshot ever pays a page fault.
-    void* addr = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
-                        fd.get(), 0);
+    void* addr = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
     if (addr == MAP_FAILED) {
       return absl::UnavailableError(
           absl::StrFormat("cannot map the daemon's arena: %s", std::strerror(errno)));
+    }
+    // Populated for writing once here, so no snapshot ever pays for a first
+    // store (not even the first snapshot: see common/prefault.h).
+    if (const int err = PrefaultForWrite(addr, bytes); err != 0) {
+      ::munmap(addr, bytes);
+      return absl::UnavailableError(
+          absl::StrFormat("cannot populate the daemon's arena: %s", std::strerror(err)));
     }
     arena_ = Mapping(addr, bytes);
     return absl::OkStatus();

@@ -38,6 +38,7 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
 #include "client/ecsnap.h"
+#include "tests/bench/bench_util.h"
 #include "tests/harness.h"
 
 ABSL_FLAG(uint64_t, bytes, uint64_t{1} << 30, "State bytes per node (one rank per node).");
@@ -62,40 +63,6 @@ void Check(const absl::Status& st, const char* what) {
     std::fprintf(stderr, "protect_bench: %s: %s\n", what, std::string(st.message()).c_str());
     std::exit(1);
   }
-}
-
-// Bytes of memory the kernel says it can still hand out (MemAvailable).
-uint64_t AvailableBytes() {
-  std::ifstream in("/proc/meminfo");
-  std::string key;
-  uint64_t kib = 0;
-  std::string unit;
-  while (in >> key >> kib >> unit) {
-    if (key == "MemAvailable:") return kib * 1024;
-  }
-  return 0;
-}
-
-// Removes `dir` once this process is gone, however it goes (a return, a
-// crash, SIGKILL): a forked watcher waits for the end of a pipe that only
-// this process holds open. The daemons die with the bench (PR_SET_PDEATHSIG
-// in the harness), so nothing is left behind.
-void RemoveWhenGone(const std::string& dir) {
-  int fds[2];
-  if (::pipe(fds) != 0) return;
-  const pid_t pid = ::fork();
-  if (pid == 0) {
-    ::close(fds[1]);
-    ::setsid();  // not killed with the bench's process group
-    char c;
-    while (::read(fds[0], &c, 1) > 0) {
-    }
-    std::error_code ec;
-    std::filesystem::remove_all(dir, ec);
-    ::_exit(0);
-  }
-  ::close(fds[0]);  // the write end stays open, close-on-exec, until we die
-  ::fcntl(fds[1], F_SETFD, FD_CLOEXEC);
 }
 
 // Seconds to stream `bytes` through one TCP connection on 127.0.0.1.
@@ -163,16 +130,8 @@ int main(int argc, char** argv) {
   // n arenas, the bench's own copy of every node's state, and the TCP
   // baseline's buffers; refuse what the machine cannot hold rather than be
   // killed half way with daemons and arenas left behind.
-  const uint64_t need = n * (o.arena_bytes + bytes) + (uint64_t{512} << 20);
-  const uint64_t have = AvailableBytes();
-  if (have != 0 && need > have * 9 / 10) {
-    std::fprintf(stderr,
-                 "protect_bench: --bytes=%llu needs about %.1f GiB (%d arenas and states) but "
-                 "%.1f GiB is available; use a smaller --bytes\n",
-                 static_cast<unsigned long long>(bytes), need / double(1 << 30), n,
-                 have / double(1 << 30));
-    return 2;
-  }
+  ecsnap::bench::RefuseUnlessMemoryFor(n * (o.arena_bytes + bytes) + (uint64_t{512} << 20),
+                                       "protect_bench");
   // The bench bounds its own time: SIGALRM's default action ends it, and
   // RemoveWhenGone and the daemons' death signal clean up after it.
   ::alarm(static_cast<unsigned>(absl::GetFlag(FLAGS_max_seconds)));
@@ -180,7 +139,7 @@ int main(int argc, char** argv) {
 
   char dir_template[] = "/dev/shm/ecsnap-bench-XXXXXX";
   const std::string dir = ::mkdtemp(dir_template);
-  RemoveWhenGone(dir);
+  ecsnap::bench::RemoveWhenGone(dir);
   auto cluster = ecsnap::testing::Cluster::Start(dir, k, m, o);
   Check(cluster.status(), "starting the cluster");
 

@@ -1,0 +1,54 @@
+// Populating a shared mapping for writing, so that no later write stalls.
+//
+// Measured on these machines (1 GiB of a fallocated tmpfs file, memcpy of
+// 1 GiB into it; later copies take 0.07 s):
+//   plain mmap                      first copy 3.38 s (262144 page faults)
+//   MAP_POPULATE                    first copy 0.68 s (no faults)
+//   MADV_POPULATE_WRITE             first copy 0.71 s (no faults)
+//   a write to each page, then copy first copy 0.08 s
+// Mapping the pages, even writable, is not enough: the first store through
+// each page of *this mapping* still costs ~2.7 us (below the guest's fault
+// counters; a virtualised page-table walk). So the pages are populated with
+// MADV_POPULATE_WRITE (Linux 5.14; it allocates them and reports ENOMEM
+// instead of dying of SIGBUS) and then each is written once, through the
+// mapping that will be used. The write is an atomic add of zero, which is
+// safe while other processes store into the same memory: it cannot lose a
+// concurrent store. On a machine without that cost the second pass takes
+// about 10 ms per GiB.
+#ifndef ECSNAP_COMMON_PREFAULT_H_
+#define ECSNAP_COMMON_PREFAULT_H_
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstddef>
+#include <cstdint>
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
+namespace ecsnap {
+
+// Populates [addr, addr + bytes) (page-aligned `addr`) for writing, as
+// above. Returns 0, or the errno of MADV_POPULATE_WRITE when the memory
+// behind the mapping cannot be had (ENOMEM, EFAULT); a kernel without it
+// (EINVAL) gets the writes alone.
+inline int PrefaultForWrite(void* addr, size_t bytes) {
+  int rc;
+  do {
+    rc = ::madvise(addr, bytes, MADV_POPULATE_WRITE);
+  } while (rc != 0 && (errno == EINTR || errno == EAGAIN));
+  if (rc != 0 && errno != EINVAL) return errno;
+  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  auto* p = static_cast<uint8_t*>(addr);
+  for (size_t off = 0; off < bytes; off += page) {
+    __atomic_fetch_add(reinterpret_cast<uint64_t*>(p + off), 0, __ATOMIC_RELAXED);
+  }
+  return 0;
+}
+
+}  // namespace ecsnap
+
+#endif  // ECSNAP_COMMON_PREFAULT_H_

@@ -1,0 +1,52 @@
+#include "tests/bench/bench_util.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+namespace ecsnap::bench {
+
+uint64_t AvailableBytes() {
+  std::ifstream in("/proc/meminfo");
+  std::string key, unit;
+  uint64_t kib = 0;
+  while (in >> key >> kib >> unit) {
+    if (key == "MemAvailable:") return kib * 1024;
+  }
+  return 0;
+}
+
+void RefuseUnlessMemoryFor(uint64_t need, const char* bench) {
+  const uint64_t have = AvailableBytes();
+  if (need > have / 10 * 8) {
+    std::fprintf(stderr,
+                 "%s: this size needs about %.1f GiB of memory but %.1f GiB is available; "
+                 "pass a smaller --bytes\n",
+                 bench, need / 1073741824.0, have / 1073741824.0);
+    std::exit(2);
+  }
+}
+
+void RemoveWhenGone(const std::string& dir) {
+  int fds[2];
+  if (::pipe(fds) != 0) return;
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::close(fds[1]);
+    ::setsid();  // not killed with the bench's process group
+    char c;
+    while (::read(fds[0], &c, 1) > 0) {
+    }
+    std::error_code ec;
+    std::filesystem::remove_all(dir, ec);
+    ::_exit(0);
+  }
+  ::close(fds[0]);  // the write end stays open, close-on-exec, until we die
+  ::fcntl(fds[1], F_SETFD, FD_CLOEXEC);
+}
+
+}  // namespace ecsnap::bench
