@@ -18,14 +18,22 @@ CallWatchdog::Watch::~Watch() { dog_->Finish(id_); }
 void CallWatchdog::Watch::Progress() { dog_->Touch(id_); }
 
 std::unique_ptr<CallWatchdog::Watch> CallWatchdog::Start(grpc::ClientContext* ctx) {
+  return Start([ctx] { ctx->TryCancel(); });
+}
+
+std::unique_ptr<CallWatchdog::Watch> CallWatchdog::Start(grpc::ServerContext* ctx) {
+  return Start([ctx] { ctx->TryCancel(); });
+}
+
+std::unique_ptr<CallWatchdog::Watch> CallWatchdog::Start(std::function<void()> cancel) {
   absl::MutexLock lock(&mu_);
   const uint64_t id = next_id_++;
   std::unique_ptr<Watch> watch(new Watch(this, id));
   if (stopping_) {
     watch->cancelled_ = true;
-    ctx->TryCancel();
+    cancel();
   }
-  calls_[id] = Entry{ctx, watch.get(), absl::Now()};
+  calls_[id] = Entry{std::move(cancel), watch.get(), absl::Now()};
   return watch;
 }
 
@@ -45,7 +53,7 @@ void CallWatchdog::CancelAll() {
   stopping_ = true;
   for (auto& [id, e] : calls_) {
     e.watch->cancelled_ = true;
-    e.ctx->TryCancel();
+    e.cancel();
   }
 }
 
@@ -61,7 +69,7 @@ void CallWatchdog::Loop() {
     for (auto& [id, e] : calls_) {
       if (!e.watch->cancelled_ && now - e.last_progress > stall_) {
         e.watch->cancelled_ = true;
-        e.ctx->TryCancel();
+        e.cancel();
       }
     }
   }

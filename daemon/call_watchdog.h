@@ -1,5 +1,7 @@
-// CallWatchdog: cancels outgoing gRPC calls that stop making progress, and
-// every call at once when the daemon stops.
+// CallWatchdog: cancels gRPC calls that stop making progress, and every call
+// at once when the daemon stops. Outgoing calls (a push, a fetch) and
+// incoming streams (a peer's push: a peer that stops sending would hold a
+// server thread and the row's reservation) alike.
 //
 // A deadline fixed in advance has to guess the peer's speed: too short and a
 // slow but healthy push is cut (and retried, and cut again), too long and a
@@ -14,9 +16,11 @@
 #define ECSNAP_DAEMON_CALL_WATCHDOG_H_
 
 #include <grpcpp/client_context.h>
+#include <grpcpp/server_context.h>
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <map>
 #include <memory>
 #include <thread>
@@ -55,16 +59,18 @@ class CallWatchdog {
 
   // Watches `ctx` from now on. After CancelAll the call is cancelled at once.
   std::unique_ptr<Watch> Start(grpc::ClientContext* ctx);
+  std::unique_ptr<Watch> Start(grpc::ServerContext* ctx);
   // Cancels every call in flight and every later one.
   void CancelAll();
   absl::Duration stall() const { return stall_; }
 
  private:
   struct Entry {
-    grpc::ClientContext* ctx;
+    std::function<void()> cancel;  // TryCancel on the call's context
     Watch* watch;
     absl::Time last_progress;
   };
+  std::unique_ptr<Watch> Start(std::function<void()> cancel);
   void Loop();
   void Finish(uint64_t id);
   void Touch(uint64_t id);

@@ -19,6 +19,12 @@ grpc::Status Invalid(const std::string& what) {
   return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, what);
 }
 
+grpc::Status Stalled() {
+  return grpc::Status(grpc::StatusCode::CANCELLED,
+                      "the push stalled (no bytes within the peer timeout, or the daemon is "
+                      "stopping); its row was dropped");
+}
+
 }  // namespace
 
 PeerService::PeerService(StepStore* store, ParityStore* parity, Protector* protector,
@@ -63,11 +69,17 @@ grpc::Status PeerService::CheckStep(const std::string& job, uint64_t step) const
 grpc::Status PeerService::PushChunk(grpc::ServerContext* context,
                                     grpc::ServerReader<peer::PushChunkMessage>* reader,
                                     peer::PushChunkResponse* response) {
+  // A sender that stops sending (hung, SIGSTOPped, hostile) is cut after
+  // the peer timeout without progress: it would hold this thread and the
+  // row's reservation for as long as its connection lives.
+  auto watch = protector_->watchdog()->Start(context);
   peer::PushChunkMessage msg;
   if (!reader->Read(&msg) || !msg.has_header()) {
+    if (watch->cancelled()) return Stalled();
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                         "a chunk push must start with its header");
   }
+  watch->Progress();
   const peer::PushChunkHeader h = msg.header();
   const ec::Layout& layout = protector_->layout();
   // Everything is checked before anything is recorded or reserved: a refused
@@ -110,6 +122,7 @@ grpc::Status PeerService::PushChunk(grpc::ServerContext* context,
     return grpc::Status::OK;
   }
   while (reader->Read(&msg)) {
+    watch->Progress();
     absl::Status st = parity_->FoldPiece(
         **fold, absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(msg.data().data()),
                                           msg.data().size()));
@@ -117,6 +130,10 @@ grpc::Status PeerService::PushChunk(grpc::ServerContext* context,
       parity_->AbortFold(**fold);
       return ToGrpc(st);
     }
+  }
+  if (watch->cancelled()) {
+    parity_->AbortFold(**fold);
+    return Stalled();
   }
   auto notice = parity_->EndFold(**fold);
   if (!notice.ok()) return ToGrpc(notice.status());

@@ -11,6 +11,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <thread>
 
 #include <grpcpp/grpcpp.h>
 
@@ -305,6 +306,39 @@ TEST_F(HostilePeerTest, ForgedAndOutOfRangeMessagesAreRefusedAndLeaveNoTrace) {
               grpc::StatusCode::INVALID_ARGUMENT)
         << "protected_step " << step;
   }
+  ExpectProtectedStepSurvives();
+}
+
+// A sender that stops sending mid-push (hung, SIGSTOPped, hostile) but keeps
+// its stream open is cut after the peer timeout: the row's reservation comes
+// back and the holder's thread is free, while the stream is still open.
+TEST_F(HostilePeerTest, APushThatStallsWithItsStreamOpenIsCut) {
+  const int target = 2;
+  int sender = 0;
+  const peer::PushChunkHeader h = Header(target, "job", 7, &sender);
+  auto as_sender = PeerAs(target, sender);
+  const uint64_t used_before = ArenaUsed(target);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  peer::PushChunkResponse resp;
+  auto writer = as_sender->PushChunk(&ctx, &resp);
+  peer::PushChunkMessage msg;
+  *msg.mutable_header() = h;
+  ASSERT_TRUE(writer->Write(msg));
+  peer::PushChunkMessage data;
+  data.set_data(std::string(h.length() / 2, '\0'));
+  ASSERT_TRUE(writer->Write(data));
+  // Half the row is reserved and folded; then nothing more is sent.
+  bool reserved = false;
+  for (int i = 0; i < 100 && !reserved; ++i) {
+    reserved = ArenaUsed(target) > used_before;
+    if (!reserved) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_TRUE(reserved);
+  // The holder ends the call within about 1.25 peer timeouts (2 s here).
+  const grpc::Status st = writer->Finish();
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::CANCELLED) << st.error_message();
+  EXPECT_EQ(ArenaUsed(target), used_before);
   ExpectProtectedStepSurvives();
 }
 
