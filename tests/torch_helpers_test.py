@@ -184,7 +184,33 @@ class RestoredObjects(unittest.TestCase):
                        pickle.dumps(np.float32(1)), pickle.dumps(torch.arange(3)),
                        pickle.dumps(bytearray(b"x"), protocol=2)):
             with self.assertRaises(pickle.UnpicklingError):
-                et._PlainDataUnpickler(io.BytesIO(forged)).load()
+                et._PlainDataUnpickler(forged, "extra", {}).load()
+
+    def test_shared_references_cycles_and_hostile_ids(self):
+        client = ecsnap.Client(self.cluster.socket(0), job="shared", rank=0)
+        model, opt = model_and_optimizer()
+        t = torch.arange(4.0)
+        chain = ()
+        for _ in range(60):  # shared twice per level: 2^60 leaves as a tree
+            chain = (chain, chain)
+        loop = [1]
+        loop.append(loop)
+        extra = {"a": t, "b": t, "chain": chain, "loop": loop}
+        et.snapshot(client, 1, model, opt, extra=extra).wait_committed()
+        _, got = et.restore(client, model, opt)
+        self.assertIs(got["a"], got["b"])
+        self.assertTrue(torch.equal(got["a"], t))
+        self.assertIs(got["chain"][0], got["chain"][1])
+        self.assertIs(got["loop"][1], got["loop"])
+        # Persistent ids the snapshot does not back, or of the wrong shape.
+        for pid in (("torch", 99), ("numpy", -1), ("evil", 0), "torch", ("torch", 0, 0)):
+            class Forged(pickle.Pickler):
+                def persistent_id(self, obj, pid=pid):
+                    return pid if obj == "x" else None
+            buf = io.BytesIO()
+            Forged(buf).dump(["x"])
+            with self.assertRaises(pickle.UnpicklingError):
+                et._PlainDataUnpickler(buf.getvalue(), "extra", {}).load()
 
     def test_plain_data_extras_round_trip(self):
         client = ecsnap.Client(self.cluster.socket(0), job="plain", rank=0)

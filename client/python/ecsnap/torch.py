@@ -16,10 +16,10 @@ the host first.
 Restoring never runs code from a snapshot. RNG states travel as tensors.
 The optimizer's hyperparameters and the caller's `extra` are pickled with
 every torch tensor and numpy array (or numpy scalar) in them taken out and
-snapshotted as a tensor of its own; the pickle keeps a reference. They are
-read back by a restricted unpickler that builds only plain data: None,
+snapshotted as a tensor of its own; the pickle keeps a persistent id. They
+are read back by a restricted unpickler that builds only plain data: None,
 bools, numbers, strings, bytes, lists, tuples, dicts, sets, frozensets,
-OrderedDicts, torch dtypes, and those references. No numpy or torch
+OrderedDicts, torch dtypes, and the tensors and arrays those ids name. No numpy or torch
 constructor is reachable from the bytes (their reducers can be abused to
 forge object pointers or to reach torch.load). Anything else (a class of
 the trainer's, a function such as os.system) raises pickle.UnpicklingError
@@ -71,70 +71,67 @@ class _Batch:
                              t.numel() * t.element_size()))
 
     def add_object(self, name, kind, obj):
-        """Pickles `obj` with its tensors and arrays taken out (see _Ref)."""
-        arrays = []
-        data = bytearray(pickle.dumps(_take_arrays(obj, arrays), protocol=pickle.HIGHEST_PROTOCOL))
+        """Pickles `obj`, its tensors and arrays taken out (see _ArrayPickler)."""
+        out = io.BytesIO()
+        pickler = _ArrayPickler(out, protocol=pickle.HIGHEST_PROTOCOL)
+        pickler.dump(obj)
+        data = bytearray(out.getbuffer())
         t = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
         self.keep.extend([data, t])
         self.tensors.append((name, kind, "bytes", [], t.data_ptr() if data else 0, len(data)))
-        for i, tensor in enumerate(arrays):
+        for i, tensor in enumerate(pickler.arrays):
             self.add(f"{name}.array.{i}", kind, tensor)
 
 
-class _Ref:
-    """Stands in a pickled object for a tensor or array snapshotted apart:
-    `kind` is "torch", "numpy" or "numpy_scalar", `index` its number."""
-
-    __slots__ = ("kind", "index")
-    KINDS = ("torch", "numpy", "numpy_scalar")
-
-    def __init__(self, kind, index):
-        if kind not in _Ref.KINDS or type(index) is not int or index < 0:
-            raise pickle.UnpicklingError(f"malformed array reference ({kind!r}, {index!r})")
-        self.kind = kind
-        self.index = index
-
-    def __reduce__(self):
-        return (_Ref, (self.kind, self.index))
+_ARRAY_KINDS = ("torch", "numpy", "numpy_scalar")
 
 
-def _take_arrays(obj, arrays):
-    """`obj` with each tensor, numpy array and numpy scalar in its lists,
-    tuples, dicts and sets replaced by a _Ref; the tensors go to `arrays`."""
-    if torch.is_tensor(obj):
-        arrays.append(obj)
-        return _Ref("torch", len(arrays) - 1)
-    if isinstance(obj, (np.ndarray, np.generic)):
-        array = np.asarray(obj) if isinstance(obj, np.generic) else np.ascontiguousarray(obj)
-        tensor = torch.from_numpy(array) if array.dtype != np.object_ else None
-        if tensor is None or tensor.dtype not in _DTYPES:
-            raise TypeError(f"a numpy value of dtype {array.dtype} cannot be snapshotted safely; "
-                            "convert it to a supported dtype or to plain data")
-        arrays.append(tensor)
-        return _Ref("numpy" if isinstance(obj, np.ndarray) else "numpy_scalar", len(arrays) - 1)
-    if type(obj) in (list, tuple, set, frozenset):
-        return type(obj)(_take_arrays(v, arrays) for v in obj)
-    if type(obj) in (dict, collections.OrderedDict):
-        return type(obj)((_take_arrays(k, arrays), _take_arrays(v, arrays)) for k, v in obj.items())
-    return obj
+class _ArrayPickler(pickle.Pickler):
+    """Takes every torch tensor, numpy array and numpy scalar out of the
+    pickle: each becomes a persistent id (kind, index) and goes to `arrays`,
+    to be snapshotted as a tensor of its own. Shared references and cycles
+    stay what they were (the pickle's memo keeps them)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.arrays = []
+        self._ids = {}  # id(obj) -> its persistent id, with obj kept alive
+
+    def persistent_id(self, obj):
+        seen = self._ids.get(id(obj))
+        if seen is not None:
+            return seen[0]  # the same object twice: one array, shared again
+        if torch.is_tensor(obj):
+            kind, tensor = "torch", obj
+        elif isinstance(obj, (np.ndarray, np.generic)):
+            array = np.asarray(obj) if isinstance(obj, np.generic) else np.ascontiguousarray(obj)
+            tensor = torch.from_numpy(array) if array.dtype != np.object_ else None
+            if tensor is None or tensor.dtype not in _DTYPES:
+                raise TypeError(f"a numpy value of dtype {array.dtype} cannot be snapshotted "
+                                "safely; convert it to a supported dtype or to plain data")
+            kind = "numpy" if isinstance(obj, np.ndarray) else "numpy_scalar"
+        else:
+            return None
+        self.arrays.append(tensor)
+        pid = (kind, len(self.arrays) - 1)
+        self._ids[id(obj)] = (pid, obj)
+        return pid
 
 
-def _put_arrays(obj, name, by_name):
-    """The inverse of _take_arrays, with the tensors restored under `name`."""
-    if isinstance(obj, _Ref):
-        if obj.kind not in _Ref.KINDS or f"{name}.array.{obj.index}" not in by_name:
-            raise pickle.UnpicklingError(f"{name} refers to an array the snapshot does not hold")
-        tensor = _tensor(by_name[f"{name}.array.{obj.index}"]).clone()
-        if obj.kind == "torch":
-            return tensor
+def _array_of(pid, name, by_name, cache):
+    """The tensor or array a persistent id names, checked; one object per id."""
+    if type(pid) is tuple and pid in cache:
+        return cache[pid]
+    if (type(pid) is not tuple or len(pid) != 2 or pid[0] not in _ARRAY_KINDS
+            or type(pid[1]) is not int or f"{name}.array.{pid[1]}" not in by_name):
+        raise pickle.UnpicklingError(f"{name} refers to an array the snapshot does not hold")
+    tensor = _tensor(by_name[f"{name}.array.{pid[1]}"]).clone()
+    if pid[0] == "torch":
+        cache[pid] = tensor
+    else:
         array = tensor.numpy()
-        return array if obj.kind == "numpy" else array[()]
-    if type(obj) in (list, tuple, set, frozenset):
-        return type(obj)(_put_arrays(v, name, by_name) for v in obj)
-    if type(obj) in (dict, collections.OrderedDict):
-        return type(obj)((_put_arrays(k, name, by_name), _put_arrays(v, name, by_name))
-                         for k, v in obj.items())
-    return obj
+        cache[pid] = array if pid[0] == "numpy" else array[()]
+    return cache[pid]
 
 
 def snapshot(client, step, model, optimizer=None, extra=None):
@@ -172,18 +169,29 @@ def _tensor(restored):
 
 
 # (module, name) -> what the restricted unpickler may build for it. Nothing
-# here constructs from attacker-chosen bytes beyond plain Python values.
+# here constructs from attacker-chosen bytes beyond plain Python values, and
+# none of them takes attributes set by a BUILD opcode.
 _SAFE_GLOBALS = {
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "complex"): complex,
     ("collections", "OrderedDict"): collections.OrderedDict,
-    (_Ref.__module__, "_Ref"): _Ref,
 }
 _SAFE_GLOBALS.update({("torch", str(d).split(".")[1]): d for d in _DTYPES})
 
 
-class _PlainDataUnpickler(pickle.Unpickler):
+class _TrustedUnpickler(pickle.Unpickler):
+    """Any object (trust_pickles=True); arrays come back from their tensors."""
+
+    def __init__(self, data, name, by_name):
+        super().__init__(io.BytesIO(data))
+        self._name, self._by_name, self._arrays = name, by_name, {}
+
+    def persistent_load(self, pid):
+        return _array_of(pid, self._name, self._by_name, self._arrays)
+
+
+class _PlainDataUnpickler(_TrustedUnpickler):
     """Builds plain data only; any other global is refused (see the module
     docstring)."""
 
@@ -202,11 +210,15 @@ def _object(by_name, name, trust_pickles=False):
     if not restored.nbytes:
         return None
     data = bytes(memoryview(restored))
-    if trust_pickles:
-        obj = pickle.loads(data)
-    else:
-        obj = _PlainDataUnpickler(io.BytesIO(data)).load()
-    return _put_arrays(obj, name, by_name)
+    unpickler = (_TrustedUnpickler if trust_pickles else _PlainDataUnpickler)(data, name, by_name)
+    try:
+        return unpickler.load()
+    except pickle.UnpicklingError:
+        raise
+    except (RecursionError, ValueError, TypeError, AttributeError, EOFError, IndexError,
+            KeyError, MemoryError) as e:
+        raise pickle.UnpicklingError(f"{name} of the snapshot is not a readable pickle: "
+                                     f"{type(e).__name__}: {e}") from e
 
 
 def _add_rng_states(batch):
@@ -223,13 +235,20 @@ def _add_rng_states(batch):
     batch.add("rng.numpy.gauss", "rng", torch.tensor([cached], dtype=torch.float64))
 
 
+def _legacy_rng(by_name, trust_pickles):
+    """True for a snapshot of an ecsnap that pickled the generators' states;
+    refused before anything is restored unless trusted."""
+    if "rng.python.state" in by_name or "rng.python" not in by_name:
+        return False
+    if not trust_pickles:
+        raise pickle.UnpicklingError(
+            "this snapshot comes from an older ecsnap that pickled the RNG states; restore "
+            "it once with trust_pickles=True if its source is trusted")
+    return True
+
+
 def _set_rng_states(by_name, trust_pickles):
-    if "rng.python.state" not in by_name and "rng.python" in by_name:
-        # Written by an ecsnap that pickled the generators' states.
-        if not trust_pickles:
-            raise pickle.UnpicklingError(
-                "this snapshot comes from an older ecsnap that pickled the RNG states; restore "
-                "it once with trust_pickles=True if its source is trusted")
+    if _legacy_rng(by_name, trust_pickles):
         python_state, numpy_state = pickle.loads(bytes(memoryview(by_name["rng.python"])))
         random.setstate(python_state)
         np.random.set_state(numpy_state)
@@ -271,6 +290,7 @@ def restore(client, model, optimizer=None, step=0, trust_pickles=False):
     by_name = {t.name: t for t in rest}
     # Objects first: a refused one stops the restore before anything else
     # is set (the tensors restored in place are already written).
+    _legacy_rng(by_name, trust_pickles)
     meta = _object(by_name, "optim.meta", trust_pickles) if optimizer is not None else None
     extra = _object(by_name, "extra", trust_pickles)
 
