@@ -107,6 +107,8 @@ class ClientImpl final : public Client {
       stopping_ = true;
     }
     if (worker_.joinable()) worker_.join();
+    stopping_prefault_ = true;
+    if (prefault_thread_.joinable()) prefault_thread_.join();
     attach_context_.TryCancel();
     if (attach_reader_thread_.joinable()) attach_reader_thread_.join();
   }
@@ -307,14 +309,18 @@ class ClientImpl final : public Client {
       return absl::UnavailableError(
           absl::StrFormat("cannot map the daemon's arena: %s", std::strerror(errno)));
     }
-    // Populated for writing once here, so no snapshot ever pays for a first
-    // store (not even the first snapshot: see common/prefault.h).
-    if (const int err = PrefaultForWrite(addr, bytes); err != 0) {
+    // Populated for writing here; the first store into each page is taken
+    // in the background (see common/prefault.h): Connect does not wait for
+    // a pass over the whole arena, and snapshots stop paying for first
+    // stores as soon as it is done.
+    if (const int err = PopulateForWrite(addr, bytes); err != 0) {
       ::munmap(addr, bytes);
       return absl::UnavailableError(
           absl::StrFormat("cannot populate the daemon's arena: %s", std::strerror(err)));
     }
     arena_ = Mapping(addr, bytes);
+    prefault_thread_ = std::thread(
+        [this] { TouchForWrite(arena_.data(), arena_.size(), &stopping_prefault_); });
     return absl::OkStatus();
   }
 
@@ -551,6 +557,8 @@ class ClientImpl final : public Client {
   std::unique_ptr<grpc::ClientReader<v1::AttachEvent>> attach_reader_;
   std::thread attach_reader_thread_;
   std::string session_;  // the daemon's random id, valid on this channel only
+  std::atomic<bool> stopping_prefault_{false};
+  std::thread prefault_thread_;  // first stores into the arena (MapArena)
   Mapping arena_;
 
   absl::Mutex mu_;

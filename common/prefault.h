@@ -13,14 +13,16 @@
 // instead of dying of SIGBUS) and then each is written once, through the
 // mapping that will be used. The write is an atomic add of zero, which is
 // safe while other processes store into the same memory: it cannot lose a
-// concurrent store. On a machine without that cost the second pass takes
-// about 10 ms per GiB.
+// concurrent store. On a machine without that cost the second pass is a
+// page-table walk (about 10 ms per GiB); here it is 0.8-1.3 s per GiB, which
+// is why a client runs it in the background (client/client.cc).
 #ifndef ECSNAP_COMMON_PREFAULT_H_
 #define ECSNAP_COMMON_PREFAULT_H_
 
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstddef>
 #include <cstdint>
@@ -31,21 +33,33 @@
 
 namespace ecsnap {
 
-// Populates [addr, addr + bytes) (page-aligned `addr`) for writing, as
-// above. Returns 0, or the errno of MADV_POPULATE_WRITE when the memory
-// behind the mapping cannot be had (ENOMEM, EFAULT); a kernel without it
-// (EINVAL) gets the writes alone.
-inline int PrefaultForWrite(void* addr, size_t bytes) {
+// Allocates and maps [addr, addr + bytes) (page-aligned `addr`) writable
+// with MADV_POPULATE_WRITE. Returns 0, or the errno when the memory behind
+// the mapping cannot be had (ENOMEM, EFAULT). A kernel without it (EINVAL)
+// returns 0: the touch pass below then takes the faults.
+inline int PopulateForWrite(void* addr, size_t bytes) {
   int rc;
   do {
     rc = ::madvise(addr, bytes, MADV_POPULATE_WRITE);
   } while (rc != 0 && (errno == EINTR || errno == EAGAIN));
-  if (rc != 0 && errno != EINVAL) return errno;
+  return rc != 0 && errno != EINVAL ? errno : 0;
+}
+
+// Writes each page of [addr, addr + bytes) once (an atomic add of zero),
+// stopping early when `*stop` becomes true.
+inline void TouchForWrite(void* addr, size_t bytes, const std::atomic<bool>* stop = nullptr) {
   const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
   auto* p = static_cast<uint8_t*>(addr);
   for (size_t off = 0; off < bytes; off += page) {
+    if (stop != nullptr && (off & ((size_t{64} << 20) - 1)) == 0 && stop->load()) return;
     __atomic_fetch_add(reinterpret_cast<uint64_t*>(p + off), 0, __ATOMIC_RELAXED);
   }
+}
+
+// Both, as above.
+inline int PrefaultForWrite(void* addr, size_t bytes) {
+  if (const int err = PopulateForWrite(addr, bytes); err != 0) return err;
+  TouchForWrite(addr, bytes);
   return 0;
 }
 
