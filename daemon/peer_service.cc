@@ -131,9 +131,14 @@ grpc::Status PeerService::PushChunk(grpc::ServerContext* context,
       return ToGrpc(st);
     }
   }
-  if (watch->cancelled()) {
+  // The stream ended without the sender's WritesDone (cut by the watchdog,
+  // cancelled by the sender, its connection gone): whatever arrived is
+  // given up as a broken push, never checked as a complete one.
+  if (watch->cancelled() || context->IsCancelled()) {
     parity_->AbortFold(**fold);
-    return Stalled();
+    return watch->cancelled() ? Stalled()
+                              : grpc::Status(grpc::StatusCode::CANCELLED,
+                                             "the push ended before its last byte");
   }
   auto notice = parity_->EndFold(**fold);
   if (!notice.ok()) return ToGrpc(notice.status());
