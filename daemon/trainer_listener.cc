@@ -89,6 +89,7 @@ TrainerListener::TrainerListener(std::string path, TrainerPolicy policy, UniqueF
 TrainerListener::~TrainerListener() { Stop(); }
 
 void TrainerListener::Serve(grpc::Server* server) {
+  if (stop_ || thread_.joinable()) return;  // stopped, or serving already
   thread_ = std::thread([this, server] { AcceptLoop(server); });
 }
 
@@ -155,7 +156,7 @@ void TrainerListener::Admit(UniqueFd conn, grpc::Server* server) {
   if (flags < 0 || ::fcntl(conn.get(), F_SETFL, flags | O_NONBLOCK) != 0) return;
   {
     absl::MutexLock lock(&mu_);
-    admitted_fds_[conn.get()] = Admitted{next_generation_++, cred.uid, st.st_ino};
+    admitted_fds_[conn.get()] = Admitted{next_generation_++, cred.uid, st.st_dev, st.st_ino};
   }
   ++admitted_;
   // gRPC owns the descriptor from here and closes it when the connection ends.
@@ -167,7 +168,8 @@ int TrainerListener::LiveConnections(uid_t uid) {
   for (auto it = admitted_fds_.begin(); it != admitted_fds_.end();) {
     struct stat st {};
     // A number gRPC closed is either free or names another file now.
-    if (::fstat(it->first, &st) != 0 || st.st_ino != it->second.inode) {
+    if (::fstat(it->first, &st) != 0 || st.st_ino != it->second.inode ||
+        st.st_dev != it->second.device) {
       it = admitted_fds_.erase(it);
       continue;
     }

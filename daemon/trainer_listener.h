@@ -100,7 +100,8 @@ class TrainerListener {
   struct Admitted {
     uint64_t generation;  // a counter: no two admissions share one
     uid_t uid;
-    ino_t inode;  // of the socket: tells whether the number still names it
+    dev_t device;  // of the socket: with the inode, tells whether the
+    ino_t inode;   // number still names it
   };
   // Live connections (and, until noticed, some that gRPC closed), by
   // descriptor number.

@@ -22,7 +22,7 @@ uint64_t AvailableBytes() {
 
 void RefuseUnlessMemoryFor(uint64_t need, const char* bench) {
   const uint64_t have = AvailableBytes();
-  if (need > have / 10 * 8) {
+  if (have != 0 && need > have / 10 * 9) {
     std::fprintf(stderr,
                  "%s: this size needs about %.1f GiB of memory but %.1f GiB is available; "
                  "pass a smaller --bytes\n",

@@ -11,7 +11,8 @@ namespace ecsnap::bench {
 // Bytes of memory the kernel says it can still hand out (MemAvailable).
 uint64_t AvailableBytes();
 
-// Exits with a sentence when `need` bytes exceed 80% of AvailableBytes().
+// Exits with a sentence when `need` bytes exceed 90% of AvailableBytes()
+// (no check where the kernel does not say).
 void RefuseUnlessMemoryFor(uint64_t need, const char* bench);
 
 // Removes `dir` once this process is gone, however it goes (a return, a

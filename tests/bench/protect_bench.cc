@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <map>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -114,12 +115,21 @@ double TcpSeconds(uint64_t bytes) {
   return secs;
 }
 
+// The state of `step` on daemon `d`, through an admin stub kept per daemon
+// (a fresh channel per poll would cost more than the latencies measured).
 ecsnap::v1::StepState StateOf(ecsnap::testing::DaemonProcess& d, uint64_t step) {
-  auto stub = d.AdminStub();
+  static std::map<ecsnap::testing::DaemonProcess*, std::unique_ptr<ecsnap::admin::Admin::Stub>>
+      stubs;
+  auto& stub = stubs[&d];
+  if (stub == nullptr) stub = d.AdminStub();
   grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
   ecsnap::admin::ListStepsRequest req;
   ecsnap::admin::ListStepsResponse resp;
-  if (!stub->ListSteps(&ctx, req, &resp).ok()) return ecsnap::v1::STEP_STATE_UNSPECIFIED;
+  if (!stub->ListSteps(&ctx, req, &resp).ok()) {
+    stub.reset();  // a replaced daemon has a new token: ask again afresh
+    return ecsnap::v1::STEP_STATE_UNSPECIFIED;
+  }
   for (const auto& s : resp.steps()) {
     if (s.step() == step) return s.state();
   }
@@ -236,8 +246,14 @@ int main(int argc, char** argv) {
   for (int i = 0; i < absl::GetFlag(FLAGS_latency_steps); ++i) {
     const uint64_t step = 2 + i;
     std::vector<ecsnap::SnapshotHandle> small_handles;
-    for (int s = 0; s < n; ++s) small_handles.push_back(*clients[s]->Snapshot(step, small_tensors(s)));
+    for (int s = 0; s < n; ++s) {
+      auto h = clients[s]->Snapshot(step, small_tensors(s));
+      Check(h.status(), "small snapshot");
+      small_handles.push_back(*h);
+    }
     for (auto& h : small_handles) Check(h.WaitCommitted(), "small snapshot");
+    // From the moment every rank's commit has returned (the step is LOCAL
+    // everywhere; protection of the first ranks' chunks may have begun).
     const auto t0 = Clock::now();
     bool protected_everywhere = false;
     while (!protected_everywhere && Since(t_start) < absl::GetFlag(FLAGS_max_seconds)) {
