@@ -38,7 +38,9 @@ def train(model, optimizer, steps):
         optimizer.zero_grad()
 
 
-class TorchHelpers(unittest.TestCase):
+class WithDaemon(unittest.TestCase):
+    """One real ecsnapd for the test class."""
+
     @classmethod
     def setUpClass(cls):
         cls.cluster = Cluster(k=1, m=0, arena_bytes=64 << 20, retain=1)
@@ -47,6 +49,8 @@ class TorchHelpers(unittest.TestCase):
     def tearDownClass(cls):
         cls.cluster.stop()
 
+
+class TorchHelpers(WithDaemon):
     def client(self, job):
         return ecsnap.Client(self.cluster.socket(0), job=job, rank=0)
 
@@ -154,15 +158,7 @@ class _RunsAShellCommand:
         return (os.system, (f"touch {self.marker}",))
 
 
-class RestoredObjects(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.cluster = Cluster(k=1, m=0, arena_bytes=64 << 20, retain=1)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.cluster.stop()
-
+class RestoredObjects(WithDaemon):
     def test_a_pickled_os_system_call_is_refused_not_run(self):
         client = ecsnap.Client(self.cluster.socket(0), job="hostile", rank=0)
         model, opt = model_and_optimizer()
