@@ -15,6 +15,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
@@ -319,8 +320,13 @@ class ClientImpl final : public Client {
           absl::StrFormat("cannot populate the daemon's arena: %s", std::strerror(err)));
     }
     arena_ = Mapping(addr, bytes);
-    prefault_thread_ = std::thread(
-        [this] { TouchForWrite(arena_.data(), arena_.size(), &stopping_prefault_); });
+    if (options_.prefault_at_connect) {
+      TouchForWrite(arena_.data(), arena_.size());
+      return absl::OkStatus();
+    }
+    prefault_thread_ = std::thread([this] {
+      TouchForWrite(arena_.data(), arena_.size(), &stopping_prefault_, &copying_);
+    });
     return absl::OkStatus();
   }
 
@@ -343,6 +349,9 @@ class ClientImpl final : public Client {
   }
 
   absl::Status RunSnapshot(SnapshotHandle::State& s) {
+    // The background pre-fault waits while a snapshot copies.
+    ++copying_;
+    absl::Cleanup done = [this] { --copying_; };
     v1::BeginRankResponse window;
     {
       grpc::ClientContext ctx;
@@ -558,6 +567,7 @@ class ClientImpl final : public Client {
   std::thread attach_reader_thread_;
   std::string session_;  // the daemon's random id, valid on this channel only
   std::atomic<bool> stopping_prefault_{false};
+  std::atomic<int> copying_{0};  // snapshots copying now
   std::thread prefault_thread_;  // first stores into the arena (MapArena)
   Mapping arena_;
 

@@ -117,6 +117,13 @@ struct ClientOptions {
   Transport transport = Transport::kAuto;
   // Threads copying (and checksumming) tensors. Default: 2.
   int copy_threads = 2;
+  // The first store into each page of the arena costs far more than a copy
+  // on some machines (a virtualised page walk; see common/prefault.h). By
+  // default a background thread takes those stores after Connect, pausing
+  // while snapshots copy, so Connect is quick and a snapshot taken before
+  // the thread is done pays for its own pages. True: Connect takes them all
+  // before it returns. Default: false.
+  bool prefault_at_connect = false;
   // Check every restored tensor's CRC-32C. Default: true.
   bool verify_restore = true;
   // Deadline of each control call to the daemon, in ms. Default: 30000.

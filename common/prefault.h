@@ -15,7 +15,8 @@
 // safe while other processes store into the same memory: it cannot lose a
 // concurrent store. On a machine without that cost the second pass is a
 // page-table walk (about 10 ms per GiB); here it is 0.8-1.3 s per GiB, which
-// is why a client runs it in the background (client/client.cc).
+// is why a client runs it in the background, pausing while it copies
+// (client/client.cc).
 #ifndef ECSNAP_COMMON_PREFAULT_H_
 #define ECSNAP_COMMON_PREFAULT_H_
 
@@ -45,13 +46,21 @@ inline int PopulateForWrite(void* addr, size_t bytes) {
   return rc != 0 && errno != EINVAL ? errno : 0;
 }
 
-// Writes each page of [addr, addr + bytes) once (an atomic add of zero),
-// stopping early when `*stop` becomes true.
-inline void TouchForWrite(void* addr, size_t bytes, const std::atomic<bool>* stop = nullptr) {
+// Writes each page of [addr, addr + bytes) once (an atomic add of zero).
+// Every 8 MiB it returns early when `*stop` is true, and waits (1 ms at a
+// time) while `*pause` is non-zero: a background pass must not compete with
+// the copies it is there to speed up.
+inline void TouchForWrite(void* addr, size_t bytes, const std::atomic<bool>* stop = nullptr,
+                          const std::atomic<int>* pause = nullptr) {
   const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
   auto* p = static_cast<uint8_t*>(addr);
   for (size_t off = 0; off < bytes; off += page) {
-    if (stop != nullptr && (off & ((size_t{64} << 20) - 1)) == 0 && stop->load()) return;
+    if ((off & ((size_t{8} << 20) - 1)) == 0) {
+      while (pause != nullptr && pause->load() != 0 && !(stop != nullptr && stop->load())) {
+        ::usleep(1000);
+      }
+      if (stop != nullptr && stop->load()) return;
+    }
     __atomic_fetch_add(reinterpret_cast<uint64_t*>(p + off), 0, __ATOMIC_RELAXED);
   }
 }

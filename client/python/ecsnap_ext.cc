@@ -120,8 +120,10 @@ struct PyRestoredTensor {
 class PyClient {
  public:
   PyClient(const std::string& address, const std::string& job, uint32_t rank,
-           std::vector<uint32_t> local_ranks, const std::string& transport, int copy_threads) {
+           std::vector<uint32_t> local_ranks, const std::string& transport, int copy_threads,
+           bool prefault_at_connect) {
     ClientOptions o;
+    o.prefault_at_connect = prefault_at_connect;
     o.daemon_address = address;
     o.job_id = job;
     o.rank = rank;
@@ -246,9 +248,10 @@ PYBIND11_MODULE(_ecsnap, m) {
       });
   py::class_<PyClient>(m, "Client")
       .def(py::init<const std::string&, const std::string&, uint32_t, std::vector<uint32_t>,
-                    const std::string&, int>(),
+                    const std::string&, int, bool>(),
            py::arg("address"), py::arg("job"), py::arg("rank"), py::arg("local_ranks"),
-           py::arg("transport") = "auto", py::arg("copy_threads") = 2)
+           py::arg("transport") = "auto", py::arg("copy_threads") = 2,
+           py::arg("prefault_at_connect") = false)
       .def("snapshot", &PyClient::Snapshot, py::arg("step"), py::arg("tensors"),
            py::arg("keep_alive"))
       .def("list_restorable", &PyClient::ListRestorable)
