@@ -2,8 +2,6 @@
 
 #include <cerrno>
 #include <cstring>
-#include <fstream>
-#include <sstream>
 
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
@@ -13,6 +11,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/strip.h"
 #include "common/address.h"
+#include "common/read_file.h"
 
 namespace ecsnap {
 namespace {
@@ -23,16 +22,14 @@ std::string Target(const std::string& a) {
 }
 
 absl::StatusOr<std::string> ReadFile(const std::string& what, const std::string& path) {
-  std::ifstream in(path);
-  if (!in) {
+  std::optional<std::string> bytes = ReadWholeFile(path);
+  if (!bytes) {
     return absl::NotFoundError(absl::StrFormat(
         "cannot read the %s %s (%s); pass --token_file / --ca_file, or run as the daemon's "
         "user",
         what, path, std::strerror(errno)));
   }
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
+  return *std::move(bytes);
 }
 
 // Sends the token with every call, over a local connection too (whose

@@ -6,8 +6,6 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <fstream>
-#include <sstream>
 
 #include <grpcpp/create_channel.h>
 #include <grpcpp/create_channel_posix.h>
@@ -16,6 +14,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
+#include "common/read_file.h"
 #include "common/trainer_hello.h"
 
 namespace ecsnap {
@@ -77,15 +76,13 @@ absl::StatusOr<DataChannel> OpenDataChannel(DataChannelOptions options) {
   DataChannel out;
   std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
   if (!options.ca_file.empty()) {
-    std::ifstream in(options.ca_file);
-    std::stringstream pem;
-    pem << in.rdbuf();
-    if (!in || pem.str().empty()) {
+    std::optional<std::string> pem = ReadWholeFile(options.ca_file);
+    if (!pem || pem->empty()) {
       return absl::InvalidArgumentError(
           absl::StrFormat("cannot read the CA file %s", options.ca_file));
     }
     grpc::SslCredentialsOptions ssl;
-    ssl.pem_root_certs = pem.str();
+    ssl.pem_root_certs = *std::move(pem);
     creds = grpc::SslCredentials(ssl);
     if (!options.tls_name.empty()) options.args.SetSslTargetNameOverride(options.tls_name);
   }

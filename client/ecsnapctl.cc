@@ -23,8 +23,6 @@
 // stderr), 2 on a usage error.
 #include <chrono>
 #include <cstdio>
-#include <fstream>
-#include <sstream>
 #include <string>
 
 #include <google/protobuf/util/json_util.h>
@@ -38,6 +36,7 @@
 #include "client/admin_channel.h"
 #include "common/format.h"
 #include "common/job_token.h"
+#include "common/read_file.h"
 #include "proto/admin.grpc.pb.h"
 
 ABSL_FLAG(std::string, address, "127.0.0.1:7070", "Daemon admin address: host:port or unix:PATH.");
@@ -98,10 +97,8 @@ int main(int argc, char** argv) {
       return 2;
     }
     // Read as the daemon reads it: the whole file, whitespace trimmed.
-    std::ifstream in(absl::GetFlag(FLAGS_job_secret_file));
-    std::stringstream text;
-    text << in.rdbuf();
-    const std::string secret(absl::StripAsciiWhitespace(text.str()));
+    const std::string secret(absl::StripAsciiWhitespace(
+        ecsnap::ReadWholeFile(absl::GetFlag(FLAGS_job_secret_file)).value_or("")));
     if (secret.empty()) {
       std::fprintf(stderr, "ecsnapctl: cannot read a job secret from %s\n",
                    absl::GetFlag(FLAGS_job_secret_file).c_str());

@@ -1,12 +1,10 @@
 #include "daemon/config.h"
 
-#include <fstream>
-#include <sstream>
-
 #include <google/protobuf/io/tokenizer.h>
 #include <google/protobuf/text_format.h>
 
 #include "absl/strings/str_format.h"
+#include "common/read_file.h"
 
 namespace ecsnap::daemon {
 namespace {
@@ -25,11 +23,9 @@ class CollectErrors : public google::protobuf::io::ErrorCollector {
 }  // namespace
 
 absl::StatusOr<config::Config> LoadConfig(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrFormat("cannot read config file %s", path));
-  std::stringstream text;
-  text << in.rdbuf();
-  return ParseConfig(text.str(), "config file " + path);
+  std::optional<std::string> text = ReadWholeFile(path);
+  if (!text) return absl::NotFoundError(absl::StrFormat("cannot read config file %s", path));
+  return ParseConfig(*text, "config file " + path);
 }
 
 absl::StatusOr<config::Config> ParseConfig(const std::string& text, const std::string& source) {

@@ -6,30 +6,27 @@
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
 
-#include <fstream>
 #include <set>
-#include <sstream>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_replace.h"
 #include "common/address.h"
+#include "common/read_file.h"
 
 namespace ecsnap::daemon {
 namespace {
 
 absl::StatusOr<std::string> ReadFile(const std::string& what, const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
+  std::optional<std::string> bytes = ReadWholeFile(path);
+  if (!bytes) {
     return absl::NotFoundError(absl::StrFormat("cannot read daemon.tls.%s %s", what, path));
   }
-  std::stringstream s;
-  s << in.rdbuf();
-  if (s.str().empty()) {
+  if (bytes->empty()) {
     return absl::InvalidArgumentError(absl::StrFormat("daemon.tls.%s %s is empty", what, path));
   }
-  return s.str();
+  return *std::move(bytes);
 }
 
 std::string OpenSslError() {

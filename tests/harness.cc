@@ -14,13 +14,13 @@
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
-#include <sstream>
 #include <thread>
 
 #include <grpcpp/grpcpp.h>
 
 #include "absl/strings/str_cat.h"
 #include "client/admin_channel.h"
+#include "common/read_file.h"
 #include "absl/strings/str_format.h"
 
 namespace ecsnap::testing {
@@ -182,12 +182,7 @@ bool DaemonProcess::alive() {
   return false;
 }
 
-std::string DaemonProcess::Log() const {
-  std::ifstream in(log_);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+std::string DaemonProcess::Log() const { return ReadWholeFile(log_).value_or(""); }
 
 std::unique_ptr<admin::Admin::Stub> DaemonProcess::AdminStub() const {
   AdminChannelOptions o;

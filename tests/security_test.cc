@@ -9,13 +9,13 @@
 #include <cstdint>
 #include <cstdlib>
 #include <fstream>
-#include <sstream>
 #include <string>
 #include <thread>
 
 #include <grpcpp/grpcpp.h>
 
 #include "absl/strings/str_cat.h"
+#include "common/read_file.h"
 #include "ec/layout.h"
 #include "gtest/gtest.h"
 #include "proto/peer.grpc.pb.h"
@@ -26,12 +26,7 @@ namespace {
 
 constexpr int kK = 2, kM = 1, kN = kK + kM;
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+std::string ReadFile(const std::string& path) { return ReadWholeFile(path).value_or(""); }
 
 std::chrono::system_clock::time_point Soon() {
   return std::chrono::system_clock::now() + std::chrono::seconds(5);
