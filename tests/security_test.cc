@@ -354,9 +354,17 @@ class RebuildingPeerTest : public HostilePeerTest {
 TEST_F(RebuildingPeerTest, APushIntoARowBeingRebuiltIsRefusedAndTheRowStaysRight) {
   const int target = 2;
   ASSERT_NO_FATAL_FAILURE(ReplaceNode(target, /*reconnect=*/false));
+  // Every stripe reserves its row as the rebuild starts; under the cap the
+  // first slice of any stripe ends a couple of seconds later. Caught before
+  // any slice has ended, the parity row is still being decoded (a row
+  // already rebuilt takes pushes again, which is not what is tested here).
   ASSERT_TRUE(WaitRebuild(target, [](const admin::RebuildStatus& r) {
-    return r.active() && r.job_id() == "job" && r.step() == 1 && r.bytes_done() > 0;
+    return r.active() && r.job_id() == "job" && r.step() == 1 && r.bytes_total() > 0 &&
+           r.bytes_done() == 0;
   })) << cluster_->daemon(target).Log();
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // the stripes' threads start
+  ASSERT_TRUE(RebuildStatusOf(target).active());
+  ASSERT_EQ(RebuildStatusOf(target).bytes_done(), 0u) << "the cap let a slice end early";
   int sender = 0;
   const peer::PushChunkHeader h = Header(target, "job", 1, &sender);
   auto as_sender = PeerAs(target, sender);
