@@ -8,10 +8,10 @@
 
 #include <cstdlib>
 
-#include "absl/strings/match.h"
 #include "common/grpc_status.h"
 #include "common/job_token.h"
 #include "common/log.h"
+#include "daemon/trainer_listener.h"
 
 namespace ecsnap::daemon {
 namespace {
@@ -89,7 +89,7 @@ class SnapshotService::RefusedReactor final : public grpc::ServerWriteReactor<v1
 absl::Status SnapshotService::CheckJobToken(const grpc::CallbackServerContext& context,
                                             const std::string& job_id) const {
   // The Unix socket admitted the process by its uid (TrainerListener).
-  if (absl::StartsWith(context.peer(), "fd:")) return absl::OkStatus();
+  if (TrainerListener::IsSocketPeer(context.peer())) return absl::OkStatus();
   if (job_secret_.empty()) {
     return absl::PermissionDeniedError(
         "this daemon takes trainers on its Unix socket only (no job secret for TCP)");

@@ -11,7 +11,6 @@
 
 #include <grpcpp/server_posix.h>
 
-#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -144,7 +143,6 @@ void TrainerListener::Admit(UniqueFd conn, grpc::Server* server) {
   hello.arena_bytes = arena_bytes_;
   absl::Status sent = SendTrainerHello(conn.get(), hello, arena_fd_.get(), kHelloTimeout);
   if (!refusal.empty()) {
-    ++refused_;
     LogRefusal(refusal);
     return;  // closes it
   }
@@ -158,7 +156,6 @@ void TrainerListener::Admit(UniqueFd conn, grpc::Server* server) {
     absl::MutexLock lock(&mu_);
     admitted_fds_[conn.get()] = Admitted{next_generation_++, cred.uid, st.st_dev, st.st_ino};
   }
-  ++admitted_;
   // gRPC owns the descriptor from here and closes it when the connection ends.
   grpc::AddInsecureChannelFromFd(server, conn.Release());
 }
@@ -199,7 +196,7 @@ void TrainerListener::LogRefusal(const std::string& why) {
 
 std::string TrainerListener::ConnectionKey(const std::string& peer) const {
   int fd = -1;
-  if (!absl::StartsWith(peer, "fd:") || !absl::SimpleAtoi(peer.substr(3), &fd)) return peer;
+  if (!IsSocketPeer(peer) || !absl::SimpleAtoi(peer.substr(3), &fd)) return peer;
   absl::MutexLock lock(&mu_);
   auto it = admitted_fds_.find(fd);
   return absl::StrCat(peer, "#", it == admitted_fds_.end() ? 0 : it->second.generation);

@@ -27,6 +27,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/match.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/unique_fd.h"
@@ -71,8 +72,9 @@ class TrainerListener {
   // peer (a TCP data plane) is its own key.
   std::string ConnectionKey(const std::string& peer) const;
 
-  uint64_t admitted() const { return admitted_.load(); }
-  uint64_t refused() const { return refused_.load(); }
+  // True when a call's peer string names a connection of this socket
+  // (admitted by uid), as gRPC names connections it was handed: "fd:N".
+  static bool IsSocketPeer(const std::string& peer) { return absl::StartsWith(peer, "fd:"); }
 
  private:
   TrainerListener(std::string path, TrainerPolicy policy, UniqueFd listen_fd, UniqueFd arena_fd,
@@ -93,8 +95,6 @@ class TrainerListener {
   const uint64_t arena_bytes_;
   std::atomic<bool> stop_{false};
   std::thread thread_;
-  std::atomic<uint64_t> admitted_{0};
-  std::atomic<uint64_t> refused_{0};
 
   mutable absl::Mutex mu_;
   struct Admitted {
