@@ -20,8 +20,16 @@ base="${ECSNAP_FUZZ_OUTPUT_BASE:-${HOME:-/root}/.cache/bazel-fuzz}"
 results="${ECSNAP_FUZZ_RESULTS:-/dev/null}"
 
 record() { echo "$1 $2" >>"$results"; }
-# The second Bazel server is not left running, whatever happens.
-trap 'bazel --output_base="$base" shutdown >/dev/null 2>&1' EXIT
+# Whatever happens: the second Bazel server is not left running, nor the
+# working directory.
+work=""
+crashes=/tmp/ecsnap-fuzz-crashes
+cleanup() {
+  bazel --output_base="$base" shutdown >/dev/null 2>&1
+  if [ -n "$work" ]; then rm -rf "$work"; fi
+  rmdir "$crashes" 2>/dev/null  # kept only when it holds a crash
+}
+trap cleanup EXIT
 
 labels=()
 for t in "${targets[@]}"; do labels+=("//tests/fuzz:$t"); done
@@ -37,8 +45,6 @@ bin="$(bazel --output_base="$base" info --config=fuzz bazel-bin 2>/dev/null)"
 bazel --output_base="$base" shutdown
 
 work="$(mktemp -d /tmp/ecsnap-fuzz.XXXXXX)" || exit 1
-trap 'rm -rf "$work"' EXIT
-crashes=/tmp/ecsnap-fuzz-crashes
 status=0
 for t in "${targets[@]}"; do
   mkdir -p "$work/$t" "$crashes"
