@@ -107,11 +107,13 @@ absl::StatusOr<std::unique_ptr<Arena>> Arena::Open(const Options& options) {
           std::strerror(rc)));
     }
   }
-  // A first store into a page costs 10-40x a memcpy: take them all now
-  // (MAP_POPULATE alone is not enough; see common/prefault.h).
+  // A first store into a page costs 10-40x a memcpy: the pages are
+  // populated now, and written once each by a background thread (MAP_POPULATE
+  // alone is not enough; see common/prefault.h). A restarted daemon serves
+  // its re-adopted steps without waiting for a pass over the whole arena.
   void* addr = ::mmap(nullptr, options.bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
   if (addr == MAP_FAILED) return Errno("cannot map arena " + path);
-  if (const int err = PrefaultForWrite(addr, options.bytes); err != 0) {
+  if (const int err = PopulateForWrite(addr, options.bytes); err != 0) {
     ::munmap(addr, options.bytes);
     return absl::ResourceExhaustedError(absl::StrFormat(
         "cannot populate the %s arena in %s: %s", FormatBytes(options.bytes), options.dir,
@@ -144,9 +146,17 @@ Arena::Arena(std::string path, UniqueFd fd, Mapping mapping, uint32_t index_entr
       data_offset_(DataOffset(index_entries)),
       prefault_seconds_(prefault_seconds),
       adopted_(adopted) {
-  absl::MutexLock lock(&mu_);
-  free_[data_offset_] = size() - data_offset_;
-  free_bytes_ = size() - data_offset_;
+  {
+    absl::MutexLock lock(&mu_);
+    free_[data_offset_] = size() - data_offset_;
+    free_bytes_ = size() - data_offset_;
+  }
+  toucher_ = std::thread([this] { TouchForWrite(base(), size(), &stop_touching_); });
+}
+
+Arena::~Arena() {
+  stop_touching_ = true;
+  toucher_.join();
 }
 
 Arena::IndexEntry* Arena::Entry(uint32_t id) const {

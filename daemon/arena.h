@@ -20,10 +20,12 @@
 #ifndef ECSNAP_DAEMON_ARENA_H_
 #define ECSNAP_DAEMON_ARENA_H_
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -76,13 +78,15 @@ class Arena {
   // system error when the file cannot be made or mapped.
   static absl::StatusOr<std::unique_ptr<Arena>> Open(const Options& options);
 
+  ~Arena();
   Arena(const Arena&) = delete;
   Arena& operator=(const Arena&) = delete;
 
   const std::string& path() const { return path_; }
   uint64_t size() const { return mapping_.size(); }
   uint8_t* base() const { return mapping_.data(); }
-  // Seconds spent reserving and pre-faulting the file at Open().
+  // Seconds spent reserving and populating the file at Open() (its first
+  // stores then go on in the background).
   double prefault_seconds() const { return prefault_seconds_; }
   // True when Open() found a previous daemon's file.
   bool adopted() const { return adopted_; }
@@ -146,6 +150,10 @@ class Arena {
   const uint64_t data_offset_;
   const double prefault_seconds_;
   const bool adopted_;
+  // Writes each page once in the background (common/prefault.h); stops
+  // and is joined before the mapping goes.
+  std::atomic<bool> stop_touching_{false};
+  std::thread toucher_;
 
   mutable absl::Mutex mu_;
   std::map<uint64_t, uint64_t> free_ ABSL_GUARDED_BY(mu_);  // offset -> bytes

@@ -93,7 +93,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
   if (!arena.ok()) return arena.status();
   d->arena_ = std::move(*arena);
   Log("arena %s: %s %s in %.2f s", d->arena_->path(), FormatBytes(d->arena_->size()),
-      d->arena_->adopted() ? "re-opened and pre-faulted" : "reserved and pre-faulted",
+      d->arena_->adopted() ? "re-opened and populated" : "reserved and populated",
       d->arena_->prefault_seconds());
 
   StoreOptions so;

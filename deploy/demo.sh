@@ -76,7 +76,7 @@ deploy/make_certs.sh "$WORK/tls" "$NODES" >/dev/null
 say "== ecsnap demo: $NODES nodes, one group (RS 2+2, mutual TLS between daemons), 2 ranks per node, $MIB MiB of state per rank"
 t=$(now)
 for s in $(seq 0 $((NODES - 1))); do start_daemon "$s"; done
-say "[cluster] $NODES daemons up in $(since "$t"); each arena pre-faulted at start"
+say "[cluster] $NODES daemons up in $(since "$t"); each arena populated at start"
 
 say "== every rank snapshots steps 1-3; each step is erasure-coded across the group"
 t=$(now)
