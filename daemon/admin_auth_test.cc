@@ -51,6 +51,16 @@ TEST(AdminTokenTest, FilesOthersCouldReadOrRedirectAreRefused) {
   ::chmod(empty.c_str(), 0600);
   EXPECT_NE(LoadOrCreateSecret("admin token file", empty, &created).status().message().find("is empty"),
             std::string::npos);
+  // Longer than one token: refused, not cut to a prefix that would differ
+  // from what a client reading the whole file sends.
+  const std::string longer = Dir() + "/long.secret";
+  std::ofstream(longer) << std::string(300, 'a') << "\n";
+  ::chmod(longer.c_str(), 0600);
+  st = LoadOrCreateSecret("job secret file", longer, &created);
+  EXPECT_EQ(st.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(st.status().message().find("job secret file " + longer + " is longer than 256 bytes"),
+            std::string::npos)
+      << st.status();
 }
 
 }  // namespace

@@ -334,6 +334,28 @@ TEST_F(HostilePeerTest, APushThatStallsWithItsStreamOpenIsCut) {
   const grpc::Status st = writer->Finish();
   EXPECT_EQ(st.error_code(), grpc::StatusCode::CANCELLED) << st.error_message();
   EXPECT_EQ(ArenaUsed(target), used_before);
+  // A sender that cancels its own push halfway: given up as broken too.
+  {
+    grpc::ClientContext cancelled;
+    cancelled.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    auto w = as_sender->PushChunk(&cancelled, &resp);
+    ASSERT_TRUE(w->Write(msg));
+    ASSERT_TRUE(w->Write(data));
+    bool held = false;
+    for (int i = 0; i < 100 && !held; ++i) {
+      held = ArenaUsed(target) > used_before;
+      if (!held) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    EXPECT_TRUE(held);
+    cancelled.TryCancel();
+    EXPECT_EQ(w->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
+  bool released = false;
+  for (int i = 0; i < 100 && !released; ++i) {  // the holder notices the cancel soon
+    released = ArenaUsed(target) == used_before;
+    if (!released) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_TRUE(released);
   ExpectProtectedStepSurvives();
 }
 

@@ -208,6 +208,13 @@ class RestoredObjects(WithDaemon):
             with self.assertRaises(pickle.UnpicklingError):
                 et._PlainDataUnpickler(buf.getvalue(), "extra", {}).load()
 
+    def test_pickled_rng_states_of_an_older_snapshot_are_refused_first(self):
+        legacy = {"rng.python": memoryview(pickle.dumps((random.getstate(), None)))}
+        with self.assertRaisesRegex(pickle.UnpicklingError, "older ecsnap"):
+            et._legacy_rng(legacy, trust_pickles=False)
+        self.assertTrue(et._legacy_rng(legacy, trust_pickles=True))
+        self.assertFalse(et._legacy_rng({"rng.python.state": None}, trust_pickles=False))
+
     def test_plain_data_extras_round_trip(self):
         client = ecsnap.Client(self.cluster.socket(0), job="plain", rank=0)
         model, opt = model_and_optimizer()
