@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <string>
 #include <thread>
 
@@ -126,6 +127,14 @@ class HostilePeerTest : public ClusterTest {
     admin::StatusResponse r;
     EXPECT_TRUE(stub->Status(&ctx, {}, &r).ok());
     return r.arena_used_bytes();
+  }
+  // Polls daemon `slot`'s arena use until `ok` holds (at most 2 s).
+  bool WaitArenaUsed(int slot, const std::function<bool(uint64_t)>& ok) {
+    for (int i = 0; i < 100; ++i) {
+      if (ok(ArenaUsed(slot))) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    return false;
   }
 
   // Every daemon is up with step 1 PROTECTED; then a node is lost and
@@ -286,7 +295,9 @@ TEST_F(HostilePeerTest, ForgedAndOutOfRangeMessagesAreRefusedAndLeaveNoTrace) {
     EXPECT_EQ(s.rows_size(), 0) << "step " << s.step();
     for (const auto& slot : s.slots()) EXPECT_LT(slot.slot(), static_cast<uint32_t>(kN));
     // A push whose bytes never arrived taught nothing of its sender's step.
-    if (s.step() >= 100) EXPECT_EQ(s.slots_size(), 0) << "step " << s.step();
+    if (s.step() >= 100) {
+      EXPECT_EQ(s.slots_size(), 0) << "step " << s.step();
+    }
   }
   // Job notices naming impossible steps.
   for (uint64_t step : {uint64_t{0}, UINT64_MAX}) {
@@ -313,49 +324,38 @@ TEST_F(HostilePeerTest, APushThatStallsWithItsStreamOpenIsCut) {
   const peer::PushChunkHeader h = Header(target, "job", 7, &sender);
   auto as_sender = PeerAs(target, sender);
   const uint64_t used_before = ArenaUsed(target);
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
   peer::PushChunkResponse resp;
-  auto writer = as_sender->PushChunk(&ctx, &resp);
   peer::PushChunkMessage msg;
   *msg.mutable_header() = h;
-  ASSERT_TRUE(writer->Write(msg));
   peer::PushChunkMessage data;
   data.set_data(std::string(h.length() / 2, '\0'));
-  ASSERT_TRUE(writer->Write(data));
-  // Half the row is reserved and folded; then nothing more is sent.
-  bool reserved = false;
-  for (int i = 0; i < 100 && !reserved; ++i) {
-    reserved = ArenaUsed(target) > used_before;
-    if (!reserved) std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  EXPECT_TRUE(reserved);
-  // The holder ends the call within about 1.25 peer timeouts (2 s here).
-  const grpc::Status st = writer->Finish();
-  EXPECT_EQ(st.error_code(), grpc::StatusCode::CANCELLED) << st.error_message();
-  EXPECT_EQ(ArenaUsed(target), used_before);
-  // A sender that cancels its own push halfway: given up as broken too.
+  // Starts a push of half the row on `call` and waits until the holder has
+  // reserved and folded it.
+  auto half_push = [&](grpc::ClientContext* call) {
+    call->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    auto writer = as_sender->PushChunk(call, &resp);
+    EXPECT_TRUE(writer->Write(msg));
+    EXPECT_TRUE(writer->Write(data));
+    EXPECT_TRUE(WaitArenaUsed(target, [&](uint64_t used) { return used > used_before; }));
+    return writer;
+  };
   {
-    grpc::ClientContext cancelled;
-    cancelled.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
-    auto w = as_sender->PushChunk(&cancelled, &resp);
-    ASSERT_TRUE(w->Write(msg));
-    ASSERT_TRUE(w->Write(data));
-    bool held = false;
-    for (int i = 0; i < 100 && !held; ++i) {
-      held = ArenaUsed(target) > used_before;
-      if (!held) std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    EXPECT_TRUE(held);
-    cancelled.TryCancel();
-    EXPECT_EQ(w->Finish().error_code(), grpc::StatusCode::CANCELLED);
+    // Then nothing more is sent: the holder ends the call within about 1.25
+    // peer timeouts (2 s here).
+    grpc::ClientContext ctx;
+    auto writer = half_push(&ctx);
+    const grpc::Status st = writer->Finish();
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::CANCELLED) << st.error_message();
+    EXPECT_EQ(ArenaUsed(target), used_before);
   }
-  bool released = false;
-  for (int i = 0; i < 100 && !released; ++i) {  // the holder notices the cancel soon
-    released = ArenaUsed(target) == used_before;
-    if (!released) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  {
+    // A sender that cancels its own push halfway: given up as broken too.
+    grpc::ClientContext ctx;
+    auto writer = half_push(&ctx);
+    ctx.TryCancel();
+    EXPECT_EQ(writer->Finish().error_code(), grpc::StatusCode::CANCELLED);
+    EXPECT_TRUE(WaitArenaUsed(target, [&](uint64_t used) { return used == used_before; }));
   }
-  EXPECT_TRUE(released);
   ExpectProtectedStepSurvives();
 }
 
