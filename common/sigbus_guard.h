@@ -1,0 +1,35 @@
+// Survives memory that another process can shrink under us.
+//
+// A trainer holds its windows read-write, so it can also ftruncate one; the
+// daemon's next access to the vanished pages would then die of SIGBUS, and
+// with it every other job on the node. Inside the guarded range a SIGBUS
+// instead maps a private zero page over the faulting page and the access is
+// retried: the daemon reads zeros (which the window's checksums catch) and
+// its writes go nowhere. The mapping behind a window is replaced when the
+// window is freed, so the zero pages never outlive the damaged window.
+// (Compositors guard client buffers the same way, for the same reason.)
+//
+// Up to kMaxSigbusRanges ranges per process. A SIGBUS outside them keeps its
+// default action (the process dies with a core, as it would unguarded).
+#ifndef ECSNAP_COMMON_SIGBUS_GUARD_H_
+#define ECSNAP_COMMON_SIGBUS_GUARD_H_
+
+#include <cstddef>
+#include <cstdint>
+
+namespace ecsnap {
+
+inline constexpr int kMaxSigbusRanges = 16;
+
+// Installs the handler (once) and guards [base, base + bytes). False when
+// kMaxSigbusRanges ranges are guarded already.
+bool GuardAgainstSigbus(void* base, size_t bytes);
+// Stops guarding the range that starts at `base`.
+void UnguardSigbus(void* base);
+
+// Pages the guard has replaced since the process started.
+uint64_t SigbusPagesReplaced();
+
+}  // namespace ecsnap
+
+#endif  // ECSNAP_COMMON_SIGBUS_GUARD_H_
