@@ -1,5 +1,5 @@
 // libecsnap's implementation: the public API of client/ecsnap.h over the
-// data-plane gRPC service, with the shared-memory arena for the bytes.
+// data-plane gRPC service, with windows of shared memory for the bytes.
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -10,7 +10,9 @@
 #include <cstring>
 #include <deque>
 #include <map>
+#include <set>
 #include <thread>
+#include <tuple>
 
 #include <grpcpp/grpcpp.h>
 
@@ -40,6 +42,8 @@ constexpr uint64_t kStreamChunkBytes = 1 << 20;
 // Snapshots queued behind the one in progress.
 constexpr size_t kMaxQueuedSnapshots = 4;
 constexpr int kMaxMessageBytes = 64 << 20;
+// Window files kept mapped between steps (a rank cycles through a few).
+constexpr size_t kMaxMappedWindows = 16;
 
 struct SnapshotHandle::State {
   uint64_t step = 0;
@@ -108,8 +112,12 @@ class ClientImpl final : public Client {
       stopping_ = true;
     }
     if (worker_.joinable()) worker_.join();
-    stopping_prefault_ = true;
-    if (prefault_thread_.joinable()) prefault_thread_.join();
+    {
+      absl::MutexLock lock(&windows_mu_);
+      stopping_warm_ = true;
+    }
+    stopping_touch_ = true;
+    if (warmer_.joinable()) warmer_.join();
     attach_context_.TryCancel();
     if (attach_reader_thread_.joinable()) attach_reader_thread_.join();
   }
@@ -132,6 +140,8 @@ class ClientImpl final : public Client {
     req.set_job_id(options_.job_id);
     req.set_rank(options_.rank);
     for (uint32_t r : options_.local_ranks) req.add_local_ranks(r);
+    windows_enabled_ = data->windows && options_.transport != Transport::kGrpc;
+    req.set_windows(windows_enabled_);
     if (!options_.job_token.empty()) {
       attach_context_.AddMetadata("authorization", "Bearer " + options_.job_token);
     }
@@ -147,38 +157,68 @@ class ClientImpl final : public Client {
       return st;
     }
     session_ = first.session_id();
-    // Drains the session stream; it ends when the daemon or this client goes.
+    // Drains the session stream; it ends when the daemon or this client
+    // goes. Windows the daemon made ready ahead are mapped in the background.
     attach_reader_thread_ = std::thread([this] {
       v1::AttachEvent ev;
       while (attach_reader_->Read(&ev)) {
+        if (UseWindow(ev.ready_token())) Warm(ev.ready_file(), ev.ready_token());
       }
       attach_reader_->Finish();
     });
 
     if (options_.transport != Transport::kGrpc) {
-      absl::Status st = MapArena(std::move(data->arena_fd), data->arena_bytes);
-      if (!st.ok() && options_.transport == Transport::kSharedMemory) return st;
+      if (!windows_enabled_ && options_.transport == Transport::kSharedMemory) {
+        return absl::UnavailableError(absl::StrFormat(
+            "ecsnapd at %s shares no memory with this process (a TCP address, or a daemon "
+            "without an arena): use Transport::kGrpc or kAuto",
+            options_.daemon_address));
+      }
     }
     worker_ = std::thread([this] { WorkerLoop(); });
+    if (windows_enabled_) warmer_ = std::thread([this] { WarmLoop(); });
     return absl::OkStatus();
   }
 
-  bool shared_memory() const override { return arena_.data() != nullptr; }
+  bool shared_memory() const override { return windows_enabled_; }
+
+  // Whether the bytes of a grant go through shared memory: only when this
+  // client asked for it and the daemon granted a window.
+  bool UseWindow(const std::string& token) const { return windows_enabled_ && !token.empty(); }
+
+  // Where each tensor goes in the rank's window; returns the window's bytes.
+  static uint64_t Layout(const std::vector<Tensor>& tensors, std::vector<uint64_t>* offsets) {
+    uint64_t offset = 0;
+    for (const Tensor& t : tensors) {
+      offset = (offset + kTensorAlignBytes - 1) / kTensorAlignBytes * kTensorAlignBytes;
+      if (offsets != nullptr) offsets->push_back(offset);
+      offset += t.bytes;
+    }
+    return offset;
+  }
+
+  absl::Status Prepare(const std::vector<Tensor>& tensors) override {
+    if (!windows_enabled_) return absl::OkStatus();
+    grpc::ClientContext ctx;
+    SetDeadline(ctx);
+    v1::PrepareRankRequest req;
+    req.set_session_id(session_);
+    req.set_bytes(Layout(tensors, nullptr));
+    v1::PrepareRankResponse resp;
+    // The window is offered on the Attach stream once it exists.
+    return FromGrpc(stub_->PrepareRank(&ctx, req, &resp));
+  }
 
   absl::StatusOr<SnapshotHandle> Snapshot(uint64_t step, std::vector<Tensor> tensors) override {
     auto state = std::make_shared<SnapshotHandle::State>();
     state->step = step;
-    uint64_t offset = 0;
     for (const Tensor& t : tensors) {
       if (t.bytes > 0 && t.data == nullptr) {
         return absl::InvalidArgumentError(
             absl::StrFormat("tensor '%s' has %d bytes but no data", t.name, t.bytes));
       }
-      offset = (offset + kTensorAlignBytes - 1) / kTensorAlignBytes * kTensorAlignBytes;
-      state->offsets.push_back(offset);
-      offset += t.bytes;
     }
-    state->total = offset;
+    state->total = Layout(tensors, &state->offsets);
     state->tensors = std::move(tensors);
     absl::MutexLock lock(&mu_);
     if (queue_.size() >= kMaxQueuedSnapshots) {
@@ -293,41 +333,127 @@ class ClientImpl final : public Client {
                      std::chrono::milliseconds(options_.rpc_timeout_ms));
   }
 
-  absl::Status MapArena(UniqueFd fd, uint64_t bytes) {
-    if (!fd.valid() || bytes == 0) {
-      return absl::UnavailableError(absl::StrFormat(
-          "ecsnapd at %s shares no arena with this process (a TCP address, or a daemon "
-          "without one): use Transport::kGrpc or kAuto",
-          options_.daemon_address));
+  // A window file, mapped. Shared so that a mapping in use survives its
+  // eviction from the cache by another thread.
+  struct MappedWindow {
+    UniqueFd fd;
+    Mapping map;
+    bool writable = false;
+  };
+  struct CachedWindow {
+    std::shared_ptr<MappedWindow> window;
+    uint64_t last_use = 0;
+  };
+
+  // The mapping of window file `file`, of at least `need` bytes: the one
+  // held from an earlier step, or the file fetched with `token` (which a
+  // grant carries each time) and mapped. Files the daemon has let go of
+  // (unlinked) are unmapped here, so their memory is not held.
+  absl::StatusOr<std::shared_ptr<MappedWindow>> WindowFor(uint64_t file, const std::string& token,
+                                                          uint64_t need, bool writable) {
+    {
+      absl::MutexLock lock(&windows_mu_);
+      // A window being made ready in the background is the one to use:
+      // wait for its mapping (not for its first stores).
+      auto ready = [this, file]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(windows_mu_) {
+        return warming_.count(file) == 0;
+      };
+      windows_mu_.AwaitWithTimeout(absl::Condition(&ready),
+                                   absl::Milliseconds(options_.rpc_timeout_ms));
+      for (auto it = windows_.begin(); it != windows_.end();) {
+        struct stat st {};
+        const bool gone = ::fstat(it->second.window->fd.get(), &st) != 0 || st.st_nlink == 0;
+        it = gone ? windows_.erase(it) : std::next(it);
+      }
+      auto it = windows_.find(file);
+      if (it != windows_.end() && (it->second.window->writable || !writable) &&
+          it->second.window->map.size() >= need) {
+        it->second.last_use = ++window_uses_;
+        return it->second.window;
+      }
     }
-    struct stat st;
-    if (::fstat(fd.get(), &st) != 0 || static_cast<uint64_t>(st.st_size) != bytes) {
-      return absl::UnavailableError(
-          absl::StrFormat("the arena ecsnapd passed is not the %d-byte file it announced", bytes));
+    auto w = MapWindow(token, need, writable);
+    if (!w.ok()) return w.status();
+    Remember(file, *w);
+    return w;
+  }
+
+  // Fetches the window granted under `token` and maps it.
+  absl::StatusOr<std::shared_ptr<MappedWindow>> MapWindow(const std::string& token, uint64_t need,
+                                                          bool writable) {
+    auto fetched = FetchWindow(options_.daemon_address, token,
+                               absl::Milliseconds(options_.rpc_timeout_ms));
+    if (!fetched.ok()) return fetched.status();
+    if (fetched->bytes < need) {
+      return absl::DataLossError(absl::StrFormat(
+          "ecsnapd sent a window of %d bytes for %d bytes of data", fetched->bytes, need));
     }
-    void* addr = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
+    const int prot = writable ? PROT_READ | PROT_WRITE : PROT_READ;
+    void* addr = ::mmap(nullptr, fetched->bytes, prot,
+                        MAP_SHARED | (writable ? 0 : MAP_POPULATE), fetched->fd.get(), 0);
     if (addr == MAP_FAILED) {
       return absl::UnavailableError(
-          absl::StrFormat("cannot map the daemon's arena: %s", std::strerror(errno)));
+          absl::StrFormat("cannot map a window of the daemon: %s", std::strerror(errno)));
     }
-    // Populated for writing here; the first store into each page is taken
-    // in the background (see common/prefault.h): Connect does not wait for
-    // a pass over the whole arena, and snapshots stop paying for first
-    // stores as soon as it is done.
-    if (const int err = PopulateForWrite(addr, bytes); err != 0) {
-      ::munmap(addr, bytes);
-      return absl::UnavailableError(
-          absl::StrFormat("cannot populate the daemon's arena: %s", std::strerror(err)));
+    auto w = std::make_shared<MappedWindow>();
+    w->fd = std::move(fetched->fd);
+    w->map = Mapping(addr, fetched->bytes);
+    w->writable = writable;
+    // Populated for writing now, so that the copy does not stop at each
+    // page (see common/prefault.h); a rank's next steps reuse the mapping.
+    if (writable) {
+      if (const int err = PopulateForWrite(addr, fetched->bytes); err != 0) {
+        return absl::ResourceExhaustedError(
+            absl::StrFormat("cannot populate a window of the daemon: %s", std::strerror(err)));
+      }
     }
-    arena_ = Mapping(addr, bytes);
-    if (options_.prefault_at_connect) {
-      TouchForWrite(arena_.data(), arena_.size());
-      return absl::OkStatus();
+    return w;
+  }
+
+  void Remember(uint64_t file, std::shared_ptr<MappedWindow> w) {
+    absl::MutexLock lock(&windows_mu_);
+    windows_[file] = CachedWindow{std::move(w), ++window_uses_};
+    while (windows_.size() > kMaxMappedWindows) {
+      auto oldest = std::min_element(windows_.begin(), windows_.end(), [](const auto& a, const auto& b) {
+        return a.second.last_use < b.second.last_use;
+      });
+      windows_.erase(oldest);
     }
-    prefault_thread_ = std::thread([this] {
-      TouchForWrite(arena_.data(), arena_.size(), &stopping_prefault_, &copying_);
-    });
-    return absl::OkStatus();
+  }
+
+  // Queues window `file` (granted under `token`) to be made ready in the
+  // background, unless it is held or queued already.
+  void Warm(uint64_t file, std::string token) {
+    absl::MutexLock lock(&windows_mu_);
+    if (windows_.count(file) != 0 || warming_.count(file) != 0) return;
+    warming_.insert(file);
+    warm_queue_.emplace_back(file, std::move(token));
+  }
+
+  // Maps each queued window and writes each of its pages once (see
+  // common/prefault.h), pausing while a snapshot or restore copies.
+  void WarmLoop() {
+    while (true) {
+      uint64_t file;
+      std::string token;
+      {
+        absl::MutexLock lock(&windows_mu_);
+        auto has_work = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(windows_mu_) {
+          return stopping_warm_ || !warm_queue_.empty();
+        };
+        windows_mu_.Await(absl::Condition(&has_work));
+        if (stopping_warm_) return;
+        std::tie(file, token) = std::move(warm_queue_.front());
+        warm_queue_.pop_front();
+      }
+      auto w = MapWindow(token, 0, /*writable=*/true);
+      if (w.ok()) Remember(file, *w);
+      {
+        absl::MutexLock lock(&windows_mu_);
+        warming_.erase(file);
+      }
+      if (w.ok()) TouchForWrite((*w)->map.data(), (*w)->map.size(), &stopping_touch_, &copying_);
+    }
   }
 
   void WorkerLoop() {
@@ -349,9 +475,6 @@ class ClientImpl final : public Client {
   }
 
   absl::Status RunSnapshot(SnapshotHandle::State& s) {
-    // The background pre-fault waits while a snapshot copies.
-    ++copying_;
-    absl::Cleanup done = [this] { --copying_; };
     v1::BeginRankResponse window;
     {
       grpc::ClientContext ctx;
@@ -366,8 +489,8 @@ class ClientImpl final : public Client {
     v1::CommitRankRequest commit;
     commit.set_session_id(session_);
     commit.set_step(s.step);
-    absl::Status st = shared_memory() ? CopyIn(s, window, commit.mutable_manifest())
-                                      : StreamIn(s, commit.mutable_manifest());
+    absl::Status st = UseWindow(window.window_token()) ? CopyIn(s, window, commit.mutable_manifest())
+                                                       : StreamIn(s, commit.mutable_manifest());
     if (st.ok()) {
       // The bytes are in the daemon's memory: the trainer may go on while
       // the daemon checks them.
@@ -402,17 +525,20 @@ class ClientImpl final : public Client {
   // Shared memory: one copy from the trainer's tensors into the window.
   absl::Status CopyIn(SnapshotHandle::State& s, const v1::BeginRankResponse& window,
                       v1::Manifest* manifest) {
-    if (window.window_offset() > arena_.size() ||
-        s.total > arena_.size() - window.window_offset()) {
-      return absl::InternalError("the daemon granted a window outside its arena");
+    if (s.total > window.window_bytes()) {
+      return absl::InternalError("the daemon granted a window smaller than the step");
     }
-    uint8_t* base = arena_.data() + window.window_offset();
+    auto mapped = WindowFor(window.window_file(), window.window_token(), s.total, true);
+    if (!mapped.ok()) return mapped.status();
+    uint8_t* base = (*mapped)->map.data();
     std::vector<CopyTask> tasks;
     for (size_t i = 0; i < s.tensors.size(); ++i) {
       tasks.push_back({base + s.offsets[i], static_cast<const uint8_t*>(s.tensors[i].data),
                        s.tensors[i].bytes, 0});
     }
+    ++copying_;  // the background first stores wait meanwhile
     CopyAll(tasks, options_.copy_threads, &s.copied);
+    --copying_;
     for (size_t i = 0; i < s.tensors.size(); ++i) {
       AddEntry(s.tensors[i], s.offsets[i], manifest)->set_crc32c(tasks[i].crc);
     }
@@ -484,16 +610,16 @@ class ClientImpl final : public Client {
             absl::StrFormat("tensor '%s' lies outside its step's window", t.name()));
       }
     }
-    if (shared_memory()) {
-      if (r.window_offset() > arena_.size() ||
-          r.window_bytes() > arena_.size() - r.window_offset()) {
-        return absl::InternalError("the daemon leased a window outside its arena");
-      }
-      const uint8_t* window = arena_.data() + r.window_offset();
+    if (UseWindow(r.window_token())) {
+      auto mapped = WindowFor(r.window_file(), r.window_token(), r.window_bytes(), false);
+      if (!mapped.ok()) return mapped.status();
+      const uint8_t* window = (*mapped)->map.data();
       for (int i = 0; i < r.manifest().tensors_size(); ++i) {
         tasks[i].src = window + r.manifest().tensors(i).offset();
       }
+      ++copying_;
       CopyAll(tasks, options_.copy_threads, nullptr);
+      --copying_;
     } else {
       absl::Status st = StreamOut(r, tasks);
       if (!st.ok()) return st;
@@ -566,10 +692,17 @@ class ClientImpl final : public Client {
   std::unique_ptr<grpc::ClientReader<v1::AttachEvent>> attach_reader_;
   std::thread attach_reader_thread_;
   std::string session_;  // the daemon's random id, valid on this channel only
-  std::atomic<bool> stopping_prefault_{false};
-  std::atomic<int> copying_{0};  // snapshots copying now
-  std::thread prefault_thread_;  // first stores into the arena (MapArena)
-  Mapping arena_;
+  bool windows_enabled_ = false;  // the daemon hands out windows
+  std::atomic<int> copying_{0};    // snapshots and restores copying now
+  std::atomic<bool> stopping_touch_{false};
+  std::thread warmer_;  // WarmLoop
+
+  absl::Mutex windows_mu_;
+  std::map<uint64_t, CachedWindow> windows_ ABSL_GUARDED_BY(windows_mu_);  // by file id
+  uint64_t window_uses_ ABSL_GUARDED_BY(windows_mu_) = 0;
+  std::deque<std::pair<uint64_t, std::string>> warm_queue_ ABSL_GUARDED_BY(windows_mu_);
+  std::set<uint64_t> warming_ ABSL_GUARDED_BY(windows_mu_);  // queued or being mapped
+  bool stopping_warm_ ABSL_GUARDED_BY(windows_mu_) = false;
 
   absl::Mutex mu_;
   std::deque<std::shared_ptr<SnapshotHandle::State>> queue_ ABSL_GUARDED_BY(mu_);

@@ -20,7 +20,10 @@
 namespace ecsnap {
 namespace {
 
-absl::StatusOr<DataChannel> OpenUnix(const std::string& path, const DataChannelOptions& options) {
+// Connects to the daemon's socket and reads its hello: an admitted
+// connection, or the daemon's reason why not.
+absl::StatusOr<UniqueFd> ConnectAdmitted(const std::string& path, absl::Duration timeout,
+                                         TrainerHello* hello_out) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   if (path.size() >= sizeof(addr.sun_path)) {
@@ -32,7 +35,7 @@ absl::StatusOr<DataChannel> OpenUnix(const std::string& path, const DataChannelO
   if (!fd.valid()) return absl::InternalError(absl::StrFormat("socket: %s", std::strerror(errno)));
   // Non-blocking, so that a daemon whose backlog is full (EAGAIN on a Unix
   // socket) cannot hold the trainer past its deadline.
-  const absl::Time deadline = absl::Now() + options.timeout;
+  const absl::Time deadline = absl::Now() + timeout;
   int rc;
   while ((rc = ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr))) != 0 &&
          (errno == EINTR || errno == EAGAIN) && absl::Now() < deadline) {
@@ -42,7 +45,7 @@ absl::StatusOr<DataChannel> OpenUnix(const std::string& path, const DataChannelO
     if (errno == EAGAIN) {
       return absl::DeadlineExceededError(absl::StrFormat(
           "ecsnapd at %s takes no new connection (its queue stayed full for %s)", path,
-          absl::FormatDuration(options.timeout)));
+          absl::FormatDuration(timeout)));
     }
     if (errno == EACCES || errno == EPERM) {
       return absl::PermissionDeniedError(absl::StrFormat(
@@ -59,15 +62,63 @@ absl::StatusOr<DataChannel> OpenUnix(const std::string& path, const DataChannelO
                         absl::StrFormat("ecsnapd at %s: %s", path, hello.status().message()));
   }
   if (!hello->admitted) return absl::PermissionDeniedError(hello->message);
+  *hello_out = *std::move(hello);
+  return fd;
+}
+
+std::string SocketPath(const std::string& address) {
+  return absl::StartsWith(address, "unix:") ? address.substr(5) : address;
+}
+
+absl::StatusOr<DataChannel> OpenUnix(const std::string& path, const DataChannelOptions& options) {
+  TrainerHello hello;
+  absl::StatusOr<UniqueFd> fd = ConnectAdmitted(path, options.timeout, &hello);
+  if (!fd.ok()) return fd.status();
+  TrainerRole role;
+  role.kind = TrainerRole::Kind::kGrpc;
+  if (absl::Status st = SendTrainerRole(fd->get(), role, options.timeout); !st.ok()) {
+    return absl::UnavailableError(absl::StrFormat("ecsnapd at %s: %s", path, st.message()));
+  }
   DataChannel out;
-  out.arena_fd = std::move(hello->arena_fd);
-  out.arena_bytes = hello->arena_bytes;
+  out.windows = hello.windows;
   grpc::ChannelArguments args = options.args;
-  out.channel = grpc::CreateCustomInsecureChannelFromFd("ecsnapd", fd.Release(), args);
+  out.channel = grpc::CreateCustomInsecureChannelFromFd("ecsnapd", fd->Release(), args);
   return out;
 }
 
 }  // namespace
+
+absl::StatusOr<FetchedWindow> FetchWindow(const std::string& address, const std::string& token,
+                                          absl::Duration timeout) {
+  const std::string path = SocketPath(address);
+  const absl::Time deadline = absl::Now() + timeout;
+  TrainerHello hello;
+  absl::StatusOr<UniqueFd> fd = ConnectAdmitted(path, timeout, &hello);
+  if (!fd.ok()) return fd.status();
+  TrainerRole role;
+  role.kind = TrainerRole::Kind::kWindow;
+  role.token = token;
+  if (absl::Status st = SendTrainerRole(fd->get(), role, timeout); !st.ok()) {
+    return absl::UnavailableError(absl::StrFormat("ecsnapd at %s: %s", path, st.message()));
+  }
+  auto reply =
+      ReceiveTrainerHello(fd->get(), std::max(deadline - absl::Now(), absl::Milliseconds(1)));
+  if (!reply.ok()) {
+    return absl::Status(reply.status().code(),
+                        absl::StrFormat("ecsnapd at %s: %s", path, reply.status().message()));
+  }
+  if (!reply->admitted) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("ecsnapd at %s gave no window: %s", path, reply->message));
+  }
+  if (!reply->fd.valid() || reply->fd_bytes == 0) {
+    return absl::DataLossError(absl::StrFormat("ecsnapd at %s sent a window without a file", path));
+  }
+  FetchedWindow out;
+  out.fd = std::move(reply->fd);
+  out.bytes = reply->fd_bytes;
+  return out;
+}
 
 absl::StatusOr<DataChannel> OpenDataChannel(DataChannelOptions options) {
   const std::string& a = options.address;

@@ -1,9 +1,10 @@
 // The connection from a trainer to its node's ecsnapd, before any session.
 //
 // On a Unix socket the daemon first checks who connected (SO_PEERCRED) and
-// answers with a hello that carries the arena's descriptor
-// (common/trainer_hello.h); gRPC then runs over the same socket. Over TCP
-// the channel is plain gRPC, with TLS when a CA file is given.
+// answers with a hello (common/trainer_hello.h); gRPC then runs over the
+// same socket, and each granted window's file is fetched on a connection of
+// its own (FetchWindow). Over TCP the channel is plain gRPC, with TLS when a
+// CA file is given.
 #ifndef ECSNAP_CLIENT_DATA_CHANNEL_H_
 #define ECSNAP_CLIENT_DATA_CHANNEL_H_
 
@@ -34,14 +35,25 @@ struct DataChannelOptions {
 
 struct DataChannel {
   std::shared_ptr<grpc::Channel> channel;
-  // The daemon's arena, when it shares one with this process.
-  UniqueFd arena_fd;
-  uint64_t arena_bytes = 0;
+  // The daemon hands this process windows of shared memory (a Unix socket
+  // of a daemon with an arena).
+  bool windows = false;
 };
 
 // UNAVAILABLE when no daemon answers; PERMISSION_DENIED, with the daemon's
 // sentence, when it refuses this process.
 absl::StatusOr<DataChannel> OpenDataChannel(DataChannelOptions options);
+
+struct FetchedWindow {
+  UniqueFd fd;         // read-write, or read-only for a restore
+  uint64_t bytes = 0;  // of the file
+};
+
+// The file of the window granted under `token`, from the daemon's socket at
+// `address`. FAILED_PRECONDITION with the daemon's reason when it gives
+// none (a used or expired token, another user's, a retired window).
+absl::StatusOr<FetchedWindow> FetchWindow(const std::string& address, const std::string& token,
+                                          absl::Duration timeout);
 
 }  // namespace ecsnap
 

@@ -117,13 +117,6 @@ struct ClientOptions {
   Transport transport = Transport::kAuto;
   // Threads copying (and checksumming) tensors. Default: 2.
   int copy_threads = 2;
-  // The first store into each page of the arena costs far more than a copy
-  // on some machines (a virtualised page walk; see common/prefault.h). By
-  // default a background thread takes those stores after Connect, pausing
-  // while snapshots copy, so Connect is quick and a snapshot taken before
-  // the thread is done pays for its own pages. True: Connect takes them all
-  // before it returns. Default: false.
-  bool prefault_at_connect = false;
   // Check every restored tensor's CRC-32C. Default: true.
   bool verify_restore = true;
   // Deadline of each control call to the daemon, in ms. Default: 30000.
@@ -183,6 +176,13 @@ class Client {
   // errors by WaitCommitted(). Snapshots run one after the other: a step's
   // copy starts once the previous step is committed.
   virtual absl::StatusOr<SnapshotHandle> Snapshot(uint64_t step, std::vector<Tensor> tensors) = 0;
+
+  // Optional, once, before the first Snapshot: asks the daemon for a window
+  // of the size `tensors` need (only their sizes are read) and maps it in
+  // the background, so that the first snapshot of the same size does not
+  // pay for fresh memory (see common/prefault.h). Later steps get the same
+  // from the daemon without asking. A no-op over gRPC.
+  virtual absl::Status Prepare(const std::vector<Tensor>& tensors) = 0;
 
   // This rank's restorable steps, newest first.
   virtual absl::StatusOr<std::vector<RestorableStep>> ListRestorable() = 0;

@@ -12,16 +12,28 @@
 namespace ecsnap {
 namespace {
 
-constexpr char kMagic[8] = {'E', 'C', 'S', 'N', 'H', 'L', 'O', '1'};
+constexpr char kMagic[8] = {'E', 'C', 'S', 'N', 'H', 'L', 'O', '2'};
+constexpr char kRoleMagic[8] = {'E', 'C', 'S', 'N', 'R', 'O', 'L', '1'};
+constexpr uint32_t kFlagWindows = 1;
 
 // Native byte order: both ends are on one machine.
 struct Wire {
   char magic[8];
   uint32_t admitted;
   uint32_t message_bytes;
-  uint64_t arena_bytes;
+  uint64_t fd_bytes;
+  uint32_t flags;
+  uint32_t reserved;
 };
-static_assert(sizeof(Wire) == 24, "the hello header is 24 bytes");
+static_assert(sizeof(Wire) == 32, "the hello header is 32 bytes");
+
+struct RoleWire {
+  char magic[8];
+  uint32_t kind;
+  uint32_t reserved;
+  char token[kWindowTokenBytes];
+};
+static_assert(sizeof(RoleWire) == kTrainerRoleBytes, "a role is 32 bytes");
 
 // Waits until `sock` is ready for `events` or the deadline passes.
 absl::Status WaitFor(int sock, short events, absl::Time deadline, const char* what) {
@@ -61,7 +73,7 @@ int CollectFds(msghdr* msg, UniqueFd* fd) {
 
 }  // namespace
 
-absl::Status SendTrainerHello(int sock, const TrainerHello& hello, int arena_fd,
+absl::Status SendTrainerHello(int sock, const TrainerHello& hello, int fd,
                               absl::Duration timeout) {
   const absl::Time deadline = absl::Now() + timeout;
   const std::string message = hello.message.substr(0, kHelloMaxMessageBytes);
@@ -69,13 +81,15 @@ absl::Status SendTrainerHello(int sock, const TrainerHello& hello, int arena_fd,
   std::memcpy(w.magic, kMagic, sizeof(kMagic));
   w.admitted = hello.admitted ? 1 : 0;
   w.message_bytes = static_cast<uint32_t>(message.size());
-  w.arena_bytes = hello.admitted && arena_fd >= 0 ? hello.arena_bytes : 0;
+  w.fd_bytes = hello.admitted && fd >= 0 ? hello.fd_bytes : 0;
+  w.flags = hello.windows ? kFlagWindows : 0;
+  w.reserved = 0;
   std::vector<char> bytes(sizeof(w) + message.size());
   std::memcpy(bytes.data(), &w, sizeof(w));
   std::memcpy(bytes.data() + sizeof(w), message.data(), message.size());
 
   size_t sent = 0;
-  bool fd_sent = !(hello.admitted && arena_fd >= 0);
+  bool fd_sent = !(hello.admitted && fd >= 0);
   while (sent < bytes.size()) {
     if (absl::Status st = WaitFor(sock, POLLOUT, deadline, "sending"); !st.ok()) return st;
     iovec iov{bytes.data() + sent, bytes.size() - sent};
@@ -91,7 +105,7 @@ absl::Status SendTrainerHello(int sock, const TrainerHello& hello, int arena_fd,
       c->cmsg_level = SOL_SOCKET;
       c->cmsg_type = SCM_RIGHTS;
       c->cmsg_len = CMSG_LEN(sizeof(int));
-      std::memcpy(CMSG_DATA(c), &arena_fd, sizeof(int));
+      std::memcpy(CMSG_DATA(c), &fd, sizeof(int));
     }
     const ssize_t n = ::sendmsg(sock, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
     if (n < 0) {
@@ -127,7 +141,7 @@ absl::StatusOr<TrainerHello> ReceiveTrainerHello(int sock, absl::Duration timeou
         return absl::UnavailableError(
             absl::StrFormat("cannot read the daemon's hello: %s", std::strerror(errno)));
       }
-      fds_seen += CollectFds(&msg, fds_seen == 0 ? &hello.arena_fd : nullptr);
+      fds_seen += CollectFds(&msg, fds_seen == 0 ? &hello.fd : nullptr);
       if ((msg.msg_flags & MSG_CTRUNC) != 0) {
         return absl::DataLossError("the daemon's hello carried more descriptors than one");
       }
@@ -153,12 +167,61 @@ absl::StatusOr<TrainerHello> ReceiveTrainerHello(int sock, absl::Duration timeou
   if (absl::Status st = read_exactly(hello.message.data(), w.message_bytes); !st.ok()) return st;
   hello.admitted = w.admitted == 1;
   if (fds_seen > 1) return absl::DataLossError("the daemon's hello carried more descriptors than one");
+  hello.windows = (w.flags & kFlagWindows) != 0;
   if (!hello.admitted) {
-    hello.arena_fd.Reset();
+    hello.fd.Reset();
     return hello;
   }
-  hello.arena_bytes = hello.arena_fd.valid() ? w.arena_bytes : 0;
+  hello.fd_bytes = hello.fd.valid() ? w.fd_bytes : 0;
   return hello;
+}
+
+absl::Status SendTrainerRole(int sock, const TrainerRole& role, absl::Duration timeout) {
+  if (role.kind == TrainerRole::Kind::kWindow && role.token.size() != kWindowTokenBytes) {
+    return absl::InvalidArgumentError("a window token has 16 bytes");
+  }
+  RoleWire w{};
+  std::memcpy(w.magic, kRoleMagic, sizeof(kRoleMagic));
+  w.kind = static_cast<uint32_t>(role.kind);
+  std::memcpy(w.token, role.token.data(), role.token.size());
+  const absl::Time deadline = absl::Now() + timeout;
+  const char* p = reinterpret_cast<const char*>(&w);
+  size_t sent = 0;
+  while (sent < sizeof(w)) {
+    if (absl::Status st = WaitFor(sock, POLLOUT, deadline, "sending the role after"); !st.ok()) {
+      return st;
+    }
+    const ssize_t n = ::send(sock, p + sent, sizeof(w) - sent, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n < 0) {
+      if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK) continue;
+      return absl::UnavailableError(
+          absl::StrFormat("cannot tell the daemon what the connection is for: %s",
+                          std::strerror(errno)));
+    }
+    sent += static_cast<size_t>(n);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<TrainerRole> ParseTrainerRole(const char* bytes) {
+  RoleWire w;
+  std::memcpy(&w, bytes, sizeof(w));
+  if (std::memcmp(w.magic, kRoleMagic, sizeof(kRoleMagic)) != 0) {
+    return absl::DataLossError(
+        "the connection did not say what it is for (not an ecsnap client of this release)");
+  }
+  TrainerRole role;
+  switch (w.kind) {
+    case static_cast<uint32_t>(TrainerRole::Kind::kGrpc):
+      role.kind = TrainerRole::Kind::kGrpc;
+      return role;
+    case static_cast<uint32_t>(TrainerRole::Kind::kWindow):
+      role.kind = TrainerRole::Kind::kWindow;
+      role.token.assign(w.token, kWindowTokenBytes);
+      return role;
+    default:
+      return absl::DataLossError(absl::StrFormat("unknown connection role %d", w.kind));
+  }
 }
 
 }  // namespace ecsnap

@@ -33,17 +33,17 @@ TEST(TrainerHelloTest, AnAdmittedTrainerGetsTheArenaAndNotOneByteMore) {
   UniqueFd arena = MemFile("arena bytes");
   TrainerHello hello;
   hello.admitted = true;
-  hello.arena_bytes = 11;
+  hello.fd_bytes = 11;
   ASSERT_TRUE(SendTrainerHello(p.daemon.get(), hello, arena.get(), absl::Seconds(5)).ok());
   ASSERT_EQ(::write(p.daemon.get(), "PRI *", 5), 5);  // what gRPC sends next
 
   auto got = ReceiveTrainerHello(p.trainer.get(), absl::Seconds(5));
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_TRUE(got->admitted);
-  EXPECT_EQ(got->arena_bytes, 11u);
-  ASSERT_TRUE(got->arena_fd.valid());
+  EXPECT_EQ(got->fd_bytes, 11u);
+  ASSERT_TRUE(got->fd.valid());
   char buf[16] = {};
-  EXPECT_EQ(::pread(got->arena_fd.get(), buf, 11, 0), 11);
+  EXPECT_EQ(::pread(got->fd.get(), buf, 11, 0), 11);
   EXPECT_STREQ(buf, "arena bytes");
   // The bytes after the hello are left for the next reader.
   char tail[6] = {};
@@ -62,13 +62,13 @@ TEST(TrainerHelloTest, ARefusedTrainerGetsTheReasonAndNoDescriptor) {
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_FALSE(got->admitted);
   EXPECT_EQ(got->message, "uid 1234 is not allowed");
-  EXPECT_FALSE(got->arena_fd.valid());
+  EXPECT_FALSE(got->fd.valid());
 }
 
 TEST(TrainerHelloTest, SomethingElseOnTheSocketIsNotTakenForAHello) {
   {
     Pair p;
-    const char junk[] = "HTTP/1.1 400 Bad Request\r\n\r\n";
+    const char junk[] = "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n";
     ASSERT_EQ(::write(p.daemon.get(), junk, sizeof(junk)), static_cast<ssize_t>(sizeof(junk)));
     auto got = ReceiveTrainerHello(p.trainer.get(), absl::Seconds(5));
     EXPECT_EQ(got.status().code(), absl::StatusCode::kDataLoss) << got.status();
@@ -89,18 +89,18 @@ TEST(TrainerHelloTest, SomethingElseOnTheSocketIsNotTakenForAHello) {
 TEST(TrainerHelloTest, AHelloWithAHugeMessageOrTwoDescriptorsIsRefused) {
   {
     Pair p;
-    char wire[24] = {'E', 'C', 'S', 'N', 'H', 'L', 'O', '1'};
+    char wire[32] = {'E', 'C', 'S', 'N', 'H', 'L', 'O', '2'};
     const uint32_t admitted = 0, len = 1 << 30;
     std::memcpy(wire + 8, &admitted, 4);
     std::memcpy(wire + 12, &len, 4);
-    ASSERT_EQ(::write(p.daemon.get(), wire, sizeof(wire)), 24);
+    ASSERT_EQ(::write(p.daemon.get(), wire, sizeof(wire)), 32);
     auto got = ReceiveTrainerHello(p.trainer.get(), absl::Seconds(5));
     EXPECT_EQ(got.status().code(), absl::StatusCode::kDataLoss) << got.status();
   }
   {
     Pair p;
     UniqueFd a = MemFile("a"), b = MemFile("b");
-    char wire[24] = {'E', 'C', 'S', 'N', 'H', 'L', 'O', '1'};
+    char wire[32] = {'E', 'C', 'S', 'N', 'H', 'L', 'O', '2'};
     const uint32_t admitted = 1;
     std::memcpy(wire + 8, &admitted, 4);
     iovec iov{wire, sizeof(wire)};
@@ -116,10 +116,35 @@ TEST(TrainerHelloTest, AHelloWithAHugeMessageOrTwoDescriptorsIsRefused) {
     c->cmsg_len = CMSG_LEN(2 * sizeof(int));
     const int two[2] = {a.get(), b.get()};
     std::memcpy(CMSG_DATA(c), two, sizeof(two));
-    ASSERT_EQ(::sendmsg(p.daemon.get(), &msg, 0), 24);
+    ASSERT_EQ(::sendmsg(p.daemon.get(), &msg, 0), 32);
     auto got = ReceiveTrainerHello(p.trainer.get(), absl::Seconds(5));
     EXPECT_EQ(got.status().code(), absl::StatusCode::kDataLoss) << got.status();
   }
+}
+
+TEST(TrainerHelloTest, ARoleRoundTripsAndJunkIsNotARole) {
+  Pair p;
+  TrainerRole window;
+  window.kind = TrainerRole::Kind::kWindow;
+  window.token = std::string("0123456789abcdef");
+  ASSERT_TRUE(SendTrainerRole(p.trainer.get(), window, absl::Seconds(5)).ok());
+  char bytes[kTrainerRoleBytes];
+  ASSERT_EQ(::read(p.daemon.get(), bytes, sizeof(bytes)), static_cast<ssize_t>(sizeof(bytes)));
+  auto got = ParseTrainerRole(bytes);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->kind, TrainerRole::Kind::kWindow);
+  EXPECT_EQ(got->token, window.token);
+
+  // gRPC's own first bytes are not a role: an old client is told so.
+  char preface[kTrainerRoleBytes] = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+  EXPECT_EQ(ParseTrainerRole(preface).status().code(), absl::StatusCode::kDataLoss);
+  char unknown[kTrainerRoleBytes] = {'E', 'C', 'S', 'N', 'R', 'O', 'L', '1', 9};
+  EXPECT_EQ(ParseTrainerRole(unknown).status().code(), absl::StatusCode::kDataLoss);
+  TrainerRole short_token;
+  short_token.kind = TrainerRole::Kind::kWindow;
+  short_token.token = "short";
+  EXPECT_EQ(SendTrainerRole(p.trainer.get(), short_token, absl::Seconds(1)).code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

@@ -1,6 +1,8 @@
 #include "daemon/arena.h"
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -14,9 +16,14 @@
 #include <cstring>
 #include <filesystem>
 
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/format.h"
+#include "common/log.h"
 #include "common/prefault.h"
+#include "common/sigbus_guard.h"
 #include "ec/crc32c.h"
 
 namespace ecsnap::daemon {
@@ -49,7 +56,13 @@ absl::Status Errno(const std::string& what) {
   return absl::InternalError(absl::StrFormat("%s: %s", what, std::strerror(errno)));
 }
 
+constexpr char kWindowPrefix[] = "w.";
+
 }  // namespace
+
+std::string WindowOwner(const std::string& job_id, uint32_t rank) {
+  return absl::StrCat(job_id, std::string(1, '\0'), rank);
+}
 
 struct Arena::IndexEntry {
   uint64_t valid;  // kEntryValid when published
@@ -113,17 +126,44 @@ absl::StatusOr<std::unique_ptr<Arena>> Arena::Open(const Options& options) {
   // its re-adopted steps without waiting for a pass over the whole arena.
   void* addr = ::mmap(nullptr, options.bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
   if (addr == MAP_FAILED) return Errno("cannot map arena " + path);
-  if (const int err = PopulateForWrite(addr, options.bytes); err != 0) {
-    ::munmap(addr, options.bytes);
-    return absl::ResourceExhaustedError(absl::StrFormat(
-        "cannot populate the %s arena in %s: %s", FormatBytes(options.bytes), options.dir,
-        std::strerror(err)));
+  // A restarted daemon leaves the ranges of its window files alone: their
+  // pages are in the window files, and the node need not hold them twice.
+  std::map<uint64_t, uint64_t> skip;
+  if (existing) {
+    std::error_code dir_ec;
+    for (const auto& e : std::filesystem::directory_iterator(options.dir, dir_ec)) {
+      const std::string name = e.path().filename();
+      uint64_t offset = 0;
+      std::error_code size_ec;
+      const uint64_t bytes = std::filesystem::file_size(e.path(), size_ec);
+      if (absl::StartsWith(name, kWindowPrefix) && absl::SimpleHexAtoi(name.substr(2), &offset) &&
+          !size_ec && offset % kArenaAlignBytes == 0 && bytes > 0 &&
+          bytes % kArenaAlignBytes == 0 && bytes <= options.bytes &&
+          offset <= options.bytes - bytes) {
+        skip[offset] = bytes;
+      }
+    }
+  }
+  uint64_t at = 0;
+  skip[options.bytes] = 0;
+  for (const auto& [offset, bytes] : skip) {
+    if (offset > at) {
+      if (const int err = PopulateForWrite(static_cast<uint8_t*>(addr) + at, offset - at);
+          err != 0) {
+        ::munmap(addr, options.bytes);
+        return absl::ResourceExhaustedError(absl::StrFormat(
+            "cannot populate the %s arena in %s: %s", FormatBytes(options.bytes), options.dir,
+            std::strerror(err)));
+      }
+    }
+    at = std::max(at, offset + bytes);
   }
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
-  std::unique_ptr<Arena> arena(new Arena(path, std::move(fd), Mapping(addr, options.bytes),
-                                         options.index_entries, seconds, existing));
+  std::unique_ptr<Arena> arena(new Arena(options.dir, path, std::move(fd),
+                                         Mapping(addr, options.bytes), options.index_entries,
+                                         seconds, existing));
   const Header* h = reinterpret_cast<const Header*>(arena->base());
   const bool header_ok = existing && std::memcmp(h->magic, kMagic, 8) == 0 &&
                          h->version == kVersion && h->crc == Crc(h, offsetof(Header, crc)) &&
@@ -134,12 +174,49 @@ absl::StatusOr<std::unique_ptr<Arena>> Arena::Open(const Options& options) {
   } else {
     arena->InitFresh();
   }
+  {
+    // Window files are kept only beside the index that describes them.
+    absl::MutexLock lock(&arena->mu_);
+    if (header_ok) {
+      arena->AdoptWindowFiles();
+      // Ranges left unpopulated for a file that turned out not to be a
+      // window: the arena file backs them again.
+      for (const auto& [offset, bytes] : skip) {
+        auto w = arena->windows_.find(offset);
+        if (bytes == 0 || (w != arena->windows_.end() && w->second.bytes == bytes)) continue;
+        const uint64_t end = std::min<uint64_t>(offset + bytes, options.bytes);
+        for (uint64_t a = offset; a < end;) {
+          auto in = arena->windows_.upper_bound(a);
+          if (in != arena->windows_.begin() && std::prev(in)->first + std::prev(in)->second.bytes > a) {
+            a = std::prev(in)->first + std::prev(in)->second.bytes;  // a window's own range
+            continue;
+          }
+          const uint64_t b = in == arena->windows_.end() ? end : std::min(end, in->first);
+          if (::posix_fallocate(arena->fd_.get(), static_cast<off_t>(a), static_cast<off_t>(b - a)) != 0) {
+            arena->holes_[a] = b - a;
+          } else {
+            PopulateForWrite(arena->base() + a, b - a);
+          }
+          a = b;
+        }
+      }
+    } else {
+      DIR* d = ::opendir(options.dir.c_str());
+      while (dirent* e = d == nullptr ? nullptr : ::readdir(d)) {
+        if (absl::StartsWith(e->d_name, kWindowPrefix)) {
+          ::unlinkat(::dirfd(d), e->d_name, 0);
+        }
+      }
+      if (d != nullptr) ::closedir(d);
+    }
+  }
   return arena;
 }
 
-Arena::Arena(std::string path, UniqueFd fd, Mapping mapping, uint32_t index_entries,
-             double prefault_seconds, bool adopted)
-    : path_(std::move(path)),
+Arena::Arena(std::string dir, std::string path, UniqueFd fd, Mapping mapping,
+             uint32_t index_entries, double prefault_seconds, bool adopted)
+    : dir_(std::move(dir)),
+      path_(std::move(path)),
       fd_(std::move(fd)),
       mapping_(std::move(mapping)),
       index_entries_(index_entries),
@@ -151,12 +228,227 @@ Arena::Arena(std::string path, UniqueFd fd, Mapping mapping, uint32_t index_entr
     free_[data_offset_] = size() - data_offset_;
     free_bytes_ = size() - data_offset_;
   }
+  if (!GuardAgainstSigbus(base(), size())) {
+    Log("arena %s: more arenas in this process than the SIGBUS guard covers; a trainer that "
+        "truncates its window can crash this process",
+        path_);
+  }
   toucher_ = std::thread([this] { TouchForWrite(base(), size(), &stop_touching_); });
 }
 
 Arena::~Arena() {
   stop_touching_ = true;
   toucher_.join();
+  UnguardSigbus(base());
+}
+
+std::string Arena::WindowPath(uint64_t offset) const {
+  return absl::StrFormat("%s/%s%x", dir_, kWindowPrefix, offset);
+}
+
+void Arena::AdoptWindowFiles() {
+  DIR* d = ::opendir(dir_.c_str());
+  if (d == nullptr) return;
+  std::vector<std::string> names;
+  while (dirent* e = ::readdir(d)) {
+    if (absl::StartsWith(e->d_name, kWindowPrefix)) names.push_back(e->d_name);
+  }
+  ::closedir(d);
+  for (const std::string& name : names) {
+    const std::string path = dir_ + "/" + name;
+    uint64_t offset = 0;
+    struct stat st {};
+    UniqueFd wfd(::open(path.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW));
+    const bool named = absl::SimpleHexAtoi(name.substr(2), &offset) && WindowPath(offset) == path;
+    if (!named || !wfd.valid() || ::fstat(wfd.get(), &st) != 0 || !S_ISREG(st.st_mode) ||
+        st.st_size <= 0 || static_cast<uint64_t>(st.st_size) % kArenaAlignBytes != 0 ||
+        !ReserveLocked({offset, static_cast<uint64_t>(st.st_size)})) {
+      ::unlink(path.c_str());  // not a window this index can describe
+      continue;
+    }
+    const uint64_t bytes = static_cast<uint64_t>(st.st_size);
+    allocated_.erase(offset);  // neither free nor in use until Reserve claims it
+    if (::mmap(base() + offset, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, wfd.get(),
+               0) == MAP_FAILED) {
+      Log("arena %s: cannot map window file %s: %s; dropped", path_, path, std::strerror(errno));
+      ::unlink(path.c_str());
+      AddFreeLocked(offset, bytes);
+      continue;
+    }
+    PunchLocked(offset, bytes);
+    PopulateForWrite(base() + offset, bytes);
+    Window& w = windows_[offset];
+    w.fd = std::move(wfd);
+    w.file_id = next_file_id_++;
+    w.bytes = bytes;
+    w.state = Window::State::kAdopted;
+  }
+}
+
+absl::StatusOr<UniqueFd> Arena::CreateWindowFile(uint64_t offset, uint64_t bytes, bool copy,
+                                                 bool populate) const {
+  const std::string path = WindowPath(offset);
+  ::unlink(path.c_str());
+  UniqueFd wfd(::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600));
+  if (!wfd.valid()) return Errno("cannot create window file " + path);
+  auto fail = [&](absl::Status st) {
+    ::unlink(path.c_str());
+    return st;
+  };
+  if (const int rc = ::posix_fallocate(wfd.get(), 0, static_cast<off_t>(bytes)); rc != 0) {
+    return fail(absl::ResourceExhaustedError(absl::StrFormat(
+        "cannot hold a %s window in %s: %s", FormatBytes(bytes), dir_, std::strerror(rc))));
+  }
+  for (uint64_t done = 0; copy && done < bytes;) {
+    const ssize_t n = ::pwrite(wfd.get(), base() + offset + done, bytes - done,
+                               static_cast<off_t>(done));
+    if (n <= 0) {
+      if (n < 0 && errno == EINTR) continue;
+      return fail(Errno("cannot copy a window into " + path));
+    }
+    done += static_cast<uint64_t>(n);
+  }
+  if (::mmap(base() + offset, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, wfd.get(),
+             0) == MAP_FAILED) {
+    const absl::Status st = Errno("cannot map window file " + path);
+    // MAP_FIXED may have unmapped the range before failing: the arena
+    // file goes back under it.
+    ::mmap(base() + offset, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd_.get(),
+           static_cast<off_t>(offset));
+    return fail(st);
+  }
+  // The arena file's pages under the window go back only now that nothing
+  // (the background toucher included) can reach them through the mapping.
+  ::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
+              static_cast<off_t>(bytes));
+  if (populate) PopulateForWrite(base() + offset, bytes);
+  return wfd;
+}
+
+void Arena::PublishWindowLocked(uint64_t offset, uint64_t bytes, UniqueFd fd,
+                                const std::string& owner, Window::State state) {
+  Window& w = windows_[offset];
+  w.fd = std::move(fd);
+  w.file_id = next_file_id_++;
+  w.bytes = bytes;
+  w.owner = owner;
+  w.state = state;
+  w.sigbus_at_start = SigbusPagesReplaced();
+  if (state == Window::State::kSpare) {
+    spare_bytes_ += bytes;
+  } else {
+    allocated_[offset] = bytes;
+  }
+}
+
+absl::StatusOr<ArenaExtent> Arena::MakeWindow(uint64_t bytes, const std::string& owner,
+                                              Window::State state, bool reclaim, bool populate) {
+  uint64_t offset;
+  {
+    absl::MutexLock lock(&mu_);
+    if (bytes > size() || (reclaim && !ReclaimSparesFor(bytes))) return NoSpace(bytes);
+    auto best = BestFitLocked(bytes);
+    if (best == free_.end()) return NoSpace(bytes);
+    offset = best->first;
+    const uint64_t left = best->second - bytes;
+    free_.erase(best);
+    if (left > 0) free_[offset + bytes] = left;
+    free_bytes_ -= bytes;
+    ForgetHolesLocked(offset, bytes);  // the window file backs it now
+    making_[offset] = {bytes, owner};
+  }
+  // The file is made, mapped and populated without the lock: a range being
+  // made is no one else's, and other allocations need not wait for it.
+  absl::StatusOr<UniqueFd> fd = CreateWindowFile(offset, bytes, /*copy=*/false, populate);
+  absl::MutexLock lock(&mu_);
+  making_.erase(offset);
+  if (!fd.ok()) {
+    // The arena file backs the range again, or it is remembered as a hole.
+    if (::posix_fallocate(fd_.get(), static_cast<off_t>(offset), static_cast<off_t>(bytes)) != 0) {
+      holes_[offset] = bytes;
+    }
+    AddFreeLocked(offset, bytes);
+    return fd.status();
+  }
+  PublishWindowLocked(offset, bytes, *std::move(fd), owner, state);
+  return ArenaExtent{offset, bytes};
+}
+
+void Arena::ForgetHolesLocked(uint64_t offset, uint64_t bytes) {
+  const uint64_t end = offset + bytes;
+  std::vector<std::pair<uint64_t, uint64_t>> keep;
+  for (auto h = holes_.begin(); h != holes_.end();) {
+    const uint64_t a = h->first, b = h->first + h->second;
+    if (b <= offset || a >= end) {
+      ++h;
+      continue;
+    }
+    if (a < offset) keep.emplace_back(a, offset - a);
+    if (b > end) keep.emplace_back(end, b - end);
+    h = holes_.erase(h);
+  }
+  for (const auto& [a, len] : keep) holes_[a] = len;
+}
+
+void Arena::PunchLocked(uint64_t offset, uint64_t bytes) {
+  ::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
+              static_cast<off_t>(bytes));
+}
+
+void Arena::ReclaimWindowLocked(uint64_t offset) {
+  auto it = windows_.find(offset);
+  if (it == windows_.end()) return;
+  const uint64_t bytes = it->second.bytes;
+  if (it->second.state == Window::State::kSpare) spare_bytes_ -= bytes;
+  if (::mmap(base() + offset, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd_.get(),
+             static_cast<off_t>(offset)) == MAP_FAILED) {
+    // The window file stays mapped there; the range is lost to allocation
+    // until a restart rather than shared by two owners.
+    Log("arena %s: cannot map the arena back under window %s: %s", path_, WindowPath(offset),
+        std::strerror(errno));
+    windows_.erase(it);
+    ::unlink(WindowPath(offset).c_str());
+    allocated_[offset] = bytes;
+    return;
+  }
+  ::unlink(WindowPath(offset).c_str());
+  windows_.erase(it);  // closes the file: its pages go once trainers unmap them
+  if (::posix_fallocate(fd_.get(), static_cast<off_t>(offset), static_cast<off_t>(bytes)) != 0) {
+    holes_[offset] = bytes;
+  } else {
+    PopulateForWrite(base() + offset, bytes);
+  }
+  AddFreeLocked(offset, bytes);
+}
+
+bool Arena::ReclaimSparesFor(uint64_t bytes) {
+  while (BestFitLocked(bytes) == free_.end()) {
+    auto spare = std::find_if(windows_.begin(), windows_.end(), [](const auto& w) {
+      return w.second.state == Window::State::kSpare;
+    });
+    if (spare == windows_.end()) return false;
+    ReclaimWindowLocked(spare->first);
+  }
+  return true;
+}
+
+std::map<uint64_t, uint64_t>::iterator Arena::BestFitLocked(uint64_t bytes) {
+  // Best fit keeps large extents whole for large windows.
+  auto best = free_.end();
+  for (auto it = free_.begin(); it != free_.end(); ++it) {
+    if (it->second >= bytes && (best == free_.end() || it->second < best->second)) best = it;
+  }
+  return best;
+}
+
+absl::Status Arena::NoSpace(uint64_t bytes) const {
+  uint64_t largest = 0;
+  for (const auto& [off, len] : free_) largest = std::max(largest, len);
+  return absl::ResourceExhaustedError(absl::StrFormat(
+      "needs %s but the arena has %s free (largest free piece %s) of %s; raise --arena_bytes "
+      "or keep fewer steps (--retain)",
+      FormatBytes(bytes), FormatBytes(free_bytes_ + spare_bytes_), FormatBytes(largest),
+      FormatBytes(size())));
 }
 
 Arena::IndexEntry* Arena::Entry(uint32_t id) const {
@@ -219,20 +511,25 @@ absl::StatusOr<ArenaExtent> Arena::Allocate(uint64_t bytes) {
 
 absl::StatusOr<ArenaExtent> Arena::AllocateLocked(uint64_t bytes) {
   const uint64_t want = AlignUp(std::max<uint64_t>(bytes, 1));
-  // Best fit keeps large extents whole for large windows.
-  auto best = free_.end();
-  for (auto it = free_.begin(); it != free_.end(); ++it) {
-    if (it->second >= want && (best == free_.end() || it->second < best->second)) best = it;
-  }
-  if (best == free_.end() || bytes > size()) {
-    uint64_t largest = 0;
-    for (const auto& [off, len] : free_) largest = std::max(largest, len);
-    return absl::ResourceExhaustedError(absl::StrFormat(
-        "needs %s but the arena has %s free (largest free piece %s) of %s; raise --arena_bytes "
-        "or keep fewer steps (--retain)",
-        FormatBytes(bytes), FormatBytes(free_bytes_), FormatBytes(largest), FormatBytes(size())));
-  }
+  if (bytes > size() || !ReclaimSparesFor(want)) return NoSpace(bytes);
+  auto best = BestFitLocked(want);
   ArenaExtent e{best->first, want};
+  // A range a window left while the tmpfs was full has no pages behind it:
+  // back it now, or a store into it would die of SIGBUS.
+  for (auto h = holes_.begin(); h != holes_.end();) {
+    if (h->first >= e.offset + e.bytes || h->first + h->second <= e.offset) {
+      ++h;
+      continue;
+    }
+    if (::posix_fallocate(fd_.get(), static_cast<off_t>(h->first),
+                          static_cast<off_t>(h->second)) != 0) {
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "needs %s but the tmpfs of %s is full; free memory on the node", FormatBytes(bytes),
+          dir_));
+    }
+    PopulateForWrite(base() + h->first, h->second);
+    h = holes_.erase(h);
+  }
   const uint64_t left = best->second - want;
   const uint64_t rest_at = best->first + want;
   free_.erase(best);
@@ -240,6 +537,68 @@ absl::StatusOr<ArenaExtent> Arena::AllocateLocked(uint64_t bytes) {
   free_bytes_ -= want;
   allocated_[e.offset] = e.bytes;
   return e;
+}
+
+uint64_t Arena::WindowBytes(uint64_t bytes) {
+  uint64_t power = 1;
+  while (power <= bytes / 2) power *= 2;  // the largest power of two <= bytes
+  const uint64_t grain = std::max<uint64_t>(kArenaAlignBytes, power / 16);
+  return (std::max<uint64_t>(bytes, 1) + grain - 1) / grain * grain;
+}
+
+absl::StatusOr<ArenaExtent> Arena::PrepareWindow(uint64_t bytes, const std::string& owner,
+                                                 int max_windows) {
+  const uint64_t want = WindowBytes(bytes);
+  absl::ReleasableMutexLock lock(&mu_);
+  int held = 0;
+  for (const auto& [offset, w] : windows_) {
+    if (w.owner != owner || w.bytes != want) continue;
+    if (w.state == Window::State::kSpare && IntactLocked(w)) return ArenaExtent{offset, want};
+    ++held;
+  }
+  if (held >= max_windows) {
+    return absl::FailedPreconditionError("the owner holds enough windows of this size");
+  }
+  if (BestFitLocked(want) == free_.end()) {
+    return absl::ResourceExhaustedError("no free memory for a window ahead of its step");
+  }
+  lock.Release();
+  // Populated here, off every caller's path: the window is wanted later.
+  return MakeWindow(want, owner, Window::State::kSpare, /*reclaim=*/false, /*populate=*/true);
+}
+
+absl::StatusOr<ArenaExtent> Arena::AllocateWindow(uint64_t bytes, const std::string& owner,
+                                                  bool populate) {
+  const uint64_t want = WindowBytes(bytes);
+  {
+    absl::MutexLock lock(&mu_);
+    // A window of this owner and size being made ahead (PrepareWindow) is
+    // the one to take: wait for it rather than make a second.
+    auto none_making = [this, &owner, want]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      for (const auto& [off, m] : making_) {
+        if (m.first == want && m.second == owner) return false;
+      }
+      return true;
+    };
+    mu_.AwaitWithTimeout(absl::Condition(&none_making), absl::Seconds(30));
+    for (auto it = windows_.begin(); it != windows_.end(); ++it) {
+      Window& w = it->second;
+      if (w.state != Window::State::kSpare || w.bytes != want || w.owner != owner) continue;
+      if (!IntactLocked(w)) {
+        // Shrunk by the trainer that still holds it: never handed out again.
+        ReclaimWindowLocked(it->first);
+        break;
+      }
+      w.state = Window::State::kInUse;
+      spare_bytes_ -= want;
+      allocated_[it->first] = want;
+      return ArenaExtent{it->first, want};
+    }
+  }
+  // Without `populate` the trainer writes the window through its own
+  // mapping, and the daemon's first reads of it (the commit's checksums)
+  // take the page faults, off the trainer's stall.
+  return MakeWindow(want, owner, Window::State::kInUse, /*reclaim=*/true, populate);
 }
 
 void Arena::Free(const ArenaExtent& extent) {
@@ -273,7 +632,31 @@ void Arena::FreeLocked(const ArenaExtent& extent) {
     std::abort();
   }
   allocated_.erase(in_use);
-  uint64_t off = extent.offset, len = extent.bytes;
+  auto w = windows_.find(extent.offset);
+  if (w != windows_.end()) {
+    // Kept for its owner's next step, unless a trainer shrank a file (the
+    // daemon's view may hold zero pages of the SIGBUS guard since).
+    const bool intact = IntactLocked(w->second);
+    w->second.state = Window::State::kSpare;
+    spare_bytes_ += w->second.bytes;
+    if (!intact) {
+      Log("arena %s: window %s was truncated while in use; its memory goes back to the arena",
+          path_, WindowPath(extent.offset));
+      ReclaimWindowLocked(extent.offset);
+    }
+    return;
+  }
+  AddFreeLocked(extent.offset, extent.bytes);
+}
+
+bool Arena::IntactLocked(const Window& w) const {
+  struct stat st {};
+  return ::fstat(w.fd.get(), &st) == 0 && static_cast<uint64_t>(st.st_size) == w.bytes &&
+         SigbusPagesReplaced() == w.sigbus_at_start;
+}
+
+void Arena::AddFreeLocked(uint64_t offset, uint64_t bytes) {
+  uint64_t off = offset, len = bytes;
   auto next = free_.lower_bound(off);
   if (next != free_.end() && next->first == off + len) {
     len += next->second;
@@ -288,12 +671,42 @@ void Arena::FreeLocked(const ArenaExtent& extent) {
     }
   }
   free_[off] = len;
-  free_bytes_ += extent.bytes;
+  free_bytes_ += bytes;
 }
 
-absl::Status Arena::Reserve(const ArenaExtent& extent) {
+absl::Status Arena::Reserve(const ArenaExtent& extent, const std::string& owner) {
   absl::MutexLock lock(&mu_);
-  if (ReserveLocked(extent)) return absl::OkStatus();
+  if (!owner.empty()) {
+    auto w = windows_.find(extent.offset);
+    if (w != windows_.end()) {
+      if (w->second.state != Window::State::kAdopted || w->second.bytes != extent.bytes) {
+        return absl::FailedPreconditionError(absl::StrFormat(
+            "window [%d, +%d) does not match the window file there", extent.offset,
+            extent.bytes));
+      }
+      w->second.state = Window::State::kInUse;
+      w->second.owner = owner;
+      w->second.sigbus_at_start = SigbusPagesReplaced();
+      allocated_[extent.offset] = extent.bytes;
+      return absl::OkStatus();
+    }
+    // An arena written before windows had files of their own: the window's
+    // bytes move into one.
+    if (ReserveLocked(extent)) {
+      absl::StatusOr<UniqueFd> fd =
+          CreateWindowFile(extent.offset, extent.bytes, /*copy=*/true, /*populate=*/true);
+      allocated_.erase(extent.offset);
+      if (!fd.ok()) {
+        AddFreeLocked(extent.offset, extent.bytes);
+        return fd.status();
+      }
+      PublishWindowLocked(extent.offset, extent.bytes, *std::move(fd), owner,
+                          Window::State::kInUse);
+      return absl::OkStatus();
+    }
+  } else if (ReserveLocked(extent)) {
+    return absl::OkStatus();
+  }
   return absl::FailedPreconditionError(absl::StrFormat(
       "extent [%d, +%d) is outside the data region or overlaps one in use", extent.offset,
       extent.bytes));
@@ -320,41 +733,61 @@ bool Arena::ReserveLocked(const ArenaExtent& extent) {
 
 absl::Status Arena::CheckConsistency() const {
   absl::MutexLock lock(&mu_);
-  // Walk both maps in offset order: each extent must start where the one
-  // before it ended, so that together they tile the data region.
-  auto used = allocated_.begin();
-  auto free = free_.begin();
+  // Every extent, in offset order: each must start where the one before it
+  // ended, so that together they tile the data region.
+  struct Piece {
+    uint64_t off, len;
+    const char* kind;
+  };
+  std::vector<Piece> pieces;
+  for (const auto& [off, len] : allocated_) pieces.push_back({off, len, "in use"});
+  for (const auto& [off, len] : free_) pieces.push_back({off, len, "free"});
+  for (const auto& [off, m] : making_) pieces.push_back({off, m.first, "window being made"});
+  uint64_t spare_sum = 0;
+  for (const auto& [off, w] : windows_) {
+    if (w.state == Window::State::kInUse) {
+      auto it = allocated_.find(off);
+      if (it == allocated_.end() || it->second != w.bytes) {
+        return absl::InternalError(absl::StrFormat(
+            "arena window [%d, +%d) is in use but not an extent in use", off, w.bytes));
+      }
+      continue;
+    }
+    if (w.state == Window::State::kSpare) spare_sum += w.bytes;
+    pieces.push_back(
+        {off, w.bytes, w.state == Window::State::kSpare ? "spare window" : "adopted window"});
+  }
+  std::sort(pieces.begin(), pieces.end(),
+            [](const Piece& a, const Piece& b) { return a.off < b.off; });
   uint64_t at = data_offset_, free_sum = 0;
-  while (used != allocated_.end() || free != free_.end()) {
-    const bool take_used =
-        free == free_.end() || (used != allocated_.end() && used->first < free->first);
-    const auto [off, len] = take_used ? *used++ : *free++;
-    const char* kind = take_used ? "in use" : "free";
-    if (len == 0 || off % kArenaAlignBytes != 0 || len % kArenaAlignBytes != 0) {
+  for (const Piece& p : pieces) {
+    if (p.len == 0 || p.off % kArenaAlignBytes != 0 || p.len % kArenaAlignBytes != 0) {
       return absl::InternalError(absl::StrFormat(
-          "arena extent [%d, +%d) %s is empty or not aligned to %d bytes", off, len, kind,
+          "arena extent [%d, +%d) %s is empty or not aligned to %d bytes", p.off, p.len, p.kind,
           kArenaAlignBytes));
     }
-    if (off != at) {
+    if (p.off != at) {
       return absl::InternalError(absl::StrFormat(
-          "arena extent [%d, +%d) %s %s the extents before it, which end at %d", off, len, kind,
-          off < at ? "overlaps" : "leaves a gap after", at));
+          "arena extent [%d, +%d) %s %s the extents before it, which end at %d", p.off, p.len,
+          p.kind, p.off < at ? "overlaps" : "leaves a gap after", at));
     }
-    if (len > size() - off) {
+    if (p.len > size() - p.off) {
       return absl::InternalError(absl::StrFormat(
-          "arena extent [%d, +%d) %s passes the end of the arena (%d bytes)", off, len, kind,
-          size()));
+          "arena extent [%d, +%d) %s passes the end of the arena (%d bytes)", p.off, p.len,
+          p.kind, size()));
     }
-    if (!take_used) free_sum += len;
-    at = off + len;
+    if (std::string(p.kind) == "free") free_sum += p.len;
+    at = p.off + p.len;
   }
   if (at != size()) {
     return absl::InternalError(absl::StrFormat(
         "arena extents cover the data region only up to %d of %d bytes", at, size()));
   }
-  if (free_sum != free_bytes_) {
+  if (free_sum != free_bytes_ || spare_sum != spare_bytes_) {
     return absl::InternalError(absl::StrFormat(
-        "arena free extents add up to %d bytes but free_bytes says %d", free_sum, free_bytes_));
+        "arena free extents add up to %d bytes and spare windows to %d, but the counters say %d "
+        "and %d",
+        free_sum, spare_sum, free_bytes_, spare_bytes_));
   }
   for (const auto& [id, extent] : records_) {
     auto it = allocated_.find(extent.offset);
@@ -363,13 +796,61 @@ absl::Status Arena::CheckConsistency() const {
           "arena record %d at [%d, +%d) is not an extent in use", id, extent.offset,
           extent.bytes));
     }
+    if (windows_.count(extent.offset) != 0) {
+      return absl::InternalError(
+          absl::StrFormat("arena record %d at [%d, +%d) lies in a window file", id,
+                          extent.offset, extent.bytes));
+    }
   }
   return absl::OkStatus();
 }
 
 uint64_t Arena::free_bytes() const {
   absl::MutexLock lock(&mu_);
-  return free_bytes_;
+  return free_bytes_ + spare_bytes_;
+}
+
+size_t Arena::window_files() const {
+  absl::MutexLock lock(&mu_);
+  return windows_.size();
+}
+
+absl::StatusOr<uint64_t> Arena::WindowFileId(const ArenaExtent& extent, bool spare) const {
+  absl::MutexLock lock(&mu_);
+  auto w = windows_.find(extent.offset);
+  const Window::State want = spare ? Window::State::kSpare : Window::State::kInUse;
+  if (w == windows_.end() || w->second.state != want ||
+      w->second.bytes != extent.bytes) {
+    return absl::NotFoundError(absl::StrFormat("no window at [%d, +%d)", extent.offset,
+                                               extent.bytes));
+  }
+  return w->second.file_id;
+}
+
+absl::StatusOr<Arena::WindowFile> Arena::OpenWindow(const ArenaExtent& extent, uint64_t file_id,
+                                                    bool writable, bool spare) const {
+  absl::MutexLock lock(&mu_);
+  auto w = windows_.find(extent.offset);
+  const Window::State want = spare ? Window::State::kSpare : Window::State::kInUse;
+  if (w == windows_.end() || w->second.state != want ||
+      w->second.bytes != extent.bytes || (file_id != 0 && w->second.file_id != file_id)) {
+    return absl::NotFoundError(absl::StrFormat(
+        "the window at [%d, +%d) is no longer held (retired or rebuilt since it was granted)",
+        extent.offset, extent.bytes));
+  }
+  WindowFile out;
+  out.file_id = w->second.file_id;
+  out.bytes = w->second.bytes;
+  if (writable) {
+    out.fd = UniqueFd(::fcntl(w->second.fd.get(), F_DUPFD_CLOEXEC, 0));
+  } else {
+    // A descriptor of its own, opened for reading: what a trainer maps
+    // from it cannot be written, and the file cannot be truncated by it.
+    const std::string self = absl::StrCat("/proc/self/fd/", w->second.fd.get());
+    out.fd = UniqueFd(::open(self.c_str(), O_RDONLY | O_CLOEXEC));
+  }
+  if (!out.fd.valid()) return Errno("cannot open a descriptor of " + WindowPath(extent.offset));
+  return out;
 }
 
 absl::StatusOr<uint32_t> Arena::AddRecord(RecordKind kind, absl::Span<const uint8_t> record) {
@@ -414,6 +895,15 @@ void Arena::DropUnclaimedRecords() {
   {
     absl::MutexLock lock(&mu_);
     left.swap(adopted_records_);
+    std::vector<uint64_t> unclaimed;
+    for (const auto& [offset, w] : windows_) {
+      if (w.state == Window::State::kAdopted) unclaimed.push_back(offset);
+    }
+    for (uint64_t offset : unclaimed) {
+      windows_.at(offset).state = Window::State::kSpare;  // reclaimed as a spare
+      spare_bytes_ += windows_.at(offset).bytes;
+      ReclaimWindowLocked(offset);
+    }
   }
   for (const ArenaRecord& r : left) RemoveRecord(r.id);
 }

@@ -1,19 +1,36 @@
-// The shared-memory arena: one file in a tmpfs directory, mapped by the daemon
-// and by every trainer on the node, pre-faulted at start.
+// The shared-memory arena: the daemon's view of its snapshot memory, one
+// range of addresses in which every extent has a fixed offset, pre-faulted
+// at start.
 //
 //   +--------+--------------------+------------------------------------------+
 //   | header | index: N entries   | data: windows and records, page-aligned  |
-//   | 4 KiB  | of 64 B, each a    | extents handed out by Allocate()         |
-//   |        | checksummed pointer|                                          |
+//   | 4 KiB  | of 64 B, each a    | extents handed out by Allocate() and     |
+//   |        | checksummed pointer| AllocateWindow()                         |
 //   |        | to one record      |                                          |
 //   +--------+--------------------+------------------------------------------+
 //
-// The index makes the file self-describing: a record (the daemon writes a
+// The range is backed by the file `dir`/arena, except for windows: an extent
+// a trainer may map (a rank's snapshot, a rebuilt rank) is a file of its own,
+// `dir`/w.<offset in hex>, mapped over its part of the range, so base() +
+// offset reaches it like any other extent. A trainer receives the descriptor
+// of each window it was granted (read-only for restores) and never the
+// arena file: its mapping holds its windows and nothing else, not the index,
+// not parity, not another job (DESIGN.md §9). A freed window is kept as a
+// spare of its owner (the same job and rank) and handed back to that owner
+// next: its pages stay populated, and the trainer's mapping of it stays
+// valid. Spares go back to the arena file when memory is needed elsewhere.
+//
+// The index makes the arena self-describing: a record (the daemon writes a
 // serialized RankRecord) is stored in the data region and published by
 // writing its index entry last, so a daemon killed at any point leaves either
 // a valid entry or none. A restarted daemon lists the surviving records with
-// Records(), re-reserves the extents it keeps with Reserve(), and the rest of
-// the data region is free again.
+// Records(), re-reserves the extents it keeps with Reserve() (window files
+// are found again by their offset), and the rest of the data region is free
+// again.
+//
+// A trainer can shrink a window file it holds read-write; the range is
+// guarded (common/sigbus_guard.h), so the daemon then reads zeros there
+// instead of dying, and such a window is never reused.
 //
 // Thread-safe: every method may be called from any thread. The bytes of an
 // extent belong to whoever allocated it; the Arena never touches them.
@@ -96,15 +113,58 @@ class Arena {
   // A free extent of at least `bytes`; RESOURCE_EXHAUSTED naming the bytes
   // asked for and free when none is large enough.
   absl::StatusOr<ArenaExtent> Allocate(uint64_t bytes);
-  // Returns an extent from Allocate or Reserve. The extent must be exactly one
+  // The size of the window file that holds `bytes`: rounded up to 1/16 of
+  // their power of two (at most 6.25% more), so that a rank whose state
+  // grows or shrinks a little keeps reusing the same files.
+  static uint64_t WindowBytes(uint64_t bytes);
+  // An extent backed by a window file of its own (see above), for `owner`
+  // (WindowOwner), of WindowBytes(bytes): a spare of the same owner and size
+  // when there is one, else fresh populated memory. RESOURCE_EXHAUSTED as
+  // Allocate, or when the tmpfs cannot hold the file.
+  // A fresh file is populated through the daemon's mapping only with
+  // `populate` (the daemon will write it); a trainer writes through its own.
+  absl::StatusOr<ArenaExtent> AllocateWindow(uint64_t bytes, const std::string& owner,
+                                             bool populate = true);
+  // A spare window of WindowBytes(bytes) for `owner`, made ahead of the
+  // step that will take it, so that the trainer can map it and take its
+  // first stores before then: the owner's existing spare of that size, or a
+  // new one while the owner has fewer than `max_windows` of that size and
+  // free memory allows without giving up anyone's spares.
+  // FAILED_PRECONDITION when the owner has enough; RESOURCE_EXHAUSTED when
+  // memory is short.
+  absl::StatusOr<ArenaExtent> PrepareWindow(uint64_t bytes, const std::string& owner,
+                                            int max_windows);
+  // Returns an extent from Allocate, AllocateWindow or Reserve. The extent must be exactly one
   // that is in use (same offset, same bytes): freeing anything else (twice,
   // a part, an overlap) would let two owners share memory, so it is a broken
   // invariant and aborts the process after naming the extent on stderr.
   void Free(const ArenaExtent& extent);
-  // Marks an extent of an adopted record or window as in use. FAILED_PRECONDITION
-  // when it is outside the data region or overlaps an extent in use.
-  absl::Status Reserve(const ArenaExtent& extent);
+  // Marks an extent of an adopted record or window as in use. With an
+  // `owner`, the extent is a window: its file is adopted (or, for an arena
+  // written before windows had files, made from the bytes in place).
+  // FAILED_PRECONDITION when it is outside the data region or overlaps an
+  // extent in use.
+  absl::Status Reserve(const ArenaExtent& extent, const std::string& owner = "");
+  // Free bytes, spare windows included (they are given up on demand).
   uint64_t free_bytes() const;
+
+  // A window's file, as a trainer receives it.
+  struct WindowFile {
+    UniqueFd fd;
+    uint64_t file_id = 0;  // never the same for two files of one daemon
+    uint64_t bytes = 0;
+  };
+  // The id of the file behind the window in use (with `spare`: the spare)
+  // at `extent`; NOT_FOUND when no such window is there.
+  absl::StatusOr<uint64_t> WindowFileId(const ArenaExtent& extent, bool spare = false) const;
+  // A descriptor of the window in use (with `spare`: the spare made by
+  // PrepareWindow) at `extent`, read-write or read-only (a read-only one
+  // cannot be mapped writable, written or truncated). NOT_FOUND when no such
+  // window is there or its file is not `file_id`.
+  absl::StatusOr<WindowFile> OpenWindow(const ArenaExtent& extent, uint64_t file_id,
+                                        bool writable, bool spare = false) const;
+  // Window files mapped now, spares and adopted ones included.
+  size_t window_files() const;
 
   // Checks the arena's bookkeeping: extents in use and free extents are
   // page-aligned, lie inside the data region, do not overlap and together
@@ -122,7 +182,8 @@ class Arena {
   // reserved. Each must be either kept or removed with RemoveRecord().
   std::vector<ArenaRecord> TakeAdoptedRecords(RecordKind kind);
   // Removes the adopted records nobody took (a kind this daemon no longer
-  // keeps, such as parity rows after a restart without peers).
+  // keeps, such as parity rows after a restart without peers) and the
+  // window files no record claimed.
   void DropUnclaimedRecords();
 
   // The bytes of an extent; the extent must lie inside the file.
@@ -133,7 +194,7 @@ class Arena {
  private:
   struct IndexEntry;
 
-  Arena(std::string path, UniqueFd fd, Mapping mapping, uint32_t index_entries,
+  Arena(std::string dir, std::string path, UniqueFd fd, Mapping mapping, uint32_t index_entries,
         double prefault_seconds, bool adopted);
   IndexEntry* Entry(uint32_t id) const;
   void InitFresh();
@@ -143,6 +204,51 @@ class Arena {
   // Takes `extent` out of the free map; false if it is not wholly free.
   bool ReserveLocked(const ArenaExtent& extent) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
+  struct Window {
+    enum class State { kInUse, kSpare, kAdopted };
+    UniqueFd fd;
+    uint64_t file_id = 0;
+    uint64_t bytes = 0;
+    std::string owner;
+    State state = State::kInUse;
+    uint64_t sigbus_at_start = 0;  // SigbusPagesReplaced() when it went in use
+  };
+  std::string WindowPath(uint64_t offset) const;
+  // Finds the window files a previous daemon left and maps them.
+  void AdoptWindowFiles() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Makes the window file for [offset, +bytes), a range nobody else uses
+  // (taken out of free_), and maps it there: with `copy`, of the bytes the
+  // arena file holds there now; with `populate`, populated for writing.
+  // Needs no lock.
+  absl::StatusOr<UniqueFd> CreateWindowFile(uint64_t offset, uint64_t bytes, bool copy,
+                                            bool populate) const;
+  void PublishWindowLocked(uint64_t offset, uint64_t bytes, UniqueFd fd, const std::string& owner,
+                           Window::State state) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A new window of `bytes` (WindowBytes already) in `state`; the file is
+  // made without holding the lock. With `reclaim`, spares are given up to
+  // find the memory.
+  absl::StatusOr<ArenaExtent> MakeWindow(uint64_t bytes, const std::string& owner,
+                                         Window::State state, bool reclaim, bool populate);
+  // Puts the arena file back under a window's range, removes the file and
+  // frees the range.
+  void ReclaimWindowLocked(uint64_t offset) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // False when a trainer shrank the window's file (or the SIGBUS guard
+  // replaced pages anywhere since it went in use).
+  bool IntactLocked(const Window& w) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Forgets the parts of holes_ inside [offset, +bytes): a window file
+  // backs them now.
+  void ForgetHolesLocked(uint64_t offset, uint64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Gives the arena file's pages in a range back to the tmpfs.
+  void PunchLocked(uint64_t offset, uint64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Gives spares back until a free piece of `bytes` exists; false if none.
+  bool ReclaimSparesFor(uint64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void AddFreeLocked(uint64_t offset, uint64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Best-fit from free_ alone; end() when nothing fits.
+  std::map<uint64_t, uint64_t>::iterator BestFitLocked(uint64_t bytes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status NoSpace(uint64_t bytes) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const std::string dir_;
   const std::string path_;
   const UniqueFd fd_;  // holds the flock that keeps a second daemon out
   const Mapping mapping_;
@@ -164,7 +270,21 @@ class Arena {
   std::map<uint32_t, ArenaExtent> records_ ABSL_GUARDED_BY(mu_);
   std::vector<ArenaRecord> adopted_records_ ABSL_GUARDED_BY(mu_);
   uint64_t sequence_ ABSL_GUARDED_BY(mu_) = 0;
+  // Window files by offset. In-use windows are also in allocated_; spares
+  // and adopted ones (not yet reserved) are in neither map.
+  std::map<uint64_t, Window> windows_ ABSL_GUARDED_BY(mu_);
+  uint64_t spare_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t next_file_id_ ABSL_GUARDED_BY(mu_) = 1;
+  // Ranges of the arena file that could not be backed again after a window
+  // left them (the tmpfs was full): handed out only once backed.
+  std::map<uint64_t, uint64_t> holes_ ABSL_GUARDED_BY(mu_);
+  // Ranges whose window file is being made (MakeWindow), outside the lock:
+  // offset -> (bytes, owner).
+  std::map<uint64_t, std::pair<uint64_t, std::string>> making_ ABSL_GUARDED_BY(mu_);
 };
+
+// The owner of a rank's windows: spares go back to the same job and rank.
+std::string WindowOwner(const std::string& job_id, uint32_t rank);
 
 }  // namespace ecsnap::daemon
 

@@ -138,13 +138,19 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
     policy.daemon_uid = ::geteuid();
     policy.uids.insert(dc.trainer_uids().begin(), dc.trainer_uids().end());
     policy.gids.insert(dc.trainer_gids().begin(), dc.trainer_gids().end());
-    auto listener = TrainerListener::Listen(dc.socket_path(), std::move(policy),
-                                            d->arena_->path(), d->arena_->size());
+    d->window_grants_ = std::make_unique<WindowGrants>(d->arena_.get());
+    WindowGrants* grants = d->window_grants_.get();
+    auto listener = TrainerListener::Listen(
+        dc.socket_path(), std::move(policy),
+        [grants](const std::string& token, uid_t uid) { return grants->Fetch(token, uid); });
     if (!listener.ok()) return listener.status();
     d->trainer_listener_ = std::move(*listener);
     TrainerListener* l = d->trainer_listener_.get();
     d->snapshot_service_->SetConnectionKey(
         [l](const std::string& peer) { return l->ConnectionKey(peer); });
+    d->snapshot_service_->SetDaemonUid(::geteuid());
+    d->snapshot_service_->SetWindowGrants(
+        [l](const std::string& peer) { return l->ConnectionUid(peer); }, grants);
     if (!dc.data_address().empty()) {
       bool created = false;
       auto secret = LoadOrCreateSecret("job secret file", dc.job_secret_file(), &created);

@@ -22,6 +22,7 @@
 #include "daemon/snapshot_service.h"
 #include "daemon/tls.h"
 #include "daemon/trainer_listener.h"
+#include "daemon/window_grants.h"
 #include "daemon/step_store.h"
 #include "proto/config.pb.h"
 
@@ -67,6 +68,7 @@ class Daemon {
   std::unique_ptr<grpc::Server> data_server_;
   std::unique_ptr<grpc::Server> admin_server_;
   // Feeds data_server_: declared after it, so destroyed (stopped) first.
+  std::unique_ptr<WindowGrants> window_grants_;
   std::unique_ptr<TrainerListener> trainer_listener_;
 };
 

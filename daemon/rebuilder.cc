@@ -342,7 +342,7 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
   // install fails); its window here is never handed off, so finish() frees it.
   std::vector<uint64_t> rank_bytes;
   for (const auto& r : sm.ranks()) {
-    auto extent = arena_->Allocate(r.bytes());
+    auto extent = arena_->AllocateWindow(r.bytes(), WindowOwner(job, r.rank()));
     if (!extent.ok()) {
       for (const RebuiltRank& done : c.ranks) arena_->Free(done.extent);
       return absl::ResourceExhaustedError(
@@ -594,7 +594,7 @@ void Rebuilder::ServeRank(const std::string& job, uint32_t rank, absl::Duration 
   const uint64_t a = payload.RankOffset(i), b = a + r.bytes;
   const auto t0 = std::chrono::steady_clock::now();
   absl::Status st;
-  absl::StatusOr<ArenaExtent> own = arena_->Allocate(r.bytes);
+  absl::StatusOr<ArenaExtent> own = arena_->AllocateWindow(r.bytes, WindowOwner(c->job, r.rank));
   if (own.ok()) {
     r.extent = *own;
   } else {

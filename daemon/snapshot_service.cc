@@ -24,8 +24,9 @@ constexpr int kSessionIdBytes = 16;
 class SnapshotService::AttachReactor final : public grpc::ServerWriteReactor<v1::AttachEvent> {
  public:
   AttachReactor(SnapshotService* service, const std::string& connection,
-                const v1::AttachRequest& request, v1::AttachEvent first)
-      : service_(service), event_(std::move(first)) {
+                std::optional<uint32_t> uid, const v1::AttachRequest& request,
+                v1::AttachEvent first)
+      : service_(service) {
     auto session = service_->store_->Attach(
         request.job_id(), request.rank(),
         std::vector<uint32_t>(request.local_ranks().begin(), request.local_ranks().end()));
@@ -34,17 +35,46 @@ class SnapshotService::AttachReactor final : public grpc::ServerWriteReactor<v1:
       return;
     }
     session_ = *session;
-    wire_id_ = service_->AddSession(session_, connection);
+    wire_id_ = service_->AddSession(session_, connection, request.windows(), uid, this);
     job_ = request.job_id();
     rank_ = request.rank();
     Log("session %d attached: job %s rank %d", session_, job_, rank_);
-    event_.set_session_id(wire_id_);
-    StartWrite(&event_);
+    first.set_session_id(wire_id_);
+    Push(std::move(first));
+  }
+
+  // Sends `event` after those queued before it. Events beyond a small
+  // backlog are dropped: each is an offer the client may do without.
+  void Push(v1::AttachEvent event) {
+    v1::AttachEvent* start = nullptr;
+    {
+      absl::MutexLock lock(&mu_);
+      if (finished_ || events_.size() >= kMaxQueuedEvents) return;
+      events_.push_back(std::move(event));
+      if (!writing_) {
+        writing_ = true;
+        start = &events_.front();
+      }
+    }
+    if (start != nullptr) StartWrite(start);
   }
 
   void OnWriteDone(bool ok) override {
-    // Nothing more to send: the stream stays open until the client goes.
-    if (!ok) End(grpc::Status::CANCELLED);
+    if (!ok) {
+      End(grpc::Status::CANCELLED);
+      return;
+    }
+    v1::AttachEvent* next = nullptr;
+    {
+      absl::MutexLock lock(&mu_);
+      events_.pop_front();
+      if (events_.empty() || finished_) {
+        writing_ = false;  // the stream stays open until the client goes
+      } else {
+        next = &events_.front();
+      }
+    }
+    if (next != nullptr) StartWrite(next);
   }
 
   void OnCancel() override { End(grpc::Status::CANCELLED); }
@@ -70,14 +100,18 @@ class SnapshotService::AttachReactor final : public grpc::ServerWriteReactor<v1:
   }
 
  private:
+  static constexpr size_t kMaxQueuedEvents = 8;
   SnapshotService* const service_;
-  v1::AttachEvent event_;
   uint64_t session_ = 0;
   std::string wire_id_;
   std::string job_;
   uint32_t rank_ = 0;
   absl::Mutex mu_;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  // Queued events; the front one is being written while writing_. A deque:
+  // pushing keeps the address of the one in flight.
+  std::deque<v1::AttachEvent> events_ ABSL_GUARDED_BY(mu_);
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 // Answers an Attach that may not open a session.
@@ -116,7 +150,8 @@ std::string SnapshotService::ConnectionOf(const grpc::ServerContextBase& context
   return connection_key_ ? connection_key_(peer) : peer;
 }
 
-std::string SnapshotService::AddSession(uint64_t session, std::string connection) {
+std::string SnapshotService::AddSession(uint64_t session, std::string connection, bool windows,
+                                        std::optional<uint32_t> uid, AttachReactor* reactor) {
   std::string id(kSessionIdBytes, '\0');
   // OpenSSL's generator, seeded by the kernel: ids nobody can predict. It
   // cannot fail once OpenSSL has initialised; if it ever did, a predictable
@@ -126,7 +161,7 @@ std::string SnapshotService::AddSession(uint64_t session, std::string connection
     std::abort();
   }
   absl::MutexLock lock(&mu_);
-  sessions_[id] = WireSession{session, std::move(connection)};
+  sessions_[id] = WireSession{session, std::move(connection), windows, uid, reactor};
   return id;
 }
 
@@ -136,7 +171,7 @@ void SnapshotService::RemoveSession(const std::string& id) {
 }
 
 absl::StatusOr<uint64_t> SnapshotService::SessionOf(const grpc::ServerContextBase& context,
-                                                    const std::string& id) {
+                                                    const std::string& id, bool* windows) {
   const std::string connection = ConnectionOf(context);
   absl::MutexLock lock(&mu_);
   auto it = sessions_.find(id);
@@ -147,7 +182,48 @@ absl::StatusOr<uint64_t> SnapshotService::SessionOf(const grpc::ServerContextBas
         "no session with this id on this connection: it ended (the client's Attach stream "
         "closed) or belongs to another connection; attach again");
   }
+  if (windows != nullptr) *windows = it->second.windows;
   return it->second.session;
+}
+
+// Jobs whose owner a daemon remembers; beyond, new jobs are refused on the
+// socket until the daemon restarts (each needs a trainer to attach it).
+constexpr size_t kMaxJobOwners = 65536;
+
+absl::Status SnapshotService::CheckJobOwner(const grpc::ServerContextBase& context,
+                                            const std::string& job_id) {
+  if (!uid_of_) return absl::OkStatus();
+  const std::optional<uint32_t> uid = uid_of_(context.peer());
+  if (!uid.has_value()) return absl::OkStatus();  // TCP: the job token decides
+  absl::MutexLock lock(&mu_);
+  auto it = job_owners_.find(job_id);
+  if (it == job_owners_.end()) {
+    if (*uid == daemon_uid_) return absl::OkStatus();
+    if (job_owners_.size() >= kMaxJobOwners) {
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "ecsnapd already tracks %d jobs of other users; drop finished jobs or restart it",
+          kMaxJobOwners));
+    }
+    job_owners_[job_id] = *uid;
+    return absl::OkStatus();
+  }
+  if (it->second == *uid || *uid == daemon_uid_) return absl::OkStatus();
+  return absl::PermissionDeniedError(absl::StrFormat(
+      "job %s belongs to uid %d; uid %d may not attach to it", job_id, it->second,
+      *uid));
+}
+
+absl::Status SnapshotService::Grant(const grpc::ServerContextBase& context,
+                                    const ArenaExtent& extent, bool writable, std::string* token,
+                                    uint64_t* file_id, bool spare) {
+  if (grants_ == nullptr || !uid_of_) return absl::OkStatus();
+  const std::optional<uint32_t> uid = uid_of_(context.peer());
+  if (!uid.has_value()) return absl::OkStatus();  // TCP: the bytes are streamed
+  auto g = grants_->Issue(extent, writable, *uid, spare);
+  if (!g.ok()) return g.status();
+  *token = std::move(g->token);
+  *file_id = g->file_id;
+  return absl::OkStatus();
 }
 
 grpc::ServerWriteReactor<v1::AttachEvent>* SnapshotService::Attach(
@@ -155,12 +231,16 @@ grpc::ServerWriteReactor<v1::AttachEvent>* SnapshotService::Attach(
   v1::AttachEvent first;
   first.set_slot(slot_);
   first.set_daemon_version("ecsnapd 0.1");
-  if (absl::Status st = CheckJobToken(*context, request->job_id()); !st.ok()) {
+  absl::Status admitted = CheckJobToken(*context, request->job_id());
+  if (admitted.ok()) admitted = CheckJobOwner(*context, request->job_id());
+  if (absl::Status st = admitted; !st.ok()) {
     auto* refused = new RefusedReactor();
     refused->Finish(ToGrpc(st));
     return refused;
   }
-  auto* reactor = new AttachReactor(this, ConnectionOf(*context), *request, std::move(first));
+  const std::optional<uint32_t> uid = uid_of_ ? uid_of_(context->peer()) : std::nullopt;
+  auto* reactor =
+      new AttachReactor(this, ConnectionOf(*context), uid, *request, std::move(first));
   absl::MutexLock lock(&mu_);
   if (closing_) {
     reactor->End(grpc::Status(grpc::StatusCode::UNAVAILABLE, "ecsnapd is shutting down"));
@@ -181,10 +261,21 @@ void SnapshotService::EndSessions() {
   // live_ under mu_; End() is safe on those still listed. Ending them all
   // here (not through OnCancel after the grace period) lets shutdown finish
   // at once.
-  absl::MutexLock lock(&mu_);
-  for (AttachReactor* r : live) {
-    if (live_.count(r)) r->End(grpc::Status(grpc::StatusCode::UNAVAILABLE, "ecsnapd is shutting down"));
+  {
+    absl::MutexLock lock(&mu_);
+    for (AttachReactor* r : live) {
+      if (live_.count(r)) r->End(grpc::Status(grpc::StatusCode::UNAVAILABLE, "ecsnapd is shutting down"));
+    }
   }
+  if (preparer_.joinable()) preparer_.join();  // it ends once closing_ is set
+}
+
+SnapshotService::~SnapshotService() {
+  {
+    absl::MutexLock lock(&mu_);
+    closing_ = true;
+  }
+  if (preparer_.joinable()) preparer_.join();
 }
 
 void SnapshotService::Forget(AttachReactor* reactor) {
@@ -195,13 +286,86 @@ void SnapshotService::Forget(AttachReactor* reactor) {
 grpc::Status SnapshotService::BeginRank(grpc::ServerContext* context,
                                         const v1::BeginRankRequest* request,
                                         v1::BeginRankResponse* response) {
-  auto session = SessionOf(*context, request->session_id());
+  bool windows = false;
+  auto session = SessionOf(*context, request->session_id(), &windows);
   if (!session.ok()) return ToGrpc(session.status());
-  auto window = store_->BeginRank(*session, request->step(), request->bytes());
+  auto window = store_->BeginRank(*session, request->step(), request->bytes(),
+                                  /*streamed=*/!windows);
   if (!window.ok()) return ToGrpc(window.status());
   response->set_window_offset(window->offset);
   response->set_window_bytes(window->bytes);
+  if (!windows) return grpc::Status::OK;  // the trainer streams (WriteRank)
+  uint64_t file = 0;
+  absl::Status granted =
+      Grant(*context, window->extent, /*writable=*/true, response->mutable_window_token(), &file);
+  if (!granted.ok()) {
+    store_->AbortRank(*session, request->step()).IgnoreError();
+    return ToGrpc(granted);
+  }
+  response->set_window_file(file);
+  // A window for a later step, made in the background for the trainer to
+  // map before then. Best effort: without it that step makes its own.
+  if (!response->window_token().empty()) QueuePrepare(request->session_id(), request->bytes());
   return grpc::Status::OK;
+}
+
+grpc::Status SnapshotService::PrepareRank(grpc::ServerContext* context,
+                                          const v1::PrepareRankRequest* request,
+                                          v1::PrepareRankResponse*) {
+  bool windows = false;
+  auto session = SessionOf(*context, request->session_id(), &windows);
+  if (!session.ok()) return ToGrpc(session.status());
+  if (request->bytes() == 0) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "a window of 0 bytes was asked for");
+  }
+  if (windows) QueuePrepare(request->session_id(), request->bytes());
+  return grpc::Status::OK;
+}
+
+void SnapshotService::QueuePrepare(const std::string& wire_id, uint64_t bytes) {
+  absl::MutexLock lock(&mu_);
+  if (closing_ || grants_ == nullptr || prepare_queue_.size() >= kMaxQueuedPrepares) return;
+  for (const auto& [id, b] : prepare_queue_) {
+    if (id == wire_id) return;  // one at a time per session
+  }
+  prepare_queue_.emplace_back(wire_id, bytes);
+  if (!preparer_.joinable()) preparer_ = std::thread([this] { PrepareLoop(); });
+}
+
+void SnapshotService::PrepareLoop() {
+  while (true) {
+    std::string wire_id;
+    uint64_t bytes;
+    uint64_t session;
+    std::optional<uint32_t> uid;
+    {
+      absl::MutexLock lock(&mu_);
+      auto has_work = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return closing_ || !prepare_queue_.empty();
+      };
+      mu_.Await(absl::Condition(&has_work));
+      if (closing_) return;
+      std::tie(wire_id, bytes) = prepare_queue_.front();
+      prepare_queue_.pop_front();
+      auto it = sessions_.find(wire_id);
+      if (it == sessions_.end() || !it->second.uid.has_value()) continue;
+      session = it->second.session;
+      uid = it->second.uid;
+    }
+    // Slow (a fresh window is allocated and populated): no lock held.
+    auto ready = store_->PrepareRank(session, bytes);
+    if (!ready.ok()) continue;  // enough windows already, or no room
+    auto grant = grants_->Issue(*ready, /*writable=*/true, *uid, /*spare=*/true);
+    if (!grant.ok()) continue;
+    v1::AttachEvent event;
+    event.set_ready_token(grant->token);
+    event.set_ready_file(grant->file_id);
+    absl::MutexLock lock(&mu_);
+    auto it = sessions_.find(wire_id);
+    if (it != sessions_.end() && live_.count(it->second.reactor) != 0) {
+      it->second.reactor->Push(std::move(event));
+    }
+  }
 }
 
 grpc::Status SnapshotService::WriteRank(grpc::ServerContext* context,
@@ -262,7 +426,8 @@ grpc::Status SnapshotService::ListRestorable(grpc::ServerContext* context,
 grpc::Status SnapshotService::Restore(grpc::ServerContext* context,
                                       const v1::RestoreRequest* request,
                                       v1::RestoreResponse* response) {
-  auto session = SessionOf(*context, request->session_id());
+  bool windows = false;
+  auto session = SessionOf(*context, request->session_id(), &windows);
   if (!session.ok()) return ToGrpc(session.status());
   if (before_restore_) before_restore_(*session);
   auto lease = store_->Restore(*session, request->step());
@@ -272,6 +437,15 @@ grpc::Status SnapshotService::Restore(grpc::ServerContext* context,
   response->set_window_offset(lease->window.offset);
   response->set_window_bytes(lease->window.bytes);
   response->set_lease_id(lease->lease_id);
+  if (!windows) return grpc::Status::OK;  // the trainer streams (ReadRank)
+  uint64_t file = 0;
+  absl::Status granted = Grant(*context, lease->window.extent, /*writable=*/false,
+                               response->mutable_window_token(), &file);
+  if (!granted.ok()) {
+    store_->Release(*session, lease->lease_id).IgnoreError();
+    return ToGrpc(granted);
+  }
+  response->set_window_file(file);
   return grpc::Status::OK;
 }
 

@@ -10,8 +10,11 @@
 #ifndef ECSNAP_DAEMON_SNAPSHOT_SERVICE_H_
 #define ECSNAP_DAEMON_SNAPSHOT_SERVICE_H_
 
+#include <deque>
 #include <functional>
 #include <map>
+#include <thread>
+#include <optional>
 #include <set>
 #include <string>
 
@@ -19,6 +22,7 @@
 #include "absl/synchronization/mutex.h"
 
 #include "daemon/step_store.h"
+#include "daemon/window_grants.h"
 #include "proto/snapshot.grpc.pb.h"
 
 namespace ecsnap::daemon {
@@ -30,6 +34,7 @@ class SnapshotService final : public v1::Snapshot::WithCallbackMethod_Attach<v1:
  public:
   // `store` must outlive the service.
   SnapshotService(StepStore* store, uint32_t slot);
+  ~SnapshotService() override;
 
   // Names the connection a call came in on, from its peer string
   // (TrainerListener::ConnectionKey). Default: the peer string itself.
@@ -43,6 +48,19 @@ class SnapshotService final : public v1::Snapshot::WithCallbackMethod_Attach<v1:
     before_restore_ = std::move(hook);
   }
 
+  // Unix-socket trainers: the uid a call's connection was admitted with
+  // (TrainerListener::ConnectionUid), and the grants by which such a
+  // trainer fetches each window it is given (`grants` must outlive the
+  // service). Without them trainers stream their bytes over gRPC.
+  void SetWindowGrants(std::function<std::optional<uint32_t>(const std::string& peer)> uid_of,
+                       WindowGrants* grants) {
+    uid_of_ = std::move(uid_of);
+    grants_ = grants;
+  }
+  // The uid whose trainers may attach to `job` besides the first one's
+  // (the daemon's own).
+  void SetDaemonUid(uint32_t uid) { daemon_uid_ = uid; }
+
   // Clients that do not come through the Unix socket (the TCP data plane)
   // must attach with "authorization: Bearer JobToken(secret, job)"
   // (common/job_token.h). Unset: only Unix-socket clients can attach.
@@ -52,6 +70,8 @@ class SnapshotService final : public v1::Snapshot::WithCallbackMethod_Attach<v1:
                                                     const v1::AttachRequest* request) override;
   grpc::Status BeginRank(grpc::ServerContext*, const v1::BeginRankRequest* request,
                          v1::BeginRankResponse* response) override;
+  grpc::Status PrepareRank(grpc::ServerContext*, const v1::PrepareRankRequest* request,
+                           v1::PrepareRankResponse* response) override;
   grpc::Status WriteRank(grpc::ServerContext*, grpc::ServerReader<v1::WriteRankChunk>* reader,
                          v1::WriteRankResponse* response) override;
   grpc::Status CommitRank(grpc::ServerContext*, const v1::CommitRankRequest* request,
@@ -77,29 +97,53 @@ class SnapshotService final : public v1::Snapshot::WithCallbackMethod_Attach<v1:
   void Forget(AttachReactor* reactor);
   absl::Status CheckJobToken(const grpc::CallbackServerContext& context,
                              const std::string& job_id) const;
+  // A job's trainers on the socket are of one uid (the first to attach it,
+  // or the daemon's): another uid may not read or write its steps.
+  absl::Status CheckJobOwner(const grpc::ServerContextBase& context, const std::string& job_id);
+  // Fills a grant for the window at `extent` when the call came through
+  // the socket from a known uid; leaves the token empty otherwise.
+  absl::Status Grant(const grpc::ServerContextBase& context, const ArenaExtent& extent,
+                     bool writable, std::string* token, uint64_t* file_id, bool spare = false);
   std::string ConnectionOf(const grpc::ServerContextBase& context) const;
   // A fresh wire id for store session `session` opened on `connection`.
-  std::string AddSession(uint64_t session, std::string connection);
+  std::string AddSession(uint64_t session, std::string connection, bool windows,
+                         std::optional<uint32_t> uid, AttachReactor* reactor);
   void RemoveSession(const std::string& id);
-  // The store session named by `id`, if the call came on its connection.
+  // The store session named by `id`, if the call came on its connection;
+  // `windows` tells whether its trainer maps windows.
   absl::StatusOr<uint64_t> SessionOf(const grpc::ServerContextBase& context,
-                                     const std::string& id);
+                                     const std::string& id, bool* windows = nullptr);
 
   struct WireSession {
     uint64_t session;
     std::string connection;
+    bool windows = false;  // the trainer maps windows (AttachRequest.windows)
+    std::optional<uint32_t> uid;  // a Unix-socket trainer's
+    AttachReactor* reactor = nullptr;  // valid while in live_
   };
+  // Sessions whose next window waits to be made, at most this many.
+  static constexpr size_t kMaxQueuedPrepares = 256;
+  // Makes a ready window for a session's rank in the background and offers
+  // it on the session's Attach stream.
+  void QueuePrepare(const std::string& wire_id, uint64_t bytes);
+  void PrepareLoop();
 
   StepStore* const store_;
   const uint32_t slot_;
   std::function<void(uint64_t)> before_restore_;
   std::function<std::string(const std::string&)> connection_key_;
   std::string job_secret_;
+  std::function<std::optional<uint32_t>(const std::string&)> uid_of_;
+  WindowGrants* grants_ = nullptr;
+  uint32_t daemon_uid_ = 0;
 
   absl::Mutex mu_;
   std::set<AttachReactor*> live_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, WireSession> sessions_ ABSL_GUARDED_BY(mu_);
   bool closing_ ABSL_GUARDED_BY(mu_) = false;
+  std::map<std::string, uint32_t> job_owners_ ABSL_GUARDED_BY(mu_);
+  std::deque<std::pair<std::string, uint64_t>> prepare_queue_ ABSL_GUARDED_BY(mu_);
+  std::thread preparer_;  // PrepareLoop, started by the first QueuePrepare
 };
 
 }  // namespace ecsnap::daemon

@@ -96,8 +96,9 @@ AdoptReport StepStore::Adopt() {
     const RankRecord& r = *decoded;
     const std::string label = RankLabel(r.job_id(), r.step(), r.rank());
     const ArenaExtent extent = WindowOf(r);
-    if (!arena_->Reserve(extent).ok()) {
-      drop(label + ": window outside the arena or overlapping another, dropped");
+    if (absl::Status reserved = arena_->Reserve(extent, WindowOwner(r.job_id(), r.rank()));
+        !reserved.ok()) {
+      drop(label + ": window not adopted (" + std::string(reserved.message()) + "), dropped");
       continue;
     }
     absl::Status st = CheckManifest(r.manifest(), r.window_bytes(), ManifestLimitsOf(options_.limits));
@@ -305,15 +306,34 @@ void StepStore::Unpin(const std::shared_ptr<RankData>& rd) {
   if (--rd->pins == 0 && rd->dead) arena_->Free(rd->extent);
 }
 
-absl::StatusOr<Window> StepStore::BeginRank(uint64_t session, uint64_t step, uint64_t bytes) {
+absl::StatusOr<Window> StepStore::BeginRank(uint64_t session, uint64_t step, uint64_t bytes,
+                                            bool streamed) {
   std::string rewound_job;
   uint64_t rewound_to = 0;
-  absl::StatusOr<Window> window = BeginRankImpl(session, step, bytes, &rewound_job, &rewound_to);
+  absl::StatusOr<Window> window =
+      BeginRankImpl(session, step, bytes, streamed, &rewound_job, &rewound_to);
   if (!rewound_job.empty() && rewind_listener_) rewind_listener_(rewound_job, rewound_to);
   return window;
 }
 
+absl::StatusOr<ArenaExtent> StepStore::PrepareRank(uint64_t session, uint64_t bytes) {
+  std::string owner;
+  {
+    absl::MutexLock lock(&mu_);
+    auto s = FindSession(session);
+    if (!s.ok()) return s.status();
+    owner = WindowOwner((*s)->job_id, (*s)->rank);
+  }
+  if (bytes == 0 || bytes > arena_->data_bytes()) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "cannot prepare a window of %d bytes in an arena of %s", bytes,
+        FormatBytes(arena_->data_bytes())));
+  }
+  return arena_->PrepareWindow(bytes, owner, static_cast<int>(options_.retain) + 2);
+}
+
 absl::StatusOr<Window> StepStore::BeginRankImpl(uint64_t session, uint64_t step, uint64_t bytes,
+                                                  bool streamed,
                                                   std::string* rewound_job,
                                                   uint64_t* rewound_to) {
   absl::MutexLock lock(&mu_);
@@ -325,7 +345,7 @@ absl::StatusOr<Window> StepStore::BeginRankImpl(uint64_t session, uint64_t step,
   if (ses->open) {
     if (ses->open->step == step && ses->open->bytes == bytes &&
         ses->open->phase == RankData::Phase::kWriting) {
-      return Window{ses->open->extent.offset, bytes};  // a retried BeginRank
+      return Window{ses->open->extent.offset, bytes, ses->open->extent};  // a retried BeginRank
     }
     return absl::FailedPreconditionError(absl::StrFormat(
         "%s: step %d is still open for this rank; commit or abort it first", label,
@@ -368,7 +388,7 @@ absl::StatusOr<Window> StepStore::BeginRankImpl(uint64_t session, uint64_t step,
         "%s needs %s but the whole arena holds %s; raise --arena_bytes", label,
         FormatBytes(bytes), FormatBytes(arena_->data_bytes())));
   }
-  auto extent = arena_->Allocate(bytes);
+  auto extent = arena_->AllocateWindow(bytes, WindowOwner(ses->job_id, ses->rank), streamed);
   if (!extent.ok()) {
     return absl::ResourceExhaustedError(absl::StrCat(label, " ", extent.status().message()));
   }
@@ -382,7 +402,7 @@ absl::StatusOr<Window> StepStore::BeginRankImpl(uint64_t session, uint64_t step,
   if (opened.created == 0) opened.created = ++step_seq_;
   opened.ranks[ses->rank] = rd;
   ses->open = rd;
-  return Window{extent->offset, bytes};
+  return Window{extent->offset, bytes, *extent};
 }
 
 absl::Status StepStore::Write(uint64_t session, uint64_t step, uint64_t offset,
@@ -597,7 +617,7 @@ absl::StatusOr<RestoreLease> StepStore::Restore(uint64_t session, uint64_t step)
   RestoreLease lease;
   lease.lease_id = next_id_++;
   lease.step = found->step;
-  lease.window = Window{found->extent.offset, found->bytes};
+  lease.window = Window{found->extent.offset, found->bytes, found->extent};
   lease.manifest = found->manifest;
   ses->leases[lease.lease_id] = found;
   return lease;

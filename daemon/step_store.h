@@ -90,8 +90,9 @@ struct StoreOptions {
 
 // A window granted to a rank for one step.
 struct Window {
-  uint64_t offset = 0;  // in the arena file
+  uint64_t offset = 0;  // in the arena
   uint64_t bytes = 0;   // the rank's bytes (the extent may be larger)
+  ArenaExtent extent;   // the window file's extent (Arena::OpenWindow)
 };
 
 struct RestoreLease {
@@ -185,7 +186,19 @@ class StepStore {
   // Grants a window of `bytes` for the session's rank at `step`. If the
   // rank restored step s and `step` is not newer than the job's steps, the
   // job is rewound to s first: every step newer than s is discarded.
-  absl::StatusOr<Window> BeginRank(uint64_t session, uint64_t step, uint64_t bytes);
+  // `streamed`: the daemon writes the bytes (WriteRank), so a fresh window
+  // is populated through its mapping first.
+  absl::StatusOr<Window> BeginRank(uint64_t session, uint64_t step, uint64_t bytes,
+                                   bool streamed = true);
+  // A spare window for the session's rank, of the size `bytes` of state
+  // need, made ahead of the rank's next steps so that its trainer can map
+  // it first (Arena::PrepareWindow). The steps of a rank need up to
+  // retain + 2 windows of one size (the retained ones, the one being
+  // written, one more while protection lags); no more are made.
+  // FAILED_PRECONDITION when the rank holds that many already;
+  // RESOURCE_EXHAUSTED when memory is short (a snapshot can still take the
+  // memory later, by reclaiming spares).
+  absl::StatusOr<ArenaExtent> PrepareRank(uint64_t session, uint64_t bytes);
   // Copies `data` into the open window at `offset` (the path for clients
   // that cannot map the arena).
   absl::Status Write(uint64_t session, uint64_t step, uint64_t offset,
@@ -290,6 +303,7 @@ class StepStore {
   absl::StatusOr<std::shared_ptr<RankData>> WritableRank(uint64_t session, uint64_t step)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<Window> BeginRankImpl(uint64_t session, uint64_t step, uint64_t bytes,
+                                       bool streamed,
                                          std::string* rewound_job, uint64_t* rewound_to)
       ABSL_LOCKS_EXCLUDED(mu_);
   absl::StatusOr<std::shared_ptr<RankData>> FindLease(uint64_t session, uint64_t lease_id)

@@ -34,8 +34,7 @@ std::string TrainerPolicy::Refusal(pid_t pid, uid_t uid, gid_t gid) const {
 }
 
 absl::StatusOr<std::unique_ptr<TrainerListener>> TrainerListener::Listen(
-    const std::string& path, TrainerPolicy policy, const std::string& arena_path,
-    uint64_t arena_bytes) {
+    const std::string& path, TrainerPolicy policy, WindowFetcher fetch) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   if (path.size() >= sizeof(addr.sun_path)) {
@@ -44,20 +43,6 @@ absl::StatusOr<std::unique_ptr<TrainerListener>> TrainerListener::Listen(
         sizeof(addr.sun_path) - 1));
   }
   std::memcpy(addr.sun_path, path.data(), path.size());
-  UniqueFd arena_fd;
-  if (!arena_path.empty()) {
-    arena_fd = UniqueFd(::open(arena_path.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW));
-    struct stat st {};
-    if (!arena_fd.valid() || ::fstat(arena_fd.get(), &st) != 0) {
-      return absl::InternalError(absl::StrFormat("cannot open the arena %s to share it: %s",
-                                                 arena_path, std::strerror(errno)));
-    }
-    if (!S_ISREG(st.st_mode) || static_cast<uint64_t>(st.st_size) != arena_bytes) {
-      return absl::InternalError(absl::StrFormat(
-          "the arena %s changed under the daemon (not the %d-byte file it opened)", arena_path,
-          arena_bytes));
-    }
-  }
   UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (!fd.valid()) {
     return absl::InternalError(absl::StrFormat("socket: %s", std::strerror(errno)));
@@ -73,17 +58,16 @@ absl::StatusOr<std::unique_ptr<TrainerListener>> TrainerListener::Listen(
     return absl::InternalError(
         absl::StrFormat("cannot listen on %s: %s", path, std::strerror(err)));
   }
-  return std::unique_ptr<TrainerListener>(new TrainerListener(
-      path, std::move(policy), std::move(fd), std::move(arena_fd), arena_bytes));
+  return std::unique_ptr<TrainerListener>(
+      new TrainerListener(path, std::move(policy), std::move(fd), std::move(fetch)));
 }
 
 TrainerListener::TrainerListener(std::string path, TrainerPolicy policy, UniqueFd listen_fd,
-                                 UniqueFd arena_fd, uint64_t arena_bytes)
+                                 WindowFetcher fetch)
     : path_(std::move(path)),
       policy_(std::move(policy)),
       listen_fd_(std::move(listen_fd)),
-      arena_fd_(std::move(arena_fd)),
-      arena_bytes_(arena_bytes) {}
+      fetch_(std::move(fetch)) {}
 
 TrainerListener::~TrainerListener() { Stop(); }
 
@@ -98,11 +82,36 @@ void TrainerListener::Stop() {
   ::unlink(path_.c_str());
 }
 
+// One thread accepts, greets and reads what each connection is for, all
+// without blocking: a process that connects and says nothing holds a slot
+// of kMaxPendingConnections for at most kRoleTimeout, never the thread.
 void TrainerListener::AcceptLoop(grpc::Server* server) {
+  std::vector<Pending> pending;
+  std::vector<pollfd> fds;
   while (!stop_) {
-    pollfd p{listen_fd_.get(), POLLIN, 0};
-    if (::poll(&p, 1, kAcceptPollMs) <= 0) continue;
-    UniqueFd conn(::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    fds.clear();
+    fds.push_back({listen_fd_.get(), POLLIN, 0});
+    for (const Pending& p : pending) fds.push_back({p.conn.get(), POLLIN, 0});
+    if (::poll(fds.data(), fds.size(), kAcceptPollMs) < 0 && errno != EINTR) {
+      ::poll(nullptr, 0, kAcceptPollMs);
+      continue;
+    }
+    const absl::Time now = absl::Now();
+    std::vector<Pending> still;
+    for (size_t i = 0; i < pending.size(); ++i) {
+      Pending& p = pending[i];
+      if ((fds[i + 1].revents & (POLLIN | POLLHUP | POLLERR)) != 0) {
+        if (ReadRole(p, server)) continue;
+      } else if (now >= p.deadline) {
+        LogRefusal(absl::StrFormat("process %d (uid %d) connected and never said what for", p.pid,
+                                   p.uid));
+        continue;
+      }
+      still.push_back(std::move(p));
+    }
+    pending = std::move(still);
+    if ((fds[0].revents & POLLIN) == 0) continue;
+    UniqueFd conn(::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
     if (!conn.valid()) {
       if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED) {
         // Out of descriptors or memory: say so, and let them come back
@@ -112,36 +121,39 @@ void TrainerListener::AcceptLoop(grpc::Server* server) {
       }
       continue;
     }
-    Admit(std::move(conn), server);
+    Admit(std::move(conn), &pending);
   }
 }
 
-void TrainerListener::Admit(UniqueFd conn, grpc::Server* server) {
+void TrainerListener::Admit(UniqueFd conn, std::vector<Pending>* pending) {
   ucred cred{};
   socklen_t len = sizeof(cred);
   std::string refusal;
-  struct stat st {};
-  if (::getsockopt(conn.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 ||
-      ::fstat(conn.get(), &st) != 0) {
+  if (::getsockopt(conn.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
     refusal = absl::StrFormat("ecsnapd cannot tell who connected: %s", std::strerror(errno));
   } else {
     refusal = policy_.Refusal(cred.pid, cred.uid, cred.gid);
   }
   if (refusal.empty()) {
     absl::MutexLock lock(&mu_);
-    const int live = LiveConnections(cred.uid);
+    int live = LiveConnections(cred.uid);
+    for (const Pending& p : *pending) live += p.uid == cred.uid;
     if (live >= kMaxConnectionsPerUid) {
       refusal = absl::StrFormat(
           "ecsnapd refuses process %d: uid %d already has %d connections open, the most one "
           "user may; a trainer needs one per process",
           cred.pid, cred.uid, live);
+    } else if (pending->size() >= kMaxPendingConnections) {
+      refusal = absl::StrFormat(
+          "ecsnapd refuses process %d: %d connections are still being set up; try again",
+          cred.pid, pending->size());
     }
   }
   TrainerHello hello;
   hello.admitted = refusal.empty();
   hello.message = refusal;
-  hello.arena_bytes = arena_bytes_;
-  absl::Status sent = SendTrainerHello(conn.get(), hello, arena_fd_.get(), kHelloTimeout);
+  hello.windows = fetch_ != nullptr;
+  absl::Status sent = SendTrainerHello(conn.get(), hello, -1, kHelloTimeout);
   if (!refusal.empty()) {
     LogRefusal(refusal);
     return;  // closes it
@@ -150,14 +162,58 @@ void TrainerListener::Admit(UniqueFd conn, grpc::Server* server) {
     Log("data plane: trainer pid %d went away during the hello: %s", cred.pid, sent.message());
     return;
   }
-  const int flags = ::fcntl(conn.get(), F_GETFL);
-  if (flags < 0 || ::fcntl(conn.get(), F_SETFL, flags | O_NONBLOCK) != 0) return;
+  Pending p;
+  p.conn = std::move(conn);
+  p.pid = cred.pid;
+  p.uid = cred.uid;
+  p.deadline = absl::Now() + kRoleTimeout;
+  pending->push_back(std::move(p));
+}
+
+bool TrainerListener::ReadRole(Pending& p, grpc::Server* server) {
+  // Exactly the role's bytes: what follows (gRPC's preface) is gRPC's.
+  const ssize_t n = ::recv(p.conn.get(), p.role + p.got, sizeof(p.role) - p.got, MSG_DONTWAIT);
+  if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return false;
+  if (n <= 0) return true;  // gone
+  p.got += static_cast<size_t>(n);
+  if (p.got < sizeof(p.role)) return false;
+  absl::StatusOr<TrainerRole> role = ParseTrainerRole(p.role);
+  if (!role.ok()) {
+    LogRefusal(absl::StrFormat("process %d (uid %d): %s", p.pid, p.uid, role.status().message()));
+    return true;
+  }
+  if (role->kind == TrainerRole::Kind::kWindow) {
+    ServeWindow(p, role->token);
+    return true;
+  }
+  struct stat st {};
+  if (::fstat(p.conn.get(), &st) != 0) return true;
   {
     absl::MutexLock lock(&mu_);
-    admitted_fds_[conn.get()] = Admitted{next_generation_++, cred.uid, st.st_dev, st.st_ino};
+    admitted_fds_[p.conn.get()] = Admitted{next_generation_++, p.uid, st.st_dev, st.st_ino};
   }
   // gRPC owns the descriptor from here and closes it when the connection ends.
-  grpc::AddInsecureChannelFromFd(server, conn.Release());
+  grpc::AddInsecureChannelFromFd(server, p.conn.Release());
+  return true;
+}
+
+void TrainerListener::ServeWindow(Pending& p, const std::string& token) {
+  TrainerHello reply;
+  absl::StatusOr<Arena::WindowFile> window =
+      fetch_ ? fetch_(token, p.uid)
+             : absl::FailedPreconditionError("this ecsnapd shares no memory with trainers");
+  reply.admitted = window.ok();
+  if (window.ok()) {
+    reply.fd_bytes = window->bytes;
+  } else {
+    reply.message = std::string(window.status().message());
+    LogRefusal(absl::StrFormat("process %d (uid %d) asked for a window: %s", p.pid, p.uid,
+                               reply.message));
+  }
+  // The socket buffer is empty: the reply goes out at once or not at all.
+  absl::Status sent = SendTrainerHello(p.conn.get(), reply, window.ok() ? window->fd.get() : -1,
+                                       absl::Milliseconds(100));
+  if (!sent.ok()) Log("data plane: process %d left before its window: %s", p.pid, sent.message());
 }
 
 int TrainerListener::LiveConnections(uid_t uid) {
@@ -192,6 +248,15 @@ void TrainerListener::LogRefusal(const std::string& why) {
   }
   last_refusal_log_ = now;
   refusals_unlogged_ = 0;
+}
+
+std::optional<uint32_t> TrainerListener::ConnectionUid(const std::string& peer) const {
+  int fd = -1;
+  if (!IsSocketPeer(peer) || !absl::SimpleAtoi(peer.substr(3), &fd)) return std::nullopt;
+  absl::MutexLock lock(&mu_);
+  auto it = admitted_fds_.find(fd);
+  if (it == admitted_fds_.end()) return std::nullopt;
+  return it->second.uid;
 }
 
 std::string TrainerListener::ConnectionKey(const std::string& peer) const {

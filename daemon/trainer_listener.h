@@ -1,6 +1,7 @@
 // The data plane's Unix socket: admits trainer processes by their kernel
-// credentials, hands each admitted one the arena's descriptor, then gives the
-// connection to the gRPC server (see common/trainer_hello.h).
+// credentials, then, by what each connection says it is for, gives it to the
+// gRPC server or answers it with the descriptor of a granted window (see
+// common/trainer_hello.h).
 //
 // Admission is SO_PEERCRED: the uid and primary gid the kernel recorded when
 // the trainer connected, which the trainer cannot forge. The daemon's own uid
@@ -17,7 +18,10 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
+#include <optional>
+#include <vector>
 #include <memory>
 #include <set>
 #include <string>
@@ -30,7 +34,9 @@
 #include "absl/strings/match.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/trainer_hello.h"
 #include "common/unique_fd.h"
+#include "daemon/arena.h"
 
 namespace ecsnap::daemon {
 
@@ -46,18 +52,25 @@ struct TrainerPolicy {
 // Connections one uid may hold open at once (a trainer process needs one):
 // beyond, a flood from one user could take every descriptor of the daemon.
 inline constexpr int kMaxConnectionsPerUid = 512;
+// Admitted connections that have not yet said what they are for, and how
+// long each may take to say it.
+inline constexpr size_t kMaxPendingConnections = 256;
+inline constexpr absl::Duration kRoleTimeout = absl::Seconds(2);
+
+// Opens the window a token names for `uid` (WindowGrants::Fetch).
+using WindowFetcher = std::function<absl::StatusOr<Arena::WindowFile>(const std::string& token,
+                                                                       uid_t uid)>;
 
 class TrainerListener {
  public:
   // Binds `path` (which must be free: see ClaimSocketPath) and listens.
-  // `arena_path` is opened once here and its descriptor is what admitted
-  // trainers receive; empty shares no arena (they stream over gRPC). The
-  // socket file is 0600 when only the daemon's uid is admitted, 0666 when
-  // the policy names others (SO_PEERCRED is then the gate).
+  // `fetch` answers window requests; null shares no memory (trainers
+  // stream over gRPC). The socket file is 0600 when only the daemon's uid
+  // is admitted, 0666 when the policy names others (SO_PEERCRED is then the
+  // gate).
   static absl::StatusOr<std::unique_ptr<TrainerListener>> Listen(const std::string& path,
                                                                  TrainerPolicy policy,
-                                                                 const std::string& arena_path,
-                                                                 uint64_t arena_bytes);
+                                                                 WindowFetcher fetch);
   ~TrainerListener();
 
   // Accepts connections on a thread of its own and adds the admitted ones
@@ -72,15 +85,33 @@ class TrainerListener {
   // peer (a TCP data plane) is its own key.
   std::string ConnectionKey(const std::string& peer) const;
 
+  // The uid a call's connection was admitted with, when it came through
+  // this socket and is still open.
+  std::optional<uint32_t> ConnectionUid(const std::string& peer) const;
+
   // True when a call's peer string names a connection of this socket
   // (admitted by uid), as gRPC names connections it was handed: "fd:N".
   static bool IsSocketPeer(const std::string& peer) { return absl::StartsWith(peer, "fd:"); }
 
  private:
-  TrainerListener(std::string path, TrainerPolicy policy, UniqueFd listen_fd, UniqueFd arena_fd,
-                  uint64_t arena_bytes);
+  // An admitted connection that has not yet said what it is for.
+  struct Pending {
+    UniqueFd conn;
+    pid_t pid;
+    uid_t uid;
+    absl::Time deadline;
+    size_t got = 0;
+    char role[kTrainerRoleBytes];
+  };
+
+  TrainerListener(std::string path, TrainerPolicy policy, UniqueFd listen_fd, WindowFetcher fetch);
   void AcceptLoop(grpc::Server* server);
-  void Admit(UniqueFd conn, grpc::Server* server);
+  // Sends the hello; an admitted connection joins `pending`.
+  void Admit(UniqueFd conn, std::vector<Pending>* pending);
+  // Reads what `p` has sent of its role; true when it is done with (handed
+  // to gRPC, answered, or dropped).
+  bool ReadRole(Pending& p, grpc::Server* server);
+  void ServeWindow(Pending& p, const std::string& token);
   // Connections `uid` has open now; forgets the entries gRPC has closed.
   int LiveConnections(uid_t uid) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void LogRefusal(const std::string& why);
@@ -88,11 +119,7 @@ class TrainerListener {
   const std::string path_;
   const TrainerPolicy policy_;
   const UniqueFd listen_fd_;
-  // A descriptor of its own, not the Arena's: that one holds the flock that
-  // keeps a second daemon out, and a trainer holding a copy of it would
-  // keep a restarted daemon out too.
-  const UniqueFd arena_fd_;
-  const uint64_t arena_bytes_;
+  const WindowFetcher fetch_;
   std::atomic<bool> stop_{false};
   std::thread thread_;
 

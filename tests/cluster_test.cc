@@ -134,22 +134,10 @@ TEST_F(ClusterTest, ACorruptStoredChunkIsCaughtAndRebuiltAround) {
   StartCluster(2, 2);
   Snapshot(1);
   ASSERT_TRUE(WaitProtected(1));
-  // Flip a byte of slot 1's first data chunk in its live arena (the file is
-  // the daemon's memory): the start of rank 2's first tensor.
+  // Flip a byte of slot 1's first data chunk in its live memory (the files
+  // are the daemon's memory): the start of rank 2's first tensor.
   const State victim = MakeState(1, 0, 1);
-  const int fd = ::open(cluster_->daemon(1).arena_path().c_str(), O_RDWR);
-  ASSERT_GE(fd, 0);
-  struct stat st;
-  ASSERT_EQ(::fstat(fd, &st), 0);
-  auto* base = static_cast<uint8_t*>(
-      ::mmap(nullptr, st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
-  ASSERT_NE(base, MAP_FAILED);
-  auto* at = static_cast<uint8_t*>(
-      ::memmem(base, st.st_size, victim.bytes[0].data(), 64));
-  ASSERT_NE(at, nullptr);
-  at[32] ^= 0xFF;
-  ::munmap(base, st.st_size);
-  ::close(fd);
+  ASSERT_TRUE(cluster_->daemon(1).FlipByteAfter(victim.bytes[0].data(), 64, 32));
 
   ASSERT_NO_FATAL_FAILURE(ReplaceNode(0));
   EXPECT_EQ(RestoreAndCheck(0), 1u);
@@ -236,21 +224,10 @@ class RebuildFaultTest : public ClusterTest {
     }
   }
 
-  // Flips a byte in the first tensor of rank `r` of `slot`, in its live arena.
+  // Flips a byte in the first tensor of rank `r` of `slot`, in its live memory.
   void CorruptRank(int slot, int r, uint64_t step) {
     const State victim = MakeState(slot, r, step);
-    const int fd = ::open(cluster_->daemon(slot).arena_path().c_str(), O_RDWR);
-    ASSERT_GE(fd, 0);
-    struct stat st;
-    ASSERT_EQ(::fstat(fd, &st), 0);
-    auto* base = static_cast<uint8_t*>(
-        ::mmap(nullptr, st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
-    ASSERT_NE(base, MAP_FAILED);
-    auto* at = static_cast<uint8_t*>(::memmem(base, st.st_size, victim.bytes[0].data(), 64));
-    ASSERT_NE(at, nullptr);
-    at[32] ^= 0xFF;
-    ::munmap(base, st.st_size);
-    ::close(fd);
+    ASSERT_TRUE(cluster_->daemon(slot).FlipByteAfter(victim.bytes[0].data(), 64, 32));
   }
 
   static int Count(const std::string& log, const std::string& what) {

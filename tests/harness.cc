@@ -4,6 +4,7 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -12,6 +13,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstring>
 #include <cstdlib>
 #include <fstream>
 #include <thread>
@@ -105,10 +107,12 @@ absl::Status DaemonProcess::Launch() {
   }
   for (const auto& f : options_.extra_flags) argv.push_back(f);
   pid_ = Spawn(argv, log_);
-  // Ready when the admin plane answers; bounded at 20 s. A fresh channel per
+  // Ready when the admin plane answers; bounded at 20 s plus 5 s per GiB of
+  // arena (it is populated before the daemon serves). A fresh channel per
   // probe: one that failed before the socket existed would sit out gRPC's
   // reconnect backoff.
-  for (int attempt = 0; attempt < 400; ++attempt) {
+  const int attempts = 400 + static_cast<int>(options_.arena_bytes >> 30) * 100;
+  for (int attempt = 0; attempt < attempts; ++attempt) {
     auto stub = AdminStub();
     if (!alive()) {
       return absl::InternalError(absl::StrCat("ecsnapd exited during start:\n", Log()));
@@ -264,6 +268,30 @@ absl::StatusOr<std::unique_ptr<Cluster>> Cluster::Start(const std::string& dir, 
     c->daemons_.push_back(std::move(*daemon));
   }
   return c;
+}
+
+bool DaemonProcess::FlipByteAfter(const void* pattern, size_t pattern_bytes, size_t at) const {
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(dir_ + "/arena", ec)) {
+    const int fd = ::open(entry.path().c_str(), O_RDWR | O_CLOEXEC);
+    if (fd < 0) continue;
+    struct stat st {};
+    bool flipped = false;
+    if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0) {
+      void* base = ::mmap(nullptr, st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+      if (base != MAP_FAILED) {
+        auto* found = static_cast<uint8_t*>(::memmem(base, st.st_size, pattern, pattern_bytes));
+        if (found != nullptr && found + at < static_cast<uint8_t*>(base) + st.st_size) {
+          found[at] ^= 0xFF;
+          flipped = true;
+        }
+        ::munmap(base, st.st_size);
+      }
+    }
+    ::close(fd);
+    if (flipped) return true;
+  }
+  return false;
 }
 
 }  // namespace ecsnap::testing

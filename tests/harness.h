@@ -89,6 +89,10 @@ class DaemonProcess {
   void Resume();
   // The arena file (shared memory: writing it changes the live daemon's data).
   std::string arena_path() const { return dir_ + "/arena/arena"; }
+  // Flips the byte `at` bytes past the first place where `pattern` lies in
+  // the daemon's memory (the arena file or a window file), as a memory fault
+  // would. False when the pattern is nowhere.
+  bool FlipByteAfter(const void* pattern, size_t pattern_bytes, size_t at) const;
 
   pid_t pid() const { return pid_; }
   // Reaps the daemon if it exited.

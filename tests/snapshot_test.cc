@@ -1,6 +1,7 @@
 // Single-node snapshot service, end to end: real ecsnapd processes, the real
 // client library, on private Unix sockets.
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -9,6 +10,7 @@
 #include <chrono>
 #include <cstring>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <random>
 #include <thread>
@@ -217,7 +219,7 @@ TEST_F(SnapshotTest, ASessionIdWorksOnlyOnTheConnectionThatAttached) {
     dco.address = daemon_->socket();
     auto data = OpenDataChannel(std::move(dco));
     EXPECT_TRUE(data.ok()) << data.status();
-    EXPECT_TRUE(data->arena_fd.valid());
+    EXPECT_TRUE(data->windows);
     return v1::Snapshot::NewStub(data->channel);
   };
   auto owner = open();
@@ -248,6 +250,187 @@ TEST_F(SnapshotTest, ASessionIdWorksOnlyOnTheConnectionThatAttached) {
     EXPECT_EQ(thief->Restore(&ctx, req, &resp).error_code(), grpc::StatusCode::NOT_FOUND);
   }
   EXPECT_TRUE(begin(owner.get(), 1).ok());
+}
+
+// A session opened by hand on a data channel of its own, for tests that
+// speak the protocol the way a hostile trainer could.
+struct RawSession {
+  std::unique_ptr<v1::Snapshot::Stub> stub;
+  grpc::ClientContext attach_ctx;
+  std::unique_ptr<grpc::ClientReader<v1::AttachEvent>> stream;
+  std::string id;
+
+  RawSession(const std::string& socket, const std::string& job) {
+    DataChannelOptions dco;
+    dco.address = socket;
+    auto data = OpenDataChannel(std::move(dco));
+    EXPECT_TRUE(data.ok()) << data.status();
+    stub = v1::Snapshot::NewStub(data->channel);
+    v1::AttachRequest attach;
+    attach.set_job_id(job);
+    attach.add_local_ranks(0);
+    attach.set_windows(true);
+    stream = stub->Attach(&attach_ctx, attach);
+    v1::AttachEvent ev;
+    EXPECT_TRUE(stream->Read(&ev));
+    id = ev.session_id();
+  }
+  ~RawSession() { attach_ctx.TryCancel(); }
+
+  grpc::Status Begin(uint64_t step, uint64_t bytes, v1::BeginRankResponse* resp) {
+    grpc::ClientContext ctx;
+    v1::BeginRankRequest req;
+    req.set_session_id(id);
+    req.set_step(step);
+    req.set_bytes(bytes);
+    return stub->BeginRank(&ctx, req, resp);
+  }
+  grpc::Status Restore(v1::RestoreResponse* resp) {
+    grpc::ClientContext ctx;
+    v1::RestoreRequest req;
+    req.set_session_id(id);
+    return stub->Restore(&ctx, req, resp);
+  }
+};
+
+// DESIGN.md §9: a trainer's mapping holds the windows granted to it and
+// nothing else. The descriptor it receives is the window's own file (not
+// the arena, whose index and other jobs' bytes it never sees), each token
+// is good once, and a restored window comes read-only: it cannot be mapped
+// writable, written or truncated.
+TEST_F(SnapshotTest, ATrainerReceivesOnlyItsWindowsAndRestoresReadOnly) {
+  struct stat arena_st {};
+  ASSERT_EQ(::stat(daemon_->arena_path().c_str(), &arena_st), 0);
+  auto other = Connect(0, {0}, Transport::kSharedMemory, "neighbour");
+  State theirs = MakeState(31);
+  ASSERT_TRUE(other->Snapshot(1, theirs.tensors)->WaitCommitted().ok());
+
+  auto mine = Connect(0, {0});
+  State s = MakeState(32);
+  ASSERT_TRUE(mine->Snapshot(1, s.tensors)->WaitCommitted().ok());
+
+  RawSession raw(daemon_->socket(), "job");
+  v1::RestoreResponse lease;
+  ASSERT_TRUE(raw.Restore(&lease).ok());
+  ASSERT_EQ(lease.window_token().size(), kWindowTokenBytes);
+  auto window = FetchWindow(daemon_->socket(), lease.window_token(), absl::Seconds(10));
+  ASSERT_TRUE(window.ok()) << window.status();
+  struct stat st {};
+  ASSERT_EQ(::fstat(window->fd.get(), &st), 0);
+  EXPECT_NE(st.st_ino, arena_st.st_ino) << "a trainer was handed the whole arena";
+  EXPECT_EQ(static_cast<uint64_t>(st.st_size), window->bytes);
+  EXPECT_GE(window->bytes, lease.window_bytes());
+  EXPECT_LT(window->bytes, lease.window_bytes() + 4096) << "more than the rank's window";
+  // The bytes are the rank's, tensor by tensor.
+  for (int i = 0; i < lease.manifest().tensors_size(); ++i) {
+    const auto& t = lease.manifest().tensors(i);
+    std::vector<uint8_t> got(t.length());
+    if (got.empty()) continue;
+    ASSERT_EQ(::pread(window->fd.get(), got.data(), got.size(), t.offset()),
+              static_cast<ssize_t>(got.size()));
+    EXPECT_EQ(got, s.storage[i]) << t.name();
+  }
+  // Read-only, whatever the trainer tries.
+  EXPECT_EQ(::mmap(nullptr, window->bytes, PROT_READ | PROT_WRITE, MAP_SHARED, window->fd.get(), 0),
+            MAP_FAILED);
+  EXPECT_EQ(errno, EACCES);
+  const char junk = 'x';
+  EXPECT_EQ(::pwrite(window->fd.get(), &junk, 1, 0), -1);
+  EXPECT_EQ(::ftruncate(window->fd.get(), 0), -1);
+  // A token is good once.
+  auto again = FetchWindow(daemon_->socket(), lease.window_token(), absl::Seconds(10));
+  EXPECT_EQ(again.status().code(), absl::StatusCode::kFailedPrecondition) << again.status();
+  std::string forged(kWindowTokenBytes, '\0');
+  EXPECT_EQ(FetchWindow(daemon_->socket(), forged, absl::Seconds(10)).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  // Both jobs still restore bit-exact (rank 0 attached again: the raw
+  // session above took its place).
+  mine = Connect(0, {0});
+  ExpectRestored(s, *mine->Restore(kLatestStep));
+  ExpectRestored(theirs, *other->Restore(kLatestStep));
+  EXPECT_TRUE(daemon_->alive());
+}
+
+// Client::Prepare makes the first snapshot's window ahead of it: the daemon
+// makes one window file, and the first snapshot lands in that very file.
+TEST_F(SnapshotTest, APreparedWindowIsTheOneTheFirstSnapshotFills) {
+  auto window_files = [&] {
+    std::vector<std::string> names;
+    for (const auto& e : std::filesystem::directory_iterator(dir_.path() + "/arena")) {
+      if (e.path().filename().string().rfind("w.", 0) == 0) names.push_back(e.path().string());
+    }
+    return names;
+  };
+  auto c = Connect(0, {0});
+  State s = MakeState(51, 8);
+  ASSERT_TRUE(c->Prepare(s.tensors).ok());
+  std::vector<std::string> files;
+  for (int i = 0; i < 200 && files.empty(); ++i) {  // made in the background
+    files = window_files();
+    if (files.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_EQ(files.size(), 1u);
+  struct stat prepared {};
+  ASSERT_EQ(::stat(files[0].c_str(), &prepared), 0);
+
+  ASSERT_TRUE(c->Snapshot(1, s.tensors)->WaitCommitted().ok());
+  c.reset();
+  RawSession raw(daemon_->socket(), "job");
+  v1::RestoreResponse lease;
+  ASSERT_TRUE(raw.Restore(&lease).ok());
+  auto window = FetchWindow(daemon_->socket(), lease.window_token(), absl::Seconds(10));
+  ASSERT_TRUE(window.ok()) << window.status();
+  struct stat used {};
+  ASSERT_EQ(::fstat(window->fd.get(), &used), 0);
+  EXPECT_EQ(used.st_ino, prepared.st_ino) << "the first snapshot did not use the prepared window";
+}
+
+// A trainer holds its snapshot window read-write, so it can shrink the file
+// under the daemon. The daemon must neither die of SIGBUS nor accept the
+// step: it reads zeros where the pages went, the checksums disagree, the
+// commit is refused, and every other step on the node is untouched.
+TEST_F(SnapshotTest, ATrainerThatTruncatesItsWindowLosesOnlyThatStep) {
+  auto neighbour = Connect(0, {0}, Transport::kSharedMemory, "neighbour");
+  State theirs = MakeState(41);
+  ASSERT_TRUE(neighbour->Snapshot(1, theirs.tensors)->WaitCommitted().ok());
+
+  RawSession raw(daemon_->socket(), "job");
+  constexpr uint64_t kBytes = 64 << 10;
+  v1::BeginRankResponse granted;
+  ASSERT_TRUE(raw.Begin(1, kBytes, &granted).ok());
+  auto window = FetchWindow(daemon_->socket(), granted.window_token(), absl::Seconds(10));
+  ASSERT_TRUE(window.ok()) << window.status();
+  void* p = ::mmap(nullptr, window->bytes, PROT_READ | PROT_WRITE, MAP_SHARED, window->fd.get(), 0);
+  ASSERT_NE(p, MAP_FAILED);
+  std::memset(p, 0x5a, kBytes);
+  const uint32_t crc =
+      ec::Crc32c(absl::Span<const uint8_t>(static_cast<const uint8_t*>(p), kBytes));
+  ::munmap(p, window->bytes);
+  ASSERT_EQ(::ftruncate(window->fd.get(), 0), 0);  // the pages are gone
+
+  grpc::ClientContext ctx;
+  v1::CommitRankRequest commit;
+  commit.set_session_id(raw.id);
+  commit.set_step(1);
+  v1::TensorEntry* t = commit.mutable_manifest()->add_tensors();
+  t->set_name("state");
+  t->set_kind(v1::EXTRA);
+  t->set_dtype(v1::UINT8);
+  t->add_shape(kBytes);
+  t->set_offset(0);
+  t->set_length(kBytes);
+  t->set_crc32c(crc);
+  v1::CommitRankResponse resp;
+  grpc::Status st = raw.stub->CommitRank(&ctx, commit, &resp);
+  EXPECT_FALSE(st.ok()) << "a step whose bytes vanished was accepted";
+  EXPECT_NE(st.error_message().find("crc32c"), std::string::npos) << st.error_message();
+  EXPECT_TRUE(daemon_->alive()) << daemon_->Log();
+  // The neighbour's step is intact, and the same rank snapshots again.
+  ExpectRestored(theirs, *neighbour->Restore(kLatestStep));
+  auto again = Connect(0, {0});
+  State s = MakeState(42);
+  ASSERT_TRUE(again->Snapshot(2, s.tensors)->WaitCommitted().ok());
+  ExpectRestored(s, *again->Restore(kLatestStep));
 }
 
 // Runs stall_trainer as `uid` against the daemon and returns what it printed
@@ -304,6 +487,15 @@ TEST_F(SnapshotTest, AnotherUserIsAdmittedOnlyWhenTheConfigNamesIt) {
   start({"--trainer_gids=65534"});
   out = TrainerAs(kOther, daemon_->socket(), dir_.path() + "/t3.log");
   EXPECT_NE(out.find("STALLED"), std::string::npos) << out;
+  // Two admitted users: the job is the first one's, and the second may
+  // neither read nor write it.
+  start({"--trainer_uids=65533,65534"});
+  out = TrainerAs(kOther, daemon_->socket(), dir_.path() + "/t4.log");
+  EXPECT_NE(out.find("STALLED"), std::string::npos) << out;
+  out = TrainerAs(kOther - 1, daemon_->socket(), dir_.path() + "/t5.log");
+  EXPECT_NE(out.find("job other-user belongs to uid 65534; uid 65533 may not"), std::string::npos)
+      << out;
+  EXPECT_EQ(out.find("STALLED"), std::string::npos) << out;
   // The daemon's own trainers are unaffected throughout.
   auto own = Connect(0, {0}, Transport::kSharedMemory, "own");
   ASSERT_NE(own, nullptr);
@@ -328,11 +520,16 @@ TEST_F(SnapshotTest, AConnectionFloodFromOneUserIsCapped) {
   };
   std::vector<UniqueFd> flood;
   std::string refusal;
+  TrainerRole grpc_role;  // each becomes a (silent) gRPC connection
   for (int i = 0; i < 600 && refusal.empty(); ++i) {
     UniqueFd fd = raw();
     auto hello = ReceiveTrainerHello(fd.get(), absl::Seconds(10));
     ASSERT_TRUE(hello.ok()) << hello.status();
-    if (!hello->admitted) refusal = hello->message;
+    if (hello->admitted) {
+      ASSERT_TRUE(SendTrainerRole(fd.get(), grpc_role, absl::Seconds(5)).ok());
+    } else {
+      refusal = hello->message;
+    }
     flood.push_back(std::move(fd));
   }
   // The session above holds one of the uid's connections.

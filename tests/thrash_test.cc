@@ -493,7 +493,7 @@ void Thrasher::Pause(int slot) {
 }
 
 // Flips a byte of `slot`'s chunk of the newest step protected everywhere,
-// in its live arena.
+// in its live memory.
 void Thrasher::Corrupt(int slot) {
   uint64_t step;
   {
@@ -502,22 +502,7 @@ void Thrasher::Corrupt(int slot) {
   }
   if (step == 0) return;
   const State victim = MakeState(seed_, slot, step);
-  const int fd = ::open(cluster_->daemon(slot).arena_path().c_str(), O_RDWR);
-  if (fd < 0) return;
-  struct stat st;
-  bool flipped = false;
-  if (::fstat(fd, &st) == 0) {
-    void* base = ::mmap(nullptr, st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (base != MAP_FAILED) {
-      auto* at = static_cast<uint8_t*>(::memmem(base, st.st_size, victim.bytes[0].data(), 64));
-      if (at != nullptr) {
-        at[32] ^= 0xFF;
-        flipped = true;
-      }
-      ::munmap(base, st.st_size);
-    }
-  }
-  ::close(fd);
+  const bool flipped = cluster_->daemon(slot).FlipByteAfter(victim.bytes[0].data(), 64, 32);
   std::printf("  slot %d: step %llu %s\n", slot, static_cast<unsigned long long>(step),
               flipped ? "chunk corrupted" : "already retired, nothing corrupted");
   if (flipped) faults_.insert({slot, Fault{Fault::kCorrupt, step + 1, {}, absl::Now()}});

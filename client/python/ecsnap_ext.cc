@@ -120,10 +120,8 @@ struct PyRestoredTensor {
 class PyClient {
  public:
   PyClient(const std::string& address, const std::string& job, uint32_t rank,
-           std::vector<uint32_t> local_ranks, const std::string& transport, int copy_threads,
-           bool prefault_at_connect) {
+           std::vector<uint32_t> local_ranks, const std::string& transport, int copy_threads) {
     ClientOptions o;
-    o.prefault_at_connect = prefault_at_connect;
     o.daemon_address = address;
     o.job_id = job;
     o.rank = rank;
@@ -149,6 +147,22 @@ class PyClient {
   // tensors: [(name, kind, dtype, shape, data_ptr, nbytes)]; `keep_alive`
   // owns the memory behind the pointers.
   PyHandle Snapshot(uint64_t step, const py::list& tensors, py::object keep_alive) {
+    return PyHandle{Value(client_->Snapshot(step, Tensors(tensors))), std::move(keep_alive)};
+  }
+
+  // tensors: as for Snapshot; only their sizes are read.
+  void Prepare(const py::list& tensors) {
+    std::vector<Tensor> ts = Tensors(tensors);
+    absl::Status st;
+    {
+      py::gil_scoped_release release;
+      st = client_->Prepare(ts);
+    }
+    if (!st.ok()) Throw(st);
+  }
+
+ private:
+  static std::vector<Tensor> Tensors(const py::list& tensors) {
     std::vector<Tensor> ts;
     for (const py::handle& item : tensors) {
       auto t = item.cast<std::tuple<std::string, std::string, std::string, std::vector<int64_t>,
@@ -162,8 +176,10 @@ class PyClient {
       x.bytes = std::get<5>(t);
       ts.push_back(std::move(x));
     }
-    return PyHandle{Value(client_->Snapshot(step, std::move(ts))), std::move(keep_alive)};
+    return ts;
   }
+
+ public:
 
   std::vector<std::tuple<uint64_t, std::string, uint64_t>> ListRestorable() {
     absl::StatusOr<std::vector<RestorableStep>> steps;
@@ -248,12 +264,12 @@ PYBIND11_MODULE(_ecsnap, m) {
       });
   py::class_<PyClient>(m, "Client")
       .def(py::init<const std::string&, const std::string&, uint32_t, std::vector<uint32_t>,
-                    const std::string&, int, bool>(),
+                    const std::string&, int>(),
            py::arg("address"), py::arg("job"), py::arg("rank"), py::arg("local_ranks"),
-           py::arg("transport") = "auto", py::arg("copy_threads") = 2,
-           py::arg("prefault_at_connect") = false)
+           py::arg("transport") = "auto", py::arg("copy_threads") = 2)
       .def("snapshot", &PyClient::Snapshot, py::arg("step"), py::arg("tensors"),
            py::arg("keep_alive"))
+      .def("prepare", &PyClient::Prepare, py::arg("tensors"))
       .def("list_restorable", &PyClient::ListRestorable)
       .def("restore", &PyClient::Restore, py::arg("step") = 0)
       .def("restore_into", &PyClient::RestoreInto, py::arg("step"), py::arg("into"))

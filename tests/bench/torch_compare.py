@@ -43,8 +43,6 @@ def main():
     ap.add_argument("--gib", type=float, default=1.0)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--disk_dir", default=tempfile.gettempdir())
-    ap.add_argument("--prefault_at_connect", action="store_true",
-                    help="take the arena's first stores in Connect, not in the background")
     a = ap.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -61,8 +59,7 @@ def main():
     cluster = Cluster(k=1, m=0, arena_bytes=(3 * state_bytes + (256 << 20)) // 4096 * 4096)
     try:
         t0 = time.perf_counter()
-        client = ecsnap.Client(cluster.socket(0), job="compare", rank=0,
-                               prefault_at_connect=a.prefault_at_connect)
+        client = ecsnap.Client(cluster.socket(0), job="compare", rank=0)
         t_connect = time.perf_counter() - t0
         step = [0]
 

@@ -41,14 +41,11 @@ class Client(_ext.Client):
     address: the daemon's Unix socket path (or host:port).
     job, rank: the job id and this rank; local_ranks: every rank of the job
     on this node. transport: "auto" (shared memory when possible), "shm" or
-    "grpc". prefault_at_connect: take the arena's first page stores before
-    returning, not in the background (see ClientOptions in client/ecsnap.h).
+    "grpc".
     """
 
-    def __init__(self, address, job, rank, local_ranks=None, transport="auto", copy_threads=2,
-                 prefault_at_connect=False):
-        super().__init__(address, job, rank, list(local_ranks or [rank]), transport, copy_threads,
-                         prefault_at_connect)
+    def __init__(self, address, job, rank, local_ranks=None, transport="auto", copy_threads=2):
+        super().__init__(address, job, rank, list(local_ranks or [rank]), transport, copy_threads)
 
 
 __all__ = ["Client", "SnapshotHandle", "RestoredTensor"]

@@ -137,6 +137,19 @@ def _array_of(pid, name, by_name, cache):
 def snapshot(client, step, model, optimizer=None, extra=None):
     """Starts snapshotting `step`; returns a handle. Call handle.wait() before
     the optimizer changes the parameters or its state."""
+    batch = _batch(model, optimizer, extra)
+    return client.snapshot(step, batch.tensors, batch.keep)
+
+
+def prepare(client, model, optimizer=None, extra=None):
+    """Optional, once, before the first snapshot (after the optimizer has
+    made its state, i.e. after a first step): has the daemon make a window of
+    the size a snapshot of this state needs and maps it in the background, so
+    that the first snapshot costs what later ones do."""
+    client.prepare(_batch(model, optimizer, extra).tensors)
+
+
+def _batch(model, optimizer, extra):
     batch = _Batch()
     for name, tensor in model.state_dict().items():
         batch.add("model." + name, "param", tensor)
@@ -157,7 +170,7 @@ def snapshot(client, step, model, optimizer=None, extra=None):
             batch.add(f"rng.cuda.{i}", "rng", s)
     _add_rng_states(batch)
     batch.add_object("extra", "extra", extra)
-    return client.snapshot(step, batch.tensors, batch.keep)
+    return batch
 
 
 def _tensor(restored):
