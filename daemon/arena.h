@@ -212,6 +212,7 @@ class Arena {
     std::string owner;
     State state = State::kInUse;
     uint64_t sigbus_at_start = 0;  // SigbusPagesReplaced() when it went in use
+    bool used = false;  // has been in use (its trainer has it mapped)
   };
   std::string WindowPath(uint64_t offset) const;
   // Finds the window files a previous daemon left and maps them.

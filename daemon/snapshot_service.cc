@@ -45,18 +45,16 @@ class SnapshotService::AttachReactor final : public grpc::ServerWriteReactor<v1:
 
   // Sends `event` after those queued before it. Events beyond a small
   // backlog are dropped: each is an offer the client may do without.
+  // StartWrite is called under mu_, where End cannot have finished the
+  // call in between (gRPC never runs a reaction inline from StartWrite).
   void Push(v1::AttachEvent event) {
-    v1::AttachEvent* start = nullptr;
-    {
-      absl::MutexLock lock(&mu_);
-      if (finished_ || events_.size() >= kMaxQueuedEvents) return;
-      events_.push_back(std::move(event));
-      if (!writing_) {
-        writing_ = true;
-        start = &events_.front();
-      }
+    absl::MutexLock lock(&mu_);
+    if (finished_ || events_.size() >= kMaxQueuedEvents) return;
+    events_.push_back(std::move(event));
+    if (!writing_) {
+      writing_ = true;
+      StartWrite(&events_.front());
     }
-    if (start != nullptr) StartWrite(start);
   }
 
   void OnWriteDone(bool ok) override {
@@ -64,17 +62,13 @@ class SnapshotService::AttachReactor final : public grpc::ServerWriteReactor<v1:
       End(grpc::Status::CANCELLED);
       return;
     }
-    v1::AttachEvent* next = nullptr;
-    {
-      absl::MutexLock lock(&mu_);
-      events_.pop_front();
-      if (events_.empty() || finished_) {
-        writing_ = false;  // the stream stays open until the client goes
-      } else {
-        next = &events_.front();
-      }
+    absl::MutexLock lock(&mu_);
+    events_.pop_front();
+    if (events_.empty() || finished_) {
+      writing_ = false;  // the stream stays open until the client goes
+    } else {
+      StartWrite(&events_.front());
     }
-    if (next != nullptr) StartWrite(next);
   }
 
   void OnCancel() override { End(grpc::Status::CANCELLED); }

@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -100,9 +101,10 @@ void TrainerListener::AcceptLoop(grpc::Server* server) {
     std::vector<Pending> still;
     for (size_t i = 0; i < pending.size(); ++i) {
       Pending& p = pending[i];
-      if ((fds[i + 1].revents & (POLLIN | POLLHUP | POLLERR)) != 0) {
-        if (ReadRole(p, server)) continue;
-      } else if (now >= p.deadline) {
+      if ((fds[i + 1].revents & (POLLIN | POLLHUP | POLLERR)) != 0 && ReadRole(p, server)) {
+        continue;
+      }
+      if (now >= p.deadline) {  // checked on every pass: trickling bytes does not extend it
         LogRefusal(absl::StrFormat("process %d (uid %d) connected and never said what for", p.pid,
                                    p.uid));
         continue;
@@ -143,6 +145,13 @@ void TrainerListener::Admit(UniqueFd conn, std::vector<Pending>* pending) {
           "ecsnapd refuses process %d: uid %d already has %d connections open, the most one "
           "user may; a trainer needs one per process",
           cred.pid, cred.uid, live);
+    } else if (std::count_if(pending->begin(), pending->end(), [&](const Pending& p) {
+                 return p.uid == cred.uid;
+               }) >= static_cast<long>(kMaxPendingConnectionsPerUid)) {
+      refusal = absl::StrFormat(
+          "ecsnapd refuses process %d: uid %d already has %d connections that have not said "
+          "what they are for",
+          cred.pid, cred.uid, kMaxPendingConnectionsPerUid);
     } else if (pending->size() >= kMaxPendingConnections) {
       refusal = absl::StrFormat(
           "ecsnapd refuses process %d: %d connections are still being set up; try again",

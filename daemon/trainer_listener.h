@@ -55,6 +55,7 @@ inline constexpr int kMaxConnectionsPerUid = 512;
 // Admitted connections that have not yet said what they are for, and how
 // long each may take to say it.
 inline constexpr size_t kMaxPendingConnections = 256;
+inline constexpr size_t kMaxPendingConnectionsPerUid = 32;
 inline constexpr absl::Duration kRoleTimeout = absl::Seconds(2);
 
 // Opens the window a token names for `uid` (WindowGrants::Fetch).

@@ -22,11 +22,24 @@ absl::StatusOr<WindowGrants::Grant> WindowGrants::Issue(const ArenaExtent& exten
   absl::MutexLock lock(&mu_);
   const absl::Time now = absl::Now();
   ExpireLocked(now);
-  while (grants_.size() >= kMaxOutstandingGrants) {
-    auto oldest = std::min_element(grants_.begin(), grants_.end(), [](const auto& a, const auto& b) {
-      return a.second.order < b.second.order;
-    });
+  std::map<uid_t, size_t> per_uid;
+  for (const auto& [token, e] : grants_) ++per_uid[e.uid];
+  while (per_uid[uid] >= kMaxOutstandingGrantsPerUid || grants_.size() >= kMaxOutstandingGrants) {
+    uid_t victim = uid;
+    if (per_uid[uid] < kMaxOutstandingGrantsPerUid) {
+      victim = std::max_element(per_uid.begin(), per_uid.end(), [](const auto& a, const auto& b) {
+                 return a.second < b.second;
+               })->first;
+    }
+    auto oldest = grants_.end();
+    for (auto it = grants_.begin(); it != grants_.end(); ++it) {
+      if (it->second.uid == victim && (oldest == grants_.end() || it->second.order < oldest->second.order)) {
+        oldest = it;
+      }
+    }
+    if (oldest == grants_.end()) break;
     grants_.erase(oldest);
+    --per_uid[victim];
   }
   grants_[g.token] = Entry{extent, g.file_id, writable, spare, uid, now + kGrantTtl, next_order_++};
   return g;

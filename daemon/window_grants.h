@@ -24,8 +24,11 @@
 namespace ecsnap::daemon {
 
 inline constexpr absl::Duration kGrantTtl = absl::Seconds(60);
-// Tokens outstanding at once; beyond, the oldest are forgotten.
+// Tokens outstanding at once, and per uid; beyond, the oldest of the uid
+// that holds the most are forgotten, so one user's churn cannot push out
+// another's tokens.
 inline constexpr size_t kMaxOutstandingGrants = 4096;
+inline constexpr size_t kMaxOutstandingGrantsPerUid = 1024;
 
 class WindowGrants {
  public:

@@ -95,10 +95,20 @@ TEST_F(WindowGrantsTest, OutstandingTokensAreBounded) {
   ASSERT_TRUE(w.ok());
   auto first = grants_->Issue(*w, true, 1000);
   ASSERT_TRUE(first.ok());
-  for (size_t i = 0; i < kMaxOutstandingGrants; ++i) ASSERT_TRUE(grants_->Issue(*w, true, 1000).ok());
-  EXPECT_EQ(grants_->outstanding(), kMaxOutstandingGrants);
-  // The oldest was forgotten to make room.
+  for (size_t i = 0; i < kMaxOutstandingGrantsPerUid; ++i) {
+    ASSERT_TRUE(grants_->Issue(*w, true, 1000).ok());
+  }
+  EXPECT_EQ(grants_->outstanding(), kMaxOutstandingGrantsPerUid);
+  // The uid's oldest was forgotten to make room for its newest.
   EXPECT_EQ(grants_->Fetch(first->token, 1000).status().code(), absl::StatusCode::kNotFound);
+  // Another uid's token survives any churn of the first.
+  auto theirs = grants_->Issue(*w, true, 2000);
+  ASSERT_TRUE(theirs.ok());
+  for (size_t i = 0; i < 2 * kMaxOutstandingGrants; ++i) {
+    ASSERT_TRUE(grants_->Issue(*w, true, 1000 + i % 8).ok());
+  }
+  EXPECT_LE(grants_->outstanding(), kMaxOutstandingGrants);
+  EXPECT_TRUE(grants_->Fetch(theirs->token, 2000).ok());
 }
 
 TEST_F(WindowGrantsTest, APreparedSpareIsGrantedOnlyAsASpare) {

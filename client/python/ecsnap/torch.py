@@ -54,12 +54,17 @@ _TORCH["bytes"] = torch.uint8
 class _Batch:
     """The tensors of one snapshot and the objects that own their bytes."""
 
-    def __init__(self):
+    def __init__(self, sizes_only=False):
         self.tensors = []
         self.keep = []
+        # Only the sizes are wanted (prepare): no copy off a device.
+        self.sizes_only = sizes_only
 
     def add(self, name, kind, tensor):
         t = tensor.detach()
+        if self.sizes_only:
+            self.tensors.append((name, kind, "bytes", [], 0, t.numel() * t.element_size()))
+            return
         if t.device.type != "cpu":
             t = t.cpu()
         if not t.is_contiguous():
@@ -146,11 +151,11 @@ def prepare(client, model, optimizer=None, extra=None):
     made its state, i.e. after a first step): has the daemon make a window of
     the size a snapshot of this state needs and maps it in the background, so
     that the first snapshot costs what later ones do."""
-    client.prepare(_batch(model, optimizer, extra).tensors)
+    client.prepare(_batch(model, optimizer, extra, sizes_only=True).tensors)
 
 
-def _batch(model, optimizer, extra):
-    batch = _Batch()
+def _batch(model, optimizer, extra, sizes_only=False):
+    batch = _Batch(sizes_only)
     for name, tensor in model.state_dict().items():
         batch.add("model." + name, "param", tensor)
     if optimizer is not None:
