@@ -32,7 +32,9 @@ bool Guarded(uintptr_t at) {
 
 void OnSigbus(int sig, siginfo_t* info, void*) {
   const uintptr_t at = reinterpret_cast<uintptr_t>(info->si_addr);
-  if (Guarded(at)) {
+  // BUS_ADRERR: the page is past the end of its file. A hardware memory
+  // error (BUS_MCEERR_*) is not ours to hide.
+  if (info->si_code == BUS_ADRERR && Guarded(at)) {
     const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
     void* p = reinterpret_cast<void*>(at & ~(page - 1));
     if (::mmap(p, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) !=

@@ -9,7 +9,9 @@
 // window is freed, so the zero pages never outlive the damaged window.
 // (Compositors guard client buffers the same way, for the same reason.)
 //
-// Up to kMaxSigbusRanges ranges per process. A SIGBUS outside them keeps its
+// Only faults past the end of a file (BUS_ADRERR) are caught; a hardware
+// memory error keeps its default action. Up to kMaxSigbusRanges ranges per
+// process. A SIGBUS outside them keeps its
 // default action (the process dies with a core, as it would unguarded).
 #ifndef ECSNAP_COMMON_SIGBUS_GUARD_H_
 #define ECSNAP_COMMON_SIGBUS_GUARD_H_
