@@ -14,8 +14,10 @@
 //   ...
 //   auto state = (*client)->Restore(ecsnap::kLatestStep);    // after a restart
 //
-// On the daemon's node the client maps the daemon's shared-memory arena once
-// and copies tensors straight into it: one copy, no bytes through sockets.
+// On the daemon's node the client maps each window of shared memory the
+// daemon grants it (its own rank's, and nothing else) and copies tensors
+// straight into it: one copy, no bytes through sockets. A rank's windows are
+// reused from step to step, so their mappings stay warm.
 // Elsewhere (or with Transport::kGrpc) it streams the same bytes over gRPC.
 // Both paths give the same results.
 //
@@ -100,7 +102,7 @@ struct RestorableStep {
 inline constexpr uint64_t kLatestStep = 0;
 
 enum class Transport {
-  kAuto,          // shared memory when the arena can be mapped, else gRPC
+  kAuto,          // shared memory when the daemon grants windows, else gRPC
   kSharedMemory,  // shared memory or fail
   kGrpc,          // always stream over gRPC
 };
@@ -198,7 +200,7 @@ class Client {
                                                absl::Span<const TensorDestination> into,
                                                RestoredState* rest = nullptr) = 0;
 
-  // True when snapshots and restores go through the shared-memory arena.
+  // True when snapshots and restores go through windows of shared memory.
   virtual bool shared_memory() const = 0;
 };
 
