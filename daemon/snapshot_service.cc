@@ -192,10 +192,12 @@ absl::Status SnapshotService::CheckJobOwner(const grpc::ServerContextBase& conte
   absl::MutexLock lock(&mu_);
   auto it = job_owners_.find(job_id);
   if (it == job_owners_.end()) {
-    if (*uid == daemon_uid_) return absl::OkStatus();
+    // Recorded for the daemon's own uid too: its trainers' jobs are not
+    // there for another admitted uid to take.
     if (job_owners_.size() >= kMaxJobOwners) {
+      if (*uid == daemon_uid_) return absl::OkStatus();
       return absl::ResourceExhaustedError(absl::StrFormat(
-          "ecsnapd already tracks %d jobs of other users; drop finished jobs or restart it",
+          "ecsnapd already tracks the owners of %d jobs; drop finished jobs or restart it",
           kMaxJobOwners));
     }
     job_owners_[job_id] = *uid;

@@ -97,8 +97,9 @@ class SnapshotService final : public v1::Snapshot::WithCallbackMethod_Attach<v1:
   void Forget(AttachReactor* reactor);
   absl::Status CheckJobToken(const grpc::CallbackServerContext& context,
                              const std::string& job_id) const;
-  // A job's trainers on the socket are of one uid (the first to attach it,
-  // or the daemon's): another uid may not read or write its steps.
+  // A job's trainers on the socket are of one uid, the first to attach it
+  // (the daemon's own uid may attach any job): another uid may not read or
+  // write its steps.
   absl::Status CheckJobOwner(const grpc::ServerContextBase& context, const std::string& job_id);
   // Fills a grant for the window at `extent` when the call came through
   // the socket from a known uid; leaves the token empty otherwise.
