@@ -129,24 +129,10 @@ absl::StatusOr<std::unique_ptr<Arena>> Arena::Open(const Options& options) {
   if (addr == MAP_FAILED) return Errno("cannot map arena " + path);
   // A restarted daemon leaves the ranges of its window files alone: their
   // pages are in the window files, and the node need not hold them twice.
-  std::map<uint64_t, uint64_t> skip;
-  if (existing) {
-    std::error_code dir_ec;
-    for (const auto& e : std::filesystem::directory_iterator(options.dir, dir_ec)) {
-      const std::string name = e.path().filename();
-      uint64_t offset = 0;
-      std::error_code size_ec;
-      const uint64_t bytes = std::filesystem::file_size(e.path(), size_ec);
-      if (absl::StartsWith(name, kWindowPrefix) && absl::SimpleHexAtoi(name.substr(2), &offset) &&
-          !size_ec && offset % kArenaAlignBytes == 0 && bytes > 0 &&
-          bytes % kArenaAlignBytes == 0 && bytes <= options.bytes &&
-          offset <= options.bytes - bytes) {
-        skip[offset] = bytes;
-      }
-    }
-  }
+  std::map<uint64_t, uint64_t> skip =
+      ScanWindowFiles(options.dir, DataOffset(options.index_entries), options.bytes);
   uint64_t at = 0;
-  skip[options.bytes] = 0;
+  skip[options.bytes] = 0;  // the end, so the last gap is populated too
   for (const auto& [offset, bytes] : skip) {
     if (offset > at) {
       if (const int err = PopulateForWrite(static_cast<uint8_t*>(addr) + at, offset - at);
@@ -178,37 +164,14 @@ absl::StatusOr<std::unique_ptr<Arena>> Arena::Open(const Options& options) {
   {
     // Window files are kept only beside the index that describes them.
     absl::MutexLock lock(&arena->mu_);
+    skip.erase(options.bytes);
     if (header_ok) {
-      arena->AdoptWindowFiles();
-      // Ranges left unpopulated for a file that turned out not to be a
-      // window: the arena file backs them again.
-      for (const auto& [offset, bytes] : skip) {
-        auto w = arena->windows_.find(offset);
-        if (bytes == 0 || (w != arena->windows_.end() && w->second.bytes == bytes)) continue;
-        const uint64_t end = std::min<uint64_t>(offset + bytes, options.bytes);
-        for (uint64_t a = offset; a < end;) {
-          auto in = arena->windows_.upper_bound(a);
-          if (in != arena->windows_.begin() && std::prev(in)->first + std::prev(in)->second.bytes > a) {
-            a = std::prev(in)->first + std::prev(in)->second.bytes;  // a window's own range
-            continue;
-          }
-          const uint64_t b = in == arena->windows_.end() ? end : std::min(end, in->first);
-          if (::posix_fallocate(arena->fd_.get(), static_cast<off_t>(a), static_cast<off_t>(b - a)) != 0) {
-            arena->holes_[a] = b - a;
-          } else {
-            PopulateForWrite(arena->base() + a, b - a);
-          }
-          a = b;
-        }
-      }
+      arena->AdoptWindowFiles(skip);
     } else {
-      DIR* d = ::opendir(options.dir.c_str());
-      while (dirent* e = d == nullptr ? nullptr : ::readdir(d)) {
-        if (absl::StartsWith(e->d_name, kWindowPrefix)) {
-          ::unlinkat(::dirfd(d), e->d_name, 0);
-        }
+      for (const auto& [offset, bytes] : skip) {
+        ::unlink(arena->WindowPath(offset).c_str());
+        arena->BackRangeLocked(offset, bytes);
       }
-      if (d != nullptr) ::closedir(d);
     }
   }
   return arena;
@@ -247,36 +210,74 @@ std::string Arena::WindowPath(uint64_t offset) const {
   return absl::StrFormat("%s/%s%x", dir_, kWindowPrefix, offset);
 }
 
-void Arena::AdoptWindowFiles() {
-  DIR* d = ::opendir(dir_.c_str());
-  if (d == nullptr) return;
+std::map<uint64_t, uint64_t> Arena::ScanWindowFiles(const std::string& dir, uint64_t data_offset,
+                                                    uint64_t arena_bytes) {
+  std::map<uint64_t, uint64_t> found;
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) return found;
   std::vector<std::string> names;
   while (dirent* e = ::readdir(d)) {
     if (absl::StartsWith(e->d_name, kWindowPrefix)) names.push_back(e->d_name);
   }
   ::closedir(d);
+  std::map<uint64_t, std::string> by_offset;
   for (const std::string& name : names) {
-    const std::string path = dir_ + "/" + name;
+    const std::string path = dir + "/" + name;
     uint64_t offset = 0;
     struct stat st {};
+    const bool ok =
+        absl::SimpleHexAtoi(name.substr(2), &offset) &&
+        name == absl::StrFormat("%s%x", kWindowPrefix, offset) &&
+        ::lstat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0 &&
+        static_cast<uint64_t>(st.st_size) % kArenaAlignBytes == 0 &&
+        offset % kArenaAlignBytes == 0 && offset >= data_offset &&
+        static_cast<uint64_t>(st.st_size) <= arena_bytes &&
+        offset <= arena_bytes - static_cast<uint64_t>(st.st_size);
+    if (!ok || found.count(offset) != 0) {
+      ::unlink(path.c_str());  // not a window any arena here can describe
+      continue;
+    }
+    found[offset] = static_cast<uint64_t>(st.st_size);
+  }
+  // Of files that overlap, the first by offset stays.
+  uint64_t end = 0;
+  for (auto it = found.begin(); it != found.end();) {
+    if (it->first < end) {
+      ::unlink(absl::StrFormat("%s/%s%x", dir, kWindowPrefix, it->first).c_str());
+      it = found.erase(it);
+      continue;
+    }
+    end = it->first + it->second;
+    ++it;
+  }
+  return found;
+}
+
+void Arena::AdoptWindowFiles(const std::map<uint64_t, uint64_t>& files) {
+  for (const auto& [offset, bytes] : files) {
+    const std::string path = WindowPath(offset);
+    struct stat st {};
     UniqueFd wfd(::open(path.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW));
-    const bool named = absl::SimpleHexAtoi(name.substr(2), &offset) && WindowPath(offset) == path;
-    if (!named || !wfd.valid() || ::fstat(wfd.get(), &st) != 0 || !S_ISREG(st.st_mode) ||
-        st.st_size <= 0 || static_cast<uint64_t>(st.st_size) % kArenaAlignBytes != 0 ||
-        !ReserveLocked({offset, static_cast<uint64_t>(st.st_size)})) {
-      ::unlink(path.c_str());  // not a window this index can describe
-      continue;
+    bool adopted = wfd.valid() && ::fstat(wfd.get(), &st) == 0 && S_ISREG(st.st_mode) &&
+                   static_cast<uint64_t>(st.st_size) == bytes && ReserveLocked({offset, bytes});
+    if (adopted) {
+      allocated_.erase(offset);  // neither free nor in use until Reserve claims it
+      if (::mmap(base() + offset, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+                 wfd.get(), 0) == MAP_FAILED) {
+        Log("arena %s: cannot map window file %s: %s; dropped", path_, path,
+            std::strerror(errno));
+        AddFreeLocked(offset, bytes);
+        adopted = false;
+      }
     }
-    const uint64_t bytes = static_cast<uint64_t>(st.st_size);
-    allocated_.erase(offset);  // neither free nor in use until Reserve claims it
-    if (::mmap(base() + offset, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, wfd.get(),
-               0) == MAP_FAILED) {
-      Log("arena %s: cannot map window file %s: %s; dropped", path_, path, std::strerror(errno));
+    if (!adopted) {
+      // Not a window this index can describe (it overlaps a record, or
+      // changed since the scan): the arena file backs its range again.
       ::unlink(path.c_str());
-      AddFreeLocked(offset, bytes);
+      BackRangeLocked(offset, bytes);
       continue;
     }
-    PunchLocked(offset, bytes);
+    Punch(offset, bytes);
     PopulateForWrite(base() + offset, bytes);
     Window& w = windows_[offset];
     w.fd = std::move(wfd);
@@ -296,62 +297,51 @@ absl::StatusOr<UniqueFd> Arena::CreateWindowFile(uint64_t offset, uint64_t bytes
     ::unlink(path.c_str());
     return st;
   };
+  auto reserve = [&]() -> absl::Status {
+    const int rc = ::posix_fallocate(wfd.get(), 0, static_cast<off_t>(bytes));
+    if (rc == 0) return absl::OkStatus();
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "cannot hold a %s window in %s: %s", FormatBytes(bytes), dir_, std::strerror(rc)));
+  };
   auto put_arena_back = [&] {
     ::mmap(base() + offset, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd_.get(),
            static_cast<off_t>(offset));
   };
-  if (!copy) {
-    // The window takes the place, then the arena file's pages go, then the
-    // window's own are allocated: they come from the pages just given back
-    // (warm, where a virtual machine backs memory lazily: populating the
-    // window costs 0.14 s per GiB here instead of 0.98 s), and the node
-    // never holds both. Nothing, the background toucher included, reaches
-    // the arena file's pages through the mapping once the window is there.
-    if (::ftruncate(wfd.get(), static_cast<off_t>(bytes)) != 0) {
-      return fail(Errno("cannot size window file " + path));
-    }
-    if (::mmap(base() + offset, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, wfd.get(),
-               0) == MAP_FAILED) {
-      const absl::Status st = Errno("cannot map window file " + path);
-      put_arena_back();  // MAP_FIXED may have unmapped the range
-      return fail(st);
-    }
-    ::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
-                static_cast<off_t>(bytes));
-    if (const int rc = ::posix_fallocate(wfd.get(), 0, static_cast<off_t>(bytes)); rc != 0) {
-      put_arena_back();  // the caller backs the range again (or records a hole)
-      return fail(absl::ResourceExhaustedError(absl::StrFormat(
-          "cannot hold a %s window in %s: %s", FormatBytes(bytes), dir_, std::strerror(rc))));
-    }
-    if (populate) PopulateForWrite(base() + offset, bytes);
-    return wfd;
+  if (::ftruncate(wfd.get(), static_cast<off_t>(bytes)) != 0) {
+    return fail(Errno("cannot size window file " + path));
   }
-  if (const int rc = ::posix_fallocate(wfd.get(), 0, static_cast<off_t>(bytes)); rc != 0) {
-    return fail(absl::ResourceExhaustedError(absl::StrFormat(
-        "cannot hold a %s window in %s: %s", FormatBytes(bytes), dir_, std::strerror(rc))));
-  }
-  for (uint64_t done = 0; copy && done < bytes;) {
-    const ssize_t n = ::pwrite(wfd.get(), base() + offset + done, bytes - done,
-                               static_cast<off_t>(done));
-    if (n <= 0) {
-      if (n < 0 && errno == EINTR) continue;
-      return fail(Errno("cannot copy a window into " + path));
+  if (copy) {
+    // The bytes in place move into the file first; the node holds them
+    // twice until the arena's pages go below.
+    if (absl::Status st = reserve(); !st.ok()) return fail(st);
+    for (uint64_t done = 0; done < bytes;) {
+      const ssize_t n = ::pwrite(wfd.get(), base() + offset + done, bytes - done,
+                                 static_cast<off_t>(done));
+      if (n <= 0) {
+        if (n < 0 && errno == EINTR) continue;
+        return fail(Errno("cannot copy a window into " + path));
+      }
+      done += static_cast<uint64_t>(n);
     }
-    done += static_cast<uint64_t>(n);
   }
   if (::mmap(base() + offset, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, wfd.get(),
              0) == MAP_FAILED) {
     const absl::Status st = Errno("cannot map window file " + path);
-    // MAP_FIXED may have unmapped the range before failing: the arena
-    // file goes back under it.
-    ::mmap(base() + offset, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd_.get(),
-           static_cast<off_t>(offset));
+    put_arena_back();  // MAP_FIXED may have unmapped the range
     return fail(st);
   }
-  // The arena file's pages under the window go back only now that nothing
-  // (the background toucher included) can reach them through the mapping.
-  ::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
-              static_cast<off_t>(bytes));
+  // The arena file's pages go only now that nothing, the background toucher
+  // included, can reach them through the mapping. A fresh window's own pages
+  // are allocated after: they come from the pages just given back (warm,
+  // where a virtual machine backs memory lazily: populating the window costs
+  // 0.14 s per GiB here instead of 0.98 s), and the node never holds both.
+  Punch(offset, bytes);
+  if (!copy) {
+    if (absl::Status st = reserve(); !st.ok()) {
+      put_arena_back();  // the caller backs the range again (or records a hole)
+      return fail(st);
+    }
+  }
   if (populate) PopulateForWrite(base() + offset, bytes);
   return wfd;
 }
@@ -381,11 +371,7 @@ absl::StatusOr<ArenaExtent> Arena::MakeWindow(uint64_t bytes, const std::string&
     if (bytes > size() || (reclaim && !ReclaimSparesFor(bytes))) return NoSpace(bytes);
     auto best = BestFitLocked(bytes);
     if (best == free_.end()) return NoSpace(bytes);
-    offset = best->first;
-    const uint64_t left = best->second - bytes;
-    free_.erase(best);
-    if (left > 0) free_[offset + bytes] = left;
-    free_bytes_ -= bytes;
+    offset = TakeFreeLocked(best, bytes);
     ForgetHolesLocked(offset, bytes);  // the window file backs it now
     making_[offset] = {bytes, owner};
   }
@@ -395,10 +381,7 @@ absl::StatusOr<ArenaExtent> Arena::MakeWindow(uint64_t bytes, const std::string&
   absl::MutexLock lock(&mu_);
   making_.erase(offset);
   if (!fd.ok()) {
-    // The arena file backs the range again, or it is remembered as a hole.
-    if (::posix_fallocate(fd_.get(), static_cast<off_t>(offset), static_cast<off_t>(bytes)) != 0) {
-      holes_[offset] = bytes;
-    }
+    BackRangeLocked(offset, bytes);
     AddFreeLocked(offset, bytes);
     return fd.status();
   }
@@ -422,9 +405,26 @@ void Arena::ForgetHolesLocked(uint64_t offset, uint64_t bytes) {
   for (const auto& [a, len] : keep) holes_[a] = len;
 }
 
-void Arena::PunchLocked(uint64_t offset, uint64_t bytes) {
+void Arena::Punch(uint64_t offset, uint64_t bytes) const {
   ::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
               static_cast<off_t>(bytes));
+}
+
+void Arena::BackRangeLocked(uint64_t offset, uint64_t bytes) {
+  if (::posix_fallocate(fd_.get(), static_cast<off_t>(offset), static_cast<off_t>(bytes)) != 0) {
+    holes_[offset] = bytes;
+    return;
+  }
+  PopulateForWrite(base() + offset, bytes);
+}
+
+uint64_t Arena::TakeFreeLocked(std::map<uint64_t, uint64_t>::iterator piece, uint64_t bytes) {
+  const uint64_t offset = piece->first;
+  const uint64_t left = piece->second - bytes;
+  free_.erase(piece);
+  if (left > 0) free_[offset + bytes] = left;
+  free_bytes_ -= bytes;
+  return offset;
 }
 
 void Arena::ReclaimWindowLocked(uint64_t offset) {
@@ -445,11 +445,7 @@ void Arena::ReclaimWindowLocked(uint64_t offset) {
   }
   ::unlink(WindowPath(offset).c_str());
   windows_.erase(it);  // closes the file: its pages go once trainers unmap them
-  if (::posix_fallocate(fd_.get(), static_cast<off_t>(offset), static_cast<off_t>(bytes)) != 0) {
-    holes_[offset] = bytes;
-  } else {
-    PopulateForWrite(base() + offset, bytes);
-  }
+  BackRangeLocked(offset, bytes);
   AddFreeLocked(offset, bytes);
 }
 
@@ -562,11 +558,7 @@ absl::StatusOr<ArenaExtent> Arena::AllocateLocked(uint64_t bytes) {
     PopulateForWrite(base() + h->first, h->second);
     h = holes_.erase(h);
   }
-  const uint64_t left = best->second - want;
-  const uint64_t rest_at = best->first + want;
-  free_.erase(best);
-  if (left > 0) free_[rest_at] = left;
-  free_bytes_ -= want;
+  TakeFreeLocked(best, want);
   allocated_[e.offset] = e.bytes;
   return e;
 }

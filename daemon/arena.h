@@ -215,8 +215,17 @@ class Arena {
     bool used = false;  // has been in use (its trainer has it mapped)
   };
   std::string WindowPath(uint64_t offset) const;
-  // Finds the window files a previous daemon left and maps them.
-  void AdoptWindowFiles() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The w.* files in `dir` that can be windows of an arena of `arena_bytes`
+  // whose data starts at `data_offset`, by offset: named exactly, whole
+  // pages, inside the data region, not overlapping one before them. Every
+  // other w.* file is removed.
+  static std::map<uint64_t, uint64_t> ScanWindowFiles(const std::string& dir,
+                                                      uint64_t data_offset,
+                                                      uint64_t arena_bytes);
+  // Maps the window files a previous daemon left (ScanWindowFiles); one
+  // that cannot be adopted is removed and the arena file backs its range.
+  void AdoptWindowFiles(const std::map<uint64_t, uint64_t>& files)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Makes the window file for [offset, +bytes), a range nobody else uses
   // (taken out of free_), and maps it there: with `copy`, of the bytes the
   // arena file holds there now; with `populate`, populated for writing.
@@ -240,7 +249,13 @@ class Arena {
   // backs them now.
   void ForgetHolesLocked(uint64_t offset, uint64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Gives the arena file's pages in a range back to the tmpfs.
-  void PunchLocked(uint64_t offset, uint64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Punch(uint64_t offset, uint64_t bytes) const;
+  // Backs a range of the arena file with pages again and populates it, or
+  // records it in holes_ when the tmpfs is full.
+  void BackRangeLocked(uint64_t offset, uint64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Takes the first `bytes` of the free piece `piece`; returns its offset.
+  uint64_t TakeFreeLocked(std::map<uint64_t, uint64_t>::iterator piece, uint64_t bytes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Gives spares back until a free piece of `bytes` exists; false if none.
   bool ReclaimSparesFor(uint64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void AddFreeLocked(uint64_t offset, uint64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
