@@ -71,28 +71,15 @@ int CollectFds(msghdr* msg, UniqueFd* fd) {
   return count;
 }
 
-}  // namespace
-
-absl::Status SendTrainerHello(int sock, const TrainerHello& hello, int fd,
-                              absl::Duration timeout) {
-  const absl::Time deadline = absl::Now() + timeout;
-  const std::string message = hello.message.substr(0, kHelloMaxMessageBytes);
-  Wire w;
-  std::memcpy(w.magic, kMagic, sizeof(kMagic));
-  w.admitted = hello.admitted ? 1 : 0;
-  w.message_bytes = static_cast<uint32_t>(message.size());
-  w.fd_bytes = hello.admitted && fd >= 0 ? hello.fd_bytes : 0;
-  w.flags = hello.windows ? kFlagWindows : 0;
-  w.reserved = 0;
-  std::vector<char> bytes(sizeof(w) + message.size());
-  std::memcpy(bytes.data(), &w, sizeof(w));
-  std::memcpy(bytes.data() + sizeof(w), message.data(), message.size());
-
+// Sends all of [data, data + size) by the deadline; with `fd` >= 0 the
+// descriptor rides with the first byte sent. `what` names the message.
+absl::Status SendAll(int sock, const char* data, size_t size, int fd, absl::Time deadline,
+                     const char* what) {
   size_t sent = 0;
-  bool fd_sent = !(hello.admitted && fd >= 0);
-  while (sent < bytes.size()) {
+  bool fd_sent = fd < 0;
+  while (sent < size) {
     if (absl::Status st = WaitFor(sock, POLLOUT, deadline, "sending"); !st.ok()) return st;
-    iovec iov{bytes.data() + sent, bytes.size() - sent};
+    iovec iov{const_cast<char*>(data) + sent, size - sent};
     msghdr msg{};
     msg.msg_iov = &iov;
     msg.msg_iovlen = 1;
@@ -111,12 +98,32 @@ absl::Status SendTrainerHello(int sock, const TrainerHello& hello, int fd,
     if (n < 0) {
       if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK) continue;
       return absl::UnavailableError(
-          absl::StrFormat("cannot send the trainer hello: %s", std::strerror(errno)));
+          absl::StrFormat("cannot send %s: %s", what, std::strerror(errno)));
     }
-    fd_sent = true;  // the descriptor rides with the first byte sent
+    fd_sent = true;
     sent += static_cast<size_t>(n);
   }
   return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status SendTrainerHello(int sock, const TrainerHello& hello, int fd,
+                              absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  const std::string message = hello.message.substr(0, kHelloMaxMessageBytes);
+  Wire w;
+  std::memcpy(w.magic, kMagic, sizeof(kMagic));
+  w.admitted = hello.admitted ? 1 : 0;
+  w.message_bytes = static_cast<uint32_t>(message.size());
+  w.fd_bytes = hello.admitted && fd >= 0 ? hello.fd_bytes : 0;
+  w.flags = hello.windows ? kFlagWindows : 0;
+  w.reserved = 0;
+  std::vector<char> bytes(sizeof(w) + message.size());
+  std::memcpy(bytes.data(), &w, sizeof(w));
+  std::memcpy(bytes.data() + sizeof(w), message.data(), message.size());
+  return SendAll(sock, bytes.data(), bytes.size(), hello.admitted ? fd : -1, deadline,
+                 "the trainer hello");
 }
 
 absl::StatusOr<TrainerHello> ReceiveTrainerHello(int sock, absl::Duration timeout) {
@@ -184,23 +191,8 @@ absl::Status SendTrainerRole(int sock, const TrainerRole& role, absl::Duration t
   std::memcpy(w.magic, kRoleMagic, sizeof(kRoleMagic));
   w.kind = static_cast<uint32_t>(role.kind);
   std::memcpy(w.token, role.token.data(), role.token.size());
-  const absl::Time deadline = absl::Now() + timeout;
-  const char* p = reinterpret_cast<const char*>(&w);
-  size_t sent = 0;
-  while (sent < sizeof(w)) {
-    if (absl::Status st = WaitFor(sock, POLLOUT, deadline, "sending the role after"); !st.ok()) {
-      return st;
-    }
-    const ssize_t n = ::send(sock, p + sent, sizeof(w) - sent, MSG_NOSIGNAL | MSG_DONTWAIT);
-    if (n < 0) {
-      if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK) continue;
-      return absl::UnavailableError(
-          absl::StrFormat("cannot tell the daemon what the connection is for: %s",
-                          std::strerror(errno)));
-    }
-    sent += static_cast<size_t>(n);
-  }
-  return absl::OkStatus();
+  return SendAll(sock, reinterpret_cast<const char*>(&w), sizeof(w), -1,
+                 absl::Now() + timeout, "the connection's role");
 }
 
 absl::StatusOr<TrainerRole> ParseTrainerRole(const char* bytes) {
