@@ -165,7 +165,7 @@ void SnapshotService::RemoveSession(const std::string& id) {
 }
 
 absl::StatusOr<uint64_t> SnapshotService::SessionOf(const grpc::ServerContextBase& context,
-                                                    const std::string& id, bool* windows) {
+                                                    const std::string& id, WireSession* out) {
   const std::string connection = ConnectionOf(context);
   absl::MutexLock lock(&mu_);
   auto it = sessions_.find(id);
@@ -176,7 +176,7 @@ absl::StatusOr<uint64_t> SnapshotService::SessionOf(const grpc::ServerContextBas
         "no session with this id on this connection: it ended (the client's Attach stream "
         "closed) or belongs to another connection; attach again");
   }
-  if (windows != nullptr) *windows = it->second.windows;
+  if (out != nullptr) *out = it->second;
   return it->second.session;
 }
 
@@ -184,10 +184,8 @@ absl::StatusOr<uint64_t> SnapshotService::SessionOf(const grpc::ServerContextBas
 // socket until the daemon restarts (each needs a trainer to attach it).
 constexpr size_t kMaxJobOwners = 65536;
 
-absl::Status SnapshotService::CheckJobOwner(const grpc::ServerContextBase& context,
+absl::Status SnapshotService::CheckJobOwner(std::optional<uint32_t> uid,
                                             const std::string& job_id) {
-  if (!uid_of_) return absl::OkStatus();
-  const std::optional<uint32_t> uid = uid_of_(context.peer());
   if (!uid.has_value()) return absl::OkStatus();  // TCP: the job token decides
   absl::MutexLock lock(&mu_);
   auto it = job_owners_.find(job_id);
@@ -209,13 +207,14 @@ absl::Status SnapshotService::CheckJobOwner(const grpc::ServerContextBase& conte
       *uid));
 }
 
-absl::Status SnapshotService::Grant(const grpc::ServerContextBase& context,
-                                    const ArenaExtent& extent, bool writable, std::string* token,
-                                    uint64_t* file_id, bool spare) {
-  if (grants_ == nullptr || !uid_of_) return absl::OkStatus();
-  const std::optional<uint32_t> uid = uid_of_(context.peer());
-  if (!uid.has_value()) return absl::OkStatus();  // TCP: the bytes are streamed
-  auto g = grants_->Issue(extent, writable, *uid, spare);
+absl::Status SnapshotService::Grant(const WireSession& session, const ArenaExtent& extent,
+                                    bool writable, std::string* token, uint64_t* file_id,
+                                    bool spare) {
+  // A trainer that streams, or one not on the socket, gets no token.
+  if (grants_ == nullptr || !session.windows || !session.uid.has_value()) {
+    return absl::OkStatus();
+  }
+  auto g = grants_->Issue(extent, writable, *session.uid, spare);
   if (!g.ok()) return g.status();
   *token = std::move(g->token);
   *file_id = g->file_id;
@@ -227,14 +226,14 @@ grpc::ServerWriteReactor<v1::AttachEvent>* SnapshotService::Attach(
   v1::AttachEvent first;
   first.set_slot(slot_);
   first.set_daemon_version("ecsnapd 0.1");
+  const std::optional<uint32_t> uid = uid_of_ ? uid_of_(context->peer()) : std::nullopt;
   absl::Status admitted = CheckJobToken(*context, request->job_id());
-  if (admitted.ok()) admitted = CheckJobOwner(*context, request->job_id());
+  if (admitted.ok()) admitted = CheckJobOwner(uid, request->job_id());
   if (absl::Status st = admitted; !st.ok()) {
     auto* refused = new RefusedReactor();
     refused->Finish(ToGrpc(st));
     return refused;
   }
-  const std::optional<uint32_t> uid = uid_of_ ? uid_of_(context->peer()) : std::nullopt;
   auto* reactor =
       new AttachReactor(this, ConnectionOf(*context), uid, *request, std::move(first));
   absl::MutexLock lock(&mu_);
@@ -282,18 +281,17 @@ void SnapshotService::Forget(AttachReactor* reactor) {
 grpc::Status SnapshotService::BeginRank(grpc::ServerContext* context,
                                         const v1::BeginRankRequest* request,
                                         v1::BeginRankResponse* response) {
-  bool windows = false;
-  auto session = SessionOf(*context, request->session_id(), &windows);
+  WireSession ws;
+  auto session = SessionOf(*context, request->session_id(), &ws);
   if (!session.ok()) return ToGrpc(session.status());
   auto window = store_->BeginRank(*session, request->step(), request->bytes(),
-                                  /*streamed=*/!windows);
+                                  /*streamed=*/!ws.windows);
   if (!window.ok()) return ToGrpc(window.status());
   response->set_window_offset(window->offset);
   response->set_window_bytes(window->bytes);
-  if (!windows) return grpc::Status::OK;  // the trainer streams (WriteRank)
   uint64_t file = 0;
   absl::Status granted =
-      Grant(*context, window->extent, /*writable=*/true, response->mutable_window_token(), &file);
+      Grant(ws, window->extent, /*writable=*/true, response->mutable_window_token(), &file);
   if (!granted.ok()) {
     store_->AbortRank(*session, request->step()).IgnoreError();
     return ToGrpc(granted);
@@ -308,13 +306,13 @@ grpc::Status SnapshotService::BeginRank(grpc::ServerContext* context,
 grpc::Status SnapshotService::PrepareRank(grpc::ServerContext* context,
                                           const v1::PrepareRankRequest* request,
                                           v1::PrepareRankResponse*) {
-  bool windows = false;
-  auto session = SessionOf(*context, request->session_id(), &windows);
+  WireSession ws;
+  auto session = SessionOf(*context, request->session_id(), &ws);
   if (!session.ok()) return ToGrpc(session.status());
   if (request->bytes() == 0) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "a window of 0 bytes was asked for");
   }
-  if (windows) QueuePrepare(request->session_id(), request->bytes());
+  if (ws.windows) QueuePrepare(request->session_id(), request->bytes());
   return grpc::Status::OK;
 }
 
@@ -332,8 +330,7 @@ void SnapshotService::PrepareLoop() {
   while (true) {
     std::string wire_id;
     uint64_t bytes;
-    uint64_t session;
-    std::optional<uint32_t> uid;
+    WireSession ws;
     {
       absl::MutexLock lock(&mu_);
       auto has_work = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -344,18 +341,21 @@ void SnapshotService::PrepareLoop() {
       std::tie(wire_id, bytes) = prepare_queue_.front();
       prepare_queue_.pop_front();
       auto it = sessions_.find(wire_id);
-      if (it == sessions_.end() || !it->second.uid.has_value()) continue;
-      session = it->second.session;
-      uid = it->second.uid;
+      // Only a trainer that can be granted the window gets one made.
+      if (it == sessions_.end() || !it->second.windows || !it->second.uid.has_value()) continue;
+      ws = it->second;
     }
     // Slow (a fresh window is allocated and populated): no lock held.
-    auto ready = store_->PrepareRank(session, bytes);
+    auto ready = store_->PrepareRank(ws.session, bytes);
     if (!ready.ok()) continue;  // enough windows already, or no room
-    auto grant = grants_->Issue(*ready, /*writable=*/true, *uid, /*spare=*/true);
-    if (!grant.ok()) continue;
     v1::AttachEvent event;
-    event.set_ready_token(grant->token);
-    event.set_ready_file(grant->file_id);
+    uint64_t file = 0;
+    if (!Grant(ws, *ready, /*writable=*/true, event.mutable_ready_token(), &file, /*spare=*/true)
+             .ok() ||
+        event.ready_token().empty()) {
+      continue;
+    }
+    event.set_ready_file(file);
     absl::MutexLock lock(&mu_);
     auto it = sessions_.find(wire_id);
     if (it != sessions_.end() && live_.count(it->second.reactor) != 0) {
@@ -422,8 +422,8 @@ grpc::Status SnapshotService::ListRestorable(grpc::ServerContext* context,
 grpc::Status SnapshotService::Restore(grpc::ServerContext* context,
                                       const v1::RestoreRequest* request,
                                       v1::RestoreResponse* response) {
-  bool windows = false;
-  auto session = SessionOf(*context, request->session_id(), &windows);
+  WireSession ws;
+  auto session = SessionOf(*context, request->session_id(), &ws);
   if (!session.ok()) return ToGrpc(session.status());
   if (before_restore_) before_restore_(*session);
   auto lease = store_->Restore(*session, request->step());
@@ -433,9 +433,8 @@ grpc::Status SnapshotService::Restore(grpc::ServerContext* context,
   response->set_window_offset(lease->window.offset);
   response->set_window_bytes(lease->window.bytes);
   response->set_lease_id(lease->lease_id);
-  if (!windows) return grpc::Status::OK;  // the trainer streams (ReadRank)
   uint64_t file = 0;
-  absl::Status granted = Grant(*context, lease->window.extent, /*writable=*/false,
+  absl::Status granted = Grant(ws, lease->window.extent, /*writable=*/false,
                                response->mutable_window_token(), &file);
   if (!granted.ok()) {
     store_->Release(*session, lease->lease_id).IgnoreError();

@@ -94,27 +94,6 @@ class SnapshotService final : public v1::Snapshot::WithCallbackMethod_Attach<v1:
  private:
   class AttachReactor;
   class RefusedReactor;
-  void Forget(AttachReactor* reactor);
-  absl::Status CheckJobToken(const grpc::CallbackServerContext& context,
-                             const std::string& job_id) const;
-  // A job's trainers on the socket are of one uid, the first to attach it
-  // (the daemon's own uid may attach any job): another uid may not read or
-  // write its steps.
-  absl::Status CheckJobOwner(const grpc::ServerContextBase& context, const std::string& job_id);
-  // Fills a grant for the window at `extent` when the call came through
-  // the socket from a known uid; leaves the token empty otherwise.
-  absl::Status Grant(const grpc::ServerContextBase& context, const ArenaExtent& extent,
-                     bool writable, std::string* token, uint64_t* file_id, bool spare = false);
-  std::string ConnectionOf(const grpc::ServerContextBase& context) const;
-  // A fresh wire id for store session `session` opened on `connection`.
-  std::string AddSession(uint64_t session, std::string connection, bool windows,
-                         std::optional<uint32_t> uid, AttachReactor* reactor);
-  void RemoveSession(const std::string& id);
-  // The store session named by `id`, if the call came on its connection;
-  // `windows` tells whether its trainer maps windows.
-  absl::StatusOr<uint64_t> SessionOf(const grpc::ServerContextBase& context,
-                                     const std::string& id, bool* windows = nullptr);
-
   struct WireSession {
     uint64_t session;
     std::string connection;
@@ -122,6 +101,28 @@ class SnapshotService final : public v1::Snapshot::WithCallbackMethod_Attach<v1:
     std::optional<uint32_t> uid;  // a Unix-socket trainer's
     AttachReactor* reactor = nullptr;  // valid while in live_
   };
+  void Forget(AttachReactor* reactor);
+  absl::Status CheckJobToken(const grpc::CallbackServerContext& context,
+                             const std::string& job_id) const;
+  // A job's trainers on the socket are of one uid, the first to attach it
+  // (the daemon's own uid may attach any job): another uid may not read or
+  // write its steps. `uid`: the attaching connection's, none for TCP.
+  absl::Status CheckJobOwner(std::optional<uint32_t> uid, const std::string& job_id);
+  // Fills a grant for the window at `extent` when `session`'s trainer maps
+  // windows (it came through the socket, from a known uid, and asked to);
+  // leaves the token empty otherwise.
+  absl::Status Grant(const WireSession& session, const ArenaExtent& extent, bool writable,
+                     std::string* token, uint64_t* file_id, bool spare = false);
+  std::string ConnectionOf(const grpc::ServerContextBase& context) const;
+  // A fresh wire id for store session `session` opened on `connection`.
+  std::string AddSession(uint64_t session, std::string connection, bool windows,
+                         std::optional<uint32_t> uid, AttachReactor* reactor);
+  void RemoveSession(const std::string& id);
+  // The store session named by `id`, if the call came on its connection;
+  // `out`, when given, receives the whole wire session.
+  absl::StatusOr<uint64_t> SessionOf(const grpc::ServerContextBase& context,
+                                     const std::string& id, WireSession* out = nullptr);
+
   // Sessions whose next window waits to be made, at most this many.
   static constexpr size_t kMaxQueuedPrepares = 256;
   // Makes a ready window for a session's rank in the background and offers
