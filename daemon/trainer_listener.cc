@@ -259,21 +259,31 @@ void TrainerListener::LogRefusal(const std::string& why) {
   refusals_unlogged_ = 0;
 }
 
-std::optional<uint32_t> TrainerListener::ConnectionUid(const std::string& peer) const {
+std::optional<int> TrainerListener::SocketFd(const std::string& peer) {
   int fd = -1;
   if (!IsSocketPeer(peer) || !absl::SimpleAtoi(peer.substr(3), &fd)) return std::nullopt;
+  return fd;
+}
+
+std::optional<TrainerListener::Admitted> TrainerListener::AdmittedOn(int fd) const {
   absl::MutexLock lock(&mu_);
   auto it = admitted_fds_.find(fd);
   if (it == admitted_fds_.end()) return std::nullopt;
-  return it->second.uid;
+  return it->second;
+}
+
+std::optional<uint32_t> TrainerListener::ConnectionUid(const std::string& peer) const {
+  const std::optional<int> fd = SocketFd(peer);
+  const std::optional<Admitted> a = fd.has_value() ? AdmittedOn(*fd) : std::nullopt;
+  if (!a.has_value()) return std::nullopt;
+  return a->uid;
 }
 
 std::string TrainerListener::ConnectionKey(const std::string& peer) const {
-  int fd = -1;
-  if (!IsSocketPeer(peer) || !absl::SimpleAtoi(peer.substr(3), &fd)) return peer;
-  absl::MutexLock lock(&mu_);
-  auto it = admitted_fds_.find(fd);
-  return absl::StrCat(peer, "#", it == admitted_fds_.end() ? 0 : it->second.generation);
+  const std::optional<int> fd = SocketFd(peer);
+  if (!fd.has_value()) return peer;
+  const std::optional<Admitted> a = AdmittedOn(*fd);
+  return absl::StrCat(peer, "#", a.has_value() ? a->generation : 0);
 }
 
 }  // namespace ecsnap::daemon

@@ -131,6 +131,10 @@ class TrainerListener {
     dev_t device;  // of the socket: with the inode, tells whether the
     ino_t inode;   // number still names it
   };
+  // N of a call's peer string "fd:N" (a connection of this socket).
+  static std::optional<int> SocketFd(const std::string& peer);
+  // The admission of the connection on descriptor `fd`, if any.
+  std::optional<Admitted> AdmittedOn(int fd) const;
   // Live connections (and, until noticed, some that gRPC closed), by
   // descriptor number.
   std::map<int, Admitted> admitted_fds_ ABSL_GUARDED_BY(mu_);
