@@ -23,10 +23,10 @@
 // The index makes the arena self-describing: a record (the daemon writes a
 // serialized RankRecord) is stored in the data region and published by
 // writing its index entry last, so a daemon killed at any point leaves either
-// a valid entry or none. A restarted daemon lists the surviving records with
-// Records(), re-reserves the extents it keeps with Reserve() (window files
-// are found again by their offset), and the rest of the data region is free
-// again.
+// a valid entry or none. A restarted daemon takes the surviving records
+// with TakeAdoptedRecords(), re-reserves the extents it keeps with Reserve()
+// (window files are found again by their offset), and the rest of the data
+// region is free again.
 //
 // A trainer can shrink a window file it holds read-write; the range is
 // guarded (common/sigbus_guard.h), so the daemon then reads zeros there

@@ -1,5 +1,6 @@
 // Single-node snapshot service, end to end: real ecsnapd processes, the real
 // client library, on private Unix sockets.
+#include <poll.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -504,20 +505,94 @@ TEST_F(SnapshotTest, AnotherUserIsAdmittedOnlyWhenTheConfigNamesIt) {
   ExpectRestored(s, *own->Restore(kLatestStep));
 }
 
+// A bare connection to the daemon's socket, before any hello is read.
+UniqueFd ConnectRaw(const std::string& socket) {
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, socket.c_str(), sizeof(addr.sun_path) - 1);
+  EXPECT_EQ(::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  return fd;
+}
+
+// True once the daemon has closed `fd` (bounded: `limit`).
+bool ClosedByPeer(int fd, absl::Duration limit) {
+  const absl::Time deadline = absl::Now() + limit;
+  char c;
+  while (absl::Now() < deadline) {
+    pollfd p{fd, POLLIN, 0};
+    if (::poll(&p, 1, 50) > 0) {
+      const ssize_t n = ::recv(fd, &c, 1, MSG_DONTWAIT);
+      if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) return true;
+    }
+  }
+  return false;
+}
+
+// Connections that are admitted and then never say what they are for (or
+// say it a byte at a time, or say something else) hold nothing for long:
+// one user has at most 32 such, each is dropped 2 s after its hello however
+// slowly it trickles, junk is dropped at once, and trainers are served
+// throughout.
+TEST_F(SnapshotTest, ConnectionsThatNeverSayWhatForAreCappedAndDropped) {
+  std::vector<UniqueFd> silent;
+  for (int i = 0; i < 32; ++i) {
+    silent.push_back(ConnectRaw(daemon_->socket()));
+    auto hello = ReceiveTrainerHello(silent.back().get(), absl::Seconds(10));
+    ASSERT_TRUE(hello.ok()) << hello.status();
+    ASSERT_TRUE(hello->admitted) << i << ": " << hello->message;
+  }
+  UniqueFd one_more = ConnectRaw(daemon_->socket());
+  auto refused = ReceiveTrainerHello(one_more.get(), absl::Seconds(10));
+  ASSERT_TRUE(refused.ok()) << refused.status();
+  EXPECT_FALSE(refused->admitted);
+  EXPECT_NE(refused->message.find("have not said what they are for"), std::string::npos)
+      << refused->message;
+
+  // One of them trickles a valid gRPC role, a byte every 85 ms (2.7 s in
+  // all, past the deadline, each byte sooner than the listener's 100 ms
+  // poll): it is cut, not handed to gRPC once the last byte is in.
+  char role[kTrainerRoleBytes];
+  {
+    int pair[2];
+    ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair), 0);
+    UniqueFd a(pair[0]), b(pair[1]);
+    ASSERT_TRUE(SendTrainerRole(a.get(), TrainerRole{}, absl::Seconds(1)).ok());
+    ASSERT_EQ(::read(b.get(), role, sizeof(role)), static_cast<ssize_t>(sizeof(role)));
+  }
+  bool cut = false;
+  for (size_t i = 0; i < sizeof(role) && !cut; ++i) {
+    cut = ::send(silent[0].get(), role + i, 1, MSG_NOSIGNAL) != 1;
+    absl::SleepFor(absl::Milliseconds(85));
+  }
+  EXPECT_TRUE(cut || ClosedByPeer(silent[0].get(), absl::Seconds(5)))
+      << "a role trickled past its deadline was accepted";
+  for (size_t i = 1; i < silent.size(); ++i) {
+    EXPECT_TRUE(ClosedByPeer(silent[i].get(), absl::Seconds(5))) << "connection " << i;
+  }
+  // Junk where a role belongs is dropped without waiting.
+  UniqueFd junk = ConnectRaw(daemon_->socket());
+  ASSERT_TRUE(ReceiveTrainerHello(junk.get(), absl::Seconds(10)).ok());
+  const std::string preface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n0123456789";
+  ASSERT_EQ(::send(junk.get(), preface.data(), kTrainerRoleBytes, MSG_NOSIGNAL),
+            static_cast<ssize_t>(kTrainerRoleBytes));
+  EXPECT_TRUE(ClosedByPeer(junk.get(), absl::Milliseconds(1500)));
+
+  auto c = Connect(0, {0});
+  ASSERT_NE(c, nullptr);
+  State s = MakeState(61);
+  ASSERT_TRUE(c->Snapshot(1, s.tensors)->WaitCommitted().ok());
+  ExpectRestored(s, *c->Restore(kLatestStep));
+  EXPECT_TRUE(daemon_->alive());
+}
+
 // One user cannot take every descriptor of the daemon: past the per-uid
 // cap a connection is refused with the reason, and closing some lets new
 // ones in. A trainer of the same uid meanwhile keeps its session.
 TEST_F(SnapshotTest, AConnectionFloodFromOneUserIsCapped) {
   auto own = Connect(0, {0}, Transport::kSharedMemory, "own");
   ASSERT_NE(own, nullptr);
-  auto raw = [&] {
-    UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    std::strncpy(addr.sun_path, daemon_->socket().c_str(), sizeof(addr.sun_path) - 1);
-    EXPECT_EQ(::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
-    return fd;
-  };
+  auto raw = [&] { return ConnectRaw(daemon_->socket()); };
   std::vector<UniqueFd> flood;
   std::string refusal;
   TrainerRole grpc_role;  // each becomes a (silent) gRPC connection
