@@ -19,8 +19,8 @@
 #include "common/format.h"
 #include "common/log.h"
 #include "common/unique_fd.h"
-#include "daemon/admin_auth.h"
-#include "daemon/tls.h"
+#include "daemon/service/admin_auth.h"
+#include "daemon/service/tls.h"
 
 namespace ecsnap::daemon {
 namespace {

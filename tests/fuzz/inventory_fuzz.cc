@@ -9,11 +9,11 @@
 #include <cstdlib>
 #include <set>
 
-#include "daemon/group.h"
-#include "daemon/group_view.h"
-#include "daemon/payload_chunks.h"
-#include "daemon/rebuild_plan.h"
-#include "daemon/store.pb.h"
+#include "daemon/peer/group.h"
+#include "daemon/peer/group_view.h"
+#include "daemon/peer/payload_chunks.h"
+#include "daemon/peer/rebuild_plan.h"
+#include "daemon/store/store.pb.h"
 #include "ec/layout.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

@@ -15,12 +15,12 @@ tensors { name: "rng" kind: RNG dtype: BYTES offset: 64 length: 10 }'
 { le64 64; enc ecsnap.v1.Manifest proto/snapshot.proto \
     <<<'tensors { name: "a" dtype: INT8 shape: -1 shape: -64 length: 64 }'; } >$C/manifest_fuzz/negative_shape
 
-enc ecsnap.daemon.RankRecord daemon/store.proto >$C/rank_record_fuzz/committed <<EOT
+enc ecsnap.daemon.RankRecord daemon/store/store.proto >$C/rank_record_fuzz/committed <<EOT
 job_id: "gpt" step: 7 rank: 1 local_ranks: 0 local_ranks: 1 window_offset: 65536
 window_bytes: 74 window_extent_bytes: 4096 committed_unix_ms: 1700000000000
 manifest { $manifest }
 EOT
-enc ecsnap.daemon.RankRecord daemon/store.proto >$C/rank_record_fuzz/too_big <<<'window_bytes: 8193 window_extent_bytes: 8192'
+enc ecsnap.daemon.RankRecord daemon/store/store.proto >$C/rank_record_fuzz/too_big <<<'window_bytes: 8193 window_extent_bytes: 8192'
 
 cat >$C/config_fuzz/four_slots <<'EOT'
 cluster {
@@ -45,7 +45,7 @@ steps {
 }'
 { printf '\x05'; enc ecsnap.peer.InventoryResponse proto/peer.proto <<<"$inventory"; } \
   >$C/inventory_fuzz/rs22_one_step
-ranks=$(enc ecsnap.daemon.SlotManifest daemon/store.proto \
+ranks=$(enc ecsnap.daemon.SlotManifest daemon/store/store.proto \
   <<<'ranks { rank: 0 bytes: 9223372036854775808 } ranks { rank: 1 bytes: 9223372036854775808 }' |
   python3 -c 'import sys; print("".join("\\%03o" % b for b in sys.stdin.buffer.read()))')
 { printf '\x05'; enc ecsnap.peer.InventoryResponse proto/peer.proto \

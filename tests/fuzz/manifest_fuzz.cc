@@ -7,7 +7,7 @@
 #include <cstring>
 #include <vector>
 
-#include "daemon/manifest_check.h"
+#include "daemon/store/manifest_check.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace ecsnap;

@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <cstdlib>
 
-#include "daemon/rank_record.h"
+#include "daemon/store/rank_record.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace ecsnap::daemon;

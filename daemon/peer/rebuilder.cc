@@ -1,0 +1,646 @@
+#include "daemon/peer/rebuilder.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <set>
+#include <thread>
+
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "common/format.h"
+#include "common/grpc_status.h"
+#include "common/log.h"
+#include "daemon/peer/payload_chunks.h"
+#include "daemon/peer/rebuild_plan.h"
+#include "daemon/store/store.pb.h"
+#include "ec/crc32c.h"
+
+namespace ecsnap::daemon {
+namespace {
+
+// Bytes of each survivor fetched per round: bounds the rebuild's memory to
+// (k + 1) slices whatever the payload size.
+constexpr uint64_t kSliceBytes = 32 << 20;
+// Passes over the group's inventories when steps are retired under a rebuild.
+constexpr int kMaxPasses = 3;
+// Slice buffers of all stripes being rebuilt at once.
+constexpr uint64_t kMaxInFlightBytes = uint64_t{512} << 20;
+
+}  // namespace
+
+Rebuilder::Rebuilder(Arena* arena, StepStore* store, ParityStore* parity, Protector* protector,
+                     const ec::Codec* codec, Options options)
+    : arena_(arena),
+      store_(store),
+      parity_(parity),
+      protector_(protector),
+      codec_(codec),
+      options_(options) {
+  // Active until the first pass (run at start) ends: a restore that comes
+  // first waits for it instead of finding nothing.
+  absl::MutexLock lock(&mu_);
+  status_.set_active(true);
+}
+
+admin::RebuildStatus Rebuilder::status() const {
+  absl::MutexLock lock(&mu_);
+  return status_;
+}
+
+void Rebuilder::WaitIdle(absl::Duration timeout) const {
+  absl::MutexLock lock(&mu_);
+  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !status_.active(); };
+  mu_.AwaitWithTimeout(absl::Condition(&idle), timeout);
+}
+
+absl::Status Rebuilder::Run(const std::string& job_filter) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (running_) {
+      // Two passes at once would decode the same step into two sets of
+      // windows and race to install them: the second caller is told instead.
+      std::string what = "looking at the group's inventories";
+      if (current_ != nullptr) {
+        const uint64_t total = status_.bytes_total();
+        what = absl::StrFormat("job %s step %d, %d%% done", status_.job_id(), status_.step(),
+                               total == 0 ? 0 : status_.bytes_done() * 100 / total);
+      }
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "a rebuild is already running (%s); see ecsnapctl status", what));
+    }
+    running_ = true;
+    status_.set_active(true);
+    status_.set_last_error("");
+    throttle_start_ = absl::Now();
+    throttled_bytes_ = 0;
+  }
+  absl::Status result;
+  for (int pass = 1; pass <= kMaxPasses && !stopping_; ++pass) {
+    bool again = false;
+    result = Pass(job_filter, /*final_pass=*/pass == kMaxPasses, &again);
+    if (!again) break;
+    Log("rebuild: the group retired a step while it was being rebuilt; looking again (pass %d)",
+        pass + 1);
+  }
+  absl::MutexLock lock(&mu_);
+  running_ = false;
+  status_.set_active(false);
+  if (!result.ok()) status_.set_last_error(std::string(result.message()));
+  return result;
+}
+
+absl::Status Rebuilder::Pass(const std::string& job_filter, bool final_pass, bool* again) {
+  const Group& group = protector_->group();
+  const ec::Layout& layout = protector_->layout();
+  const int n = layout.n(), k = layout.k(), m = layout.m(), self = group.self;
+  // Inventories of every peer that answers.
+  GroupView view(layout);
+  for (int i = 0; i < n; ++i) {
+    if (i == self) continue;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(protector_->Deadline(0));
+    ctx.set_wait_for_ready(true);
+    auto watch = protector_->watchdog()->Start(&ctx);
+    peer::InventoryRequest req;
+    req.set_job_id(job_filter);
+    peer::InventoryResponse resp;
+    if (!protector_->Stub(i)->Inventory(&ctx, req, &resp).ok()) continue;
+    if (const int bad = view.Merge(i, resp); bad > 0) {
+      Log("rebuild: the inventory of group position %d (slot %d) has %d entries naming a slot, "
+          "stripe, row or chunk outside RS %d+%d; ignored them",
+          i, group.slots[i], bad, k, m);
+    }
+  }
+  view.AddKnownEmptyChunks();
+  // Rows announced while this daemon was away: steps it re-adopted may be
+  // protected already. A row the group heard from this slot counts only if
+  // this slot still holds it; one it lost (a restart before the row was
+  // recorded, a row failing its checksum) is announced lost, so the group
+  // knows the step is not protected until the row is pushed again.
+  std::set<StepKey> have;
+  for (const auto& s : store_->CompleteSteps()) have.insert(s);
+  for (const auto& [key, v] : view.steps()) {
+    const std::vector<int> missing = parity_->MissingRows(key.first, key.second);
+    for (const auto& [slot, s] : v.slots) parity_->RecordSlot(key.first, key.second, s);
+    for (const auto& [sr, row] : v.rows) {
+      // Only for a step this slot holds the data of (restarted in place):
+      // a replaced slot rebuilds its rows with the step.
+      const bool mine = static_cast<int>(row.holder_slot()) == self && have.count(key);
+      if (mine && std::find(missing.begin(), missing.end(), sr.first) != missing.end()) {
+        peer::StripeProtected lost = row;
+        lost.set_lost(true);
+        Log("job %s step %d: parity row %d of stripe %d, which the group heard complete, is "
+            "not here any more; announcing it lost",
+            key.first, key.second, row.row(), row.stripe());
+        protector_->Announce(lost);
+      } else if (have.count(key)) {
+        protector_->OnRowComplete(row);
+      }
+    }
+  }
+  // Re-adopted steps not protected yet: push them (holders acknowledge what
+  // they folded already).
+  for (const auto& [job, step] : have) protector_->OnLocal(job, step);
+
+  absl::Status first_error;
+  for (const JobPlan& plan : PlanRebuild(layout, group, view, have)) {
+    const std::string& job = plan.job;
+    if (plan.candidates.empty()) {
+      // Nothing newer to rebuild: the job is held here, so an old DATA_LOSS
+      // no longer describes it.
+      store_->ClearUnrecoverable(job);
+      continue;
+    }
+    absl::Status outcome = absl::NotFoundError("no step");
+    for (const RebuildCandidate& cand : plan.candidates) {
+      if (!cand.decodable.ok()) {
+        outcome = cand.decodable;
+        continue;  // an older step may still decode
+      }
+      outcome = RebuildStep(job, cand.step, view.steps().at({job, cand.step}));
+      if (outcome.ok()) break;
+      Log("job %s step %d: rebuild failed: %s", job, cand.step, outcome.message());
+      if (outcome.code() == absl::StatusCode::kAborted && !final_pass) {
+        *again = true;  // a newer step is protected now: start over
+        break;
+      }
+    }
+    if (*again) break;
+    if (outcome.ok()) store_->ClearUnrecoverable(job);
+    if (!outcome.ok()) {
+      Log("%s", outcome.message());
+      if (outcome.code() == absl::StatusCode::kDataLoss && !stopping_) {
+        store_->SetUnrecoverable(job, outcome);
+      }
+      if (first_error.ok()) first_error = outcome;
+    }
+  }
+  return first_error;
+}
+
+struct Rebuilder::Current {
+  std::string job;
+  uint64_t step = 0;
+  const StepView* view = nullptr;
+  std::vector<uint64_t> lens;          // payload bytes of every group position
+  std::vector<uint32_t> local_ranks;
+  std::vector<RebuiltRank> ranks;      // fresh windows, laid end to end
+  std::unique_ptr<PayloadChunks> payload;  // this slot's payload: chunks and rank windows
+  std::vector<bool> installed;         // served early from an extent of its own (mu_)
+  std::vector<bool> handed_off;        // window now owned by the store
+  std::vector<bool> claimed;           // being decoded on demand (mu_)
+  bool finalizing = false;             // the rest is being installed (mu_)
+  mutable std::atomic<bool> vanished{false};  // a peer no longer holds the step
+};
+
+absl::Status Rebuilder::DecodeSlice(const Current& c, int s, int target,
+                                    const std::vector<int>& use, uint64_t at, uint64_t read,
+                                    absl::Span<uint8_t> out, std::vector<uint32_t>* crcs,
+                                    int* failed, Scratch* scratch) {
+  const ec::Layout& layout = protector_->layout();
+  const int n = layout.n();
+  // Buffers live across the slices of a stripe: fresh ones of this size come
+  // from mmap, and faulting their pages in costs more than the decode.
+  std::vector<std::vector<uint8_t>>& bufs = *scratch;
+  if (bufs.size() < use.size()) bufs.resize(use.size());
+  std::vector<size_t> sizes(use.size(), 0);
+  std::vector<absl::Status> got(use.size());
+  std::vector<std::thread> fetchers;
+  for (size_t i = 0; i < use.size(); ++i) {
+    fetchers.emplace_back([&, i] {
+      const int q = use[i];
+      auto holders = c.view->held.find({s, q});
+      if (holders == c.view->held.end() || holders->second.empty()) {
+        got[i] = absl::DataLossError(absl::StrFormat("no peer holds position %d", q));
+        return;
+      }
+      const int holder = *holders->second.begin();
+      const uint64_t len = layout.ChunkLength(c.lens, s, q);
+      const uint64_t from = std::min(at, len);
+      const uint64_t want = std::min(len - from, read);
+      if (want > 0 && holder == kKnownEmpty) {
+        got[i] = absl::DataLossError(absl::StrFormat("position %d is not empty", q));
+        return;
+      }
+      if (bufs[i].size() < want) bufs[i].resize(want);
+      sizes[i] = want;
+      if (want == 0) return;
+      grpc::ClientContext ctx;
+      // Cut when it stops moving (or at shutdown), not at a guessed deadline.
+      auto watch = protector_->watchdog()->Start(&ctx);
+      peer::GetChunkRequest req;
+      req.mutable_id()->set_job_id(c.job);
+      req.mutable_id()->set_step(c.step);
+      req.mutable_id()->set_stripe(s);
+      req.mutable_id()->set_position(q);
+      req.set_offset(from);
+      req.set_length(want);
+      auto reader = protector_->Stub(holder)->GetChunk(&ctx, req);
+      peer::GetChunkMessage msg;
+      uint64_t filled = 0;
+      while (reader->Read(&msg)) {
+        watch->Progress();
+        if (msg.has_header()) continue;
+        const uint64_t nbytes = std::min<uint64_t>(msg.data().size(), want - filled);
+        std::memcpy(bufs[i].data() + filled, msg.data().data(), nbytes);
+        filled += nbytes;
+      }
+      got[i] = FromGrpc(reader->Finish());
+      if (got[i].ok() && filled != want) got[i] = absl::DataLossError("short chunk");
+      if (crcs != nullptr) {
+        (*crcs)[q] = ec::Crc32c(absl::MakeConstSpan(bufs[i]).first(want), (*crcs)[q]);
+      }
+    });
+  }
+  for (auto& f : fetchers) f.join();
+  for (size_t i = 0; i < use.size(); ++i) {
+    if (!got[i].ok()) {
+      // The peer retired the step (a newer one is protected): not a lost chunk.
+      if (got[i].code() == absl::StatusCode::kNotFound) c.vanished = true;
+      *failed = use[i];
+      return got[i];
+    }
+  }
+  std::vector<ec::ConstBytes> shards(n);
+  uint32_t present = 0;
+  for (size_t i = 0; i < use.size(); ++i) {
+    shards[use[i]] = absl::MakeConstSpan(bufs[i]).first(sizes[i]);
+    present |= 1u << use[i];
+  }
+  std::vector<ec::MutableBytes> outs = {out};
+  std::vector<int> targets = {target};
+  return codec_->Reconstruct(s, shards, present, targets, outs);
+}
+
+void Rebuilder::WritePayload(Current& c, uint64_t offset, const uint8_t* data, uint64_t bytes) {
+  c.payload->ForEachPiece(offset, bytes, [&](size_t i, uint64_t at, uint64_t from, uint64_t len) {
+    {
+      absl::MutexLock lock(&mu_);
+      // Served on demand from an extent of its own: this window is never
+      // installed, so it need not be filled.
+      if (c.installed[i]) return;
+    }
+    std::memcpy(arena_->base() + c.ranks[i].extent.offset + at, data + from, len);
+  });
+}
+
+std::vector<int> Rebuilder::Survivors(const Current& c, int s, int target,
+                                      const std::set<int>& bad) const {
+  const ec::Layout& layout = protector_->layout();
+  std::vector<int> use;  // the first k intact positions, data first
+  for (int q = 0; q < layout.n() && static_cast<int>(use.size()) < layout.k(); ++q) {
+    auto it = c.view->held.find({s, q});
+    if (q == target || bad.count(q) || it == c.view->held.end() || it->second.empty()) continue;
+    use.push_back(q);
+  }
+  return use;
+}
+
+absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const StepView& v) {
+  const Group& group = protector_->group();
+  const ec::Layout& layout = protector_->layout();
+  const int n = layout.n(), k = layout.k(), self = group.self;
+  const auto t0 = std::chrono::steady_clock::now();
+
+  auto mine = v.slots.find(self);
+  if (mine == v.slots.end() || static_cast<int>(v.slots.size()) != n) {
+    return absl::DataLossError(absl::StrFormat(
+        "job %s step %d: the peers do not know every slot's shape", job, step));
+  }
+  const peer::SlotStep& me = mine->second;
+  SlotManifest sm;
+  if (!sm.ParseFromString(me.manifests()) ||
+      ec::Crc32c(absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(me.manifests().data()),
+                                           me.manifests().size())) != me.manifests_crc32c()) {
+    return absl::DataLossError("this slot's manifests, as the peers keep them, are damaged");
+  }
+  Current c;
+  c.job = job;
+  c.step = step;
+  c.view = &v;
+  c.lens.resize(n);
+  for (const auto& [pos, slot] : v.slots) c.lens[pos] = slot.payload_bytes();
+  c.local_ranks.assign(sm.local_ranks().begin(), sm.local_ranks().end());
+  uint64_t manifest_bytes = 0;
+  for (const auto& r : sm.ranks()) manifest_bytes += r.bytes();
+  if (manifest_bytes != c.lens[self]) {
+    return absl::DataLossError(absl::StrFormat(
+        "job %s step %d: this slot's manifests add up to %d bytes but its payload has %d", job,
+        step, manifest_bytes, c.lens[self]));
+  }
+  // Fresh windows for the slot's ranks, laid end to end as the payload.
+  //
+  // Ownership: the rebuild owns every window in c.ranks from Allocate until
+  // a successful InstallRebuilt hands it to the store (c.handed_off), and
+  // finish() frees every window it still owns, once, on every path. A rank
+  // served on demand lives in an extent ServeRank allocated (and frees if its
+  // install fails); its window here is never handed off, so finish() frees it.
+  std::vector<uint64_t> rank_bytes;
+  for (const auto& r : sm.ranks()) {
+    auto extent = arena_->AllocateWindow(r.bytes(), WindowOwner(job, r.rank()));
+    if (!extent.ok()) {
+      for (const RebuiltRank& done : c.ranks) arena_->Free(done.extent);
+      return absl::ResourceExhaustedError(
+          absl::StrCat("rebuilding job ", job, " step ", step, ": ", extent.status().message()));
+    }
+    c.ranks.push_back({r.rank(), *extent, r.bytes(), r.manifest()});
+    rank_bytes.push_back(r.bytes());
+  }
+  c.payload = std::make_unique<PayloadChunks>(layout, self, std::move(rank_bytes));
+  c.installed.assign(c.ranks.size(), false);
+  c.handed_off.assign(c.ranks.size(), false);
+  c.claimed.assign(c.ranks.size(), false);
+
+  uint64_t total = 0;
+  for (int s = 0; s < n; ++s) total += layout.ChunkLength(c.lens, s, layout.PositionOf(s, self));
+  {
+    absl::MutexLock lock(&mu_);
+    status_.set_job_id(job);
+    status_.set_step(step);
+    status_.set_bytes_done(0);
+    status_.set_bytes_total(total);
+    current_ = &c;  // from here on, ranks can be served on demand
+  }
+  auto finish = [&](absl::Status st) {
+    absl::MutexLock lock(&mu_);
+    auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return serving_ == 0; };
+    mu_.Await(absl::Condition(&idle));
+    current_ = nullptr;
+    for (size_t i = 0; i < c.ranks.size(); ++i) {
+      if (!c.handed_off[i]) arena_->Free(c.ranks[i].extent);
+    }
+    if (!st.ok()) {
+      // Rows reserved for decoding and never completed: half-decoded bytes
+      // that a later fold must not start from.
+      for (int s = 0; s < n; ++s) {
+        if (layout.PositionOf(s, self) >= k) parity_->DiscardIncompleteRow(job, step, s);
+      }
+    }
+    return st;
+  };
+
+  // Stripes are rebuilt concurrently, as many as keep the slices in flight
+  // under kMaxInFlightBytes.
+  auto rebuild_stripe = [&](int s) -> absl::Status {
+    const int target = layout.PositionOf(s, self);
+    const uint64_t out_len = layout.ChunkLength(c.lens, s, target);
+    // A lost parity row is decoded straight into its (pre-faulted) arena row.
+    absl::Span<uint8_t> parity_out;
+    if (target >= k) {
+      // A row this slot still holds (re-adopted after a restart) is kept as
+      // it is: it was verified when adopted, and peers may be reading it.
+      if (parity_->Row(job, step, s).ok()) return absl::OkStatus();
+      auto row = parity_->ReserveRow(job, step, s, out_len);
+      if (!row.ok()) return row.status();
+      parity_out = *row;
+    }
+    // Expected CRC of each position, from what was recorded; false when the
+    // peers recorded none (the position is then treated as lost).
+    auto expected_crc = [&](int q, uint32_t* crc) -> bool {
+      if (q < k) {
+        auto it = v.slots.find(layout.SlotOf(s, q));
+        if (it == v.slots.end() || q >= it->second.chunk_crc32c_size()) return false;
+        *crc = it->second.chunk_crc32c(q);
+        return true;
+      }
+      auto it = v.rows.find({s, q - k});
+      if (it == v.rows.end()) return false;
+      *crc = it->second.parity_crc32c();
+      return true;
+    };
+    uint64_t counted = 0;  // this stripe's share of bytes_done
+    std::set<int> bad;
+    Scratch scratch;
+    std::vector<uint8_t> out_buf(target < k ? std::min(kSliceBytes, out_len) : 0);
+    while (true) {
+      if (stopping_) return absl::CancelledError("the daemon is shutting down");
+      const std::vector<int> use = Survivors(c, s, target, bad);
+      if (static_cast<int>(use.size()) < k) {
+        return absl::DataLossError(absl::StrFormat(
+            "job %s step %d stripe %d: only %d intact chunks left, RS(%d,%d) needs %d", job, step,
+            s, use.size(), k, layout.m(), k));
+      }
+      // Slices run to the longest chunk in play: every survivor is read
+      // whole, so that its CRC can be checked.
+      uint64_t span = out_len;
+      for (int q : use) span = std::max(span, layout.ChunkLength(c.lens, s, q));
+      std::vector<uint32_t> crcs(n, 0);
+      bool all_good = true;
+      for (uint64_t at = 0; at < std::max<uint64_t>(span, 1) && all_good; at += kSliceBytes) {
+        const uint64_t slice = std::min(kSliceBytes, out_len - std::min(out_len, at));
+        uint8_t* const out = target < k ? out_buf.data() : parity_out.data() + at;
+        // Paced before the fetch, so that the cap spreads the survivors'
+        // traffic over time instead of sleeping after a burst.
+        Throttle(slice);
+        int failed = -1;
+        absl::Status st = DecodeSlice(c, s, target, use, at, kSliceBytes,
+                                      absl::MakeSpan(out, slice), &crcs, &failed, &scratch);
+        if (!st.ok()) {
+          if (failed < 0) return st;
+          Log("job %s step %d stripe %d: position %d unreadable (%s); using another", job, step,
+              s, failed, st.message());
+          bad.insert(failed);
+          all_good = false;
+          break;
+        }
+        if (target < k) {
+          WritePayload(c, c.payload->Chunk(target).offset + at, out, slice);
+        }
+        Progress(static_cast<int64_t>(slice));
+        counted += slice;
+      }
+      // A failed try is decoded again from other survivors: take back its
+      // progress then.
+      auto retry = [&] {
+        Progress(-static_cast<int64_t>(counted));
+        counted = 0;
+      };
+      if (!all_good) {
+        retry();
+        continue;
+      }
+      // Whole chunks now read: check each against its recorded CRC.
+      for (int q : use) {
+        uint32_t want = 0;
+        if (!expected_crc(q, &want) || crcs[q] != want) {
+          Log("job %s step %d stripe %d: position %d fails its crc32c; treated as lost", job,
+              step, s, q);
+          bad.insert(q);
+          all_good = false;
+        }
+      }
+      if (all_good) break;
+      retry();
+    }
+    if (target >= k) return parity_->CompleteRow(job, step, s, v.slots);
+    return absl::OkStatus();
+  };
+  const int workers = static_cast<int>(std::max<uint64_t>(
+      1, std::min<uint64_t>(n, kMaxInFlightBytes / ((k + 1) * kSliceBytes))));
+  std::atomic<int> next{0};
+  std::vector<absl::Status> results(n);
+  std::vector<std::thread> pool;
+  for (int w = 0; w < workers; ++w) {
+    pool.emplace_back([&] {
+      for (int s = next++; s < n; s = next++) results[s] = rebuild_stripe(s);
+    });
+  }
+  for (auto& t : pool) t.join();
+  if (c.vanished) {
+    return finish(absl::AbortedError(absl::StrFormat(
+        "job %s step %d was retired by peers during the rebuild", job, step)));
+  }
+  for (const absl::Status& st : results) {
+    if (!st.ok()) return finish(st);
+  }
+  for (const auto& [pos, slot] : v.slots) parity_->RecordSlot(job, step, slot);
+  std::vector<RebuiltRank> rest;
+  std::vector<size_t> rest_index;
+  {
+    absl::MutexLock lock(&mu_);
+    auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return serving_ == 0; };
+    mu_.Await(absl::Condition(&idle));
+    for (size_t i = 0; i < c.ranks.size(); ++i) {
+      if (c.installed[i]) continue;
+      rest.push_back(c.ranks[i]);
+      rest_index.push_back(i);
+    }
+    // Restores arriving from here on wait for the install below.
+    c.finalizing = true;
+  }
+  // On failure the windows are still the rebuild's: finish() frees them.
+  absl::Status st = store_->InstallRebuilt(job, step, c.local_ranks, rest);
+  if (!st.ok()) return finish(st);
+  for (size_t i : rest_index) c.handed_off[i] = true;
+  for (const auto& [sr, row] : v.rows) parity_->RecordRow(row);
+  protector_->OnInstalled(job, step);
+  const double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  Log("rebuilt job %s step %d from group %d: %s decoded in %.2f s, every checksum verified", job,
+      step, group.id, FormatBytes(total), secs);
+  return finish(absl::OkStatus());
+}
+
+void Rebuilder::Progress(int64_t bytes) {
+  absl::MutexLock lock(&mu_);
+  status_.set_bytes_done(status_.bytes_done() + bytes);
+}
+
+void Rebuilder::Throttle(uint64_t bytes) {
+  if (options_.bytes_per_second == 0) return;
+  absl::MutexLock lock(&mu_);
+  throttled_bytes_ += bytes;
+  const absl::Time due = throttle_start_ + absl::Seconds(static_cast<double>(throttled_bytes_) /
+                                                         options_.bytes_per_second);
+  // Sleeps until due, or until Stop.
+  auto stop = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_requested_; };
+  mu_.AwaitWithDeadline(absl::Condition(&stop), due);
+}
+
+void Rebuilder::Stop() {
+  stopping_ = true;
+  absl::MutexLock lock(&mu_);
+  stop_requested_ = true;
+}
+
+void Rebuilder::ServeRank(const std::string& job, uint32_t rank, absl::Duration timeout) {
+  Current* c = nullptr;
+  size_t i = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    auto ready = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return !status_.active() || (current_ != nullptr && current_->job == job);
+    };
+    if (!mu_.AwaitWithTimeout(absl::Condition(&ready), timeout)) return;
+    if (current_ == nullptr || current_->job != job) return;  // nothing being rebuilt for it
+    c = current_;
+    if (c->finalizing) {
+      auto gone = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return current_ != c; };
+      mu_.AwaitWithTimeout(absl::Condition(&gone), timeout);
+      return;
+    }
+    for (i = 0; i < c->ranks.size() && c->ranks[i].rank != rank; ++i) {
+    }
+    if (i == c->ranks.size() || c->installed[i]) return;
+    if (c->claimed[i]) {
+      // Another restore of the same rank is decoding it: wait for that.
+      auto done = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return current_ != c || c->installed[i] || !c->claimed[i];
+      };
+      mu_.AwaitWithTimeout(absl::Condition(&done), timeout);
+      return;
+    }
+    c->claimed[i] = true;
+    ++serving_;
+  }
+  // Decode this rank's bytes alone: its range of the payload, chunk by chunk,
+  // from the same ranges of k survivors. No chunk is read whole here, so the
+  // rank's tensor checksums are what vouch for the result.
+  //
+  // The bytes go to an extent of this call's own, not to the rebuild's window
+  // for the rank, which the full rebuild keeps writing: once installed, the
+  // served rank belongs to the store and nothing else writes it. If the
+  // install fails, the extent is freed here; the rebuild's window is freed by
+  // the rebuild, at its end.
+  const ec::Layout& layout = protector_->layout();
+  const Group& group = protector_->group();
+  RebuiltRank r = c->ranks[i];
+  const PayloadChunks& payload = *c->payload;
+  const uint64_t a = payload.RankOffset(i), b = a + r.bytes;
+  const auto t0 = std::chrono::steady_clock::now();
+  absl::Status st;
+  absl::StatusOr<ArenaExtent> own = arena_->AllocateWindow(r.bytes, WindowOwner(c->job, r.rank));
+  if (own.ok()) {
+    r.extent = *own;
+  } else {
+    st = own.status();
+  }
+  for (int p = 0; p < layout.k() && st.ok(); ++p) {
+    const ec::Extent e = payload.Chunk(p);
+    const uint64_t lo = std::max(a, e.offset), hi = std::min(b, e.offset + e.length);
+    if (lo >= hi) continue;
+    const int s = payload.StripeOf(p);
+    const std::vector<int> use = Survivors(*c, s, p, {});
+    if (static_cast<int>(use.size()) < layout.k()) {
+      st = absl::DataLossError(absl::StrFormat(
+          "job %s step %d rank %d cannot be decoded on demand: in group %d (RS %d+%d), %s",
+          c->job, c->step, rank, group.id, layout.k(), layout.m(),
+          StripeLoss(layout, group, c->view->held, s)));
+      break;
+    }
+    Scratch scratch;
+    for (uint64_t at = lo; at < hi && st.ok(); at += kSliceBytes) {
+      const uint64_t len = std::min(kSliceBytes, hi - at);
+      int failed = -1;
+      st = DecodeSlice(*c, s, p, use, at - e.offset, len,
+                       arena_->Bytes(r.extent).subspan(at - a, len), nullptr, &failed, &scratch);
+    }
+  }
+  if (st.ok()) st = store_->InstallRebuiltRank(c->job, c->step, c->local_ranks, r);
+  if (!st.ok() && own.ok()) arena_->Free(*own);  // not installed: still this call's
+  absl::MutexLock lock(&mu_);
+  if (st.ok()) {
+    c->installed[i] = true;
+    Log("job %s step %d rank %d served degraded: %s decoded on demand in %.2f s, before the "
+        "rebuild ends",
+        c->job, c->step, rank, FormatBytes(r.bytes),
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  } else {
+    // The full rebuild checks every chunk; the rank waits for it instead.
+    Log("job %s step %d rank %d: on-demand decode failed (%s); waiting for the rebuild", c->job,
+        c->step, rank, st.message());
+  }
+  c->claimed[i] = false;
+  --serving_;
+  if (!st.ok()) {
+    auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !status_.active(); };
+    mu_.AwaitWithTimeout(absl::Condition(&idle), timeout);
+  }
+}
+
+}  // namespace ecsnap::daemon

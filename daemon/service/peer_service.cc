@@ -1,0 +1,303 @@
+#include "daemon/service/peer_service.h"
+
+#include <algorithm>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "common/grpc_status.h"
+#include "daemon/store/manifest_check.h"
+#include "daemon/peer/payload_chunks.h"
+#include "daemon/service/tls.h"
+
+namespace ecsnap::daemon {
+
+namespace {
+
+grpc::Status Invalid(const std::string& what) {
+  return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, what);
+}
+
+grpc::Status Stalled() {
+  return grpc::Status(grpc::StatusCode::CANCELLED,
+                      "the push stalled (no bytes within the peer timeout, or the daemon is "
+                      "stopping); its row was dropped");
+}
+
+}  // namespace
+
+PeerService::PeerService(StepStore* store, ParityStore* parity, Protector* protector,
+                         bool authenticated)
+    : store_(store), parity_(parity), protector_(protector), authenticated_(authenticated) {}
+
+grpc::Status PeerService::Admit(const grpc::ServerContext& context, int position) const {
+  if (!authenticated_) return grpc::Status::OK;  // plaintext: loopback only (config check)
+  const Group& group = protector_->group();
+  const std::optional<uint32_t> caller = CallerSlot(context);
+  const std::string named = caller ? absl::StrCat("slot ", *caller) : "no single slot";
+  if (position >= 0) {
+    const uint32_t want = group.slots[position];
+    if (caller == want) return grpc::Status::OK;
+    return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                        absl::StrFormat("a message about slot %d must come from slot %d's "
+                                        "certificate; this caller's names %s",
+                                        want, want, named));
+  }
+  if (caller && *caller != group.slots[group.self] &&
+      std::find(group.slots.begin(), group.slots.end(), *caller) != group.slots.end()) {
+    return grpc::Status::OK;
+  }
+  return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                      absl::StrFormat("only the peers of group %d (slots {%s}) may call this; "
+                                      "the caller's certificate names %s",
+                                      group.id, absl::StrJoin(group.slots, ", "), named));
+}
+
+grpc::Status PeerService::CheckStep(const std::string& job, uint64_t step) const {
+  if (!ValidJobId(job, StoreLimits().max_job_id_bytes)) {
+    return Invalid(absl::StrFormat(
+        "job id of %d bytes: ids are 1 to %d characters of [A-Za-z0-9._-]", job.size(),
+        StoreLimits().max_job_id_bytes));
+  }
+  if (step == 0 || step == UINT64_MAX) {
+    return Invalid(absl::StrFormat("step %d of job %s: steps are 1 to 2^64-2", step, job));
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status PeerService::PushChunk(grpc::ServerContext* context,
+                                    grpc::ServerReader<peer::PushChunkMessage>* reader,
+                                    peer::PushChunkResponse* response) {
+  // A sender that stops sending (hung, SIGSTOPped, hostile) is cut after
+  // the peer timeout without progress: it would hold this thread and the
+  // row's reservation for as long as its connection lives.
+  auto watch = protector_->watchdog()->Start(context);
+  peer::PushChunkMessage msg;
+  if (!reader->Read(&msg) || !msg.has_header()) {
+    if (watch->cancelled()) return Stalled();
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        "a chunk push must start with its header");
+  }
+  watch->Progress();
+  const peer::PushChunkHeader h = msg.header();
+  const ec::Layout& layout = protector_->layout();
+  // Everything is checked before anything is recorded or reserved: a refused
+  // push leaves no trace. The sender must be the slot that owns this data
+  // position, and the length the one its announced payload gives.
+  if (h.id().stripe() >= static_cast<uint32_t>(layout.stripes()) ||
+      h.id().position() >= static_cast<uint32_t>(layout.k()) ||
+      h.from().slot() != static_cast<uint32_t>(layout.SlotOf(h.id().stripe(), h.id().position())) ||
+      h.from().chunk_crc32c_size() != layout.k()) {
+    return Invalid(absl::StrFormat(
+        "a push of stripe %d position %d from group position %d does not fit RS(%d,%d)",
+        h.id().stripe(), h.id().position(), h.from().slot(), layout.k(), layout.m()));
+  }
+  if (grpc::Status st = Admit(*context, static_cast<int>(h.from().slot())); !st.ok()) return st;
+  if (grpc::Status st = CheckStep(h.id().job_id(), h.id().step()); !st.ok()) return st;
+  const uint64_t expected = layout.DataChunk(h.from().payload_bytes(), h.id().position()).length;
+  if (h.length() != expected || h.from().chunk_crc32c(h.id().position()) != h.crc32c()) {
+    return Invalid(absl::StrFormat(
+        "a push of stripe %d position %d announces %d bytes with crc32c 0x%08x, but the sender's "
+        "payload of %d bytes gives a %d-byte chunk with crc32c 0x%08x",
+        h.id().stripe(), h.id().position(), h.length(), h.crc32c(), h.from().payload_bytes(),
+        expected, h.from().chunk_crc32c(h.id().position())));
+  }
+  auto fold = parity_->BeginFold(h.id().job_id(), h.id().step(), h.id().stripe(),
+                                 h.id().position(), h.length(), h.crc32c());
+  if (!fold.ok()) return ToGrpc(fold.status());
+  // What the sender says of its step counts once its bytes did: a push that
+  // breaks changes nothing here but the row it reset.
+  auto learn = [&] {
+    parity_->RecordSlot(h.id().job_id(), h.id().step(), h.from());
+    protector_->OnPeerStep(h.id().job_id(), h.id().step());
+  };
+  // Folded before: answer at once (the sender stops sending), and announce
+  // the row again if it is complete: the first notice may have died with a
+  // restart of this daemon before every peer heard it.
+  if (*fold == nullptr) {
+    learn();
+    auto notice = parity_->CompleteNotice(h.id().job_id(), h.id().step(), h.id().stripe());
+    if (notice.has_value()) protector_->Announce(*notice);
+    return grpc::Status::OK;
+  }
+  while (reader->Read(&msg)) {
+    watch->Progress();
+    absl::Status st = parity_->FoldPiece(
+        **fold, absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(msg.data().data()),
+                                          msg.data().size()));
+    if (!st.ok()) {
+      parity_->AbortFold(**fold);
+      return ToGrpc(st);
+    }
+  }
+  // The stream ended without the sender's WritesDone (cut by the watchdog,
+  // cancelled by the sender, its connection gone): whatever arrived is
+  // given up as a broken push, never checked as a complete one.
+  if (watch->cancelled() || context->IsCancelled()) {
+    parity_->AbortFold(**fold);
+    return watch->cancelled() ? Stalled()
+                              : grpc::Status(grpc::StatusCode::CANCELLED,
+                                             "the push ended before its last byte");
+  }
+  auto notice = parity_->EndFold(**fold);
+  if (!notice.ok()) return ToGrpc(notice.status());
+  learn();
+  if (notice->has_value()) {
+    response->set_stripe_complete(true);
+    protector_->Announce(**notice);
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status PeerService::NotifyStripeProtected(grpc::ServerContext* context,
+                                                const peer::StripeProtected* request,
+                                                peer::StripeProtectedResponse*) {
+  const ec::Layout& layout = protector_->layout();
+  const uint32_t n = static_cast<uint32_t>(layout.n()), m = static_cast<uint32_t>(layout.m());
+  // Only a row's holder announces it.
+  if (request->stripe() >= n || request->row() >= m ||
+      static_cast<int>(request->holder_slot()) !=
+          layout.SlotOf(static_cast<int>(request->stripe()), layout.k() + request->row())) {
+    return Invalid(absl::StrFormat(
+        "parity row %d of stripe %d held by group position %d does not fit RS(%d,%d)",
+        request->row(), request->stripe(), request->holder_slot(), layout.k(), layout.m()));
+  }
+  if (grpc::Status st = Admit(*context, static_cast<int>(request->holder_slot())); !st.ok()) {
+    return st;
+  }
+  if (grpc::Status st = CheckStep(request->job_id(), request->step()); !st.ok()) return st;
+  protector_->OnRowComplete(*request);
+  return grpc::Status::OK;
+}
+
+grpc::Status PeerService::NotifyJob(grpc::ServerContext* context, const peer::JobNotice* request,
+                                    peer::JobNoticeResponse*) {
+  if (request->slot() >= static_cast<uint32_t>(protector_->layout().n())) {
+    return Invalid(absl::StrFormat("a notice from group position %d: the group has %d",
+                                   request->slot(), protector_->layout().n()));
+  }
+  if (grpc::Status st = Admit(*context, static_cast<int>(request->slot())); !st.ok()) return st;
+  // The step the notice names (a rewind may name 0: nothing kept).
+  uint64_t step = 1;
+  if (request->has_protected_step()) step = request->protected_step();
+  if (request->has_abandoned_step()) step = request->abandoned_step();
+  if (request->has_rewound_to()) step = std::max<uint64_t>(request->rewound_to(), 1);
+  if (grpc::Status st = CheckStep(request->job_id(), step); !st.ok()) return st;
+  return ToGrpc(protector_->OnJobNotice(*request));
+}
+
+grpc::Status PeerService::GetChunk(grpc::ServerContext* context,
+                                   const peer::GetChunkRequest* request,
+                                   grpc::ServerWriter<peer::GetChunkMessage>* writer) {
+  if (grpc::Status st = Admit(*context, -1); !st.ok()) return st;
+  const peer::ChunkId& id = request->id();
+  const ec::Layout& layout = protector_->layout();
+  const int self = protector_->group().self;
+  if (id.stripe() >= static_cast<uint32_t>(layout.stripes()) ||
+      id.position() >= static_cast<uint32_t>(layout.n()) ||
+      layout.SlotOf(id.stripe(), id.position()) != self) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        absl::StrFormat("slot %d does not hold stripe %d position %d", self,
+                                        id.stripe(), id.position()));
+  }
+  // The bytes to send, pinned while they are sent.
+  std::shared_ptr<void> pin;
+  std::function<void(uint64_t, uint64_t, const std::function<void(absl::Span<const uint8_t>)>&)>
+      each;
+  uint64_t length = 0;
+  uint32_t crc = 0;
+  Payload payload;
+  ParityStore::PinnedRow row;
+  if (id.position() < static_cast<uint32_t>(layout.k())) {
+    auto p = store_->PinPayload(id.job_id(), id.step());
+    if (!p.ok()) return ToGrpc(p.status());
+    payload = std::move(*p);
+    const ec::Extent e =
+        PayloadChunks(layout, self, payload.RankBytes()).Chunk(static_cast<int>(id.position()));
+    length = e.length;
+    each = [&payload, e](uint64_t off, uint64_t len,
+                         const std::function<void(absl::Span<const uint8_t>)>& fn) {
+      payload.ForEachPiece(e.offset + off, len, fn);
+    };
+  } else {
+    auto r = parity_->Row(id.job_id(), id.step(), id.stripe());
+    if (!r.ok()) return ToGrpc(r.status());
+    row = std::move(*r);
+    length = row.bytes.size();
+    crc = row.crc32c;
+    each = [&row](uint64_t off, uint64_t len,
+                  const std::function<void(absl::Span<const uint8_t>)>& fn) {
+      fn(row.bytes.subspan(off, len));
+    };
+  }
+  const uint64_t offset = std::min(request->offset(), length);
+  const uint64_t want = request->length() == 0 ? length - offset
+                                                : std::min(request->length(), length - offset);
+  peer::GetChunkMessage msg;
+  msg.mutable_header()->mutable_id()->CopyFrom(id);
+  msg.mutable_header()->set_length(length);
+  msg.mutable_header()->set_crc32c(crc);
+  if (!writer->Write(msg)) return grpc::Status::CANCELLED;
+  bool ok = true;
+  each(offset, want, [&](absl::Span<const uint8_t> piece) {
+    for (uint64_t at = 0; ok && at < piece.size(); at += kPeerChunkBytes) {
+      const uint64_t n = std::min<uint64_t>(kPeerChunkBytes, piece.size() - at);
+      msg.set_data(piece.data() + at, n);
+      ok = !context->IsCancelled() && writer->Write(msg);
+    }
+  });
+  return ok ? grpc::Status::OK : grpc::Status::CANCELLED;
+}
+
+grpc::Status PeerService::Inventory(grpc::ServerContext* context,
+                                    const peer::InventoryRequest* request,
+                                    peer::InventoryResponse* response) {
+  if (grpc::Status st = Admit(*context, -1); !st.ok()) return st;
+  const ec::Layout& layout = protector_->layout();
+  const int self = protector_->group().self;
+  const int n = layout.n();
+  response->set_slot(self);
+  std::map<std::pair<std::string, uint64_t>, peer::StepInventory> steps;
+  auto entry = [&](const std::string& job, uint64_t step) -> peer::StepInventory& {
+    peer::StepInventory& inv = steps[{job, step}];
+    inv.set_job_id(job);
+    inv.set_step(step);
+    return inv;
+  };
+  for (const StepSummary& held : store_->ListSteps(request->job_id())) {
+    // A REBUILDING step holds only the ranks served so far: not its chunks.
+    if (held.state != v1::LOCAL && held.state != v1::PROTECTED) continue;
+    peer::StepInventory& inv = entry(held.job_id, held.step);
+    inv.set_state(held.state);
+    for (int p = 0; p < layout.k(); ++p) inv.add_chunks(layout.StripeOfDataChunk(self, p) * n + p);
+  }
+  for (const auto& [key, k] : parity_->Knowledge()) {
+    if (!request->job_id().empty() && key.first != request->job_id()) continue;
+    peer::StepInventory& inv = entry(key.first, key.second);
+    for (int stripe : k.complete_stripes) {
+      inv.add_chunks(stripe * n + layout.PositionOf(stripe, self));
+    }
+    for (const auto& [slot, s] : k.slots) *inv.add_slots() = s;
+    for (const auto& [sr, row] : k.rows) *inv.add_rows() = row;
+  }
+  for (auto& [key, inv] : steps) *response->add_steps() = std::move(inv);
+  return grpc::Status::OK;
+}
+
+grpc::Status PeerService::Ping(grpc::ServerContext* context, const peer::PingRequest*,
+                               peer::PingResponse* response) {
+  if (grpc::Status st = Admit(*context, -1); !st.ok()) return st;
+  response->set_slot(protector_->group().slots[protector_->group().self]);
+  for (const auto& [job, step] : protector_->NewestProtected()) {
+    peer::PingResponse::JobProtected* p = response->add_protected_steps();
+    p->set_job_id(job);
+    p->set_step(step);
+  }
+  response->set_uptime_ms(std::chrono::duration_cast<std::chrono::milliseconds>(
+                              std::chrono::steady_clock::now() - started_)
+                              .count());
+  return grpc::Status::OK;
+}
+
+}  // namespace ecsnap::daemon

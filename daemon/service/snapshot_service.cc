@@ -1,0 +1,474 @@
+#include "daemon/service/snapshot_service.h"
+
+#include <algorithm>
+#include <utility>
+#include <vector>
+
+#include <openssl/rand.h>
+
+#include <cstdlib>
+
+#include "common/grpc_status.h"
+#include "common/job_token.h"
+#include "common/log.h"
+#include "daemon/service/trainer_listener.h"
+
+namespace ecsnap::daemon {
+namespace {
+
+constexpr int kSessionIdBytes = 16;
+
+}  // namespace
+
+// Holds a session open for as long as its client keeps the stream.
+class SnapshotService::AttachReactor final : public grpc::ServerWriteReactor<v1::AttachEvent> {
+ public:
+  AttachReactor(SnapshotService* service, const std::string& connection,
+                std::optional<uint32_t> uid, const v1::AttachRequest& request,
+                v1::AttachEvent first)
+      : service_(service) {
+    auto session = service_->store_->Attach(
+        request.job_id(), request.rank(),
+        std::vector<uint32_t>(request.local_ranks().begin(), request.local_ranks().end()));
+    if (!session.ok()) {
+      End(ToGrpc(session.status()));
+      return;
+    }
+    session_ = *session;
+    wire_id_ = service_->AddSession(session_, connection, request.windows(), uid, this);
+    job_ = request.job_id();
+    rank_ = request.rank();
+    Log("session %d attached: job %s rank %d", session_, job_, rank_);
+    first.set_session_id(wire_id_);
+    Push(std::move(first));
+  }
+
+  // Sends `event` after those queued before it. Events beyond a small
+  // backlog are dropped: each is an offer the client may do without.
+  // StartWrite is called under mu_, where End cannot have finished the
+  // call in between (gRPC never runs a reaction inline from StartWrite).
+  void Push(v1::AttachEvent event) {
+    absl::MutexLock lock(&mu_);
+    if (finished_ || events_.size() >= kMaxQueuedEvents) return;
+    events_.push_back(std::move(event));
+    if (!writing_) {
+      writing_ = true;
+      StartWrite(&events_.front());
+    }
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) {
+      End(grpc::Status::CANCELLED);
+      return;
+    }
+    absl::MutexLock lock(&mu_);
+    events_.pop_front();
+    if (events_.empty() || finished_) {
+      writing_ = false;  // the stream stays open until the client goes
+    } else {
+      StartWrite(&events_.front());
+    }
+  }
+
+  void OnCancel() override { End(grpc::Status::CANCELLED); }
+
+  void OnDone() override {
+    service_->Forget(this);
+    if (session_ != 0) {
+      service_->RemoveSession(wire_id_);
+      service_->store_->Detach(session_);
+      Log("session %d ended: job %s rank %d", session_, job_, rank_);
+    }
+    delete this;
+  }
+
+  // Finishes the stream once, whoever asks first.
+  void End(const grpc::Status& status) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (finished_) return;
+      finished_ = true;
+    }
+    Finish(status);
+  }
+
+ private:
+  static constexpr size_t kMaxQueuedEvents = 8;
+  SnapshotService* const service_;
+  uint64_t session_ = 0;
+  std::string wire_id_;
+  std::string job_;
+  uint32_t rank_ = 0;
+  absl::Mutex mu_;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  // Queued events; the front one is being written while writing_. A deque:
+  // pushing keeps the address of the one in flight.
+  std::deque<v1::AttachEvent> events_ ABSL_GUARDED_BY(mu_);
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+// Answers an Attach that may not open a session.
+class SnapshotService::RefusedReactor final : public grpc::ServerWriteReactor<v1::AttachEvent> {
+ public:
+  void OnDone() override { delete this; }
+};
+
+absl::Status SnapshotService::CheckJobToken(const grpc::CallbackServerContext& context,
+                                            const std::string& job_id) const {
+  // The Unix socket admitted the process by its uid (TrainerListener).
+  if (TrainerListener::IsSocketPeer(context.peer())) return absl::OkStatus();
+  if (job_secret_.empty()) {
+    return absl::PermissionDeniedError(
+        "this daemon takes trainers on its Unix socket only (no job secret for TCP)");
+  }
+  const auto& md = context.client_metadata();
+  auto it = md.find("authorization");
+  if (it == md.end()) {
+    return absl::UnauthenticatedError(
+        "a TCP client must present its job's token (ClientOptions::job_token; "
+        "`ecsnapctl job-token --job=ID` on the daemon's node prints it)");
+  }
+  const absl::string_view got(it->second.data(), it->second.size());
+  if (!TokensEqual(got, "Bearer " + JobToken(job_secret_, job_id))) {
+    return absl::PermissionDeniedError(
+        "the job token does not match this job and this daemon's job secret");
+  }
+  return absl::OkStatus();
+}
+
+SnapshotService::SnapshotService(StepStore* store, uint32_t slot) : store_(store), slot_(slot) {}
+
+std::string SnapshotService::ConnectionOf(const grpc::ServerContextBase& context) const {
+  const std::string peer = context.peer();
+  return connection_key_ ? connection_key_(peer) : peer;
+}
+
+std::string SnapshotService::AddSession(uint64_t session, std::string connection, bool windows,
+                                        std::optional<uint32_t> uid, AttachReactor* reactor) {
+  std::string id(kSessionIdBytes, '\0');
+  // OpenSSL's generator, seeded by the kernel: ids nobody can predict. It
+  // cannot fail once OpenSSL has initialised; if it ever did, a predictable
+  // id would be worse than a dead daemon.
+  if (RAND_bytes(reinterpret_cast<unsigned char*>(id.data()), kSessionIdBytes) != 1) {
+    Log("no randomness for a session id; stopping");
+    std::abort();
+  }
+  absl::MutexLock lock(&mu_);
+  sessions_[id] = WireSession{session, std::move(connection), windows, uid, reactor};
+  return id;
+}
+
+void SnapshotService::RemoveSession(const std::string& id) {
+  absl::MutexLock lock(&mu_);
+  sessions_.erase(id);
+}
+
+absl::StatusOr<uint64_t> SnapshotService::SessionOf(const grpc::ServerContextBase& context,
+                                                    const std::string& id, WireSession* out) {
+  const std::string connection = ConnectionOf(context);
+  absl::MutexLock lock(&mu_);
+  auto it = sessions_.find(id);
+  // One answer for an unknown id and for another connection's: the caller
+  // learns nothing about sessions it does not hold.
+  if (it == sessions_.end() || it->second.connection != connection) {
+    return absl::NotFoundError(
+        "no session with this id on this connection: it ended (the client's Attach stream "
+        "closed) or belongs to another connection; attach again");
+  }
+  if (out != nullptr) *out = it->second;
+  return it->second.session;
+}
+
+// Jobs whose owner a daemon remembers; beyond, new jobs are refused on the
+// socket until the daemon restarts (each needs a trainer to attach it).
+constexpr size_t kMaxJobOwners = 65536;
+
+absl::Status SnapshotService::CheckJobOwner(std::optional<uint32_t> uid,
+                                            const std::string& job_id) {
+  if (!uid.has_value()) return absl::OkStatus();  // TCP: the job token decides
+  absl::MutexLock lock(&mu_);
+  auto it = job_owners_.find(job_id);
+  if (it == job_owners_.end()) {
+    // Recorded for the daemon's own uid too: its trainers' jobs are not
+    // there for another admitted uid to take.
+    if (job_owners_.size() >= kMaxJobOwners) {
+      if (*uid == daemon_uid_) return absl::OkStatus();
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "ecsnapd already tracks the owners of %d jobs; drop finished jobs or restart it",
+          kMaxJobOwners));
+    }
+    job_owners_[job_id] = *uid;
+    return absl::OkStatus();
+  }
+  if (it->second == *uid || *uid == daemon_uid_) return absl::OkStatus();
+  return absl::PermissionDeniedError(absl::StrFormat(
+      "job %s belongs to uid %d; uid %d may not attach to it", job_id, it->second,
+      *uid));
+}
+
+absl::Status SnapshotService::Grant(const WireSession& session, const ArenaExtent& extent,
+                                    bool writable, std::string* token, uint64_t* file_id,
+                                    bool spare) {
+  // A trainer that streams, or one not on the socket, gets no token.
+  if (grants_ == nullptr || !session.windows || !session.uid.has_value()) {
+    return absl::OkStatus();
+  }
+  auto g = grants_->Issue(extent, writable, *session.uid, spare);
+  if (!g.ok()) return g.status();
+  *token = std::move(g->token);
+  *file_id = g->file_id;
+  return absl::OkStatus();
+}
+
+grpc::ServerWriteReactor<v1::AttachEvent>* SnapshotService::Attach(
+    grpc::CallbackServerContext* context, const v1::AttachRequest* request) {
+  v1::AttachEvent first;
+  first.set_slot(slot_);
+  first.set_daemon_version("ecsnapd 0.1");
+  const std::optional<uint32_t> uid = uid_of_ ? uid_of_(context->peer()) : std::nullopt;
+  absl::Status admitted = CheckJobToken(*context, request->job_id());
+  if (admitted.ok()) admitted = CheckJobOwner(uid, request->job_id());
+  if (absl::Status st = admitted; !st.ok()) {
+    auto* refused = new RefusedReactor();
+    refused->Finish(ToGrpc(st));
+    return refused;
+  }
+  auto* reactor =
+      new AttachReactor(this, ConnectionOf(*context), uid, *request, std::move(first));
+  absl::MutexLock lock(&mu_);
+  if (closing_) {
+    reactor->End(grpc::Status(grpc::StatusCode::UNAVAILABLE, "ecsnapd is shutting down"));
+  } else {
+    live_.insert(reactor);
+  }
+  return reactor;
+}
+
+void SnapshotService::EndSessions() {
+  std::vector<AttachReactor*> live;
+  {
+    absl::MutexLock lock(&mu_);
+    closing_ = true;
+    live.assign(live_.begin(), live_.end());
+  }
+  // A reactor is deleted only after OnDone, which first takes it out of
+  // live_ under mu_; End() is safe on those still listed. Ending them all
+  // here (not through OnCancel after the grace period) lets shutdown finish
+  // at once.
+  {
+    absl::MutexLock lock(&mu_);
+    for (AttachReactor* r : live) {
+      if (live_.count(r)) r->End(grpc::Status(grpc::StatusCode::UNAVAILABLE, "ecsnapd is shutting down"));
+    }
+  }
+  if (preparer_.joinable()) preparer_.join();  // it ends once closing_ is set
+}
+
+SnapshotService::~SnapshotService() {
+  {
+    absl::MutexLock lock(&mu_);
+    closing_ = true;
+  }
+  if (preparer_.joinable()) preparer_.join();
+}
+
+void SnapshotService::Forget(AttachReactor* reactor) {
+  absl::MutexLock lock(&mu_);
+  live_.erase(reactor);
+}
+
+grpc::Status SnapshotService::BeginRank(grpc::ServerContext* context,
+                                        const v1::BeginRankRequest* request,
+                                        v1::BeginRankResponse* response) {
+  WireSession ws;
+  auto session = SessionOf(*context, request->session_id(), &ws);
+  if (!session.ok()) return ToGrpc(session.status());
+  auto window = store_->BeginRank(*session, request->step(), request->bytes(),
+                                  /*streamed=*/!ws.windows);
+  if (!window.ok()) return ToGrpc(window.status());
+  response->set_window_offset(window->offset);
+  response->set_window_bytes(window->bytes);
+  uint64_t file = 0;
+  absl::Status granted =
+      Grant(ws, window->extent, /*writable=*/true, response->mutable_window_token(), &file);
+  if (!granted.ok()) {
+    store_->AbortRank(*session, request->step()).IgnoreError();
+    return ToGrpc(granted);
+  }
+  response->set_window_file(file);
+  // A window for a later step, made in the background for the trainer to
+  // map before then. Best effort: without it that step makes its own.
+  if (!response->window_token().empty()) QueuePrepare(request->session_id(), request->bytes());
+  return grpc::Status::OK;
+}
+
+grpc::Status SnapshotService::PrepareRank(grpc::ServerContext* context,
+                                          const v1::PrepareRankRequest* request,
+                                          v1::PrepareRankResponse*) {
+  WireSession ws;
+  auto session = SessionOf(*context, request->session_id(), &ws);
+  if (!session.ok()) return ToGrpc(session.status());
+  if (request->bytes() == 0) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "a window of 0 bytes was asked for");
+  }
+  if (ws.windows) QueuePrepare(request->session_id(), request->bytes());
+  return grpc::Status::OK;
+}
+
+void SnapshotService::QueuePrepare(const std::string& wire_id, uint64_t bytes) {
+  absl::MutexLock lock(&mu_);
+  if (closing_ || grants_ == nullptr || prepare_queue_.size() >= kMaxQueuedPrepares) return;
+  for (const auto& [id, b] : prepare_queue_) {
+    if (id == wire_id) return;  // one at a time per session
+  }
+  prepare_queue_.emplace_back(wire_id, bytes);
+  if (!preparer_.joinable()) preparer_ = std::thread([this] { PrepareLoop(); });
+}
+
+void SnapshotService::PrepareLoop() {
+  while (true) {
+    std::string wire_id;
+    uint64_t bytes;
+    WireSession ws;
+    {
+      absl::MutexLock lock(&mu_);
+      auto has_work = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return closing_ || !prepare_queue_.empty();
+      };
+      mu_.Await(absl::Condition(&has_work));
+      if (closing_) return;
+      std::tie(wire_id, bytes) = prepare_queue_.front();
+      prepare_queue_.pop_front();
+      auto it = sessions_.find(wire_id);
+      // Only a trainer that can be granted the window gets one made.
+      if (it == sessions_.end() || !it->second.windows || !it->second.uid.has_value()) continue;
+      ws = it->second;
+    }
+    // Slow (a fresh window is allocated and populated): no lock held.
+    auto ready = store_->PrepareRank(ws.session, bytes);
+    if (!ready.ok()) continue;  // enough windows already, or no room
+    v1::AttachEvent event;
+    uint64_t file = 0;
+    if (!Grant(ws, *ready, /*writable=*/true, event.mutable_ready_token(), &file, /*spare=*/true)
+             .ok() ||
+        event.ready_token().empty()) {
+      continue;
+    }
+    event.set_ready_file(file);
+    absl::MutexLock lock(&mu_);
+    auto it = sessions_.find(wire_id);
+    if (it != sessions_.end() && live_.count(it->second.reactor) != 0) {
+      it->second.reactor->Push(std::move(event));
+    }
+  }
+}
+
+grpc::Status SnapshotService::WriteRank(grpc::ServerContext* context,
+                                        grpc::ServerReader<v1::WriteRankChunk>* reader,
+                                        v1::WriteRankResponse* response) {
+  v1::WriteRankChunk chunk;
+  if (!reader->Read(&chunk)) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "WriteRank stream carried no message");
+  }
+  auto found = SessionOf(*context, chunk.session_id());
+  if (!found.ok()) return ToGrpc(found.status());
+  const uint64_t session = *found;
+  const uint64_t step = chunk.step();
+  uint64_t written = 0;
+  do {
+    absl::Status st = store_->Write(
+        session, step, chunk.offset(),
+        absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(chunk.data().data()),
+                                  chunk.data().size()));
+    if (!st.ok()) return ToGrpc(st);
+    written += chunk.data().size();
+  } while (reader->Read(&chunk));
+  response->set_bytes_written(written);
+  return grpc::Status::OK;
+}
+
+grpc::Status SnapshotService::CommitRank(grpc::ServerContext* context,
+                                         const v1::CommitRankRequest* request,
+                                         v1::CommitRankResponse* response) {
+  auto session = SessionOf(*context, request->session_id());
+  if (!session.ok()) return ToGrpc(session.status());
+  auto state = store_->CommitRank(*session, request->step(), request->manifest());
+  if (!state.ok()) return ToGrpc(state.status());
+  response->set_step_state(*state);
+  return grpc::Status::OK;
+}
+
+grpc::Status SnapshotService::AbortRank(grpc::ServerContext* context,
+                                        const v1::AbortRankRequest* request,
+                                        v1::AbortRankResponse*) {
+  auto session = SessionOf(*context, request->session_id());
+  if (!session.ok()) return ToGrpc(session.status());
+  return ToGrpc(store_->AbortRank(*session, request->step()));
+}
+
+grpc::Status SnapshotService::ListRestorable(grpc::ServerContext* context,
+                                             const v1::ListRestorableRequest* request,
+                                             v1::ListRestorableResponse* response) {
+  auto session = SessionOf(*context, request->session_id());
+  if (!session.ok()) return ToGrpc(session.status());
+  if (before_restore_) before_restore_(*session);
+  auto steps = store_->ListRestorable(*session);
+  if (!steps.ok()) return ToGrpc(steps.status());
+  for (auto& s : *steps) *response->add_steps() = std::move(s);
+  return grpc::Status::OK;
+}
+
+grpc::Status SnapshotService::Restore(grpc::ServerContext* context,
+                                      const v1::RestoreRequest* request,
+                                      v1::RestoreResponse* response) {
+  WireSession ws;
+  auto session = SessionOf(*context, request->session_id(), &ws);
+  if (!session.ok()) return ToGrpc(session.status());
+  if (before_restore_) before_restore_(*session);
+  auto lease = store_->Restore(*session, request->step());
+  if (!lease.ok()) return ToGrpc(lease.status());
+  response->set_step(lease->step);
+  *response->mutable_manifest() = std::move(lease->manifest);
+  response->set_window_offset(lease->window.offset);
+  response->set_window_bytes(lease->window.bytes);
+  response->set_lease_id(lease->lease_id);
+  uint64_t file = 0;
+  absl::Status granted = Grant(ws, lease->window.extent, /*writable=*/false,
+                               response->mutable_window_token(), &file);
+  if (!granted.ok()) {
+    store_->Release(*session, lease->lease_id).IgnoreError();
+    return ToGrpc(granted);
+  }
+  response->set_window_file(file);
+  return grpc::Status::OK;
+}
+
+grpc::Status SnapshotService::ReadRank(grpc::ServerContext* context,
+                                       const v1::ReadRankRequest* request,
+                                       grpc::ServerWriter<v1::ReadRankChunk>* writer) {
+  auto session = SessionOf(*context, request->session_id());
+  if (!session.ok()) return ToGrpc(session.status());
+  auto bytes = store_->Read(*session, request->lease_id(), request->offset(), request->length());
+  if (!bytes.ok()) return ToGrpc(bytes.status());
+  // The lease pins the window: the bytes stay put while they are sent.
+  v1::ReadRankChunk chunk;
+  for (uint64_t done = 0; done < bytes->size(); done += kStreamChunkBytes) {
+    if (context->IsCancelled()) return grpc::Status::CANCELLED;
+    const size_t n = std::min<uint64_t>(kStreamChunkBytes, bytes->size() - done);
+    chunk.set_offset(request->offset() + done);
+    chunk.set_data(reinterpret_cast<const char*>(bytes->data()) + done, n);
+    if (!writer->Write(chunk)) return grpc::Status::CANCELLED;
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status SnapshotService::ReleaseRestore(grpc::ServerContext* context,
+                                             const v1::ReleaseRestoreRequest* request,
+                                             v1::ReleaseRestoreResponse*) {
+  auto session = SessionOf(*context, request->session_id());
+  if (!session.ok()) return ToGrpc(session.status());
+  return ToGrpc(store_->Release(*session, request->lease_id()));
+}
+
+}  // namespace ecsnap::daemon

@@ -1,0 +1,498 @@
+#include "daemon/store/step_store.h"
+
+#include <filesystem>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ec/crc32c.h"
+#include "gtest/gtest.h"
+
+namespace ecsnap::daemon {
+namespace {
+
+constexpr uint64_t kMiB = 1 << 20;
+
+// A rank's state as a trainer would send it: tensors laid out back to back.
+struct RankState {
+  std::vector<uint8_t> bytes;
+  v1::Manifest manifest;
+};
+
+RankState MakeState(uint32_t seed, std::vector<uint64_t> lengths) {
+  RankState s;
+  uint64_t offset = 0;
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    v1::TensorEntry* t = s.manifest.add_tensors();
+    t->set_name("t" + std::to_string(i));
+    t->set_kind(v1::PARAM);
+    t->set_dtype(v1::UINT8);
+    t->add_shape(lengths[i]);
+    t->set_offset(offset);
+    t->set_length(lengths[i]);
+    for (uint64_t b = 0; b < lengths[i]; ++b) s.bytes.push_back(uint8_t(seed * 31 + i * 7 + b));
+    t->set_crc32c(ec::Crc32c(absl::MakeConstSpan(s.bytes).subspan(offset, lengths[i])));
+    offset += lengths[i];
+  }
+  return s;
+}
+
+class StepStoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const char* tmp = std::getenv("TEST_TMPDIR");
+    dir_ = std::string(tmp ? tmp : "/tmp") + "/store_" +
+           ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    std::filesystem::remove_all(dir_);
+    Open();
+  }
+  void Open(StoreOptions options = {}) {
+    store_.reset();
+    arena_.reset();
+    Arena::Options o;
+    o.dir = dir_;
+    o.bytes = 16 * kMiB;
+    o.index_entries = 256;
+    arena_ = *Arena::Open(o);
+    store_ = std::make_unique<StepStore>(arena_.get(), options);
+  }
+  // BeginRank + write through the arena (the shared-memory path) + commit.
+  absl::StatusOr<v1::StepState> Put(uint64_t session, uint64_t step, const RankState& s) {
+    auto w = store_->BeginRank(session, step, s.bytes.size());
+    if (!w.ok()) return w.status();
+    std::memcpy(arena_->base() + w->offset, s.bytes.data(), s.bytes.size());
+    return store_->CommitRank(session, step, s.manifest);
+  }
+  std::vector<uint8_t> Get(uint64_t session, uint64_t step, uint64_t* got_step = nullptr) {
+    auto lease = store_->Restore(session, step);
+    EXPECT_TRUE(lease.ok()) << lease.status();
+    if (!lease.ok()) return {};
+    if (got_step) *got_step = lease->step;
+    auto bytes = *store_->Read(session, lease->lease_id, 0, lease->window.bytes);
+    std::vector<uint8_t> out(bytes.begin(), bytes.end());
+    EXPECT_TRUE(store_->Release(session, lease->lease_id).ok());
+    return out;
+  }
+
+  std::string dir_;
+  std::unique_ptr<Arena> arena_;
+  std::unique_ptr<StepStore> store_;
+};
+
+TEST_F(StepStoreTest, AStepIsLocalOnceEveryLocalRankCommitted) {
+  auto r0 = *store_->Attach("job", 0, {0, 1});
+  auto r1 = *store_->Attach("job", 1, {1, 0});
+  RankState s0 = MakeState(0, {0, 1, 100, 4097});
+  RankState s1 = MakeState(1, {7, 65536});
+  EXPECT_EQ(*Put(r0, 1, s0), v1::RECEIVING);
+  // Not visible until the step is complete.
+  EXPECT_TRUE(store_->ListRestorable(r0)->empty());
+  EXPECT_EQ(*Put(r1, 1, s1), v1::LOCAL);
+  EXPECT_EQ(Get(r0, 0), s0.bytes);
+  EXPECT_EQ(Get(r1, 1), s1.bytes);
+}
+
+TEST_F(StepStoreTest, TheStreamingPathWritesTheSameBytes) {
+  auto r = *store_->Attach("job", 0, {0});
+  RankState s = MakeState(3, {10, 5000, 3});
+  auto w = *store_->BeginRank(r, 4, s.bytes.size());
+  EXPECT_EQ(w.bytes, s.bytes.size());
+  // Out of order pieces.
+  ASSERT_TRUE(store_->Write(r, 4, 4000, absl::MakeConstSpan(s.bytes).subspan(4000)).ok());
+  ASSERT_TRUE(store_->Write(r, 4, 0, absl::MakeConstSpan(s.bytes).first(4000)).ok());
+  EXPECT_EQ(*store_->CommitRank(r, 4, s.manifest), v1::LOCAL);
+  EXPECT_EQ(Get(r, 4), s.bytes);
+  // Writes past the window are refused.
+  auto w2 = *store_->BeginRank(r, 5, 10);
+  (void)w2;
+  auto st = store_->Write(r, 5, 8, absl::MakeConstSpan(s.bytes).first(3));
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("passes the end of the 10-byte window"), std::string::npos) << st;
+}
+
+TEST_F(StepStoreTest, StepsOnlyGrow) {
+  auto r = *store_->Attach("job", 0, {0});
+  ASSERT_TRUE(Put(r, 5, MakeState(1, {10})).ok());
+  for (uint64_t step : {5u, 4u}) {
+    auto st = store_->BeginRank(r, step, 10).status();
+    EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_NE(st.message().find("steps only grow"), std::string::npos) << st;
+  }
+  EXPECT_EQ(store_->BeginRank(r, 0, 10).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(Put(r, 6, MakeState(2, {10})).ok());
+}
+
+TEST_F(StepStoreTest, ABadManifestIsRefusedAndNothingBecomesVisible) {
+  auto r = *store_->Attach("job", 0, {0});
+  ASSERT_TRUE(Put(r, 1, MakeState(1, {64})).ok());
+  RankState good = MakeState(2, {64, 64});
+  auto w = *store_->BeginRank(r, 2, good.bytes.size());
+  std::memcpy(arena_->base() + w.offset, good.bytes.data(), good.bytes.size());
+
+  struct Case {
+    std::string what;
+    std::function<void(v1::Manifest&)> breakit;
+    std::string message;
+  };
+  std::vector<Case> cases = {
+      {"crc", [](v1::Manifest& m) { m.mutable_tensors(1)->set_crc32c(12345); },
+       "has crc32c 0x00003039 in the manifest"},
+      {"offset", [](v1::Manifest& m) { m.mutable_tensors(1)->set_offset(100); },
+       "lies outside the rank's 128-byte window"},
+      {"overflow",
+       [](v1::Manifest& m) { m.mutable_tensors(1)->set_offset(~uint64_t{0} - 10); },
+       "lies outside"},
+      {"name", [](v1::Manifest& m) { m.mutable_tensors(0)->set_name(std::string(5000, 'x')); },
+       "names must have 1 to 4096 bytes"},
+      {"dup", [](v1::Manifest& m) { m.mutable_tensors(1)->set_name("t0"); }, "appears twice"},
+      {"dtype", [](v1::Manifest& m) { m.mutable_tensors(0)->set_dtype(v1::DType(99)); },
+       "unknown dtype 99"},
+      {"shape", [](v1::Manifest& m) { m.mutable_tensors(0)->set_dtype(v1::FLOAT32); },
+       "has 64 elements of 4 bytes but claims 64 bytes"},
+  };
+  for (const Case& c : cases) {
+    v1::Manifest m = good.manifest;
+    c.breakit(m);
+    auto st = store_->CommitRank(r, 2, m).status();
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << c.what << ": " << st;
+    EXPECT_NE(st.message().find(c.message), std::string::npos) << c.what << ": " << st;
+    EXPECT_NE(st.message().find("job job step 2 rank 0"), std::string::npos) << st;
+  }
+  uint64_t got = 0;
+  Get(r, 0, &got);
+  EXPECT_EQ(got, 1u);  // step 2 never became visible
+  // The window stays open: the fixed manifest commits.
+  EXPECT_EQ(*store_->CommitRank(r, 2, good.manifest), v1::LOCAL);
+  EXPECT_EQ(Get(r, 0), good.bytes);
+}
+
+TEST_F(StepStoreTest, TooManyTensorsAreRefusedBeforeAnyWork) {
+  StoreOptions o;
+  o.limits.max_tensors_per_rank = 2;
+  Open(o);
+  auto r = *store_->Attach("job", 0, {0});
+  auto st = Put(r, 1, MakeState(1, {1, 1, 1})).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("at most 2 are allowed"), std::string::npos) << st;
+}
+
+TEST_F(StepStoreTest, AttachChecksItsArguments) {
+  EXPECT_EQ(store_->Attach("", 0, {0}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(store_->Attach("a b", 0, {0}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(store_->Attach(std::string(200, 'j'), 0, {0}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(store_->Attach("job", 2, {0, 1}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(store_->Attach("job", 0, {0, 0}).status().code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(store_->Attach("job", 0, {0, 1}).ok());
+  auto st = store_->Attach("job", 1, {1, 2}).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(st.message().find("every rank must name the same set"), std::string::npos) << st;
+  EXPECT_EQ(store_->BeginRank(999, 1, 1).status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(StepStoreTest, ASessionThatEndsMidStepLeavesNothingBehind) {
+  auto r = *store_->Attach("job", 0, {0});
+  RankState s1 = MakeState(1, {1000});
+  ASSERT_TRUE(Put(r, 1, s1).ok());
+  const uint64_t free_before = arena_->free_bytes();
+  auto w = *store_->BeginRank(r, 2, 3 * kMiB);
+  std::memset(arena_->base() + w.offset, 0xab, kMiB);  // half written
+  store_->Detach(r);
+  EXPECT_EQ(arena_->free_bytes(), free_before);
+  auto again = *store_->Attach("job", 0, {0});
+  auto listed = *store_->ListRestorable(again);
+  ASSERT_EQ(listed.size(), 1u);
+  EXPECT_EQ(listed[0].step(), 1u);
+  EXPECT_EQ(Get(again, 0), s1.bytes);
+  // The restarted rank may write step 2 again.
+  EXPECT_TRUE(Put(again, 2, MakeState(2, {10})).ok());
+}
+
+TEST_F(StepStoreTest, ANewSessionOfTheSameRankReplacesTheOld) {
+  auto old = *store_->Attach("job", 0, {0});
+  ASSERT_TRUE(store_->BeginRank(old, 1, 100).ok());
+  auto fresh = *store_->Attach("job", 0, {0});
+  EXPECT_EQ(store_->CommitRank(old, 1, {}).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(Put(fresh, 1, MakeState(1, {100})).ok());
+  EXPECT_EQ(store_->sessions(), 1u);
+}
+
+TEST_F(StepStoreTest, RetentionFreesOlderStepsOnlyOnceANewerOneIsComplete) {
+  auto r0 = *store_->Attach("job", 0, {0, 1});
+  auto r1 = *store_->Attach("job", 1, {0, 1});
+  ASSERT_TRUE(Put(r0, 1, MakeState(1, {kMiB})).ok());
+  ASSERT_TRUE(Put(r1, 1, MakeState(2, {kMiB})).ok());
+  ASSERT_TRUE(Put(r0, 2, MakeState(3, {kMiB})).ok());
+  // Step 2 is not complete: step 1 stays.
+  auto steps = store_->ListSteps("job");
+  ASSERT_EQ(steps.size(), 2u);
+  EXPECT_EQ(steps[0].state, v1::LOCAL);
+  EXPECT_EQ(steps[1].state, v1::RECEIVING);
+  ASSERT_TRUE(Put(r1, 2, MakeState(4, {kMiB})).ok());
+  steps = store_->ListSteps("job");
+  ASSERT_EQ(steps.size(), 1u);
+  EXPECT_EQ(steps[0].step, 2u);
+  EXPECT_EQ(arena_->free_bytes(), arena_->data_bytes() - 2 * kMiB - 2 * 4096);  // + 2 records
+}
+
+TEST_F(StepStoreTest, ALeasedStepKeepsItsBytesUntilReleased) {
+  auto r = *store_->Attach("job", 0, {0});
+  RankState s1 = MakeState(1, {kMiB});
+  ASSERT_TRUE(Put(r, 1, s1).ok());
+  auto lease = *store_->Restore(r, 1);
+  ASSERT_TRUE(Put(r, 2, MakeState(2, {kMiB})).ok());  // retires step 1
+  EXPECT_EQ(store_->ListRestorable(r)->size(), 1u);
+  auto bytes = *store_->Read(r, lease.lease_id, 0, kMiB);
+  EXPECT_TRUE(std::equal(bytes.begin(), bytes.end(), s1.bytes.begin()));
+  const uint64_t before = arena_->free_bytes();
+  ASSERT_TRUE(store_->Release(r, lease.lease_id).ok());
+  EXPECT_EQ(arena_->free_bytes(), before + kMiB);
+}
+
+TEST_F(StepStoreTest, AStepLargerThanTheArenaIsRefused) {
+  auto r = *store_->Attach("job", 0, {0});
+  auto st = store_->BeginRank(r, 1, 64 * kMiB).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(st.message().find("needs 64.00 MiB but the whole arena holds"), std::string::npos)
+      << st;
+  // Two windows that fit alone but not together.
+  auto r2 = *store_->Attach("other", 0, {0});
+  ASSERT_TRUE(store_->BeginRank(r, 1, 10 * kMiB).ok());
+  st = store_->BeginRank(r2, 1, 10 * kMiB).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(st.message().find("job other step 1 rank 0 needs 10.00 MiB"), std::string::npos)
+      << st;
+}
+
+TEST_F(StepStoreTest, ARestartedDaemonReadoptsCommittedStepsAndDropsTheRest) {
+  RankState a0 = MakeState(1, {5000, 3}), a1 = MakeState(2, {70000});
+  {
+    auto r0 = *store_->Attach("job", 0, {0, 1});
+    auto r1 = *store_->Attach("job", 1, {0, 1});
+    ASSERT_TRUE(Put(r0, 3, a0).ok());
+    ASSERT_TRUE(Put(r1, 3, a1).ok());
+    ASSERT_TRUE(Put(r0, 4, MakeState(3, {100})).ok());  // step 4 half committed
+    ASSERT_TRUE(store_->BeginRank(r1, 4, 100).ok());    // and half in flight
+  }
+  Open();  // the daemon "restarts": nothing is detached, the arena adopted
+  AdoptReport report = store_->Adopt();
+  EXPECT_EQ(report.steps_adopted, 1u);
+  EXPECT_EQ(report.ranks_adopted, 2u);
+  EXPECT_EQ(report.ranks_dropped, 1u);
+  auto r0 = *store_->Attach("job", 0, {0, 1});
+  auto r1 = *store_->Attach("job", 1, {0, 1});
+  auto listed = *store_->ListRestorable(r0);
+  ASSERT_EQ(listed.size(), 1u);
+  EXPECT_EQ(listed[0].step(), 3u);
+  EXPECT_EQ(Get(r0, 3), a0.bytes);
+  EXPECT_EQ(Get(r1, 3), a1.bytes);
+  // Everything not adopted is free again, once the daemon drops what no
+  // record claimed (the window of the rank that was writing step 4). The
+  // dropped half of step 4 stays as rank 0's spare, counted as free.
+  EXPECT_EQ(arena_->window_files(), 4u);
+  arena_->DropUnclaimedRecords();
+  EXPECT_EQ(arena_->window_files(), 3u);
+  EXPECT_TRUE(arena_->CheckConsistency().ok()) << arena_->CheckConsistency();
+  EXPECT_EQ(arena_->free_bytes(), arena_->data_bytes() - (8192 + 73728) - 2 * 4096);
+  EXPECT_TRUE(Put(r0, 4, MakeState(5, {10})).ok());
+}
+
+TEST_F(StepStoreTest, AdoptionDropsARankWhoseBytesNoLongerMatch) {
+  {
+    auto r = *store_->Attach("job", 0, {0});
+    RankState s = MakeState(1, {4096});
+    auto w = *store_->BeginRank(r, 1, s.bytes.size());
+    std::memcpy(arena_->base() + w.offset, s.bytes.data(), s.bytes.size());
+    ASSERT_TRUE(store_->CommitRank(r, 1, s.manifest).ok());
+    arena_->base()[w.offset + 100] ^= 0x01;  // memory went bad while stopped
+  }
+  Open();
+  AdoptReport report = store_->Adopt();
+  EXPECT_EQ(report.steps_adopted, 0u);
+  EXPECT_EQ(report.ranks_dropped, 1u);
+  ASSERT_EQ(report.notes.size(), 1u);
+  EXPECT_NE(report.notes[0].find("tensor 't0' has crc32c"), std::string::npos) << report.notes[0];
+  EXPECT_EQ(arena_->free_bytes(), arena_->data_bytes());
+}
+
+TEST_F(StepStoreTest, VerifyAndDropForOperators) {
+  auto r = *store_->Attach("job", 0, {0});
+  ASSERT_TRUE(Put(r, 1, MakeState(1, {100, 200})).ok());
+  auto report = *store_->Verify("", 0);
+  EXPECT_EQ(report.tensors_checked, 2u);
+  EXPECT_EQ(report.bytes_checked, 300u);
+  EXPECT_TRUE(report.errors.empty());
+  EXPECT_EQ(store_->Drop("nope", 0).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_->Drop("job", 7).status().code(), absl::StatusCode::kNotFound);
+  auto dropped = *store_->Drop("job", 1);
+  EXPECT_EQ(dropped.first, 1u);
+  EXPECT_EQ(dropped.second, 300u);
+  EXPECT_TRUE(store_->ListSteps("job").empty());
+  EXPECT_EQ(arena_->free_bytes(), arena_->data_bytes());
+}
+
+// A rank decoded into a fresh extent, as the rebuilder hands it over.
+RebuiltRank Rebuilt(Arena& arena, uint32_t rank, const RankState& s) {
+  RebuiltRank r;
+  r.rank = rank;
+  r.extent = *arena.Allocate(s.bytes.size());
+  std::memcpy(arena.Bytes(r.extent).data(), s.bytes.data(), s.bytes.size());
+  r.bytes = s.bytes.size();
+  r.manifest = s.manifest;
+  return r;
+}
+
+TEST_F(StepStoreTest, ARankRebuiltAgainReplacesTheOldOneWithoutALeak) {
+  const uint64_t free_at_start = arena_->free_bytes();
+  const RankState s0 = MakeState(3, {5000, 123});
+  const RankState s1 = MakeState(4, {7000});
+  // Served early, then served again (a rebuild that failed and was retried),
+  // then installed whole.
+  ASSERT_TRUE(store_->InstallRebuiltRank("job", 3, {0, 1}, Rebuilt(*arena_, 0, s0)).ok());
+  auto r = *store_->Attach("job", 0, {0, 1});
+  auto lease = *store_->Restore(r, 3);  // pins the first copy
+  ASSERT_TRUE(store_->InstallRebuiltRank("job", 3, {0, 1}, Rebuilt(*arena_, 0, s0)).ok());
+  std::vector<RebuiltRank> whole;
+  whole.push_back(Rebuilt(*arena_, 0, s0));
+  whole.push_back(Rebuilt(*arena_, 1, s1));
+  ASSERT_TRUE(store_->InstallRebuilt("job", 3, {0, 1}, std::move(whole)).ok());
+  // The pinned copy is intact until released; the restorable one too.
+  auto pinned = *store_->Read(r, lease.lease_id, 0, s0.bytes.size());
+  EXPECT_TRUE(std::equal(pinned.begin(), pinned.end(), s0.bytes.begin()));
+  ASSERT_TRUE(store_->Release(r, lease.lease_id).ok());
+  EXPECT_EQ(Get(r, 3), s0.bytes);
+  ASSERT_TRUE(arena_->CheckConsistency().ok()) << arena_->CheckConsistency();
+  // Everything the replaced copies held is back once the job goes.
+  store_->Detach(r);
+  ASSERT_TRUE(store_->Drop("job", 0).ok());
+  EXPECT_EQ(arena_->free_bytes(), free_at_start);
+  EXPECT_TRUE(arena_->CheckConsistency().ok()) << arena_->CheckConsistency();
+}
+
+TEST_F(StepStoreTest, ARebuildingStepIsNotCompleteSoAFailedRebuildIsRetried) {
+  const RankState s0 = MakeState(5, {3000});
+  ASSERT_TRUE(store_->InstallRebuiltRank("job", 2, {0, 1}, Rebuilt(*arena_, 0, s0)).ok());
+  EXPECT_TRUE(store_->CompleteSteps().empty());
+  std::vector<RebuiltRank> whole;
+  whole.push_back(Rebuilt(*arena_, 0, s0));
+  whole.push_back(Rebuilt(*arena_, 1, MakeState(6, {100})));
+  ASSERT_TRUE(store_->InstallRebuilt("job", 2, {0, 1}, std::move(whole)).ok());
+  const auto complete = store_->CompleteSteps();
+  ASSERT_EQ(complete.size(), 1u);
+  EXPECT_EQ(complete[0], std::make_pair(std::string("job"), uint64_t{2}));
+}
+
+TEST_F(StepStoreTest, AnUnrecoverableJobAnswersDataLossUntilCleared) {
+  auto r = *store_->Attach("job", 0, {0});
+  store_->SetUnrecoverable("job", absl::DataLossError("job job step 4 cannot be rebuilt"));
+  EXPECT_EQ(store_->Restore(r, 0).status().code(), absl::StatusCode::kDataLoss);
+  store_->ClearUnrecoverable("job");
+  EXPECT_EQ(store_->Restore(r, 0).status().code(), absl::StatusCode::kNotFound);
+}
+
+// A gate that keeps everything from `floor` on and may drop what `drop`
+// allows, recording what it was asked.
+class TestGate : public RetentionGate {
+ public:
+  uint64_t GroupFloor(const std::string&) override { return floor; }
+  bool MayDropUnprotected(const std::string&, uint64_t step) override {
+    asked.push_back(step);
+    return drop;
+  }
+  uint64_t floor = 0;
+  bool drop = false;
+  std::vector<uint64_t> asked;
+};
+
+TEST_F(StepStoreTest, WithPeersNothingAtOrAboveTheGroupFloorIsRetired) {
+  StoreOptions o;
+  o.final_state = v1::PROTECTED;
+  Open(o);
+  TestGate gate;
+  store_->SetRetentionGate(&gate);
+  const uint64_t s = *store_->Attach("job", 0, {0});
+  for (uint64_t step = 1; step <= 3; ++step) {
+    ASSERT_TRUE(Put(s, step, MakeState(step, {100})).ok());
+    ASSERT_TRUE(store_->MarkProtected("job", step).ok());
+  }
+  // retain = 1, but the group floor is step 2: some node holds nothing
+  // newer PROTECTED, so 2 and 3 stay; 1 goes.
+  gate.floor = 2;
+  store_->ApplyRetention("job");
+  std::vector<uint64_t> held;
+  for (const StepSummary& st : store_->ListSteps("job")) held.push_back(st.step);
+  EXPECT_EQ(held, (std::vector<uint64_t>{2, 3}));
+  // A superseded LOCAL step above the floor goes only when the gate sealed it.
+  ASSERT_TRUE(Put(s, 4, MakeState(4, {100})).ok());
+  ASSERT_TRUE(Put(s, 5, MakeState(5, {100})).ok());
+  EXPECT_EQ(gate.asked.back(), 4u);
+  EXPECT_EQ(store_->ListSteps("job").size(), 4u);  // 2, 3, 4, 5
+  gate.drop = true;
+  store_->ApplyRetention("job");
+  held.clear();
+  for (const StepSummary& st : store_->ListSteps("job")) held.push_back(st.step);
+  EXPECT_EQ(held, (std::vector<uint64_t>{2, 3, 5}));
+}
+
+TEST_F(StepStoreTest, ADaemonWithPeersRetiresNothingBeforeItsGateIsSet) {
+  StoreOptions o;
+  o.final_state = v1::PROTECTED;
+  Open(o);
+  {
+    const uint64_t s = *store_->Attach("job", 0, {0});
+    for (uint64_t step = 1; step <= 3; ++step) ASSERT_TRUE(Put(s, step, MakeState(step, {64})).ok());
+  }
+  // A restart: re-adopted steps are all LOCAL; the group may need any of
+  // them (the floor), which only the gate knows.
+  Open(o);
+  AdoptReport r = store_->Adopt();
+  EXPECT_EQ(r.steps_adopted, 3u);
+  EXPECT_EQ(store_->ListSteps("job").size(), 3u);
+}
+
+TEST_F(StepStoreTest, TheFirstSnapshotAfterRestoringAnOlderStepRewindsTheJobOnce) {
+  const uint64_t a = *store_->Attach("job", 0, {0, 1});
+  const uint64_t b = *store_->Attach("job", 1, {0, 1});
+  ASSERT_TRUE(Put(a, 1, MakeState(1, {64})).ok());
+  ASSERT_TRUE(Put(b, 1, MakeState(2, {64})).ok());
+  // Rank 0 committed step 2 before the job died; rank 1 never did.
+  ASSERT_TRUE(Put(a, 2, MakeState(3, {64})).ok());
+  Get(a, 1);
+  Get(b, 1);
+  // Rank 1 snapshots step 2 first: the job rewinds to 1, dropping rank 0's
+  // old step 2 ...
+  auto wb = store_->BeginRank(b, 2, 64);
+  ASSERT_TRUE(wb.ok()) << wb.status();
+  // ... and rank 0's snapshot of step 2 must not discard rank 1's open window.
+  const RankState a2 = MakeState(4, {64}), b2 = MakeState(5, {64});
+  ASSERT_TRUE(Put(a, 2, a2).ok());
+  std::memcpy(arena_->base() + wb->offset, b2.bytes.data(), b2.bytes.size());
+  auto st = store_->CommitRank(b, 2, b2.manifest);
+  ASSERT_TRUE(st.ok()) << st.status();
+  EXPECT_EQ(*st, v1::LOCAL);
+  EXPECT_EQ(Get(a, 2), a2.bytes);
+  EXPECT_EQ(Get(b, 2), b2.bytes);
+}
+
+TEST_F(StepStoreTest, RestoringTheNewestStepRewindsNothingOpenedSince) {
+  const uint64_t a = *store_->Attach("job", 0, {0, 1});
+  const uint64_t b = *store_->Attach("job", 1, {0, 1});
+  ASSERT_TRUE(Put(a, 1, MakeState(1, {64})).ok());
+  ASSERT_TRUE(Put(b, 1, MakeState(2, {64})).ok());
+  Get(a, 0);
+  Get(b, 0);
+  // Rank 0 opens step 2 first; rank 1's snapshot of step 2 joins it.
+  auto wa = store_->BeginRank(a, 2, 64);
+  ASSERT_TRUE(wa.ok());
+  const RankState a2 = MakeState(3, {64}), b2 = MakeState(4, {64});
+  ASSERT_TRUE(Put(b, 2, b2).ok());
+  std::memcpy(arena_->base() + wa->offset, a2.bytes.data(), a2.bytes.size());
+  auto st = store_->CommitRank(a, 2, a2.manifest);
+  ASSERT_TRUE(st.ok()) << st.status();
+  EXPECT_EQ(*st, v1::LOCAL);
+}
+
+}  // namespace
+}  // namespace ecsnap::daemon
