@@ -151,6 +151,7 @@ absl::StatusOr<std::unique_ptr<Arena>> Arena::Open(const Options& options) {
   std::unique_ptr<Arena> arena(new Arena(options.dir, path, std::move(fd),
                                          Mapping(addr, options.bytes), options.index_entries,
                                          seconds, existing));
+  arena->before_window_made_ = options.before_window_made;
   const Header* h = reinterpret_cast<const Header*>(arena->base());
   const bool header_ok = existing && std::memcmp(h->magic, kMagic, 8) == 0 &&
                          h->version == kVersion && h->crc == Crc(h, offsetof(Header, crc)) &&
@@ -377,6 +378,7 @@ absl::StatusOr<ArenaExtent> Arena::MakeWindow(uint64_t bytes, const std::string&
   }
   // The file is made, mapped and populated without the lock: a range being
   // made is no one else's, and other allocations need not wait for it.
+  if (before_window_made_) before_window_made_(owner);
   absl::StatusOr<UniqueFd> fd = CreateWindowFile(offset, bytes, /*copy=*/false, populate);
   absl::MutexLock lock(&mu_);
   making_.erase(offset);

@@ -39,6 +39,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -87,6 +88,10 @@ class Arena {
     // Index entries: the most records (committed ranks) held at once.
     // Default: 4096.
     uint32_t index_entries = 4096;
+    // Called without the arena's lock before each window file is made, with
+    // the window's owner; it may block. For tests that need a window's making
+    // to last until they have done something meanwhile. Default: none.
+    std::function<void(const std::string& owner)> before_window_made;
   };
 
   // Opens the arena file `dir`/arena, creating it (mode 0600) or adopting the
@@ -297,6 +302,7 @@ class Arena {
   // Ranges whose window file is being made (MakeWindow), outside the lock:
   // offset -> (bytes, owner).
   std::map<uint64_t, std::pair<uint64_t, std::string>> making_ ABSL_GUARDED_BY(mu_);
+  std::function<void(const std::string&)> before_window_made_;  // set once, at Open
 };
 
 // The owner of a rank's windows: spares go back to the same job and rank.

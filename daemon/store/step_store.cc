@@ -52,6 +52,7 @@ struct StepStore::Session {
   std::map<uint64_t, std::shared_ptr<RankData>> leases;
   uint64_t restored = 0;  // the step this rank restored last, until it snapshots
   uint64_t restored_at = 0;  // the store's step sequence when it restored
+  bool opening = false;  // a BeginRank is getting its window, off the lock
 };
 
 namespace {
@@ -336,62 +337,79 @@ absl::StatusOr<Window> StepStore::BeginRankImpl(uint64_t session, uint64_t step,
                                                   bool streamed,
                                                   std::string* rewound_job,
                                                   uint64_t* rewound_to) {
+  std::string owner, label;
+  {
+    absl::MutexLock lock(&mu_);
+    auto s = FindSession(session);
+    if (!s.ok()) return s.status();
+    Session* ses = *s;
+    label = RankLabel(ses->job_id, step, ses->rank);
+    if (step == 0) return absl::InvalidArgumentError("steps are numbered from 1");
+    if (ses->opening) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "%s: this rank's previous BeginRank is still getting its window; wait for its answer",
+          label));
+    }
+    if (ses->open) {
+      if (ses->open->step == step && ses->open->bytes == bytes &&
+          ses->open->phase == RankData::Phase::kWriting) {
+        return Window{ses->open->extent.offset, bytes, ses->open->extent};  // a retried BeginRank
+      }
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "%s: step %d is still open for this rank; commit or abort it first", label,
+          ses->open->step));
+    }
+    Job& job = *jobs_.at(ses->job_id);
+    // The first snapshot after restoring an older step rewinds the job to it
+    // (DESIGN.md §5): the steps newer than it that existed when the rank
+    // restored never completed everywhere, and the trainers write them again.
+    // Steps opened since (by the other ranks of the job, already writing the
+    // next step) are kept.
+    bool stale = false;
+    if (ses->restored != 0 && step > ses->restored) {
+      for (auto it = job.steps.upper_bound(ses->restored); it != job.steps.end(); ++it) {
+        stale |= it->second.created <= ses->restored_at;
+      }
+    }
+    if (stale) {
+      RewindLocked(job, ses->restored, /*keep_receiving=*/false, ses->restored_at);
+      *rewound_job = job.id;
+      *rewound_to = ses->restored;
+    }
+    ses->restored = 0;
+    if (absl::Status st = CheckNewerLocked(job, ses->rank, step, label); !st.ok()) return st;
+    if (bytes > arena_->data_bytes()) {
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "%s needs %s but the whole arena holds %s; raise --arena_bytes", label,
+          FormatBytes(bytes), FormatBytes(arena_->data_bytes())));
+    }
+    owner = WindowOwner(ses->job_id, ses->rank);
+    ses->opening = true;
+  }
+  // Off the lock: a fresh window file takes ~0.1 s/GiB to make, and a window
+  // the preparer is making for this rank is waited for; other ranks' calls go
+  // on meanwhile. What was checked above is checked again after.
+  auto extent = arena_->AllocateWindow(bytes, owner, streamed);
   absl::MutexLock lock(&mu_);
   auto s = FindSession(session);
-  if (!s.ok()) return s.status();
+  absl::Status st = s.status();
+  if (s.ok()) {
+    (*s)->opening = false;
+    auto job = jobs_.find((*s)->job_id);
+    if (job == jobs_.end()) {
+      st = absl::NotFoundError(absl::StrCat(label, ": the job was dropped meanwhile"));
+    } else if (!extent.ok()) {
+      st = absl::ResourceExhaustedError(absl::StrCat(label, " ", extent.status().message()));
+    } else {
+      st = CheckNewerLocked(*job->second, (*s)->rank, step, label);
+    }
+  }
+  if (!st.ok()) {
+    if (extent.ok()) arena_->Free(*extent);
+    return st;
+  }
   Session* ses = *s;
-  const std::string label = RankLabel(ses->job_id, step, ses->rank);
-  if (step == 0) return absl::InvalidArgumentError("steps are numbered from 1");
-  if (ses->open) {
-    if (ses->open->step == step && ses->open->bytes == bytes &&
-        ses->open->phase == RankData::Phase::kWriting) {
-      return Window{ses->open->extent.offset, bytes, ses->open->extent};  // a retried BeginRank
-    }
-    return absl::FailedPreconditionError(absl::StrFormat(
-        "%s: step %d is still open for this rank; commit or abort it first", label,
-        ses->open->step));
-  }
   Job& job = *jobs_.at(ses->job_id);
-  auto newest_held = [&] {
-    uint64_t newest = job.last_committed.count(ses->rank) ? job.last_committed[ses->rank] : 0;
-    for (const auto& [n, st] : job.steps) {
-      if (st.state != v1::RECEIVING) newest = std::max(newest, n);
-    }
-    return newest;
-  };
-  uint64_t newest = newest_held();
-  // The first snapshot after restoring an older step rewinds the job to it
-  // (DESIGN.md §5): the steps newer than it that existed when the rank
-  // restored never completed everywhere, and the trainers write them again.
-  // Steps opened since (by the other ranks of the job, already writing the
-  // next step) are kept.
-  bool stale = false;
-  if (ses->restored != 0 && step > ses->restored) {
-    for (auto it = job.steps.upper_bound(ses->restored); it != job.steps.end(); ++it) {
-      stale |= it->second.created <= ses->restored_at;
-    }
-  }
-  if (stale) {
-    RewindLocked(job, ses->restored, /*keep_receiving=*/false, ses->restored_at);
-    *rewound_job = job.id;
-    *rewound_to = ses->restored;
-    newest = newest_held();
-  }
-  ses->restored = 0;
-  if (step <= newest) {
-    return absl::FailedPreconditionError(absl::StrFormat(
-        "%s: step %d is not newer than step %d, which this job already holds; steps only grow",
-        label, step, newest));
-  }
-  if (bytes > arena_->data_bytes()) {
-    return absl::ResourceExhaustedError(absl::StrFormat(
-        "%s needs %s but the whole arena holds %s; raise --arena_bytes", label,
-        FormatBytes(bytes), FormatBytes(arena_->data_bytes())));
-  }
-  auto extent = arena_->AllocateWindow(bytes, WindowOwner(ses->job_id, ses->rank), streamed);
-  if (!extent.ok()) {
-    return absl::ResourceExhaustedError(absl::StrCat(label, " ", extent.status().message()));
-  }
   auto rd = std::make_shared<RankData>();
   rd->job_id = ses->job_id;
   rd->step = step;
@@ -403,6 +421,18 @@ absl::StatusOr<Window> StepStore::BeginRankImpl(uint64_t session, uint64_t step,
   opened.ranks[ses->rank] = rd;
   ses->open = rd;
   return Window{extent->offset, bytes, *extent};
+}
+
+absl::Status StepStore::CheckNewerLocked(Job& job, uint32_t rank, uint64_t step,
+                                         const std::string& label) {
+  uint64_t newest = job.last_committed.count(rank) ? job.last_committed[rank] : 0;
+  for (const auto& [n, st] : job.steps) {
+    if (st.state != v1::RECEIVING) newest = std::max(newest, n);
+  }
+  if (step > newest) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrFormat(
+      "%s: step %d is not newer than step %d, which this job already holds; steps only grow",
+      label, step, newest));
 }
 
 absl::Status StepStore::Write(uint64_t session, uint64_t step, uint64_t offset,

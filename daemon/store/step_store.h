@@ -303,9 +303,12 @@ class StepStore {
   absl::StatusOr<std::shared_ptr<RankData>> WritableRank(uint64_t session, uint64_t step)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<Window> BeginRankImpl(uint64_t session, uint64_t step, uint64_t bytes,
-                                       bool streamed,
-                                         std::string* rewound_job, uint64_t* rewound_to)
+                                       bool streamed, std::string* rewound_job,
+                                       uint64_t* rewound_to)
       ABSL_LOCKS_EXCLUDED(mu_);
+  // OK when `step` is newer than every step `job` holds for `rank`.
+  absl::Status CheckNewerLocked(Job& job, uint32_t rank, uint64_t step, const std::string& label)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<std::shared_ptr<RankData>> FindLease(uint64_t session, uint64_t lease_id)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void DiscardOpenRank(Session* s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

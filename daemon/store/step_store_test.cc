@@ -5,7 +5,10 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
+
+#include "absl/synchronization/notification.h"
 
 #include "ec/crc32c.h"
 #include "gtest/gtest.h"
@@ -48,10 +51,12 @@ class StepStoreTest : public ::testing::Test {
     std::filesystem::remove_all(dir_);
     Open();
   }
-  void Open(StoreOptions options = {}) {
+  void Open(StoreOptions options = {},
+            std::function<void(const std::string&)> before_window_made = nullptr) {
     store_.reset();
     arena_.reset();
     Arena::Options o;
+    o.before_window_made = std::move(before_window_made);
     o.dir = dir_;
     o.bytes = 16 * kMiB;
     o.index_entries = 256;
@@ -208,6 +213,48 @@ TEST_F(StepStoreTest, ASessionThatEndsMidStepLeavesNothingBehind) {
   EXPECT_EQ(Get(again, 0), s1.bytes);
   // The restarted rank may write step 2 again.
   EXPECT_TRUE(Put(again, 2, MakeState(2, {10})).ok());
+}
+
+// A rank whose window is still being made holds up no other rank, and what
+// changed meanwhile is checked again: a second BeginRank of the same rank is
+// refused, and a session that ended meanwhile gets its error and leaves no
+// window behind.
+TEST_F(StepStoreTest, AWindowBeingMadeHoldsUpOnlyItsOwnRank) {
+  absl::Notification making, go_on;
+  Open({}, [&](const std::string& owner) {
+    if (owner != WindowOwner("job", 0) || making.HasBeenNotified()) return;
+    making.Notify();
+    go_on.WaitForNotification();
+  });
+  auto r0 = *store_->Attach("job", 0, {0, 1});
+  auto r1 = *store_->Attach("job", 1, {0, 1});
+  auto other = *store_->Attach("other", 0, {0});
+  absl::StatusOr<Window> slow;
+  std::thread begin([&] { slow = store_->BeginRank(r0, 1, 2 * kMiB); });
+  making.WaitForNotification();
+
+  // Before this change these waited on the store's lock for the whole making.
+  RankState o1 = MakeState(7, {4096});
+  EXPECT_EQ(*Put(other, 1, o1), v1::LOCAL);
+  EXPECT_TRUE(Put(r1, 1, MakeState(8, {512})).ok());
+  auto twice = store_->BeginRank(r0, 1, 2 * kMiB);
+  EXPECT_EQ(twice.status().code(), absl::StatusCode::kFailedPrecondition) << twice.status();
+  EXPECT_NE(twice.status().message().find("still getting its window"), std::string::npos)
+      << twice.status();
+
+  store_->Detach(r0);
+  go_on.Notify();
+  begin.join();
+  EXPECT_EQ(slow.status().code(), absl::StatusCode::kNotFound) << slow.status();
+  EXPECT_TRUE(arena_->CheckConsistency().ok()) << arena_->CheckConsistency();
+
+  // The rank attaches again and completes the step; nothing leaked.
+  auto again = *store_->Attach("job", 0, {0, 1});
+  RankState s0 = MakeState(9, {2 * kMiB});
+  EXPECT_EQ(*Put(again, 1, s0), v1::LOCAL);
+  EXPECT_EQ(Get(again, 1), s0.bytes);
+  EXPECT_EQ(Get(other, 1), o1.bytes);
+  EXPECT_TRUE(arena_->CheckConsistency().ok()) << arena_->CheckConsistency();
 }
 
 TEST_F(StepStoreTest, ANewSessionOfTheSameRankReplacesTheOld) {
