@@ -101,6 +101,8 @@ class ClusterTest : public ::testing::Test {
   // Every rank of `slots` (default: all) snapshots `step`; waits for the
   // copies, and for the commits when `commit`.
   void Snapshot(uint64_t step, std::vector<int> slots = {}, bool commit = true) {
+    // A StartCluster that failed ends only itself; stop here, not in a crash.
+    ASSERT_NE(cluster_, nullptr) << "the cluster did not start";
     if (slots.empty()) {
       for (int s = 0; s < cluster_->n(); ++s) slots.push_back(s);
     }
