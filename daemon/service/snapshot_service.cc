@@ -180,31 +180,10 @@ absl::StatusOr<uint64_t> SnapshotService::SessionOf(const grpc::ServerContextBas
   return it->second.session;
 }
 
-// Jobs whose owner a daemon remembers; beyond, new jobs are refused on the
-// socket until the daemon restarts (each needs a trainer to attach it).
-constexpr size_t kMaxJobOwners = 65536;
-
 absl::Status SnapshotService::CheckJobOwner(std::optional<uint32_t> uid,
                                             const std::string& job_id) {
   if (!uid.has_value()) return absl::OkStatus();  // TCP: the job token decides
-  absl::MutexLock lock(&mu_);
-  auto it = job_owners_.find(job_id);
-  if (it == job_owners_.end()) {
-    // Recorded for the daemon's own uid too: its trainers' jobs are not
-    // there for another admitted uid to take.
-    if (job_owners_.size() >= kMaxJobOwners) {
-      if (*uid == daemon_uid_) return absl::OkStatus();
-      return absl::ResourceExhaustedError(absl::StrFormat(
-          "ecsnapd already tracks the owners of %d jobs; drop finished jobs or restart it",
-          kMaxJobOwners));
-    }
-    job_owners_[job_id] = *uid;
-    return absl::OkStatus();
-  }
-  if (it->second == *uid || *uid == daemon_uid_) return absl::OkStatus();
-  return absl::PermissionDeniedError(absl::StrFormat(
-      "job %s belongs to uid %d; uid %d may not attach to it", job_id, it->second,
-      *uid));
+  return store_->ClaimJob(job_id, *uid, daemon_uid_);
 }
 
 absl::Status SnapshotService::Grant(const WireSession& session, const ArenaExtent& extent,

@@ -105,8 +105,9 @@ class SnapshotService final : public v1::Snapshot::WithCallbackMethod_Attach<v1:
   absl::Status CheckJobToken(const grpc::CallbackServerContext& context,
                              const std::string& job_id) const;
   // A job's trainers on the socket are of one uid, the first to attach it
-  // (the daemon's own uid may attach any job): another uid may not read or
-  // write its steps. `uid`: the attaching connection's, none for TCP.
+  // (the daemon's own uid may attach any job; the owner is kept in the job's
+  // rank records across restarts): another uid may not read or write its
+  // steps. `uid`: the attaching connection's, none for TCP.
   absl::Status CheckJobOwner(std::optional<uint32_t> uid, const std::string& job_id);
   // Fills a grant for the window at `extent` when `session`'s trainer maps
   // windows (it came through the socket, from a known uid, and asked to);
@@ -143,7 +144,6 @@ class SnapshotService final : public v1::Snapshot::WithCallbackMethod_Attach<v1:
   std::set<AttachReactor*> live_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, WireSession> sessions_ ABSL_GUARDED_BY(mu_);
   bool closing_ ABSL_GUARDED_BY(mu_) = false;
-  std::map<std::string, uint32_t> job_owners_ ABSL_GUARDED_BY(mu_);
   std::deque<std::pair<std::string, uint64_t>> prepare_queue_ ABSL_GUARDED_BY(mu_);
   std::thread preparer_;  // PrepareLoop, started by the first QueuePrepare
 };

@@ -14,6 +14,7 @@ std::string EncodeRankRecord(const RankRecordFields& f) {
   r.set_window_bytes(f.bytes);
   r.set_window_extent_bytes(f.extent.bytes);
   if (f.manifest != nullptr) *r.mutable_manifest() = *f.manifest;
+  if (f.owner_uid.has_value()) r.set_owner_uid(*f.owner_uid);
   r.set_committed_unix_ms(std::chrono::duration_cast<std::chrono::milliseconds>(
                               std::chrono::system_clock::now().time_since_epoch())
                               .count());

@@ -5,6 +5,7 @@
 #define ECSNAP_DAEMON_STORE_RANK_RECORD_H_
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,7 @@ struct RankRecordFields {
   ArenaExtent extent;  // the rank's window
   uint64_t bytes = 0;  // the rank's bytes in it
   const v1::Manifest* manifest = nullptr;
+  std::optional<uint32_t> owner_uid;  // the job's owner on this node, when known
 };
 
 // The serialized record, stamped with the current time.

@@ -121,6 +121,7 @@ AdoptReport StepStore::Adopt() {
     rd->manifest = r.manifest();
     found[{r.job_id(), r.step()}].push_back(rd);
     job_ranks[r.job_id()].assign(r.local_ranks().begin(), r.local_ranks().end());
+    if (r.has_owner_uid()) owners_[r.job_id()] = r.owner_uid();
   }
   for (auto& [key, ranks] : found) {
     const std::vector<uint32_t>& expected = job_ranks[key.first];
@@ -460,6 +461,7 @@ absl::StatusOr<v1::StepState> StepStore::CommitRank(uint64_t session, uint64_t s
                                                     const v1::Manifest& manifest) {
   std::shared_ptr<RankData> rd;
   std::vector<uint32_t> local_ranks;
+  std::optional<uint32_t> owner;
   {
     absl::MutexLock lock(&mu_);
     auto r = WritableRank(session, step);
@@ -468,6 +470,7 @@ absl::StatusOr<v1::StepState> StepStore::CommitRank(uint64_t session, uint64_t s
     rd->phase = RankData::Phase::kCommitting;
     ++rd->pins;
     local_ranks = jobs_.at(rd->job_id)->local_ranks;
+    owner = OwnerLocked(rd->job_id);
   }
   // The checks read the whole window: outside the lock, the window pinned.
   const std::string label = RankLabel(rd->job_id, step, rd->rank);
@@ -479,7 +482,7 @@ absl::StatusOr<v1::StepState> StepStore::CommitRank(uint64_t session, uint64_t s
   std::string record;
   if (st.ok()) {
     record = EncodeRankRecord(
-        {rd->job_id, step, rd->rank, local_ranks, rd->extent, rd->bytes, &manifest});
+        {rd->job_id, step, rd->rank, local_ranks, rd->extent, rd->bytes, &manifest, owner});
   }
 
   absl::MutexLock lock(&mu_);
@@ -762,6 +765,35 @@ std::vector<StepSummary> StepStore::ListSteps(const std::string& job_id) {
   return out;
 }
 
+std::optional<uint32_t> StepStore::OwnerLocked(const std::string& job_id) const {
+  auto it = owners_.find(job_id);
+  if (it == owners_.end()) return std::nullopt;
+  return it->second;
+}
+
+absl::Status StepStore::ClaimJob(const std::string& job_id, uint32_t uid, uint32_t exempt_uid) {
+  // Jobs whose owner this daemon remembers; beyond, new jobs are refused on
+  // the socket until some are dropped.
+  constexpr size_t kMaxOwnedJobs = 65536;
+  absl::MutexLock lock(&mu_);
+  auto it = owners_.find(job_id);
+  if (it == owners_.end()) {
+    // Recorded for the daemon's own uid too: its trainers' jobs are not
+    // there for another admitted uid to take.
+    if (owners_.size() >= kMaxOwnedJobs) {
+      if (uid == exempt_uid) return absl::OkStatus();
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "ecsnapd already tracks the owners of %d jobs; drop finished jobs with ecsnapctl",
+          kMaxOwnedJobs));
+    }
+    owners_[job_id] = uid;
+    return absl::OkStatus();
+  }
+  if (it->second == uid || uid == exempt_uid) return absl::OkStatus();
+  return absl::PermissionDeniedError(absl::StrFormat(
+      "job %s belongs to uid %d; uid %d may not attach to it", job_id, it->second, uid));
+}
+
 absl::StatusOr<std::pair<uint32_t, uint64_t>> StepStore::Drop(const std::string& job_id,
                                                              uint64_t step) {
   absl::MutexLock lock(&mu_);
@@ -782,7 +814,10 @@ absl::StatusOr<std::pair<uint32_t, uint64_t>> StepStore::Drop(const std::string&
     for (const auto& [rank, rd] : job.steps[n].ranks) bytes += rd->bytes;
     EraseStep(job, n);
   }
-  if (step == 0 && job.sessions.empty()) jobs_.erase(it);
+  if (step == 0 && job.sessions.empty()) {
+    owners_.erase(job_id);
+    jobs_.erase(it);
+  }
   return std::make_pair(static_cast<uint32_t>(steps.size()), bytes);
 }
 
@@ -923,7 +958,8 @@ absl::Status StepStore::AddRebuilt(const std::string& job_id, uint64_t step,
   st.state = state;
   for (RebuiltRank& r : ranks) {
     const std::string bytes =
-        EncodeRankRecord({job_id, step, r.rank, local_ranks, r.extent, r.bytes, &r.manifest});
+        EncodeRankRecord({job_id, step, r.rank, local_ranks, r.extent, r.bytes, &r.manifest,
+                          OwnerLocked(job_id)});
     auto rd = std::make_shared<RankData>();
     rd->job_id = job_id;
     rd->step = step;

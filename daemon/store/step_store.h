@@ -29,6 +29,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -223,6 +224,14 @@ class StepStore {
   std::vector<StepSummary> ListSteps(const std::string& job_id);
   // Drops `step` of `job_id` (0: every step, and the job). NOT_FOUND if none.
   absl::StatusOr<std::pair<uint32_t, uint64_t>> Drop(const std::string& job_id, uint64_t step);
+
+  // Job ownership on the trainer socket (DESIGN.md §9): the first uid to
+  // claim a job owns it; `uid` or `exempt_uid` (the daemon's own) may claim
+  // it again, any other uid gets PERMISSION_DENIED naming the owner. The
+  // owner is written into every rank record of the job, so a restarted daemon
+  // that re-adopts the job's steps keeps it; it is forgotten with the job.
+  // RESOURCE_EXHAUSTED past 65536 owned jobs (but for `exempt_uid`).
+  absl::Status ClaimJob(const std::string& job_id, uint32_t uid, uint32_t exempt_uid);
   // Recomputes every committed tensor checksum of `job_id` (empty: all jobs)
   // at `step` (0: all steps).
   absl::StatusOr<VerifyReport> Verify(const std::string& job_id, uint64_t step);
@@ -306,6 +315,8 @@ class StepStore {
                                        bool streamed, std::string* rewound_job,
                                        uint64_t* rewound_to)
       ABSL_LOCKS_EXCLUDED(mu_);
+  std::optional<uint32_t> OwnerLocked(const std::string& job_id) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // OK when `step` is newer than every step `job` holds for `rank`.
   absl::Status CheckNewerLocked(Job& job, uint32_t rank, uint64_t step, const std::string& label)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -337,6 +348,7 @@ class StepStore {
 
   mutable absl::Mutex mu_;
   std::map<std::string, std::unique_ptr<Job>> jobs_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, uint32_t> owners_ ABSL_GUARDED_BY(mu_);  // job -> owner uid
   std::map<uint64_t, std::unique_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t step_seq_ ABSL_GUARDED_BY(mu_) = 0;  // steps opened by trainers so far

@@ -346,6 +346,32 @@ TEST_F(StepStoreTest, ARestartedDaemonReadoptsCommittedStepsAndDropsTheRest) {
   EXPECT_TRUE(Put(r0, 4, MakeState(5, {10})).ok());
 }
 
+// A job's owner on the trainer socket survives a restart through the rank
+// records: before this, the first uid to attach after a restart owned the
+// job again and could restore another uid's weights.
+TEST_F(StepStoreTest, AJobsOwnerSurvivesARestartAndGoesWithTheJob) {
+  constexpr uint32_t kOwner = 1000, kOther = 1001, kDaemon = 0;
+  ASSERT_TRUE(store_->ClaimJob("job", kOwner, kDaemon).ok());
+  ASSERT_TRUE(store_->ClaimJob("job", kOwner, kDaemon).ok());
+  EXPECT_EQ(store_->ClaimJob("job", kOther, kDaemon).code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_TRUE(store_->ClaimJob("job", kDaemon, kDaemon).ok());  // the daemon's own uid
+  {
+    auto r = *store_->Attach("job", 0, {0});
+    ASSERT_TRUE(Put(r, 1, MakeState(1, {4096})).ok());
+  }
+  Open();  // restart: the arena and its records adopted
+  store_->Adopt();
+  absl::Status refused = store_->ClaimJob("job", kOther, kDaemon);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kPermissionDenied) << refused;
+  EXPECT_EQ(refused.message(), "job job belongs to uid 1000; uid 1001 may not attach to it");
+  EXPECT_TRUE(store_->ClaimJob("job", kOwner, kDaemon).ok());
+  // A job that committed nothing before the restart had nothing to keep.
+  EXPECT_TRUE(store_->ClaimJob("fresh", kOther, kDaemon).ok());
+  // Dropped whole, the job and its owner are gone: the name is free again.
+  ASSERT_TRUE(store_->Drop("job", 0).ok());
+  EXPECT_TRUE(store_->ClaimJob("job", kOther, kDaemon).ok());
+}
+
 TEST_F(StepStoreTest, AdoptionDropsARankWhoseBytesNoLongerMatch) {
   {
     auto r = *store_->Attach("job", 0, {0});
