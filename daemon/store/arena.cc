@@ -5,6 +5,7 @@
 #include <linux/falloc.h>
 #include <sys/file.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -75,6 +76,30 @@ struct Arena::IndexEntry {
   uint32_t entry_crc;  // over the fields above
   uint8_t pad[20];
 };
+
+namespace {
+
+// The window files an arena may hold: `asked`, or 16384, and in any case 256
+// fewer than the descriptors this process may open (raised to the hard limit
+// first), so that sockets and the rest still have room.
+size_t MaxWindowFiles(uint32_t asked) {
+  size_t bound = asked != 0 ? asked : 16384;
+  rlimit lim{};
+  if (::getrlimit(RLIMIT_NOFILE, &lim) == 0) {
+    if (lim.rlim_cur < lim.rlim_max) {
+      rlimit raised = lim;
+      raised.rlim_cur = lim.rlim_max;
+      if (::setrlimit(RLIMIT_NOFILE, &raised) == 0) lim = raised;
+    }
+    if (lim.rlim_cur != RLIM_INFINITY) {
+      const size_t room = lim.rlim_cur > 512 ? lim.rlim_cur - 256 : lim.rlim_cur / 2;
+      bound = std::min(bound, room);
+    }
+  }
+  return std::max<size_t>(bound, 1);
+}
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<Arena>> Arena::Open(const Options& options) {
   const uint64_t min_bytes = DataOffset(options.index_entries) + 16 * kArenaAlignBytes;
@@ -152,6 +177,7 @@ absl::StatusOr<std::unique_ptr<Arena>> Arena::Open(const Options& options) {
                                          Mapping(addr, options.bytes), options.index_entries,
                                          seconds, existing));
   arena->before_window_made_ = options.before_window_made;
+  arena->max_window_files_ = MaxWindowFiles(options.max_window_files);
   const Header* h = reinterpret_cast<const Header*>(arena->base());
   const bool header_ok = existing && std::memcmp(h->magic, kMagic, 8) == 0 &&
                          h->version == kVersion && h->crc == Crc(h, offsetof(Header, crc)) &&
@@ -370,6 +396,20 @@ absl::StatusOr<ArenaExtent> Arena::MakeWindow(uint64_t bytes, const std::string&
   {
     absl::MutexLock lock(&mu_);
     if (bytes > size() || (reclaim && !ReclaimSparesFor(bytes))) return NoSpace(bytes);
+    // Spares go first when the files are at their bound (a spare of another
+    // rank, or of a job that ended, is only warm memory).
+    while (windows_.size() + making_.size() >= max_window_files_) {
+      auto spare = std::find_if(windows_.begin(), windows_.end(), [](const auto& w) {
+        return w.second.state == Window::State::kSpare;
+      });
+      if (spare == windows_.end()) {
+        return absl::ResourceExhaustedError(absl::StrFormat(
+            "this daemon already holds %d window files, its bound (one per rank and retained "
+            "step); keep fewer steps (--retain), fewer ranks per node, or drop finished jobs",
+            windows_.size() + making_.size()));
+      }
+      ReclaimWindowLocked(spare->first);
+    }
     auto best = BestFitLocked(bytes);
     if (best == free_.end()) return NoSpace(bytes);
     offset = TakeFreeLocked(best, bytes);

@@ -92,6 +92,10 @@ class Arena {
     // the window's owner; it may block. For tests that need a window's making
     // to last until they have done something meanwhile. Default: none.
     std::function<void(const std::string& owner)> before_window_made;
+    // Window files held at once (each is a descriptor and a mapping), spares
+    // included; 0: 16384, or fewer when the process may not open that many
+    // descriptors (its soft limit is raised to the hard one first).
+    uint32_t max_window_files = 0;
   };
 
   // Opens the arena file `dir`/arena, creating it (mode 0600) or adopting the
@@ -303,6 +307,7 @@ class Arena {
   // offset -> (bytes, owner).
   std::map<uint64_t, std::pair<uint64_t, std::string>> making_ ABSL_GUARDED_BY(mu_);
   std::function<void(const std::string&)> before_window_made_;  // set once, at Open
+  size_t max_window_files_ = 16384;                              // set once, at Open
 };
 
 // The owner of a rank's windows: spares go back to the same job and rank.

@@ -465,6 +465,39 @@ TEST_F(ArenaTest, AFreedWindowGoesBackToItsOwnerOnly) {
 
 // When memory runs out, spares go back to the arena file: their files are
 // removed, and their ranges serve private extents and other owners.
+// Window files are bounded in number as well as in bytes (each holds a
+// descriptor and a mapping): at the bound a spare is reclaimed for the new
+// window; with no spare left the window is refused with the bound named, and
+// nothing else changes.
+TEST_F(ArenaTest, WindowFilesAreBoundedInNumber) {
+  Arena::Options o = Opts();
+  o.max_window_files = 3;
+  auto arena = *Arena::Open(o);
+  std::vector<ArenaExtent> windows;
+  for (uint32_t r = 0; r < 3; ++r) {
+    windows.push_back(*arena->AllocateWindow(64 * 1024, Owner(r)));
+    Fill(arena->Bytes(windows.back()), static_cast<uint8_t>(r));
+  }
+  const uint64_t free_before = arena->free_bytes();
+  auto refused = arena->AllocateWindow(64 * 1024, Owner(3));
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted) << refused.status();
+  EXPECT_NE(refused.status().message().find("already holds 3 window files"), std::string::npos)
+      << refused.status();
+  EXPECT_EQ(arena->free_bytes(), free_before);
+  EXPECT_EQ(arena->window_files(), 3u);
+  EXPECT_CONSISTENT(arena);
+  // Rank 0's window freed stays as its spare; rank 3's new window takes its place.
+  arena->Free(windows[0]);
+  auto taken = arena->AllocateWindow(64 * 1024, Owner(3));
+  ASSERT_TRUE(taken.ok()) << taken.status();
+  EXPECT_EQ(arena->window_files(), 3u);
+  EXPECT_EQ(WindowFileNames().size(), 3u);
+  EXPECT_CONSISTENT(arena);
+  // The windows in use kept their bytes.
+  EXPECT_EQ(Copy(arena->Bytes(windows[1])), Pattern(64 * 1024, 1));
+  EXPECT_EQ(Copy(arena->Bytes(windows[2])), Pattern(64 * 1024, 2));
+}
+
 TEST_F(ArenaTest, SparesAreReclaimedWhenMemoryRunsOut) {
   auto arena = *Arena::Open(Opts());
   std::vector<ArenaExtent> windows;
