@@ -66,9 +66,9 @@ class Rebuilder {
   // later ones. For shutdown.
   void Stop();
 
-  // Degraded restore: when `rank` of `job` lives in a step being rebuilt,
-  // decodes that rank's bytes now, ahead of the rebuild, checks them and
-  // makes them restorable (the step shows as REBUILDING). Returns once the
+  // Degraded restore (degraded_restore.cc): when `rank` of `job` lives in a
+  // step being rebuilt, decodes that rank's bytes now, ahead of the rebuild,
+  // checks them and makes them restorable (the step shows as REBUILDING). Returns once the
   // rank can be restored, or no rebuild concerns it, or after `timeout`.
   // The rank is decoded into an arena extent of its own, never into the
   // rebuild's window for it: what is served is never overwritten.
