@@ -41,7 +41,7 @@ absl::StatusOr<WindowGrants::Grant> WindowGrants::Issue(const ArenaExtent& exten
     grants_.erase(oldest);
     --per_uid[victim];
   }
-  grants_[g.token] = Entry{extent, g.file_id, writable, spare, uid, now + kGrantTtl, next_order_++};
+  grants_[g.token] = Entry{extent, g.file_id, writable, spare, uid, now + ttl_, next_order_++};
   return g;
 }
 

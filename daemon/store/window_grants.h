@@ -37,8 +37,9 @@ class WindowGrants {
     uint64_t file_id = 0;
   };
 
-  // `arena` must outlive this object.
-  explicit WindowGrants(const Arena* arena) : arena_(arena) {}
+  // `arena` must outlive this object. A token is good for `ttl`.
+  explicit WindowGrants(const Arena* arena, absl::Duration ttl = kGrantTtl)
+      : arena_(arena), ttl_(ttl) {}
 
   // A token for `uid` to fetch the window at `extent` once. NOT_FOUND when
   // no window is in use there (with `spare`: no spare, made ahead of its
@@ -66,6 +67,7 @@ class WindowGrants {
   void ExpireLocked(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const Arena* const arena_;
+  const absl::Duration ttl_;
   mutable absl::Mutex mu_;
   std::map<std::string, Entry> grants_ ABSL_GUARDED_BY(mu_);
   uint64_t next_order_ ABSL_GUARDED_BY(mu_) = 0;

@@ -64,6 +64,22 @@ TEST_F(WindowGrantsTest, ATokenIsGoodOnceAndOnlyForItsUid) {
   EXPECT_EQ(AccessMode(ro_file->fd.get()), O_RDONLY);
 }
 
+// A token not fetched within its lifetime is gone: the trainer that was too
+// slow gets NOT_FOUND (and asks again), and the token no longer counts.
+TEST_F(WindowGrantsTest, AnExpiredTokenIsRefused) {
+  WindowGrants grants(arena_.get(), absl::Seconds(1));
+  auto w = arena_->AllocateWindow(64 << 10, WindowOwner("job", 0));
+  ASSERT_TRUE(w.ok()) << w.status();
+  auto late = grants.Issue(*w, /*writable=*/true, 1000);
+  ASSERT_TRUE(late.ok()) << late.status();
+  absl::SleepFor(absl::Milliseconds(1500));
+  auto fresh = grants.Issue(*w, /*writable=*/true, 1000);  // also sweeps the expired one
+  ASSERT_TRUE(fresh.ok()) << fresh.status();
+  EXPECT_EQ(grants.outstanding(), 1u);
+  EXPECT_EQ(grants.Fetch(late->token, 1000).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(grants.Fetch(fresh->token, 1000).ok());
+}
+
 TEST_F(WindowGrantsTest, AWindowRetiredSinceTheGrantIsNotHandedOut) {
   auto w = arena_->AllocateWindow(64 << 10, WindowOwner("job", 0));
   ASSERT_TRUE(w.ok());
