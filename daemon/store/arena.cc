@@ -396,13 +396,13 @@ absl::StatusOr<ArenaExtent> Arena::MakeWindow(uint64_t bytes, const std::string&
   {
     absl::MutexLock lock(&mu_);
     if (bytes > size() || (reclaim && !ReclaimSparesFor(bytes))) return NoSpace(bytes);
-    // Spares go first when the files are at their bound (a spare of another
-    // rank, or of a job that ended, is only warm memory).
+    // At the bound, a window a step needs takes the place of a spare (only
+    // warm memory); one made ahead of its step (no `reclaim`) never evicts.
     while (windows_.size() + making_.size() >= max_window_files_) {
       auto spare = std::find_if(windows_.begin(), windows_.end(), [](const auto& w) {
         return w.second.state == Window::State::kSpare;
       });
-      if (spare == windows_.end()) {
+      if (!reclaim || spare == windows_.end()) {
         return absl::ResourceExhaustedError(absl::StrFormat(
             "this daemon already holds %d window files, its bound (one per rank and retained "
             "step); keep fewer steps (--retain), fewer ranks per node, or drop finished jobs",

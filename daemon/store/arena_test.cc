@@ -486,8 +486,12 @@ TEST_F(ArenaTest, WindowFilesAreBoundedInNumber) {
   EXPECT_EQ(arena->free_bytes(), free_before);
   EXPECT_EQ(arena->window_files(), 3u);
   EXPECT_CONSISTENT(arena);
-  // Rank 0's window freed stays as its spare; rank 3's new window takes its place.
+  // Rank 0's window freed stays as its spare. A window made ahead of its
+  // step never evicts it; rank 3's window for a step does.
   arena->Free(windows[0]);
+  auto ahead = arena->PrepareWindow(64 * 1024, Owner(3), 4);
+  EXPECT_EQ(ahead.status().code(), absl::StatusCode::kResourceExhausted) << ahead.status();
+  EXPECT_EQ(arena->window_files(), 3u);
   auto taken = arena->AllocateWindow(64 * 1024, Owner(3));
   ASSERT_TRUE(taken.ok()) << taken.status();
   EXPECT_EQ(arena->window_files(), 3u);

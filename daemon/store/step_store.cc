@@ -774,17 +774,25 @@ std::optional<uint32_t> StepStore::OwnerLocked(const std::string& job_id) const 
 absl::Status StepStore::ClaimJob(const std::string& job_id, uint32_t uid, uint32_t exempt_uid) {
   // Jobs whose owner this daemon remembers; beyond, new jobs are refused on
   // the socket until some are dropped.
-  constexpr size_t kMaxOwnedJobs = 65536;
+  // One uid's claims are bounded too, so that it cannot use them all up.
+  constexpr size_t kMaxOwnedJobs = 65536, kMaxOwnedJobsPerUid = 4096;
+  if (!ValidJobId(job_id, options_.limits.max_job_id_bytes)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "job id of %d bytes: ids are 1 to %d characters of [A-Za-z0-9._-]", job_id.size(),
+        options_.limits.max_job_id_bytes));
+  }
   absl::MutexLock lock(&mu_);
   auto it = owners_.find(job_id);
   if (it == owners_.end()) {
     // Recorded for the daemon's own uid too: its trainers' jobs are not
     // there for another admitted uid to take.
-    if (owners_.size() >= kMaxOwnedJobs) {
-      if (uid == exempt_uid) return absl::OkStatus();
+    const size_t mine = std::count_if(owners_.begin(), owners_.end(),
+                                      [&](const auto& o) { return o.second == uid; });
+    if (owners_.size() >= kMaxOwnedJobs || (uid != exempt_uid && mine >= kMaxOwnedJobsPerUid)) {
       return absl::ResourceExhaustedError(absl::StrFormat(
-          "ecsnapd already tracks the owners of %d jobs; drop finished jobs with ecsnapctl",
-          kMaxOwnedJobs));
+          "ecsnapd already tracks the owners of %d jobs (%d of them uid %d's); drop finished "
+          "jobs with ecsnapctl drop",
+          owners_.size(), mine, uid));
     }
     owners_[job_id] = uid;
     return absl::OkStatus();
@@ -799,12 +807,20 @@ absl::StatusOr<std::pair<uint32_t, uint64_t>> StepStore::Drop(const std::string&
   absl::MutexLock lock(&mu_);
   auto it = jobs_.find(job_id);
   if (it == jobs_.end()) {
+    // A job claimed on the socket that never attached or committed: dropping
+    // it whole frees its name.
+    if (step == 0 && owners_.erase(job_id) > 0) return std::make_pair(0u, uint64_t{0});
     return absl::NotFoundError(absl::StrFormat("job %s is not held by this daemon", job_id));
   }
   Job& job = *it->second;
   std::vector<uint64_t> steps;
   for (const auto& [n, st] : job.steps) {
     if (step == 0 || n == step) steps.push_back(n);
+  }
+  if (steps.empty() && step == 0) {
+    owners_.erase(job_id);
+    if (job.sessions.empty()) jobs_.erase(it);
+    return std::make_pair(0u, uint64_t{0});
   }
   if (steps.empty()) {
     return absl::NotFoundError(absl::StrFormat("job %s holds no step %d", job_id, step));

@@ -8,6 +8,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 
 #include "ec/crc32c.h"
@@ -370,6 +371,28 @@ TEST_F(StepStoreTest, AJobsOwnerSurvivesARestartAndGoesWithTheJob) {
   // Dropped whole, the job and its owner are gone: the name is free again.
   ASSERT_TRUE(store_->Drop("job", 0).ok());
   EXPECT_TRUE(store_->ClaimJob("job", kOther, kDaemon).ok());
+  // So is a name claimed by a trainer that never committed anything.
+  ASSERT_TRUE(store_->Drop("fresh", 0).ok());
+  EXPECT_TRUE(store_->ClaimJob("fresh", kOwner, kDaemon).ok());
+  // Names that could never be jobs are not claimed.
+  EXPECT_EQ(store_->ClaimJob(std::string(10000, 'x'), kOther, kDaemon).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(store_->ClaimJob("a/b", kOther, kDaemon).code(), absl::StatusCode::kInvalidArgument);
+}
+
+// One uid cannot use up the owners a daemon tracks: its claims are bounded,
+// the daemon's own uid and other uids still claim.
+TEST_F(StepStoreTest, OneUidsJobClaimsAreBounded) {
+  int claimed = 0;
+  absl::Status st;
+  for (; claimed < 5000 && st.ok(); ++claimed) {
+    st = store_->ClaimJob(absl::StrCat("squat-", claimed), 1001, 0);
+  }
+  EXPECT_EQ(st.code(), absl::StatusCode::kResourceExhausted) << st;
+  EXPECT_EQ(claimed, 4097);
+  EXPECT_NE(st.message().find("uid 1001"), std::string::npos) << st;
+  EXPECT_TRUE(store_->ClaimJob("real", 1000, 0).ok());
+  EXPECT_TRUE(store_->ClaimJob("daemons-own", 0, 0).ok());
 }
 
 TEST_F(StepStoreTest, AdoptionDropsARankWhoseBytesNoLongerMatch) {

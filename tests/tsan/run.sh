@@ -18,8 +18,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-ABSL="${ECSNAP_TSAN_ABSL:-$HOME/.cache/ecsnap/absl-tsan}"
-OUTPUT_BASE="${ECSNAP_TSAN_OUTPUT_BASE:-$HOME/.cache/bazel-tsan}"
+ABSL="${ECSNAP_TSAN_ABSL:-${HOME:-/root}/.cache/ecsnap/absl-tsan}"
+OUTPUT_BASE="${ECSNAP_TSAN_OUTPUT_BASE:-${HOME:-/root}/.cache/bazel-tsan}"
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
   targets=(//common/... //ec/... //daemon/... //client/... //tests:snapshot_test
@@ -27,36 +27,47 @@ if [ ${#targets[@]} -eq 0 ]; then
 fi
 
 build_absl() {
-  local version work
-  version=$(dpkg-query -W -f='${source:Version}' libabsl-dev)
-  work=$(mktemp -d)
-  trap 'rm -rf "$work"' RETURN
+  local version
+  version=$(dpkg-query -W -f='${source:Version}' libabsl-dev 2>/dev/null) || {
+    echo "tsan: libabsl-dev is not installed; run deploy/install_deps.sh first"
+    return 1
+  }
   echo "tsan: building abseil $version from Debian's source with -fsanitize=thread into $ABSL"
   # A private source list: the machine's own Debian mirrors, as deb-src.
   mkdir -p "$work/apt/lists/partial" "$work/apt/parts"
   for f in /etc/apt/sources.list.d/*.sources; do
     [ -e "$f" ] && sed 's/^Types: .*/Types: deb-src/' "$f" >"$work/apt/parts/$(basename "$f")"
   done
-  if [ -e /etc/apt/sources.list ]; then
-    sed -n 's/^deb /deb-src /p' /etc/apt/sources.list >"$work/apt/parts/main.list"
-  fi
+  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+    [ -e "$f" ] && sed -n 's/^deb /deb-src /p' "$f" >>"$work/apt/parts/debs.list"
+  done
   local apt=(-o Dir::Etc::SourceList=/dev/null -o "Dir::Etc::SourceParts=$work/apt/parts"
              -o "Dir::State::Lists=$work/apt/lists" -o Debug::NoLocking=1)
   apt-get "${apt[@]}" -qq update
-  (cd "$work" && apt-get "${apt[@]}" -qq source --download-only "abseil=$version" 2>/dev/null)
+  if ! (cd "$work" && apt-get "${apt[@]}" -qq source --download-only "abseil=$version"); then
+    echo "tsan: Debian's source of abseil $version cannot be downloaded (see above)"
+    return 1
+  fi
   dpkg-source -x "$work"/abseil_*.dsc "$work/src" >/dev/null
   CC=clang CXX=clang++ cmake -S "$work/src" -B "$work/build" -G Ninja -Wno-dev \
     -DCMAKE_CXX_STANDARD=17 -DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
     -DCMAKE_CXX_FLAGS=-fsanitize=thread -DCMAKE_SHARED_LINKER_FLAGS=-fsanitize=thread \
     -DCMAKE_INSTALL_PREFIX="$ABSL.tmp" >/dev/null
   ninja -C "$work/build" install >/dev/null
+  echo "$version" >"$ABSL.tmp/debian-version"
   rm -rf "$ABSL" && mv "$ABSL.tmp" "$ABSL"
 }
 
-[ -e "$ABSL/lib/libabsl_synchronization.so.20220623" ] || build_absl
-
+work=$(mktemp -d /tmp/ecsnap-tsan-work.XXXXXX)
 reports=$(mktemp -d /tmp/ecsnap-tsan.XXXXXX)
-trap 'bazel --output_base="$OUTPUT_BASE" shutdown >/dev/null 2>&1 || true' EXIT
+trap 'bazel --output_base="$OUTPUT_BASE" shutdown >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+
+# Rebuilt whenever Debian's abseil changes.
+if [ "$(cat "$ABSL/debian-version" 2>/dev/null)" != \
+     "$(dpkg-query -W -f='${source:Version}' libabsl-dev 2>/dev/null)" ]; then
+  build_absl
+fi
+
 # Processes run on after a report (exitcode=0): triage.py decides, not TSan.
 options="halt_on_error=0:exitcode=0:second_deadlock_stack=1:history_size=4"
 options+=":suppressions=$PWD/tests/tsan/tsan.supp"
@@ -68,11 +79,14 @@ tsan_test() {  # tsan_test REPORT_PREFIX BAZEL_ARGS...
     --sandbox_writable_path="$reports" --test_timeout=1200 "$@"
 }
 
-# The canary: a race ThreadSanitizer must see, or this run proves nothing.
+# The canary: two races ThreadSanitizer must see and triage.py must class as
+# ecsnap's (a plain counter; a generated protobuf message), or this run
+# proves nothing.
 tsan_test "$reports/canary" --cache_test_results=no //tests/tsan:race_canary_test >/dev/null
 if ! compgen -G "$reports/canary*" >/dev/null ||
-   tests/tsan/triage.py "$reports"/canary* >/dev/null; then
-  echo "tsan: the deliberate race in race_canary_test went unreported; nothing here is checked"
+   ! tests/tsan/triage.py "$reports"/canary* | grep -q "^tsan: 2 report(s) in ecsnap's code"; then
+  echo "tsan: the deliberate races in race_canary_test were not both reported as ecsnap's;"
+  echo "      nothing here is checked"
   exit 1
 fi
 rm -f "$reports"/canary*
