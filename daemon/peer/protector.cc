@@ -656,6 +656,7 @@ StepExplanation Protector::Explain(const std::string& job, uint64_t step) const 
 peer::SlotStep Protector::Describe(const Payload& payload, const ec::Layout& layout, int self) {
   SlotManifest sm;
   for (uint32_t r : payload.local_ranks) sm.add_local_ranks(r);
+  if (payload.owner_uid.has_value()) sm.set_owner_uid(*payload.owner_uid);
   for (const Payload::Rank& r : payload.ranks) {
     SlotManifest::Rank* out = sm.add_ranks();
     out->set_rank(r.rank);

@@ -302,6 +302,10 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
                                            me.manifests().size())) != me.manifests_crc32c()) {
     return absl::DataLossError("this slot's manifests, as the peers keep them, are damaged");
   }
+  // Whose job this is on this node, as the group knows it: before any rank is
+  // served, so that a uid that attached first since the node came back empty
+  // is refused its restore.
+  if (sm.has_owner_uid()) store_->SetOwnerFromGroup(job, sm.owner_uid());
   Current c;
   c.job = job;
   c.step = step;

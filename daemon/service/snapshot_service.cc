@@ -186,6 +186,13 @@ absl::Status SnapshotService::CheckJobOwner(std::optional<uint32_t> uid,
   return store_->ClaimJob(job_id, *uid, daemon_uid_);
 }
 
+absl::Status SnapshotService::CheckSessionOwner(const WireSession& ws, uint64_t session) {
+  if (!ws.uid.has_value()) return absl::OkStatus();
+  auto who = store_->SessionRank(session);
+  if (!who.ok()) return who.status();
+  return CheckJobOwner(ws.uid, who->first);
+}
+
 absl::Status SnapshotService::Grant(const WireSession& session, const ArenaExtent& extent,
                                     bool writable, std::string* token, uint64_t* file_id,
                                     bool spare) {
@@ -263,6 +270,7 @@ grpc::Status SnapshotService::BeginRank(grpc::ServerContext* context,
   WireSession ws;
   auto session = SessionOf(*context, request->session_id(), &ws);
   if (!session.ok()) return ToGrpc(session.status());
+  if (absl::Status st = CheckSessionOwner(ws, *session); !st.ok()) return ToGrpc(st);
   auto window = store_->BeginRank(*session, request->step(), request->bytes(),
                                   /*streamed=*/!ws.windows);
   if (!window.ok()) return ToGrpc(window.status());
@@ -389,9 +397,11 @@ grpc::Status SnapshotService::AbortRank(grpc::ServerContext* context,
 grpc::Status SnapshotService::ListRestorable(grpc::ServerContext* context,
                                              const v1::ListRestorableRequest* request,
                                              v1::ListRestorableResponse* response) {
-  auto session = SessionOf(*context, request->session_id());
+  WireSession ws;
+  auto session = SessionOf(*context, request->session_id(), &ws);
   if (!session.ok()) return ToGrpc(session.status());
   if (before_restore_) before_restore_(*session);
+  if (absl::Status st = CheckSessionOwner(ws, *session); !st.ok()) return ToGrpc(st);
   auto steps = store_->ListRestorable(*session);
   if (!steps.ok()) return ToGrpc(steps.status());
   for (auto& s : *steps) *response->add_steps() = std::move(s);
@@ -405,6 +415,7 @@ grpc::Status SnapshotService::Restore(grpc::ServerContext* context,
   auto session = SessionOf(*context, request->session_id(), &ws);
   if (!session.ok()) return ToGrpc(session.status());
   if (before_restore_) before_restore_(*session);
+  if (absl::Status st = CheckSessionOwner(ws, *session); !st.ok()) return ToGrpc(st);
   auto lease = store_->Restore(*session, request->step());
   if (!lease.ok()) return ToGrpc(lease.status());
   response->set_step(lease->step);

@@ -109,6 +109,10 @@ class SnapshotService final : public v1::Snapshot::WithCallbackMethod_Attach<v1:
   // rank records across restarts): another uid may not read or write its
   // steps. `uid`: the attaching connection's, none for TCP.
   absl::Status CheckJobOwner(std::optional<uint32_t> uid, const std::string& job_id);
+  // The same, again, for an attached session: asked at every snapshot and
+  // restore, since a job's owner can change under a live session (a rebuilt
+  // job's owner comes from its group and wins over a claim made here).
+  absl::Status CheckSessionOwner(const WireSession& ws, uint64_t session);
   // Fills a grant for the window at `extent` when `session`'s trainer maps
   // windows (it came through the socket, from a known uid, and asked to);
   // leaves the token empty otherwise.

@@ -7,6 +7,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/format.h"
+#include "common/log.h"
 #include "common/status_macros.h"
 #include "daemon/store/manifest_check.h"
 #include "daemon/store/rank_record.h"
@@ -776,10 +777,10 @@ absl::Status StepStore::ClaimJob(const std::string& job_id, uint32_t uid, uint32
   // the socket until some are dropped.
   // One uid's claims are bounded too, so that it cannot use them all up.
   constexpr size_t kMaxOwnedJobs = 65536, kMaxOwnedJobsPerUid = 4096;
-  if (!ValidJobId(job_id, options_.limits.max_job_id_bytes)) {
+  if (!ValidJobId(job_id, options_.limits.max_job_id_bytes)) {  // as Attach says it
     return absl::InvalidArgumentError(absl::StrFormat(
-        "job id of %d bytes: ids are 1 to %d characters of [A-Za-z0-9._-]", job_id.size(),
-        options_.limits.max_job_id_bytes));
+        "job id '%s' is invalid: use 1 to %d characters from [A-Za-z0-9._-]",
+        job_id.substr(0, 64), options_.limits.max_job_id_bytes));
   }
   absl::MutexLock lock(&mu_);
   auto it = owners_.find(job_id);
@@ -800,6 +801,17 @@ absl::Status StepStore::ClaimJob(const std::string& job_id, uint32_t uid, uint32
   if (it->second == uid || uid == exempt_uid) return absl::OkStatus();
   return absl::PermissionDeniedError(absl::StrFormat(
       "job %s belongs to uid %d; uid %d may not attach to it", job_id, it->second, uid));
+}
+
+void StepStore::SetOwnerFromGroup(const std::string& job_id, uint32_t uid) {
+  absl::MutexLock lock(&mu_);
+  auto [it, fresh] = owners_.try_emplace(job_id, uid);
+  if (!fresh && it->second != uid) {
+    Log("job %s: claimed here by uid %d since this node came back, but its data, rebuilt from "
+        "the group, belongs to uid %d; uid %d is refused from now on",
+        job_id, it->second, uid, it->second);
+    it->second = uid;
+  }
 }
 
 absl::StatusOr<std::pair<uint32_t, uint64_t>> StepStore::Drop(const std::string& job_id,
@@ -905,6 +917,7 @@ absl::StatusOr<Payload> StepStore::PinPayload(const std::string& job_id, uint64_
   Payload p;
   p.local_ranks = job->second->local_ranks;
   p.state = st.state;
+  p.owner_uid = OwnerLocked(job_id);
   auto pinned = std::make_shared<std::vector<std::shared_ptr<RankData>>>();
   for (const auto& [rank, rd] : st.ranks) {
     ++rd->pins;

@@ -133,6 +133,7 @@ struct Payload {
   std::vector<Rank> ranks;
   uint64_t bytes = 0;
   v1::StepState state = v1::STEP_STATE_UNSPECIFIED;
+  std::optional<uint32_t> owner_uid;  // the job's owner on this node, when known
   std::shared_ptr<void> pin;
 
   // The bytes of each rank's window, in order: the payload's shape (the peer
@@ -232,6 +233,12 @@ class StepStore {
   // that re-adopts the job's steps keeps it; it is forgotten with the job.
   // RESOURCE_EXHAUSTED past 65536 owned jobs (but for `exempt_uid`).
   absl::Status ClaimJob(const std::string& job_id, uint32_t uid, uint32_t exempt_uid);
+  // The owner the group recorded for `job_id` (the SlotManifest of ranks this
+  // node rebuilds). It wins over a claim made here since the node came back
+  // empty: the job's data decides whose it is. A uid that claimed it
+  // meanwhile is refused from then on (ClaimJob is asked again at every
+  // restore and snapshot).
+  void SetOwnerFromGroup(const std::string& job_id, uint32_t uid);
   // Recomputes every committed tensor checksum of `job_id` (empty: all jobs)
   // at `step` (0: all steps).
   absl::StatusOr<VerifyReport> Verify(const std::string& job_id, uint64_t step);

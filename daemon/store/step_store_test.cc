@@ -380,6 +380,41 @@ TEST_F(StepStoreTest, AJobsOwnerSurvivesARestartAndGoesWithTheJob) {
   EXPECT_EQ(store_->ClaimJob("a/b", kOther, kDaemon).code(), absl::StatusCode::kInvalidArgument);
 }
 
+// A node that came back empty learns a job's owner from its group (the
+// owner travels in the payload the peers keep). The group's word wins over a
+// uid that claimed the job here first, and the owner goes into the rebuilt
+// ranks' records.
+TEST_F(StepStoreTest, TheGroupsOwnerWinsOverAClaimMadeSinceTheNodeCameBack) {
+  constexpr uint32_t kOwner = 1000, kSquatter = 1001, kDaemon = 0;
+  {
+    ASSERT_TRUE(store_->ClaimJob("job", kOwner, kDaemon).ok());
+    auto r = *store_->Attach("job", 0, {0});
+    ASSERT_TRUE(Put(r, 1, MakeState(1, {4096})).ok());
+    auto payload = store_->PinPayload("job", 1);
+    ASSERT_TRUE(payload.ok()) << payload.status();
+    ASSERT_TRUE(payload->owner_uid.has_value());
+    EXPECT_EQ(*payload->owner_uid, kOwner);  // what the peers are told
+  }
+  std::filesystem::remove_all(dir_);  // the node comes back empty
+  Open();
+  store_->Adopt();
+  ASSERT_TRUE(store_->ClaimJob("job", kSquatter, kDaemon).ok());  // first to attach
+  store_->SetOwnerFromGroup("job", kOwner);                        // the rebuild learns
+  absl::Status refused = store_->ClaimJob("job", kSquatter, kDaemon);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kPermissionDenied) << refused;
+  EXPECT_TRUE(store_->ClaimJob("job", kOwner, kDaemon).ok());
+  // What is rebuilt now is recorded as the owner's: a restart keeps it.
+  RankState s = MakeState(2, {8192});
+  auto extent = *arena_->AllocateWindow(s.bytes.size(), WindowOwner("job", 0));
+  std::memcpy(arena_->base() + extent.offset, s.bytes.data(), s.bytes.size());
+  std::vector<RebuiltRank> ranks = {{0, extent, s.bytes.size(), s.manifest}};
+  ASSERT_TRUE(store_->InstallRebuilt("job", 1, {0}, ranks).ok());
+  Open();
+  store_->Adopt();
+  EXPECT_EQ(store_->ClaimJob("job", kSquatter, kDaemon).code(),
+            absl::StatusCode::kPermissionDenied);
+}
+
 // One uid cannot use up the owners a daemon tracks: its claims are bounded,
 // the daemon's own uid and other uids still claim.
 TEST_F(StepStoreTest, OneUidsJobClaimsAreBounded) {

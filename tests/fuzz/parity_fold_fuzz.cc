@@ -72,7 +72,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     for (size_t at = 1; at + 8 <= size; at += 8) {
       const uint8_t* op = data + at;
       const std::string job = jobs[op[1] % 4];
-      const uint64_t step = op[2] < 250 ? 1 + op[2] % 4 : (op[2] == 250 ? 0 : UINT64_MAX - op[2] % 2);
+      // Steps as the handlers let them through (PeerService::CheckStep: 1 to
+      // 2^64-2), the largest included.
+      const uint64_t step = op[2] < 250 ? 1 + op[2] % 4 : UINT64_MAX - 1;
       const int stripe = static_cast<int8_t>(op[3]) % (layout->stripes() + 2);
       const int position = static_cast<int8_t>(op[4]) % (layout->n() + 2);
       uint64_t length = op[5] | (op[6] << 8) | (uint64_t{op[7]} << 16);
