@@ -50,7 +50,10 @@ for t in "${targets[@]}"; do
   mkdir -p "$work/$t" "$crashes"
   log="$work/$t.log"
   # Bounded: libFuzzer stops at -max_total_time; timeout(1) is the backstop.
-  timeout --kill-after=10 $((secs + 60)) "$bin/tests/fuzz/$t" -max_total_time="$secs" \
+  # Targets that need files (an arena) make them under TEST_TMPDIR, which goes
+  # with $work whatever becomes of the target.
+  TEST_TMPDIR="$work" timeout --kill-after=10 $((secs + 60)) "$bin/tests/fuzz/$t" \
+    -max_total_time="$secs" \
     -rss_limit_mb=2048 -max_len=65536 -timeout=10 -print_final_stats=1 \
     -artifact_prefix="$crashes/$t-" "$work/$t" "tests/fuzz/corpus/$t" >"$log" 2>&1
   rc=$?
