@@ -9,15 +9,12 @@
 #include "common/grpc_status.h"
 #include "daemon/store/manifest_check.h"
 #include "daemon/peer/payload_chunks.h"
+#include "daemon/peer/peer_checks.h"
 #include "daemon/service/tls.h"
 
 namespace ecsnap::daemon {
 
 namespace {
-
-grpc::Status Invalid(const std::string& what) {
-  return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, what);
-}
 
 grpc::Status Stalled() {
   return grpc::Status(grpc::StatusCode::CANCELLED,
@@ -54,18 +51,6 @@ grpc::Status PeerService::Admit(const grpc::ServerContext& context, int position
                                       group.id, absl::StrJoin(group.slots, ", "), named));
 }
 
-grpc::Status PeerService::CheckStep(const std::string& job, uint64_t step) const {
-  if (!ValidJobId(job, StoreLimits().max_job_id_bytes)) {
-    return Invalid(absl::StrFormat(
-        "job id of %d bytes: ids are 1 to %d characters of [A-Za-z0-9._-]", job.size(),
-        StoreLimits().max_job_id_bytes));
-  }
-  if (step == 0 || step == UINT64_MAX) {
-    return Invalid(absl::StrFormat("step %d of job %s: steps are 1 to 2^64-2", step, job));
-  }
-  return grpc::Status::OK;
-}
-
 grpc::Status PeerService::PushChunk(grpc::ServerContext* context,
                                     grpc::ServerReader<peer::PushChunkMessage>* reader,
                                     peer::PushChunkResponse* response) {
@@ -85,24 +70,9 @@ grpc::Status PeerService::PushChunk(grpc::ServerContext* context,
   // Everything is checked before anything is recorded or reserved: a refused
   // push leaves no trace. The sender must be the slot that owns this data
   // position, and the length the one its announced payload gives.
-  if (h.id().stripe() >= static_cast<uint32_t>(layout.stripes()) ||
-      h.id().position() >= static_cast<uint32_t>(layout.k()) ||
-      h.from().slot() != static_cast<uint32_t>(layout.SlotOf(h.id().stripe(), h.id().position())) ||
-      h.from().chunk_crc32c_size() != layout.k()) {
-    return Invalid(absl::StrFormat(
-        "a push of stripe %d position %d from group position %d does not fit RS(%d,%d)",
-        h.id().stripe(), h.id().position(), h.from().slot(), layout.k(), layout.m()));
-  }
+  if (absl::Status st = CheckPushShape(layout, h); !st.ok()) return ToGrpc(st);
   if (grpc::Status st = Admit(*context, static_cast<int>(h.from().slot())); !st.ok()) return st;
-  if (grpc::Status st = CheckStep(h.id().job_id(), h.id().step()); !st.ok()) return st;
-  const uint64_t expected = layout.DataChunk(h.from().payload_bytes(), h.id().position()).length;
-  if (h.length() != expected || h.from().chunk_crc32c(h.id().position()) != h.crc32c()) {
-    return Invalid(absl::StrFormat(
-        "a push of stripe %d position %d announces %d bytes with crc32c 0x%08x, but the sender's "
-        "payload of %d bytes gives a %d-byte chunk with crc32c 0x%08x",
-        h.id().stripe(), h.id().position(), h.length(), h.crc32c(), h.from().payload_bytes(),
-        expected, h.from().chunk_crc32c(h.id().position())));
-  }
+  if (absl::Status st = CheckPushContent(layout, h); !st.ok()) return ToGrpc(st);
   auto fold = parity_->BeginFold(h.id().job_id(), h.id().step(), h.id().stripe(),
                                  h.id().position(), h.length(), h.crc32c());
   if (!fold.ok()) return ToGrpc(fold.status());
@@ -153,37 +123,27 @@ grpc::Status PeerService::PushChunk(grpc::ServerContext* context,
 grpc::Status PeerService::NotifyStripeProtected(grpc::ServerContext* context,
                                                 const peer::StripeProtected* request,
                                                 peer::StripeProtectedResponse*) {
-  const ec::Layout& layout = protector_->layout();
-  const uint32_t n = static_cast<uint32_t>(layout.n()), m = static_cast<uint32_t>(layout.m());
-  // Only a row's holder announces it.
-  if (request->stripe() >= n || request->row() >= m ||
-      static_cast<int>(request->holder_slot()) !=
-          layout.SlotOf(static_cast<int>(request->stripe()), layout.k() + request->row())) {
-    return Invalid(absl::StrFormat(
-        "parity row %d of stripe %d held by group position %d does not fit RS(%d,%d)",
-        request->row(), request->stripe(), request->holder_slot(), layout.k(), layout.m()));
+  if (absl::Status st = CheckRowNotice(protector_->layout(), *request); !st.ok()) {
+    return ToGrpc(st);
   }
   if (grpc::Status st = Admit(*context, static_cast<int>(request->holder_slot())); !st.ok()) {
     return st;
   }
-  if (grpc::Status st = CheckStep(request->job_id(), request->step()); !st.ok()) return st;
+  if (absl::Status st = CheckPeerStep(request->job_id(), request->step()); !st.ok()) {
+    return ToGrpc(st);
+  }
   protector_->OnRowComplete(*request);
   return grpc::Status::OK;
 }
 
 grpc::Status PeerService::NotifyJob(grpc::ServerContext* context, const peer::JobNotice* request,
                                     peer::JobNoticeResponse*) {
-  if (request->slot() >= static_cast<uint32_t>(protector_->layout().n())) {
-    return Invalid(absl::StrFormat("a notice from group position %d: the group has %d",
-                                   request->slot(), protector_->layout().n()));
+  uint64_t step = 1;  // the step the notice names (a rewind may name 0: nothing kept)
+  if (absl::Status st = CheckJobNotice(protector_->layout(), *request, &step); !st.ok()) {
+    return ToGrpc(st);
   }
   if (grpc::Status st = Admit(*context, static_cast<int>(request->slot())); !st.ok()) return st;
-  // The step the notice names (a rewind may name 0: nothing kept).
-  uint64_t step = 1;
-  if (request->has_protected_step()) step = request->protected_step();
-  if (request->has_abandoned_step()) step = request->abandoned_step();
-  if (request->has_rewound_to()) step = std::max<uint64_t>(request->rewound_to(), 1);
-  if (grpc::Status st = CheckStep(request->job_id(), step); !st.ok()) return st;
+  if (absl::Status st = CheckPeerStep(request->job_id(), step); !st.ok()) return ToGrpc(st);
   return ToGrpc(protector_->OnJobNotice(*request));
 }
 
@@ -194,13 +154,7 @@ grpc::Status PeerService::GetChunk(grpc::ServerContext* context,
   const peer::ChunkId& id = request->id();
   const ec::Layout& layout = protector_->layout();
   const int self = protector_->group().self;
-  if (id.stripe() >= static_cast<uint32_t>(layout.stripes()) ||
-      id.position() >= static_cast<uint32_t>(layout.n()) ||
-      layout.SlotOf(id.stripe(), id.position()) != self) {
-    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                        absl::StrFormat("slot %d does not hold stripe %d position %d", self,
-                                        id.stripe(), id.position()));
-  }
+  if (absl::Status st = CheckGetChunk(layout, self, id); !st.ok()) return ToGrpc(st);
   // The bytes to send, pinned while they are sent.
   std::shared_ptr<void> pin;
   std::function<void(uint64_t, uint64_t, const std::function<void(absl::Span<const uint8_t>)>&)>
@@ -231,9 +185,7 @@ grpc::Status PeerService::GetChunk(grpc::ServerContext* context,
       fn(row.bytes.subspan(off, len));
     };
   }
-  const uint64_t offset = std::min(request->offset(), length);
-  const uint64_t want = request->length() == 0 ? length - offset
-                                                : std::min(request->length(), length - offset);
+  const auto [offset, want] = GetChunkRange(length, request->offset(), request->length());
   peer::GetChunkMessage msg;
   msg.mutable_header()->mutable_id()->CopyFrom(id);
   msg.mutable_header()->set_length(length);

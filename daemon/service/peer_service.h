@@ -39,8 +39,6 @@ class PeerService final : public peer::Peer::Service {
   // OK when the caller may speak for group position `position` (-1: for
   // any peer of the group); PERMISSION_DENIED otherwise.
   grpc::Status Admit(const grpc::ServerContext& context, int position) const;
-  // INVALID_ARGUMENT for a job id or step no trainer could have made.
-  grpc::Status CheckStep(const std::string& job, uint64_t step) const;
 
   StepStore* const store_;
   ParityStore* const parity_;

@@ -52,3 +52,20 @@ ranks=$(enc ecsnap.daemon.SlotManifest daemon/store/store.proto \
     <<<"steps { job_id: \"j\" step: 1 slots { slot: 0 payload_bytes: 0 manifests: \"$ranks\" } }"; } \
   >$C/inventory_fuzz/ranks_that_overflow
 echo "seeds written under $C"
+
+# peer_message_fuzz: RS(2,1) with this slot at position 0 (first byte 1), then
+# the kind (0 push header, 1 row notice, 2 job notice, 3 chunk read).
+P=$C/peer_message_fuzz
+mkdir -p $P
+{ printf '\x01\x00'; enc ecsnap.peer.PushChunkHeader proto/peer.proto <<<'
+id { job_id: "gpt" step: 7 stripe: 1 position: 0 } length: 1000 crc32c: 1
+from { slot: 1 payload_bytes: 2000 chunk_crc32c: 1 chunk_crc32c: 2 }'; } >$P/push_to_the_parity_holder
+{ printf '\x01\x00'; enc ecsnap.peer.PushChunkHeader proto/peer.proto <<<'
+id { job_id: "gpt" step: 7 stripe: 1 position: 0 } length: 1152921504606846976 crc32c: 1
+from { slot: 1 payload_bytes: 2000 chunk_crc32c: 1 chunk_crc32c: 2 }'; } >$P/push_of_2_to_the_60
+{ printf '\x01\x01'; enc ecsnap.peer.StripeProtected proto/peer.proto <<<'
+job_id: "gpt" step: 7 stripe: 1 holder_slot: 0 row: 0 parity_bytes: 1000'; } >$P/row_notice
+{ printf '\x01\x02'; enc ecsnap.peer.JobNotice proto/peer.proto <<<'
+job_id: "gpt" slot: 2 rewound_to: 3'; } >$P/rewind_notice
+{ printf '\x01\x03'; enc ecsnap.peer.GetChunkRequest proto/peer.proto <<<'
+id { job_id: "gpt" step: 7 stripe: 0 position: 0 } offset: 18446744073709551615 length: 5'; } >$P/read_past_the_end

@@ -15,7 +15,8 @@ cd "$(dirname "$0")/../.."
 secs="${1:-20}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(manifest_fuzz rank_record_fuzz config_fuzz inventory_fuzz parity_fold_fuzz)
+[ ${#targets[@]} -eq 0 ] && targets=(manifest_fuzz rank_record_fuzz config_fuzz inventory_fuzz parity_fold_fuzz
+                                         peer_message_fuzz)
 base="${ECSNAP_FUZZ_OUTPUT_BASE:-${HOME:-/root}/.cache/bazel-fuzz}"
 results="${ECSNAP_FUZZ_RESULTS:-/dev/null}"
 
