@@ -1,7 +1,9 @@
 #include "daemon/store/arena.h"
 
 #include <fcntl.h>
+#include <sched.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -760,6 +762,53 @@ TEST_F(ArenaTest, ReserveMovesAWindowHeldInTheArenaFileIntoAFile) {
 
 // A trainer that truncates its window: the daemon reads zeros instead of
 // dying, and the window's memory goes back to the arena when it is freed.
+// The node's tmpfs fills up (another process's files) while a trainer still
+// maps a window the arena wants back: the range cannot be backed again, so
+// it is remembered as a hole; an allocation over it is refused with the
+// reason, not handed out to die of SIGBUS, and once memory is free again the
+// same range is backed and works.
+TEST_F(ArenaTest, AFullTmpfsLeavesAHoleThatIsRefusedUntilMemoryComesBack) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root, to mount a small tmpfs";
+  // A mount namespace of this process's own: the small tmpfs goes with it.
+  ASSERT_EQ(::unshare(CLONE_NEWNS), 0) << std::strerror(errno);
+  ASSERT_EQ(::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr), 0)
+      << std::strerror(errno);
+  std::filesystem::create_directories(dir_);
+  ASSERT_EQ(::mount("tmpfs", dir_.c_str(), "tmpfs", 0, "size=4352k"), 0) << std::strerror(errno);
+  struct Unmount {
+    std::string dir;
+    ~Unmount() { ::umount2(dir.c_str(), MNT_DETACH); }
+  } unmount{dir_};
+
+  auto arena = *Arena::Open(Opts(4 * kMiB));
+  auto w = *arena->AllocateWindow(kMiB, Owner(0));
+  Fill(arena->Bytes(w), 1);
+  // The trainer keeps its descriptor: the window's pages stay taken.
+  UniqueFd trainer = std::move(arena->OpenWindow(w, *arena->WindowFileId(w), false)->fd);
+  arena->Free(w);  // a spare now
+  // Someone else fills the tmpfs.
+  UniqueFd fill(::open((dir_ + "/filler").c_str(), O_CREAT | O_RDWR, 0600));
+  ASSERT_TRUE(fill.valid());
+  std::vector<uint8_t> block(64 * 1024, 0x5a);
+  while (::write(fill.get(), block.data(), block.size()) > 0) {
+  }
+  // Everything left needs the spare's range back, and it cannot be backed.
+  auto refused = arena->Allocate(arena->free_bytes());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted) << refused.status();
+  EXPECT_NE(refused.status().message().find("is full"), std::string::npos) << refused.status();
+  EXPECT_CONSISTENT(arena);
+  // Memory comes back: the same allocation succeeds and its pages hold.
+  fill = UniqueFd();
+  ::unlink((dir_ + "/filler").c_str());
+  trainer = UniqueFd();
+  const uint64_t all = arena->free_bytes();
+  auto taken = arena->Allocate(all);
+  ASSERT_TRUE(taken.ok()) << taken.status();
+  Fill(arena->Bytes(*taken), 2);  // would die of SIGBUS over an unbacked hole
+  EXPECT_EQ(Copy(arena->Bytes(*taken)), Pattern(all, 2));
+  EXPECT_CONSISTENT(arena);
+}
+
 TEST_F(ArenaTest, ATruncatedWindowReadsAsZerosAndIsNotKept) {
   auto arena = *Arena::Open(Opts());
   const ArenaExtent w = *arena->AllocateWindow(4 * 4096, Owner(0));
