@@ -6,6 +6,7 @@
 // Flags override single fields of the config file.
 #include <malloc.h>
 #include <signal.h>
+#include <sys/resource.h>
 
 #include <cstdio>
 #include <string>
@@ -80,6 +81,14 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   signal(SIGPIPE, SIG_IGN);
+
+  // Each window file is a descriptor: take all the descriptors the hard limit
+  // allows (the arena bounds its window files by what is left).
+  rlimit files{};
+  if (getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur < files.rlim_max) {
+    files.rlim_cur = files.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &files);
+  }
 
   ecsnap::config::Config config;
   if (!absl::GetFlag(FLAGS_config).empty()) {

@@ -80,17 +80,13 @@ struct Arena::IndexEntry {
 namespace {
 
 // The window files an arena may hold: `asked`, or 16384, and in any case 256
-// fewer than the descriptors this process may open (raised to the hard limit
-// first), so that sockets and the rest still have room.
+// fewer than the descriptors this process may open (ecsnapd raises its soft
+// limit to the hard one at start), so that sockets and the rest still have
+// room.
 size_t MaxWindowFiles(uint32_t asked) {
   size_t bound = asked != 0 ? asked : 16384;
   rlimit lim{};
   if (::getrlimit(RLIMIT_NOFILE, &lim) == 0) {
-    if (lim.rlim_cur < lim.rlim_max) {
-      rlimit raised = lim;
-      raised.rlim_cur = lim.rlim_max;
-      if (::setrlimit(RLIMIT_NOFILE, &raised) == 0) lim = raised;
-    }
     if (lim.rlim_cur != RLIM_INFINITY) {
       const size_t room = lim.rlim_cur > 512 ? lim.rlim_cur - 256 : lim.rlim_cur / 2;
       bound = std::min(bound, room);

@@ -94,7 +94,7 @@ class Arena {
     std::function<void(const std::string& owner)> before_window_made;
     // Window files held at once (each is a descriptor and a mapping), spares
     // included; 0: 16384, or fewer when the process may not open that many
-    // descriptors (its soft limit is raised to the hard one first).
+    // descriptors.
     uint32_t max_window_files = 0;
   };
 
