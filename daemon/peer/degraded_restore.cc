@@ -24,6 +24,7 @@ void Rebuilder::ServeRank(const std::string& job, uint32_t rank, absl::Duration 
     if (!mu_.AwaitWithTimeout(absl::Condition(&ready), timeout)) return;
     if (current_ == nullptr || current_->job != job) return;  // nothing being rebuilt for it
     c = current_;
+    c->mu.AssertHeld();
     if (c->finalizing) {
       auto gone = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return current_ != c; };
       mu_.AwaitWithTimeout(absl::Condition(&gone), timeout);
@@ -35,7 +36,9 @@ void Rebuilder::ServeRank(const std::string& job, uint32_t rank, absl::Duration 
     if (c->claimed[i]) {
       // Another restore of the same rank is decoding it: wait for that.
       auto done = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-        return current_ != c || c->installed[i] || !c->claimed[i];
+        if (current_ != c) return true;  // the rebuild ended: c is gone
+        c->mu.AssertHeld();
+        return c->installed[i] || !c->claimed[i];
       };
       mu_.AwaitWithTimeout(absl::Condition(&done), timeout);
       return;
@@ -89,6 +92,7 @@ void Rebuilder::ServeRank(const std::string& job, uint32_t rank, absl::Duration 
   if (st.ok()) st = store_->InstallRebuiltRank(c->job, c->step, c->local_ranks, r);
   if (!st.ok() && own.ok()) arena_->Free(*own);  // not installed: still this call's
   absl::MutexLock lock(&mu_);
+  c->mu.AssertHeld();  // alive: the rebuild waits for serving_ to reach 0 before it ends
   if (st.ok()) {
     c->installed[i] = true;
     Log("job %s step %d rank %d served degraded: %s decoded on demand in %.2f s, before the "

@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "daemon/peer/group_view.h"
 #include "daemon/peer/payload_chunks.h"
 #include "daemon/peer/rebuilder.h"
@@ -21,6 +23,11 @@ namespace ecsnap::daemon {
 inline constexpr uint64_t kSliceBytes = 32 << 20;
 
 struct Rebuilder::Current {
+  // `mu`: the rebuilder's mu_. Code that holds mu_ says so with
+  // mu.AssertHeld() before it touches what mu guards (the analysis cannot
+  // see that the two names are one lock).
+  explicit Current(absl::Mutex& rebuilder_mu) : mu(rebuilder_mu) {}
+  absl::Mutex& mu;
   std::string job;
   uint64_t step = 0;
   const StepView* view = nullptr;
@@ -28,10 +35,11 @@ struct Rebuilder::Current {
   std::vector<uint32_t> local_ranks;
   std::vector<RebuiltRank> ranks;      // fresh windows, laid end to end
   std::unique_ptr<PayloadChunks> payload;  // this slot's payload: chunks and rank windows
-  std::vector<bool> installed;         // served early from an extent of its own (mu_)
-  std::vector<bool> handed_off;        // window now owned by the store
-  std::vector<bool> claimed;           // being decoded on demand (mu_)
-  bool finalizing = false;             // the rest is being installed (mu_)
+  // Served early from an extent of its own.
+  std::vector<bool> installed ABSL_GUARDED_BY(mu);
+  std::vector<bool> handed_off;  // window now owned by the store (the rebuild's thread only)
+  std::vector<bool> claimed ABSL_GUARDED_BY(mu);  // being decoded on demand
+  bool finalizing ABSL_GUARDED_BY(mu) = false;    // the rest is being installed
   mutable std::atomic<bool> vanished{false};  // a peer no longer holds the step
 };
 

@@ -264,6 +264,7 @@ void Rebuilder::WritePayload(Current& c, uint64_t offset, const uint8_t* data, u
   c.payload->ForEachPiece(offset, bytes, [&](size_t i, uint64_t at, uint64_t from, uint64_t len) {
     {
       absl::MutexLock lock(&mu_);
+      c.mu.AssertHeld();
       // Served on demand from an extent of its own: this window is never
       // installed, so it need not be filled.
       if (c.installed[i]) return;
@@ -306,7 +307,7 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
   // served, so that a uid that attached first since the node came back empty
   // is refused its restore.
   if (sm.has_owner_uid()) store_->SetOwnerFromGroup(job, sm.owner_uid());
-  Current c;
+  Current c(mu_);
   c.job = job;
   c.step = step;
   c.view = &v;
@@ -339,9 +340,13 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
     rank_bytes.push_back(r.bytes());
   }
   c.payload = std::make_unique<PayloadChunks>(layout, self, std::move(rank_bytes));
-  c.installed.assign(c.ranks.size(), false);
   c.handed_off.assign(c.ranks.size(), false);
-  c.claimed.assign(c.ranks.size(), false);
+  {
+    absl::MutexLock lock(&mu_);
+    c.mu.AssertHeld();
+    c.installed.assign(c.ranks.size(), false);
+    c.claimed.assign(c.ranks.size(), false);
+  }
 
   uint64_t total = 0;
   for (int s = 0; s < n; ++s) total += layout.ChunkLength(c.lens, s, layout.PositionOf(s, self));
@@ -492,6 +497,7 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
     absl::MutexLock lock(&mu_);
     auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return serving_ == 0; };
     mu_.Await(absl::Condition(&idle));
+    c.mu.AssertHeld();
     for (size_t i = 0; i < c.ranks.size(); ++i) {
       if (c.installed[i]) continue;
       rest.push_back(c.ranks[i]);
