@@ -10,61 +10,35 @@
 // handed out twice, none lost) and the store may hold no more than the arena;
 // at the end, with every fold broken off and every step retired, every byte
 // of the arena must be free again.
-#include <unistd.h>
-
 #include <cstdint>
-#include <cstdlib>
-#include <filesystem>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "daemon/peer/parity_store.h"
-#include "daemon/store/arena.h"
-#include "ec/codec.h"
 #include "ec/crc32c.h"
-#include "ec/layout.h"
+#include "tests/fuzz/parity_fixture.h"
 
 namespace {
 
 using namespace ecsnap;
 using namespace ecsnap::daemon;
 
-std::string Dir() {
-  const char* tmp = std::getenv("TEST_TMPDIR");
-  return std::string(tmp != nullptr ? tmp : "/dev/shm") + "/ecsnap-parity-fuzz-" +
-         std::to_string(::getpid());
-}
-
-void Check(bool ok, const char* what) {
-  if (!ok) {
-    std::fprintf(stderr, "parity_fold_fuzz: %s\n", what);
-    std::abort();
-  }
-}
+void Check(bool ok, const char* what) { fuzz::Check(ok, "parity_fold_fuzz", what); }
 
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 1) return 0;
-  const int k = 1 + data[0] % 4, m = 1 + (data[0] / 4) % 3;
-  auto layout = ec::Layout::Create(k, m);
-  auto codec = ec::Codec::Create(k, m);
-  if (!layout.ok() || !codec.ok()) return 0;
-  const int self = (data[0] / 16) % layout->n();
-
-  const std::string dir = Dir();
-  std::filesystem::remove_all(dir);
-  Arena::Options o;
-  o.dir = dir;
-  o.bytes = 2 << 20;
-  o.index_entries = 32;
-  auto arena = Arena::Open(o);
-  Check(arena.ok(), "the arena did not open");
-  const uint64_t free_at_start = (*arena)->free_bytes();
+  auto group = fuzz::Group::FromByte(data[0]);
+  if (!group) return 0;
+  const ec::Layout* layout = group->layout.get();
+  const int k = layout->k();
+  fuzz::ScratchArena arena("parity_fold_fuzz");
   {
-    ParityStore store(arena->get(), *layout, codec->get(), self);
+    ParityStore store(arena.get(), *layout, group->codec.get(), group->self);
     const char* jobs[] = {"a", "b", "", "j\xff"};
     std::map<int, std::shared_ptr<ParityStore::Fold>> folds;  // by position
     std::vector<uint8_t> bytes(1 << 16);
@@ -170,16 +144,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
           break;
         }
       }
-      Check((*arena)->CheckConsistency().ok(), "the arena's free list is inconsistent");
-      Check(store.bytes() <= (*arena)->size(), "the store holds more than the arena");
+      Check(arena->CheckConsistency().ok(), "the arena's free list is inconsistent");
+      Check(store.bytes() <= arena->size(), "the store holds more than the arena");
     }
     for (auto& [pos, fold] : folds) store.AbortFold(*fold);
     for (const char* job : jobs) store.DropBelow(job, UINT64_MAX);
-    Check((*arena)->CheckConsistency().ok(), "the arena's free list is inconsistent at the end");
+    Check(arena->CheckConsistency().ok(), "the arena's free list is inconsistent at the end");
     Check(store.bytes() == 0, "rows left after every step was retired");
   }
-  Check((*arena)->free_bytes() == free_at_start, "arena bytes leaked");
-  arena->reset();
-  std::filesystem::remove_all(dir);
+  Check(arena.AllFree(), "arena bytes leaked");
   return 0;
 }

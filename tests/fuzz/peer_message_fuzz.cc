@@ -10,32 +10,21 @@
 // message that passes must be in range everywhere it is used as an index or
 // a length, and what it does must leave the arena consistent; at the end,
 // with every step retired, every byte of the arena is free again.
-#include <unistd.h>
-
+#include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <filesystem>
 #include <string>
 #include <vector>
 
 #include "daemon/peer/parity_store.h"
 #include "daemon/peer/peer_checks.h"
-#include "daemon/store/arena.h"
-#include "ec/codec.h"
-#include "ec/crc32c.h"
-#include "ec/layout.h"
+#include "tests/fuzz/parity_fixture.h"
 
 namespace {
 
 using namespace ecsnap;
 using namespace ecsnap::daemon;
 
-void Check(bool ok, const char* what) {
-  if (!ok) {
-    std::fprintf(stderr, "peer_message_fuzz: %s\n", what);
-    std::abort();
-  }
-}
+void Check(bool ok, const char* what) { fuzz::Check(ok, "peer_message_fuzz", what); }
 
 // Pushes the bytes a header announces (a pattern; its CRC is what decides
 // whether the fold ends well) into `store`, when they fit the arena.
@@ -60,29 +49,16 @@ void Push(ParityStore& store, const peer::PushChunkHeader& h, uint64_t arena_byt
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 2) return 0;
-  const int k = 1 + data[0] % 4, m = 1 + (data[0] / 4) % 3;
-  auto layout = ec::Layout::Create(k, m);
-  auto codec = ec::Codec::Create(k, m);
-  if (!layout.ok() || !codec.ok()) return 0;
-  const int self = (data[0] / 16) % layout->n();
-  const int n = layout->n();
+  auto group = fuzz::Group::FromByte(data[0]);
+  if (!group) return 0;
+  const ec::Layout* layout = group->layout.get();
+  const int k = layout->k(), m = layout->m(), n = layout->n(), self = group->self;
   const uint8_t* body = data + 2;
   const int body_size = static_cast<int>(size - 2);
-
-  const char* tmp = std::getenv("TEST_TMPDIR");
-  const std::string dir = std::string(tmp != nullptr ? tmp : "/tmp") + "/ecsnap-peer-fuzz-" +
-                          std::to_string(::getpid());
-  std::filesystem::remove_all(dir);
-  Arena::Options o;
-  o.dir = dir;
-  o.bytes = 2 << 20;
-  o.index_entries = 16;
-  auto arena = Arena::Open(o);
-  Check(arena.ok(), "the arena did not open");
-  const uint64_t free_at_start = (*arena)->free_bytes();
+  fuzz::ScratchArena arena("peer_message_fuzz");
   std::string job;
   {
-    ParityStore store(arena->get(), *layout, codec->get(), self);
+    ParityStore store(arena.get(), *layout, group->codec.get(), self);
     switch (data[1] % 4) {
       case 0: {
         peer::PushChunkHeader h;
@@ -98,7 +74,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         Check(h.id().step() != 0 && h.id().step() != UINT64_MAX && !h.id().job_id().empty(),
               "a push passed with a step or job that cannot be");
         job = h.id().job_id();
-        Push(store, h, (*arena)->size());
+        Push(store, h, arena->size());
         break;
       }
       case 1: {
@@ -144,12 +120,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         break;
       }
     }
-    Check((*arena)->CheckConsistency().ok(), "the arena's free list is inconsistent");
+    Check(arena->CheckConsistency().ok(), "the arena's free list is inconsistent");
     if (!job.empty()) store.DropBelow(job, UINT64_MAX);
     Check(store.bytes() == 0, "rows left after every step was retired");
   }
-  Check((*arena)->free_bytes() == free_at_start, "arena bytes leaked");
-  arena->reset();
-  std::filesystem::remove_all(dir);
+  Check(arena.AllFree(), "arena bytes leaked");
   return 0;
 }
