@@ -432,17 +432,18 @@ int ParityStore::RecordRow(const peer::StripeProtected& row) {
   return count;
 }
 
+std::shared_ptr<ParityStore::RowState> ParityStore::FindRow(const std::string& job,
+                                                             uint64_t step, int stripe) const {
+  absl::MutexLock lock(&mu_);
+  auto it = steps_.find({job, step});
+  if (it == steps_.end()) return nullptr;
+  auto r = it->second->rows.find(stripe);
+  return r == it->second->rows.end() ? nullptr : r->second;
+}
+
 absl::StatusOr<ParityStore::PinnedRow> ParityStore::Row(const std::string& job, uint64_t step,
                                                         int stripe) {
-  std::shared_ptr<RowState> row;
-  {
-    absl::MutexLock lock(&mu_);
-    auto it = steps_.find({job, step});
-    if (it != steps_.end()) {
-      auto r = it->second->rows.find(stripe);
-      if (r != it->second->rows.end()) row = r->second;
-    }
-  }
+  std::shared_ptr<RowState> row = FindRow(job, step, stripe);
   if (row) {
     absl::MutexLock lock(&row->mu);
     if (row->complete) {
@@ -487,15 +488,7 @@ absl::StatusOr<absl::Span<uint8_t>> ParityStore::ReserveRow(const std::string& j
 
 absl::Status ParityStore::CompleteRow(const std::string& job, uint64_t step, int stripe,
                                       const std::map<int, peer::SlotStep>& slots) {
-  std::shared_ptr<RowState> row;
-  {
-    absl::MutexLock lock(&mu_);
-    auto it = steps_.find({job, step});
-    if (it != steps_.end()) {
-      auto r = it->second->rows.find(stripe);
-      if (r != it->second->rows.end()) row = r->second;
-    }
-  }
+  std::shared_ptr<RowState> row = FindRow(job, step, stripe);
   if (!row) {
     return absl::NotFoundError(
         absl::StrFormat("no reserved parity row for job %s step %d stripe %d", job, step, stripe));
