@@ -62,7 +62,7 @@ void Rebuilder::ServeRank(const std::string& job, uint32_t rank, absl::Duration 
   const uint64_t a = payload.RankOffset(i), b = a + r.bytes;
   const auto t0 = std::chrono::steady_clock::now();
   absl::Status st;
-  absl::StatusOr<ArenaExtent> own = arena_->AllocateWindow(r.bytes, WindowOwner(c->job, r.rank));
+  absl::StatusOr<ArenaExtent> own = arena_->AllocateWindow(r.bytes, RebuiltWindowOwner(c->job, r.rank));
   if (own.ok()) {
     r.extent = *own;
   } else {

@@ -191,11 +191,11 @@ class ParityStore {
   // active, never complete (no reader), not reserved by a rebuild.
   void ReleaseIfIdle(RowState& row);
   void NotifyLost(const std::optional<peer::StripeProtected>& notice);
-  // Marks the step abandoned, seals its rows and hands them out (to be
-  // freed outside the lock).
   // The row this slot keeps for `stripe` of (job, step), if any.
   std::shared_ptr<RowState> FindRow(const std::string& job, uint64_t step, int stripe) const
       ABSL_LOCKS_EXCLUDED(mu_);
+  // Marks the step abandoned, seals its rows and hands them out (to be
+  // freed outside the lock).
   std::map<int, std::shared_ptr<RowState>> AbandonLocked(StepState& st)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 

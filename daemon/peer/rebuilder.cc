@@ -144,6 +144,23 @@ absl::Status Rebuilder::Pass(const std::string& job_filter, bool final_pass, boo
   // Re-adopted steps not protected yet: push them (holders acknowledge what
   // they folded already).
   for (const auto& [job, step] : have) protector_->OnLocal(job, step);
+  // Whose each job is, as the group knows it (what the peers keep of this
+  // slot's newest payload of the job), whether or not a step needs
+  // rebuilding: a uid that attached first to a node that came back empty
+  // does not keep the job by writing a newer step before this pass.
+  std::map<std::string, uint32_t> group_owner;
+  for (const auto& [key, v] : view.steps()) {  // oldest first: the newest step's owner stays
+    auto mine = v.slots.find(self);
+    if (mine == v.slots.end()) continue;
+    SlotManifest sm;
+    const std::string& bytes = mine->second.manifests();
+    if (sm.ParseFromString(bytes) && sm.has_owner_uid() &&
+        ec::Crc32c(absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(bytes.data()),
+                                             bytes.size())) == mine->second.manifests_crc32c()) {
+      group_owner[key.first] = sm.owner_uid();
+    }
+  }
+  for (const auto& [job, uid] : group_owner) store_->SetOwnerFromGroup(job, uid);
 
   absl::Status first_error;
   for (const JobPlan& plan : PlanRebuild(layout, group, view, have)) {
@@ -330,7 +347,7 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
   // install fails); its window here is never handed off, so finish() frees it.
   std::vector<uint64_t> rank_bytes;
   for (const auto& r : sm.ranks()) {
-    auto extent = arena_->AllocateWindow(r.bytes(), WindowOwner(job, r.rank()));
+    auto extent = arena_->AllocateWindow(r.bytes(), RebuiltWindowOwner(job, r.rank()));
     if (!extent.ok()) {
       for (const RebuiltRank& done : c.ranks) arena_->Free(done.extent);
       return absl::ResourceExhaustedError(

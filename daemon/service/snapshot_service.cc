@@ -296,6 +296,7 @@ grpc::Status SnapshotService::PrepareRank(grpc::ServerContext* context,
   WireSession ws;
   auto session = SessionOf(*context, request->session_id(), &ws);
   if (!session.ok()) return ToGrpc(session.status());
+  if (absl::Status st = CheckSessionOwner(ws, *session); !st.ok()) return ToGrpc(st);
   if (request->bytes() == 0) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "a window of 0 bytes was asked for");
   }
@@ -332,6 +333,8 @@ void SnapshotService::PrepareLoop() {
       if (it == sessions_.end() || !it->second.windows || !it->second.uid.has_value()) continue;
       ws = it->second;
     }
+    // A uid displaced as the job's owner gets no window of it.
+    if (!CheckSessionOwner(ws, ws.session).ok()) continue;
     // Slow (a fresh window is allocated and populated): no lock held.
     auto ready = store_->PrepareRank(ws.session, bytes);
     if (!ready.ok()) continue;  // enough windows already, or no room
@@ -358,9 +361,11 @@ grpc::Status SnapshotService::WriteRank(grpc::ServerContext* context,
   if (!reader->Read(&chunk)) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "WriteRank stream carried no message");
   }
-  auto found = SessionOf(*context, chunk.session_id());
+  WireSession ws;
+  auto found = SessionOf(*context, chunk.session_id(), &ws);
   if (!found.ok()) return ToGrpc(found.status());
   const uint64_t session = *found;
+  if (absl::Status st = CheckSessionOwner(ws, session); !st.ok()) return ToGrpc(st);
   const uint64_t step = chunk.step();
   uint64_t written = 0;
   do {
@@ -378,8 +383,10 @@ grpc::Status SnapshotService::WriteRank(grpc::ServerContext* context,
 grpc::Status SnapshotService::CommitRank(grpc::ServerContext* context,
                                          const v1::CommitRankRequest* request,
                                          v1::CommitRankResponse* response) {
-  auto session = SessionOf(*context, request->session_id());
+  WireSession ws;
+  auto session = SessionOf(*context, request->session_id(), &ws);
   if (!session.ok()) return ToGrpc(session.status());
+  if (absl::Status st = CheckSessionOwner(ws, *session); !st.ok()) return ToGrpc(st);
   auto state = store_->CommitRank(*session, request->step(), request->manifest());
   if (!state.ok()) return ToGrpc(state.status());
   response->set_step_state(*state);
@@ -400,6 +407,9 @@ grpc::Status SnapshotService::ListRestorable(grpc::ServerContext* context,
   WireSession ws;
   auto session = SessionOf(*context, request->session_id(), &ws);
   if (!session.ok()) return ToGrpc(session.status());
+  // Before the degraded-restore hook (no decoding for a uid refused anyway)
+  // and after it (the rebuild it waits for may bring the job's owner).
+  if (absl::Status st = CheckSessionOwner(ws, *session); !st.ok()) return ToGrpc(st);
   if (before_restore_) before_restore_(*session);
   if (absl::Status st = CheckSessionOwner(ws, *session); !st.ok()) return ToGrpc(st);
   auto steps = store_->ListRestorable(*session);
@@ -414,6 +424,9 @@ grpc::Status SnapshotService::Restore(grpc::ServerContext* context,
   WireSession ws;
   auto session = SessionOf(*context, request->session_id(), &ws);
   if (!session.ok()) return ToGrpc(session.status());
+  // Before the degraded-restore hook (no decoding for a uid refused anyway)
+  // and after it (the rebuild it waits for may bring the job's owner).
+  if (absl::Status st = CheckSessionOwner(ws, *session); !st.ok()) return ToGrpc(st);
   if (before_restore_) before_restore_(*session);
   if (absl::Status st = CheckSessionOwner(ws, *session); !st.ok()) return ToGrpc(st);
   auto lease = store_->Restore(*session, request->step());

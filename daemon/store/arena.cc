@@ -66,6 +66,10 @@ std::string WindowOwner(const std::string& job_id, uint32_t rank) {
   return absl::StrCat(job_id, std::string(1, '\0'), rank);
 }
 
+std::string RebuiltWindowOwner(const std::string& job_id, uint32_t rank) {
+  return absl::StrCat(WindowOwner(job_id, rank), std::string(1, '\0'), "rebuilt");
+}
+
 struct Arena::IndexEntry {
   uint64_t valid;  // kEntryValid when published
   uint64_t sequence;
@@ -485,6 +489,19 @@ void Arena::ReclaimWindowLocked(uint64_t offset) {
   windows_.erase(it);  // closes the file: its pages go once trainers unmap them
   BackRangeLocked(offset, bytes);
   AddFreeLocked(offset, bytes);
+}
+
+int Arena::ReclaimSparesOfJob(const std::string& job_id) {
+  const std::string prefix = job_id + std::string(1, '\0');
+  absl::MutexLock lock(&mu_);
+  std::vector<uint64_t> spares;
+  for (const auto& [offset, w] : windows_) {
+    if (w.state == Window::State::kSpare && w.owner.compare(0, prefix.size(), prefix) == 0) {
+      spares.push_back(offset);
+    }
+  }
+  for (uint64_t offset : spares) ReclaimWindowLocked(offset);
+  return static_cast<int>(spares.size());
 }
 
 bool Arena::ReclaimSparesFor(uint64_t bytes) {

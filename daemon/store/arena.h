@@ -172,6 +172,10 @@ class Arena {
   // window is there or its file is not `file_id`.
   absl::StatusOr<WindowFile> OpenWindow(const ArenaExtent& extent, uint64_t file_id,
                                         bool writable, bool spare = false) const;
+  // Removes every spare of the windows of `job_id` (any rank): a trainer that
+  // may still map one writable (a uid displaced as the job's owner) never
+  // sees the job's bytes in it. Returns how many went.
+  int ReclaimSparesOfJob(const std::string& job_id);
   // Window files mapped now, spares and adopted ones included.
   size_t window_files() const;
 
@@ -312,6 +316,9 @@ class Arena {
 
 // The owner of a rank's windows: spares go back to the same job and rank.
 std::string WindowOwner(const std::string& job_id, uint32_t rank);
+// The owner of the windows the daemon fills itself for `rank` of `job_id`
+// (rebuilt ranks): never handed out writable, so never a file a trainer maps.
+std::string RebuiltWindowOwner(const std::string& job_id, uint32_t rank);
 
 }  // namespace ecsnap::daemon
 

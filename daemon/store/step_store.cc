@@ -83,6 +83,7 @@ AdoptReport StepStore::Adopt() {
   // (job, step) -> the ranks whose records verify.
   std::map<std::pair<std::string, uint64_t>, std::vector<std::shared_ptr<RankData>>> found;
   std::map<std::string, std::vector<uint32_t>> job_ranks;
+  std::map<std::string, uint64_t> owner_step;  // job -> step whose record gave the owner
   std::vector<std::shared_ptr<RankData>> all;
   for (const ArenaRecord& rec : arena_->TakeAdoptedRecords(RecordKind::kRank)) {
     auto drop = [&](const std::string& why) {
@@ -122,7 +123,13 @@ AdoptReport StepStore::Adopt() {
     rd->manifest = r.manifest();
     found[{r.job_id(), r.step()}].push_back(rd);
     job_ranks[r.job_id()].assign(r.local_ranks().begin(), r.local_ranks().end());
-    if (r.has_owner_uid()) owners_[r.job_id()] = r.owner_uid();
+    // The owner of the job's newest step decides (records of older steps may
+    // name an owner the job had before it was dropped and made again).
+    if (r.has_owner_uid() && r.step() >= owner_step[r.job_id()]) {
+      owners_[r.job_id()] = r.owner_uid();
+      owner_step[r.job_id()] = r.step();
+      owner_from_data_.insert(r.job_id());
+    }
   }
   for (auto& [key, ranks] : found) {
     const std::vector<uint32_t>& expected = job_ranks[key.first];
@@ -804,14 +811,41 @@ absl::Status StepStore::ClaimJob(const std::string& job_id, uint32_t uid, uint32
 }
 
 void StepStore::SetOwnerFromGroup(const std::string& job_id, uint32_t uid) {
-  absl::MutexLock lock(&mu_);
-  auto [it, fresh] = owners_.try_emplace(job_id, uid);
-  if (!fresh && it->second != uid) {
-    Log("job %s: claimed here by uid %d since this node came back, but its data, rebuilt from "
-        "the group, belongs to uid %d; uid %d is refused from now on",
-        job_id, it->second, uid, it->second);
+  if (!ValidJobId(job_id, options_.limits.max_job_id_bytes)) return;
+  int spares = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    auto [it, fresh] = owners_.try_emplace(job_id, uid);
+    const bool from_data = owner_from_data_.insert(job_id).second == false;
+    if (fresh || it->second == uid) return;
+    if (from_data) {
+      // This node's own records name the owner: they are newer than what a
+      // peer kept of a job since dropped and made again.
+      return;
+    }
+    // A uid claimed the job here since this node came back empty: what it
+    // wrote meanwhile is not the job's. Its open steps and the steps it
+    // committed go, and so do the spare windows it may still map.
+    const uint32_t displaced = it->second;
     it->second = uid;
+    auto job = jobs_.find(job_id);
+    if (job != jobs_.end()) {
+      for (const auto& [rank, id] : job->second->sessions) {
+        auto ses = sessions_.find(id);
+        if (ses != sessions_.end()) DiscardOpenRank(ses->second.get());
+      }
+      std::vector<uint64_t> steps;
+      for (const auto& [n, st] : job->second->steps) steps.push_back(n);
+      for (uint64_t n : steps) EraseStep(*job->second, n);
+      job->second->last_committed.clear();
+    }
+    Log("job %s: claimed here by uid %d since this node came back, but its data, rebuilt from "
+        "the group, belongs to uid %d; uid %d is refused from now on and what it wrote here is "
+        "dropped",
+        job_id, displaced, uid, displaced);
   }
+  spares = arena_->ReclaimSparesOfJob(job_id);
+  if (spares > 0) Log("job %s: %d spare windows of the displaced uid removed", job_id, spares);
 }
 
 absl::StatusOr<std::pair<uint32_t, uint64_t>> StepStore::Drop(const std::string& job_id,
@@ -821,7 +855,10 @@ absl::StatusOr<std::pair<uint32_t, uint64_t>> StepStore::Drop(const std::string&
   if (it == jobs_.end()) {
     // A job claimed on the socket that never attached or committed: dropping
     // it whole frees its name.
-    if (step == 0 && owners_.erase(job_id) > 0) return std::make_pair(0u, uint64_t{0});
+    if (step == 0 && owners_.erase(job_id) > 0) {
+      owner_from_data_.erase(job_id);
+      return std::make_pair(0u, uint64_t{0});
+    }
     return absl::NotFoundError(absl::StrFormat("job %s is not held by this daemon", job_id));
   }
   Job& job = *it->second;
@@ -831,6 +868,7 @@ absl::StatusOr<std::pair<uint32_t, uint64_t>> StepStore::Drop(const std::string&
   }
   if (steps.empty() && step == 0) {
     owners_.erase(job_id);
+    owner_from_data_.erase(job_id);
     if (job.sessions.empty()) jobs_.erase(it);
     return std::make_pair(0u, uint64_t{0});
   }
@@ -844,6 +882,7 @@ absl::StatusOr<std::pair<uint32_t, uint64_t>> StepStore::Drop(const std::string&
   }
   if (step == 0 && job.sessions.empty()) {
     owners_.erase(job_id);
+    owner_from_data_.erase(job_id);
     jobs_.erase(it);
   }
   return std::make_pair(static_cast<uint32_t>(steps.size()), bytes);

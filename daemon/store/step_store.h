@@ -30,6 +30,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -233,11 +234,13 @@ class StepStore {
   // that re-adopts the job's steps keeps it; it is forgotten with the job.
   // RESOURCE_EXHAUSTED past 65536 owned jobs (but for `exempt_uid`).
   absl::Status ClaimJob(const std::string& job_id, uint32_t uid, uint32_t exempt_uid);
-  // The owner the group recorded for `job_id` (the SlotManifest of ranks this
-  // node rebuilds). It wins over a claim made here since the node came back
-  // empty: the job's data decides whose it is. A uid that claimed it
-  // meanwhile is refused from then on (ClaimJob is asked again at every
-  // restore and snapshot).
+  // The owner the group recorded for `job_id` (the SlotManifest this slot's
+  // peers keep of its payload). It wins over a claim made here since the
+  // node came back empty, but not over an owner this node's own records
+  // name: the job's data decides whose it is. A displaced uid is refused from
+  // then on (ClaimJob is asked again at every call of an attached session),
+  // its open and committed steps of the job are dropped and the job's spare
+  // windows (which it may still map) removed.
   void SetOwnerFromGroup(const std::string& job_id, uint32_t uid);
   // Recomputes every committed tensor checksum of `job_id` (empty: all jobs)
   // at `step` (0: all steps).
@@ -356,6 +359,9 @@ class StepStore {
   mutable absl::Mutex mu_;
   std::map<std::string, std::unique_ptr<Job>> jobs_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, uint32_t> owners_ ABSL_GUARDED_BY(mu_);  // job -> owner uid
+  // Jobs whose owner came from data (this node's records, or the group): a
+  // later word from the group does not override those.
+  std::set<std::string> owner_from_data_ ABSL_GUARDED_BY(mu_);
   std::map<uint64_t, std::unique_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t step_seq_ ABSL_GUARDED_BY(mu_) = 0;  // steps opened by trainers so far

@@ -395,14 +395,28 @@ TEST_F(StepStoreTest, TheGroupsOwnerWinsOverAClaimMadeSinceTheNodeCameBack) {
     ASSERT_TRUE(payload->owner_uid.has_value());
     EXPECT_EQ(*payload->owner_uid, kOwner);  // what the peers are told
   }
-  std::filesystem::remove_all(dir_);  // the node comes back empty
+  // The node comes back empty; a squatter attaches first, commits a step
+  // newer than the group's, leaves its old windows as spares it may still
+  // map, and opens another step.
+  std::filesystem::remove_all(dir_);
   Open();
   store_->Adopt();
-  ASSERT_TRUE(store_->ClaimJob("job", kSquatter, kDaemon).ok());  // first to attach
-  store_->SetOwnerFromGroup("job", kOwner);                        // the rebuild learns
+  ASSERT_TRUE(store_->ClaimJob("job", kSquatter, kDaemon).ok());
+  auto squat = *store_->Attach("job", 0, {0});
+  ASSERT_TRUE(Put(squat, 5, MakeState(5, {4096})).ok());
+  ASSERT_TRUE(Put(squat, 6, MakeState(6, {4096})).ok());
+  ASSERT_TRUE(store_->BeginRank(squat, 7, 4096).ok());
+  ASSERT_GT(arena_->window_files(), 0u);
+  store_->SetOwnerFromGroup("job", kOwner);  // the group's word
   absl::Status refused = store_->ClaimJob("job", kSquatter, kDaemon);
   EXPECT_EQ(refused.code(), absl::StatusCode::kPermissionDenied) << refused;
   EXPECT_TRUE(store_->ClaimJob("job", kOwner, kDaemon).ok());
+  // What the squatter wrote is gone, open or committed, and so are the
+  // job's spare windows: nothing it maps is ever the job's again.
+  EXPECT_TRUE(store_->ListSteps("job").empty());
+  EXPECT_FALSE(store_->CommitRank(squat, 7, MakeState(7, {4096}).manifest).ok());
+  EXPECT_EQ(arena_->window_files(), 0u);
+  EXPECT_TRUE(arena_->CheckConsistency().ok()) << arena_->CheckConsistency();
   // What is rebuilt now is recorded as the owner's: a restart keeps it.
   RankState s = MakeState(2, {8192});
   auto extent = *arena_->AllocateWindow(s.bytes.size(), WindowOwner("job", 0));
@@ -411,6 +425,12 @@ TEST_F(StepStoreTest, TheGroupsOwnerWinsOverAClaimMadeSinceTheNodeCameBack) {
   ASSERT_TRUE(store_->InstallRebuilt("job", 1, {0}, ranks).ok());
   Open();
   store_->Adopt();
+  EXPECT_EQ(store_->ClaimJob("job", kSquatter, kDaemon).code(),
+            absl::StatusCode::kPermissionDenied);
+  // Once this node's own records name the owner, a peer's older word does
+  // not override it (a job dropped and made again keeps its new owner).
+  store_->SetOwnerFromGroup("job", kSquatter);
+  EXPECT_TRUE(store_->ClaimJob("job", kOwner, kDaemon).ok());
   EXPECT_EQ(store_->ClaimJob("job", kSquatter, kDaemon).code(),
             absl::StatusCode::kPermissionDenied);
 }

@@ -96,9 +96,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         if (!notice.ParseFromArray(body, body_size)) break;
         uint64_t step = 0;
         if (!CheckJobNotice(*layout, notice, &step).ok()) break;
-        Check(notice.slot() < static_cast<uint32_t>(n) && step != 0,
-              "a job notice passed out of range");
+        Check(notice.slot() < static_cast<uint32_t>(n), "a job notice passed out of range");
         if (!CheckPeerStep(notice.job_id(), step).ok()) break;
+        Check(step != 0 && step != UINT64_MAX, "a job notice passed with a step that cannot be");
         job = notice.job_id();
         if (notice.has_rewound_to()) store.DropAbove(job, notice.rewound_to());
         if (notice.has_abandoned_step()) store.MarkAbandoned(job, step);
