@@ -241,8 +241,12 @@ absl::Status Daemon::StartPeerPlane(uint32_t slot) {
   protector_ = std::make_unique<Protector>(store_.get(), parity_.get(), *group, *layout, po);
   Rebuilder::Options ro;
   ro.bytes_per_second = cc.rebuild_bytes_per_sec();
+  // Enough threads for every fetch of the widest rebuild in flight (k per
+  // stripe, a few stripes at once); more wait their turn.
+  fetch_executor_ = std::make_unique<Executor>(16, 64);
   rebuilder_ = std::make_unique<Rebuilder>(arena_.get(), store_.get(), parity_.get(),
-                                           protector_.get(), codec_.get(), ro);
+                                           protector_.get(), codec_.get(), fetch_executor_.get(),
+                                           ro);
   Protector* protector = protector_.get();
   store_->SetLocalListener(
       [protector](const std::string& job, uint64_t step) { protector->OnLocal(job, step); });

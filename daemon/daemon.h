@@ -12,6 +12,7 @@
 #include <grpcpp/server.h>
 
 #include "absl/status/statusor.h"
+#include "common/executor.h"
 #include "daemon/service/admin_service.h"
 #include "daemon/store/arena.h"
 #include "daemon/peer/group.h"
@@ -58,6 +59,9 @@ class Daemon {
   std::unique_ptr<ec::Codec> codec_;
   std::unique_ptr<ParityStore> parity_;
   std::unique_ptr<Protector> protector_;
+  // Runs the rebuild's survivor fetches (k per slice): a fixed set of threads
+  // instead of one started per fetch. Outlives the rebuilder.
+  std::unique_ptr<Executor> fetch_executor_;
   std::unique_ptr<Rebuilder> rebuilder_;
   std::unique_ptr<PeerService> peer_service_;
   std::unique_ptr<grpc::Server> peer_server_;

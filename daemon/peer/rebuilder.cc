@@ -32,12 +32,13 @@ constexpr uint64_t kMaxInFlightBytes = uint64_t{512} << 20;
 }  // namespace
 
 Rebuilder::Rebuilder(Arena* arena, StepStore* store, ParityStore* parity, Protector* protector,
-                     const ec::Codec* codec, Options options)
+                     const ec::Codec* codec, Executor* fetches, Options options)
     : arena_(arena),
       store_(store),
       parity_(parity),
       protector_(protector),
       codec_(codec),
+      fetches_(fetches),
       options_(options) {
   // Active until the first pass (run at start) ends: a restore that comes
   // first waits for it instead of finding nothing.
@@ -210,9 +211,9 @@ absl::Status Rebuilder::DecodeSlice(const Current& c, int s, int target,
   if (bufs.size() < use.size()) bufs.resize(use.size());
   std::vector<size_t> sizes(use.size(), 0);
   std::vector<absl::Status> got(use.size());
-  std::vector<std::thread> fetchers;
+  std::vector<std::function<void()>> fetches;
   for (size_t i = 0; i < use.size(); ++i) {
-    fetchers.emplace_back([&, i] {
+    fetches.push_back([&, i] {
       const int q = use[i];
       auto holders = c.view->held.find({s, q});
       if (holders == c.view->held.end() || holders->second.empty()) {
@@ -257,7 +258,7 @@ absl::Status Rebuilder::DecodeSlice(const Current& c, int s, int target,
       }
     });
   }
-  for (auto& f : fetchers) f.join();
+  fetches_->RunAll(std::move(fetches));
   for (size_t i = 0; i < use.size(); ++i) {
     if (!got[i].ok()) {
       // The peer retired the step (a newer one is protected): not a lost chunk.

@@ -27,6 +27,7 @@
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "daemon/store/arena.h"
+#include "common/executor.h"
 #include "daemon/peer/group_view.h"
 #include "daemon/peer/parity_store.h"
 #include "daemon/peer/protector.h"
@@ -45,8 +46,10 @@ class Rebuilder {
     uint64_t bytes_per_second = 0;
   };
 
+  // `fetches` runs the survivor fetches of every slice; it must outlive
+  // this object.
   Rebuilder(Arena* arena, StepStore* store, ParityStore* parity, Protector* protector,
-            const ec::Codec* codec, Options options);
+            const ec::Codec* codec, Executor* fetches, Options options);
 
   // One pass over every job (or `job_id`): rebuild what this slot lacks.
   // Returns the first error; the others are logged.
@@ -102,6 +105,7 @@ class Rebuilder {
   ParityStore* const parity_;
   Protector* const protector_;
   const ec::Codec* const codec_;
+  Executor* const fetches_;
   const Options options_;
 
   std::atomic<bool> stopping_{false};
