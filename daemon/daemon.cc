@@ -232,6 +232,7 @@ absl::Status Daemon::StartPeerPlane(uint32_t slot) {
   Protector::Options po;
   po.peer_timeout_ms = cc.peer_timeout_ms();
   po.retain = config_.daemon().retain();
+  po.tcp_bulk = cc.bulk_transport() == config::Cluster::BULK_TCP;
   const TlsMaterial* tls = this->tls();
   po.credentials = PeerChannelCredentials(tls);
   if (tls != nullptr) {
@@ -255,7 +256,19 @@ absl::Status Daemon::StartPeerPlane(uint32_t slot) {
   store_->SetRetentionGate(protector);
   parity_->SetRowLostListener(
       [protector](const peer::StripeProtected& row) { protector->Announce(row); });
+  chunk_intake_ = std::make_unique<ChunkIntake>(store_.get(), parity_.get(), protector_.get());
+  if (po.tcp_bulk) {
+    BulkServer::Options bo;
+    bo.host = HostOfAddress(listen);
+    bo.port = config_.daemon().bulk_port();
+    bo.workers = std::max(16, 2 * layout->n());
+    bo.ticket_lifetime = absl::Milliseconds(cc.peer_timeout_ms());
+    auto bulk = BulkServer::Listen(bo, protector_->watchdog());
+    if (!bulk.ok()) return bulk.status();
+    bulk_server_ = std::move(*bulk);
+  }
   peer_service_ = std::make_unique<PeerService>(store_.get(), parity_.get(), protector_.get(),
+                                                chunk_intake_.get(), bulk_server_.get(),
                                                 /*authenticated=*/tls != nullptr);
   grpc::ServerBuilder builder;
   Configure(builder);
@@ -267,9 +280,14 @@ absl::Status Daemon::StartPeerPlane(uint32_t slot) {
         absl::StrFormat("cannot serve the peer plane on %s (in use, or no permission)", listen));
   }
   protector_->Start();
-  Log("group %d: slots {%s}, this slot at position %d, RS %d+%d, peer plane on %s (%s)",
+  Log("group %d: slots {%s}, this slot at position %d, RS %d+%d, peer plane on %s (%s), "
+      "chunk bytes %s",
       group->id, absl::StrJoin(group->slots, ", "), group->self, cc.k(), cc.m(), listen,
-      tls != nullptr ? "mutual TLS, peers named by their certificates" : "plaintext");
+      tls != nullptr ? "mutual TLS, peers named by their certificates" : "plaintext",
+      bulk_server_ != nullptr
+          ? absl::StrFormat("over TCP port %d (token-admitted, not encrypted)",
+                            bulk_server_->port())
+          : std::string(tls != nullptr ? "inside the TLS streams" : "inside the gRPC streams"));
   return absl::OkStatus();
 }
 
@@ -282,6 +300,7 @@ bool Daemon::Shutdown() {
   if (rebuilder_) rebuilder_->Stop();
   bool clean = true;
   if (protector_) clean = protector_->Stop(absl::Milliseconds(500));
+  if (bulk_server_) bulk_server_->Stop();
   if (trainer_listener_) trainer_listener_->Stop();
   if (snapshot_service_) snapshot_service_->EndSessions();
   if (data_server_) data_server_->Shutdown(deadline);

@@ -63,6 +63,8 @@ class Daemon {
   // instead of one started per fetch. Outlives the rebuilder.
   std::unique_ptr<Executor> fetch_executor_;
   std::unique_ptr<Rebuilder> rebuilder_;
+  std::unique_ptr<ChunkIntake> chunk_intake_;
+  std::unique_ptr<BulkServer> bulk_server_;  // null with cluster.bulk_transport BULK_GRPC
   std::unique_ptr<PeerService> peer_service_;
   std::unique_ptr<grpc::Server> peer_server_;
   std::thread rebuild_thread_;

@@ -60,6 +60,9 @@ class CallWatchdog {
   // Watches `ctx` from now on. After CancelAll the call is cancelled at once.
   std::unique_ptr<Watch> Start(grpc::ClientContext* ctx);
   std::unique_ptr<Watch> Start(grpc::ServerContext* ctx);
+  // Any other call: `cancel` cuts it (a socket's shutdown). It is never
+  // called once the Watch is gone.
+  std::unique_ptr<Watch> Start(std::function<void()> cancel);
   // Cancels every call in flight and every later one.
   void CancelAll();
   absl::Duration stall() const { return stall_; }
@@ -70,7 +73,6 @@ class CallWatchdog {
     Watch* watch;
     absl::Time last_progress;
   };
-  std::unique_ptr<Watch> Start(std::function<void()> cancel);
   void Loop();
   void Finish(uint64_t id);
   void Touch(uint64_t id);

@@ -1,5 +1,8 @@
 #include "daemon/peer/protector.h"
 
+#include "daemon/peer/grpc_transport.h"
+#include "daemon/peer/tcp_transport.h"
+
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
@@ -72,6 +75,14 @@ Protector::Protector(StepStore* store, ParityStore* parity, Group group, const e
     p.address = group_.addresses[i];
     peers_.push_back(p);
     seen_.push_back(std::chrono::steady_clock::time_point());
+  }
+  std::vector<peer::Peer::Stub*> stubs;
+  for (const auto& stub : stubs_) stubs.push_back(stub.get());
+  if (options.tcp_bulk) {
+    transport_ = std::make_unique<TcpTransport>(std::move(stubs), group_.addresses, group_.slots,
+                                                &watchdog_);
+  } else {
+    transport_ = std::make_unique<GrpcTransport>(std::move(stubs), group_.slots, &watchdog_);
   }
 }
 
@@ -293,40 +304,23 @@ absl::Status Protector::PushChunk(int holder, const std::string& job, uint64_t s
                                   const Payload& payload, const PayloadChunks& chunks,
                                   const peer::SlotStep& me, int p) {
   const ec::Extent e = chunks.Chunk(p);
-  grpc::ClientContext ctx;
-  ctx.set_wait_for_ready(true);  // a peer still starting: wait, while the watchdog allows
-  auto watch = watchdog_.Start(&ctx);
-  peer::PushChunkResponse resp;
-  auto writer = stubs_[holder]->PushChunk(&ctx, &resp);
-  peer::PushChunkMessage msg;
-  peer::PushChunkHeader* h = msg.mutable_header();
-  h->mutable_id()->set_job_id(job);
-  h->mutable_id()->set_step(step);
-  h->mutable_id()->set_stripe(chunks.StripeOf(p));
-  h->mutable_id()->set_position(p);
-  h->set_length(e.length);
-  h->set_crc32c(me.chunk_crc32c(p));
-  *h->mutable_from() = me;
-  bool ok = writer->Write(msg);
-  if (ok) watch->Progress();
-  payload.ForEachPiece(e.offset, e.length, [&](absl::Span<const uint8_t> piece) {
-    for (uint64_t at = 0; ok && at < piece.size(); at += kPeerChunkBytes) {
-      const uint64_t n = std::min<uint64_t>(kPeerChunkBytes, piece.size() - at);
-      msg.set_data(piece.data() + at, n);
-      ok = writer->Write(msg);
-      if (ok) watch->Progress();
-    }
-  });
-  if (ok) writer->WritesDone();
-  absl::Status st = FromGrpc(writer->Finish());
-  if (st.ok()) return st;
-  if (watch->cancelled()) {
-    st = absl::DeadlineExceededError(absl::StrFormat(
-        "no progress for %d ms (peer stopped, or stopping)", options_.peer_timeout_ms));
-  }
-  return absl::Status(st.code(), absl::StrFormat("push of job %s step %d chunk %d to slot %d: %s",
-                                                 job, step, p, group_.slots[holder],
-                                                 st.message()));
+  peer::PushChunkHeader h;
+  h.mutable_id()->set_job_id(job);
+  h.mutable_id()->set_step(step);
+  h.mutable_id()->set_stripe(chunks.StripeOf(p));
+  h.mutable_id()->set_position(p);
+  h.set_length(e.length);
+  h.set_crc32c(me.chunk_crc32c(p));
+  *h.mutable_from() = me;
+  return transport_
+      ->Push(holder, h,
+             [&](const std::function<bool(absl::Span<const uint8_t>)>& piece) {
+               bool more = true;
+               payload.ForEachPiece(e.offset, e.length, [&](absl::Span<const uint8_t> bytes) {
+                 if (more) more = piece(bytes);
+               });
+             })
+      .status();
 }
 
 // ---------------------------------------------------------------------------

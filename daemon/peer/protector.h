@@ -47,15 +47,13 @@
 #include "daemon/peer/group.h"
 #include "daemon/peer/parity_store.h"
 #include "daemon/peer/payload_chunks.h"
+#include "daemon/peer/transport.h"
 #include "daemon/store/step_store.h"
 #include "ec/codec.h"
 #include "ec/layout.h"
 #include "proto/peer.grpc.pb.h"
 
 namespace ecsnap::daemon {
-
-// Payload bytes per PushChunk / GetChunk message.
-inline constexpr uint64_t kPeerChunkBytes = 1 << 20;
 
 struct PeerState {
   int position = 0;
@@ -87,6 +85,9 @@ class Protector : public RetentionGate {
     // Per group position, the name the peer's certificate must carry, so
     // that a call reaches that slot and no other (empty: not checked).
     std::vector<std::string> peer_names;
+    // How chunk bytes travel: over TCP bulk connections (true), or inside
+    // the gRPC streams (false; encrypted under mutual TLS).
+    bool tcp_bulk = true;
   };
 
   // The stores must outlive the protector.
@@ -133,6 +134,8 @@ class Protector : public RetentionGate {
   std::vector<PeerState> Peers() const;
   // A stub to group position `position` (not this slot).
   peer::Peer::Stub* Stub(int position) const { return stubs_[position].get(); }
+  // Where chunk bytes cross to and from peers.
+  PeerTransport* transport() const { return transport_.get(); }
   const Group& group() const { return group_; }
   const ec::Layout& layout() const { return layout_; }
   std::chrono::system_clock::time_point Deadline(uint64_t bytes) const;
@@ -201,6 +204,7 @@ class Protector : public RetentionGate {
   const Options options_;
   std::vector<std::unique_ptr<peer::Peer::Stub>> stubs_;
   CallWatchdog watchdog_;
+  std::unique_ptr<PeerTransport> transport_;
 
   mutable absl::Mutex mu_;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;

@@ -231,9 +231,6 @@ absl::Status Rebuilder::DecodeSlice(const Current& c, int s, int target,
       if (bufs[i].size() < want) bufs[i].resize(want);
       sizes[i] = want;
       if (want == 0) return;
-      grpc::ClientContext ctx;
-      // Cut when it stops moving (or at shutdown), not at a guessed deadline.
-      auto watch = protector_->watchdog()->Start(&ctx);
       peer::GetChunkRequest req;
       req.mutable_id()->set_job_id(c.job);
       req.mutable_id()->set_step(c.step);
@@ -241,18 +238,8 @@ absl::Status Rebuilder::DecodeSlice(const Current& c, int s, int target,
       req.mutable_id()->set_position(q);
       req.set_offset(from);
       req.set_length(want);
-      auto reader = protector_->Stub(holder)->GetChunk(&ctx, req);
-      peer::GetChunkMessage msg;
-      uint64_t filled = 0;
-      while (reader->Read(&msg)) {
-        watch->Progress();
-        if (msg.has_header()) continue;
-        const uint64_t nbytes = std::min<uint64_t>(msg.data().size(), want - filled);
-        std::memcpy(bufs[i].data() + filled, msg.data().data(), nbytes);
-        filled += nbytes;
-      }
-      got[i] = FromGrpc(reader->Finish());
-      if (got[i].ok() && filled != want) got[i] = absl::DataLossError("short chunk");
+      got[i] = protector_->transport()->Fetch(holder, req,
+                                              absl::MakeSpan(bufs[i]).first(want));
       if (crcs != nullptr) {
         (*crcs)[q] = ec::Crc32c(absl::MakeConstSpan(bufs[i]).first(want), (*crcs)[q]);
       }

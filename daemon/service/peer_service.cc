@@ -8,6 +8,7 @@
 #include "absl/strings/str_join.h"
 #include "common/grpc_status.h"
 #include "daemon/store/manifest_check.h"
+#include "daemon/peer/grpc_transport.h"
 #include "daemon/peer/payload_chunks.h"
 #include "daemon/peer/peer_checks.h"
 #include "daemon/service/tls.h"
@@ -22,11 +23,23 @@ grpc::Status Stalled() {
                       "stopping); its row was dropped");
 }
 
+grpc::Status NoBulk() {
+  return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                      "this daemon moves chunk bytes inside the gRPC streams "
+                      "(cluster.bulk_transport BULK_GRPC): every daemon of a cluster must "
+                      "read the same cluster file");
+}
+
 }  // namespace
 
 PeerService::PeerService(StepStore* store, ParityStore* parity, Protector* protector,
-                         bool authenticated)
-    : store_(store), parity_(parity), protector_(protector), authenticated_(authenticated) {}
+                         ChunkIntake* intake, BulkServer* bulk, bool authenticated)
+    : store_(store),
+      parity_(parity),
+      protector_(protector),
+      intake_(intake),
+      bulk_(bulk),
+      authenticated_(authenticated) {}
 
 grpc::Status PeerService::Admit(const grpc::ServerContext& context, int position) const {
   if (!authenticated_) return grpc::Status::OK;  // plaintext: loopback only (config check)
@@ -51,6 +64,17 @@ grpc::Status PeerService::Admit(const grpc::ServerContext& context, int position
                                       group.id, absl::StrJoin(group.slots, ", "), named));
 }
 
+grpc::Status PeerService::CheckPush(const grpc::ServerContext& context,
+                                    const peer::PushChunkHeader& h) const {
+  // Everything is checked before anything is recorded or reserved: a refused
+  // push leaves no trace. The sender must be the slot that owns this data
+  // position, and the length the one its announced payload gives.
+  const ec::Layout& layout = protector_->layout();
+  if (absl::Status st = CheckPushShape(layout, h); !st.ok()) return ToGrpc(st);
+  if (grpc::Status st = Admit(context, static_cast<int>(h.from().slot())); !st.ok()) return st;
+  return ToGrpc(CheckPushContent(layout, h));
+}
+
 grpc::Status PeerService::PushChunk(grpc::ServerContext* context,
                                     grpc::ServerReader<peer::PushChunkMessage>* reader,
                                     peer::PushChunkResponse* response) {
@@ -66,57 +90,46 @@ grpc::Status PeerService::PushChunk(grpc::ServerContext* context,
   }
   watch->Progress();
   const peer::PushChunkHeader h = msg.header();
-  const ec::Layout& layout = protector_->layout();
-  // Everything is checked before anything is recorded or reserved: a refused
-  // push leaves no trace. The sender must be the slot that owns this data
-  // position, and the length the one its announced payload gives.
-  if (absl::Status st = CheckPushShape(layout, h); !st.ok()) return ToGrpc(st);
-  if (grpc::Status st = Admit(*context, static_cast<int>(h.from().slot())); !st.ok()) return st;
-  if (absl::Status st = CheckPushContent(layout, h); !st.ok()) return ToGrpc(st);
-  auto fold = parity_->BeginFold(h.id().job_id(), h.id().step(), h.id().stripe(),
-                                 h.id().position(), h.length(), h.crc32c());
-  if (!fold.ok()) return ToGrpc(fold.status());
-  // What the sender says of its step counts once its bytes did: a push that
-  // breaks changes nothing here but the row it reset.
-  auto learn = [&] {
-    parity_->RecordSlot(h.id().job_id(), h.id().step(), h.from());
-    protector_->OnPeerStep(h.id().job_id(), h.id().step());
-  };
-  // Folded before: answer at once (the sender stops sending), and announce
-  // the row again if it is complete: the first notice may have died with a
-  // restart of this daemon before every peer heard it.
-  if (*fold == nullptr) {
-    learn();
-    auto notice = parity_->CompleteNotice(h.id().job_id(), h.id().step(), h.id().stripe());
-    if (notice.has_value()) protector_->Announce(*notice);
-    return grpc::Status::OK;
-  }
+  if (grpc::Status st = CheckPush(*context, h); !st.ok()) return st;
+  auto sink = intake_->BeginPush(h);
+  if (!sink.ok()) return ToGrpc(sink.status());
+  if (*sink == nullptr) return grpc::Status::OK;  // folded before: the sender stops sending
   while (reader->Read(&msg)) {
     watch->Progress();
-    absl::Status st = parity_->FoldPiece(
-        **fold, absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(msg.data().data()),
-                                          msg.data().size()));
-    if (!st.ok()) {
-      parity_->AbortFold(**fold);
-      return ToGrpc(st);
-    }
+    absl::Status st = (*sink)->Piece(absl::Span<const uint8_t>(
+        reinterpret_cast<const uint8_t*>(msg.data().data()), msg.data().size()));
+    if (!st.ok()) return ToGrpc(st);
   }
   // The stream ended without the sender's WritesDone (cut by the watchdog,
   // cancelled by the sender, its connection gone): whatever arrived is
   // given up as a broken push, never checked as a complete one.
   if (watch->cancelled() || context->IsCancelled()) {
-    parity_->AbortFold(**fold);
+    (*sink)->Abort();
     return watch->cancelled() ? Stalled()
                               : grpc::Status(grpc::StatusCode::CANCELLED,
                                              "the push ended before its last byte");
   }
-  auto notice = parity_->EndFold(**fold);
-  if (!notice.ok()) return ToGrpc(notice.status());
-  learn();
-  if (notice->has_value()) {
-    response->set_stripe_complete(true);
-    protector_->Announce(**notice);
+  auto complete = (*sink)->End();
+  if (!complete.ok()) return ToGrpc(complete.status());
+  response->set_stripe_complete(*complete);
+  return grpc::Status::OK;
+}
+
+grpc::Status PeerService::OpenPush(grpc::ServerContext* context,
+                                   const peer::PushChunkHeader* request,
+                                   peer::BulkTicket* response) {
+  if (bulk_ == nullptr) return NoBulk();
+  if (grpc::Status st = CheckPush(*context, *request); !st.ok()) return st;
+  auto sink = intake_->BeginPush(*request);
+  if (!sink.ok()) return ToGrpc(sink.status());
+  if (*sink == nullptr) {
+    response->set_folded(true);
+    return grpc::Status::OK;
   }
+  auto token = bulk_->IssuePush(request->length(), std::move(*sink));
+  if (!token.ok()) return ToGrpc(token.status());
+  response->set_token(*token);
+  response->set_port(bulk_->port());
   return grpc::Status::OK;
 }
 
@@ -147,59 +160,58 @@ grpc::Status PeerService::NotifyJob(grpc::ServerContext* context, const peer::Jo
   return ToGrpc(protector_->OnJobNotice(*request));
 }
 
+absl::StatusOr<PinnedChunk> PeerService::PinChunk(const grpc::ServerContext& context,
+                                                  const peer::ChunkId& id,
+                                                  grpc::Status* refused) const {
+  *refused = Admit(context, -1);
+  if (!refused->ok()) return absl::PermissionDeniedError("refused");
+  const int self = protector_->group().self;
+  if (absl::Status st = CheckGetChunk(protector_->layout(), self, id); !st.ok()) return st;
+  return intake_->Pin(id);
+}
+
 grpc::Status PeerService::GetChunk(grpc::ServerContext* context,
                                    const peer::GetChunkRequest* request,
                                    grpc::ServerWriter<peer::GetChunkMessage>* writer) {
-  if (grpc::Status st = Admit(*context, -1); !st.ok()) return st;
-  const peer::ChunkId& id = request->id();
-  const ec::Layout& layout = protector_->layout();
-  const int self = protector_->group().self;
-  if (absl::Status st = CheckGetChunk(layout, self, id); !st.ok()) return ToGrpc(st);
-  // The bytes to send, pinned while they are sent.
-  std::shared_ptr<void> pin;
-  std::function<void(uint64_t, uint64_t, const std::function<void(absl::Span<const uint8_t>)>&)>
-      each;
-  uint64_t length = 0;
-  uint32_t crc = 0;
-  Payload payload;
-  ParityStore::PinnedRow row;
-  if (id.position() < static_cast<uint32_t>(layout.k())) {
-    auto p = store_->PinPayload(id.job_id(), id.step());
-    if (!p.ok()) return ToGrpc(p.status());
-    payload = std::move(*p);
-    const ec::Extent e =
-        PayloadChunks(layout, self, payload.RankBytes()).Chunk(static_cast<int>(id.position()));
-    length = e.length;
-    each = [&payload, e](uint64_t off, uint64_t len,
-                         const std::function<void(absl::Span<const uint8_t>)>& fn) {
-      payload.ForEachPiece(e.offset + off, len, fn);
-    };
-  } else {
-    auto r = parity_->Row(id.job_id(), id.step(), id.stripe());
-    if (!r.ok()) return ToGrpc(r.status());
-    row = std::move(*r);
-    length = row.bytes.size();
-    crc = row.crc32c;
-    each = [&row](uint64_t off, uint64_t len,
-                  const std::function<void(absl::Span<const uint8_t>)>& fn) {
-      fn(row.bytes.subspan(off, len));
-    };
-  }
-  const auto [offset, want] = GetChunkRange(length, request->offset(), request->length());
+  grpc::Status refused;
+  auto chunk = PinChunk(*context, request->id(), &refused);
+  if (!refused.ok()) return refused;
+  if (!chunk.ok()) return ToGrpc(chunk.status());
+  const auto [offset, want] = GetChunkRange(chunk->length, request->offset(), request->length());
   peer::GetChunkMessage msg;
-  msg.mutable_header()->mutable_id()->CopyFrom(id);
-  msg.mutable_header()->set_length(length);
-  msg.mutable_header()->set_crc32c(crc);
+  msg.mutable_header()->mutable_id()->CopyFrom(request->id());
+  msg.mutable_header()->set_length(chunk->length);
+  msg.mutable_header()->set_crc32c(chunk->crc32c);
   if (!writer->Write(msg)) return grpc::Status::CANCELLED;
   bool ok = true;
-  each(offset, want, [&](absl::Span<const uint8_t> piece) {
+  chunk->read(offset, want, [&](absl::Span<const uint8_t> piece) {
     for (uint64_t at = 0; ok && at < piece.size(); at += kPeerChunkBytes) {
       const uint64_t n = std::min<uint64_t>(kPeerChunkBytes, piece.size() - at);
       msg.set_data(piece.data() + at, n);
       ok = !context->IsCancelled() && writer->Write(msg);
     }
+    return ok;
   });
   return ok ? grpc::Status::OK : grpc::Status::CANCELLED;
+}
+
+grpc::Status PeerService::OpenRead(grpc::ServerContext* context,
+                                   const peer::GetChunkRequest* request,
+                                   peer::BulkTicket* response) {
+  if (bulk_ == nullptr) return NoBulk();
+  grpc::Status refused;
+  auto chunk = PinChunk(*context, request->id(), &refused);
+  if (!refused.ok()) return refused;
+  if (!chunk.ok()) return ToGrpc(chunk.status());
+  const auto [offset, want] = GetChunkRange(chunk->length, request->offset(), request->length());
+  response->mutable_header()->mutable_id()->CopyFrom(request->id());
+  response->mutable_header()->set_length(chunk->length);
+  response->mutable_header()->set_crc32c(chunk->crc32c);
+  auto token = bulk_->IssueRead(std::move(*chunk), offset, want);
+  if (!token.ok()) return ToGrpc(token.status());
+  response->set_token(*token);
+  response->set_port(bulk_->port());
+  return grpc::Status::OK;
 }
 
 grpc::Status PeerService::Inventory(grpc::ServerContext* context,

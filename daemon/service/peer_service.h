@@ -7,8 +7,10 @@
 #include <chrono>
 #include <string>
 
+#include "daemon/peer/chunk_intake.h"
 #include "daemon/peer/parity_store.h"
 #include "daemon/peer/protector.h"
+#include "daemon/peer/tcp_transport.h"
 #include "daemon/store/step_store.h"
 #include "proto/peer.grpc.pb.h"
 
@@ -19,7 +21,10 @@ class PeerService final : public peer::Peer::Service {
   // `authenticated`: the peer plane is mutual TLS, and a message about a
   // group position is accepted only from that slot's certificate (reads
   // only from the group's); false: plaintext, loopback only.
-  PeerService(StepStore* store, ParityStore* parity, Protector* protector, bool authenticated);
+  // `bulk` may be null: chunk bytes then travel only inside the gRPC streams
+  // (cluster.bulk_transport BULK_GRPC), and OpenPush/OpenRead are refused.
+  PeerService(StepStore* store, ParityStore* parity, Protector* protector, ChunkIntake* intake,
+              BulkServer* bulk, bool authenticated);
 
   grpc::Status PushChunk(grpc::ServerContext* context,
                          grpc::ServerReader<peer::PushChunkMessage>* reader,
@@ -34,15 +39,29 @@ class PeerService final : public peer::Peer::Service {
                          peer::InventoryResponse* response) override;
   grpc::Status Ping(grpc::ServerContext*, const peer::PingRequest*,
                     peer::PingResponse* response) override;
+  // The TCP bulk transport's control half: the same checks as PushChunk and
+  // GetChunk, then a ticket for one bulk connection.
+  grpc::Status OpenPush(grpc::ServerContext* context, const peer::PushChunkHeader* request,
+                        peer::BulkTicket* response) override;
+  grpc::Status OpenRead(grpc::ServerContext* context, const peer::GetChunkRequest* request,
+                        peer::BulkTicket* response) override;
 
  private:
   // OK when the caller may speak for group position `position` (-1: for
   // any peer of the group); PERMISSION_DENIED otherwise.
   grpc::Status Admit(const grpc::ServerContext& context, int position) const;
+  // Every check of a push header, before anything is recorded or reserved.
+  grpc::Status CheckPush(const grpc::ServerContext& context, const peer::PushChunkHeader& h) const;
+  // The checks of a chunk read, then the chunk's bytes pinned. A caller the
+  // plane refuses gets `refused` set (and a non-OK result).
+  absl::StatusOr<PinnedChunk> PinChunk(const grpc::ServerContext& context, const peer::ChunkId& id,
+                                       grpc::Status* refused) const;
 
   StepStore* const store_;
   ParityStore* const parity_;
   Protector* const protector_;
+  ChunkIntake* const intake_;
+  BulkServer* const bulk_;
   const bool authenticated_;
   const std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
 };

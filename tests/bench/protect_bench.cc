@@ -53,6 +53,9 @@ ABSL_FLAG(int, k, 2, "Data chunks per stripe.");
 ABSL_FLAG(bool, tls, false,
           "Mutual TLS on the peer plane (as deployed off loopback); default plaintext, so that "
           "the figures compare with the TCP baseline, which is plaintext too.");
+ABSL_FLAG(std::string, bulk, "tcp",
+          "How chunk bytes travel between daemons: tcp (cluster.bulk_transport BULK_TCP, the "
+          "default) or grpc (BULK_GRPC, inside the peer streams).");
 ABSL_FLAG(int, m, 2, "Parity chunks per stripe.");
 ABSL_FLAG(int, latency_steps, 20,
           "Small steps snapshotted after the rebuild, one at a time, to time LOCAL -> PROTECTED "
@@ -145,6 +148,14 @@ int main(int argc, char** argv) {
 
   ecsnap::testing::DaemonProcess::Options o;
   o.tls = absl::GetFlag(FLAGS_tls);
+  if (absl::GetFlag(FLAGS_bulk) == "grpc") {
+    o.cluster_fields = "  bulk_transport: BULK_GRPC\n";
+  } else if (absl::GetFlag(FLAGS_bulk) != "tcp") {
+    std::fprintf(stderr, "protect_bench: --bulk is tcp or grpc\n");
+    return 2;
+  }
+  std::printf("bulk transport: %s%s\n", absl::GetFlag(FLAGS_bulk).c_str(),
+              o.tls ? ", peer plane mutual TLS" : ", plaintext");
   // The step and its parity (m/k), plus the next step's window: slack.
   o.arena_bytes = ((bytes + bytes * m / k) * 3 / 2 + (64 << 20)) / 4096 * 4096;
   // n arenas, the bench's own copy of every node's state, and the TCP

@@ -1,0 +1,524 @@
+#include "daemon/peer/tcp_transport.h"
+
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+
+#include <openssl/crypto.h>
+#include <openssl/rand.h>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/string_view.h"
+#include "common/grpc_status.h"
+#include "common/log.h"
+#include "daemon/peer/grpc_transport.h"
+#include "daemon/peer/peer_checks.h"
+
+namespace ecsnap::daemon {
+namespace {
+
+constexpr char kMagic[8] = {'E', 'C', 'S', 'N', 'A', 'P', 'B', '1'};
+constexpr size_t kTokenBytes = 16;
+constexpr size_t kHelloBytes = sizeof(kMagic) + kTokenBytes;
+constexpr uint32_t kMaxMessage = 1024;
+// Bytes a push is received in before they are folded: small enough to stay
+// in the cache between the socket's copy and the fold.
+constexpr size_t kReceiveBytes = 256 << 10;
+// Bytes handed to one send(2): progress is reported between them.
+constexpr size_t kSendBytes = 4 << 20;
+
+std::string Errno(const char* what) { return absl::StrFormat("%s: %s", what, std::strerror(errno)); }
+
+// Sends all of `data`; false when the connection broke (or was cut).
+bool SendAll(int fd, absl::Span<const uint8_t> data, CallWatchdog::Watch* watch) {
+  size_t at = 0;
+  while (at < data.size()) {
+    const size_t want = std::min(kSendBytes, data.size() - at);
+    const ssize_t n = ::send(fd, data.data() + at, want, MSG_NOSIGNAL);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    at += static_cast<size_t>(n);
+    watch->Progress();
+  }
+  return true;
+}
+
+// Receives exactly `into.size()` bytes; false when the connection ended first.
+bool RecvAll(int fd, absl::Span<uint8_t> into, CallWatchdog::Watch* watch) {
+  size_t at = 0;
+  while (at < into.size()) {
+    const ssize_t n = ::recv(fd, into.data() + at, into.size() - at, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    at += static_cast<size_t>(n);
+    watch->Progress();
+  }
+  return true;
+}
+
+void PutU32(uint8_t* p, uint32_t v) {
+  for (int i = 0; i < 4; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
+}
+uint32_t GetU32(const uint8_t* p) {
+  return uint32_t{p[0]} | uint32_t{p[1]} << 8 | uint32_t{p[2]} << 16 | uint32_t{p[3]} << 24;
+}
+
+}  // namespace
+
+std::string HostOfAddress(absl::string_view address) {
+  for (absl::string_view scheme : {"dns:///", "dns:", "ipv4:", "ipv6:"}) {
+    if (absl::StartsWith(address, scheme)) {
+      address.remove_prefix(scheme.size());
+      break;
+    }
+  }
+  if (absl::StartsWith(address, "[")) {
+    const size_t end = address.find(']');
+    return std::string(address.substr(1, end == absl::string_view::npos ? end : end - 1));
+  }
+  const size_t colon = address.rfind(':');
+  return std::string(colon == absl::string_view::npos ? address : address.substr(0, colon));
+}
+
+namespace {
+
+std::vector<std::string> HostsOf(const std::vector<std::string>& addresses) {
+  std::vector<std::string> hosts;
+  for (const std::string& a : addresses) hosts.push_back(HostOfAddress(a));
+  return hosts;
+}
+
+void Close(int fd) {
+  while (::close(fd) < 0 && errno == EINTR) {
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// BulkServer.
+
+absl::StatusOr<std::unique_ptr<BulkServer>> BulkServer::Listen(Options options,
+                                                               CallWatchdog* watchdog) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  addrinfo* found = nullptr;
+  const std::string port = std::to_string(options.port);
+  if (int rc = ::getaddrinfo(options.host.c_str(), port.c_str(), &hints, &found); rc != 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "bulk transport: cannot resolve %s: %s", options.host, ::gai_strerror(rc)));
+  }
+  std::string error = "no address";
+  int fd = -1;
+  for (addrinfo* a = found; a != nullptr && fd < 0; a = a->ai_next) {
+    fd = ::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0) {
+      error = Errno("socket");
+      continue;
+    }
+    const int one = 1;
+    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (::bind(fd, a->ai_addr, a->ai_addrlen) != 0 || ::listen(fd, 128) != 0) {
+      error = Errno("bind");
+      Close(fd);
+      fd = -1;
+    }
+  }
+  ::freeaddrinfo(found);
+  if (fd < 0) {
+    return absl::UnavailableError(absl::StrFormat(
+        "bulk transport: cannot listen on %s port %d (%s); set daemon.bulk_port to a free port",
+        options.host, options.port, error));
+  }
+  sockaddr_storage bound{};
+  socklen_t len = sizeof(bound);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &len);
+  const uint32_t bound_port = ntohs(bound.ss_family == AF_INET6
+                                        ? reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port
+                                        : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
+  return std::unique_ptr<BulkServer>(new BulkServer(std::move(options), watchdog, fd, bound_port));
+}
+
+BulkServer::BulkServer(Options options, CallWatchdog* watchdog, int listen_fd, uint32_t port)
+    : options_(std::move(options)), watchdog_(watchdog), listen_fd_(listen_fd), port_(port) {
+  threads_.emplace_back([this] { AcceptLoop(); });
+  for (int i = 0; i < std::max(1, options_.workers); ++i) {
+    threads_.emplace_back([this] { WorkLoop(); });
+  }
+}
+
+BulkServer::~BulkServer() { Stop(); }
+
+void BulkServer::Stop() {
+  std::vector<Ticket> dropped;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!stopping_) {
+      stopping_ = true;
+      ::shutdown(listen_fd_, SHUT_RDWR);
+      for (int fd : serving_) ::shutdown(fd, SHUT_RDWR);
+      for (int fd : pending_) Close(fd);
+      pending_.clear();
+      for (auto& [token, t] : tickets_) dropped.push_back(std::move(t));
+      tickets_.clear();
+    }
+  }
+  dropped.clear();  // a push's sink aborts its fold
+  for (std::thread& t : threads_) {
+    if (t.joinable()) t.join();
+  }
+  absl::MutexLock lock(&mu_);
+  if (!threads_.empty()) {
+    threads_.clear();
+    Close(listen_fd_);
+  }
+}
+
+size_t BulkServer::tickets() const {
+  absl::MutexLock lock(&mu_);
+  return tickets_.size();
+}
+
+std::vector<BulkServer::Ticket> BulkServer::ExpireLocked(absl::Time now) {
+  std::vector<Ticket> expired;
+  for (auto it = tickets_.begin(); it != tickets_.end();) {
+    if (it->second.expires <= now) {
+      expired.push_back(std::move(it->second));
+      it = tickets_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  return expired;
+}
+
+absl::StatusOr<std::string> BulkServer::Issue(Ticket ticket) {
+  std::string token(kTokenBytes, '\0');
+  if (RAND_bytes(reinterpret_cast<unsigned char*>(token.data()), kTokenBytes) != 1) {
+    return absl::InternalError("bulk transport: no randomness for a ticket");
+  }
+  ticket.expires = absl::Now() + options_.ticket_lifetime;
+  std::vector<Ticket> expired;
+  absl::MutexLock lock(&mu_);
+  if (stopping_) return absl::UnavailableError("the daemon is stopping");
+  expired = ExpireLocked(absl::Now());
+  if (tickets_.size() >= options_.max_tickets) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "bulk transport: %d transfers are open on this holder already; try again",
+        tickets_.size()));
+  }
+  tickets_.emplace(token, std::move(ticket));
+  // `expired` goes out of scope after the lock (declared before it).
+  return token;
+}
+
+absl::StatusOr<std::string> BulkServer::IssuePush(uint64_t length, std::unique_ptr<ChunkSink> sink) {
+  Ticket t;
+  t.length = length;
+  t.sink = std::move(sink);
+  return Issue(std::move(t));
+}
+
+absl::StatusOr<std::string> BulkServer::IssueRead(PinnedChunk chunk, uint64_t offset,
+                                                  uint64_t length) {
+  Ticket t;
+  t.length = length;
+  t.chunk = std::move(chunk);
+  t.offset = offset;
+  return Issue(std::move(t));
+}
+
+void BulkServer::AcceptLoop() {
+  while (true) {
+    pollfd p{listen_fd_, POLLIN, 0};
+    const int ready = ::poll(&p, 1, 200);
+    std::vector<Ticket> expired;  // destroyed after the lock: sinks abort folds
+    {
+      absl::MutexLock lock(&mu_);
+      if (stopping_) return;
+      expired = ExpireLocked(absl::Now());
+    }
+    expired.clear();
+    if (ready <= 0) continue;
+    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+        absl::SleepFor(absl::Milliseconds(50));  // out of descriptors: back off
+      }
+      continue;
+    }
+    absl::MutexLock lock(&mu_);
+    if (stopping_ || pending_.size() >= static_cast<size_t>(std::max(1, options_.workers))) {
+      Close(fd);  // more than the holder serves at once: the caller retries
+      continue;
+    }
+    pending_.push_back(fd);
+  }
+}
+
+void BulkServer::WorkLoop() {
+  while (true) {
+    int fd = -1;
+    {
+      absl::MutexLock lock(&mu_);
+      auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return stopping_ || !pending_.empty();
+      };
+      mu_.Await(absl::Condition(&ready));
+      if (stopping_) return;
+      fd = pending_.front();
+      pending_.pop_front();
+      serving_.insert(fd);
+    }
+    Serve(fd);
+    absl::MutexLock lock(&mu_);
+    serving_.erase(fd);
+    Close(fd);
+  }
+}
+
+void BulkServer::Serve(int fd) {
+  auto watch = watchdog_->Start([fd] { ::shutdown(fd, SHUT_RDWR); });
+  const int one = 1;
+  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  uint8_t hello[kHelloBytes];
+  if (!RecvAll(fd, absl::MakeSpan(hello), watch.get()) ||
+      std::memcmp(hello, kMagic, sizeof(kMagic)) != 0) {
+    return;
+  }
+  const std::string token(reinterpret_cast<const char*>(hello) + sizeof(kMagic), kTokenBytes);
+  Ticket ticket;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = tickets_.find(token);
+    if (it == tickets_.end() || it->second.expires <= absl::Now()) {
+      static std::atomic<int64_t> last_log{0};
+      const int64_t now = absl::ToUnixSeconds(absl::Now());
+      if (last_log.exchange(now) != now) {
+        Log("bulk transport: a connection presented an unknown, used or expired token; closed");
+      }
+      return;
+    }
+    ticket = std::move(it->second);
+    tickets_.erase(it);
+  }
+  if (ticket.sink != nullptr) {
+    ServePush(fd, ticket, watch.get());
+  } else {
+    ServeRead(fd, ticket, watch.get());
+  }
+}
+
+void BulkServer::ServePush(int fd, Ticket& ticket, CallWatchdog::Watch* watch) {
+  thread_local std::vector<uint8_t> buffer;
+  buffer.resize(kReceiveBytes);
+  absl::Status st;
+  uint64_t left = ticket.length;
+  while (st.ok() && left > 0) {
+    const ssize_t n = ::recv(fd, buffer.data(), std::min<uint64_t>(left, buffer.size()), 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      ticket.sink->Abort();  // cut, or the sender went away
+      return;
+    }
+    watch->Progress();
+    left -= static_cast<uint64_t>(n);
+    st = ticket.sink->Piece(absl::MakeConstSpan(buffer.data(), static_cast<size_t>(n)));
+  }
+  bool complete = false;
+  if (st.ok()) {
+    auto end = ticket.sink->End();
+    st = end.status();
+    complete = end.ok() && *end;
+  }
+  const std::string message(st.message().substr(0, kMaxMessage));
+  std::vector<uint8_t> reply(12 + message.size());
+  PutU32(reply.data(), static_cast<uint32_t>(st.code()));
+  PutU32(reply.data() + 4, complete ? 1 : 0);
+  PutU32(reply.data() + 8, static_cast<uint32_t>(message.size()));
+  std::memcpy(reply.data() + 12, message.data(), message.size());
+  if (!SendAll(fd, reply, watch) || left == 0) return;
+  // Refused before its last byte: the sender is still sending and reads the
+  // answer only after. Closing now would reset the connection and lose the
+  // answer, so the rest is read and dropped (bounded by what the ticket
+  // admitted, and by the watchdog).
+  ::shutdown(fd, SHUT_WR);
+  while (left > 0) {
+    const ssize_t n = ::recv(fd, buffer.data(), std::min<uint64_t>(left, buffer.size()), 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return;
+    watch->Progress();
+    left -= static_cast<uint64_t>(n);
+  }
+}
+
+void BulkServer::ServeRead(int fd, Ticket& ticket, CallWatchdog::Watch* watch) {
+  ticket.chunk.read(ticket.offset, ticket.length, [&](absl::Span<const uint8_t> piece) {
+    return SendAll(fd, piece, watch);
+  });
+}
+
+// ---------------------------------------------------------------------------
+// TcpTransport.
+
+TcpTransport::TcpTransport(std::vector<peer::Peer::Stub*> stubs,
+                           std::vector<std::string> addresses, std::vector<uint32_t> slots,
+                           CallWatchdog* watchdog)
+    : stubs_(std::move(stubs)),
+      hosts_(HostsOf(addresses)),
+      slots_(std::move(slots)),
+      watchdog_(watchdog) {}
+
+absl::StatusOr<int> TcpTransport::Dial(int holder, const peer::BulkTicket& ticket) {
+  if (ticket.token().size() != kTokenBytes || ticket.port() == 0 || ticket.port() > 65535) {
+    return absl::InternalError(absl::StrFormat("slot %d answered a malformed bulk ticket",
+                                               slots_[holder]));
+  }
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV;
+  addrinfo* found = nullptr;
+  const std::string port = std::to_string(ticket.port());
+  if (int rc = ::getaddrinfo(hosts_[holder].c_str(), port.c_str(), &hints, &found); rc != 0) {
+    return absl::UnavailableError(
+        absl::StrFormat("cannot resolve %s: %s", hosts_[holder], ::gai_strerror(rc)));
+  }
+  const int timeout_ms = static_cast<int>(absl::ToInt64Milliseconds(watchdog_->stall()));
+  std::string error = "no address";
+  int fd = -1;
+  for (addrinfo* a = found; a != nullptr && fd < 0; a = a->ai_next) {
+    fd = ::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, a->ai_protocol);
+    if (fd < 0) {
+      error = Errno("socket");
+      continue;
+    }
+    int rc = ::connect(fd, a->ai_addr, a->ai_addrlen);
+    if (rc != 0 && errno == EINPROGRESS) {
+      pollfd p{fd, POLLOUT, 0};
+      rc = ::poll(&p, 1, timeout_ms) == 1 ? 0 : -1;
+      int so_error = rc == 0 ? 0 : ETIMEDOUT;
+      socklen_t len = sizeof(so_error);
+      if (rc == 0) ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &so_error, &len);
+      if (so_error != 0) {
+        errno = so_error;
+        rc = -1;
+      }
+    }
+    if (rc != 0) {
+      error = Errno("connect");
+      Close(fd);
+      fd = -1;
+    }
+  }
+  ::freeaddrinfo(found);
+  if (fd < 0) {
+    return absl::UnavailableError(absl::StrFormat("cannot reach the bulk port %s:%d: %s",
+                                                  hosts_[holder], ticket.port(), error));
+  }
+  ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+  const int one = 1;
+  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  return fd;
+}
+
+absl::StatusOr<bool> TcpTransport::Push(int holder, const peer::PushChunkHeader& header,
+                                        const ChunkBytes& bytes) {
+  const std::string what =
+      absl::StrFormat("push of job %s step %d chunk %d to slot %d", header.id().job_id(),
+                      header.id().step(), header.id().position(), slots_[holder]);
+  peer::BulkTicket ticket;
+  {
+    grpc::ClientContext ctx;
+    ctx.set_wait_for_ready(true);  // a peer still starting: wait, while the watchdog allows
+    auto watch = watchdog_->Start(&ctx);
+    absl::Status st = FromGrpc(stubs_[holder]->OpenPush(&ctx, header, &ticket));
+    if (!st.ok()) return TransferError(st, watch->cancelled(), watchdog_->stall(), what);
+  }
+  if (ticket.folded()) return false;
+  auto fd = Dial(holder, ticket);
+  if (!fd.ok()) return TransferError(fd.status(), false, watchdog_->stall(), what);
+  auto watch = watchdog_->Start([fd = *fd] { ::shutdown(fd, SHUT_RDWR); });
+  uint8_t hello[kHelloBytes];
+  std::memcpy(hello, kMagic, sizeof(kMagic));
+  std::memcpy(hello + sizeof(kMagic), ticket.token().data(), kTokenBytes);
+  bool ok = SendAll(*fd, absl::MakeConstSpan(hello), watch.get());
+  if (ok) {
+    bytes([&](absl::Span<const uint8_t> piece) {
+      ok = SendAll(*fd, piece, watch.get());
+      return ok;
+    });
+  }
+  // The holder answers once every byte is folded; it may answer early (and
+  // close) when a piece is refused, so its answer is read even after a
+  // failed send.
+  uint8_t head[12];
+  absl::Status st;
+  bool complete = false;
+  if (RecvAll(*fd, absl::MakeSpan(head), watch.get())) {
+    const uint32_t code = GetU32(head);
+    complete = GetU32(head + 4) != 0;
+    std::string message(std::min(GetU32(head + 8), kMaxMessage), '\0');
+    RecvAll(*fd, absl::MakeSpan(reinterpret_cast<uint8_t*>(message.data()), message.size()),
+            watch.get());
+    st = code <= static_cast<uint32_t>(absl::StatusCode::kUnauthenticated)
+             ? absl::Status(static_cast<absl::StatusCode>(code), message)
+             : absl::InternalError("the holder answered a status code out of range");
+  } else {
+    st = absl::UnavailableError(ok ? "the holder closed the bulk connection before its answer"
+                                   : "the bulk connection broke during the push");
+  }
+  const bool cut = watch->cancelled();
+  watch.reset();
+  Close(*fd);
+  if (st.ok()) return complete;
+  return TransferError(st, cut, watchdog_->stall(), what);
+}
+
+absl::Status TcpTransport::Fetch(int holder, const peer::GetChunkRequest& request,
+                                 absl::Span<uint8_t> into) {
+  const std::string what = absl::StrFormat(
+      "read of job %s step %d stripe %d position %d from slot %d", request.id().job_id(),
+      request.id().step(), request.id().stripe(), request.id().position(), slots_[holder]);
+  peer::BulkTicket ticket;
+  {
+    grpc::ClientContext ctx;
+    auto watch = watchdog_->Start(&ctx);
+    absl::Status st = FromGrpc(stubs_[holder]->OpenRead(&ctx, request, &ticket));
+    if (!st.ok()) return TransferError(st, watch->cancelled(), watchdog_->stall(), what);
+  }
+  const uint64_t want =
+      GetChunkRange(ticket.header().length(), request.offset(), request.length()).second;
+  if (want != into.size()) {
+    return absl::DataLossError(absl::StrFormat("%s: the holder has %d bytes of it, not %d", what,
+                                               want, into.size()));
+  }
+  auto fd = Dial(holder, ticket);
+  if (!fd.ok()) return TransferError(fd.status(), false, watchdog_->stall(), what);
+  auto watch = watchdog_->Start([fd = *fd] { ::shutdown(fd, SHUT_RDWR); });
+  uint8_t hello[kHelloBytes];
+  std::memcpy(hello, kMagic, sizeof(kMagic));
+  std::memcpy(hello + sizeof(kMagic), ticket.token().data(), kTokenBytes);
+  const bool ok = SendAll(*fd, absl::MakeConstSpan(hello), watch.get()) &&
+                  RecvAll(*fd, into, watch.get());
+  const bool cut = watch->cancelled();
+  watch.reset();
+  Close(*fd);
+  if (ok) return absl::OkStatus();
+  return TransferError(absl::DataLossError("short chunk: the bulk connection ended early"), cut,
+                       watchdog_->stall(), what);
+}
+
+}  // namespace ecsnap::daemon

@@ -1,0 +1,148 @@
+// The TCP bulk transport (cluster.bulk_transport BULK_TCP, the default):
+// chunk bytes over plain TCP connections, sent straight from arena memory
+// and folded (or decoded) straight from a small receive buffer, with no
+// protobuf, HTTP/2 or TLS pass in between (DESIGN.md §4, §9).
+//
+// A transfer is opened on the gRPC control channel (Peer.OpenPush,
+// Peer.OpenRead), where the caller's certificate and every field are checked
+// exactly as for the gRPC streams; the holder answers with a ticket: a
+// 16-byte random token and its bulk port. The caller then opens one TCP
+// connection to that port and presents the token; a token admits one
+// connection, once, and expires after the peer timeout. Without a valid
+// token a connection is closed before a byte of payload is read or sent.
+//
+// Wire of one connection (integers little-endian):
+//   caller -> holder  "ECSNAPB1" (8 bytes), token (16 bytes)
+//   push:  caller -> holder  exactly the ticket's length of chunk bytes
+//          holder -> caller  uint32 status code, uint32 stripe complete,
+//                            uint32 message length (<= 1024), message
+//   read:  holder -> caller  exactly the ticket's length of bytes
+//
+// The bytes are not encrypted: a tap on the fabric can read them, and the
+// chunk CRCs (checked by every fold and rebuild) catch damage, not a forger
+// on the path. BULK_GRPC keeps them inside the mutual-TLS streams.
+#ifndef ECSNAP_DAEMON_PEER_TCP_TRANSPORT_H_
+#define ECSNAP_DAEMON_PEER_TCP_TRANSPORT_H_
+
+#include <deque>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "daemon/peer/call_watchdog.h"
+#include "daemon/peer/transport.h"
+#include "proto/peer.grpc.pb.h"
+
+namespace ecsnap::daemon {
+
+// The host of a peer address ("10.0.0.1:7071", "[::1]:7071", "node-3:7071",
+// "dns:///node-3:7071"): where its bulk port is.
+std::string HostOfAddress(absl::string_view address);
+
+// The holder's half: the bulk port, the tickets it issued, and the threads
+// that serve the connections that present them.
+class BulkServer {
+ public:
+  struct Options {
+    // Host (a literal address or a name) and port to listen on; port 0 picks
+    // a free one.
+    std::string host = "127.0.0.1";
+    uint32_t port = 0;
+    // Connections served at once; more wait in the accept backlog's stead in
+    // a queue of the same size, and past that are closed.
+    int workers = 16;
+    // Tickets outstanding at once; past that OpenPush/OpenRead answer
+    // RESOURCE_EXHAUSTED (the caller retries).
+    size_t max_tickets = 1024;
+    // A ticket not used within this is dropped (a push's fold is aborted).
+    absl::Duration ticket_lifetime = absl::Seconds(5);
+  };
+
+  // `watchdog` cuts a connection that stops making progress (and every one
+  // at Stop); it outlives the server.
+  static absl::StatusOr<std::unique_ptr<BulkServer>> Listen(Options options,
+                                                            CallWatchdog* watchdog);
+  ~BulkServer();
+  BulkServer(const BulkServer&) = delete;
+  BulkServer& operator=(const BulkServer&) = delete;
+
+  uint32_t port() const { return port_; }
+
+  // A ticket for a push of `length` bytes into `sink`.
+  absl::StatusOr<std::string> IssuePush(uint64_t length, std::unique_ptr<ChunkSink> sink);
+  // A ticket for a read of [offset, offset + length) of `chunk`.
+  absl::StatusOr<std::string> IssueRead(PinnedChunk chunk, uint64_t offset, uint64_t length);
+
+  // Closes the port, cuts every connection, drops every ticket; joins.
+  void Stop();
+
+  size_t tickets() const;
+
+ private:
+  struct Ticket {
+    absl::Time expires;
+    uint64_t length = 0;
+    std::unique_ptr<ChunkSink> sink;  // a push
+    PinnedChunk chunk;                // a read
+    uint64_t offset = 0;
+  };
+
+  BulkServer(Options options, CallWatchdog* watchdog, int listen_fd, uint32_t port);
+  absl::StatusOr<std::string> Issue(Ticket ticket);
+  void AcceptLoop();
+  void WorkLoop();
+  void Serve(int fd);
+  void ServePush(int fd, Ticket& ticket, CallWatchdog::Watch* watch);
+  void ServeRead(int fd, Ticket& ticket, CallWatchdog::Watch* watch);
+  // Drops expired tickets; returns them so that their sinks are aborted off
+  // the lock.
+  std::vector<Ticket> ExpireLocked(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const Options options_;
+  CallWatchdog* const watchdog_;
+  const int listen_fd_;
+  const uint32_t port_;
+
+  mutable absl::Mutex mu_;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::map<std::string, Ticket> tickets_ ABSL_GUARDED_BY(mu_);
+  std::deque<int> pending_ ABSL_GUARDED_BY(mu_);  // accepted, not yet served
+  std::set<int> serving_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::thread> threads_;
+};
+
+// The caller's half.
+class TcpTransport final : public PeerTransport {
+ public:
+  // `stubs` and `addresses` (host:port of each peer plane) by group position;
+  // `slots` the group's slot numbers, for messages. Stubs and `watchdog`
+  // outlive the transport.
+  TcpTransport(std::vector<peer::Peer::Stub*> stubs, std::vector<std::string> addresses,
+               std::vector<uint32_t> slots, CallWatchdog* watchdog);
+
+  const char* name() const override { return "tcp"; }
+  absl::StatusOr<bool> Push(int holder, const peer::PushChunkHeader& header,
+                            const ChunkBytes& bytes) override;
+  absl::Status Fetch(int holder, const peer::GetChunkRequest& request,
+                     absl::Span<uint8_t> into) override;
+
+ private:
+  // Opens the connection a ticket admits: connected, token sent.
+  absl::StatusOr<int> Dial(int holder, const peer::BulkTicket& ticket);
+
+  const std::vector<peer::Peer::Stub*> stubs_;
+  const std::vector<std::string> hosts_;
+  const std::vector<uint32_t> slots_;
+  CallWatchdog* const watchdog_;
+};
+
+}  // namespace ecsnap::daemon
+
+#endif  // ECSNAP_DAEMON_PEER_TCP_TRANSPORT_H_
