@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_format.h"
 #include "common/grpc_status.h"
+#include "daemon/peer/peer_checks.h"
 
 namespace ecsnap::daemon {
 
@@ -50,31 +51,88 @@ absl::StatusOr<bool> GrpcTransport::Push(int holder, const peer::PushChunkHeader
                                        header.id().position(), slots_[holder]));
 }
 
-absl::Status GrpcTransport::Fetch(int holder, const peer::GetChunkRequest& request,
-                                  absl::Span<uint8_t> into) {
-  grpc::ClientContext ctx;
-  // Cut when it stops moving (or at shutdown), not at a guessed deadline.
-  auto watch = watchdog_->Start(&ctx);
-  auto reader = stubs_[holder]->GetChunk(&ctx, request);
-  peer::GetChunkMessage msg;
-  uint64_t filled = 0;
-  while (reader->Read(&msg)) {
-    watch->Progress();
-    if (msg.has_header()) continue;
-    const uint64_t n = std::min<uint64_t>(msg.data().size(), into.size() - filled);
-    std::memcpy(into.data() + filled, msg.data().data(), n);
-    filled += n;
+namespace {
+
+// GetChunk's stream, read a range at a time: what a message holds beyond the
+// current read waits for the next.
+class GrpcChunkReader final : public ChunkReader {
+ public:
+  GrpcChunkReader(CallWatchdog* watchdog, std::string what)
+      : watchdog_(watchdog), what_(std::move(what)) {}
+  ~GrpcChunkReader() override {
+    if (reader_ != nullptr && !finished_) {
+      ctx_.TryCancel();
+      reader_->Finish().ok();
+    }
   }
-  absl::Status st = FromGrpc(reader->Finish());
-  if (st.ok() && filled != into.size()) {
-    st = absl::DataLossError(absl::StrFormat("short chunk: %d of %d bytes", filled, into.size()));
+
+  // Starts the call and reads the header. The watch lasts only this call.
+  absl::Status Open(peer::Peer::Stub* stub, const peer::GetChunkRequest& request) {
+    auto watch = watchdog_->Start(&ctx_);
+    reader_ = stub->GetChunk(&ctx_, request);
+    peer::GetChunkMessage msg;
+    if (!reader_->Read(&msg) || !msg.has_header()) return Fail(watch->cancelled());
+    remaining_ = GetChunkRange(msg.header().length(), request.offset(), request.length()).second;
+    return absl::OkStatus();
   }
-  if (st.ok()) return st;
-  return TransferError(st, watch->cancelled(), watchdog_->stall(),
-                       absl::StrFormat("read of job %s step %d stripe %d position %d from slot %d",
-                                       request.id().job_id(), request.id().step(),
-                                       request.id().stripe(), request.id().position(),
-                                       slots_[holder]));
+
+  absl::Status Read(absl::Span<uint8_t> into) override {
+    if (into.size() > remaining_) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s: %d bytes asked, %d left in the range", what_, into.size(), remaining_));
+    }
+    auto watch = watchdog_->Start(&ctx_);
+    size_t filled = 0;
+    while (filled < into.size()) {
+      if (at_ == held_.size()) {
+        peer::GetChunkMessage msg;
+        if (!reader_->Read(&msg)) return Fail(watch->cancelled());
+        watch->Progress();
+        if (msg.has_header()) continue;
+        held_ = std::move(*msg.mutable_data());
+        at_ = 0;
+      }
+      const size_t n = std::min(held_.size() - at_, into.size() - filled);
+      std::memcpy(into.data() + filled, held_.data() + at_, n);
+      at_ += n;
+      filled += n;
+    }
+    remaining_ -= into.size();
+    return absl::OkStatus();
+  }
+
+  uint64_t remaining() const override { return remaining_; }
+
+ private:
+  absl::Status Fail(bool stalled) {
+    finished_ = true;
+    absl::Status st = FromGrpc(reader_->Finish());
+    if (st.ok()) st = absl::DataLossError("short chunk: the stream ended early");
+    remaining_ = 0;
+    return TransferError(st, stalled, watchdog_->stall(), what_);
+  }
+
+  CallWatchdog* const watchdog_;
+  const std::string what_;
+  grpc::ClientContext ctx_;
+  std::unique_ptr<grpc::ClientReader<peer::GetChunkMessage>> reader_;
+  bool finished_ = false;
+  uint64_t remaining_ = 0;
+  std::string held_;
+  size_t at_ = 0;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ChunkReader>> GrpcTransport::OpenRead(
+    int holder, const peer::GetChunkRequest& request) {
+  auto reader = std::make_unique<GrpcChunkReader>(
+      watchdog_, absl::StrFormat("read of job %s step %d stripe %d position %d from slot %d",
+                                 request.id().job_id(), request.id().step(),
+                                 request.id().stripe(), request.id().position(), slots_[holder]));
+  absl::Status st = reader->Open(stubs_[holder], request);
+  if (!st.ok()) return st;
+  return std::unique_ptr<ChunkReader>(std::move(reader));
 }
 
 }  // namespace ecsnap::daemon

@@ -27,8 +27,8 @@ class GrpcTransport final : public PeerTransport {
   const char* name() const override { return "grpc"; }
   absl::StatusOr<bool> Push(int holder, const peer::PushChunkHeader& header,
                             const ChunkBytes& bytes) override;
-  absl::Status Fetch(int holder, const peer::GetChunkRequest& request,
-                     absl::Span<uint8_t> into) override;
+  absl::StatusOr<std::unique_ptr<ChunkReader>> OpenRead(
+      int holder, const peer::GetChunkRequest& request) override;
 
  private:
   const std::vector<peer::Peer::Stub*> stubs_;

@@ -20,7 +20,7 @@ namespace ecsnap::daemon {
 
 // Bytes of each survivor fetched per round: bounds the rebuild's memory to
 // (k + 1) slices whatever the payload size.
-inline constexpr uint64_t kSliceBytes = 32 << 20;
+inline constexpr uint64_t kSliceBytes = 4 << 20;
 
 struct Rebuilder::Current {
   // `mu`: the rebuilder's mu_. Code that holds mu_ says so with

@@ -207,8 +207,11 @@ absl::Status Rebuilder::DecodeSlice(const Current& c, int s, int target,
   const int n = layout.n();
   // Buffers live across the slices of a stripe: fresh ones of this size come
   // from mmap, and faulting their pages in costs more than the decode.
-  std::vector<std::vector<uint8_t>>& bufs = *scratch;
+  std::vector<std::vector<uint8_t>>& bufs = scratch->bufs;
   if (bufs.size() < use.size()) bufs.resize(use.size());
+  // Made here, not in the tasks: each task then touches its own entry.
+  std::vector<Scratch::Stream*> streams;
+  for (int q : use) streams.push_back(&scratch->streams[q]);
   std::vector<size_t> sizes(use.size(), 0);
   std::vector<absl::Status> got(use.size());
   std::vector<std::function<void()>> fetches;
@@ -231,15 +234,8 @@ absl::Status Rebuilder::DecodeSlice(const Current& c, int s, int target,
       if (bufs[i].size() < want) bufs[i].resize(want);
       sizes[i] = want;
       if (want == 0) return;
-      peer::GetChunkRequest req;
-      req.mutable_id()->set_job_id(c.job);
-      req.mutable_id()->set_step(c.step);
-      req.mutable_id()->set_stripe(s);
-      req.mutable_id()->set_position(q);
-      req.set_offset(from);
-      req.set_length(want);
-      got[i] = protector_->transport()->Fetch(holder, req,
-                                              absl::MakeSpan(bufs[i]).first(want));
+      got[i] = ReadSurvivor(c, s, q, holder, from, absl::MakeSpan(bufs[i]).first(want),
+                            streams[i]);
       if (crcs != nullptr) {
         (*crcs)[q] = ec::Crc32c(absl::MakeConstSpan(bufs[i]).first(want), (*crcs)[q]);
       }
@@ -263,6 +259,44 @@ absl::Status Rebuilder::DecodeSlice(const Current& c, int s, int target,
   std::vector<ec::MutableBytes> outs = {out};
   std::vector<int> targets = {target};
   return codec_->Reconstruct(s, shards, present, targets, outs);
+}
+
+absl::Status Rebuilder::ReadSurvivor(const Current& c, int s, int q, int holder, uint64_t from,
+                                     absl::Span<uint8_t> into, Scratch::Stream* stream) {
+  if (stream->reader != nullptr &&
+      (stream->at != from || stream->reader->remaining() < into.size())) {
+    stream->reader.reset();
+  }
+  while (true) {
+    const bool fresh = stream->reader == nullptr;
+    if (fresh) {
+      // The rest of the chunk from here: later slices read on from it.
+      peer::GetChunkRequest req;
+      req.mutable_id()->set_job_id(c.job);
+      req.mutable_id()->set_step(c.step);
+      req.mutable_id()->set_stripe(s);
+      req.mutable_id()->set_position(q);
+      req.set_offset(from);
+      auto reader = protector_->transport()->OpenRead(holder, req);
+      if (!reader.ok()) return reader.status();
+      if ((*reader)->remaining() < into.size()) {
+        return absl::DataLossError(absl::StrFormat(
+            "job %s step %d stripe %d position %d: the holder has %d bytes from %d, not %d",
+            c.job, c.step, s, q, (*reader)->remaining(), from, into.size()));
+      }
+      stream->reader = std::move(*reader);
+      stream->at = from;
+    }
+    absl::Status st = stream->reader->Read(into);
+    if (st.ok()) {
+      stream->at += into.size();
+      return st;
+    }
+    stream->reader.reset();
+    // A stream left idle (a capped rebuild between slices) is cut by its
+    // holder after the peer timeout: only a fresh stream's failure counts.
+    if (fresh) return st;
+  }
 }
 
 void Rebuilder::WritePayload(Current& c, uint64_t offset, const uint8_t* data, uint64_t bytes) {

@@ -19,6 +19,8 @@
 
 #include <cstdint>
 #include <atomic>
+#include <map>
+#include <memory>
 #include <set>
 #include <string>
 #include <vector>
@@ -79,8 +81,21 @@ class Rebuilder {
 
  private:
   struct Current;
-  // Survivor buffers reused across the slices of a stripe.
-  using Scratch = std::vector<std::vector<uint8_t>>;
+  // What the slices of a stripe share: a buffer per survivor, and a stream
+  // per survivor position, so that the k survivors are read in lockstep, a
+  // slice of each at a time, instead of one request per slice.
+  struct Scratch {
+    struct Stream {
+      uint64_t at = 0;  // the chunk offset the reader is at
+      std::unique_ptr<ChunkReader> reader;
+    };
+    std::vector<std::vector<uint8_t>> bufs;
+    std::map<int, Stream> streams;  // by position in the stripe
+  };
+  // Reads `into` (bytes [from, from + into.size()) of position `q`) from
+  // `holder`, through the position's open stream when it is at `from`.
+  absl::Status ReadSurvivor(const Current& c, int s, int q, int holder, uint64_t from,
+                            absl::Span<uint8_t> into, Scratch::Stream* stream);
   // One look at the group's inventories and the rebuilds it calls for. Sets
   // *again when a step was retired under a rebuild and a new look is due.
   absl::Status Pass(const std::string& job_filter, bool final_pass, bool* again);

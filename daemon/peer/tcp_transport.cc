@@ -487,8 +487,44 @@ absl::StatusOr<bool> TcpTransport::Push(int holder, const peer::PushChunkHeader&
   return TransferError(st, cut, watchdog_->stall(), what);
 }
 
-absl::Status TcpTransport::Fetch(int holder, const peer::GetChunkRequest& request,
-                                 absl::Span<uint8_t> into) {
+namespace {
+
+// One bulk connection's range, read in order.
+class TcpChunkReader final : public ChunkReader {
+ public:
+  TcpChunkReader(int fd, uint64_t length, CallWatchdog* watchdog, std::string what)
+      : fd_(fd), remaining_(length), watchdog_(watchdog), what_(std::move(what)) {}
+  ~TcpChunkReader() override { Close(fd_); }
+
+  absl::Status Read(absl::Span<uint8_t> into) override {
+    if (into.size() > remaining_) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s: %d bytes asked, %d left in the range", what_, into.size(), remaining_));
+    }
+    const int fd = fd_;
+    auto watch = watchdog_->Start([fd] { ::shutdown(fd, SHUT_RDWR); });
+    if (!RecvAll(fd_, into, watch.get())) {
+      remaining_ = 0;
+      return TransferError(absl::DataLossError("short chunk: the bulk connection ended early"),
+                           watch->cancelled(), watchdog_->stall(), what_);
+    }
+    remaining_ -= into.size();
+    return absl::OkStatus();
+  }
+
+  uint64_t remaining() const override { return remaining_; }
+
+ private:
+  const int fd_;
+  uint64_t remaining_;
+  CallWatchdog* const watchdog_;
+  const std::string what_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ChunkReader>> TcpTransport::OpenRead(
+    int holder, const peer::GetChunkRequest& request) {
   const std::string what = absl::StrFormat(
       "read of job %s step %d stripe %d position %d from slot %d", request.id().job_id(),
       request.id().step(), request.id().stripe(), request.id().position(), slots_[holder]);
@@ -501,24 +537,18 @@ absl::Status TcpTransport::Fetch(int holder, const peer::GetChunkRequest& reques
   }
   const uint64_t want =
       GetChunkRange(ticket.header().length(), request.offset(), request.length()).second;
-  if (want != into.size()) {
-    return absl::DataLossError(absl::StrFormat("%s: the holder has %d bytes of it, not %d", what,
-                                               want, into.size()));
-  }
   auto fd = Dial(holder, ticket);
   if (!fd.ok()) return TransferError(fd.status(), false, watchdog_->stall(), what);
+  auto reader = std::make_unique<TcpChunkReader>(*fd, want, watchdog_, what);
   auto watch = watchdog_->Start([fd = *fd] { ::shutdown(fd, SHUT_RDWR); });
   uint8_t hello[kHelloBytes];
   std::memcpy(hello, kMagic, sizeof(kMagic));
   std::memcpy(hello + sizeof(kMagic), ticket.token().data(), kTokenBytes);
-  const bool ok = SendAll(*fd, absl::MakeConstSpan(hello), watch.get()) &&
-                  RecvAll(*fd, into, watch.get());
-  const bool cut = watch->cancelled();
-  watch.reset();
-  Close(*fd);
-  if (ok) return absl::OkStatus();
-  return TransferError(absl::DataLossError("short chunk: the bulk connection ended early"), cut,
-                       watchdog_->stall(), what);
+  if (!SendAll(*fd, absl::MakeConstSpan(hello), watch.get())) {
+    return TransferError(absl::UnavailableError("the bulk connection broke at its hello"),
+                         watch->cancelled(), watchdog_->stall(), what);
+  }
+  return std::unique_ptr<ChunkReader>(std::move(reader));
 }
 
 }  // namespace ecsnap::daemon

@@ -130,8 +130,8 @@ class TcpTransport final : public PeerTransport {
   const char* name() const override { return "tcp"; }
   absl::StatusOr<bool> Push(int holder, const peer::PushChunkHeader& header,
                             const ChunkBytes& bytes) override;
-  absl::Status Fetch(int holder, const peer::GetChunkRequest& request,
-                     absl::Span<uint8_t> into) override;
+  absl::StatusOr<std::unique_ptr<ChunkReader>> OpenRead(
+      int holder, const peer::GetChunkRequest& request) override;
 
  private:
   // Opens the connection a ticket admits: connected, token sent.

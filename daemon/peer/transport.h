@@ -26,8 +26,11 @@
 #include <cstdint>
 #include <functional>
 
+#include <memory>
+
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_format.h"
 #include "absl/types/span.h"
 #include "proto/peer.pb.h"
 
@@ -62,6 +65,18 @@ struct PinnedChunk {
       read;
 };
 
+// A byte range of a chunk being read from its holder, in order. Not
+// thread-safe; closes its stream when destroyed.
+class ChunkReader {
+ public:
+  virtual ~ChunkReader() = default;
+  // Reads exactly `into.size()` bytes (at most remaining()). DATA_LOSS when
+  // the stream ends early; the reader is then spent.
+  virtual absl::Status Read(absl::Span<uint8_t> into) = 0;
+  // Bytes of the range not read yet.
+  virtual uint64_t remaining() const = 0;
+};
+
 class PeerTransport {
  public:
   virtual ~PeerTransport() = default;
@@ -77,11 +92,28 @@ class PeerTransport {
   virtual absl::StatusOr<bool> Push(int holder, const peer::PushChunkHeader& header,
                                     const ChunkBytes& bytes) = 0;
 
-  // Reads `request`'s byte range of a chunk from group position `holder`
-  // into `into`, which is exactly the range's size (the caller knows the
-  // chunk's length from the group's shapes). DATA_LOSS for a short read.
-  virtual absl::Status Fetch(int holder, const peer::GetChunkRequest& request,
-                             absl::Span<uint8_t> into) = 0;
+  // Opens `request`'s byte range of a chunk on group position `holder` (the
+  // holder checks and pins it first), to be read in order: a rebuild reads
+  // its k survivors in lockstep, a slice of each at a time, over one stream
+  // each. Between reads nothing cuts the stream here; the holder cuts one
+  // that its reader leaves full for its peer timeout.
+  virtual absl::StatusOr<std::unique_ptr<ChunkReader>> OpenRead(
+      int holder, const peer::GetChunkRequest& request) = 0;
+
+  // Reads `request`'s byte range of a chunk from `holder` into `into`, which
+  // is exactly the range's size (the caller knows the chunk's length from the
+  // group's shapes). DATA_LOSS for a short read or a range of another size.
+  absl::Status Fetch(int holder, const peer::GetChunkRequest& request, absl::Span<uint8_t> into) {
+    auto reader = OpenRead(holder, request);
+    if (!reader.ok()) return reader.status();
+    if ((*reader)->remaining() != into.size()) {
+      return absl::DataLossError(absl::StrFormat(
+          "job %s step %d stripe %d position %d: the holder has %d bytes of the range, not %d",
+          request.id().job_id(), request.id().step(), request.id().stripe(),
+          request.id().position(), (*reader)->remaining(), into.size()));
+    }
+    return (*reader)->Read(into);
+  }
 };
 
 }  // namespace ecsnap::daemon
