@@ -13,6 +13,7 @@
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server_builder.h>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
@@ -232,7 +233,10 @@ absl::Status Daemon::StartPeerPlane(uint32_t slot) {
   Protector::Options po;
   po.peer_timeout_ms = cc.peer_timeout_ms();
   po.retain = config_.daemon().retain();
-  po.tcp_bulk = cc.bulk_transport() == config::Cluster::BULK_TCP;
+  // A bulk port needs a host to listen on: a unix: peer address (loopback
+  // tests) keeps chunk bytes in the gRPC streams; TCP peers fall back to them.
+  po.tcp_bulk = cc.bulk_transport() == config::Cluster::BULK_TCP &&
+                !absl::StartsWith(group->addresses[group->self], "unix:");
   const TlsMaterial* tls = this->tls();
   po.credentials = PeerChannelCredentials(tls);
   if (tls != nullptr) {

@@ -267,8 +267,10 @@ absl::Status Rebuilder::ReadSurvivor(const Current& c, int s, int q, int holder,
       (stream->at != from || stream->reader->remaining() < into.size())) {
     stream->reader.reset();
   }
+  int fresh_tries = 0;
   while (true) {
     const bool fresh = stream->reader == nullptr;
+    fresh_tries += fresh ? 1 : 0;
     if (fresh) {
       // The rest of the chunk from here: later slices read on from it.
       peer::GetChunkRequest req;
@@ -278,6 +280,14 @@ absl::Status Rebuilder::ReadSurvivor(const Current& c, int s, int q, int holder,
       req.mutable_id()->set_position(q);
       req.set_offset(from);
       auto reader = protector_->transport()->OpenRead(holder, req);
+      // A holder busy with other transfers (its bulk port's queue or
+      // tickets full) is asked once more before the survivor counts as lost.
+      if (!reader.ok() && fresh_tries < 2 &&
+          (reader.status().code() == absl::StatusCode::kResourceExhausted ||
+           reader.status().code() == absl::StatusCode::kUnavailable)) {
+        absl::SleepFor(absl::Milliseconds(100));
+        continue;
+      }
       if (!reader.ok()) return reader.status();
       if ((*reader)->remaining() < into.size()) {
         return absl::DataLossError(absl::StrFormat(

@@ -34,8 +34,12 @@ constexpr uint32_t kMaxMessage = 1024;
 // Bytes a push is received in before they are folded: small enough to stay
 // in the cache between the socket's copy and the fold.
 constexpr size_t kReceiveBytes = 256 << 10;
-// Bytes handed to one send(2): progress is reported between them.
-constexpr size_t kSendBytes = 4 << 20;
+// Bytes handed to one send(2): progress is reported between them, so that a
+// holder draining slowly but steadily is never taken for a stalled one.
+constexpr size_t kSendBytes = 256 << 10;
+// A connection must present its whole hello within this, however it trickles
+// it: a worker is never held by a caller without a token for longer.
+constexpr absl::Duration kHelloDeadline = absl::Seconds(1);
 
 std::string Errno(const char* what) { return absl::StrFormat("%s: %s", what, std::strerror(errno)); }
 
@@ -62,6 +66,24 @@ bool RecvAll(int fd, absl::Span<uint8_t> into, CallWatchdog::Watch* watch) {
     if (n <= 0) return false;
     at += static_cast<size_t>(n);
     watch->Progress();
+  }
+  return true;
+}
+
+// Receives exactly `into.size()` bytes before `deadline`.
+bool RecvAllBefore(int fd, absl::Span<uint8_t> into, absl::Time deadline) {
+  size_t at = 0;
+  while (at < into.size()) {
+    const int64_t left_ms = absl::ToInt64Milliseconds(deadline - absl::Now());
+    if (left_ms <= 0) return false;
+    pollfd p{fd, POLLIN, 0};
+    const int ready = ::poll(&p, 1, static_cast<int>(left_ms));
+    if (ready < 0 && errno == EINTR) continue;
+    if (ready <= 0) return false;
+    const ssize_t n = ::recv(fd, into.data() + at, into.size() - at, MSG_DONTWAIT);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+    if (n <= 0) return false;
+    at += static_cast<size_t>(n);
   }
   return true;
 }
@@ -173,6 +195,7 @@ void BulkServer::Stop() {
       pending_.clear();
       for (auto& [token, t] : tickets_) dropped.push_back(std::move(t));
       tickets_.clear();
+      keys_.clear();
     }
   }
   dropped.clear();  // a push's sink aborts its fold
@@ -195,6 +218,7 @@ std::vector<BulkServer::Ticket> BulkServer::ExpireLocked(absl::Time now) {
   std::vector<Ticket> expired;
   for (auto it = tickets_.begin(); it != tickets_.end();) {
     if (it->second.expires <= now) {
+      if (!it->second.key.empty()) keys_.erase(it->second.key);
       expired.push_back(std::move(it->second));
       it = tickets_.erase(it);
     } else {
@@ -219,13 +243,29 @@ absl::StatusOr<std::string> BulkServer::Issue(Ticket ticket) {
         "bulk transport: %d transfers are open on this holder already; try again",
         tickets_.size()));
   }
+  if (!ticket.key.empty()) keys_[ticket.key] = token;
   tickets_.emplace(token, std::move(ticket));
   // `expired` goes out of scope after the lock (declared before it).
   return token;
 }
 
-absl::StatusOr<std::string> BulkServer::IssuePush(uint64_t length, std::unique_ptr<ChunkSink> sink) {
+void BulkServer::Revoke(const std::string& key) {
+  Ticket dropped;  // destroyed after the lock: its sink aborts its fold
+  absl::MutexLock lock(&mu_);
+  auto it = keys_.find(key);
+  if (it == keys_.end()) return;
+  auto t = tickets_.find(it->second);
+  if (t != tickets_.end()) {
+    dropped = std::move(t->second);
+    tickets_.erase(t);
+  }
+  keys_.erase(it);
+}
+
+absl::StatusOr<std::string> BulkServer::IssuePush(const std::string& key, uint64_t length,
+                                                  std::unique_ptr<ChunkSink> sink) {
   Ticket t;
+  t.key = key;
   t.length = length;
   t.sink = std::move(sink);
   return Issue(std::move(t));
@@ -294,7 +334,7 @@ void BulkServer::Serve(int fd) {
   const int one = 1;
   ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
   uint8_t hello[kHelloBytes];
-  if (!RecvAll(fd, absl::MakeSpan(hello), watch.get()) ||
+  if (!RecvAllBefore(fd, absl::MakeSpan(hello), absl::Now() + kHelloDeadline) ||
       std::memcmp(hello, kMagic, sizeof(kMagic)) != 0) {
     return;
   }
@@ -313,6 +353,7 @@ void BulkServer::Serve(int fd) {
     }
     ticket = std::move(it->second);
     tickets_.erase(it);
+    if (!ticket.key.empty()) keys_.erase(ticket.key);
   }
   if (ticket.sink != nullptr) {
     ServePush(fd, ticket, watch.get());
@@ -376,10 +417,11 @@ void BulkServer::ServeRead(int fd, Ticket& ticket, CallWatchdog::Watch* watch) {
 TcpTransport::TcpTransport(std::vector<peer::Peer::Stub*> stubs,
                            std::vector<std::string> addresses, std::vector<uint32_t> slots,
                            CallWatchdog* watchdog)
-    : stubs_(std::move(stubs)),
+    : stubs_(stubs),
       hosts_(HostsOf(addresses)),
-      slots_(std::move(slots)),
-      watchdog_(watchdog) {}
+      slots_(slots),
+      watchdog_(watchdog),
+      fallback_(std::move(stubs), std::move(slots), watchdog) {}
 
 absl::StatusOr<int> TcpTransport::Dial(int holder, const peer::BulkTicket& ticket) {
   if (ticket.token().size() != kTokenBytes || ticket.port() == 0 || ticket.port() > 65535) {
@@ -445,6 +487,9 @@ absl::StatusOr<bool> TcpTransport::Push(int holder, const peer::PushChunkHeader&
     ctx.set_wait_for_ready(true);  // a peer still starting: wait, while the watchdog allows
     auto watch = watchdog_->Start(&ctx);
     absl::Status st = FromGrpc(stubs_[holder]->OpenPush(&ctx, header, &ticket));
+    // A holder without a bulk port (BULK_GRPC, or an older daemon during a
+    // rolling change) still takes the bytes inside the gRPC stream.
+    if (st.code() == absl::StatusCode::kUnimplemented) return fallback_.Push(holder, header, bytes);
     if (!st.ok()) return TransferError(st, watch->cancelled(), watchdog_->stall(), what);
   }
   if (ticket.folded()) return false;
@@ -476,6 +521,13 @@ absl::StatusOr<bool> TcpTransport::Push(int holder, const peer::PushChunkHeader&
     st = code <= static_cast<uint32_t>(absl::StatusCode::kUnauthenticated)
              ? absl::Status(static_cast<absl::StatusCode>(code), message)
              : absl::InternalError("the holder answered a status code out of range");
+    // The answer crossed an unauthenticated connection: whatever it says,
+    // only the next OpenPush (on the authenticated channel) may give the
+    // push up for good.
+    if (st.code() == absl::StatusCode::kFailedPrecondition ||
+        st.code() == absl::StatusCode::kNotFound) {
+      st = absl::AbortedError(st.message());
+    }
   } else {
     st = absl::UnavailableError(ok ? "the holder closed the bulk connection before its answer"
                                    : "the bulk connection broke during the push");
@@ -533,6 +585,7 @@ absl::StatusOr<std::unique_ptr<ChunkReader>> TcpTransport::OpenRead(
     grpc::ClientContext ctx;
     auto watch = watchdog_->Start(&ctx);
     absl::Status st = FromGrpc(stubs_[holder]->OpenRead(&ctx, request, &ticket));
+    if (st.code() == absl::StatusCode::kUnimplemented) return fallback_.OpenRead(holder, request);
     if (!st.ok()) return TransferError(st, watch->cancelled(), watchdog_->stall(), what);
   }
   const uint64_t want =

@@ -37,6 +37,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "daemon/peer/call_watchdog.h"
+#include "daemon/peer/grpc_transport.h"
 #include "daemon/peer/transport.h"
 #include "proto/peer.grpc.pb.h"
 
@@ -75,8 +76,14 @@ class BulkServer {
 
   uint32_t port() const { return port_; }
 
-  // A ticket for a push of `length` bytes into `sink`.
-  absl::StatusOr<std::string> IssuePush(uint64_t length, std::unique_ptr<ChunkSink> sink);
+  // A ticket for a push of `length` bytes into `sink`. `key` names the chunk
+  // and its sender: Revoke(key) drops the ticket while it is unused.
+  absl::StatusOr<std::string> IssuePush(const std::string& key, uint64_t length,
+                                        std::unique_ptr<ChunkSink> sink);
+  // Drops the unused push ticket issued under `key`, aborting its fold: a
+  // sender that could not use its ticket (its connection failed) opens the
+  // push again at once instead of finding the row busy until it expires.
+  void Revoke(const std::string& key);
   // A ticket for a read of [offset, offset + length) of `chunk`.
   absl::StatusOr<std::string> IssueRead(PinnedChunk chunk, uint64_t offset, uint64_t length);
 
@@ -87,6 +94,7 @@ class BulkServer {
 
  private:
   struct Ticket {
+    std::string key;  // a push's, for Revoke
     absl::Time expires;
     uint64_t length = 0;
     std::unique_ptr<ChunkSink> sink;  // a push
@@ -112,7 +120,8 @@ class BulkServer {
 
   mutable absl::Mutex mu_;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
-  std::map<std::string, Ticket> tickets_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, Ticket> tickets_ ABSL_GUARDED_BY(mu_);  // by token
+  std::map<std::string, std::string> keys_ ABSL_GUARDED_BY(mu_);  // push key -> token
   std::deque<int> pending_ ABSL_GUARDED_BY(mu_);  // accepted, not yet served
   std::set<int> serving_ ABSL_GUARDED_BY(mu_);
   std::vector<std::thread> threads_;
@@ -141,6 +150,8 @@ class TcpTransport final : public PeerTransport {
   const std::vector<std::string> hosts_;
   const std::vector<uint32_t> slots_;
   CallWatchdog* const watchdog_;
+  // For a holder that has no bulk port (UNIMPLEMENTED).
+  GrpcTransport fallback_;
 };
 
 }  // namespace ecsnap::daemon

@@ -12,6 +12,8 @@
 #include <cstring>
 #include <random>
 
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "gtest/gtest.h"
 
 namespace ecsnap::daemon {
@@ -19,7 +21,12 @@ namespace {
 
 // A sink that keeps what it is fed, and how it ended.
 struct Record {
-  std::string bytes;
+  absl::Mutex mu;
+  std::string bytes_ ABSL_GUARDED_BY(mu);
+  std::string bytes() {
+    absl::MutexLock lock(&mu);
+    return bytes_;
+  }
   std::atomic<int> ended{0};
   std::atomic<int> aborted{0};
   absl::Status refuse_at_piece;  // returned from the second piece on
@@ -32,11 +39,12 @@ class RecordingSink final : public ChunkSink {
     if (!done_) ++r_->aborted;
   }
   absl::Status Piece(absl::Span<const uint8_t> data) override {
-    if (!r_->refuse_at_piece.ok() && !r_->bytes.empty()) {
+    absl::MutexLock lock(&r_->mu);
+    if (!r_->refuse_at_piece.ok() && !r_->bytes_.empty()) {
       Abort();
       return r_->refuse_at_piece;
     }
-    r_->bytes.append(reinterpret_cast<const char*>(data.data()), data.size());
+    r_->bytes_.append(reinterpret_cast<const char*>(data.data()), data.size());
     return absl::OkStatus();
   }
   absl::StatusOr<bool> End() override {
@@ -128,7 +136,7 @@ TEST_F(BulkServerTest, APushWithItsTokenIsFedInOrderAndAnswered) {
   std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
   const std::string data = RandomBytes((3 << 20) + 17, seed);
   Record r;
-  auto token = server_->IssuePush(data.size(), std::make_unique<RecordingSink>(&r));
+  auto token = server_->IssuePush("k", data.size(), std::make_unique<RecordingSink>(&r));
   ASSERT_TRUE(token.ok()) << token.status();
   const int fd = Connect(server_->port());
   SendAll(fd, Hello(*token) + data);
@@ -137,7 +145,7 @@ TEST_F(BulkServerTest, APushWithItsTokenIsFedInOrderAndAnswered) {
   ASSERT_EQ(reply.size(), 12u);
   EXPECT_EQ(reply[0], 0);  // OK
   EXPECT_EQ(reply[4], 1);  // stripe complete
-  EXPECT_EQ(r.bytes, data);
+  EXPECT_EQ(r.bytes(), data);
   EXPECT_EQ(r.ended, 1);
   EXPECT_EQ(r.aborted, 0);
   EXPECT_EQ(server_->tickets(), 0u);
@@ -146,7 +154,7 @@ TEST_F(BulkServerTest, APushWithItsTokenIsFedInOrderAndAnswered) {
 TEST_F(BulkServerTest, AForgedOrUsedTokenGetsNoByteInOrOut) {
   Record r;
   const std::string data = RandomBytes(4096, 7);
-  auto token = server_->IssuePush(data.size(), std::make_unique<RecordingSink>(&r));
+  auto token = server_->IssuePush("k", data.size(), std::make_unique<RecordingSink>(&r));
   ASSERT_TRUE(token.ok());
   std::string forged = *token;
   forged[3] ^= 1;
@@ -159,27 +167,27 @@ TEST_F(BulkServerTest, AForgedOrUsedTokenGetsNoByteInOrOut) {
   SendAll(fd, std::string(24, 'x'));
   EXPECT_EQ(ReadToEnd(fd), "");
   ::close(fd);
-  EXPECT_TRUE(r.bytes.empty());
+  EXPECT_TRUE(r.bytes().empty());
   EXPECT_EQ(server_->tickets(), 1u);  // the real ticket is still good
 
   fd = Connect(server_->port());
   SendAll(fd, Hello(*token) + data);
   EXPECT_EQ(ReadToEnd(fd).size(), 12u);
   ::close(fd);
-  EXPECT_EQ(r.bytes, data);
+  EXPECT_EQ(r.bytes(), data);
   // Used once: the same token again is refused.
   fd = Connect(server_->port());
   SendAll(fd, Hello(*token) + data);
   EXPECT_EQ(ReadToEnd(fd), "");
   ::close(fd);
-  EXPECT_EQ(r.bytes, data);
+  EXPECT_EQ(r.bytes(), data);
   EXPECT_EQ(r.ended, 1);
 }
 
 TEST_F(BulkServerTest, AStreamCutHalfwayAbortsTheFold) {
   Record r;
   const std::string data = RandomBytes(1 << 20, 11);
-  auto token = server_->IssuePush(data.size(), std::make_unique<RecordingSink>(&r));
+  auto token = server_->IssuePush("k", data.size(), std::make_unique<RecordingSink>(&r));
   ASSERT_TRUE(token.ok());
   const int fd = Connect(server_->port());
   SendAll(fd, Hello(*token) + data.substr(0, data.size() / 2));
@@ -191,7 +199,7 @@ TEST_F(BulkServerTest, AStreamCutHalfwayAbortsTheFold) {
 TEST_F(BulkServerTest, ASenderThatStallsIsCutAndItsFoldAborted) {
   Record r;
   const std::string data = RandomBytes(1 << 20, 13);
-  auto token = server_->IssuePush(data.size(), std::make_unique<RecordingSink>(&r));
+  auto token = server_->IssuePush("k", data.size(), std::make_unique<RecordingSink>(&r));
   ASSERT_TRUE(token.ok());
   const int fd = Connect(server_->port());
   SendAll(fd, Hello(*token) + data.substr(0, 1000));
@@ -207,7 +215,7 @@ TEST_F(BulkServerTest, ARefusedPieceIsAnsweredWithTheHoldersStatus) {
   Record r;
   r.refuse_at_piece = absl::AbortedError("the parity row was discarded during the push");
   const std::string data = RandomBytes(1 << 20, 17);
-  auto token = server_->IssuePush(data.size(), std::make_unique<RecordingSink>(&r));
+  auto token = server_->IssuePush("k", data.size(), std::make_unique<RecordingSink>(&r));
   ASSERT_TRUE(token.ok());
   const int fd = Connect(server_->port());
   std::string hello = Hello(*token);
@@ -225,7 +233,7 @@ TEST_F(BulkServerTest, ARefusedPieceIsAnsweredWithTheHoldersStatus) {
 
 TEST_F(BulkServerTest, AnUnusedTicketExpiresAndAbortsItsFold) {
   Record r;
-  auto token = server_->IssuePush(100, std::make_unique<RecordingSink>(&r));
+  auto token = server_->IssuePush("k", 100, std::make_unique<RecordingSink>(&r));
   ASSERT_TRUE(token.ok());
   ASSERT_TRUE(WaitFor([&] { return r.aborted.load() == 1; }));  // lifetime 2 s
   EXPECT_EQ(server_->tickets(), 0u);
@@ -238,11 +246,12 @@ TEST_F(BulkServerTest, AnUnusedTicketExpiresAndAbortsItsFold) {
 TEST_F(BulkServerTest, TicketsAreBounded) {
   std::vector<Record> records(9);
   for (int i = 0; i < 8; ++i) {
-    ASSERT_TRUE(server_->IssuePush(1, std::make_unique<RecordingSink>(&records[i])).ok());
+    ASSERT_TRUE(server_->IssuePush(absl::StrCat("k", i), 1, std::make_unique<RecordingSink>(&records[i])).ok());
   }
-  auto ninth = server_->IssuePush(1, std::make_unique<RecordingSink>(&records[8]));
+  auto ninth = server_->IssuePush("k8", 1, std::make_unique<RecordingSink>(&records[8]));
   EXPECT_EQ(ninth.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(records[8].aborted, 1);  // refused: its sink is dropped at once
+  server_->Stop();  // the others' sinks point at `records`
 }
 
 TEST_F(BulkServerTest, AReadSendsExactlyItsRange) {
@@ -266,20 +275,65 @@ TEST_F(BulkServerTest, AReadSendsExactlyItsRange) {
 
 TEST_F(BulkServerTest, StopCutsAConnectionInFlightAndAbortsEveryTicket) {
   Record r1, r2;
-  auto t1 = server_->IssuePush(1 << 20, std::make_unique<RecordingSink>(&r1));
-  auto t2 = server_->IssuePush(1 << 20, std::make_unique<RecordingSink>(&r2));
+  auto t1 = server_->IssuePush("k1", 1 << 20, std::make_unique<RecordingSink>(&r1));
+  auto t2 = server_->IssuePush("k2", 1 << 20, std::make_unique<RecordingSink>(&r2));
   ASSERT_TRUE(t1.ok() && t2.ok());
   const int fd = Connect(server_->port());
   SendAll(fd, Hello(*t1) + std::string(1000, 'z'));
-  ASSERT_TRUE(WaitFor([&] { return r1.bytes.size() == 1000; }));
+  ASSERT_TRUE(WaitFor([&] { return r1.bytes().size() == 1000; }));
   const auto t0 = absl::Now();
   server_->Stop();
   EXPECT_LT(absl::Now() - t0, absl::Seconds(2));
   EXPECT_EQ(r1.aborted, 1);
   EXPECT_EQ(r2.aborted, 1);
   ::close(fd);
-  EXPECT_EQ(server_->IssuePush(1, std::make_unique<RecordingSink>(&r2)).status().code(),
+  EXPECT_EQ(server_->IssuePush("k3", 1, std::make_unique<RecordingSink>(&r2)).status().code(),
             absl::StatusCode::kUnavailable);
+}
+
+TEST_F(BulkServerTest, AHelloTrickledByteByByteIsCutAtItsDeadline) {
+  Record r;
+  auto token = server_->IssuePush("k", 10, std::make_unique<RecordingSink>(&r));
+  ASSERT_TRUE(token.ok());
+  const int fd = Connect(server_->port());
+  const std::string hello = Hello(*token);
+  // A byte every 100 ms: each one is progress, but the hello's 1 s deadline
+  // is not moved by it.
+  const auto t0 = absl::Now();
+  size_t sent = 0;
+  for (; sent < hello.size() && absl::Now() - t0 < absl::Seconds(4); ++sent) {
+    if (::send(fd, hello.data() + sent, 1, MSG_NOSIGNAL) != 1) break;
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  EXPECT_EQ(ReadToEnd(fd), "");
+  EXPECT_LT(absl::Now() - t0, absl::Seconds(4));
+  ::close(fd);
+  EXPECT_EQ(server_->tickets(), 1u);  // the ticket was never reached
+  EXPECT_TRUE(r.bytes().empty());
+  server_->Stop();  // its sink points at `r`
+}
+
+TEST_F(BulkServerTest, ARevokedTicketAbortsItsFoldAndAdmitsNoOne) {
+  Record r, again;
+  auto token = server_->IssuePush("job/1/0/0", 10, std::make_unique<RecordingSink>(&r));
+  ASSERT_TRUE(token.ok());
+  server_->Revoke("job/1/0/0");
+  EXPECT_EQ(r.aborted, 1);
+  EXPECT_EQ(server_->tickets(), 0u);
+  server_->Revoke("job/1/0/0");  // twice: nothing more
+  const int fd = Connect(server_->port());
+  SendAll(fd, Hello(*token) + std::string(10, 'q'));
+  EXPECT_EQ(ReadToEnd(fd), "");
+  ::close(fd);
+  EXPECT_TRUE(r.bytes().empty());
+  // The same key is issued again and served.
+  auto next = server_->IssuePush("job/1/0/0", 10, std::make_unique<RecordingSink>(&again));
+  ASSERT_TRUE(next.ok());
+  const int fd2 = Connect(server_->port());
+  SendAll(fd2, Hello(*next) + std::string(10, 'q'));
+  EXPECT_EQ(ReadToEnd(fd2).size(), 12u);
+  ::close(fd2);
+  EXPECT_EQ(again.bytes(), std::string(10, 'q'));
 }
 
 TEST(HostOfAddressTest, NamesTheHostOfEveryFormOfPeerAddress) {

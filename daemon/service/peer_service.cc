@@ -23,11 +23,12 @@ grpc::Status Stalled() {
                       "stopping); its row was dropped");
 }
 
+// UNIMPLEMENTED: the caller falls back to the gRPC streams.
 grpc::Status NoBulk() {
-  return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
-                      "this daemon moves chunk bytes inside the gRPC streams "
-                      "(cluster.bulk_transport BULK_GRPC): every daemon of a cluster must "
-                      "read the same cluster file");
+  return grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
+                      "this daemon takes chunk bytes inside the gRPC streams only "
+                      "(cluster.bulk_transport BULK_GRPC, or peer addresses that are not "
+                      "host:port)");
 }
 
 }  // namespace
@@ -120,13 +121,18 @@ grpc::Status PeerService::OpenPush(grpc::ServerContext* context,
                                    peer::BulkTicket* response) {
   if (bulk_ == nullptr) return NoBulk();
   if (grpc::Status st = CheckPush(*context, *request); !st.ok()) return st;
+  // The same sender opening the same push again could not use its last
+  // ticket: that fold goes, so that this one can begin.
+  const std::string key = absl::StrCat(request->id().job_id(), "/", request->id().step(), "/",
+                                       request->id().stripe(), "/", request->id().position());
+  bulk_->Revoke(key);
   auto sink = intake_->BeginPush(*request);
   if (!sink.ok()) return ToGrpc(sink.status());
   if (*sink == nullptr) {
     response->set_folded(true);
     return grpc::Status::OK;
   }
-  auto token = bulk_->IssuePush(request->length(), std::move(*sink));
+  auto token = bulk_->IssuePush(key, request->length(), std::move(*sink));
   if (!token.ok()) return ToGrpc(token.status());
   response->set_token(*token);
   response->set_port(bulk_->port());
