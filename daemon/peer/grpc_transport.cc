@@ -18,6 +18,17 @@ absl::Status TransferError(absl::Status st, bool stalled, absl::Duration stall,
   return absl::Status(st.code(), absl::StrCat(what, ": ", st.message()));
 }
 
+std::string PushName(const peer::PushChunkHeader& header, uint32_t slot) {
+  return absl::StrFormat("push of job %s step %d chunk %d to slot %d", header.id().job_id(),
+                         header.id().step(), header.id().position(), slot);
+}
+
+std::string ReadName(const peer::GetChunkRequest& request, uint32_t slot) {
+  return absl::StrFormat("read of job %s step %d stripe %d position %d from slot %d",
+                         request.id().job_id(), request.id().step(), request.id().stripe(),
+                         request.id().position(), slot);
+}
+
 GrpcTransport::GrpcTransport(std::vector<peer::Peer::Stub*> stubs, std::vector<uint32_t> slots,
                              CallWatchdog* watchdog)
     : stubs_(std::move(stubs)), slots_(std::move(slots)), watchdog_(watchdog) {}
@@ -46,9 +57,7 @@ absl::StatusOr<bool> GrpcTransport::Push(int holder, const peer::PushChunkHeader
   absl::Status st = FromGrpc(writer->Finish());
   if (st.ok()) return resp.stripe_complete();
   return TransferError(st, watch->cancelled(), watchdog_->stall(),
-                       absl::StrFormat("push of job %s step %d chunk %d to slot %d",
-                                       header.id().job_id(), header.id().step(),
-                                       header.id().position(), slots_[holder]));
+                       PushName(header, slots_[holder]));
 }
 
 namespace {
@@ -126,10 +135,7 @@ class GrpcChunkReader final : public ChunkReader {
 
 absl::StatusOr<std::unique_ptr<ChunkReader>> GrpcTransport::OpenRead(
     int holder, const peer::GetChunkRequest& request) {
-  auto reader = std::make_unique<GrpcChunkReader>(
-      watchdog_, absl::StrFormat("read of job %s step %d stripe %d position %d from slot %d",
-                                 request.id().job_id(), request.id().step(),
-                                 request.id().stripe(), request.id().position(), slots_[holder]));
+  auto reader = std::make_unique<GrpcChunkReader>(watchdog_, ReadName(request, slots_[holder]));
   absl::Status st = reader->Open(stubs_[holder], request);
   if (!st.ok()) return st;
   return std::unique_ptr<ChunkReader>(std::move(reader));

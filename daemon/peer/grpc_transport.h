@@ -40,6 +40,10 @@ class GrpcTransport final : public PeerTransport {
 // watchdog cut says so.
 absl::Status TransferError(absl::Status st, bool stalled, absl::Duration stall,
                            const std::string& what);
+// What a transfer is, for its errors: "push of job J step S chunk P to slot N",
+// "read of job J step S stripe T position P from slot N".
+std::string PushName(const peer::PushChunkHeader& header, uint32_t slot);
+std::string ReadName(const peer::GetChunkRequest& request, uint32_t slot);
 
 }  // namespace ecsnap::daemon
 

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <functional>
 
 #include <openssl/crypto.h>
 #include <openssl/rand.h>
@@ -365,18 +366,27 @@ void BulkServer::Serve(int fd) {
 void BulkServer::ServePush(int fd, Ticket& ticket, CallWatchdog::Watch* watch) {
   thread_local std::vector<uint8_t> buffer;
   buffer.resize(kReceiveBytes);
-  absl::Status st;
   uint64_t left = ticket.length;
-  while (st.ok() && left > 0) {
-    const ssize_t n = ::recv(fd, buffer.data(), std::min<uint64_t>(left, buffer.size()), 0);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      ticket.sink->Abort();  // cut, or the sender went away
-      return;
+  // Receives what is left of the push into `buffer`, a piece at a time, while
+  // `each` takes the pieces; false when the connection ends first.
+  auto receive = [&](const std::function<bool(absl::Span<const uint8_t>)>& each) {
+    while (left > 0) {
+      const ssize_t n = ::recv(fd, buffer.data(), std::min<uint64_t>(left, buffer.size()), 0);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return false;
+      watch->Progress();
+      left -= static_cast<uint64_t>(n);
+      if (!each(absl::MakeConstSpan(buffer.data(), static_cast<size_t>(n)))) return true;
     }
-    watch->Progress();
-    left -= static_cast<uint64_t>(n);
-    st = ticket.sink->Piece(absl::MakeConstSpan(buffer.data(), static_cast<size_t>(n)));
+    return true;
+  };
+  absl::Status st;
+  if (!receive([&](absl::Span<const uint8_t> piece) {
+        st = ticket.sink->Piece(piece);
+        return st.ok();
+      })) {
+    ticket.sink->Abort();  // cut, or the sender went away
+    return;
   }
   bool complete = false;
   if (st.ok()) {
@@ -396,13 +406,7 @@ void BulkServer::ServePush(int fd, Ticket& ticket, CallWatchdog::Watch* watch) {
   // answer, so the rest is read and dropped (bounded by what the ticket
   // admitted, and by the watchdog).
   ::shutdown(fd, SHUT_WR);
-  while (left > 0) {
-    const ssize_t n = ::recv(fd, buffer.data(), std::min<uint64_t>(left, buffer.size()), 0);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return;
-    watch->Progress();
-    left -= static_cast<uint64_t>(n);
-  }
+  receive([](absl::Span<const uint8_t>) { return true; });
 }
 
 void BulkServer::ServeRead(int fd, Ticket& ticket, CallWatchdog::Watch* watch) {
@@ -473,14 +477,23 @@ absl::StatusOr<int> TcpTransport::Dial(int holder, const peer::BulkTicket& ticke
   ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);
   const int one = 1;
   ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  uint8_t hello[kHelloBytes];
+  std::memcpy(hello, kMagic, sizeof(kMagic));
+  std::memcpy(hello + sizeof(kMagic), ticket.token().data(), kTokenBytes);
+  auto watch = watchdog_->Start([fd] { ::shutdown(fd, SHUT_RDWR); });
+  if (!SendAll(fd, absl::MakeConstSpan(hello), watch.get())) {
+    const bool cut = watch->cancelled();
+    watch.reset();
+    Close(fd);
+    return TransferError(absl::UnavailableError("the bulk connection broke"), cut,
+                         watchdog_->stall(), "hello");
+  }
   return fd;
 }
 
 absl::StatusOr<bool> TcpTransport::Push(int holder, const peer::PushChunkHeader& header,
                                         const ChunkBytes& bytes) {
-  const std::string what =
-      absl::StrFormat("push of job %s step %d chunk %d to slot %d", header.id().job_id(),
-                      header.id().step(), header.id().position(), slots_[holder]);
+  const std::string what = PushName(header, slots_[holder]);
   peer::BulkTicket ticket;
   {
     grpc::ClientContext ctx;
@@ -496,16 +509,11 @@ absl::StatusOr<bool> TcpTransport::Push(int holder, const peer::PushChunkHeader&
   auto fd = Dial(holder, ticket);
   if (!fd.ok()) return TransferError(fd.status(), false, watchdog_->stall(), what);
   auto watch = watchdog_->Start([fd = *fd] { ::shutdown(fd, SHUT_RDWR); });
-  uint8_t hello[kHelloBytes];
-  std::memcpy(hello, kMagic, sizeof(kMagic));
-  std::memcpy(hello + sizeof(kMagic), ticket.token().data(), kTokenBytes);
-  bool ok = SendAll(*fd, absl::MakeConstSpan(hello), watch.get());
-  if (ok) {
-    bytes([&](absl::Span<const uint8_t> piece) {
-      ok = SendAll(*fd, piece, watch.get());
-      return ok;
-    });
-  }
+  bool ok = true;
+  bytes([&](absl::Span<const uint8_t> piece) {
+    ok = SendAll(*fd, piece, watch.get());
+    return ok;
+  });
   // The holder answers once every byte is folded; it may answer early (and
   // close) when a piece is refused, so its answer is read even after a
   // failed send.
@@ -577,9 +585,7 @@ class TcpChunkReader final : public ChunkReader {
 
 absl::StatusOr<std::unique_ptr<ChunkReader>> TcpTransport::OpenRead(
     int holder, const peer::GetChunkRequest& request) {
-  const std::string what = absl::StrFormat(
-      "read of job %s step %d stripe %d position %d from slot %d", request.id().job_id(),
-      request.id().step(), request.id().stripe(), request.id().position(), slots_[holder]);
+  const std::string what = ReadName(request, slots_[holder]);
   peer::BulkTicket ticket;
   {
     grpc::ClientContext ctx;
@@ -592,16 +598,8 @@ absl::StatusOr<std::unique_ptr<ChunkReader>> TcpTransport::OpenRead(
       GetChunkRange(ticket.header().length(), request.offset(), request.length()).second;
   auto fd = Dial(holder, ticket);
   if (!fd.ok()) return TransferError(fd.status(), false, watchdog_->stall(), what);
-  auto reader = std::make_unique<TcpChunkReader>(*fd, want, watchdog_, what);
-  auto watch = watchdog_->Start([fd = *fd] { ::shutdown(fd, SHUT_RDWR); });
-  uint8_t hello[kHelloBytes];
-  std::memcpy(hello, kMagic, sizeof(kMagic));
-  std::memcpy(hello + sizeof(kMagic), ticket.token().data(), kTokenBytes);
-  if (!SendAll(*fd, absl::MakeConstSpan(hello), watch.get())) {
-    return TransferError(absl::UnavailableError("the bulk connection broke at its hello"),
-                         watch->cancelled(), watchdog_->stall(), what);
-  }
-  return std::unique_ptr<ChunkReader>(std::move(reader));
+  return std::unique_ptr<ChunkReader>(
+      std::make_unique<TcpChunkReader>(*fd, want, watchdog_, what));
 }
 
 }  // namespace ecsnap::daemon

@@ -143,8 +143,7 @@ class TcpTransport final : public PeerTransport {
       int holder, const peer::GetChunkRequest& request) override;
 
  private:
-  // Opens the connection a ticket admits (connected; the caller sends the
-  // hello and the token).
+  // Opens the connection a ticket admits: connected, hello and token sent.
   absl::StatusOr<int> Dial(int holder, const peer::BulkTicket& ticket);
 
   const std::vector<peer::Peer::Stub*> stubs_;

@@ -30,7 +30,6 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/strings/str_format.h"
 #include "absl/types/span.h"
 #include "proto/peer.pb.h"
 
@@ -100,20 +99,6 @@ class PeerTransport {
   virtual absl::StatusOr<std::unique_ptr<ChunkReader>> OpenRead(
       int holder, const peer::GetChunkRequest& request) = 0;
 
-  // Reads `request`'s byte range of a chunk from `holder` into `into`, which
-  // is exactly the range's size (the caller knows the chunk's length from the
-  // group's shapes). DATA_LOSS for a short read or a range of another size.
-  absl::Status Fetch(int holder, const peer::GetChunkRequest& request, absl::Span<uint8_t> into) {
-    auto reader = OpenRead(holder, request);
-    if (!reader.ok()) return reader.status();
-    if ((*reader)->remaining() != into.size()) {
-      return absl::DataLossError(absl::StrFormat(
-          "job %s step %d stripe %d position %d: the holder has %d bytes of the range, not %d",
-          request.id().job_id(), request.id().step(), request.id().stripe(),
-          request.id().position(), (*reader)->remaining(), into.size()));
-    }
-    return (*reader)->Read(into);
-  }
 };
 
 }  // namespace ecsnap::daemon

@@ -166,11 +166,7 @@ grpc::Status PeerService::NotifyJob(grpc::ServerContext* context, const peer::Jo
   return ToGrpc(protector_->OnJobNotice(*request));
 }
 
-absl::StatusOr<PinnedChunk> PeerService::PinChunk(const grpc::ServerContext& context,
-                                                  const peer::ChunkId& id,
-                                                  grpc::Status* refused) const {
-  *refused = Admit(context, -1);
-  if (!refused->ok()) return absl::PermissionDeniedError("refused");
+absl::StatusOr<PinnedChunk> PeerService::PinChunk(const peer::ChunkId& id) const {
   const int self = protector_->group().self;
   if (absl::Status st = CheckGetChunk(protector_->layout(), self, id); !st.ok()) return st;
   return intake_->Pin(id);
@@ -179,9 +175,8 @@ absl::StatusOr<PinnedChunk> PeerService::PinChunk(const grpc::ServerContext& con
 grpc::Status PeerService::GetChunk(grpc::ServerContext* context,
                                    const peer::GetChunkRequest* request,
                                    grpc::ServerWriter<peer::GetChunkMessage>* writer) {
-  grpc::Status refused;
-  auto chunk = PinChunk(*context, request->id(), &refused);
-  if (!refused.ok()) return refused;
+  if (grpc::Status st = Admit(*context, -1); !st.ok()) return st;
+  auto chunk = PinChunk(request->id());
   if (!chunk.ok()) return ToGrpc(chunk.status());
   const auto [offset, want] = GetChunkRange(chunk->length, request->offset(), request->length());
   peer::GetChunkMessage msg;
@@ -205,9 +200,8 @@ grpc::Status PeerService::OpenRead(grpc::ServerContext* context,
                                    const peer::GetChunkRequest* request,
                                    peer::BulkTicket* response) {
   if (bulk_ == nullptr) return NoBulk();
-  grpc::Status refused;
-  auto chunk = PinChunk(*context, request->id(), &refused);
-  if (!refused.ok()) return refused;
+  if (grpc::Status st = Admit(*context, -1); !st.ok()) return st;
+  auto chunk = PinChunk(request->id());
   if (!chunk.ok()) return ToGrpc(chunk.status());
   const auto [offset, want] = GetChunkRange(chunk->length, request->offset(), request->length());
   response->mutable_header()->mutable_id()->CopyFrom(request->id());

@@ -52,10 +52,8 @@ class PeerService final : public peer::Peer::Service {
   grpc::Status Admit(const grpc::ServerContext& context, int position) const;
   // Every check of a push header, before anything is recorded or reserved.
   grpc::Status CheckPush(const grpc::ServerContext& context, const peer::PushChunkHeader& h) const;
-  // The checks of a chunk read, then the chunk's bytes pinned. A caller the
-  // plane refuses gets `refused` set (and a non-OK result).
-  absl::StatusOr<PinnedChunk> PinChunk(const grpc::ServerContext& context, const peer::ChunkId& id,
-                                       grpc::Status* refused) const;
+  // The checks of a chunk read (after Admit), then the chunk's bytes pinned.
+  absl::StatusOr<PinnedChunk> PinChunk(const peer::ChunkId& id) const;
 
   StepStore* const store_;
   ParityStore* const parity_;
