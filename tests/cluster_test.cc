@@ -273,6 +273,32 @@ TEST_F(RebuildFaultTest, ASurvivorKilledMidRebuildIsReadAroundAndEveryRankRestor
   for (int s = 0; s < cluster_->n(); ++s) ExpectArenaConsistent(s);
 }
 
+TEST_F(RebuildFaultTest, ASurvivorStoppedMidStreamIsReadAroundAndEveryRankRestores) {
+  // The rebuild reads each survivor over one stream kept across its slices.
+  // A survivor SIGSTOPped while its streams are open stops moving bytes: the
+  // stream is cut after the peer timeout, opening it again gets no answer
+  // either, and with RS 2+2 the rebuild reads around that survivor.
+  StartCluster(2, 2, "rebuild_bytes_per_sec: 20000");
+  Snapshot(1);
+  ASSERT_TRUE(WaitProtected(1));
+  ASSERT_NO_FATAL_FAILURE(ReplaceNode(0, /*reconnect=*/false));
+  ASSERT_TRUE(WaitRebuild(0, [](const admin::RebuildStatus& r) {
+    return r.active() && r.bytes_done() > 0 && r.bytes_done() < r.bytes_total();
+  })) << cluster_->daemon(0).Log();
+  cluster_->daemon(1).Pause();
+  ASSERT_TRUE(WaitRebuild(0, [](const admin::RebuildStatus& r) { return !r.active(); }));
+  const admin::RebuildStatus done = RebuildStatusOf(0);
+  EXPECT_EQ(done.last_error(), "") << cluster_->daemon(0).Log();
+  EXPECT_EQ(done.bytes_done(), done.bytes_total());
+  EXPECT_NE(cluster_->daemon(0).Log().find("unreadable"), std::string::npos)
+      << "the stop did not land mid-rebuild\n" << cluster_->daemon(0).Log();
+  EXPECT_EQ(StateOf(0, 1), v1::PROTECTED);
+  cluster_->daemon(1).Resume();
+  Reconnect(0);
+  for (int s = 0; s < cluster_->n(); ++s) EXPECT_EQ(RestoreAndCheck(s), 1u) << "slot " << s;
+  for (int s = 0; s < cluster_->n(); ++s) ExpectArenaConsistent(s);
+}
+
 TEST_F(RebuildFaultTest, ARebuildThatFailsAfterADegradedServeIsRetriedWhole) {
   StartCluster(2, 1, "rebuild_bytes_per_sec: 20000");
   Snapshot(1);
