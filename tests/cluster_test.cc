@@ -230,6 +230,31 @@ class RebuildFaultTest : public ClusterTest {
     ASSERT_TRUE(cluster_->daemon(slot).FlipByteAfter(victim.bytes[0].data(), 64, 32));
   }
 
+  // RS 2+2, one step protected, slot 0 lost and replaced empty; its rebuild
+  // (about 180 KB, capped at 20 KB/s) has decoded some but not all of it when
+  // this returns, so a fault made next lands between fetches.
+  void ReplaceSlot0AndWaitMidRebuild() {
+    StartCluster(2, 2, "rebuild_bytes_per_sec: 20000");
+    Snapshot(1);
+    ASSERT_TRUE(WaitProtected(1));
+    ASSERT_NO_FATAL_FAILURE(ReplaceNode(0, /*reconnect=*/false));
+    ASSERT_TRUE(WaitRebuild(0, [](const admin::RebuildStatus& r) {
+      return r.active() && r.bytes_done() > 0 && r.bytes_done() < r.bytes_total();
+    })) << cluster_->daemon(0).Log();
+  }
+
+  // Slot 0's rebuild ends whole and without error, having read around a
+  // survivor that `fault` made unreadable.
+  void ExpectRebuiltAround(const std::string& fault) {
+    ASSERT_TRUE(WaitRebuild(0, [](const admin::RebuildStatus& r) { return !r.active(); }));
+    const admin::RebuildStatus done = RebuildStatusOf(0);
+    EXPECT_EQ(done.last_error(), "") << cluster_->daemon(0).Log();
+    EXPECT_EQ(done.bytes_done(), done.bytes_total());
+    EXPECT_GT(done.bytes_total(), 0u);
+    EXPECT_NE(cluster_->daemon(0).Log().find("unreadable"), std::string::npos)
+        << fault << " did not land mid-rebuild\n" << cluster_->daemon(0).Log();
+  }
+
   static int Count(const std::string& log, const std::string& what) {
     int n = 0;
     for (size_t at = log.find(what); at != std::string::npos; at = log.find(what, at + 1)) ++n;
@@ -238,24 +263,10 @@ class RebuildFaultTest : public ClusterTest {
 };
 
 TEST_F(RebuildFaultTest, ASurvivorKilledMidRebuildIsReadAroundAndEveryRankRestores) {
-  // About 180 KB to rebuild at 20 KB/s: the kill lands between fetches.
-  StartCluster(2, 2, "rebuild_bytes_per_sec: 20000");
-  Snapshot(1);
-  ASSERT_TRUE(WaitProtected(1));
-  ASSERT_NO_FATAL_FAILURE(ReplaceNode(0, /*reconnect=*/false));
-  // Progress shows, and the rebuild is not over: kill a survivor now.
-  ASSERT_TRUE(WaitRebuild(0, [](const admin::RebuildStatus& r) {
-    return r.active() && r.bytes_done() > 0 && r.bytes_done() < r.bytes_total();
-  })) << cluster_->daemon(0).Log();
+  ASSERT_NO_FATAL_FAILURE(ReplaceSlot0AndWaitMidRebuild());
   clients_[1].clear();
   cluster_->daemon(1).Kill();
-  ASSERT_TRUE(WaitRebuild(0, [](const admin::RebuildStatus& r) { return !r.active(); }));
-  const admin::RebuildStatus done = RebuildStatusOf(0);
-  EXPECT_EQ(done.last_error(), "");
-  EXPECT_EQ(done.bytes_done(), done.bytes_total());
-  EXPECT_GT(done.bytes_total(), 0u);
-  EXPECT_NE(cluster_->daemon(0).Log().find("unreadable"), std::string::npos)
-      << "the kill did not land mid-rebuild\n" << cluster_->daemon(0).Log();
+  ASSERT_NO_FATAL_FAILURE(ExpectRebuiltAround("the kill"));
   // Asked again, the rebuild finds the step held.
   admin::RebuildResponse resp;
   EXPECT_TRUE(AdminRebuild(0, &resp).ok());
@@ -278,20 +289,9 @@ TEST_F(RebuildFaultTest, ASurvivorStoppedMidStreamIsReadAroundAndEveryRankRestor
   // A survivor SIGSTOPped while its streams are open stops moving bytes: the
   // stream is cut after the peer timeout, opening it again gets no answer
   // either, and with RS 2+2 the rebuild reads around that survivor.
-  StartCluster(2, 2, "rebuild_bytes_per_sec: 20000");
-  Snapshot(1);
-  ASSERT_TRUE(WaitProtected(1));
-  ASSERT_NO_FATAL_FAILURE(ReplaceNode(0, /*reconnect=*/false));
-  ASSERT_TRUE(WaitRebuild(0, [](const admin::RebuildStatus& r) {
-    return r.active() && r.bytes_done() > 0 && r.bytes_done() < r.bytes_total();
-  })) << cluster_->daemon(0).Log();
+  ASSERT_NO_FATAL_FAILURE(ReplaceSlot0AndWaitMidRebuild());
   cluster_->daemon(1).Pause();
-  ASSERT_TRUE(WaitRebuild(0, [](const admin::RebuildStatus& r) { return !r.active(); }));
-  const admin::RebuildStatus done = RebuildStatusOf(0);
-  EXPECT_EQ(done.last_error(), "") << cluster_->daemon(0).Log();
-  EXPECT_EQ(done.bytes_done(), done.bytes_total());
-  EXPECT_NE(cluster_->daemon(0).Log().find("unreadable"), std::string::npos)
-      << "the stop did not land mid-rebuild\n" << cluster_->daemon(0).Log();
+  ASSERT_NO_FATAL_FAILURE(ExpectRebuiltAround("the stop"));
   EXPECT_EQ(StateOf(0, 1), v1::PROTECTED);
   cluster_->daemon(1).Resume();
   Reconnect(0);
