@@ -14,7 +14,8 @@
 //   TcpTransport  (tcp_transport.h)   one plain TCP connection per transfer,
 //                                     admitted by a one-time token the holder
 //                                     issues over the gRPC control channel
-//   rdma/ (not built yet)             RC writes into registered parity rows
+//   RDMA (not built yet; its verbs     RC writes into registered slots
+//   building blocks are in rdma/)
 //
 // Calls block the calling thread (the protector's pusher of that holder, a
 // rebuild fetch on the daemon's executor) and are cut by the protector's
