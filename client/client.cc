@@ -22,9 +22,11 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "client/copy.h"
+#include "client/cuda/device_copy.h"
 #include "client/data_channel.h"
 #include "client/ecsnap.h"
 #include "common/grpc_status.h"
+#include "common/status_macros.h"
 #include "common/prefault.h"
 #include "common/unique_fd.h"
 #include "ec/crc32c.h"
@@ -34,6 +36,8 @@ namespace ecsnap {
 
 using client_internal::CopyAll;
 using client_internal::CopyTask;
+using client_internal::DeviceCopier;
+using client_internal::DeviceCopyTask;
 
 // Tensors start on this boundary inside a rank's window.
 constexpr uint64_t kTensorAlignBytes = 64;
@@ -217,6 +221,16 @@ class ClientImpl final : public Client {
         return absl::InvalidArgumentError(
             absl::StrFormat("tensor '%s' has %d bytes but no data", t.name, t.bytes));
       }
+      if (t.device < -1) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "tensor '%s': device %d is neither -1 (host) nor a CUDA device", t.name, t.device));
+      }
+      if (t.device >= 0) {
+        if (absl::StatusOr<DeviceCopier*> c = Copier(); !c.ok()) {
+          return Annotate(c.status(), absl::StrFormat("tensor '%s' is on CUDA device %d", t.name,
+                                                      t.device));
+        }
+      }
     }
     state->total = Layout(tensors, &state->offsets);
     state->tensors = std::move(tensors);
@@ -292,19 +306,32 @@ class ClientImpl final : public Client {
             absl::StrFormat("destination '%s' is not a tensor of step %d", name, r.step()));
       }
     }
+    for (const TensorDestination& d : into) {
+      if (!st.ok()) break;
+      if (d.device < -1) {
+        st = absl::InvalidArgumentError(absl::StrFormat(
+            "destination '%s': device %d is neither -1 (host) nor a CUDA device", d.name,
+            d.device));
+      } else if (d.device >= 0) {
+        st = Annotate(Copier().status(),
+                      absl::StrFormat("destination '%s' is on CUDA device %d", d.name, d.device));
+      }
+    }
     std::shared_ptr<uint8_t> buffer;
     std::vector<CopyTask> tasks;
+    std::vector<const TensorDestination*> dests;  // by manifest tensor; null: `rest`
     if (st.ok()) {
       buffer = std::shared_ptr<uint8_t>(new uint8_t[std::max<uint64_t>(rest_bytes, 1)],
                                         std::default_delete<uint8_t[]>());
       for (int i = 0; i < r.manifest().tensors_size(); ++i) {
         const auto& t = r.manifest().tensors(i);
-        uint8_t* dst = rest_offset[i] != ~uint64_t{0}
-                           ? buffer.get() + rest_offset[i]
-                           : static_cast<uint8_t*>(by_name.at(t.name())->data);
+        const TensorDestination* d =
+            rest_offset[i] != ~uint64_t{0} ? nullptr : by_name.at(t.name());
+        uint8_t* dst = d == nullptr ? buffer.get() + rest_offset[i] : static_cast<uint8_t*>(d->data);
         tasks.push_back({dst, nullptr, t.length(), 0});
+        dests.push_back(d);
       }
-      st = Fetch(r, tasks);
+      st = Fetch(r, dests, tasks);
     }
     ReleaseLease(r.lease_id());
     if (!st.ok()) return st;
@@ -339,7 +366,36 @@ class ClientImpl final : public Client {
     UniqueFd fd;
     Mapping map;
     bool writable = false;
+    // Its registration with CUDA, dropped before the mapping goes (members
+    // are destroyed last to first).
+    std::shared_ptr<void> pinned;
   };
+
+  // The CUDA copier, made when the first device tensor comes; its error
+  // (built without CUDA, no device) is kept and returned each time.
+  absl::StatusOr<DeviceCopier*> Copier() {
+    absl::MutexLock lock(&copier_mu_);
+    if (copier_ == nullptr && copier_error_.ok()) {
+      absl::StatusOr<std::unique_ptr<DeviceCopier>> c = DeviceCopier::Create();
+      if (c.ok()) {
+        copier_ = *std::move(c);
+      } else {
+        copier_error_ = c.status();
+      }
+    }
+    if (!copier_error_.ok()) return copier_error_;
+    return copier_.get();
+  }
+
+  // Registers a window's mapping for DMA, once for the mapping's life.
+  absl::Status Pin(MappedWindow& w) {
+    ASSIGN_OR_RETURN(DeviceCopier * copier, Copier());
+    absl::MutexLock lock(&pin_mu_);
+    if (w.pinned != nullptr) return absl::OkStatus();
+    RETURN_IF_ERROR(copier->Register(w.map.data(), w.map.size(), !w.writable));
+    w.pinned = std::shared_ptr<void>(w.map.data(), [copier](void* p) { copier->Unregister(p); });
+    return absl::OkStatus();
+  }
   struct CachedWindow {
     std::shared_ptr<MappedWindow> window;
     uint64_t last_use = 0;
@@ -531,22 +587,50 @@ class ClientImpl final : public Client {
     auto mapped = WindowFor(window.window_file(), window.window_token(), s.total, true);
     if (!mapped.ok()) return mapped.status();
     uint8_t* base = (*mapped)->map.data();
+    // Host tensors are copied by CopyAll's threads, device tensors by the
+    // GPU's copy engine into the registered window; each with its CRC.
     std::vector<CopyTask> tasks;
+    std::vector<DeviceCopyTask> device_tasks;
     for (size_t i = 0; i < s.tensors.size(); ++i) {
-      tasks.push_back({base + s.offsets[i], static_cast<const uint8_t*>(s.tensors[i].data),
-                       s.tensors[i].bytes, 0});
+      const Tensor& t = s.tensors[i];
+      if (t.device >= 0) {
+        device_tasks.push_back({t.name, t.device, t.cuda_stream, const_cast<void*>(t.data),
+                                base + s.offsets[i], t.bytes, 0});
+      } else {
+        tasks.push_back({base + s.offsets[i], static_cast<const uint8_t*>(t.data), t.bytes, 0});
+      }
     }
     ++copying_;  // the background first stores wait meanwhile
+    absl::Cleanup done = [this] { --copying_; };
+    if (!device_tasks.empty()) {
+      ASSIGN_OR_RETURN(DeviceCopier * copier, Copier());
+      RETURN_IF_ERROR(Pin(**mapped));
+      RETURN_IF_ERROR(copier->ToHost(absl::MakeSpan(device_tasks), &s.copied));
+    }
     CopyAll(tasks, options_.copy_threads, &s.copied);
-    --copying_;
-    for (size_t i = 0; i < s.tensors.size(); ++i) {
-      AddEntry(s.tensors[i], s.offsets[i], manifest)->set_crc32c(tasks[i].crc);
+    for (size_t i = 0, h = 0, d = 0; i < s.tensors.size(); ++i) {
+      const uint32_t crc = s.tensors[i].device >= 0 ? device_tasks[d++].crc : tasks[h++].crc;
+      AddEntry(s.tensors[i], s.offsets[i], manifest)->set_crc32c(crc);
     }
     return absl::OkStatus();
   }
 
   // gRPC: the same bytes, streamed in chunks.
   absl::Status StreamIn(SnapshotHandle::State& s, v1::Manifest* manifest) {
+    // Device tensors come to host memory first (no window to land in).
+    std::vector<std::unique_ptr<uint8_t[]>> staged(s.tensors.size());
+    std::vector<DeviceCopyTask> device_tasks;
+    for (size_t i = 0; i < s.tensors.size(); ++i) {
+      const Tensor& t = s.tensors[i];
+      if (t.device < 0) continue;
+      staged[i] = std::make_unique<uint8_t[]>(std::max<uint64_t>(t.bytes, 1));
+      device_tasks.push_back(
+          {t.name, t.device, t.cuda_stream, const_cast<void*>(t.data), staged[i].get(), t.bytes, 0});
+    }
+    if (!device_tasks.empty()) {
+      ASSIGN_OR_RETURN(DeviceCopier * copier, Copier());
+      RETURN_IF_ERROR(copier->ToHost(absl::MakeSpan(device_tasks), nullptr));
+    }
     grpc::ClientContext ctx;
     v1::WriteRankResponse resp;
     auto writer = stub_->WriteRank(&ctx, &resp);
@@ -556,7 +640,8 @@ class ClientImpl final : public Client {
     bool ok = true;
     for (size_t i = 0; i < s.tensors.size() && ok; ++i) {
       const Tensor& t = s.tensors[i];
-      const uint8_t* src = static_cast<const uint8_t*>(t.data);
+      const uint8_t* src =
+          staged[i] != nullptr ? staged[i].get() : static_cast<const uint8_t*>(t.data);
       uint32_t crc = 0;
       for (uint64_t done = 0; done < t.bytes && ok; done += kStreamChunkBytes) {
         const uint64_t n = std::min(kStreamChunkBytes, t.bytes - done);
@@ -602,27 +687,60 @@ class ClientImpl final : public Client {
   }
 
   // Fills every task's dst from the leased window (tasks in manifest order,
-  // src unset), computing each task's CRC-32C, then checks them.
-  absl::Status Fetch(const v1::RestoreResponse& r, std::vector<CopyTask>& tasks) {
+  // src unset; a task whose destination is on a device has its device
+  // memory as dst), computing each task's CRC-32C, then checks them.
+  absl::Status Fetch(const v1::RestoreResponse& r,
+                     const std::vector<const TensorDestination*>& dests,
+                     std::vector<CopyTask>& tasks) {
     for (const auto& t : r.manifest().tensors()) {
       if (t.offset() > r.window_bytes() || t.length() > r.window_bytes() - t.offset()) {
         return absl::DataLossError(
             absl::StrFormat("tensor '%s' lies outside its step's window", t.name()));
       }
     }
+    auto on_device = [&](int i) { return dests[i] != nullptr && dests[i]->device >= 0; };
+    // Device destinations: the host bytes they come from (the window, or a
+    // staging buffer filled from the stream), then one copy each to the device.
+    std::vector<DeviceCopyTask> device_tasks;
+    std::vector<std::unique_ptr<uint8_t[]>> staged;
+    std::shared_ptr<MappedWindow> window;
     if (UseWindow(r.window_token())) {
-      auto mapped = WindowFor(r.window_file(), r.window_token(), r.window_bytes(), false);
-      if (!mapped.ok()) return mapped.status();
-      const uint8_t* window = (*mapped)->map.data();
+      ASSIGN_OR_RETURN(window, WindowFor(r.window_file(), r.window_token(), r.window_bytes(), false));
+      std::vector<CopyTask> host_tasks;
       for (int i = 0; i < r.manifest().tensors_size(); ++i) {
-        tasks[i].src = window + r.manifest().tensors(i).offset();
+        tasks[i].src = window->map.data() + r.manifest().tensors(i).offset();
+        if (!on_device(i)) host_tasks.push_back(tasks[i]);
       }
       ++copying_;
-      CopyAll(tasks, options_.copy_threads, nullptr);
+      CopyAll(host_tasks, options_.copy_threads, nullptr);
       --copying_;
+      for (int i = 0, h = 0; i < r.manifest().tensors_size(); ++i) {
+        if (!on_device(i)) tasks[i].crc = host_tasks[h++].crc;
+      }
     } else {
+      for (int i = 0; i < r.manifest().tensors_size(); ++i) {
+        if (!on_device(i)) continue;
+        staged.push_back(std::make_unique<uint8_t[]>(std::max<uint64_t>(tasks[i].bytes, 1)));
+        tasks[i].src = tasks[i].dst;  // remembered: the device memory
+        tasks[i].dst = staged.back().get();
+      }
       absl::Status st = StreamOut(r, tasks);
       if (!st.ok()) return st;
+    }
+    for (int i = 0; i < r.manifest().tensors_size(); ++i) {
+      if (!on_device(i)) continue;
+      const TensorDestination& d = *dests[i];
+      const uint8_t* host = window != nullptr ? tasks[i].src : tasks[i].dst;
+      device_tasks.push_back({d.name, d.device, d.cuda_stream, d.data, const_cast<uint8_t*>(host),
+                              tasks[i].bytes, 0});
+    }
+    if (!device_tasks.empty()) {
+      ASSIGN_OR_RETURN(DeviceCopier * copier, Copier());
+      if (window != nullptr) RETURN_IF_ERROR(Pin(*window));
+      RETURN_IF_ERROR(copier->ToDevice(absl::MakeSpan(device_tasks)));
+      for (int i = 0, k = 0; i < r.manifest().tensors_size(); ++i) {
+        if (on_device(i)) tasks[i].crc = device_tasks[k++].crc;
+      }
     }
     if (!options_.verify_restore) return absl::OkStatus();
     for (int i = 0; i < r.manifest().tensors_size(); ++i) {
@@ -697,6 +815,13 @@ class ClientImpl final : public Client {
   std::atomic<bool> stopping_touch_{false};
   std::thread warmer_;  // WarmLoop
 
+  // Declared before the windows, so that it outlives them: a window drops
+  // its CUDA registration through it.
+  absl::Mutex copier_mu_;
+  std::unique_ptr<DeviceCopier> copier_ ABSL_GUARDED_BY(copier_mu_);
+  absl::Status copier_error_ ABSL_GUARDED_BY(copier_mu_);
+  absl::Mutex pin_mu_;  // MappedWindow::pinned
+
   absl::Mutex windows_mu_;
   std::map<uint64_t, CachedWindow> windows_ ABSL_GUARDED_BY(windows_mu_);  // by file id
   uint64_t window_uses_ ABSL_GUARDED_BY(windows_mu_) = 0;
@@ -711,6 +836,8 @@ class ClientImpl final : public Client {
 };
 
 }  // namespace
+
+bool BuiltWithCuda() { return DeviceCopier::Built(); }
 
 absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) {
   auto client = std::make_unique<ClientImpl>(options);

@@ -19,7 +19,9 @@
 // straight into it: one copy, no bytes through sockets. A rank's windows are
 // reused from step to step, so their mappings stay warm.
 // Elsewhere (or with Transport::kGrpc) it streams the same bytes over gRPC.
-// Both paths give the same results.
+// Both paths give the same results. Tensors in CUDA device memory (built
+// with --config=cuda) are copied by the GPU's copy engine straight into the
+// window, asynchronously, ordered after the tensor's stream.
 //
 // Thread safety: a Client may be used from several threads; snapshots run
 // one at a time, in the order they were started. Errors are absl::Status
@@ -66,6 +68,16 @@ struct Tensor {
   std::vector<int64_t> shape;  // elements x dtype size must equal `bytes`
   const void* data = nullptr;
   uint64_t bytes = 0;
+  // Where `data` lives: -1, host memory; otherwise the CUDA device ordinal
+  // of device memory (a libecsnap built with --config=cuda copies it
+  // straight into the daemon's window; one built without refuses it).
+  // Default: -1.
+  int device = -1;
+  // For a device tensor: the cudaStream_t on which the work that produces
+  // the tensor is queued (torch: torch.cuda.current_stream().cuda_stream).
+  // The copy starts once that work is done, and holds up nothing queued on
+  // it later. nullptr: the legacy default stream. Default: nullptr.
+  void* cuda_stream = nullptr;
 };
 
 // A restored tensor. `data` points into the RestoredState that returned it.
@@ -89,6 +101,10 @@ struct TensorDestination {
   std::string name;
   void* data = nullptr;
   uint64_t bytes = 0;
+  // As for Tensor: -1 host memory, else the CUDA device of `data`; work
+  // queued on `cuda_stream` after the restore sees the restored bytes.
+  int device = -1;
+  void* cuda_stream = nullptr;
 };
 
 enum class StepState { kReceiving = 1, kLocal = 2, kProtected = 3, kRebuilding = 4 };
@@ -100,6 +116,10 @@ struct RestorableStep {
 };
 
 inline constexpr uint64_t kLatestStep = 0;
+
+// True when this libecsnap was built with CUDA (bazel build --config=cuda)
+// and so takes device tensors (Tensor::device >= 0).
+bool BuiltWithCuda();
 
 enum class Transport {
   kAuto,          // shared memory when the daemon grants windows, else gRPC

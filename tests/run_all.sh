@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test of the project: `bazel test //...`, then each fuzz target
+# Runs every test of the project: `bazel test //...`, the CUDA build and its
+# tests where the toolkit is installed, then each fuzz target
 # for ECSNAP_FUZZ_SECONDS (default 20; 0 skips them) under ASan, then sums
 # the gtest XML reports and the fuzz results and prints
 # "N passed, N failed, N skipped" as its last line.
@@ -9,6 +10,19 @@ cd "$(dirname "$0")/.."
 
 bazel test //... "$@"
 bazel_rc=$?
+
+# The CUDA build (issue: the GPU path), where the toolkit is installed: every
+# target builds with --config=cuda, and the tests of the CUDA data path run
+# (on a host without a GPU they check the refusal and skip the device cases,
+# saying why). Their reports replace the default build's.
+if [ -e /usr/local/cuda/include/cuda_runtime_api.h ]; then
+  bazel build --config=cuda //... "$@" &&
+    bazel test --config=cuda //tests/gpu/... //tests:torch_helpers_test "$@"
+  cuda_rc=$?
+  [ $cuda_rc -ne 0 ] && bazel_rc=$cuda_rc
+else
+  echo "run_all: no CUDA toolkit at /usr/local/cuda: the --config=cuda build is not checked here"
+fi
 
 fuzz_results="$(mktemp)"
 trap 'rm -f "$fuzz_results"' EXIT

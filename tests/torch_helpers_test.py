@@ -148,6 +148,30 @@ class TorchHelpers(WithDaemon):
             et.restore(client, other)
 
 
+    def test_device_fields_of_tensors_and_destinations(self):
+        """The binding's tensor and destination tuples carry a device and a
+        stream; host tensors given as such round-trip, and a device tensor is
+        refused with the library's sentence where it cannot be copied."""
+        client = self.client("devices")
+        src = torch.arange(1024, dtype=torch.float32)
+        t = ("w", "param", "float32", [1024], src.data_ptr(), 4096)
+        client.snapshot(1, [t + (-1, 0)], [src]).wait_committed()
+        dst = torch.zeros(1024, dtype=torch.float32)
+        got, rest = client.restore_into(1, [("w", dst.data_ptr(), 4096, -1, 0)])
+        self.assertEqual((got, rest), (1, []))
+        self.assertTrue(torch.equal(dst, src))
+        with self.assertRaisesRegex(ValueError, "data_ptr, nbytes"):
+            client.snapshot(2, [t + (-1,)], [src])
+        self.assertIsInstance(ecsnap.built_with_cuda(), bool)
+        if not torch.cuda.is_available():
+            code = "FAILED_PRECONDITION: .*CUDA device" if ecsnap.built_with_cuda() \
+                else "UNIMPLEMENTED: .*--config=cuda"
+            with self.assertRaisesRegex(RuntimeError, code):
+                client.snapshot(2, [t + (0, 0)], [src])
+            with self.assertRaisesRegex(RuntimeError, code):
+                client.restore_into(1, [("w", dst.data_ptr(), 4096, 0, 0)])
+
+
 class _RunsAShellCommand:
     """What a forged snapshot would carry: unpickling it runs a command."""
 

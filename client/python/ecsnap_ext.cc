@@ -162,18 +162,28 @@ class PyClient {
   }
 
  private:
+  // [(name, kind, dtype, shape, data_ptr, nbytes[, device, cuda_stream])]:
+  // device -1 (or absent) is host memory; otherwise a CUDA device ordinal,
+  // and cuda_stream the cudaStream_t (an int; 0: the default stream).
   static std::vector<Tensor> Tensors(const py::list& tensors) {
     std::vector<Tensor> ts;
     for (const py::handle& item : tensors) {
-      auto t = item.cast<std::tuple<std::string, std::string, std::string, std::vector<int64_t>,
-                                    uintptr_t, uint64_t>>();
+      const py::tuple t = item.cast<py::tuple>();
+      if (t.size() != 6 && t.size() != 8) {
+        throw py::value_error("a tensor is (name, kind, dtype, shape, data_ptr, nbytes"
+                              "[, device, cuda_stream])");
+      }
       Tensor x;
-      x.name = std::get<0>(t);
-      x.kind = ParseKind(std::get<1>(t));
-      x.dtype = ParseDType(std::get<2>(t));
-      x.shape = std::get<3>(t);
-      x.data = reinterpret_cast<const void*>(std::get<4>(t));
-      x.bytes = std::get<5>(t);
+      x.name = t[0].cast<std::string>();
+      x.kind = ParseKind(t[1].cast<std::string>());
+      x.dtype = ParseDType(t[2].cast<std::string>());
+      x.shape = t[3].cast<std::vector<int64_t>>();
+      x.data = reinterpret_cast<const void*>(t[4].cast<uintptr_t>());
+      x.bytes = t[5].cast<uint64_t>();
+      if (t.size() == 8) {
+        x.device = t[6].cast<int>();
+        x.cuda_stream = reinterpret_cast<void*>(t[7].cast<uintptr_t>());
+      }
       ts.push_back(std::move(x));
     }
     return ts;
@@ -207,14 +217,24 @@ class PyClient {
     return {s.step, std::move(out)};
   }
 
-  // into: [(name, data_ptr, nbytes)] of writable memory. Restores those in
+  // into: [(name, data_ptr, nbytes[, device, cuda_stream])] of writable
+  // memory (host, or CUDA device memory as for Tensors). Restores those in
   // place; returns (step, [RestoredTensor]) for the tensors not named.
   std::pair<uint64_t, std::vector<PyRestoredTensor>> RestoreInto(uint64_t step,
                                                                  const py::list& into) {
     std::vector<TensorDestination> dst;
     for (const py::handle& item : into) {
-      auto t = item.cast<std::tuple<std::string, uintptr_t, uint64_t>>();
-      dst.push_back({std::get<0>(t), reinterpret_cast<void*>(std::get<1>(t)), std::get<2>(t)});
+      const py::tuple t = item.cast<py::tuple>();
+      if (t.size() != 3 && t.size() != 5) {
+        throw py::value_error("a destination is (name, data_ptr, nbytes[, device, cuda_stream])");
+      }
+      TensorDestination d{t[0].cast<std::string>(), reinterpret_cast<void*>(t[1].cast<uintptr_t>()),
+                          t[2].cast<uint64_t>()};
+      if (t.size() == 5) {
+        d.device = t[3].cast<int>();
+        d.cuda_stream = reinterpret_cast<void*>(t[4].cast<uintptr_t>());
+      }
+      dst.push_back(std::move(d));
     }
     absl::StatusOr<uint64_t> got;
     RestoredState rest;
@@ -243,6 +263,8 @@ class PyClient {
 PYBIND11_MODULE(_ecsnap, m) {
   using namespace ecsnap;
   m.doc() = "libecsnap: snapshot and restore trainer state through ecsnapd";
+  m.def("built_with_cuda", &BuiltWithCuda,
+        "True when this libecsnap copies CUDA tensors itself (built with --config=cuda).");
   py::class_<PyHandle>(m, "SnapshotHandle")
       .def("wait", &PyHandle::Wait,
            "Blocks until the tensors are copied; they may be modified afterwards.")

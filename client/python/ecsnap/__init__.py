@@ -33,6 +33,7 @@ def _load_extension():
 _ext = _load_extension()
 SnapshotHandle = _ext.SnapshotHandle
 RestoredTensor = _ext.RestoredTensor
+built_with_cuda = _ext.built_with_cuda
 
 
 class Client(_ext.Client):
@@ -48,4 +49,4 @@ class Client(_ext.Client):
         super().__init__(address, job, rank, list(local_ranks or [rank]), transport, copy_threads)
 
 
-__all__ = ["Client", "SnapshotHandle", "RestoredTensor"]
+__all__ = ["Client", "SnapshotHandle", "RestoredTensor", "built_with_cuda"]

@@ -10,8 +10,11 @@ and extras through ecsnap, and agree on a step across ranks.
     extra = ecsnap.torch.restore(client, model, optimizer, step)
 
 Tensors are read in place (through their data pointers): nothing is copied
-in Python. CPU tensors only are read directly; CUDA tensors are copied to
-the host first.
+in Python. With a libecsnap built with CUDA (ecsnap built_with_cuda()), CUDA
+tensors are copied by the GPU's copy engine straight into the daemon's
+memory, ordered after the tensor's current stream, while the backward pass
+runs; restores write them back in place on the device. Without it, CUDA
+tensors are copied to the host first (.cpu()).
 
 Restoring never runs code from a snapshot. RNG states travel as tensors.
 The optimizer's hyperparameters and the caller's `extra` are pickled with
@@ -65,15 +68,20 @@ class _Batch:
         if self.sizes_only:
             self.tensors.append((name, kind, "bytes", [], 0, t.numel() * t.element_size()))
             return
-        if t.device.type != "cpu":
+        on_gpu = t.device.type == "cuda" and _native_cuda()
+        if t.device.type != "cpu" and not on_gpu:
             t = t.cpu()
         if not t.is_contiguous():
             t = t.contiguous()
         if t.dtype not in _DTYPES:
             raise TypeError(f"tensor {name}: dtype {t.dtype} cannot be snapshotted")
         self.keep.append(t)
-        self.tensors.append((name, kind, _DTYPES[t.dtype], list(t.shape), t.data_ptr(),
-                             t.numel() * t.element_size()))
+        entry = (name, kind, _DTYPES[t.dtype], list(t.shape), t.data_ptr(),
+                 t.numel() * t.element_size())
+        if on_gpu:
+            # The copy is ordered after the work queued on this stream so far.
+            entry += (t.device.index, torch.cuda.current_stream(t.device).cuda_stream)
+        self.tensors.append(entry)
 
     def add_object(self, name, kind, obj):
         """Pickles `obj`, its tensors and arrays taken out (see _ArrayPickler)."""
@@ -280,9 +288,24 @@ def _set_rng_states(by_name, trust_pickles):
     np.random.set_state(("MT19937", key, pos, has_gauss, cached))
 
 
+def _native_cuda():
+    """True when libecsnap copies CUDA tensors itself."""
+    from . import built_with_cuda
+    return built_with_cuda()
+
+
 def _destination(name, tensor, into):
-    if tensor.device.type == "cpu" and tensor.is_contiguous():
-        into.append((name, tensor.data_ptr(), tensor.numel() * tensor.element_size()))
+    if not tensor.is_contiguous():
+        return False
+    nbytes = tensor.numel() * tensor.element_size()
+    if tensor.device.type == "cpu":
+        into.append((name, tensor.data_ptr(), nbytes))
+        return True
+    if tensor.device.type == "cuda" and _native_cuda():
+        # Written in place on the device; work queued on the current stream
+        # afterwards sees the restored bytes.
+        into.append((name, tensor.data_ptr(), nbytes, tensor.device.index,
+                     torch.cuda.current_stream(tensor.device).cuda_stream))
         return True
     return False
 
