@@ -54,6 +54,8 @@ struct SnapshotHandle::State {
   uint64_t total = 0;
   std::vector<Tensor> tensors;
   std::vector<uint64_t> offsets;  // of each tensor in the window
+  // Of each device tensor: the point of its stream marked at Snapshot().
+  std::vector<std::shared_ptr<void>> after;
   std::atomic<uint64_t> copied{0};
 
   absl::Mutex mu;
@@ -233,6 +235,20 @@ class ClientImpl final : public Client {
       }
     }
     state->total = Layout(tensors, &state->offsets);
+    // Device tensors: the copy waits for what the trainer queued on each
+    // tensor's stream before this call, and for nothing queued after it.
+    state->after.resize(tensors.size());
+    std::map<std::pair<int, void*>, std::shared_ptr<void>> marks;
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      const Tensor& t = tensors[i];
+      if (t.device < 0) continue;
+      std::shared_ptr<void>& mark = marks[{t.device, t.cuda_stream}];
+      if (mark == nullptr) {
+        ASSIGN_OR_RETURN(DeviceCopier * copier, Copier());
+        ASSIGN_OR_RETURN(mark, copier->Mark(t.device, t.cuda_stream));
+      }
+      state->after[i] = mark;
+    }
     state->tensors = std::move(tensors);
     absl::MutexLock lock(&mu_);
     if (queue_.size() >= kMaxQueuedSnapshots) {
@@ -387,12 +403,14 @@ class ClientImpl final : public Client {
     return copier_.get();
   }
 
-  // Registers a window's mapping for DMA, once for the mapping's life.
-  absl::Status Pin(MappedWindow& w) {
+  // Registers a window's mapping for DMA, once for the mapping's life (for
+  // every device: the registration is portable).
+  absl::Status Pin(MappedWindow& w, int device, bool caller_thread) {
     ASSIGN_OR_RETURN(DeviceCopier * copier, Copier());
     absl::MutexLock lock(&pin_mu_);
     if (w.pinned != nullptr) return absl::OkStatus();
-    RETURN_IF_ERROR(copier->Register(w.map.data(), w.map.size(), !w.writable));
+    RETURN_IF_ERROR(
+        copier->Register(w.map.data(), w.map.size(), !w.writable, device, caller_thread));
     w.pinned = std::shared_ptr<void>(w.map.data(), [copier](void* p) { copier->Unregister(p); });
     return absl::OkStatus();
   }
@@ -595,7 +613,7 @@ class ClientImpl final : public Client {
       const Tensor& t = s.tensors[i];
       if (t.device >= 0) {
         device_tasks.push_back({t.name, t.device, t.cuda_stream, const_cast<void*>(t.data),
-                                base + s.offsets[i], t.bytes, 0});
+                                base + s.offsets[i], t.bytes, s.after[i], 0});
       } else {
         tasks.push_back({base + s.offsets[i], static_cast<const uint8_t*>(t.data), t.bytes, 0});
       }
@@ -604,7 +622,7 @@ class ClientImpl final : public Client {
     absl::Cleanup done = [this] { --copying_; };
     if (!device_tasks.empty()) {
       ASSIGN_OR_RETURN(DeviceCopier * copier, Copier());
-      RETURN_IF_ERROR(Pin(**mapped));
+      RETURN_IF_ERROR(Pin(**mapped, device_tasks.front().device, /*caller_thread=*/false));
       RETURN_IF_ERROR(copier->ToHost(absl::MakeSpan(device_tasks), &s.copied));
     }
     CopyAll(tasks, options_.copy_threads, &s.copied);
@@ -617,19 +635,14 @@ class ClientImpl final : public Client {
 
   // gRPC: the same bytes, streamed in chunks.
   absl::Status StreamIn(SnapshotHandle::State& s, v1::Manifest* manifest) {
-    // Device tensors come to host memory first (no window to land in).
-    std::vector<std::unique_ptr<uint8_t[]>> staged(s.tensors.size());
-    std::vector<DeviceCopyTask> device_tasks;
-    for (size_t i = 0; i < s.tensors.size(); ++i) {
-      const Tensor& t = s.tensors[i];
-      if (t.device < 0) continue;
-      staged[i] = std::make_unique<uint8_t[]>(std::max<uint64_t>(t.bytes, 1));
-      device_tasks.push_back(
-          {t.name, t.device, t.cuda_stream, const_cast<void*>(t.data), staged[i].get(), t.bytes, 0});
-    }
-    if (!device_tasks.empty()) {
-      ASSIGN_OR_RETURN(DeviceCopier * copier, Copier());
-      RETURN_IF_ERROR(copier->ToHost(absl::MakeSpan(device_tasks), nullptr));
+    // Device tensors come through a host buffer of one message's size, a
+    // piece at a time: host memory stays bounded whatever the tensors weigh.
+    std::unique_ptr<uint8_t[]> bounce;
+    DeviceCopier* copier = nullptr;
+    for (const Tensor& t : s.tensors) {
+      if (t.device < 0 || bounce != nullptr) continue;
+      ASSIGN_OR_RETURN(copier, Copier());
+      bounce = std::make_unique<uint8_t[]>(kStreamChunkBytes);
     }
     grpc::ClientContext ctx;
     v1::WriteRankResponse resp;
@@ -638,16 +651,28 @@ class ClientImpl final : public Client {
     chunk.set_session_id(session_);
     chunk.set_step(s.step);
     bool ok = true;
+    absl::Status copy_error;
     for (size_t i = 0; i < s.tensors.size() && ok; ++i) {
       const Tensor& t = s.tensors[i];
-      const uint8_t* src =
-          staged[i] != nullptr ? staged[i].get() : static_cast<const uint8_t*>(t.data);
+      const uint8_t* src = static_cast<const uint8_t*>(t.data);
       uint32_t crc = 0;
       for (uint64_t done = 0; done < t.bytes && ok; done += kStreamChunkBytes) {
         const uint64_t n = std::min(kStreamChunkBytes, t.bytes - done);
-        crc = ec::Crc32c(absl::Span<const uint8_t>(src + done, n), crc);
+        const uint8_t* piece = src + done;
+        if (t.device >= 0) {
+          DeviceCopyTask task{t.name, t.device, t.cuda_stream, const_cast<uint8_t*>(piece),
+                              bounce.get(), n, s.after[i], 0};
+          copy_error = copier->ToHost(absl::MakeSpan(&task, 1), nullptr);
+          if (!copy_error.ok()) {
+            ctx.TryCancel();  // the daemon drops the half-written rank
+            ok = false;
+            break;
+          }
+          piece = bounce.get();
+        }
+        crc = ec::Crc32c(absl::Span<const uint8_t>(piece, n), crc);
         chunk.set_offset(s.offsets[i] + done);
-        chunk.set_data(src + done, n);
+        chunk.set_data(piece, n);
         ok = writer->Write(chunk);
         s.copied.fetch_add(n, std::memory_order_relaxed);
       }
@@ -660,6 +685,7 @@ class ClientImpl final : public Client {
     }
     writer->WritesDone();
     absl::Status st = FromGrpc(writer->Finish());
+    if (!copy_error.ok()) return copy_error;
     if (st.ok() && !ok) st = absl::UnavailableError("the daemon closed the write stream early");
     return st;
   }
@@ -699,47 +725,38 @@ class ClientImpl final : public Client {
       }
     }
     auto on_device = [&](int i) { return dests[i] != nullptr && dests[i]->device >= 0; };
-    // Device destinations: the host bytes they come from (the window, or a
-    // staging buffer filled from the stream), then one copy each to the device.
-    std::vector<DeviceCopyTask> device_tasks;
-    std::vector<std::unique_ptr<uint8_t[]>> staged;
-    std::shared_ptr<MappedWindow> window;
-    if (UseWindow(r.window_token())) {
-      ASSIGN_OR_RETURN(window, WindowFor(r.window_file(), r.window_token(), r.window_bytes(), false));
+    if (!UseWindow(r.window_token())) {
+      // Streamed: each piece goes to its tensor as it arrives (device ones
+      // by the copier, a piece at a time).
+      RETURN_IF_ERROR(StreamOut(r, dests, tasks));
+    } else {
+      ASSIGN_OR_RETURN(std::shared_ptr<MappedWindow> window,
+                       WindowFor(r.window_file(), r.window_token(), r.window_bytes(), false));
+      // Host destinations by CopyAll's threads; device ones by one copy each
+      // from the (registered) window.
       std::vector<CopyTask> host_tasks;
+      std::vector<DeviceCopyTask> device_tasks;
       for (int i = 0; i < r.manifest().tensors_size(); ++i) {
-        tasks[i].src = window->map.data() + r.manifest().tensors(i).offset();
-        if (!on_device(i)) host_tasks.push_back(tasks[i]);
+        uint8_t* src = window->map.data() + r.manifest().tensors(i).offset();
+        tasks[i].src = src;
+        if (on_device(i)) {
+          const TensorDestination& d = *dests[i];
+          device_tasks.push_back({d.name, d.device, d.cuda_stream, d.data, src, tasks[i].bytes,
+                                  nullptr, 0});
+        } else {
+          host_tasks.push_back(tasks[i]);
+        }
       }
       ++copying_;
       CopyAll(host_tasks, options_.copy_threads, nullptr);
       --copying_;
-      for (int i = 0, h = 0; i < r.manifest().tensors_size(); ++i) {
-        if (!on_device(i)) tasks[i].crc = host_tasks[h++].crc;
+      if (!device_tasks.empty()) {
+        ASSIGN_OR_RETURN(DeviceCopier * copier, Copier());
+        RETURN_IF_ERROR(Pin(*window, device_tasks.front().device, /*caller_thread=*/true));
+        RETURN_IF_ERROR(copier->ToDevice(absl::MakeSpan(device_tasks)));
       }
-    } else {
-      for (int i = 0; i < r.manifest().tensors_size(); ++i) {
-        if (!on_device(i)) continue;
-        staged.push_back(std::make_unique<uint8_t[]>(std::max<uint64_t>(tasks[i].bytes, 1)));
-        tasks[i].src = tasks[i].dst;  // remembered: the device memory
-        tasks[i].dst = staged.back().get();
-      }
-      absl::Status st = StreamOut(r, tasks);
-      if (!st.ok()) return st;
-    }
-    for (int i = 0; i < r.manifest().tensors_size(); ++i) {
-      if (!on_device(i)) continue;
-      const TensorDestination& d = *dests[i];
-      const uint8_t* host = window != nullptr ? tasks[i].src : tasks[i].dst;
-      device_tasks.push_back({d.name, d.device, d.cuda_stream, d.data, const_cast<uint8_t*>(host),
-                              tasks[i].bytes, 0});
-    }
-    if (!device_tasks.empty()) {
-      ASSIGN_OR_RETURN(DeviceCopier * copier, Copier());
-      if (window != nullptr) RETURN_IF_ERROR(Pin(*window));
-      RETURN_IF_ERROR(copier->ToDevice(absl::MakeSpan(device_tasks)));
-      for (int i = 0, k = 0; i < r.manifest().tensors_size(); ++i) {
-        if (on_device(i)) tasks[i].crc = device_tasks[k++].crc;
+      for (int i = 0, h = 0, d = 0; i < r.manifest().tensors_size(); ++i) {
+        tasks[i].crc = on_device(i) ? device_tasks[d++].crc : host_tasks[h++].crc;
       }
     }
     if (!options_.verify_restore) return absl::OkStatus();
@@ -756,7 +773,9 @@ class ClientImpl final : public Client {
 
   // gRPC: reads the window in order and scatters each chunk straight into
   // the tensors it overlaps, checksumming each piece as it lands.
-  absl::Status StreamOut(const v1::RestoreResponse& r, std::vector<CopyTask>& tasks) {
+  absl::Status StreamOut(const v1::RestoreResponse& r,
+                         const std::vector<const TensorDestination*>& dests,
+                         std::vector<CopyTask>& tasks) {
     const auto& tensors = r.manifest().tensors();
     std::vector<int> order(tensors.size());
     for (int i = 0; i < tensors.size(); ++i) order[i] = i;
@@ -790,7 +809,22 @@ class ClientImpl final : public Client {
         const uint64_t lo = std::max(a, t.offset()), hi = std::min(b, t.offset() + t.length());
         if (lo >= hi) continue;
         CopyTask& task = tasks[order[k]];
+        const TensorDestination* d = dests[order[k]];
         uint8_t* dst = task.dst + (lo - t.offset());
+        if (d != nullptr && d->device >= 0) {
+          DeviceCopyTask piece{d->name, d->device, d->cuda_stream, dst,
+                               const_cast<uint8_t*>(data + (lo - a)), hi - lo, nullptr, 0};
+          absl::StatusOr<DeviceCopier*> copier = Copier();
+          absl::Status st = copier.ok() ? (*copier)->ToDevice(absl::MakeSpan(&piece, 1))
+                                        : copier.status();
+          if (!st.ok()) {
+            ctx.TryCancel();
+            reader->Finish();
+            return st;
+          }
+          task.crc = ec::Crc32c(absl::Span<const uint8_t>(data + (lo - a), hi - lo), task.crc);
+          continue;
+        }
         std::memcpy(dst, data + (lo - a), hi - lo);
         task.crc = ec::Crc32c(absl::Span<const uint8_t>(dst, hi - lo), task.crc);
       }

@@ -63,16 +63,15 @@ absl::StatusOr<std::unique_ptr<Device>> Device::Open(const DeviceOptions& option
       continue;
     }
     if (int rc = ::ibv_query_device(context, &device->attr_); rc != 0) {
-      return absl::UnavailableError(
-          absl::StrFormat("RDMA device %s cannot be queried: %s", name, Errno(rc)));
+      tried.push_back(absl::StrFormat("%s: cannot be queried (%s)", name, Errno(rc)));
+      continue;
     }
     if (device->global()) {
-      if (int rc = ::ibv_query_gid(context, options.port, options.gid_index, &device->gid_);
-          rc != 0) {
+      if (::ibv_query_gid(context, options.port, options.gid_index, &device->gid_) != 0) {
         return absl::UnavailableError(absl::StrFormat(
             "RDMA device %s port %d has no GID at index %d (%s); set the GID index of the "
             "fabric's RoCE v2 address",
-            name, options.port, options.gid_index, Errno(rc)));
+            name, options.port, options.gid_index, Errno(errno)));
       }
     }
     return device;
@@ -227,9 +226,12 @@ absl::StatusOr<size_t> QueuePair::PostWrites(absl::Span<const WriteRequest> requ
     absl::Status s = ledger->Posted(wrs[i].wr_id, (wrs[i].send_flags & IBV_SEND_SIGNALED) != 0);
     if (!s.ok()) return s;
   }
-  if (rc != 0 && posted == 0) {
-    return absl::UnavailableError(
-        absl::StrFormat("RDMA QP %u: ibv_post_send: %s", qp_->qp_num, Errno(rc)));
+  if (rc != 0) {
+    // The requests before `bad` are posted and in the ledger; the QP is
+    // unusable for the rest (a full queue is prevented by the ledger).
+    return absl::UnavailableError(absl::StrFormat(
+        "RDMA QP %u: ibv_post_send refused request %u of %u: %s", qp_->qp_num, posted + 1, n,
+        Errno(rc)));
   }
   return posted;
 }
@@ -251,11 +253,13 @@ absl::StatusOr<int> QueuePair::PollSend(SendLedger* ledger, int max) {
   std::vector<ibv_wc> wc(std::max(1, max));
   const int n = ::ibv_poll_cq(send_cq_, static_cast<int>(wc.size()), wc.data());
   if (n < 0) return absl::UnavailableError(absl::StrFormat("RDMA QP %u: ibv_poll_cq failed", qp_->qp_num));
+  // Every completion polled is accounted for, even after an error in one.
+  absl::Status first;
   for (int i = 0; i < n; ++i) {
-    if (absl::Status s = ledger->Complete(wc[i].wr_id, wc[i].status, wc[i].vendor_err); !s.ok()) {
-      return s;
-    }
+    absl::Status s = ledger->Complete(wc[i].wr_id, wc[i].status, wc[i].vendor_err);
+    if (first.ok()) first = s;
   }
+  if (!first.ok()) return first;
   return n;
 }
 
@@ -264,6 +268,8 @@ absl::StatusOr<int> QueuePair::PollReceive(
   std::vector<ibv_wc> wc(std::max(1, max));
   const int n = ::ibv_poll_cq(recv_cq_, static_cast<int>(wc.size()), wc.data());
   if (n < 0) return absl::UnavailableError(absl::StrFormat("RDMA QP %u: ibv_poll_cq failed", qp_->qp_num));
+  // The first error is returned; the completions after it are consumed
+  // (they cannot be polled again), and the connection is to be dropped.
   for (int i = 0; i < n; ++i) {
     if (wc[i].status != IBV_WC_SUCCESS) {
       return absl::UnavailableError(absl::StrFormat("RDMA receive failed: %s (vendor error 0x%x)",

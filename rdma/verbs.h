@@ -143,7 +143,8 @@ class QueuePair {
 
   // Posts as many of `requests` as the ledger has room for, in order, as one
   // chain; returns how many were posted (the rest: post again after
-  // completions).
+  // completions). The last one posted is always signalled. An error when the
+  // device refuses one; those before it are posted and in the ledger.
   absl::StatusOr<size_t> PostWrites(absl::Span<const WriteRequest> requests, SendLedger* ledger);
   // Posts `count` zero-length receives (a write with immediate consumes one).
   absl::Status PostReceives(int count);
@@ -152,7 +153,9 @@ class QueuePair {
   // carries a completion error.
   absl::StatusOr<int> PollSend(SendLedger* ledger, int max = 32);
   // Drains up to `max` receive completions, calling `landed(imm, bytes)` for
-  // each write with immediate; a completion in error is returned as one.
+  // each write with immediate (`bytes` counts that last write only, not the
+  // plan it ends); a completion in error is returned as one, and the
+  // connection is then to be dropped.
   absl::StatusOr<int> PollReceive(const std::function<absl::Status(uint32_t imm, uint32_t bytes)>& landed,
                                   int max = 32);
 

@@ -30,13 +30,17 @@ absl::StatusOr<std::vector<WriteRequest>> PlanWrites(absl::Span<const LocalRange
           "RDMA write: a piece at 0x%x of %u bytes is empty or wraps the address space", p.addr,
           p.length));
     }
-    total += p.length;  // cannot wrap: each piece is addressable memory
+    if (p.length > std::numeric_limits<uint64_t>::max() - total) {
+      return absl::InvalidArgumentError("RDMA write: the pieces' lengths overflow 64 bits");
+    }
+    total += p.length;
   }
   if (total == 0) return absl::InvalidArgumentError("RDMA write: nothing to write");
-  if (offset > remote.length || total > remote.length - offset) {
+  if (offset > remote.length || total > remote.length - offset ||
+      remote.addr > std::numeric_limits<uint64_t>::max() - remote.length) {
     return absl::InvalidArgumentError(absl::StrFormat(
-        "RDMA write: %u bytes at offset %u do not fit the remote window of %u bytes", total,
-        offset, remote.length));
+        "RDMA write: %u bytes at offset %u do not fit the remote window of %u bytes at 0x%x",
+        total, offset, remote.length, remote.addr));
   }
   std::vector<WriteRequest> out;
   WriteRequest cur;
@@ -133,15 +137,11 @@ absl::Status SlotRing::Release(uint32_t next) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<uint32_t> ReceiveOrder::Accept(uint32_t imm, uint64_t bytes) {
+absl::StatusOr<uint32_t> ReceiveOrder::Accept(uint32_t imm) {
   if (imm != next_) {
     return absl::DataLossError(absl::StrFormat(
         "RDMA receive: write %u arrived where %u was due; the connection is out of step", imm,
         next_));
-  }
-  if (bytes > slot_bytes_) {
-    return absl::DataLossError(absl::StrFormat(
-        "RDMA receive: write %u carries %u bytes, a slot holds %u", imm, bytes, slot_bytes_));
   }
   const uint32_t slot = next_slot_;
   ++next_;

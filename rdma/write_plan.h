@@ -144,20 +144,21 @@ class SlotRing {
 };
 
 // The holder's check that writes arrive as the ring lends them: each
-// immediate must be the next sequence number, and its byte count must fit a
-// slot.
+// immediate must be the next sequence number. (How many bytes a slot holds
+// is not in the completion: its byte_len counts only the last write of a
+// plan. The holder knows it from the chunk's length, sent over the control
+// plane.)
 class ReceiveOrder {
  public:
-  ReceiveOrder(uint32_t slots, uint64_t slot_bytes, uint32_t first_seq = 0)
-      : slots_(slots == 0 ? 1 : slots), slot_bytes_(slot_bytes), next_(first_seq) {}
-  // The slot that sequence `imm` (carrying `bytes`) landed in. DATA_LOSS
-  // when it is not the next one or is larger than a slot.
-  absl::StatusOr<uint32_t> Accept(uint32_t imm, uint64_t bytes);
+  explicit ReceiveOrder(uint32_t slots, uint32_t first_seq = 0)
+      : slots_(slots == 0 ? 1 : slots), next_(first_seq) {}
+  // The slot that sequence `imm` landed in. DATA_LOSS when it is not the
+  // next one.
+  absl::StatusOr<uint32_t> Accept(uint32_t imm);
   uint32_t next() const { return next_; }
 
  private:
   const uint32_t slots_;
-  const uint64_t slot_bytes_;
   uint32_t next_;
   uint32_t next_slot_ = 0;
 };

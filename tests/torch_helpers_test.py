@@ -162,14 +162,15 @@ class TorchHelpers(WithDaemon):
         self.assertTrue(torch.equal(dst, src))
         with self.assertRaisesRegex(ValueError, "data_ptr, nbytes"):
             client.snapshot(2, [t + (-1,)], [src])
+        client.snapshot(2, [list(t)], [src]).wait_committed()  # a list is a tuple too
         self.assertIsInstance(ecsnap.built_with_cuda(), bool)
         if not torch.cuda.is_available():
             code = "FAILED_PRECONDITION: .*CUDA device" if ecsnap.built_with_cuda() \
                 else "UNIMPLEMENTED: .*--config=cuda"
             with self.assertRaisesRegex(RuntimeError, code):
-                client.snapshot(2, [t + (0, 0)], [src])
+                client.snapshot(3, [t + (0, 0)], [src])
             with self.assertRaisesRegex(RuntimeError, code):
-                client.restore_into(1, [("w", dst.data_ptr(), 4096, 0, 0)])
+                client.restore_into(2, [("w", dst.data_ptr(), 4096, 0, 0)])
 
 
 class _RunsAShellCommand:

@@ -34,6 +34,7 @@ absl::StatusCode CodeOf(cudaError_t e) {
     case cudaErrorNoDevice:
     case cudaErrorInsufficientDriver:
     case cudaErrorDevicesUnavailable:
+    case cudaErrorNotSupported:
       return absl::StatusCode::kFailedPrecondition;
     default:
       return absl::StatusCode::kInternal;
@@ -48,29 +49,87 @@ absl::Status Check(cudaError_t e, const char* call) {
                                                  cudaGetErrorString(e), cudaGetErrorName(e)));
 }
 
-#define CUDA_RETURN_IF_ERROR(call)                                  \
-  do {                                                              \
+#define CUDA_RETURN_IF_ERROR(call)                                            \
+  do {                                                                        \
     if (absl::Status cuda_status_ = Check((call), #call); !cuda_status_.ok()) \
-      return cuda_status_;                                          \
+      return cuda_status_;                                                    \
   } while (0)
+
+// Makes a device current for a scope. On a trainer's thread (`give_back`)
+// the previous device is made current again at the end: a restore must not
+// leave the trainer on another GPU. The client's own thread keeps the last
+// device it used instead: setting a device creates its context, and a thread
+// that never used CUDA would otherwise get one on device 0 (hundreds of MiB
+// of GPU 0 per rank).
+class DeviceScope {
+ public:
+  explicit DeviceScope(bool give_back) : give_back_(give_back) {
+    if (cudaGetDevice(&previous_) != cudaSuccess) {
+      (void)cudaGetLastError();
+      previous_ = -1;
+    }
+  }
+  ~DeviceScope() {
+    if (give_back_ && changed_ && previous_ >= 0) (void)cudaSetDevice(previous_);
+  }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+  absl::Status Set(int device) {
+    if (device == previous_ && !changed_) return absl::OkStatus();
+    changed_ = true;
+    return Check(cudaSetDevice(device), "cudaSetDevice");
+  }
+
+ private:
+  const bool give_back_;
+  int previous_ = -1;
+  bool changed_ = false;
+};
 
 class CudaCopier final : public DeviceCopier {
  public:
   ~CudaCopier() override {
     absl::MutexLock lock(&mu_);
+    DeviceScope scope(/*give_back=*/true);
     for (auto& [device, d] : devices_) {
-      cudaSetDevice(device);
+      if (!scope.Set(device).ok()) continue;
       for (cudaEvent_t e : d.ring) cudaEventDestroy(e);
-      cudaEventDestroy(d.order);
       cudaStreamDestroy(d.stream);
     }
     for (void* host : registered_) cudaHostUnregister(host);
   }
 
-  absl::Status Register(void* host, uint64_t bytes, bool read_only) override {
+  absl::StatusOr<std::shared_ptr<void>> Mark(int device, void* stream) override {
+    DeviceScope scope(/*give_back=*/true);
+    if (absl::Status s = scope.Set(device); !s.ok()) return s;
+    cudaEvent_t event = nullptr;
+    CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+    if (absl::Status s = Check(cudaEventRecord(event, static_cast<cudaStream_t>(stream)),
+                               "cudaEventRecord");
+        !s.ok()) {
+      cudaEventDestroy(event);
+      return s;
+    }
+    return std::shared_ptr<void>(event, [](void* e) { cudaEventDestroy(static_cast<cudaEvent_t>(e)); });
+  }
+
+  absl::Status Register(void* host, uint64_t bytes, bool read_only, int device,
+                        bool caller_thread) override {
     absl::MutexLock lock(&mu_);
+    DeviceScope scope(caller_thread);
+    if (absl::Status s = scope.Set(device); !s.ok()) return s;
     unsigned int flags = cudaHostRegisterPortable;
-    if (read_only) flags |= cudaHostRegisterReadOnly;
+    if (read_only) {
+      int supported = 0;
+      if (cudaDeviceGetAttribute(&supported, cudaDevAttrHostRegisterReadOnlySupported, device) !=
+              cudaSuccess ||
+          supported == 0) {
+        (void)cudaGetLastError();
+        return absl::OkStatus();  // left pageable: the driver stages the copy
+      }
+      flags |= cudaHostRegisterReadOnly;
+    }
     const cudaError_t e = cudaHostRegister(host, bytes, flags);
     if (e == cudaErrorHostMemoryAlreadyRegistered) {
       (void)cudaGetLastError();
@@ -92,7 +151,9 @@ class CudaCopier final : public DeviceCopier {
   absl::Status ToHost(absl::Span<DeviceCopyTask> tasks,
                       std::atomic<uint64_t>* progress) override {
     absl::MutexLock lock(&mu_);
+    DeviceScope scope(/*give_back=*/false);  // the client's worker
     for (DeviceCopyTask& t : tasks) {
+      if (absl::Status s = scope.Set(t.device); !s.ok()) return s;
       if (absl::Status s = CheckDevicePointer(t); !s.ok()) return s;
       auto d = DeviceLocked(t.device);
       if (!d.ok()) return d.status();
@@ -103,7 +164,9 @@ class CudaCopier final : public DeviceCopier {
 
   absl::Status ToDevice(absl::Span<DeviceCopyTask> tasks) override {
     absl::MutexLock lock(&mu_);
+    DeviceScope scope(/*give_back=*/true);  // the trainer's thread
     for (DeviceCopyTask& t : tasks) {
+      if (absl::Status s = scope.Set(t.device); !s.ok()) return s;
       if (absl::Status s = CheckDevicePointer(t); !s.ok()) return s;
       auto d = DeviceLocked(t.device);
       if (!d.ok()) return d.status();
@@ -115,7 +178,6 @@ class CudaCopier final : public DeviceCopier {
  private:
   struct PerDevice {
     cudaStream_t stream = nullptr;
-    cudaEvent_t order = nullptr;
     cudaEvent_t ring[kDepth] = {};
   };
 
@@ -123,9 +185,14 @@ class CudaCopier final : public DeviceCopier {
   // its event says it landed, while up to kDepth - 1 later ones are in flight.
   static absl::Status ToHostOne(PerDevice& dev, DeviceCopyTask& t,
                                 std::atomic<uint64_t>* progress) {
-    // Ordered after what the caller queued on the tensor's stream so far.
-    CUDA_RETURN_IF_ERROR(cudaEventRecord(dev.order, static_cast<cudaStream_t>(t.stream)));
-    CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(dev.stream, dev.order, 0));
+    if (t.after != nullptr) {
+      // The point of the caller's stream marked when the snapshot was asked for.
+      CUDA_RETURN_IF_ERROR(
+          cudaStreamWaitEvent(dev.stream, static_cast<cudaEvent_t>(t.after.get()), 0));
+    } else {
+      CUDA_RETURN_IF_ERROR(cudaEventRecord(dev.ring[0], static_cast<cudaStream_t>(t.stream)));
+      CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(dev.stream, dev.ring[0], 0));
+    }
     struct Piece {
       uint64_t offset, bytes;
       int slot;
@@ -164,20 +231,20 @@ class CudaCopier final : public DeviceCopier {
   // the destination runs first, then the copy, then the caller's later work.
   static absl::Status ToDeviceOne(PerDevice& dev, DeviceCopyTask& t) {
     auto caller = static_cast<cudaStream_t>(t.stream);
-    CUDA_RETURN_IF_ERROR(cudaEventRecord(dev.order, caller));
-    CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(dev.stream, dev.order, 0));
+    CUDA_RETURN_IF_ERROR(cudaEventRecord(dev.ring[0], caller));
+    CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(dev.stream, dev.ring[0], 0));
     if (t.bytes > 0) {
       CUDA_RETURN_IF_ERROR(
           cudaMemcpyAsync(t.device_ptr, t.host, t.bytes, cudaMemcpyHostToDevice, dev.stream));
     }
     // The host bytes are checksummed while the copy engine reads them.
     t.crc = ec::Crc32c(absl::Span<const uint8_t>(t.host, t.bytes));
-    CUDA_RETURN_IF_ERROR(cudaEventRecord(dev.ring[0], dev.stream));
-    CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(caller, dev.ring[0], 0));
-    return Check(cudaStreamSynchronize(dev.stream), "cudaStreamSynchronize");
+    CUDA_RETURN_IF_ERROR(cudaEventRecord(dev.ring[1], dev.stream));
+    CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(caller, dev.ring[1], 0));
+    return Check(cudaEventSynchronize(dev.ring[1]), "cudaEventSynchronize");
   }
 
-  // The task's pointer must be memory of the task's device.
+  // The task's pointer must be memory of the task's device (made current).
   static absl::Status CheckDevicePointer(const DeviceCopyTask& t) {
     if (t.bytes == 0) return absl::OkStatus();
     cudaPointerAttributes a{};
@@ -197,17 +264,16 @@ class CudaCopier final : public DeviceCopier {
     return absl::OkStatus();
   }
 
-  // The stream and events of `device`, made on first use; the device is made
-  // current.
+  // The stream and events of `device` (current), made on first use.
   absl::StatusOr<PerDevice*> DeviceLocked(int device) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
     auto it = devices_.find(device);
     if (it != devices_.end()) return &it->second;
     PerDevice d;
     CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&d.stream, cudaStreamNonBlocking));
-    CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&d.order, cudaEventDisableTiming));
     for (cudaEvent_t& e : d.ring) {
-      CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+      // Blocking: the thread waiting for a piece sleeps instead of spinning.
+      CUDA_RETURN_IF_ERROR(
+          cudaEventCreateWithFlags(&e, cudaEventDisableTiming | cudaEventBlockingSync));
     }
     return &devices_.emplace(device, d).first->second;
   }

@@ -22,6 +22,14 @@ void Throw(const absl::Status& st) {
                            std::string(st.message()));
 }
 
+// A tuple or a list, as the caller wrote it.
+py::sequence Sequence(const py::handle& item) {
+  if (!py::isinstance<py::sequence>(item) || py::isinstance<py::str>(item)) {
+    throw py::type_error("a tensor or destination must be a tuple or a list");
+  }
+  return py::reinterpret_borrow<py::sequence>(item);
+}
+
 template <typename T>
 T Value(absl::StatusOr<T> v) {
   if (!v.ok()) Throw(v.status());
@@ -168,7 +176,7 @@ class PyClient {
   static std::vector<Tensor> Tensors(const py::list& tensors) {
     std::vector<Tensor> ts;
     for (const py::handle& item : tensors) {
-      const py::tuple t = item.cast<py::tuple>();
+      const py::sequence t = Sequence(item);
       if (t.size() != 6 && t.size() != 8) {
         throw py::value_error("a tensor is (name, kind, dtype, shape, data_ptr, nbytes"
                               "[, device, cuda_stream])");
@@ -224,7 +232,7 @@ class PyClient {
                                                                  const py::list& into) {
     std::vector<TensorDestination> dst;
     for (const py::handle& item : into) {
-      const py::tuple t = item.cast<py::tuple>();
+      const py::sequence t = Sequence(item);
       if (t.size() != 3 && t.size() != 5) {
         throw py::value_error("a destination is (name, data_ptr, nbytes[, device, cuda_stream])");
       }

@@ -9,7 +9,10 @@
 //     same client goes on snapshotting host tensors;
 //   - built with --config=cuda on a host with a GPU: the device tests;
 //     elsewhere they skip, saying why.
+#include <atomic>
+#include <chrono>
 #include <cstdio>
+#include <thread>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -116,9 +119,22 @@ TEST_P(CudaDeviceTest, MixedDeviceAndHostTensorsRoundTripBitExactInStreamOrder) 
   CUDA_OK(cudaMemcpy(dev_small, c.data(), small, cudaMemcpyHostToDevice));
   cudaStream_t stream;
   CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  // "The backward pass": queued on the caller's stream, not waited for. The
-  // snapshot must see its result (b), never the bytes before it (a).
+  // "The backward pass": queued on the caller's stream behind a gate that
+  // holds the stream for 300 ms after Snapshot() returns, then writes b over
+  // a. A copy not ordered after the stream would capture a.
+  static std::atomic<bool> gate{false};
+  gate = false;
+  CUDA_OK(cudaLaunchHostFunc(
+      stream,
+      [](void*) {
+        for (int i = 0; i < 10000 && !gate.load(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      },
+      nullptr));
   CUDA_OK(cudaMemcpyAsync(dev_big, dev_src, big, cudaMemcpyDeviceToDevice, stream));
+  std::thread opener([] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    gate = true;
+  });
 
   Tensor t1{"param.big", TensorKind::kParam, DType::kUInt8, {int64_t(big)}, dev_big, big};
   t1.device = 0;
@@ -129,6 +145,7 @@ TEST_P(CudaDeviceTest, MixedDeviceAndHostTensorsRoundTripBitExactInStreamOrder) 
   t2.cuda_stream = stream;
   Tensor t3{"rng", TensorKind::kRng, DType::kBytes, {}, host.data(), host.size()};
   auto h = client_->Snapshot(5, {t1, t3, t2});
+  opener.join();
   ASSERT_TRUE(h.ok()) << h.status();
   ASSERT_TRUE(h->Wait().ok());
   ASSERT_TRUE(h->WaitCommitted().ok()) << h->WaitCommitted();
@@ -154,8 +171,12 @@ TEST_P(CudaDeviceTest, MixedDeviceAndHostTensorsRoundTripBitExactInStreamOrder) 
   d2.cuda_stream = stream;
   std::vector<uint8_t> host_back(host.size());
   TensorDestination d3{"rng", host_back.data(), host_back.size()};
+  int before = -1, after = -1;
+  CUDA_OK(cudaGetDevice(&before));
   auto got = client_->RestoreInto(5, {d1, d2, d3});
   ASSERT_TRUE(got.ok()) << got.status();
+  CUDA_OK(cudaGetDevice(&after));
+  EXPECT_EQ(after, before) << "a restore must leave the caller on its device";
   CUDA_OK(cudaStreamSynchronize(stream));
   std::vector<uint8_t> big_back(big), small_back(small);
   CUDA_OK(cudaMemcpy(big_back.data(), dev_big, big, cudaMemcpyDeviceToHost));
