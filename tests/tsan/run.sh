@@ -60,6 +60,8 @@ build_absl() {
 
 work=$(mktemp -d /tmp/ecsnap-tsan-work.XXXXXX)
 reports=$(mktemp -d /tmp/ecsnap-tsan.XXXXXX)
+# Trainers that a test runs as another uid (setpriv) write their reports here too.
+chmod 1777 "$reports"
 trap 'bazel --output_base="$OUTPUT_BASE" shutdown >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 
 # Rebuilt whenever Debian's abseil changes.
