@@ -14,6 +14,9 @@
 //   drop --job=J [--step=S]     drops one step, or every step of a job
 //   verify [--job=J] [--step=S] recomputes every stored checksum
 //   rebuild [--job=J]           rebuilds from the group what this slot lacks
+//   health [--service=S]        grpc.health.v1: SERVING or NOT_SERVING (exit 0
+//                               only when SERVING: usable as a probe)
+//   status --watch              status every second while a rebuild runs
 //   job-token --job=J [--job_secret_file=F]
 //                               prints job J's token for the TCP data plane,
 //                               made from the daemon's job secret (run on the
@@ -22,6 +25,7 @@
 // Exit status: 0 on success, 1 when the daemon answers an error (printed on
 // stderr), 2 on a usage error.
 #include <chrono>
+#include <thread>
 #include <cstdio>
 #include <string>
 
@@ -38,6 +42,7 @@
 #include "common/job_token.h"
 #include "common/read_file.h"
 #include "proto/admin.grpc.pb.h"
+#include "proto/health.grpc.pb.h"
 
 ABSL_FLAG(std::string, address, "127.0.0.1:7070", "Daemon admin address: host:port or unix:PATH.");
 ABSL_FLAG(std::string, token_file, "",
@@ -52,6 +57,8 @@ ABSL_FLAG(std::string, job_secret_file, "/run/ecsnap/job.secret",
           "job-token: the daemon's job secret (daemon.job_secret_file).");
 ABSL_FLAG(uint64_t, step, 0, "Step (0: every step).");
 ABSL_FLAG(int, timeout_ms, 10000, "Deadline of the call (rebuild: at least an hour).");
+ABSL_FLAG(std::string, service, "", "health: the service to ask about (default: the daemon).");
+ABSL_FLAG(bool, watch, false, "status: print it again every second while a rebuild runs.");
 
 namespace {
 
@@ -83,6 +90,7 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "ecsnapctl [--address=A] [--token_file=F] [--ca_file=CA --slot=N] [--json] status | steps [--job=J] | "
       "drop --job=J [--step=S] | verify [--job=J] [--step=S] | rebuild [--job=J] | "
+      "health [--service=S] | "
       "job-token --job=J [--job_secret_file=F]");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   if (args.size() != 2) {
@@ -118,11 +126,61 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "ecsnapctl: %s\n", std::string(channel.status().message()).c_str());
     return 2;
   }
+  if (command == "health") {
+    auto health = grpc::health::v1::Health::NewStub(*channel);
+    grpc::ClientContext hctx;
+    hctx.set_deadline(std::chrono::system_clock::now() +
+                      std::chrono::milliseconds(absl::GetFlag(FLAGS_timeout_ms)));
+    grpc::health::v1::HealthCheckRequest req;
+    req.set_service(absl::GetFlag(FLAGS_service));
+    grpc::health::v1::HealthCheckResponse r;
+    grpc::Status st = health->Check(&hctx, req, &r);
+    if (!st.ok()) return Fail(st);
+    if (json) {
+      PrintJson(r);
+    } else {
+      std::printf("%s\n", grpc::health::v1::HealthCheckResponse::ServingStatus_Name(r.status()).c_str());
+    }
+    return r.status() == grpc::health::v1::HealthCheckResponse::SERVING ? 0 : 1;
+  }
   auto stub = ecsnap::admin::Admin::NewStub(*channel);
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() +
                    std::chrono::milliseconds(absl::GetFlag(FLAGS_timeout_ms)));
 
+  if (command == "status" && absl::GetFlag(FLAGS_watch)) {
+    // Every second while a rebuild runs (bounded by --timeout_ms per call
+    // and 24 h in all); ends when none is running.
+    for (int i = 0; i < 24 * 3600; ++i) {
+      grpc::ClientContext wctx;
+      wctx.set_deadline(std::chrono::system_clock::now() +
+                        std::chrono::milliseconds(absl::GetFlag(FLAGS_timeout_ms)));
+      ecsnap::admin::StatusResponse r;
+      grpc::Status st = stub->Status(&wctx, {}, &r);
+      if (!st.ok()) return Fail(st);
+      const auto& rb = r.rebuild();
+      if (json) {
+        PrintJson(rb);
+      } else if (rb.active() && rb.bytes_total() > 0) {
+        std::printf("rebuild   job %s step %lu: %s of %s (%.0f%%)\n", rb.job_id().c_str(),
+                    rb.step(), FormatBytes(rb.bytes_done()).c_str(),
+                    FormatBytes(rb.bytes_total()).c_str(),
+                    100.0 * rb.bytes_done() / rb.bytes_total());
+      } else if (rb.active()) {
+        std::printf("rebuild   asking the group what to rebuild\n");
+      }
+      std::fflush(stdout);
+      if (!rb.active()) {
+        if (!json) {
+          std::printf("no rebuild running%s\n",
+                      rb.last_error().empty() ? "" : ("; last error: " + rb.last_error()).c_str());
+        }
+        return rb.last_error().empty() ? 0 : 1;
+      }
+      std::this_thread::sleep_for(std::chrono::seconds(1));
+    }
+    return 1;
+  }
   if (command == "status") {
     ecsnap::admin::StatusResponse r;
     grpc::Status st = stub->Status(&ctx, {}, &r);

@@ -1,9 +1,12 @@
 #include "daemon/config.h"
 
+#include <vector>
+
 #include <google/protobuf/io/tokenizer.h>
 #include <google/protobuf/text_format.h>
 
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "common/read_file.h"
 
 namespace ecsnap::daemon {
@@ -86,6 +89,28 @@ absl::Status ValidateConfig(const config::Config& config, uint32_t slot) {
     return absl::InvalidArgumentError("daemon.retain must be at most 64");
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<uint32_t> SlotOfNode(const config::Config& config, const std::string& node) {
+  std::vector<uint32_t> found;
+  std::vector<std::string> known;
+  const auto& slots = config.cluster().slots();
+  for (int i = 0; i < slots.size(); ++i) {
+    if (!slots[i].node().empty()) known.push_back(slots[i].node());
+    if (slots[i].node() == node) found.push_back(static_cast<uint32_t>(i));
+  }
+  if (found.size() > 1) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "cluster.slots %s all name node %s; each node holds one slot",
+        absl::StrJoin(found, ", "), node));
+  }
+  if (found.empty()) {
+    return absl::NotFoundError(absl::StrFormat(
+        "no slot of the cluster config is on node %s (the slots' nodes: %s); add `node: \"%s\"` "
+        "to its slot",
+        node, known.empty() ? "none named" : absl::StrJoin(known, ", "), node));
+  }
+  return found[0];
 }
 
 }  // namespace ecsnap::daemon

@@ -22,6 +22,10 @@ void ApplyDefaults(config::Config* config);
 // slots, the slot in range, sizes sensible. INVALID_ARGUMENT naming the field.
 absl::Status ValidateConfig(const config::Config& config, uint32_t slot);
 
+// The slot whose `node` is `node`. NOT_FOUND naming the nodes the config
+// knows when none is; INVALID_ARGUMENT when two slots name the same node.
+absl::StatusOr<uint32_t> SlotOfNode(const config::Config& config, const std::string& node);
+
 }  // namespace ecsnap::daemon
 
 #endif  // ECSNAP_DAEMON_CONFIG_H_

@@ -71,9 +71,12 @@ void Configure(grpc::ServerBuilder& builder) {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& config,
-                                                      uint32_t slot) {
+                                                      uint32_t slot,
+                                                      std::function<void()> on_ready) {
   std::unique_ptr<Daemon> d(new Daemon());
   d->config_ = config;
+  d->on_ready_ = std::move(on_ready);
+  d->slot_ = slot;
   const config::Daemon& dc = config.daemon();
   const config::Cluster& cc = config.cluster();
   // Transport security first: a daemon that would serve in clear where it
@@ -133,6 +136,20 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
     });
   }
 
+  if (!dc.health_address().empty()) {
+    // Health only, in the clear: it tells whether the daemon serves, nothing else.
+    grpc::ServerBuilder builder;
+    Configure(builder);
+    builder.AddListeningPort(dc.health_address(), grpc::InsecureServerCredentials());
+    builder.RegisterService(d->NewHealthService());
+    d->health_server_ = builder.BuildAndStart();
+    if (!d->health_server_) {
+      return absl::UnavailableError(absl::StrFormat(
+          "cannot serve health checks on %s (in use, or no permission); set "
+          "daemon.health_address to a free port",
+          dc.health_address()));
+    }
+  }
   if (absl::Status st = ClaimSocketPath(dc.socket_path()); !st.ok()) return st;
   {
     TrainerPolicy policy;
@@ -172,6 +189,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
                                                        : grpc::InsecureServerCredentials());
     }
     builder.RegisterService(d->snapshot_service_.get());
+    builder.RegisterService(d->NewHealthService());
     d->data_server_ = builder.BuildAndStart();
     if (!d->data_server_) {
       return absl::UnavailableError(absl::StrFormat(
@@ -189,6 +207,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
     Configure(builder);
     builder.AddListeningPort(admin, AdminServerCredentials(admin, tls_material, *token));
     builder.RegisterService(d->admin_service_.get());
+    builder.RegisterService(d->NewHealthService());
     d->admin_server_ = builder.BuildAndStart();
     if (!d->admin_server_) {
       return absl::UnavailableError(
@@ -199,18 +218,22 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
       dc.socket_path(), dc.data_address().empty() ? "" : " and " + dc.data_address(),
       dc.admin_address(), dc.admin_token_file(),
       tls_material != nullptr ? ", TLS on" : ", plaintext (loopback only)");
+  if (d->health_server_) Log("health checks (grpc.health.v1 only) on %s", dc.health_address());
   if (d->rebuilder_) {
     // Learn what the group holds: rebuild what this slot lost, re-protect
     // what it re-adopted. Serving starts at once; restores wait for it.
     Rebuilder* rebuilder = d->rebuilder_.get();
     // Its errors are logged and shown by ecsnapctl status.
     Protector* protector = d->protector_.get();
-    std::atomic<bool>* done = &d->rebuild_done_;
-    d->rebuild_thread_ = std::thread([rebuilder, protector, done] {
+    Daemon* daemon = d.get();
+    d->rebuild_thread_ = std::thread([rebuilder, protector, daemon] {
       rebuilder->Run("").IgnoreError();
       protector->SetReady();
-      *done = true;
+      daemon->BecomeReady();
+      daemon->rebuild_done_ = true;
     });
+  } else {
+    d->BecomeReady();
   }
   return d;
 }
@@ -278,6 +301,7 @@ absl::Status Daemon::StartPeerPlane(uint32_t slot) {
   Configure(builder);
   builder.AddListeningPort(listen, PeerServerCredentials(tls));
   builder.RegisterService(peer_service_.get());
+  builder.RegisterService(NewHealthService());
   peer_server_ = builder.BuildAndStart();
   if (!peer_server_) {
     return absl::UnavailableError(
@@ -295,7 +319,30 @@ absl::Status Daemon::StartPeerPlane(uint32_t slot) {
   return absl::OkStatus();
 }
 
+HealthService* Daemon::NewHealthService() {
+  health_services_.push_back(std::make_unique<HealthService>(&health_));
+  return health_services_.back().get();
+}
+
+void Daemon::BecomeReady() {
+  health_.SetServing(true);
+  Log("ready: %s", Summary());
+  if (on_ready_) on_ready_();
+}
+
+bool Daemon::Alive() const {
+  (void)store_->sessions();  // takes the store's lock
+  return true;
+}
+
+std::string Daemon::Summary() const {
+  return absl::StrFormat("slot %d, arena %s of %s used, %d session(s)", slot_,
+                         FormatBytes(arena_->size() - arena_->free_bytes()),
+                         FormatBytes(arena_->size()), store_->sessions());
+}
+
 bool Daemon::Shutdown() {
+  health_.Shutdown();
   // Within about a second whatever the peers do (DESIGN.md §10): the rebuild
   // stops at its next slice and every call in flight to a peer is cancelled
   // first, so that no handler waits on a peer; then the servers get what is

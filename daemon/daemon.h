@@ -5,15 +5,18 @@
 #define ECSNAP_DAEMON_DAEMON_H_
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <thread>
+#include <vector>
 
 #include <grpcpp/server.h>
 
 #include "absl/status/statusor.h"
 #include "common/executor.h"
 #include "daemon/service/admin_service.h"
+#include "daemon/service/health_service.h"
 #include "daemon/store/arena.h"
 #include "daemon/peer/group.h"
 #include "daemon/peer/parity_store.h"
@@ -34,8 +37,14 @@ class Daemon {
   // Opens (or re-adopts) the arena, then serves the data plane on the Unix
   // socket (and TCP address, if any) and the admin plane. `config` must have
   // passed ValidateConfig for `slot`.
+  //
+  // Every server answers the standard grpc.health.v1 service: NOT_SERVING
+  // until the daemon is ready (the arena pre-faulted, which Start does
+  // first, and the start-up rebuild done), SERVING then, NOT_SERVING from
+  // Shutdown on. `on_ready` is called once at that moment, from any thread.
   static absl::StatusOr<std::unique_ptr<Daemon>> Start(const config::Config& config,
-                                                       uint32_t slot);
+                                                       uint32_t slot,
+                                                       std::function<void()> on_ready = {});
   ~Daemon();
 
   // Stops accepting calls and ends those in progress within a short grace
@@ -44,14 +53,29 @@ class Daemon {
   // the daemon (committed steps are safe in the arena file either way).
   bool Shutdown();
 
+  // True when the daemon's store answers (its lock can be taken): what the
+  // systemd watchdog pings on.
+  bool Alive() const;
+
+  // One line for systemd's STATUS= and logs: slot, arena use, sessions.
+  std::string Summary() const;
+
  private:
   Daemon() = default;
 
   absl::Status StartPeerPlane(uint32_t slot);
+  // A grpc.health.v1 service for one more server, answering from health_.
+  HealthService* NewHealthService();
+  void BecomeReady();
   // The planes' certificate, key and CA; null without tls (plaintext).
   const TlsMaterial* tls() const { return tls_ ? &*tls_ : nullptr; }
 
   config::Config config_;
+  uint32_t slot_ = 0;
+  // Readiness, and the health service of each server (declared before the
+  // servers, so that they outlive them).
+  HealthState health_;
+  std::vector<std::unique_ptr<HealthService>> health_services_;
   std::optional<TlsMaterial> tls_;  // the planes' certificate, key and CA
   std::unique_ptr<Arena> arena_;
   std::unique_ptr<StepStore> store_;
@@ -73,6 +97,8 @@ class Daemon {
   std::unique_ptr<AdminService> admin_service_;
   std::unique_ptr<grpc::Server> data_server_;
   std::unique_ptr<grpc::Server> admin_server_;
+  std::unique_ptr<grpc::Server> health_server_;  // daemon.health_address, if set
+  std::function<void()> on_ready_;
   // Feeds data_server_: declared after it, so destroyed (stopped) first.
   std::unique_ptr<WindowGrants> window_grants_;
   std::unique_ptr<TrainerListener> trainer_listener_;

@@ -10,6 +10,7 @@
 
 #include <cstdio>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -17,12 +18,18 @@
 #include "absl/flags/reflection.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "common/log.h"
 #include "daemon/config.h"
 #include "daemon/daemon.h"
+#include "daemon/systemd_notify.h"
 
 ABSL_FLAG(std::string, config, "", "Text-format ecsnap.config.Config file (see proto/config.proto).");
 ABSL_FLAG(uint32_t, slot, 0, "This node's slot in the cluster config.");
+ABSL_FLAG(std::string, node, "",
+          "Take the slot whose `node` in the cluster config is this name (instead of --slot); "
+          "under Kubernetes, the pod's spec.nodeName.");
 ABSL_FLAG(std::string, arena_dir, "/dev/shm/ecsnap", "tmpfs directory of the arena file.");
 ABSL_FLAG(uint64_t, arena_bytes, uint64_t{1} << 30, "Arena size in bytes, pre-faulted at start.");
 ABSL_FLAG(std::string, socket, "/run/ecsnap/ecsnapd.sock", "Unix socket of the data plane.");
@@ -30,6 +37,8 @@ ABSL_FLAG(std::string, data_address, "", "Optional TCP host:port of the data pla
 ABSL_FLAG(std::string, admin_address, "127.0.0.1:7070", "Admin plane: host:port or unix:PATH.");
 ABSL_FLAG(std::string, admin_token_file, "", "File with the admin bearer token.");
 ABSL_FLAG(uint32_t, retain, 1, "Newest complete steps kept per job.");
+ABSL_FLAG(std::string, health_address, "",
+          "Optional host:port serving only grpc.health.v1, in the clear (for probes).");
 ABSL_FLAG(std::vector<std::string>, trainer_uids, {},
           "Comma-separated uids that may use the data socket besides the daemon's own.");
 ABSL_FLAG(std::vector<std::string>, trainer_gids, {},
@@ -107,6 +116,7 @@ int main(int argc, char** argv) {
   if (Given("admin_address")) d->set_admin_address(absl::GetFlag(FLAGS_admin_address));
   if (Given("admin_token_file")) d->set_admin_token_file(absl::GetFlag(FLAGS_admin_token_file));
   if (Given("retain")) d->set_retain(absl::GetFlag(FLAGS_retain));
+  if (Given("health_address")) d->set_health_address(absl::GetFlag(FLAGS_health_address));
   if (Given("trainer_uids") &&
       !ParseIds("trainer_uids", absl::GetFlag(FLAGS_trainer_uids), d->mutable_trainer_uids())) {
     return 2;
@@ -118,20 +128,57 @@ int main(int argc, char** argv) {
   // After the flags: defaults that derive from other fields (the admin token
   // file beside the socket) follow what the flags set.
   ecsnap::daemon::ApplyDefaults(&config);
-  const uint32_t slot = absl::GetFlag(FLAGS_slot);
+  uint32_t slot = absl::GetFlag(FLAGS_slot);
+  if (const std::string node = absl::GetFlag(FLAGS_node); !node.empty()) {
+    auto found = ecsnap::daemon::SlotOfNode(config, node);
+    if (!found.ok()) {
+      std::fprintf(stderr, "ecsnapd: %s\n", std::string(found.status().message()).c_str());
+      return 2;
+    }
+    slot = *found;
+  }
   if (absl::Status st = ecsnap::daemon::ValidateConfig(config, slot); !st.ok()) {
     std::fprintf(stderr, "ecsnapd: %s\n", std::string(st.message()).c_str());
     return 2;
   }
 
-  auto daemon = ecsnap::daemon::Daemon::Start(config, slot);
+  // Under systemd (Type=notify): READY=1 once the daemon serves, watchdog
+  // pings while its store answers, STOPPING=1 at the end. A no-op elsewhere.
+  ecsnap::daemon::SystemdNotifier systemd;
+  absl::Mutex ready_mu;
+  bool ready = false, stopping = false;
+  auto daemon = ecsnap::daemon::Daemon::Start(config, slot, [&] {
+    absl::MutexLock lock(&ready_mu);
+    ready = true;
+  });
   if (!daemon.ok()) {
     std::fprintf(stderr, "ecsnapd: %s\n", std::string(daemon.status().message()).c_str());
     return 1;
   }
+  ecsnap::daemon::Daemon* started = daemon->get();
+  systemd.Status("starting: learning what the group holds");
+  // READY waits for the start-up rebuild, off the signal-waiting thread.
+  std::thread notify_ready([&] {
+    auto decided = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(ready_mu) { return ready || stopping; };
+    bool serving = false;
+    {
+      absl::MutexLock lock(&ready_mu);
+      ready_mu.Await(absl::Condition(&decided));
+      serving = ready && !stopping;
+    }
+    if (!serving) return;
+    systemd.Ready(absl::StrCat("serving: ", started->Summary()));
+    systemd.StartWatchdog([started] { return started->Alive(); });
+  });
   int sig = 0;
   sigwait(&signals, &sig);
   ecsnap::Log("signal %d: shutting down; committed steps stay in the arena", sig);
+  {
+    absl::MutexLock lock(&ready_mu);
+    stopping = true;  // a stop before the start-up pass ended
+  }
+  notify_ready.join();
+  systemd.Stopping();
   if (!(*daemon)->Shutdown()) {
     ecsnap::Log("a call to a peer did not end within the grace; exiting without waiting for it");
     std::fflush(nullptr);

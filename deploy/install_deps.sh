@@ -15,6 +15,9 @@ PACKAGES=(
   python3 python3-dev python3-numpy python3-torch python3-pybind11 pybind11-dev
   clang libclang-rt-14-dev # tests/fuzz (libFuzzer, ASan) and the thread-safety build
   iproute2 procps util-linux
+  libsystemd-dev           # sd_notify: Type=notify readiness, watchdog
+  systemd                  # systemd-analyze verify of deploy/ecsnapd@.service in the tests
+  python3-yaml             # deploy/k8s manifests, checked offline in the tests
 )
 
 missing=()

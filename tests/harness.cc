@@ -202,6 +202,18 @@ std::unique_ptr<admin::Admin::Stub> DaemonProcess::AdminStub() const {
   return admin::Admin::NewStub(*channel);
 }
 
+std::unique_ptr<grpc::health::v1::Health::Stub> DaemonProcess::HealthStub() const {
+  AdminChannelOptions o;
+  o.address = admin_address();
+  o.token_file = admin_token_file();
+  auto channel = OpenAdminChannel(o);
+  if (!channel.ok()) {
+    return grpc::health::v1::Health::NewStub(
+        grpc::CreateChannel("unix:" + dir_ + "/no-token-yet", grpc::InsecureChannelCredentials()));
+  }
+  return grpc::health::v1::Health::NewStub(*channel);
+}
+
 std::string DaemonProcess::admin_token_file() const {
   return options_.admin_token_file.empty() ? dir_ + "/admin.token" : options_.admin_token_file;
 }

@@ -21,6 +21,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "proto/admin.grpc.pb.h"
+#include "proto/health.grpc.pb.h"
 
 namespace ecsnap::testing {
 
@@ -103,6 +104,8 @@ class DaemonProcess {
   std::string Log() const;
   // Local credentials and this daemon's admin token.
   std::unique_ptr<admin::Admin::Stub> AdminStub() const;
+  // grpc.health.v1 on the admin plane, over the same channel as AdminStub.
+  std::unique_ptr<grpc::health::v1::Health::Stub> HealthStub() const;
   std::string admin_token_file() const;
 
  private:

@@ -1,0 +1,245 @@
+// What operators and their tools see of a real ecsnapd (issue: operations):
+// the standard grpc.health.v1 service on every port, NOT_SERVING while a
+// replaced node rebuilds and SERVING after; systemd's notify protocol
+// (READY=1 only once serving, WATCHDOG=1 pings, STOPPING=1) over a real
+// notify socket.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "proto/health.grpc.pb.h"
+#include "tests/cluster_fixture.h"
+#include "tests/harness.h"
+
+namespace ecsnap {
+namespace {
+
+using grpc::health::v1::Health;
+using grpc::health::v1::HealthCheckRequest;
+using grpc::health::v1::HealthCheckResponse;
+using testing::DaemonProcess;
+using testing::FreePorts;
+using testing::TempDir;
+
+// The serving status `stub` answers, or the call's error as a status name.
+std::string Check(Health::Stub* stub) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  HealthCheckResponse resp;
+  grpc::Status st = stub->Check(&ctx, HealthCheckRequest(), &resp);
+  if (!st.ok()) return absl::StrCat("error ", st.error_code(), ": ", st.error_message());
+  return HealthCheckResponse::ServingStatus_Name(resp.status());
+}
+
+// Runs `command` (bounded by ecsnapctl's own deadline); its stdout in `out`,
+// its exit status returned.
+int RunCommand(const std::string& command, std::string* out) {
+  out->clear();
+  FILE* p = ::popen((command + " 2>/dev/null").c_str(), "r");
+  if (p == nullptr) return -1;
+  char buf[256];
+  while (std::fgets(buf, sizeof(buf), p) != nullptr) *out += buf;
+  const int status = ::pclose(p);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+// Polls `stub` until it answers `want` (bounded); returns the last answer.
+std::string WaitFor(Health::Stub* stub, const std::string& want, int seconds) {
+  std::string got;
+  for (int i = 0; i < seconds * 20; ++i) {
+    got = Check(stub);
+    if (got == want) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return got;
+}
+
+TEST(HealthTest, ALoneDaemonServesHealthOnItsAdminPortAndItsProbePort) {
+  TempDir dir;
+  const int port = FreePorts(1)[0];
+  DaemonProcess::Options o;
+  o.extra_flags = {absl::StrCat("--health_address=127.0.0.1:", port)};
+  auto d = DaemonProcess::Start(dir.path(), o);
+  ASSERT_TRUE(d.ok()) << d.status();
+  // The probe port: no credentials at all, as a kubelet asks.
+  auto probe = Health::NewStub(
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
+  EXPECT_EQ(WaitFor(probe.get(), "SERVING", 10), "SERVING") << (*d)->Log();
+  // The admin port: with the token, as every admin call.
+  EXPECT_EQ(WaitFor((*d)->HealthStub().get(), "SERVING", 10), "SERVING");
+  // ecsnapctl health: the answer, and an exit status a probe can use.
+  const std::string ctl = absl::StrCat(testing::RunfilePath("client/ecsnapctl"), " --address=",
+                                       (*d)->admin_address(), " --token_file=",
+                                       (*d)->admin_token_file());
+  std::string out;
+  EXPECT_EQ(RunCommand(ctl + " health", &out), 0);
+  EXPECT_EQ(out, "SERVING\n");
+  EXPECT_EQ(RunCommand(ctl + " --service=nope health", &out), 1);
+  EXPECT_EQ(RunCommand(ctl + " --service=ecsnap.admin.Admin health", &out), 0);
+  // The probe port serves health only: an admin call there is unknown.
+  auto admin = admin::Admin::NewStub(
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  admin::StatusResponse status;
+  EXPECT_EQ(admin->Status(&ctx, admin::StatusRequest(), &status).error_code(),
+            grpc::StatusCode::UNIMPLEMENTED);
+  // Stopping: the probe says so until the port closes.
+  (*d)->Terminate();
+  EXPECT_NE(Check(probe.get()), "SERVING");
+}
+
+TEST(HealthTest, AHealthPortThatIsTakenStopsTheDaemonWithASentence) {
+  TempDir dir;
+  const int port = FreePorts(1)[0];
+  // Hold the port.
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+  ASSERT_EQ(::listen(fd, 1), 0);
+  DaemonProcess::Options o;
+  o.extra_flags = {absl::StrCat("--health_address=127.0.0.1:", port)};
+  auto d = DaemonProcess::Start(dir.path(), o);
+  ::close(fd);
+  ASSERT_FALSE(d.ok());
+  EXPECT_NE(d.status().message().find("cannot serve health checks on 127.0.0.1:"),
+            std::string::npos)
+      << d.status();
+}
+
+class HealthRebuildTest : public ClusterTest {};
+
+TEST_F(HealthRebuildTest, AReplacedNodeIsNotServingUntilItsRebuildEndsThenServesBitExact) {
+  // Rebuilds capped at 50 KB/s: the rebuild of a node takes seconds.
+  StartCluster(2, 2, "rebuild_bytes_per_sec: 50000");
+  Snapshot(1);
+  ASSERT_TRUE(WaitProtected(1));
+  for (int s = 0; s < cluster_->n(); ++s) {
+    EXPECT_EQ(WaitFor(cluster_->daemon(s).HealthStub().get(), "SERVING", 10), "SERVING");
+  }
+  ASSERT_NO_FATAL_FAILURE(ReplaceNode(0, /*reconnect=*/false));
+  auto health = cluster_->daemon(0).HealthStub();
+  EXPECT_EQ(Check(health.get()), "NOT_SERVING") << "a node rebuilding its data is not ready";
+  // A watcher (as gRPC's client-side health checking uses) hears NOT_SERVING,
+  // then SERVING once the rebuild is done.
+  grpc::ClientContext watch_ctx;
+  watch_ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+  auto watch = health->Watch(&watch_ctx, HealthCheckRequest());
+  std::vector<std::string> heard;
+  HealthCheckResponse r;
+  while (watch->Read(&r)) {
+    heard.push_back(HealthCheckResponse::ServingStatus_Name(r.status()));
+    if (r.status() == HealthCheckResponse::SERVING) break;
+  }
+  watch_ctx.TryCancel();
+  watch->Finish();
+  EXPECT_EQ(heard, (std::vector<std::string>{"NOT_SERVING", "SERVING"}))
+      << cluster_->daemon(0).Log();
+  EXPECT_EQ(Check(health.get()), "SERVING");
+  EXPECT_EQ(StateOf(0, 1), v1::PROTECTED) << "SERVING came before the rebuild ended";
+  Reconnect(0);
+  EXPECT_EQ(RestoreAndCheck(0), 1u);
+}
+
+// A notify socket as systemd opens it for a Type=notify unit.
+class NotifySocket {
+ public:
+  explicit NotifySocket(const std::string& path) : path_(path) {
+    fd_ = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    sockaddr_un a{};
+    a.sun_family = AF_UNIX;
+    std::snprintf(a.sun_path, sizeof(a.sun_path), "%s", path.c_str());
+    ok_ = fd_ >= 0 && ::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0;
+  }
+  ~NotifySocket() {
+    if (fd_ >= 0) ::close(fd_);
+    ::unlink(path_.c_str());
+  }
+  bool ok() const { return ok_; }
+  // The next message's lines, or empty after `ms` without one.
+  std::vector<std::string> Next(int ms) {
+    timeval tv{ms / 1000, (ms % 1000) * 1000};
+    ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    char buf[4096];
+    const ssize_t n = ::recv(fd_, buf, sizeof(buf), 0);
+    if (n <= 0) return {};
+    return absl::StrSplit(std::string(buf, n), '\n', absl::SkipEmpty());
+  }
+  // Reads messages for up to `ms` until one has `line`.
+  bool WaitFor(const std::string& line, int ms, std::vector<std::string>* seen) {
+    const auto end = std::chrono::steady_clock::now() + std::chrono::milliseconds(ms);
+    while (std::chrono::steady_clock::now() < end) {
+      bool found = false;
+      for (const std::string& l : Next(200)) {
+        seen->push_back(l);
+        found |= l == line;
+      }
+      if (found) return true;
+    }
+    return false;
+  }
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+  bool ok_ = false;
+};
+
+TEST(SystemdTest, ReadyOnlyOnceServingThenWatchdogPingsThenStopping) {
+  TempDir dir;
+  NotifySocket notify(dir.path() + "/notify");
+  ASSERT_TRUE(notify.ok());
+  // The environment systemd gives a Type=notify unit with WatchdogSec=0.4.
+  ::setenv("NOTIFY_SOCKET", (dir.path() + "/notify").c_str(), 1);
+  ::setenv("WATCHDOG_USEC", "400000", 1);
+  auto d = DaemonProcess::Start(dir.path(), DaemonProcess::Options{});
+  ::unsetenv("NOTIFY_SOCKET");
+  ::unsetenv("WATCHDOG_USEC");
+  ASSERT_TRUE(d.ok()) << d.status();
+  std::vector<std::string> seen;
+  ASSERT_TRUE(notify.WaitFor("READY=1", 10000, &seen)) << (*d)->Log();
+  // READY came once the daemon serves.
+  EXPECT_EQ(Check((*d)->HealthStub().get()), "SERVING");
+  bool status_line = false;
+  for (const std::string& l : seen) status_line |= l.rfind("STATUS=serving: slot 0", 0) == 0;
+  EXPECT_TRUE(status_line) << "READY carries a STATUS= line";
+  // Pinged every half interval (200 ms): several within a second.
+  int pings = 0;
+  const auto end = std::chrono::steady_clock::now() + std::chrono::milliseconds(1000);
+  while (std::chrono::steady_clock::now() < end) {
+    for (const std::string& l : notify.Next(300)) pings += l == "WATCHDOG=1";
+  }
+  EXPECT_GE(pings, 3) << (*d)->Log();
+  // A stopped daemon does not ping (systemd would restart it).
+  ::kill((*d)->pid(), SIGSTOP);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  while (!notify.Next(50).empty()) {
+  }
+  EXPECT_TRUE(notify.Next(600).empty()) << "pings from a stopped process";
+  ::kill((*d)->pid(), SIGCONT);
+  EXPECT_TRUE(notify.WaitFor("WATCHDOG=1", 2000, &seen)) << "pings resume";
+  std::thread term([&] { (*d)->Terminate(); });
+  EXPECT_TRUE(notify.WaitFor("STOPPING=1", 5000, &seen));
+  term.join();
+}
+
+}  // namespace
+}  // namespace ecsnap
