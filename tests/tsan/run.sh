@@ -23,7 +23,7 @@ OUTPUT_BASE="${ECSNAP_TSAN_OUTPUT_BASE:-${HOME:-/root}/.cache/bazel-tsan}"
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
   targets=(//common/... //ec/... //daemon/... //client/... //tests:snapshot_test
-           //tests:cluster_test //tests:security_test)
+           //tests:cluster_test //tests:security_test //tests:ops_test)
 fi
 
 build_absl() {
