@@ -3,12 +3,26 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 
 namespace ecsnap::bench {
+
+double Seconds(const std::function<void()>& fn) {
+  const auto t0 = std::chrono::steady_clock::now();
+  fn();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+void CheckOk(const absl::Status& st, const char* bench, const char* what) {
+  if (!st.ok()) {
+    std::fprintf(stderr, "%s: %s: %s\n", bench, what, std::string(st.message()).c_str());
+    std::exit(1);
+  }
+}
 
 uint64_t AvailableBytes() {
   std::ifstream in("/proc/meminfo");

@@ -1,12 +1,22 @@
 // What every benchmark needs to be a good citizen on a shared machine: how
-// much memory it may take, and cleaning up after itself on any exit.
+// much memory it may take, and cleaning up after itself on any exit; and the
+// two helpers each of them times and fails with.
 #ifndef ECSNAP_TESTS_BENCH_BENCH_UTIL_H_
 #define ECSNAP_TESTS_BENCH_BENCH_UTIL_H_
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
+#include "absl/status/status.h"
+
 namespace ecsnap::bench {
+
+// Wall-clock seconds `fn` takes.
+double Seconds(const std::function<void()>& fn);
+
+// Exits with "BENCH: WHAT: message" when `st` is an error.
+void CheckOk(const absl::Status& st, const char* bench, const char* what);
 
 // Bytes of memory the kernel says it can still hand out (MemAvailable).
 uint64_t AvailableBytes();

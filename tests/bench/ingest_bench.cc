@@ -43,11 +43,7 @@ ABSL_FLAG(int, max_seconds, 300,
 
 namespace {
 
-double Seconds(const std::function<void()>& fn) {
-  const auto t0 = std::chrono::steady_clock::now();
-  fn();
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
+using ecsnap::bench::Seconds;
 
 double Best(int reps, const std::function<void()>& fn) {
   double best = 1e30;
@@ -56,10 +52,7 @@ double Best(int reps, const std::function<void()>& fn) {
 }
 
 void Check(const absl::Status& st, const char* what) {
-  if (!st.ok()) {
-    std::fprintf(stderr, "ingest_bench: %s: %s\n", what, std::string(st.message()).c_str());
-    std::exit(1);
-  }
+  ecsnap::bench::CheckOk(st, "ingest_bench", what);
 }
 
 }  // namespace

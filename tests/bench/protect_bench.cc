@@ -75,10 +75,7 @@ double Since(Clock::time_point t0) {
 }
 
 void Check(const absl::Status& st, const char* what) {
-  if (!st.ok()) {
-    std::fprintf(stderr, "protect_bench: %s: %s\n", what, std::string(st.message()).c_str());
-    std::exit(1);
-  }
+  ecsnap::bench::CheckOk(st, "protect_bench", what);
 }
 
 // Seconds to stream `bytes` over `streams` TCP connections on 127.0.0.1 at

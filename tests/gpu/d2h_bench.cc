@@ -50,10 +50,7 @@ ABSL_FLAG(int, max_seconds, 300,
 namespace {
 
 void Check(const absl::Status& st, const char* what) {
-  if (!st.ok()) {
-    std::fprintf(stderr, "d2h_bench: %s: %s\n", what, std::string(st.message()).c_str());
-    std::exit(1);
-  }
+  ecsnap::bench::CheckOk(st, "d2h_bench", what);
 }
 
 void CheckCuda(cudaError_t e, const char* what) {
@@ -63,11 +60,7 @@ void CheckCuda(cudaError_t e, const char* what) {
   }
 }
 
-double Seconds(const std::function<void()>& fn) {
-  const auto t0 = std::chrono::steady_clock::now();
-  fn();
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
+using ecsnap::bench::Seconds;
 
 }  // namespace
 
