@@ -14,8 +14,11 @@
 //   drop --job=J [--step=S]     drops one step, or every step of a job
 //   verify [--job=J] [--step=S] recomputes every stored checksum
 //   rebuild [--job=J]           rebuilds from the group what this slot lacks
-//   health [--service=S]        grpc.health.v1: SERVING or NOT_SERVING (exit 0
-//                               only when SERVING: usable as a probe)
+//   health [--service=S] [--probe_port]
+//                               grpc.health.v1: SERVING or NOT_SERVING (exit 0
+//                               only when SERVING: usable as a probe); with
+//                               --probe_port, on the health-only port
+//                               (service ecsnap.live: liveness)
 //   status --watch              status every second while a rebuild runs
 //   job-token --job=J [--job_secret_file=F]
 //                               prints job J's token for the TCP data plane,
@@ -59,6 +62,9 @@ ABSL_FLAG(uint64_t, step, 0, "Step (0: every step).");
 ABSL_FLAG(int, timeout_ms, 10000, "Deadline of the call (rebuild: at least an hour).");
 ABSL_FLAG(std::string, service, "", "health: the service to ask about (default: the daemon).");
 ABSL_FLAG(bool, watch, false, "status: print it again every second while a rebuild runs.");
+ABSL_FLAG(bool, probe_port, false,
+          "health: --address is the daemon's health-only port (daemon.health_address): plaintext, "
+          "no token.");
 
 namespace {
 
@@ -121,7 +127,10 @@ int main(int argc, char** argv) {
   channel_options.token_file = absl::GetFlag(FLAGS_token_file);
   channel_options.ca_file = absl::GetFlag(FLAGS_ca_file);
   channel_options.slot = absl::GetFlag(FLAGS_slot);
-  auto channel = ecsnap::OpenAdminChannel(channel_options);
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
+      command == "health" && absl::GetFlag(FLAGS_probe_port)
+          ? grpc::CreateChannel(absl::GetFlag(FLAGS_address), grpc::InsecureChannelCredentials())
+          : ecsnap::OpenAdminChannel(channel_options);
   if (!channel.ok()) {
     std::fprintf(stderr, "ecsnapctl: %s\n", std::string(channel.status().message()).c_str());
     return 2;

@@ -14,6 +14,7 @@
 #include <grpcpp/server_builder.h>
 
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
@@ -141,7 +142,8 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
     grpc::ServerBuilder builder;
     Configure(builder);
     builder.AddListeningPort(dc.health_address(), grpc::InsecureServerCredentials());
-    builder.RegisterService(d->NewHealthService());
+    // Anyone who reaches it may ask: a small budget of watches of its own.
+    builder.RegisterService(d->NewHealthService(/*max_watches=*/4));
     d->health_server_ = builder.BuildAndStart();
     if (!d->health_server_) {
       return absl::UnavailableError(absl::StrFormat(
@@ -265,7 +267,12 @@ absl::Status Daemon::StartPeerPlane(uint32_t slot) {
   if (tls != nullptr) {
     for (uint32_t s : group->slots) po.peer_names.push_back(SlotName(s));
   }
-  const std::string listen = group->addresses[group->self];
+  std::string listen = group->addresses[group->self];
+  if (const std::string& host = config_.daemon().peer_listen_host(); !host.empty() &&
+      !absl::StartsWith(listen, "unix:")) {
+    const std::string port = listen.substr(listen.rfind(':') + 1);
+    listen = absl::StrCat(host.find(':') != std::string::npos ? "[" + host + "]" : host, ":", port);
+  }
   protector_ = std::make_unique<Protector>(store_.get(), parity_.get(), *group, *layout, po);
   Rebuilder::Options ro;
   ro.bytes_per_second = cc.rebuild_bytes_per_sec();
@@ -319,8 +326,8 @@ absl::Status Daemon::StartPeerPlane(uint32_t slot) {
   return absl::OkStatus();
 }
 
-HealthService* Daemon::NewHealthService() {
-  health_services_.push_back(std::make_unique<HealthService>(&health_));
+HealthService* Daemon::NewHealthService(int max_watches) {
+  health_services_.push_back(std::make_unique<HealthService>(&health_, max_watches));
   return health_services_.back().get();
 }
 
@@ -357,6 +364,7 @@ bool Daemon::Shutdown() {
   if (data_server_) data_server_->Shutdown(deadline);
   if (admin_server_) admin_server_->Shutdown(deadline);
   if (peer_server_) peer_server_->Shutdown(deadline);
+  if (health_server_) health_server_->Shutdown(deadline);
   if (!clean) return false;
   if (rebuild_thread_.joinable()) {
     // The start-up pass ends at its next slice once stopped; bounded anyway.
@@ -372,6 +380,7 @@ Daemon::~Daemon() {
   data_server_.reset();
   admin_server_.reset();
   peer_server_.reset();
+  health_server_.reset();
 }
 
 }  // namespace ecsnap::daemon

@@ -65,13 +65,16 @@ class Daemon {
 
   absl::Status StartPeerPlane(uint32_t slot);
   // A grpc.health.v1 service for one more server, answering from health_.
-  HealthService* NewHealthService();
+  HealthService* NewHealthService(int max_watches = 16);
   void BecomeReady();
   // The planes' certificate, key and CA; null without tls (plaintext).
   const TlsMaterial* tls() const { return tls_ ? &*tls_ : nullptr; }
 
   config::Config config_;
   uint32_t slot_ = 0;
+  // Called by BecomeReady, possibly on the rebuild thread: declared before
+  // it, so that it outlives the thread.
+  std::function<void()> on_ready_;
   // Readiness, and the health service of each server (declared before the
   // servers, so that they outlive them).
   HealthState health_;
@@ -98,7 +101,6 @@ class Daemon {
   std::unique_ptr<grpc::Server> data_server_;
   std::unique_ptr<grpc::Server> admin_server_;
   std::unique_ptr<grpc::Server> health_server_;  // daemon.health_address, if set
-  std::function<void()> on_ready_;
   // Feeds data_server_: declared after it, so destroyed (stopped) first.
   std::unique_ptr<WindowGrants> window_grants_;
   std::unique_ptr<TrainerListener> trainer_listener_;

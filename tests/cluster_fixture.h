@@ -58,10 +58,12 @@ inline State MakeState(int slot, int rank, uint64_t step) {
 
 class ClusterTest : public ::testing::Test {
  protected:
-  void StartCluster(int k, int m, std::string cluster_fields = "") {
+  void StartCluster(int k, int m, std::string cluster_fields = "",
+                    std::vector<std::string> extra_flags = {}) {
     DaemonProcess::Options o;
     o.arena_bytes = 32 << 20;
     o.cluster_fields = cluster_fields;
+    o.extra_flags = std::move(extra_flags);
     auto c = Cluster::Start(dir_.path(), k, m, o);
     ASSERT_TRUE(c.ok()) << c.status();
     cluster_ = std::move(*c);

@@ -58,6 +58,16 @@ def parse_config(text):
     return r.returncode, r.stderr.decode()
 
 
+def check_probes(test, container, port):
+    """gRPC probes on the health port: readiness asks for the daemon (""), startup
+    and liveness for ecsnap.live, so that a long rebuild does not get it killed."""
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        test.assertEqual(container[probe]["grpc"]["port"], port, probe)
+    test.assertNotIn("service", container["readinessProbe"]["grpc"])
+    for probe in ("startupProbe", "livenessProbe"):
+        test.assertEqual(container[probe]["grpc"].get("service"), "ecsnap.live", probe)
+
+
 class DaemonSetTest(unittest.TestCase):
     def setUp(self):
         self.docs = load("ecsnapd-daemonset.yaml")
@@ -100,8 +110,9 @@ class DaemonSetTest(unittest.TestCase):
 
     def test_probes_are_grpc_on_the_health_port(self):
         port = int(field(self.config, "health_address").rsplit(":", 1)[1])
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            self.assertEqual(self.daemon[probe]["grpc"]["port"], port, probe)
+        check_probes(self, self.daemon, port)
+        self.assertEqual(field(self.config, "peer_listen_host"), "0.0.0.0",
+                         "on the host network, listen on every address of the node")
         service = by_kind(self.docs, "Service")
         self.assertEqual(service["spec"]["clusterIP"], "None")
         self.assertIn(port, [p["port"] for p in service["spec"]["ports"]])
@@ -110,8 +121,8 @@ class DaemonSetTest(unittest.TestCase):
         arena = int(field(self.config, "arena_bytes"))
         res = self.daemon["resources"]
         self.assertGreaterEqual(quantity(res["requests"]["memory"]), arena)
-        self.assertEqual(res["requests"]["memory"], res["limits"]["memory"],
-                         "a guaranteed pod: the arena is never the first thing reclaimed")
+        self.assertEqual(res["requests"], res["limits"],
+                         "a Guaranteed pod: the arena is never the first thing reclaimed")
 
     def test_tls_comes_from_the_secret_at_the_paths_the_config_names(self):
         tls_dir = self.mounts["tls"]["mountPath"]
@@ -144,8 +155,7 @@ class SidecarTest(unittest.TestCase):
         self.assertGreaterEqual(quantity(daemon["resources"]["limits"]["memory"]), arena)
         host, port = args["health_address"].rsplit(":", 1)
         self.assertNotIn(host, ("127.0.0.1", "localhost"), "the kubelet probes the pod's IP")
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            self.assertEqual(daemon[probe]["grpc"]["port"], int(port))
+        check_probes(self, daemon, int(port))
         trainer = pod["containers"][0]
         socket_dir = os.path.dirname(args["socket"])
         self.assertIn(socket_dir, [m["mountPath"] for m in trainer["volumeMounts"]])

@@ -92,6 +92,12 @@ TEST(HealthTest, ALoneDaemonServesHealthOnItsAdminPortAndItsProbePort) {
   EXPECT_EQ(out, "SERVING\n");
   EXPECT_EQ(RunCommand(ctl + " --service=nope health", &out), 1);
   EXPECT_EQ(RunCommand(ctl + " --service=ecsnap.admin.Admin health", &out), 0);
+  EXPECT_EQ(RunCommand(absl::StrCat(testing::RunfilePath("client/ecsnapctl"),
+                                    " --probe_port --address=127.0.0.1:", port,
+                                    " --service=ecsnap.live health"),
+                       &out),
+            0);
+  EXPECT_EQ(out, "SERVING\n");
   // The probe port serves health only: an admin call there is unknown.
   auto admin = admin::Admin::NewStub(
       grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
@@ -99,9 +105,19 @@ TEST(HealthTest, ALoneDaemonServesHealthOnItsAdminPortAndItsProbePort) {
   admin::StatusResponse status;
   EXPECT_EQ(admin->Status(&ctx, admin::StatusRequest(), &status).error_code(),
             grpc::StatusCode::UNIMPLEMENTED);
-  // Stopping: the probe says so until the port closes.
-  (*d)->Terminate();
-  EXPECT_NE(Check(probe.get()), "SERVING");
+  // Stopping: a watcher hears NOT_SERVING before the port closes.
+  grpc::ClientContext watch_ctx;
+  watch_ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+  auto watch = probe->Watch(&watch_ctx, HealthCheckRequest());
+  HealthCheckResponse r;
+  ASSERT_TRUE(watch->Read(&r));
+  EXPECT_EQ(r.status(), HealthCheckResponse::SERVING);
+  std::thread term([&] { (*d)->Terminate(); });
+  std::string last;
+  while (watch->Read(&r)) last = HealthCheckResponse::ServingStatus_Name(r.status());
+  watch->Finish();
+  term.join();
+  EXPECT_EQ(last, "NOT_SERVING");
 }
 
 TEST(HealthTest, AHealthPortThatIsTakenStopsTheDaemonWithASentence) {
@@ -128,8 +144,9 @@ TEST(HealthTest, AHealthPortThatIsTakenStopsTheDaemonWithASentence) {
 class HealthRebuildTest : public ClusterTest {};
 
 TEST_F(HealthRebuildTest, AReplacedNodeIsNotServingUntilItsRebuildEndsThenServesBitExact) {
-  // Rebuilds capped at 50 KB/s: the rebuild of a node takes seconds.
-  StartCluster(2, 2, "rebuild_bytes_per_sec: 50000");
+  // Rebuilds capped at 10 KB/s: the rebuild of a node takes many seconds,
+  // time enough to see it not serving on a loaded machine.
+  StartCluster(2, 2, "rebuild_bytes_per_sec: 10000");
   Snapshot(1);
   ASSERT_TRUE(WaitProtected(1));
   for (int s = 0; s < cluster_->n(); ++s) {
@@ -138,6 +155,13 @@ TEST_F(HealthRebuildTest, AReplacedNodeIsNotServingUntilItsRebuildEndsThenServes
   ASSERT_NO_FATAL_FAILURE(ReplaceNode(0, /*reconnect=*/false));
   auto health = cluster_->daemon(0).HealthStub();
   EXPECT_EQ(Check(health.get()), "NOT_SERVING") << "a node rebuilding its data is not ready";
+  // Alive all the while: a liveness probe must not kill a long rebuild.
+  grpc::ClientContext live_ctx;
+  HealthCheckRequest live;
+  live.set_service("ecsnap.live");
+  HealthCheckResponse live_r;
+  ASSERT_TRUE(health->Check(&live_ctx, live, &live_r).ok());
+  EXPECT_EQ(live_r.status(), HealthCheckResponse::SERVING);
   // A watcher (as gRPC's client-side health checking uses) hears NOT_SERVING,
   // then SERVING once the rebuild is done.
   grpc::ClientContext watch_ctx;
@@ -157,6 +181,18 @@ TEST_F(HealthRebuildTest, AReplacedNodeIsNotServingUntilItsRebuildEndsThenServes
   EXPECT_EQ(StateOf(0, 1), v1::PROTECTED) << "SERVING came before the rebuild ended";
   Reconnect(0);
   EXPECT_EQ(RestoreAndCheck(0), 1u);
+}
+
+TEST_F(HealthRebuildTest, PeersListeningOnEveryAddressProtectAndRebuild) {
+  // peer_listen_host: the peer plane and bulk port bind 0.0.0.0 while peers
+  // still dial 127.0.0.1 (as on a host network whose own name is loopback).
+  StartCluster(2, 1, "", {"--peer_listen_host=0.0.0.0"});
+  Snapshot(1);
+  ASSERT_TRUE(WaitProtected(1)) << cluster_->daemon(0).Log();
+  EXPECT_NE(cluster_->daemon(0).Log().find("peer plane on 0.0.0.0:"), std::string::npos)
+      << cluster_->daemon(0).Log();
+  ASSERT_NO_FATAL_FAILURE(ReplaceNode(1));
+  EXPECT_EQ(RestoreAndCheck(1), 1u);
 }
 
 // A notify socket as systemd opens it for a Type=notify unit.

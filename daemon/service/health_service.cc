@@ -12,7 +12,8 @@ using grpc::health::v1::HealthCheckResponse;
 
 bool Known(const std::string& service) {
   return service.empty() || service == "ecsnap.v1.Snapshot" || service == "ecsnap.admin.Admin" ||
-         service == "ecsnap.peer.Peer" || service == "grpc.health.v1.Health";
+         service == "ecsnap.peer.Peer" || service == "grpc.health.v1.Health" ||
+         service == kLivenessService;
 }
 
 HealthCheckResponse::ServingStatus StatusOf(bool serving) {
@@ -40,6 +41,11 @@ bool HealthState::serving() const {
   return serving_;
 }
 
+bool HealthState::shut_down() const {
+  absl::MutexLock lock(&mu_);
+  return shut_down_;
+}
+
 grpc::Status HealthService::Check(grpc::ServerContext*,
                                   const grpc::health::v1::HealthCheckRequest* request,
                                   grpc::health::v1::HealthCheckResponse* response) {
@@ -47,48 +53,47 @@ grpc::Status HealthService::Check(grpc::ServerContext*,
     return grpc::Status(grpc::StatusCode::NOT_FOUND,
                         absl::StrFormat("ecsnapd serves no service named '%s'", request->service()));
   }
-  response->set_status(StatusOf(state_->serving()));
+  response->set_status(StatusOf(request->service() == kLivenessService ? !state_->shut_down()
+                                                                         : state_->serving()));
   return grpc::Status::OK;
 }
 
 grpc::Status HealthService::Watch(
     grpc::ServerContext* context, const grpc::health::v1::HealthCheckRequest* request,
     grpc::ServerWriter<grpc::health::v1::HealthCheckResponse>* writer) {
-  HealthState& s = *state_;
   {
-    absl::MutexLock lock(&s.mu_);
-    if (s.watches_ >= HealthState::kMaxWatches) {
-      return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                          absl::StrFormat("%d health watches are open already; use Check",
-                                          HealthState::kMaxWatches));
+    absl::MutexLock lock(&mu_);
+    if (watches_ >= max_watches_) {
+      return grpc::Status(
+          grpc::StatusCode::RESOURCE_EXHAUSTED,
+          absl::StrFormat("%d health watches are open on this port already; use Check", watches_));
     }
-    ++s.watches_;
+    ++watches_;
   }
   const bool known = Known(request->service());
+  const bool liveness = request->service() == kLivenessService;
+  const absl::Time end = absl::Now() + max_watch_life_;
+  HealthState& s = *state_;
   uint64_t sent = ~uint64_t{0};
-  while (true) {
-    bool serving = false, shut_down = false;
+  while (!context->IsCancelled() && absl::Now() < end) {
+    bool serving = false, shut_down = false, changed = false;
     {
       absl::MutexLock lock(&s.mu_);
       // Woken by a change; otherwise looks at the client once a second.
-      auto changed = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu_) { return s.version_ != sent; };
-      s.mu_.AwaitWithTimeout(absl::Condition(&changed), absl::Seconds(1));
-      if (s.version_ != sent) {
-        sent = s.version_;
-        serving = s.serving_;
-        shut_down = s.shut_down_;
-      } else {
-        shut_down = s.shut_down_;
-        if (!shut_down && !context->IsCancelled()) continue;
-      }
+      auto differs = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu_) { return s.version_ != sent; };
+      s.mu_.AwaitWithTimeout(absl::Condition(&differs), absl::Seconds(1));
+      changed = s.version_ != sent;
+      sent = s.version_;
+      serving = liveness ? !s.shut_down_ : s.serving_;
+      shut_down = s.shut_down_;
     }
-    if (context->IsCancelled()) break;
+    if (!changed) continue;
     HealthCheckResponse r;
     r.set_status(known ? StatusOf(serving) : HealthCheckResponse::SERVICE_UNKNOWN);
     if (!writer->Write(r) || shut_down) break;
   }
-  absl::MutexLock lock(&s.mu_);
-  --s.watches_;
+  absl::MutexLock lock(&mu_);
+  --watches_;
   return grpc::Status::OK;
 }
 
