@@ -20,6 +20,7 @@
 #include "absl/strings/strip.h"
 #include "common/format.h"
 #include "common/log.h"
+#include "common/metrics.h"
 #include "common/unique_fd.h"
 #include "daemon/service/admin_auth.h"
 #include "daemon/service/tls.h"
@@ -221,6 +222,15 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
       dc.admin_address(), dc.admin_token_file(),
       tls_material != nullptr ? ", TLS on" : ", plaintext (loopback only)");
   if (d->health_server_) Log("health checks (grpc.health.v1 only) on %s", dc.health_address());
+  if (!dc.metrics_address().empty()) {
+    Daemon* daemon = d.get();
+    auto metrics =
+        MetricsHttpServer::Start(dc.metrics_address(), [daemon] { return daemon->RenderMetrics(); });
+    if (!metrics.ok()) return metrics.status();
+    d->metrics_server_ = std::move(*metrics);
+    Log("metrics on http://%s:%d/metrics", HostOfAddress(dc.metrics_address()),
+        d->metrics_server_->port());
+  }
   if (d->rebuilder_) {
     // Learn what the group holds: rebuild what this slot lost, re-protect
     // what it re-adopted. Serving starts at once; restores wait for it.
@@ -348,8 +358,51 @@ std::string Daemon::Summary() const {
                          FormatBytes(arena_->size()), store_->sessions());
 }
 
+std::string Daemon::RenderMetrics() const {
+  std::string out;
+  auto family = [&out](const char* name, const char* help) {
+    absl::StrAppend(&out, "# HELP ", name, " ", help, "\n# TYPE ", name, " gauge\n");
+  };
+  auto sample = [&out](const char* name, const MetricLabels& labels, uint64_t value) {
+    absl::StrAppend(&out, name, RenderLabels(labels), " ", value, "\n");
+  };
+  family("ecsnap_ready", "1 once the daemon serves (arena pre-faulted, start-up rebuild done).");
+  sample("ecsnap_ready", {}, health_.serving() ? 1 : 0);
+  family("ecsnap_arena_bytes", "Bytes of the arena's data area, by use.");
+  const uint64_t free_bytes = arena_->free_bytes();
+  sample("ecsnap_arena_bytes", {{"state", "used"}}, arena_->data_bytes() - free_bytes);
+  sample("ecsnap_arena_bytes", {{"state", "free"}}, free_bytes);
+  family("ecsnap_sessions", "Trainer sessions attached.");
+  sample("ecsnap_sessions", {}, store_->sessions());
+  family("ecsnap_steps", "Steps held, by job and state.");
+  std::map<std::pair<std::string, std::string>, int> steps;
+  for (const StepSummary& s : store_->ListSteps("")) {
+    ++steps[{s.job_id, v1::StepState_Name(s.state)}];
+  }
+  for (const auto& [key, count] : steps) {
+    sample("ecsnap_steps", {{"job", key.first}, {"state", key.second}}, count);
+  }
+  if (protector_) {
+    family("ecsnap_peer_reachable", "1 when the peer answered its last call.");
+    for (const PeerState& p : protector_->Peers()) {
+      sample("ecsnap_peer_reachable", {{"peer", std::to_string(p.slot)}}, p.reachable ? 1 : 0);
+    }
+  }
+  if (rebuilder_) {
+    const admin::RebuildStatus rb = rebuilder_->status();
+    family("ecsnap_rebuild_active", "1 while a rebuild runs.");
+    sample("ecsnap_rebuild_active", {}, rb.active() ? 1 : 0);
+    family("ecsnap_rebuild_progress_bytes", "The running rebuild's bytes, done and in all.");
+    sample("ecsnap_rebuild_progress_bytes", {{"of", "done"}}, rb.bytes_done());
+    sample("ecsnap_rebuild_progress_bytes", {{"of", "total"}}, rb.bytes_total());
+  }
+  out += Metrics().Render();
+  return out;
+}
+
 bool Daemon::Shutdown() {
   health_.Shutdown();
+  metrics_server_.reset();
   // Within about a second whatever the peers do (DESIGN.md §10): the rebuild
   // stops at its next slice and every call in flight to a peer is cancelled
   // first, so that no handler waits on a peer; then the servers get what is

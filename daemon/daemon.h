@@ -17,6 +17,7 @@
 #include "common/executor.h"
 #include "daemon/service/admin_service.h"
 #include "daemon/service/health_service.h"
+#include "daemon/service/metrics_http.h"
 #include "daemon/store/arena.h"
 #include "daemon/peer/group.h"
 #include "daemon/peer/parity_store.h"
@@ -60,6 +61,9 @@ class Daemon {
   // One line for systemd's STATUS= and logs: slot, arena use, sessions.
   std::string Summary() const;
 
+  // /metrics: the daemon's state as gauges, then every counter and histogram.
+  std::string RenderMetrics() const;
+
  private:
   Daemon() = default;
 
@@ -101,6 +105,7 @@ class Daemon {
   std::unique_ptr<grpc::Server> data_server_;
   std::unique_ptr<grpc::Server> admin_server_;
   std::unique_ptr<grpc::Server> health_server_;  // daemon.health_address, if set
+  std::unique_ptr<MetricsHttpServer> metrics_server_;  // daemon.metrics_address, if set
   // Feeds data_server_: declared after it, so destroyed (stopped) first.
   std::unique_ptr<WindowGrants> window_grants_;
   std::unique_ptr<TrainerListener> trainer_listener_;

@@ -40,6 +40,8 @@ ABSL_FLAG(uint32_t, retain, 1, "Newest complete steps kept per job.");
 ABSL_FLAG(std::string, peer_listen_host, "",
           "Host the peer plane and bulk port listen on (e.g. 0.0.0.0) instead of the peer "
           "address's own host.");
+ABSL_FLAG(std::string, metrics_address, "",
+          "Optional host:port serving Prometheus metrics at /metrics (port 0: a free one).");
 ABSL_FLAG(std::string, health_address, "",
           "Optional host:port serving only grpc.health.v1, in the clear (for probes).");
 ABSL_FLAG(std::vector<std::string>, trainer_uids, {},
@@ -121,6 +123,7 @@ int main(int argc, char** argv) {
   if (Given("retain")) d->set_retain(absl::GetFlag(FLAGS_retain));
   if (Given("health_address")) d->set_health_address(absl::GetFlag(FLAGS_health_address));
   if (Given("peer_listen_host")) d->set_peer_listen_host(absl::GetFlag(FLAGS_peer_listen_host));
+  if (Given("metrics_address")) d->set_metrics_address(absl::GetFlag(FLAGS_metrics_address));
   if (Given("trainer_uids") &&
       !ParseIds("trainer_uids", absl::GetFlag(FLAGS_trainer_uids), d->mutable_trainer_uids())) {
     return 2;

@@ -16,6 +16,7 @@ PACKAGES=(
   clang libclang-rt-14-dev # tests/fuzz (libFuzzer, ASan) and the thread-safety build
   iproute2 procps util-linux
   libsystemd-dev           # sd_notify: Type=notify readiness, watchdog
+  libmicrohttpd-dev        # ecsnapd's Prometheus /metrics endpoint
   systemd                  # systemd-analyze verify of deploy/ecsnapd@.service in the tests
   python3-yaml             # deploy/k8s manifests, checked offline in the tests
 )

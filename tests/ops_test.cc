@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <thread>
 #include <vector>
@@ -22,6 +23,8 @@
 #include <gtest/gtest.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "proto/health.grpc.pb.h"
 #include "tests/cluster_fixture.h"
@@ -193,6 +196,99 @@ TEST_F(HealthRebuildTest, PeersListeningOnEveryAddressProtectAndRebuild) {
       << cluster_->daemon(0).Log();
   ASSERT_NO_FATAL_FAILURE(ReplaceNode(1));
   EXPECT_EQ(RestoreAndCheck(1), 1u);
+}
+
+// GET `path` from 127.0.0.1:`port` (HTTP/1.0, 5 s bound); the whole reply.
+std::string HttpGet(int port, const std::string& path) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  timeval tv{5, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  std::string reply;
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0) {
+    const std::string req = "GET " + path + " HTTP/1.0\r\n\r\n";
+    if (::send(fd, req.data(), req.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(req.size())) {
+      char buf[65536];
+      ssize_t n;
+      while ((n = ::recv(fd, buf, sizeof(buf), 0)) > 0) reply.append(buf, n);
+    }
+  }
+  ::close(fd);
+  return reply;
+}
+
+// The port a daemon serves /metrics on, from its last "metrics on" log line.
+int MetricsPort(DaemonProcess& d) {
+  const std::string log = d.Log();
+  const size_t at = log.rfind("metrics on http://127.0.0.1:");
+  if (at == std::string::npos) return -1;
+  return std::atoi(log.c_str() + at + std::strlen("metrics on http://127.0.0.1:"));
+}
+
+// The sum of the samples of `series` (a name, or a name with its labels up
+// to some point: `x{peer="1"`) in a scrape; -1 when there is none.
+double Sample(const std::string& body, const std::string& series) {
+  double sum = -1;
+  for (absl::string_view line : absl::StrSplit(body, '\n')) {
+    if (!absl::StartsWith(line, series)) continue;
+    const char next = line.size() > series.size() ? line[series.size()] : 0;
+    if (series.back() != '"' && next != ' ' && next != '{') continue;  // a longer name
+    double v = 0;
+    if (!absl::SimpleAtod(line.substr(line.rfind(' ') + 1), &v)) continue;
+    sum = (sum < 0 ? 0 : sum) + v;
+  }
+  return sum;
+}
+
+class MetricsTest : public ClusterTest {};
+
+TEST_F(MetricsTest, CountersMoveWithASnapshotAndARebuild) {
+  StartCluster(2, 2, "rebuild_bytes_per_sec: 10000", {"--metrics_address=127.0.0.1:0"});
+  const int port1 = MetricsPort(cluster_->daemon(1));
+  ASSERT_GT(port1, 0) << cluster_->daemon(1).Log();
+  std::string before = HttpGet(port1, "/metrics");
+  ASSERT_NE(before.find("200 OK"), std::string::npos) << before;
+  EXPECT_NE(before.find("Content-Type: text/plain; version=0.0.4"), std::string::npos) << before;
+  EXPECT_EQ(Sample(before, "ecsnap_ready"), 1);
+  EXPECT_NE(HttpGet(port1, "/other").find("404"), std::string::npos);
+
+  Snapshot(1);
+  ASSERT_TRUE(WaitProtected(1));
+  const std::string after = HttpGet(port1, "/metrics");
+  EXPECT_GE(Sample(after, "ecsnap_rank_commits_total"),
+            std::max(0.0, Sample(before, "ecsnap_rank_commits_total")) + kRanksPerNode)
+      << after;
+  EXPECT_GT(Sample(after, "ecsnap_committed_bytes_total"), 0);
+  EXPECT_GE(Sample(after, "ecsnap_snapshot_commit_seconds_count"), kRanksPerNode);
+  EXPECT_GE(Sample(after, "ecsnap_protect_seconds_count"), 1);
+  EXPECT_GT(Sample(after, "ecsnap_peer_pushed_bytes_total"), 0) << after;
+  EXPECT_EQ(Sample(after, "ecsnap_steps{job=\"job\",state=\"PROTECTED\""), 1) << after;
+  EXPECT_EQ(Sample(after, "ecsnap_peer_reachable"), 3) << after;
+  EXPECT_GT(Sample(after, "ecsnap_arena_bytes{state=\"used\""), 0);
+
+  // A replaced node rebuilds (capped): not ready, a rebuild running; then
+  // ready, with bytes fetched from its peers and decoded.
+  ASSERT_NO_FATAL_FAILURE(ReplaceNode(0, /*reconnect=*/false));
+  const int port0 = MetricsPort(cluster_->daemon(0));
+  ASSERT_GT(port0, 0) << cluster_->daemon(0).Log();
+  const std::string during = HttpGet(port0, "/metrics");
+  EXPECT_EQ(Sample(during, "ecsnap_ready"), 0) << during;
+  EXPECT_EQ(Sample(during, "ecsnap_rebuild_active"), 1) << during;
+  std::string done;
+  for (int i = 0; i < 1200; ++i) {
+    done = HttpGet(port0, "/metrics");
+    if (Sample(done, "ecsnap_ready") == 1) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_EQ(Sample(done, "ecsnap_ready"), 1) << cluster_->daemon(0).Log();
+  EXPECT_GT(Sample(done, "ecsnap_rebuild_bytes_total"), 0) << done;
+  EXPECT_GE(Sample(done, "ecsnap_rebuild_seconds_count"), 1) << done;
+  EXPECT_GT(Sample(done, "ecsnap_peer_fetched_bytes_total"), 0) << done;
+  Reconnect(0);
+  EXPECT_EQ(RestoreAndCheck(0), 1u);
 }
 
 // A notify socket as systemd opens it for a Type=notify unit.

@@ -1,5 +1,7 @@
 #include "daemon/peer/protector.h"
 
+#include "common/metrics.h"
+
 #include "daemon/peer/grpc_transport.h"
 #include "daemon/peer/tcp_transport.h"
 
@@ -201,6 +203,10 @@ void Protector::OnPeerStep(const std::string& job, uint64_t step) {
 
 void Protector::OnLocal(const std::string& job, uint64_t step) {
   absl::MutexLock lock(&mu_);
+  // For ecsnap_protect_seconds; bounded (steps that never get protected are
+  // forgotten oldest first).
+  local_since_.emplace(std::make_pair(job, step), absl::Now());
+  while (local_since_.size() > kMaxLocalSince) local_since_.erase(local_since_.begin());
   for (int i = 0; i < layout_.n(); ++i) {
     if (i != group_.self) QueuePushLocked(i, job, step);
   }
@@ -312,15 +318,31 @@ absl::Status Protector::PushChunk(int holder, const std::string& job, uint64_t s
   h.set_length(e.length);
   h.set_crc32c(me.chunk_crc32c(p));
   *h.mutable_from() = me;
-  return transport_
-      ->Push(holder, h,
-             [&](const std::function<bool(absl::Span<const uint8_t>)>& piece) {
-               bool more = true;
-               payload.ForEachPiece(e.offset, e.length, [&](absl::Span<const uint8_t> bytes) {
-                 if (more) more = piece(bytes);
-               });
-             })
-      .status();
+  const absl::Status st =
+      transport_
+          ->Push(holder, h,
+                 [&](const std::function<bool(absl::Span<const uint8_t>)>& piece) {
+                   bool more = true;
+                   payload.ForEachPiece(e.offset, e.length, [&](absl::Span<const uint8_t> bytes) {
+                     if (more) more = piece(bytes);
+                   });
+                 })
+          .status();
+  const MetricLabels peer = {{"peer", std::to_string(group_.slots[holder])}};
+  if (st.ok()) {
+    Metrics()
+        .GetCounter("ecsnap_peer_pushed_bytes_total", "Chunk bytes pushed to a parity holder.",
+                    peer)
+        .Add(e.length);
+  } else {
+    MetricLabels labels = peer;
+    labels.emplace_back("code", absl::StatusCodeToString(st.code()));
+    Metrics()
+        .GetCounter("ecsnap_peer_push_errors_total",
+                    "Chunk pushes that failed (retried), by holder and status code.", labels)
+        .Add();
+  }
+  return st;
 }
 
 // ---------------------------------------------------------------------------
@@ -438,6 +460,16 @@ void Protector::OnRowComplete(const peer::StripeProtected& row) {
   if (heard < n * m) return;
   absl::Status st = store_->MarkProtected(row.job_id(), row.step());
   if (!st.ok()) return;  // not LOCAL here (yet, or any more)
+  {
+    static Histogram& protect_seconds = Metrics().GetHistogram(
+        "ecsnap_protect_seconds", "Time from a step's LOCAL to its PROTECTED on this node.");
+    absl::MutexLock lock(&mu_);
+    auto since = local_since_.find({row.job_id(), row.step()});
+    if (since != local_since_.end()) {
+      protect_seconds.Observe(absl::ToDoubleSeconds(absl::Now() - since->second));
+      local_since_.erase(since);
+    }
+  }
   Log("job %s step %d PROTECTED across group %d (RS %d+%d)", row.job_id(), row.step(), group_.id,
       k, m);
   OnInstalled(row.job_id(), row.step());

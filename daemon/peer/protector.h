@@ -218,6 +218,10 @@ class Protector : public RetentionGate {
   std::vector<std::chrono::steady_clock::time_point> seen_ ABSL_GUARDED_BY(mu_);
   // Newest protected steps here, per job (at most `retain`).
   std::map<std::string, std::vector<uint64_t>> protected_ ABSL_GUARDED_BY(mu_);
+  // When each step went LOCAL here, until it is PROTECTED (at most
+  // kMaxLocalSince entries).
+  static constexpr size_t kMaxLocalSince = 4096;
+  std::map<std::pair<std::string, uint64_t>, absl::Time> local_since_ ABSL_GUARDED_BY(mu_);
   // Per job, the newest step each group position holds PROTECTED.
   std::map<std::string, std::vector<uint64_t>> newest_protected_ ABSL_GUARDED_BY(mu_);
   // Per job, the step it was last rewound to.

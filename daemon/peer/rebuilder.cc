@@ -1,5 +1,7 @@
 #include "daemon/peer/rebuilder.h"
 
+#include "common/metrics.h"
+
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
@@ -300,6 +302,11 @@ absl::Status Rebuilder::ReadSurvivor(const Current& c, int s, int q, int holder,
     absl::Status st = stream->reader->Read(into);
     if (st.ok()) {
       stream->at += into.size();
+      Metrics()
+          .GetCounter("ecsnap_peer_fetched_bytes_total",
+                      "Chunk bytes read from a survivor for a rebuild.",
+                      {{"peer", std::to_string(protector_->group().slots[holder])}})
+          .Add(into.size());
       return st;
     }
     stream->reader.reset();
@@ -565,10 +572,16 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   Log("rebuilt job %s step %d from group %d: %s decoded in %.2f s, every checksum verified", job,
       step, group.id, FormatBytes(total), secs);
+  static Histogram& rebuild_seconds = Metrics().GetHistogram(
+      "ecsnap_rebuild_seconds", "Time to rebuild one step of a job on this node.");
+  rebuild_seconds.Observe(secs);
   return finish(absl::OkStatus());
 }
 
 void Rebuilder::Progress(int64_t bytes) {
+  static Counter& rebuilt = Metrics().GetCounter(
+      "ecsnap_rebuild_bytes_total", "Bytes decoded by rebuilds and degraded restores.");
+  if (bytes > 0) rebuilt.Add(static_cast<uint64_t>(bytes));
   absl::MutexLock lock(&mu_);
   status_.set_bytes_done(status_.bytes_done() + bytes);
 }

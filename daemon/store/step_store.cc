@@ -1,5 +1,7 @@
 #include "daemon/store/step_store.h"
 
+#include "common/metrics.h"
+
 #include <algorithm>
 #include <chrono>
 #include <set>
@@ -481,6 +483,7 @@ absl::StatusOr<v1::StepState> StepStore::CommitRank(uint64_t session, uint64_t s
     owner = OwnerLocked(rd->job_id);
   }
   // The checks read the whole window: outside the lock, the window pinned.
+  const absl::Time check_start = absl::Now();
   const std::string label = RankLabel(rd->job_id, step, rd->rank);
   absl::Status st = CheckManifest(manifest, rd->bytes, ManifestLimitsOf(options_.limits));
   if (st.ok()) {
@@ -514,6 +517,16 @@ absl::StatusOr<v1::StepState> StepStore::CommitRank(uint64_t session, uint64_t s
   rd->record_id = *id;
   rd->phase = RankData::Phase::kCommitted;
   rd->manifest = manifest;
+  static Counter& commits = Metrics().GetCounter(
+      "ecsnap_rank_commits_total", "Ranks committed (their checksums verified) on this node.");
+  static Counter& committed_bytes = Metrics().GetCounter(
+      "ecsnap_committed_bytes_total", "Bytes of the ranks committed on this node.");
+  static Histogram& commit_seconds = Metrics().GetHistogram(
+      "ecsnap_snapshot_commit_seconds",
+      "Time the daemon takes to verify and commit a rank's snapshot (CommitRank).");
+  commits.Add();
+  committed_bytes.Add(rd->bytes);
+  commit_seconds.Observe(absl::ToDoubleSeconds(absl::Now() - check_start));
   Job& job = *jobs_.at(rd->job_id);
   job.last_committed[rd->rank] = std::max(job.last_committed[rd->rank], step);
   auto ses = sessions_.find(session);
