@@ -6,7 +6,9 @@
 #include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <linux/magic.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 
 #include <algorithm>
 #include <atomic>
@@ -138,6 +140,25 @@ absl::StatusOr<std::unique_ptr<Arena>> Arena::Open(const Options& options) {
 
   const auto t0 = std::chrono::steady_clock::now();
   if (!existing) {
+    // Start-up checks with the reason, before anything is reserved: the
+    // directory's file system must hold the arena, and is expected to be
+    // memory (a tmpfs), or every snapshot goes to a disk.
+    struct statfs fs {};
+    if (::fstatfs(fd.get(), &fs) == 0) {
+      const uint64_t free_bytes = static_cast<uint64_t>(fs.f_bavail) * fs.f_bsize;
+      if (free_bytes < options.bytes) {
+        [[maybe_unused]] int ignored = ::ftruncate(fd.get(), 0);
+        return absl::ResourceExhaustedError(absl::StrFormat(
+            "the file system of %s has %s free, and the arena needs %s: grow it (for a tmpfs: "
+            "mount -o remount,size=...) or lower --arena_bytes",
+            options.dir, FormatBytes(free_bytes), FormatBytes(options.bytes)));
+      }
+      if (fs.f_type != TMPFS_MAGIC) {
+        Log("warning: arena directory %s is not on a tmpfs (file system type 0x%x): snapshots "
+            "will be written to that file system, not only to memory",
+            options.dir, static_cast<unsigned>(fs.f_type));
+      }
+    }
     const int rc = ::posix_fallocate(fd.get(), 0, static_cast<off_t>(options.bytes));
     if (rc != 0) {
       [[maybe_unused]] int ignored = ::ftruncate(fd.get(), 0);

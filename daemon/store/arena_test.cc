@@ -147,6 +147,19 @@ TEST_F(ArenaTest, RefusesWhatDoesNotFitNamingTheBytes) {
   EXPECT_NE(st.message().find("free"), std::string::npos) << st;
 }
 
+TEST_F(ArenaTest, AnArenaLargerThanItsFileSystemIsRefusedBeforeAnythingIsReserved) {
+  Arena::Options o = Opts();
+  o.bytes = uint64_t{1} << 50;  // 1 PiB: more than any test machine's tmpfs
+  auto arena = Arena::Open(o);
+  ASSERT_FALSE(arena.ok());
+  EXPECT_EQ(arena.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(arena.status().message().find("free, and the arena needs 1.00 PiB"),
+            std::string::npos)
+      << arena.status();
+  // Nothing held: the right size opens in the same directory.
+  EXPECT_TRUE(Arena::Open(Opts()).ok());
+}
+
 TEST_F(ArenaTest, RecordsSurviveAReopenAndRemovedOnesDoNot) {
   uint32_t kept, removed;
   ArenaExtent window;
