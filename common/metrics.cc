@@ -69,7 +69,9 @@ void Histogram::Render(const std::string& name, const std::string& labels,
   }
   absl::StrAppend(out, name, "_sum", labels, " ",
                   Number(sum_micros_.load(std::memory_order_relaxed) / 1e6), "\n");
-  absl::StrAppend(out, name, "_count", labels, " ", count_.load(std::memory_order_relaxed), "\n");
+  // The total of the buckets, not count_: a concurrent Observe must not make
+  // _count differ from the +Inf bucket.
+  absl::StrAppend(out, name, "_count", labels, " ", cumulative, "\n");
 }
 
 Counter& MetricsRegistry::GetCounter(const std::string& name, const std::string& help,

@@ -1,10 +1,13 @@
 #include "daemon/config.h"
 
+#include <arpa/inet.h>
+
 #include <vector>
 
 #include <google/protobuf/io/tokenizer.h>
 #include <google/protobuf/text_format.h>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/read_file.h"
@@ -88,7 +91,44 @@ absl::Status ValidateConfig(const config::Config& config, uint32_t slot) {
   if (config.daemon().retain() > 64) {
     return absl::InvalidArgumentError("daemon.retain must be at most 64");
   }
+  if (const std::string& host = config.daemon().peer_listen_host(); !host.empty()) {
+    // A host only: an address ("0.0.0.0", "::", "[::]") or a name, no port.
+    const std::string bare = PeerListenHost(host);
+    in6_addr v6{};
+    const bool ipv6 = ::inet_pton(AF_INET6, bare.c_str(), &v6) == 1;
+    if (bare.empty() || (!ipv6 && bare.find(':') != std::string::npos)) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "daemon.peer_listen_host %s is not a host (an address such as 0.0.0.0 or ::, without "
+          "a port: the port is the one of the slot's peer_address)",
+          host));
+    }
+    if (slots > 0) {
+      const std::string& own = c.slots(slot).peer_address();
+      const size_t colon = own.rfind(':');
+      if (colon == std::string::npos || colon + 1 == own.size() ||
+          own.find_first_not_of("0123456789", colon + 1) != std::string::npos ||
+          own.rfind("unix:", 0) == 0) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "daemon.peer_listen_host is set, but slot %d's peer_address %s has no TCP port to "
+            "listen on",
+            slot, own));
+      }
+    }
+  }
   return absl::OkStatus();
+}
+
+std::string PeerListenHost(const std::string& host) {
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    return host.substr(1, host.size() - 2);
+  }
+  return host;
+}
+
+std::string PeerListenAddress(const std::string& host, const std::string& peer_address) {
+  const std::string bare = PeerListenHost(host);
+  const std::string port = peer_address.substr(peer_address.rfind(':') + 1);
+  return absl::StrCat(bare.find(':') != std::string::npos ? "[" + bare + "]" : bare, ":", port);
 }
 
 absl::StatusOr<uint32_t> SlotOfNode(const config::Config& config, const std::string& node) {

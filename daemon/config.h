@@ -22,6 +22,12 @@ void ApplyDefaults(config::Config* config);
 // slots, the slot in range, sizes sensible. INVALID_ARGUMENT naming the field.
 absl::Status ValidateConfig(const config::Config& config, uint32_t slot);
 
+// daemon.peer_listen_host without brackets ("[::]" -> "::").
+std::string PeerListenHost(const std::string& host);
+// The address the peer plane listens on: `host` (peer_listen_host) with the
+// port of `peer_address` ("::" and "x:7071" -> "[::]:7071").
+std::string PeerListenAddress(const std::string& host, const std::string& peer_address);
+
 // The slot whose `node` is `node`. NOT_FOUND naming the nodes the config
 // knows when none is; INVALID_ARGUMENT when two slots name the same node.
 absl::StatusOr<uint32_t> SlotOfNode(const config::Config& config, const std::string& node);

@@ -25,5 +25,27 @@ TEST(SlotOfNodeTest, FindsTheSlotOfANodeAndSaysWhichNodesItKnows) {
   EXPECT_EQ(SlotOfNode(*config, "gpu-a").status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+TEST(PeerListenHostTest, BuildsTheListenAddressAndRefusesWhatIsNotAHost) {
+  EXPECT_EQ(PeerListenAddress("0.0.0.0", "node-3.example:7071"), "0.0.0.0:7071");
+  EXPECT_EQ(PeerListenAddress("::", "node-3:7071"), "[::]:7071");
+  EXPECT_EQ(PeerListenAddress("[::]", "dns:///node-3:7071"), "[::]:7071");
+  EXPECT_EQ(PeerListenAddress("::", "ipv6:[fd00::3]:7071"), "[::]:7071");
+  auto config = ParseConfig(R"pb(
+    cluster { k: 1 m: 1 slots { peer_address: "10.0.0.1:7071" } slots { peer_address: "10.0.0.2:7071" } }
+  )pb", "test");
+  ASSERT_TRUE(config.ok()) << config.status();
+  for (const char* good : {"0.0.0.0", "::", "[::]", "node-1"}) {
+    config->mutable_daemon()->set_peer_listen_host(good);
+    EXPECT_TRUE(ValidateConfig(*config, 0).ok()) << good;
+  }
+  for (const char* bad : {"0.0.0.0:7071", "[0.0.0.0]:1", "[]"}) {
+    config->mutable_daemon()->set_peer_listen_host(bad);
+    EXPECT_EQ(ValidateConfig(*config, 0).code(), absl::StatusCode::kInvalidArgument) << bad;
+  }
+  config->mutable_daemon()->set_peer_listen_host("0.0.0.0");
+  config->mutable_cluster()->mutable_slots(0)->set_peer_address("dns:///node-1");
+  EXPECT_NE(ValidateConfig(*config, 0).message().find("no TCP port"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace ecsnap::daemon

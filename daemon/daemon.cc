@@ -22,6 +22,7 @@
 #include "common/log.h"
 #include "common/metrics.h"
 #include "common/unique_fd.h"
+#include "daemon/config.h"
 #include "daemon/service/admin_auth.h"
 #include "daemon/service/tls.h"
 
@@ -278,10 +279,8 @@ absl::Status Daemon::StartPeerPlane(uint32_t slot) {
     for (uint32_t s : group->slots) po.peer_names.push_back(SlotName(s));
   }
   std::string listen = group->addresses[group->self];
-  if (const std::string& host = config_.daemon().peer_listen_host(); !host.empty() &&
-      !absl::StartsWith(listen, "unix:")) {
-    const std::string port = listen.substr(listen.rfind(':') + 1);
-    listen = absl::StrCat(host.find(':') != std::string::npos ? "[" + host + "]" : host, ":", port);
+  if (const std::string& host = config_.daemon().peer_listen_host(); !host.empty()) {
+    listen = PeerListenAddress(host, listen);  // ValidateConfig checked both
   }
   protector_ = std::make_unique<Protector>(store_.get(), parity_.get(), *group, *layout, po);
   Rebuilder::Options ro;
@@ -374,13 +373,14 @@ std::string Daemon::RenderMetrics() const {
   sample("ecsnap_arena_bytes", {{"state", "free"}}, free_bytes);
   family("ecsnap_sessions", "Trainer sessions attached.");
   sample("ecsnap_sessions", {}, store_->sessions());
+  // job_id, not job: Prometheus gives every series the scrape job's `job`.
   family("ecsnap_steps", "Steps held, by job and state.");
   std::map<std::pair<std::string, std::string>, int> steps;
   for (const StepSummary& s : store_->ListSteps("")) {
     ++steps[{s.job_id, v1::StepState_Name(s.state)}];
   }
   for (const auto& [key, count] : steps) {
-    sample("ecsnap_steps", {{"job", key.first}, {"state", key.second}}, count);
+    sample("ecsnap_steps", {{"job_id", key.first}, {"state", key.second}}, count);
   }
   if (protector_) {
     family("ecsnap_peer_reachable", "1 when the peer answered its last call.");

@@ -220,12 +220,22 @@ std::string HttpGet(int port, const std::string& path) {
   return reply;
 }
 
-// The port a daemon serves /metrics on, from its last "metrics on" log line.
-int MetricsPort(DaemonProcess& d) {
-  const std::string log = d.Log();
-  const size_t at = log.rfind("metrics on http://127.0.0.1:");
-  if (at == std::string::npos) return -1;
-  return std::atoi(log.c_str() + at + std::strlen("metrics on http://127.0.0.1:"));
+// The port the `nth` (1: first) daemon run in `d`'s log serves /metrics on,
+// waiting for its line (bounded); -1 when it does not come.
+int MetricsPort(DaemonProcess& d, int nth = 1) {
+  constexpr char kLine[] = "metrics on http://127.0.0.1:";
+  for (int i = 0; i < 200; ++i) {
+    const std::string log = d.Log();
+    size_t at = std::string::npos;
+    int seen = 0;
+    for (size_t p = log.find(kLine); p != std::string::npos; p = log.find(kLine, p + 1)) {
+      at = p;
+      if (++seen == nth) break;
+    }
+    if (seen >= nth) return std::atoi(log.c_str() + at + std::strlen(kLine));
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return -1;
 }
 
 // The sum of the samples of `series` (a name, or a name with its labels up
@@ -249,15 +259,27 @@ TEST_F(MetricsTest, CountersMoveWithASnapshotAndARebuild) {
   StartCluster(2, 2, "rebuild_bytes_per_sec: 10000", {"--metrics_address=127.0.0.1:0"});
   const int port1 = MetricsPort(cluster_->daemon(1));
   ASSERT_GT(port1, 0) << cluster_->daemon(1).Log();
-  std::string before = HttpGet(port1, "/metrics");
+  // Ready once its start-up pass has asked the group what it holds.
+  std::string before;
+  for (int i = 0; i < 300; ++i) {
+    before = HttpGet(port1, "/metrics");
+    if (Sample(before, "ecsnap_ready") == 1) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
   ASSERT_NE(before.find("200 OK"), std::string::npos) << before;
   EXPECT_NE(before.find("Content-Type: text/plain; version=0.0.4"), std::string::npos) << before;
-  EXPECT_EQ(Sample(before, "ecsnap_ready"), 1);
+  EXPECT_EQ(Sample(before, "ecsnap_ready"), 1) << cluster_->daemon(1).Log();
   EXPECT_NE(HttpGet(port1, "/other").find("404"), std::string::npos);
 
   Snapshot(1);
   ASSERT_TRUE(WaitProtected(1));
-  const std::string after = HttpGet(port1, "/metrics");
+  // PROTECTED is visible a moment before its latency is recorded.
+  std::string after;
+  for (int i = 0; i < 100; ++i) {
+    after = HttpGet(port1, "/metrics");
+    if (Sample(after, "ecsnap_protect_seconds_count") >= 1) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
   EXPECT_GE(Sample(after, "ecsnap_rank_commits_total"),
             std::max(0.0, Sample(before, "ecsnap_rank_commits_total")) + kRanksPerNode)
       << after;
@@ -265,14 +287,14 @@ TEST_F(MetricsTest, CountersMoveWithASnapshotAndARebuild) {
   EXPECT_GE(Sample(after, "ecsnap_snapshot_commit_seconds_count"), kRanksPerNode);
   EXPECT_GE(Sample(after, "ecsnap_protect_seconds_count"), 1);
   EXPECT_GT(Sample(after, "ecsnap_peer_pushed_bytes_total"), 0) << after;
-  EXPECT_EQ(Sample(after, "ecsnap_steps{job=\"job\",state=\"PROTECTED\""), 1) << after;
+  EXPECT_EQ(Sample(after, "ecsnap_steps{job_id=\"job\",state=\"PROTECTED\""), 1) << after;
   EXPECT_EQ(Sample(after, "ecsnap_peer_reachable"), 3) << after;
   EXPECT_GT(Sample(after, "ecsnap_arena_bytes{state=\"used\""), 0);
 
   // A replaced node rebuilds (capped): not ready, a rebuild running; then
   // ready, with bytes fetched from its peers and decoded.
   ASSERT_NO_FATAL_FAILURE(ReplaceNode(0, /*reconnect=*/false));
-  const int port0 = MetricsPort(cluster_->daemon(0));
+  const int port0 = MetricsPort(cluster_->daemon(0), /*nth=*/2);  // the replacement's
   ASSERT_GT(port0, 0) << cluster_->daemon(0).Log();
   const std::string during = HttpGet(port0, "/metrics");
   EXPECT_EQ(Sample(during, "ecsnap_ready"), 0) << during;

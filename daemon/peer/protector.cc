@@ -1,18 +1,18 @@
 #include "daemon/peer/protector.h"
 
-#include "common/metrics.h"
-
 #include "daemon/peer/grpc_transport.h"
 #include "daemon/peer/tcp_transport.h"
 
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
+#include <chrono>
 #include <set>
 
 #include "absl/strings/str_format.h"
 #include "common/grpc_status.h"
 #include "common/log.h"
+#include "common/metrics.h"
 #include "daemon/store/store.pb.h"
 #include "ec/crc32c.h"
 
@@ -205,8 +205,12 @@ void Protector::OnLocal(const std::string& job, uint64_t step) {
   absl::MutexLock lock(&mu_);
   // For ecsnap_protect_seconds; bounded (steps that never get protected are
   // forgotten oldest first).
-  local_since_.emplace(std::make_pair(job, step), absl::Now());
-  while (local_since_.size() > kMaxLocalSince) local_since_.erase(local_since_.begin());
+  local_since_.insert_or_assign(std::make_pair(job, step), std::chrono::steady_clock::now());
+  if (local_since_.size() > kMaxLocalSince) {
+    local_since_.erase(std::min_element(
+        local_since_.begin(), local_since_.end(),
+        [](const auto& a, const auto& b) { return a.second < b.second; }));
+  }
   for (int i = 0; i < layout_.n(); ++i) {
     if (i != group_.self) QueuePushLocked(i, job, step);
   }
@@ -466,7 +470,9 @@ void Protector::OnRowComplete(const peer::StripeProtected& row) {
     absl::MutexLock lock(&mu_);
     auto since = local_since_.find({row.job_id(), row.step()});
     if (since != local_since_.end()) {
-      protect_seconds.Observe(absl::ToDoubleSeconds(absl::Now() - since->second));
+      protect_seconds.Observe(std::chrono::duration<double>(
+                                  std::chrono::steady_clock::now() - since->second)
+                                  .count());
       local_since_.erase(since);
     }
   }
@@ -626,6 +632,8 @@ void Protector::OnRewind(const std::string& job, uint64_t step) {
   auto& steps = protected_[job];
   steps.erase(std::remove_if(steps.begin(), steps.end(), [&](uint64_t s) { return s > step; }),
               steps.end());
+  local_since_.erase(local_since_.upper_bound({job, step}),
+                     local_since_.lower_bound({job, UINT64_MAX}));
   for (Link& link : links_) {
     for (auto p = link.pushes.begin(); p != link.pushes.end();) {
       p = p->first.first == job && p->first.second > step ? link.pushes.erase(p) : std::next(p);

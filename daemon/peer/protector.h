@@ -221,7 +221,8 @@ class Protector : public RetentionGate {
   // When each step went LOCAL here, until it is PROTECTED (at most
   // kMaxLocalSince entries).
   static constexpr size_t kMaxLocalSince = 4096;
-  std::map<std::pair<std::string, uint64_t>, absl::Time> local_since_ ABSL_GUARDED_BY(mu_);
+  std::map<std::pair<std::string, uint64_t>, std::chrono::steady_clock::time_point> local_since_
+      ABSL_GUARDED_BY(mu_);
   // Per job, the newest step each group position holds PROTECTED.
   std::map<std::string, std::vector<uint64_t>> newest_protected_ ABSL_GUARDED_BY(mu_);
   // Per job, the step it was last rewound to.

@@ -1,7 +1,5 @@
 #include "daemon/peer/rebuilder.h"
 
-#include "common/metrics.h"
-
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
@@ -17,6 +15,7 @@
 #include "common/format.h"
 #include "common/grpc_status.h"
 #include "common/log.h"
+#include "common/metrics.h"
 #include "daemon/peer/payload_chunks.h"
 #include "daemon/peer/rebuild_plan.h"
 #include "daemon/peer/rebuild_state.h"

@@ -76,14 +76,16 @@ absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
   ::freeaddrinfo(found);
 
   std::unique_ptr<MetricsHttpServer> server(new MetricsHttpServer(std::move(render)));
+  // epoll (MHD_USE_AUTO): the daemon holds thousands of descriptors (window
+  // files), past select()'s 1024. An IPv6 address takes IPv4 scrapers too.
   server->daemon_ = MHD_start_daemon(
-      MHD_USE_INTERNAL_POLLING_THREAD | (v6 ? MHD_USE_IPv6 : 0), 0, nullptr, nullptr, &Dispatch,
+      MHD_USE_AUTO_INTERNAL_THREAD | (v6 ? MHD_USE_DUAL_STACK : 0), 0, nullptr, nullptr, &Dispatch,
       server.get(), MHD_OPTION_SOCK_ADDR, reinterpret_cast<sockaddr*>(&bind_to),
       MHD_OPTION_CONNECTION_LIMIT, 16u, MHD_OPTION_CONNECTION_TIMEOUT, 10u, MHD_OPTION_END);
   if (server->daemon_ == nullptr) {
     return absl::UnavailableError(absl::StrFormat(
-        "cannot serve metrics on %s (in use, or no permission); set daemon.metrics_address to "
-        "a free port",
+        "cannot serve metrics on %s (the port is in use, or not ours to bind); set "
+        "daemon.metrics_address to a free port",
         address));
   }
   const MHD_DaemonInfo* info = MHD_get_daemon_info(server->daemon_, MHD_DAEMON_INFO_BIND_PORT);

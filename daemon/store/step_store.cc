@@ -1,7 +1,5 @@
 #include "daemon/store/step_store.h"
 
-#include "common/metrics.h"
-
 #include <algorithm>
 #include <chrono>
 #include <set>
@@ -10,6 +8,7 @@
 #include "absl/strings/str_join.h"
 #include "common/format.h"
 #include "common/log.h"
+#include "common/metrics.h"
 #include "common/status_macros.h"
 #include "daemon/store/manifest_check.h"
 #include "daemon/store/rank_record.h"
@@ -483,7 +482,7 @@ absl::StatusOr<v1::StepState> StepStore::CommitRank(uint64_t session, uint64_t s
     owner = OwnerLocked(rd->job_id);
   }
   // The checks read the whole window: outside the lock, the window pinned.
-  const absl::Time check_start = absl::Now();
+  const auto check_start = std::chrono::steady_clock::now();
   const std::string label = RankLabel(rd->job_id, step, rd->rank);
   absl::Status st = CheckManifest(manifest, rd->bytes, ManifestLimitsOf(options_.limits));
   if (st.ok()) {
@@ -526,7 +525,8 @@ absl::StatusOr<v1::StepState> StepStore::CommitRank(uint64_t session, uint64_t s
       "Time the daemon takes to verify and commit a rank's snapshot (CommitRank).");
   commits.Add();
   committed_bytes.Add(rd->bytes);
-  commit_seconds.Observe(absl::ToDoubleSeconds(absl::Now() - check_start));
+  commit_seconds.Observe(
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - check_start).count());
   Job& job = *jobs_.at(rd->job_id);
   job.last_committed[rd->rank] = std::max(job.last_committed[rd->rank], step);
   auto ses = sessions_.find(session);
