@@ -24,6 +24,7 @@
 #include "client/copy.h"
 #include "client/cuda/device_copy.h"
 #include "client/data_channel.h"
+#include "client/restore_plan.h"
 #include "client/ecsnap.h"
 #include "common/grpc_status.h"
 #include "common/status_macros.h"
@@ -38,6 +39,8 @@ using client_internal::CopyAll;
 using client_internal::CopyTask;
 using client_internal::DeviceCopier;
 using client_internal::DeviceCopyTask;
+using client_internal::PlanRestore;
+using client_internal::RestorePlan;
 
 // Tensors start on this boundary inside a rank's window.
 constexpr uint64_t kTensorAlignBytes = 64;
@@ -288,66 +291,25 @@ class ClientImpl final : public Client {
     auto lease = Lease(step);
     if (!lease.ok()) return lease.status();
     const v1::RestoreResponse& r = *lease;
-    std::map<std::string, const TensorDestination*> by_name;
-    for (const TensorDestination& d : into) by_name[d.name] = &d;
-    // Tensors without a destination go, 64-byte aligned, into one buffer
-    // returned in `rest`.
-    std::vector<uint64_t> rest_offset(r.manifest().tensors_size(), ~uint64_t{0});
-    uint64_t rest_bytes = 0;
-    absl::Status st;
-    for (int i = 0; i < r.manifest().tensors_size() && st.ok(); ++i) {
-      const auto& t = r.manifest().tensors(i);
-      auto it = by_name.find(t.name());
-      if (it == by_name.end()) {
-        if (rest == nullptr) {
-          st = absl::InvalidArgumentError(absl::StrFormat(
-              "step %d holds tensor '%s' but no destination was given for it", r.step(),
-              t.name()));
-        }
-        rest_offset[i] = (rest_bytes + kTensorAlignBytes - 1) / kTensorAlignBytes * kTensorAlignBytes;
-        rest_bytes = rest_offset[i] + t.length();
-        continue;
-      }
-      if (it->second->bytes != t.length()) {
-        st = absl::InvalidArgumentError(absl::StrFormat(
-            "tensor '%s' of step %d has %d bytes but its destination has %d", t.name(), r.step(),
-            t.length(), it->second->bytes));
-      }
-    }
-    for (const auto& [name, d] : by_name) {
-      bool found = false;
-      for (const auto& t : r.manifest().tensors()) found |= t.name() == name;
-      if (!found && st.ok()) {
-        st = absl::InvalidArgumentError(
-            absl::StrFormat("destination '%s' is not a tensor of step %d", name, r.step()));
-      }
-    }
+    absl::StatusOr<RestorePlan> plan = PlanRestore(r.manifest(), r.step(), into, rest != nullptr);
+    absl::Status st = plan.status();
     for (const TensorDestination& d : into) {
-      if (!st.ok()) break;
-      if (d.device < -1) {
-        st = absl::InvalidArgumentError(absl::StrFormat(
-            "destination '%s': device %d is neither -1 (host) nor a CUDA device", d.name,
-            d.device));
-      } else if (d.device >= 0) {
-        st = Annotate(Copier().status(),
-                      absl::StrFormat("destination '%s' is on CUDA device %d", d.name, d.device));
-      }
+      if (!st.ok() || d.device < 0) continue;
+      st = Annotate(Copier().status(),
+                    absl::StrFormat("destination '%s' is on CUDA device %d", d.name, d.device));
     }
     std::shared_ptr<uint8_t> buffer;
     std::vector<CopyTask> tasks;
-    std::vector<const TensorDestination*> dests;  // by manifest tensor; null: `rest`
     if (st.ok()) {
-      buffer = std::shared_ptr<uint8_t>(new uint8_t[std::max<uint64_t>(rest_bytes, 1)],
+      buffer = std::shared_ptr<uint8_t>(new uint8_t[std::max<uint64_t>(plan->rest_bytes, 1)],
                                         std::default_delete<uint8_t[]>());
       for (int i = 0; i < r.manifest().tensors_size(); ++i) {
-        const auto& t = r.manifest().tensors(i);
-        const TensorDestination* d =
-            rest_offset[i] != ~uint64_t{0} ? nullptr : by_name.at(t.name());
-        uint8_t* dst = d == nullptr ? buffer.get() + rest_offset[i] : static_cast<uint8_t*>(d->data);
-        tasks.push_back({dst, nullptr, t.length(), 0});
-        dests.push_back(d);
+        const TensorDestination* d = plan->dests[i];
+        uint8_t* dst = d == nullptr ? buffer.get() + plan->rest_offset[i]
+                                    : static_cast<uint8_t*>(d->data);
+        tasks.push_back({dst, nullptr, r.manifest().tensors(i).length(), 0});
       }
-      st = Fetch(r, dests, tasks);
+      st = Fetch(r, plan->dests, tasks);
     }
     ReleaseLease(r.lease_id());
     if (!st.ok()) return st;
@@ -356,14 +318,14 @@ class ClientImpl final : public Client {
       rest->buffer = buffer;
       rest->tensors.clear();
       for (int i = 0; i < r.manifest().tensors_size(); ++i) {
-        if (rest_offset[i] == ~uint64_t{0}) continue;
+        if (plan->rest_offset[i] == RestorePlan::kNone) continue;
         const auto& t = r.manifest().tensors(i);
         RestoredTensor rt;
         rt.name = t.name();
         rt.kind = static_cast<TensorKind>(t.kind());
         rt.dtype = static_cast<DType>(t.dtype());
         rt.shape.assign(t.shape().begin(), t.shape().end());
-        rt.data = absl::Span<const uint8_t>(buffer.get() + rest_offset[i], t.length());
+        rt.data = absl::Span<const uint8_t>(buffer.get() + plan->rest_offset[i], t.length());
         rest->tensors.push_back(std::move(rt));
       }
     }
