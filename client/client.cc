@@ -25,6 +25,7 @@
 #include "client/cuda/device_copy.h"
 #include "client/data_channel.h"
 #include "client/restore_plan.h"
+#include "client/window_cache.h"
 #include "client/ecsnap.h"
 #include "common/grpc_status.h"
 #include "common/status_macros.h"
@@ -39,6 +40,8 @@ using client_internal::CopyAll;
 using client_internal::CopyTask;
 using client_internal::DeviceCopier;
 using client_internal::DeviceCopyTask;
+using client_internal::MappedWindow;
+using client_internal::WindowCache;
 using client_internal::PlanRestore;
 using client_internal::RestorePlan;
 
@@ -49,8 +52,6 @@ constexpr uint64_t kStreamChunkBytes = 1 << 20;
 // Snapshots queued behind the one in progress.
 constexpr size_t kMaxQueuedSnapshots = 4;
 constexpr int kMaxMessageBytes = 64 << 20;
-// Window files kept mapped between steps (a rank cycles through a few).
-constexpr size_t kMaxMappedWindows = 16;
 
 struct SnapshotHandle::State {
   uint64_t step = 0;
@@ -121,14 +122,9 @@ class ClientImpl final : public Client {
       stopping_ = true;
     }
     if (worker_.joinable()) worker_.join();
-    {
-      absl::MutexLock lock(&windows_mu_);
-      stopping_warm_ = true;
-    }
-    stopping_touch_ = true;
-    if (warmer_.joinable()) warmer_.join();
     attach_context_.TryCancel();
     if (attach_reader_thread_.joinable()) attach_reader_thread_.join();
+    windows_.reset();  // after the reader, which hands it windows to warm
   }
 
   absl::Status Init() {
@@ -151,6 +147,10 @@ class ClientImpl final : public Client {
     for (uint32_t r : options_.local_ranks) req.add_local_ranks(r);
     windows_enabled_ = data->windows && options_.transport != Transport::kGrpc;
     req.set_windows(windows_enabled_);
+    if (windows_enabled_) {
+      windows_ = std::make_unique<WindowCache>(options_.daemon_address,
+                                               absl::Milliseconds(options_.rpc_timeout_ms));
+    }
     if (!options_.job_token.empty()) {
       attach_context_.AddMetadata("authorization", "Bearer " + options_.job_token);
     }
@@ -171,7 +171,7 @@ class ClientImpl final : public Client {
     attach_reader_thread_ = std::thread([this] {
       v1::AttachEvent ev;
       while (attach_reader_->Read(&ev)) {
-        if (UseWindow(ev.ready_token())) Warm(ev.ready_file(), ev.ready_token());
+        if (UseWindow(ev.ready_token())) windows_->Warm(ev.ready_file(), ev.ready_token());
       }
       attach_reader_->Finish();
     });
@@ -185,7 +185,6 @@ class ClientImpl final : public Client {
       }
     }
     worker_ = std::thread([this] { WorkerLoop(); });
-    if (windows_enabled_) warmer_ = std::thread([this] { WarmLoop(); });
     return absl::OkStatus();
   }
 
@@ -338,17 +337,6 @@ class ClientImpl final : public Client {
                      std::chrono::milliseconds(options_.rpc_timeout_ms));
   }
 
-  // A window file, mapped. Shared so that a mapping in use survives its
-  // eviction from the cache by another thread.
-  struct MappedWindow {
-    UniqueFd fd;
-    Mapping map;
-    bool writable = false;
-    // Its registration with CUDA, dropped before the mapping goes (members
-    // are destroyed last to first).
-    std::shared_ptr<void> pinned;
-  };
-
   // The CUDA copier, made when the first device tensor comes; its error
   // (built without CUDA, no device) is kept and returned each time.
   absl::StatusOr<DeviceCopier*> Copier() {
@@ -375,121 +363,6 @@ class ClientImpl final : public Client {
         copier->Register(w.map.data(), w.map.size(), !w.writable, device, caller_thread));
     w.pinned = std::shared_ptr<void>(w.map.data(), [copier](void* p) { copier->Unregister(p); });
     return absl::OkStatus();
-  }
-  struct CachedWindow {
-    std::shared_ptr<MappedWindow> window;
-    uint64_t last_use = 0;
-  };
-
-  // The mapping of window file `file`, of at least `need` bytes: the one
-  // held from an earlier step, or the file fetched with `token` (which a
-  // grant carries each time) and mapped. Files the daemon has let go of
-  // (unlinked) are unmapped here, so their memory is not held.
-  absl::StatusOr<std::shared_ptr<MappedWindow>> WindowFor(uint64_t file, const std::string& token,
-                                                          uint64_t need, bool writable) {
-    {
-      absl::MutexLock lock(&windows_mu_);
-      // A window being made ready in the background is the one to use:
-      // wait for its mapping (not for its first stores).
-      auto ready = [this, file]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(windows_mu_) {
-        return warming_.count(file) == 0;
-      };
-      windows_mu_.AwaitWithTimeout(absl::Condition(&ready),
-                                   absl::Milliseconds(options_.rpc_timeout_ms));
-      for (auto it = windows_.begin(); it != windows_.end();) {
-        struct stat st {};
-        const bool gone = ::fstat(it->second.window->fd.get(), &st) != 0 || st.st_nlink == 0;
-        it = gone ? windows_.erase(it) : std::next(it);
-      }
-      auto it = windows_.find(file);
-      if (it != windows_.end() && (it->second.window->writable || !writable) &&
-          it->second.window->map.size() >= need) {
-        it->second.last_use = ++window_uses_;
-        return it->second.window;
-      }
-    }
-    auto w = MapWindow(token, need, writable);
-    if (!w.ok()) return w.status();
-    Remember(file, *w);
-    return w;
-  }
-
-  // Fetches the window granted under `token` and maps it.
-  absl::StatusOr<std::shared_ptr<MappedWindow>> MapWindow(const std::string& token, uint64_t need,
-                                                          bool writable) {
-    auto fetched = FetchWindow(options_.daemon_address, token,
-                               absl::Milliseconds(options_.rpc_timeout_ms));
-    if (!fetched.ok()) return fetched.status();
-    if (fetched->bytes < need) {
-      return absl::DataLossError(absl::StrFormat(
-          "ecsnapd sent a window of %d bytes for %d bytes of data", fetched->bytes, need));
-    }
-    const int prot = writable ? PROT_READ | PROT_WRITE : PROT_READ;
-    void* addr = ::mmap(nullptr, fetched->bytes, prot,
-                        MAP_SHARED | (writable ? 0 : MAP_POPULATE), fetched->fd.get(), 0);
-    if (addr == MAP_FAILED) {
-      return absl::UnavailableError(
-          absl::StrFormat("cannot map a window of the daemon: %s", std::strerror(errno)));
-    }
-    auto w = std::make_shared<MappedWindow>();
-    w->fd = std::move(fetched->fd);
-    w->map = Mapping(addr, fetched->bytes);
-    w->writable = writable;
-    // Populated for writing now, so that the copy does not stop at each
-    // page (see common/prefault.h); a rank's next steps reuse the mapping.
-    if (writable) {
-      if (const int err = PopulateForWrite(addr, fetched->bytes); err != 0) {
-        return absl::ResourceExhaustedError(
-            absl::StrFormat("cannot populate a window of the daemon: %s", std::strerror(err)));
-      }
-    }
-    return w;
-  }
-
-  void Remember(uint64_t file, std::shared_ptr<MappedWindow> w) {
-    absl::MutexLock lock(&windows_mu_);
-    windows_[file] = CachedWindow{std::move(w), ++window_uses_};
-    while (windows_.size() > kMaxMappedWindows) {
-      auto oldest = std::min_element(windows_.begin(), windows_.end(), [](const auto& a, const auto& b) {
-        return a.second.last_use < b.second.last_use;
-      });
-      windows_.erase(oldest);
-    }
-  }
-
-  // Queues window `file` (granted under `token`) to be made ready in the
-  // background, unless it is held or queued already.
-  void Warm(uint64_t file, std::string token) {
-    absl::MutexLock lock(&windows_mu_);
-    if (windows_.count(file) != 0 || warming_.count(file) != 0) return;
-    warming_.insert(file);
-    warm_queue_.emplace_back(file, std::move(token));
-  }
-
-  // Maps each queued window and writes each of its pages once (see
-  // common/prefault.h), pausing while a snapshot or restore copies.
-  void WarmLoop() {
-    while (true) {
-      uint64_t file;
-      std::string token;
-      {
-        absl::MutexLock lock(&windows_mu_);
-        auto has_work = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(windows_mu_) {
-          return stopping_warm_ || !warm_queue_.empty();
-        };
-        windows_mu_.Await(absl::Condition(&has_work));
-        if (stopping_warm_) return;
-        std::tie(file, token) = std::move(warm_queue_.front());
-        warm_queue_.pop_front();
-      }
-      auto w = MapWindow(token, 0, /*writable=*/true);
-      if (w.ok()) Remember(file, *w);
-      {
-        absl::MutexLock lock(&windows_mu_);
-        warming_.erase(file);
-      }
-      if (w.ok()) TouchForWrite((*w)->map.data(), (*w)->map.size(), &stopping_touch_, &copying_);
-    }
   }
 
   void WorkerLoop() {
@@ -564,7 +437,7 @@ class ClientImpl final : public Client {
     if (s.total > window.window_bytes()) {
       return absl::InternalError("the daemon granted a window smaller than the step");
     }
-    auto mapped = WindowFor(window.window_file(), window.window_token(), s.total, true);
+    auto mapped = windows_->Get(window.window_file(), window.window_token(), s.total, true);
     if (!mapped.ok()) return mapped.status();
     uint8_t* base = (*mapped)->map.data();
     // Host tensors are copied by CopyAll's threads, device tensors by the
@@ -580,8 +453,8 @@ class ClientImpl final : public Client {
         tasks.push_back({base + s.offsets[i], static_cast<const uint8_t*>(t.data), t.bytes, 0});
       }
     }
-    ++copying_;  // the background first stores wait meanwhile
-    absl::Cleanup done = [this] { --copying_; };
+    ++windows_->copying();  // the background first stores wait meanwhile
+    absl::Cleanup done = [this] { --windows_->copying(); };
     if (!device_tasks.empty()) {
       ASSIGN_OR_RETURN(DeviceCopier * copier, Copier());
       RETURN_IF_ERROR(Pin(**mapped, device_tasks.front().device, /*caller_thread=*/false));
@@ -693,7 +566,7 @@ class ClientImpl final : public Client {
       RETURN_IF_ERROR(StreamOut(r, dests, tasks));
     } else {
       ASSIGN_OR_RETURN(std::shared_ptr<MappedWindow> window,
-                       WindowFor(r.window_file(), r.window_token(), r.window_bytes(), false));
+                       windows_->Get(r.window_file(), r.window_token(), r.window_bytes(), false));
       // Host destinations by CopyAll's threads; device ones by one copy each
       // from the (registered) window.
       std::vector<CopyTask> host_tasks;
@@ -709,9 +582,9 @@ class ClientImpl final : public Client {
           host_tasks.push_back(tasks[i]);
         }
       }
-      ++copying_;
+      ++windows_->copying();
       CopyAll(host_tasks, options_.copy_threads, nullptr);
-      --copying_;
+      --windows_->copying();
       if (!device_tasks.empty()) {
         ASSIGN_OR_RETURN(DeviceCopier * copier, Copier());
         RETURN_IF_ERROR(Pin(*window, device_tasks.front().device, /*caller_thread=*/true));
@@ -807,9 +680,6 @@ class ClientImpl final : public Client {
   std::thread attach_reader_thread_;
   std::string session_;  // the daemon's random id, valid on this channel only
   bool windows_enabled_ = false;  // the daemon hands out windows
-  std::atomic<int> copying_{0};    // snapshots and restores copying now
-  std::atomic<bool> stopping_touch_{false};
-  std::thread warmer_;  // WarmLoop
 
   // Declared before the windows, so that it outlives them: a window drops
   // its CUDA registration through it.
@@ -817,13 +687,7 @@ class ClientImpl final : public Client {
   std::unique_ptr<DeviceCopier> copier_ ABSL_GUARDED_BY(copier_mu_);
   absl::Status copier_error_ ABSL_GUARDED_BY(copier_mu_);
   absl::Mutex pin_mu_;  // MappedWindow::pinned
-
-  absl::Mutex windows_mu_;
-  std::map<uint64_t, CachedWindow> windows_ ABSL_GUARDED_BY(windows_mu_);  // by file id
-  uint64_t window_uses_ ABSL_GUARDED_BY(windows_mu_) = 0;
-  std::deque<std::pair<uint64_t, std::string>> warm_queue_ ABSL_GUARDED_BY(windows_mu_);
-  std::set<uint64_t> warming_ ABSL_GUARDED_BY(windows_mu_);  // queued or being mapped
-  bool stopping_warm_ ABSL_GUARDED_BY(windows_mu_) = false;
+  std::unique_ptr<WindowCache> windows_;  // with windows_enabled_
 
   absl::Mutex mu_;
   std::deque<std::shared_ptr<SnapshotHandle::State>> queue_ ABSL_GUARDED_BY(mu_);
