@@ -6,12 +6,19 @@
 #include <cstdint>
 #include <string>
 
+#include "absl/strings/string_view.h"
+
 namespace ecsnap {
 
 // True for unix: addresses and literal loopback addresses (127.0.0.0/8,
 // ::1) or exactly "localhost", with a port. A name such as
 // "127.evil.example", a list of addresses, or any other host is not.
 bool IsLoopbackAddress(const std::string& address);
+
+// The host of a host:port address ("10.0.0.1:7071", "[::1]:7071",
+// "node-3:7071", "dns:///node-3:7071", "ipv4:127.0.0.1:7071"): where else
+// to listen or dial on the same host (a bulk port, a metrics port).
+std::string HostOfAddress(absl::string_view address);
 
 // The DNS name a cluster certificate carries for slot `slot`:
 // "slot-N.ecsnap" (deploy/make_certs.sh).

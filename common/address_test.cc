@@ -33,5 +33,13 @@ TEST(SlotNameTest, ParseIsTheExactInverse) {
   }
 }
 
+TEST(HostOfAddressTest, NamesTheHostOfEveryFormOfPeerAddress) {
+  EXPECT_EQ(HostOfAddress("10.0.0.1:7071"), "10.0.0.1");
+  EXPECT_EQ(HostOfAddress("[::1]:7071"), "::1");
+  EXPECT_EQ(HostOfAddress("node-3.ecsnap.svc:7071"), "node-3.ecsnap.svc");
+  EXPECT_EQ(HostOfAddress("dns:///node-3:7071"), "node-3");
+  EXPECT_EQ(HostOfAddress("ipv4:127.0.0.1:7071"), "127.0.0.1");
+}
+
 }  // namespace
 }  // namespace ecsnap

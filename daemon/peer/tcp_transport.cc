@@ -98,21 +98,6 @@ uint32_t GetU32(const uint8_t* p) {
 
 }  // namespace
 
-std::string HostOfAddress(absl::string_view address) {
-  for (absl::string_view scheme : {"dns:///", "dns:", "ipv4:", "ipv6:"}) {
-    if (absl::StartsWith(address, scheme)) {
-      address.remove_prefix(scheme.size());
-      break;
-    }
-  }
-  if (absl::StartsWith(address, "[")) {
-    const size_t end = address.find(']');
-    return std::string(address.substr(1, end == absl::string_view::npos ? end : end - 1));
-  }
-  const size_t colon = address.rfind(':');
-  return std::string(colon == absl::string_view::npos ? address : address.substr(0, colon));
-}
-
 namespace {
 
 std::vector<std::string> HostsOf(const std::vector<std::string>& addresses) {

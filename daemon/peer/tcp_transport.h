@@ -36,16 +36,13 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/address.h"
 #include "daemon/peer/call_watchdog.h"
 #include "daemon/peer/grpc_transport.h"
 #include "daemon/peer/transport.h"
 #include "proto/peer.grpc.pb.h"
 
 namespace ecsnap::daemon {
-
-// The host of a peer address ("10.0.0.1:7071", "[::1]:7071", "node-3:7071",
-// "dns:///node-3:7071"): where its bulk port is.
-std::string HostOfAddress(absl::string_view address);
 
 // The holder's half: the bulk port, the tickets it issued, and the threads
 // that serve the connections that present them.
