@@ -52,6 +52,14 @@ Protector::Protector(StepStore* store, ParityStore* parity, Group group, const e
       layout_(layout),
       options_(options),
       watchdog_(absl::Milliseconds(options.peer_timeout_ms)) {
+  for (uint32_t slot : group_.slots) {
+    const MetricLabels peer = {{"peer", std::to_string(slot)}};
+    pushed_bytes_.push_back(&Metrics().GetCounter(
+        "ecsnap_peer_pushed_bytes_total", "Chunk bytes pushed to a parity holder.", peer));
+    fetched_bytes_.push_back(&Metrics().GetCounter(
+        "ecsnap_peer_fetched_bytes_total", "Chunk bytes read from a survivor for a rebuild.",
+        peer));
+  }
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(64 << 20);
   // Reconnect quickly once a replaced peer comes back.
@@ -332,18 +340,14 @@ absl::Status Protector::PushChunk(int holder, const std::string& job, uint64_t s
                    });
                  })
           .status();
-  const MetricLabels peer = {{"peer", std::to_string(group_.slots[holder])}};
   if (st.ok()) {
-    Metrics()
-        .GetCounter("ecsnap_peer_pushed_bytes_total", "Chunk bytes pushed to a parity holder.",
-                    peer)
-        .Add(e.length);
+    pushed_bytes(holder).Add(e.length);
   } else {
-    MetricLabels labels = peer;
-    labels.emplace_back("code", absl::StatusCodeToString(st.code()));
     Metrics()
         .GetCounter("ecsnap_peer_push_errors_total",
-                    "Chunk pushes that failed (retried), by holder and status code.", labels)
+                    "Chunk pushes that failed (retried), by holder and status code.",
+                    {{"peer", std::to_string(group_.slots[holder])},
+                     {"code", absl::StatusCodeToString(st.code())}})
         .Add();
   }
   return st;

@@ -43,6 +43,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/metrics.h"
 #include "daemon/peer/call_watchdog.h"
 #include "daemon/peer/group.h"
 #include "daemon/peer/parity_store.h"
@@ -141,6 +142,12 @@ class Protector : public RetentionGate {
   std::chrono::system_clock::time_point Deadline(uint64_t bytes) const;
   CallWatchdog* watchdog() { return &watchdog_; }
 
+  // Chunk bytes pushed to, and read for a rebuild from, group position
+  // `position` (ecsnap_peer_pushed_bytes_total / _fetched_, by slot): looked
+  // up once here, not in the registry on each chunk and slice.
+  Counter& pushed_bytes(int position) { return *pushed_bytes_[position]; }
+  Counter& fetched_bytes(int position) { return *fetched_bytes_[position]; }
+
   // The shape this slot announces for a step: payload size, manifests and
   // the CRC of each data chunk.
   static peer::SlotStep Describe(const Payload& payload, const ec::Layout& layout, int self);
@@ -217,6 +224,8 @@ class Protector : public RetentionGate {
   std::vector<PeerState> peers_ ABSL_GUARDED_BY(mu_);
   std::vector<std::chrono::steady_clock::time_point> seen_ ABSL_GUARDED_BY(mu_);
   // Newest protected steps here, per job (at most `retain`).
+  std::vector<Counter*> pushed_bytes_;   // by group position
+  std::vector<Counter*> fetched_bytes_;  // by group position
   std::map<std::string, std::vector<uint64_t>> protected_ ABSL_GUARDED_BY(mu_);
   // When each step went LOCAL here, until it is PROTECTED (at most
   // kMaxLocalSince entries).

@@ -301,11 +301,7 @@ absl::Status Rebuilder::ReadSurvivor(const Current& c, int s, int q, int holder,
     absl::Status st = stream->reader->Read(into);
     if (st.ok()) {
       stream->at += into.size();
-      Metrics()
-          .GetCounter("ecsnap_peer_fetched_bytes_total",
-                      "Chunk bytes read from a survivor for a rebuild.",
-                      {{"peer", std::to_string(protector_->group().slots[holder])}})
-          .Add(into.size());
+      protector_->fetched_bytes(holder).Add(into.size());
       return st;
     }
     stream->reader.reset();
