@@ -352,9 +352,10 @@ bool Daemon::Alive() const {
 }
 
 std::string Daemon::Summary() const {
+  // Used as ecsnapctl status and /metrics count it: of the data area.
   return absl::StrFormat("slot %d, arena %s of %s used, %d session(s)", slot_,
-                         FormatBytes(arena_->size() - arena_->free_bytes()),
-                         FormatBytes(arena_->size()), store_->sessions());
+                         FormatBytes(arena_->data_bytes() - arena_->free_bytes()),
+                         FormatBytes(arena_->data_bytes()), store_->sessions());
 }
 
 std::string Daemon::RenderMetrics() const {
