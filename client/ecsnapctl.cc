@@ -85,6 +85,17 @@ int PrintJson(const google::protobuf::Message& m) {
   return 0;
 }
 
+// A running rebuild's line of `status` (nothing when none runs).
+void PrintRebuildProgress(const ecsnap::admin::RebuildStatus& rb) {
+  if (rb.active() && rb.bytes_total() > 0) {
+    std::printf("rebuild   job %s step %lu: %s of %s (%.0f%%)\n", rb.job_id().c_str(), rb.step(),
+                FormatBytes(rb.bytes_done()).c_str(), FormatBytes(rb.bytes_total()).c_str(),
+                100.0 * rb.bytes_done() / rb.bytes_total());
+  } else if (rb.active()) {
+    std::printf("rebuild   asking the group what to rebuild\n");
+  }
+}
+
 std::string State(ecsnap::v1::StepState s) {
   std::string name = ecsnap::v1::StepState_Name(s);
   return name.empty() ? "?" : name;
@@ -170,13 +181,8 @@ int main(int argc, char** argv) {
       const auto& rb = r.rebuild();
       if (json) {
         PrintJson(rb);
-      } else if (rb.active() && rb.bytes_total() > 0) {
-        std::printf("rebuild   job %s step %lu: %s of %s (%.0f%%)\n", rb.job_id().c_str(),
-                    rb.step(), FormatBytes(rb.bytes_done()).c_str(),
-                    FormatBytes(rb.bytes_total()).c_str(),
-                    100.0 * rb.bytes_done() / rb.bytes_total());
-      } else if (rb.active()) {
-        std::printf("rebuild   asking the group what to rebuild\n");
+      } else {
+        PrintRebuildProgress(rb);
       }
       std::fflush(stdout);
       if (!rb.active()) {
@@ -207,13 +213,7 @@ int main(int argc, char** argv) {
                   p.last_error().empty() ? "" : (" (" + p.last_error() + ")").c_str());
     }
     const auto& rb = r.rebuild();
-    if (rb.active() && rb.bytes_total() > 0) {
-      std::printf("rebuild   job %s step %lu: %s of %s (%.0f%%)\n", rb.job_id().c_str(), rb.step(),
-                  FormatBytes(rb.bytes_done()).c_str(), FormatBytes(rb.bytes_total()).c_str(),
-                  100.0 * rb.bytes_done() / rb.bytes_total());
-    } else if (rb.active()) {
-      std::printf("rebuild   asking the group what to rebuild\n");
-    }
+    PrintRebuildProgress(rb);
     if (!rb.last_error().empty()) std::printf("rebuild   last error: %s\n", rb.last_error().c_str());
     return 0;
   }
