@@ -108,12 +108,52 @@ TEST(HealthTest, ALoneDaemonServesHealthOnItsAdminPortAndItsProbePort) {
   admin::StatusResponse status;
   EXPECT_EQ(admin->Status(&ctx, admin::StatusRequest(), &status).error_code(),
             grpc::StatusCode::UNIMPLEMENTED);
-  // Stopping: a watcher hears NOT_SERVING before the port closes.
-  grpc::ClientContext watch_ctx;
-  watch_ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
-  auto watch = probe->Watch(&watch_ctx, HealthCheckRequest());
+  // Watches held open by anyone on the probe port are budgeted (4 there):
+  // the fifth is refused, and the admin port's own budget is untouched.
+  std::vector<std::unique_ptr<grpc::ClientContext>> held_ctx;
+  std::vector<std::unique_ptr<grpc::ClientReader<HealthCheckResponse>>> held;
+  for (int i = 0; i < 4; ++i) {
+    held_ctx.push_back(std::make_unique<grpc::ClientContext>());
+    held.push_back(probe->Watch(held_ctx.back().get(), HealthCheckRequest()));
+    HealthCheckResponse first;
+    ASSERT_TRUE(held.back()->Read(&first)) << "watch " << i;
+  }
+  {
+    grpc::ClientContext ctx5;
+    auto fifth = probe->Watch(&ctx5, HealthCheckRequest());
+    HealthCheckResponse r5;
+    EXPECT_FALSE(fifth->Read(&r5));
+    EXPECT_EQ(fifth->Finish().error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+    auto admin_health = (*d)->HealthStub();
+    grpc::ClientContext ctx6;
+    auto other = admin_health->Watch(&ctx6, HealthCheckRequest());
+    HealthCheckResponse r6;
+    EXPECT_TRUE(other->Read(&r6)) << "the admin port's watches are its own";
+    ctx6.TryCancel();
+    other->Finish();
+  }
+  for (size_t i = 0; i < held.size(); ++i) {
+    held_ctx[i]->TryCancel();
+    held[i]->Finish();
+  }
+  // Stopping: a watcher hears NOT_SERVING before the port closes. (A
+  // cancelled watch frees its place within about a second: the server
+  // looks at its client once a second.)
+  std::unique_ptr<grpc::ClientContext> watch_ctx;
+  std::unique_ptr<grpc::ClientReader<HealthCheckResponse>> watch;
   HealthCheckResponse r;
-  ASSERT_TRUE(watch->Read(&r));
+  bool watching = false;
+  for (int i = 0; i < 50 && !watching; ++i) {
+    if (watch != nullptr) {
+      watch->Finish();
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    watch_ctx = std::make_unique<grpc::ClientContext>();
+    watch_ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+    watch = probe->Watch(watch_ctx.get(), HealthCheckRequest());
+    watching = watch->Read(&r);
+  }
+  ASSERT_TRUE(watching) << "the cancelled watches' places were not given back";
   EXPECT_EQ(r.status(), HealthCheckResponse::SERVING);
   std::thread term([&] { (*d)->Terminate(); });
   std::string last;
