@@ -203,9 +203,10 @@ int main(int argc, char** argv) {
     if (json) return PrintJson(r);
     std::printf("%s, slot %u (group %u, RS %u+%u), up %.1f s\n", r.version().c_str(), r.slot(),
                 r.group(), r.k(), r.m(), r.uptime_ms() / 1000.0);
-    std::printf("arena     %s used of %s (pre-faulted in %.2f s)\n",
+    std::printf("arena     %s used of %s (pre-faulted in %.2f s; first writes %s)\n",
                 FormatBytes(r.arena_used_bytes()).c_str(), FormatBytes(r.arena_bytes()).c_str(),
-                r.arena_prefault_ms() / 1000.0);
+                r.arena_prefault_ms() / 1000.0,
+                r.arena_first_writes_done() ? "done" : "running in the background");
     std::printf("sessions  %u, jobs %u\n", r.sessions(), r.jobs());
     for (const auto& p : r.peers()) {
       std::printf("peer      slot %u %s %s%s\n", p.slot(), p.address().c_str(),

@@ -20,6 +20,7 @@
 #ifndef ECSNAP_COMMON_PREFAULT_H_
 #define ECSNAP_COMMON_PREFAULT_H_
 
+#include <sched.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -49,9 +50,10 @@ inline int PopulateForWrite(void* addr, size_t bytes) {
 }
 
 // Writes each page of [addr, addr + bytes) once (an atomic add of zero).
-// Every 8 MiB it returns early when `*stop` is true, and waits (1 ms at a
+// Every 256 KiB it returns early when `*stop` is true, and waits (1 ms at a
 // time) while `*pause` is non-zero: a background pass must not compete with
-// the copies it is there to speed up.
+// the copies it is there to speed up, and one at idle priority must still
+// stop soon after it is told to.
 //
 // The pass runs beside writers of the same memory on purpose (the arena's
 // index, windows being filled): a locked add of zero cannot interleave with
@@ -65,7 +67,7 @@ inline void TouchForWrite(void* addr, size_t bytes, const std::atomic<bool>* sto
   const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
   auto* p = static_cast<uint8_t*>(addr);
   for (size_t off = 0; off < bytes; off += page) {
-    if ((off & ((size_t{8} << 20) - 1)) == 0) {
+    if ((off & ((size_t{256} << 10) - 1)) == 0) {
       while (pause != nullptr && pause->load() != 0 && !(stop != nullptr && stop->load())) {
         ::usleep(1000);
       }
@@ -80,6 +82,20 @@ inline void TouchForWrite(void* addr, size_t bytes, const std::atomic<bool>* sto
     __atomic_fetch_add(word, 0, __ATOMIC_RELAXED);
 #endif
   }
+}
+
+// Moves the calling thread (only it) to SCHED_IDLE: it runs when a core has
+// nothing else to do. For the background first-write passes: on a machine
+// where a first store costs microseconds per page (a virtual machine's page
+// tables) a pass over a large arena is seconds of a core, and it must not
+// take them from the copies, pushes and rebuilds it is there to speed up; a
+// page the pass has not reached yet is simply faulted in by its writer.
+// Returns 0 or the errno (EPERM under a system-call filter that denies it):
+// the pass then runs at normal priority, which is only slower for others.
+inline int RunAtIdlePriority() {
+  sched_param param{};
+  param.sched_priority = 0;
+  return ::sched_setscheduler(0, SCHED_IDLE, &param) == 0 ? 0 : errno;
 }
 
 // Both, as above.

@@ -245,7 +245,26 @@ Arena::Arena(std::string dir, std::string path, UniqueFd fd, Mapping mapping,
         "truncates its window can crash this process",
         path_);
   }
-  toucher_ = std::thread([this] { TouchForWrite(base(), size(), &stop_touching_); });
+  toucher_ = std::thread([this] {
+    if (const int err = RunAtIdlePriority(); err != 0) {
+      Log("arena %s: the background first writes run at normal priority (SCHED_IDLE: %s)", path_,
+          std::strerror(err));
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    // In pieces, each checked against the holes (ranges the file could not
+    // back again after a window gave them up: a store there is SIGBUS).
+    constexpr uint64_t kPiece = uint64_t{8} << 20;
+    for (uint64_t at = 0; at < size() && !stop_touching_; at += kPiece) {
+      const uint64_t len = std::min<uint64_t>(kPiece, size() - at);
+      if (OverlapsHole(at, len)) continue;
+      TouchForWrite(base() + at, len, &stop_touching_);
+    }
+    if (!stop_touching_) {
+      touched_ = true;
+      Log("arena %s: first writes to every page done in the background in %.2f s", path_,
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+  });
 }
 
 Arena::~Arena() {
@@ -466,6 +485,13 @@ void Arena::ForgetHolesLocked(uint64_t offset, uint64_t bytes) {
     h = holes_.erase(h);
   }
   for (const auto& [a, len] : keep) holes_[a] = len;
+}
+
+bool Arena::OverlapsHole(uint64_t offset, uint64_t bytes) const {
+  absl::MutexLock lock(&mu_);
+  auto h = holes_.upper_bound(offset);
+  if (h != holes_.begin() && std::prev(h)->first + std::prev(h)->second > offset) return true;
+  return h != holes_.end() && h->first < offset + bytes;
 }
 
 void Arena::Punch(uint64_t offset, uint64_t bytes) const {

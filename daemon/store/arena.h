@@ -114,6 +114,9 @@ class Arena {
   // Seconds spent reserving and populating the file at Open() (its first
   // stores then go on in the background).
   double prefault_seconds() const { return prefault_seconds_; }
+  // True once the background pass has written every page once (later
+  // first writes cost nothing extra); for status and benchmarks.
+  bool first_writes_done() const { return touched_; }
   // True when Open() found a previous daemon's file.
   bool adopted() const { return adopted_; }
   // Bytes of the data region (all that Allocate can ever hand out).
@@ -287,7 +290,10 @@ class Arena {
   const bool adopted_;
   // Writes each page once in the background (common/prefault.h); stops
   // and is joined before the mapping goes.
+  // True when [offset, offset + bytes) overlaps a hole.
+  bool OverlapsHole(uint64_t offset, uint64_t bytes) const ABSL_LOCKS_EXCLUDED(mu_);
   std::atomic<bool> stop_touching_{false};
+  std::atomic<bool> touched_{false};
   std::thread toucher_;
 
   mutable absl::Mutex mu_;
