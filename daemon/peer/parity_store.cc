@@ -153,7 +153,8 @@ ParityStore::AdoptReport ParityStore::Adopt() {
   return report;
 }
 
-absl::Status ParityStore::Grow(RowState& row, uint64_t length) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+absl::Status ParityStore::Grow(RowState& row, uint64_t length, bool zero_tail)
+    ABSL_NO_THREAD_SAFETY_ANALYSIS {
   // Called with row.mu held.
   if (length <= row.length) return absl::OkStatus();
   if (length > row.extent.bytes || row.extent.bytes == 0) {
@@ -168,7 +169,7 @@ absl::Status ParityStore::Grow(RowState& row, uint64_t length) ABSL_NO_THREAD_SA
     row.extent = *extent;
   }
   // Parity of zero-padding is zero: the new tail starts zeroed.
-  std::memset(arena_->base() + row.extent.offset + row.length, 0, length - row.length);
+  if (zero_tail) std::memset(arena_->base() + row.extent.offset + row.length, 0, length - row.length);
   row.length = length;
   return absl::OkStatus();
 }
@@ -458,8 +459,9 @@ absl::StatusOr<ParityStore::PinnedRow> ParityStore::Row(const std::string& job, 
       "slot %d holds no complete parity for job %s step %d stripe %d", self_, job, step, stripe));
 }
 
-absl::StatusOr<absl::Span<uint8_t>> ParityStore::ReserveRow(const std::string& job, uint64_t step,
-                                                            int stripe, uint64_t length) {
+absl::StatusOr<ParityStore::ReservedRow> ParityStore::ReserveRow(const std::string& job,
+                                                                 uint64_t step, int stripe,
+                                                                 uint64_t length) {
   if (stripe < 0 || stripe >= layout_.stripes() || RowOf(stripe) < 0) {
     return absl::InvalidArgumentError(
         absl::StrFormat("slot %d keeps no parity row of stripe %d", self_, stripe));
@@ -468,7 +470,7 @@ absl::StatusOr<absl::Span<uint8_t>> ParityStore::ReserveRow(const std::string& j
   absl::Span<uint8_t> bytes;
   {
     absl::MutexLock lock(&row->mu);
-    if (absl::Status st = Grow(*row, length); !st.ok()) return st;
+    if (absl::Status st = Grow(*row, length, /*zero_tail=*/false); !st.ok()) return st;
     row->decoding = true;
     bytes = absl::Span<uint8_t>(arena_->base() + row->extent.offset, length);
   }
@@ -483,15 +485,22 @@ absl::StatusOr<absl::Span<uint8_t>> ParityStore::ReserveRow(const std::string& j
     }
   }
   slot_row = row;
-  return bytes;
+  return ReservedRow{bytes, row};
 }
 
 absl::Status ParityStore::CompleteRow(const std::string& job, uint64_t step, int stripe,
-                                      const std::map<int, peer::SlotStep>& slots) {
+                                      const std::map<int, peer::SlotStep>& slots,
+                                      const ReservedRow* reserved) {
   std::shared_ptr<RowState> row = FindRow(job, step, stripe);
   if (!row) {
     return absl::NotFoundError(
         absl::StrFormat("no reserved parity row for job %s step %d stripe %d", job, step, stripe));
+  }
+  if (reserved != nullptr && reserved->hold.get() != static_cast<const void*>(row.get())) {
+    return absl::AbortedError(absl::StrFormat(
+        "job %s step %d stripe %d: the parity row was dropped (the step retired, rewound or "
+        "abandoned) while it was decoded",
+        job, step, stripe));
   }
   absl::MutexLock lock(&row->mu);
   row->done = (1u << layout_.k()) - 1;
@@ -527,8 +536,8 @@ absl::Status ParityStore::InstallRow(const std::string& job, uint64_t step, int 
                                      const std::map<int, peer::SlotStep>& slots) {
   auto row = ReserveRow(job, step, stripe, bytes.size());
   if (!row.ok()) return row.status();
-  if (!bytes.empty()) std::memcpy(row->data(), bytes.data(), bytes.size());
-  return CompleteRow(job, step, stripe, slots);
+  if (!bytes.empty()) std::memcpy(row->bytes.data(), bytes.data(), bytes.size());
+  return CompleteRow(job, step, stripe, slots, &*row);
 }
 
 std::map<std::pair<std::string, uint64_t>, ParityStore::StepKnowledge> ParityStore::Knowledge()

@@ -117,18 +117,32 @@ class ParityStore {
                           const std::map<int, peer::SlotStep>& slots = {});
   // For a rebuild that decodes straight into the arena: reserves an
   // incomplete row of `length` bytes for `stripe` and returns its bytes to
-  // fill; CompleteRow then publishes (and records) it. FAILED_PRECONDITION
+  // fill (not zeroed: the decode writes every byte, and a first pass over
+  // fresh arena pages costs as much as the decode's); CompleteRow then
+  // publishes (and records) it. FAILED_PRECONDITION
   // when the slot holds the row complete, or a push is folding into it.
-  absl::StatusOr<absl::Span<uint8_t>> ReserveRow(const std::string& job, uint64_t step,
-                                                 int stripe, uint64_t length);
+  //
+  // The reservation holds the row's memory for as long as it lives: when
+  // retention, a rewind or an abandoned step drops the row meanwhile, the
+  // rebuild still writes into memory that is its own (freed when the
+  // reservation goes), and CompleteRow refuses it.
+  struct ReservedRow {
+    absl::Span<uint8_t> bytes;
+    std::shared_ptr<const void> hold;
+  };
+  absl::StatusOr<ReservedRow> ReserveRow(const std::string& job, uint64_t step, int stripe,
+                                         uint64_t length);
   // `slots` (the group's shapes of the step, by position) give the CRC of
   // each data position folded in, so that a later push of the same bytes is
   // acknowledged and one of other bytes resets the row.
   // Drops the row this slot keeps for `stripe` if it is not complete (a
   // rebuild that failed after ReserveRow).
   void DiscardIncompleteRow(const std::string& job, uint64_t step, int stripe);
+  // With `reserved`, ABORTED when the row it holds is no longer the one
+  // kept for (job, step, stripe): it was dropped while being decoded.
   absl::Status CompleteRow(const std::string& job, uint64_t step, int stripe,
-                           const std::map<int, peer::SlotStep>& slots);
+                           const std::map<int, peer::SlotStep>& slots,
+                           const ReservedRow* reserved = nullptr);
 
   // What this slot knows of a step: member shapes and complete rows.
   struct StepKnowledge {
@@ -180,7 +194,9 @@ class ParityStore {
   peer::StripeProtected Notice(const std::string& job, uint64_t step, int stripe) const;
   StepState& StepLocked(const std::string& job, uint64_t step) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool RetiredLocked(const std::string& job, uint64_t step) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status Grow(RowState& row, uint64_t length);
+  // Makes the row `length` bytes long; the new tail is zeroed (parity of
+  // zero-padding, folded into) unless `zero_tail` is false.
+  absl::Status Grow(RowState& row, uint64_t length, bool zero_tail = true);
   // Marks the row complete and records it in the arena index.
   void Publish(RowState& row, const std::string& job, uint64_t step, int stripe);
   // Empties a row whose bytes can no longer be trusted; returns the lost

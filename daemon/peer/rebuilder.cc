@@ -434,13 +434,15 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
     const uint64_t out_len = layout.ChunkLength(c.lens, s, target);
     // A lost parity row is decoded straight into its (pre-faulted) arena row.
     absl::Span<uint8_t> parity_out;
+    ParityStore::ReservedRow reserved;  // holds the row's memory while it is decoded
     if (target >= k) {
       // A row this slot still holds (re-adopted after a restart) is kept as
       // it is: it was verified when adopted, and peers may be reading it.
       if (parity_->Row(job, step, s).ok()) return absl::OkStatus();
       auto row = parity_->ReserveRow(job, step, s, out_len);
       if (!row.ok()) return row.status();
-      parity_out = *row;
+      reserved = std::move(*row);
+      parity_out = reserved.bytes;
     }
     // Expected CRC of each position, from what was recorded; false when the
     // peers recorded none (the position is then treated as lost).
@@ -459,7 +461,7 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
     uint64_t counted = 0;  // this stripe's share of bytes_done
     std::set<int> bad;
     Scratch scratch;
-    std::vector<uint8_t> out_buf(target < k ? std::min(kSliceBytes, out_len) : 0);
+    std::vector<uint8_t> out_buf;  // only for data slices that straddle rank windows
     while (true) {
       if (stopping_) return absl::CancelledError("the daemon is shutting down");
       const std::vector<int> use = Survivors(c, s, target, bad);
@@ -476,7 +478,31 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
       bool all_good = true;
       for (uint64_t at = 0; at < std::max<uint64_t>(span, 1) && all_good; at += kSliceBytes) {
         const uint64_t slice = std::min(kSliceBytes, out_len - std::min(out_len, at));
-        uint8_t* const out = target < k ? out_buf.data() : parity_out.data() + at;
+        // A data slice that lies inside one rank's window is decoded straight
+        // into it (the window is the rebuild's until installed, and a rank
+        // served on demand meanwhile has an extent of its own, so writing it
+        // is at worst wasted); one that straddles windows goes through
+        // out_buf and is copied piece by piece.
+        uint8_t* out = target < k ? nullptr : parity_out.data() + at;
+        bool in_window = false;
+        if (target < k && slice > 0) {
+          int pieces = 0;
+          uint8_t* direct = nullptr;
+          c.payload->ForEachPiece(c.payload->Chunk(target).offset + at, slice,
+                                  [&](size_t i, uint64_t in_rank, uint64_t, uint64_t len) {
+                                    ++pieces;
+                                    if (len == slice) {
+                                      direct = arena_->base() + c.ranks[i].extent.offset + in_rank;
+                                    }
+                                  });
+          if (pieces == 1 && direct != nullptr) {
+            out = direct;
+            in_window = true;
+          } else {
+            if (out_buf.size() < slice) out_buf.resize(std::min(kSliceBytes, out_len));
+            out = out_buf.data();
+          }
+        }
         // Paced before the fetch, so that the cap spreads the survivors'
         // traffic over time instead of sleeping after a burst.
         Throttle(slice);
@@ -491,7 +517,7 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
           all_good = false;
           break;
         }
-        if (target < k) {
+        if (target < k && !in_window) {
           WritePayload(c, c.payload->Chunk(target).offset + at, out, slice);
         }
         Progress(static_cast<int64_t>(slice));
@@ -520,7 +546,7 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
       if (all_good) break;
       retry();
     }
-    if (target >= k) return parity_->CompleteRow(job, step, s, v.slots);
+    if (target >= k) return parity_->CompleteRow(job, step, s, v.slots, &reserved);
     return absl::OkStatus();
   };
   const int workers = static_cast<int>(std::max<uint64_t>(

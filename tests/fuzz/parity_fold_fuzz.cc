@@ -108,9 +108,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         case 6: {  // a rebuild decoding a row straight into the arena
           auto span = store.ReserveRow(job, step, stripe, length);
           if (span.ok()) {
-            std::memset(span->data(), op[6], span->size());
+            std::memset(span->bytes.data(), op[6], span->bytes.size());
             if (op[6] & 1) {
-              (void)store.CompleteRow(job, step, stripe, {});
+              (void)store.CompleteRow(job, step, stripe, {}, &*span);
             } else {
               store.DiscardIncompleteRow(job, step, stripe);
             }
