@@ -27,6 +27,7 @@
 #include "client/restore_plan.h"
 #include "client/window_cache.h"
 #include "client/ecsnap.h"
+#include "common/data_plane_http2.h"
 #include "common/grpc_status.h"
 #include "common/status_macros.h"
 #include "common/prefault.h"
@@ -134,11 +135,7 @@ class ClientImpl final : public Client {
     dco.ca_file = options_.ca_file;
     dco.tls_name = options_.tls_name;
     dco.args.SetMaxReceiveMessageSize(kMaxMessageBytes);
-    // Large HTTP/2 frames and stream window for the bytes of a snapshot or
-    // restore over gRPC (the daemon's data server sets the same).
-    dco.args.SetInt(GRPC_ARG_HTTP2_MAX_FRAME_SIZE, (1 << 24) - 1);
-    dco.args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 4 << 20);
-    dco.args.SetInt(GRPC_ARG_HTTP2_WRITE_BUFFER_SIZE, 4 << 20);
+    for (const Http2Setting& s : kDataPlaneHttp2) dco.args.SetInt(s.key, s.value);
     dco.args.SetMaxSendMessageSize(kMaxMessageBytes);
     dco.timeout = absl::Milliseconds(options_.rpc_timeout_ms);
     auto data = OpenDataChannel(std::move(dco));

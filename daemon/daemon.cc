@@ -18,6 +18,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
+#include "common/data_plane_http2.h"
 #include "common/format.h"
 #include "common/log.h"
 #include "common/metrics.h"
@@ -187,14 +188,10 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
     // that stays open) is closed after a while: no one holds descriptors
     // without using them.
     builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS, 120 * 1000);
-    // Bulk bytes of the gRPC data plane (trainers without the arena): large
-    // HTTP/2 frames and a 4 MiB stream window, so that a restore is not held
-    // to 16 KiB frames and a 64 KiB window; at most 8 streams per connection
-    // (a session's Attach and its calls), and the server's memory quota
-    // bounds what all of them hold.
-    builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_FRAME_SIZE, (1 << 24) - 1);
-    builder.AddChannelArgument(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 4 << 20);
-    builder.AddChannelArgument(GRPC_ARG_HTTP2_WRITE_BUFFER_SIZE, 4 << 20);
+    // The gRPC data plane's HTTP/2 settings (the client sets the same); at
+    // most 8 streams per connection (a session's Attach and its calls), and
+    // the server's memory quota bounds what all of them hold.
+    for (const Http2Setting& s : kDataPlaneHttp2) builder.AddChannelArgument(s.key, s.value);
     builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, 8);
     if (!dc.data_address().empty()) {
       builder.AddListeningPort(dc.data_address(),

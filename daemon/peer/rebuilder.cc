@@ -432,9 +432,9 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
   auto rebuild_stripe = [&](int s) -> absl::Status {
     const int target = layout.PositionOf(s, self);
     const uint64_t out_len = layout.ChunkLength(c.lens, s, target);
-    // A lost parity row is decoded straight into its (pre-faulted) arena row.
-    absl::Span<uint8_t> parity_out;
-    ParityStore::ReservedRow reserved;  // holds the row's memory while it is decoded
+    // A lost parity row is decoded straight into its arena row; the
+    // reservation holds the row's memory while it is decoded.
+    ParityStore::ReservedRow reserved;
     if (target >= k) {
       // A row this slot still holds (re-adopted after a restart) is kept as
       // it is: it was verified when adopted, and peers may be reading it.
@@ -442,7 +442,6 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
       auto row = parity_->ReserveRow(job, step, s, out_len);
       if (!row.ok()) return row.status();
       reserved = std::move(*row);
-      parity_out = reserved.bytes;
     }
     // Expected CRC of each position, from what was recorded; false when the
     // peers recorded none (the position is then treated as lost).
@@ -483,25 +482,19 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
         // served on demand meanwhile has an extent of its own, so writing it
         // is at worst wasted); one that straddles windows goes through
         // out_buf and is copied piece by piece.
-        uint8_t* out = target < k ? nullptr : parity_out.data() + at;
-        bool in_window = false;
+        uint8_t* out = target < k ? nullptr : reserved.bytes.data() + at;
         if (target < k && slice > 0) {
-          int pieces = 0;
-          uint8_t* direct = nullptr;
           c.payload->ForEachPiece(c.payload->Chunk(target).offset + at, slice,
                                   [&](size_t i, uint64_t in_rank, uint64_t, uint64_t len) {
-                                    ++pieces;
                                     if (len == slice) {
-                                      direct = arena_->base() + c.ranks[i].extent.offset + in_rank;
+                                      out = arena_->base() + c.ranks[i].extent.offset + in_rank;
                                     }
                                   });
-          if (pieces == 1 && direct != nullptr) {
-            out = direct;
-            in_window = true;
-          } else {
-            if (out_buf.size() < slice) out_buf.resize(std::min(kSliceBytes, out_len));
-            out = out_buf.data();
-          }
+        }
+        const bool in_window = out != nullptr && target < k;
+        if (out == nullptr) {
+          if (out_buf.size() < slice) out_buf.resize(std::min(kSliceBytes, out_len));
+          out = out_buf.data();
         }
         // Paced before the fetch, so that the cap spreads the survivors'
         // traffic over time instead of sleeping after a burst.

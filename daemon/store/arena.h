@@ -288,10 +288,10 @@ class Arena {
   const uint64_t data_offset_;
   const double prefault_seconds_;
   const bool adopted_;
-  // Writes each page once in the background (common/prefault.h); stops
-  // and is joined before the mapping goes.
   // True when [offset, offset + bytes) overlaps a hole.
   bool OverlapsHole(uint64_t offset, uint64_t bytes) const ABSL_LOCKS_EXCLUDED(mu_);
+  // Writes each page once in the background (common/prefault.h); stops
+  // and is joined before the mapping goes.
   std::atomic<bool> stop_touching_{false};
   std::atomic<bool> touched_{false};
   std::thread toucher_;

@@ -299,6 +299,18 @@ int main(int argc, char** argv) {
   // others still copy. Later steps reuse windows (a rank keeps retain + 2),
   // as a training job does after its first few steps: the last of
   // --protect_steps is the steady state.
+  // Polls until `step` is PROTECTED on every node (false past --max_seconds).
+  auto wait_protected = [&](uint64_t step, std::chrono::milliseconds poll) {
+    while (Since(t_start) < absl::GetFlag(FLAGS_max_seconds)) {
+      bool all = true;
+      for (int s = 0; s < n && all; ++s) {
+        all = StateOf((*cluster)->daemon(s), step) == ecsnap::v1::PROTECTED;
+      }
+      if (all) return true;
+      std::this_thread::sleep_for(poll);
+    }
+    return false;
+  };
   const int protect_steps = std::max(1, absl::GetFlag(FLAGS_protect_steps));
   double t_protect = 0, t_protect_after_last = 0, t_protect_first = 0;
   for (int step = 1; step <= protect_steps; ++step) {
@@ -318,14 +330,7 @@ int main(int argc, char** argv) {
       if (i == 0) t_first_local = Clock::now();
     }
     const auto t_local = Clock::now();  // every node LOCAL
-    bool all = false;
-    while (!all && Since(t_start) < absl::GetFlag(FLAGS_max_seconds)) {
-      all = true;
-      for (int s = 0; s < n && all; ++s) {
-        all = StateOf((*cluster)->daemon(s), step) == ecsnap::v1::PROTECTED;
-      }
-      if (!all) std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
+    const bool all = wait_protected(step, std::chrono::milliseconds(5));
     t_protect = Since(t_first_local);
     t_protect_after_last = Since(t_local);
     if (step == 1) t_protect_first = t_protect;
@@ -386,15 +391,7 @@ int main(int argc, char** argv) {
     // From the moment every rank's commit has returned (the step is LOCAL
     // everywhere; protection of the first ranks' chunks may have begun).
     const auto t0 = Clock::now();
-    bool protected_everywhere = false;
-    while (!protected_everywhere && Since(t_start) < absl::GetFlag(FLAGS_max_seconds)) {
-      protected_everywhere = true;
-      for (int s = 0; s < n && protected_everywhere; ++s) {
-        protected_everywhere = StateOf((*cluster)->daemon(s), step) == ecsnap::v1::PROTECTED;
-      }
-      if (!protected_everywhere) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
-    if (!protected_everywhere) {
+    if (!wait_protected(step, std::chrono::milliseconds(1))) {
       std::fprintf(stderr, "protect_bench: small step %llu not PROTECTED\n",
                    static_cast<unsigned long long>(step));
       return 1;
