@@ -52,7 +52,6 @@ void Histogram::Observe(double value) {
   size_t i = 0;
   while (i < bounds_.size() && value > bounds_[i]) ++i;
   counts_[i].fetch_add(1, std::memory_order_relaxed);
-  count_.fetch_add(1, std::memory_order_relaxed);
   sum_micros_.fetch_add(static_cast<uint64_t>(std::max(0.0, value) * 1e6),
                         std::memory_order_relaxed);
 }

@@ -50,7 +50,6 @@ class Histogram {
  private:
   const std::vector<double> bounds_;  // upper bounds, ascending; +Inf implied
   std::unique_ptr<std::atomic<uint64_t>[]> counts_;  // per bucket (not cumulative)
-  std::atomic<uint64_t> count_{0};
   std::atomic<uint64_t> sum_micros_{0};  // sum in millionths
 };
 

@@ -188,30 +188,24 @@ bool DaemonProcess::alive() {
 
 std::string DaemonProcess::Log() const { return ReadWholeFile(log_).value_or(""); }
 
-std::unique_ptr<admin::Admin::Stub> DaemonProcess::AdminStub() const {
+std::shared_ptr<grpc::Channel> DaemonProcess::AdminChannel() const {
   AdminChannelOptions o;
   o.address = admin_address();
   o.token_file = admin_token_file();
   auto channel = OpenAdminChannel(o);
-  // Before the daemon wrote its token: a channel whose calls fail, so that
-  // callers probing for readiness try again.
   if (!channel.ok()) {
-    return admin::Admin::NewStub(
-        grpc::CreateChannel("unix:" + dir_ + "/no-token-yet", grpc::InsecureChannelCredentials()));
+    return grpc::CreateChannel("unix:" + dir_ + "/no-token-yet",
+                               grpc::InsecureChannelCredentials());
   }
-  return admin::Admin::NewStub(*channel);
+  return *channel;
+}
+
+std::unique_ptr<admin::Admin::Stub> DaemonProcess::AdminStub() const {
+  return admin::Admin::NewStub(AdminChannel());
 }
 
 std::unique_ptr<grpc::health::v1::Health::Stub> DaemonProcess::HealthStub() const {
-  AdminChannelOptions o;
-  o.address = admin_address();
-  o.token_file = admin_token_file();
-  auto channel = OpenAdminChannel(o);
-  if (!channel.ok()) {
-    return grpc::health::v1::Health::NewStub(
-        grpc::CreateChannel("unix:" + dir_ + "/no-token-yet", grpc::InsecureChannelCredentials()));
-  }
-  return grpc::health::v1::Health::NewStub(*channel);
+  return grpc::health::v1::Health::NewStub(AdminChannel());
 }
 
 std::string DaemonProcess::admin_token_file() const {

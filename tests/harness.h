@@ -111,6 +111,9 @@ class DaemonProcess {
  private:
   DaemonProcess(std::string dir, Options options);
   absl::Status Launch();
+  // The admin plane's channel; before the daemon wrote its token, one whose
+  // calls fail, so that callers probing for readiness try again.
+  std::shared_ptr<grpc::Channel> AdminChannel() const;
 
   const std::string dir_;
   const Options options_;

@@ -14,6 +14,8 @@ namespace ecsnap::bench {
 
 // Wall-clock seconds `fn` takes.
 double Seconds(const std::function<void()>& fn);
+// The fewest seconds `fn` takes in `reps` runs.
+double Best(int reps, const std::function<void()>& fn);
 
 // Exits with "BENCH: WHAT: message" when `st` is an error.
 void CheckOk(const absl::Status& st, const char* bench, const char* what);

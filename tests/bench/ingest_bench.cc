@@ -43,13 +43,8 @@ ABSL_FLAG(int, max_seconds, 300,
 
 namespace {
 
+using ecsnap::bench::Best;
 using ecsnap::bench::Seconds;
-
-double Best(int reps, const std::function<void()>& fn) {
-  double best = 1e30;
-  for (int i = 0; i < reps; ++i) best = std::min(best, Seconds(fn));
-  return best;
-}
 
 void Check(const absl::Status& st, const char* what) {
   ecsnap::bench::CheckOk(st, "ingest_bench", what);

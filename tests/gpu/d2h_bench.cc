@@ -92,16 +92,13 @@ int main(int argc, char** argv) {
   CheckCuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
 
   // The limit: the same bytes device -> pinned host, plain cudaMemcpy.
-  double t_limit = 1e30;
-  for (int r = 0; r < reps + 1; ++r) {
-    t_limit = std::min(t_limit, Seconds([&] {
-      for (int i = 0; i < count; ++i) {
-        CheckCuda(cudaMemcpy(static_cast<uint8_t*>(pinned) + i * per, dev[i], per,
-                             cudaMemcpyDeviceToHost),
-                  "cudaMemcpy");
-      }
-    }));
-  }
+  const double t_limit = ecsnap::bench::Best(reps + 1, [&] {
+    for (int i = 0; i < count; ++i) {
+      CheckCuda(cudaMemcpy(static_cast<uint8_t*>(pinned) + i * per, dev[i], per,
+                           cudaMemcpyDeviceToHost),
+                "cudaMemcpy");
+    }
+  });
 
   char dir_template[] = "/dev/shm/ecsnap-bench-XXXXXX";
   const std::string dir = ::mkdtemp(dir_template);
@@ -138,8 +135,7 @@ int main(int argc, char** argv) {
     Check(h->WaitCommitted(), "snapshot commit");
   };
   const double t_first = Seconds(snapshot);
-  double t_steady = 1e30;
-  for (int r = 0; r < reps; ++r) t_steady = std::min(t_steady, Seconds(snapshot));
+  const double t_steady = ecsnap::bench::Best(reps, snapshot);
 
   // The stall: the copy runs while the trainer computes its backward pass.
   const int backward_ms = absl::GetFlag(FLAGS_backward_ms);
