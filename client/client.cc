@@ -21,14 +21,18 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "client/copy.h"
 #include "client/cuda/device_copy.h"
 #include "client/data_channel.h"
+#include "client/raw_call.h"
 #include "client/restore_plan.h"
 #include "client/window_cache.h"
 #include "client/ecsnap.h"
+#include "common/bulk_message.h"
 #include "common/data_plane_http2.h"
 #include "common/grpc_status.h"
+#include "common/log.h"
 #include "common/status_macros.h"
 #include "common/prefault.h"
 #include "common/unique_fd.h"
@@ -44,12 +48,20 @@ using client_internal::DeviceCopyTask;
 using client_internal::MappedWindow;
 using client_internal::WindowCache;
 using client_internal::PlanRestore;
+using client_internal::RawCall;
 using client_internal::RestorePlan;
 
 // Tensors start on this boundary inside a rank's window.
 constexpr uint64_t kTensorAlignBytes = 64;
-// Payload bytes per WriteRank message.
-constexpr uint64_t kStreamChunkBytes = 1 << 20;
+// Payload bytes per WriteRank message (the daemon takes messages of up to
+// kMaxMessageBytes).
+constexpr uint64_t kStreamChunkBytes = 4 << 20;
+// The bulk methods, called with raw byte buffers (common/bulk_message.h).
+const std::string kWriteRankMethod =
+    absl::StrCat("/", v1::Snapshot::service_full_name(), "/WriteRank");
+const std::string kReadRankMethod =
+    absl::StrCat("/", v1::Snapshot::service_full_name(), "/ReadRank");
+constexpr WireField kReadRankChunk[] = {{1, WireField::kVarint}, {2, WireField::kBytes}};
 // Snapshots queued behind the one in progress.
 constexpr size_t kMaxQueuedSnapshots = 4;
 constexpr int kMaxMessageBytes = 64 << 20;
@@ -470,23 +482,41 @@ class ClientImpl final : public Client {
     return absl::OkStatus();
   }
 
-  // gRPC: the same bytes, streamed in chunks.
+  // gRPC: the same bytes, streamed in chunks whose payloads gRPC reads
+  // straight from the tensors (borrowed slices), so the stall is the
+  // socket's, not copies'. The tensors are the caller's until Wait(), so the
+  // stream returns only once gRPC has let go of every slice.
   absl::Status StreamIn(SnapshotHandle::State& s, v1::Manifest* manifest) {
-    // Device tensors come through a host buffer of one message's size, a
-    // piece at a time: host memory stays bounded whatever the tensors weigh.
-    std::unique_ptr<uint8_t[]> bounce;
     DeviceCopier* copier = nullptr;
     for (const Tensor& t : s.tensors) {
-      if (t.device < 0 || bounce != nullptr) continue;
-      ASSIGN_OR_RETURN(copier, Copier());
-      bounce = std::make_unique<uint8_t[]>(kStreamChunkBytes);
+      if (t.device >= 0 && copier == nullptr) {
+        ASSIGN_OR_RETURN(copier, Copier());
+      }
     }
+    auto returned = std::make_shared<absl::Notification>();
+    std::shared_ptr<void> lent(nullptr, [returned](void*) { returned->Notify(); });
+    absl::Cleanup await_slices = [&lent, returned] {
+      lent.reset();
+      if (!returned->WaitForNotificationWithTimeout(absl::Seconds(60))) {
+        Log("libecsnap: gRPC still holds tensor memory 60 s after a snapshot stream ended");
+      }
+    };
     grpc::ClientContext ctx;
-    v1::WriteRankResponse resp;
-    auto writer = stub_->WriteRank(&ctx, &resp);
-    v1::WriteRankChunk chunk;
-    chunk.set_session_id(session_);
-    chunk.set_step(s.step);
+    RawCall call(channel_, &ctx, kWriteRankMethod);
+    bool first = true;
+    // One message: the chunk's fields, then its payload as its own slice.
+    auto send = [&](uint64_t offset, grpc::Slice payload) {
+      WireWriter w;
+      if (first) {
+        w.Bytes(1, session_);
+        w.Varint(2, s.step);
+        first = false;
+      }
+      w.Varint(3, offset);
+      w.BytesHeader(4, payload.size());
+      grpc::Slice parts[] = {w.TakeSlice(), std::move(payload)};
+      return call.Write(grpc::ByteBuffer(parts, 2));
+    };
     bool ok = true;
     absl::Status copy_error;
     for (size_t i = 0; i < s.tensors.size() && ok; ++i) {
@@ -495,33 +525,36 @@ class ClientImpl final : public Client {
       uint32_t crc = 0;
       for (uint64_t done = 0; done < t.bytes && ok; done += kStreamChunkBytes) {
         const uint64_t n = std::min(kStreamChunkBytes, t.bytes - done);
-        const uint8_t* piece = src + done;
+        grpc::Slice payload;
         if (t.device >= 0) {
-          DeviceCopyTask task{t.name, t.device, t.cuda_stream, const_cast<uint8_t*>(piece),
-                              bounce.get(), n, s.after[i], 0};
+          // A piece of device memory comes into a slice of its own, a piece
+          // at a time: host memory stays bounded whatever the tensors weigh.
+          payload = grpc::Slice(n);
+          uint8_t* host = const_cast<uint8_t*>(payload.begin());
+          DeviceCopyTask task{t.name, t.device, t.cuda_stream, const_cast<uint8_t*>(src + done),
+                              host, n, s.after[i], 0};
           copy_error = copier->ToHost(absl::MakeSpan(&task, 1), nullptr);
           if (!copy_error.ok()) {
             ctx.TryCancel();  // the daemon drops the half-written rank
             ok = false;
             break;
           }
-          piece = bounce.get();
+          crc = ec::Crc32c(absl::Span<const uint8_t>(host, n), crc);
+        } else {
+          crc = ec::Crc32c(absl::Span<const uint8_t>(src + done, n), crc);
+          payload = BorrowedSlice(src + done, n, lent);
         }
-        crc = ec::Crc32c(absl::Span<const uint8_t>(piece, n), crc);
-        chunk.set_offset(s.offsets[i] + done);
-        chunk.set_data(piece, n);
-        ok = writer->Write(chunk);
+        ok = send(s.offsets[i] + done, std::move(payload));
         s.copied.fetch_add(n, std::memory_order_relaxed);
       }
       AddEntry(t, s.offsets[i], manifest)->set_crc32c(crc);
     }
-    if (s.tensors.empty() || s.total == 0) {
-      // An empty rank still opens the stream once, so the daemon sees the step.
-      chunk.clear_data();
-      ok = writer->Write(chunk);
-    }
-    writer->WritesDone();
-    absl::Status st = FromGrpc(writer->Finish());
+    // An empty rank still opens the stream once, so the daemon sees the step.
+    if (ok && first) ok = send(0, grpc::Slice());
+    if (ok) ok = call.WritesDone();
+    grpc::ByteBuffer response;
+    if (ok) call.Read(&response);
+    absl::Status st = FromGrpc(call.Finish());
     if (!copy_error.ok()) return copy_error;
     if (st.ok() && !ok) st = absl::UnavailableError("the daemon closed the write stream early");
     return st;
@@ -609,7 +642,8 @@ class ClientImpl final : public Client {
   }
 
   // gRPC: reads the window in order and scatters each chunk straight into
-  // the tensors it overlaps, checksumming each piece as it lands.
+  // the tensors it overlaps, from where gRPC received it (no message copy),
+  // checksumming each piece as it lands.
   absl::Status StreamOut(const v1::RestoreResponse& r,
                          const std::vector<const TensorDestination*>& dests,
                          std::vector<CopyTask>& tasks) {
@@ -618,25 +652,10 @@ class ClientImpl final : public Client {
     for (int i = 0; i < tensors.size(); ++i) order[i] = i;
     std::sort(order.begin(), order.end(),
               [&](int a, int b) { return tensors[a].offset() < tensors[b].offset(); });
-    grpc::ClientContext ctx;
-    v1::ReadRankRequest req;
-    req.set_session_id(session_);
-    req.set_lease_id(r.lease_id());
-    req.set_offset(0);
-    req.set_length(r.window_bytes());
-    auto reader = stub_->ReadRank(&ctx, req);
-    v1::ReadRankChunk chunk;
-    uint64_t next = 0;
-    size_t first = 0;  // in `order`: tensors before it end before `next`
-    while (reader->Read(&chunk)) {
-      const uint64_t a = chunk.offset(), b = a + chunk.data().size();
-      if (a != next || b > r.window_bytes()) {
-        ctx.TryCancel();
-        reader->Finish();
-        return absl::DataLossError(absl::StrFormat(
-            "the daemon sent bytes [%d, %d) where [%d, ...) was due", a, b, next));
-      }
-      const uint8_t* data = reinterpret_cast<const uint8_t*>(chunk.data().data());
+    size_t first = 0;  // in `order`: tensors before it end before the bytes at hand
+    // Bytes [a, a + n) of the window, at `data`.
+    auto scatter = [&](uint64_t a, const uint8_t* data, uint64_t n) -> absl::Status {
+      const uint64_t b = a + n;
       while (first < order.size() &&
              tensors[order[first]].offset() + tensors[order[first]].length() <= a) {
         ++first;
@@ -648,26 +667,58 @@ class ClientImpl final : public Client {
         CopyTask& task = tasks[order[k]];
         const TensorDestination* d = dests[order[k]];
         uint8_t* dst = task.dst + (lo - t.offset());
+        const uint8_t* piece = data + (lo - a);
         if (d != nullptr && d->device >= 0) {
-          DeviceCopyTask piece{d->name, d->device, d->cuda_stream, dst,
-                               const_cast<uint8_t*>(data + (lo - a)), hi - lo, nullptr, 0};
-          absl::StatusOr<DeviceCopier*> copier = Copier();
-          absl::Status st = copier.ok() ? (*copier)->ToDevice(absl::MakeSpan(&piece, 1))
-                                        : copier.status();
-          if (!st.ok()) {
-            ctx.TryCancel();
-            reader->Finish();
-            return st;
-          }
-          task.crc = ec::Crc32c(absl::Span<const uint8_t>(data + (lo - a), hi - lo), task.crc);
+          DeviceCopyTask copy{d->name, d->device, d->cuda_stream, dst, const_cast<uint8_t*>(piece),
+                              hi - lo, nullptr, 0};
+          ASSIGN_OR_RETURN(DeviceCopier * copier, Copier());
+          RETURN_IF_ERROR(copier->ToDevice(absl::MakeSpan(&copy, 1)));
+          task.crc = ec::Crc32c(absl::Span<const uint8_t>(piece, hi - lo), task.crc);
           continue;
         }
-        std::memcpy(dst, data + (lo - a), hi - lo);
+        std::memcpy(dst, piece, hi - lo);
         task.crc = ec::Crc32c(absl::Span<const uint8_t>(dst, hi - lo), task.crc);
       }
-      next = b;
+      return absl::OkStatus();
+    };
+    grpc::ClientContext ctx;
+    RawCall call(channel_, &ctx, kReadRankMethod);
+    v1::ReadRankRequest req;
+    req.set_session_id(session_);
+    req.set_lease_id(r.lease_id());
+    req.set_offset(0);
+    req.set_length(r.window_bytes());
+    grpc::Slice request(req.SerializeAsString());
+    bool ok = call.Write(grpc::ByteBuffer(&request, 1)) && call.WritesDone();
+    uint64_t next = 0;
+    grpc::ByteBuffer buffer;
+    absl::Status failed;
+    while (ok && failed.ok() && call.Read(&buffer)) {
+      absl::StatusOr<BulkMessage> chunk = BulkMessage::Parse(buffer, kReadRankChunk);
+      if (!chunk.ok()) {
+        failed = absl::DataLossError(absl::StrCat("the daemon sent a ReadRank message that is not one: ",
+                                                  chunk.status().message()));
+        break;
+      }
+      const uint64_t a = chunk->Varint(1), n = chunk->BytesLength(2);
+      if (a != next || n > r.window_bytes() - a) {
+        failed = absl::DataLossError(absl::StrFormat(
+            "the daemon sent bytes [%d, %d) where [%d, ...) of %d was due", a, a + n, next,
+            r.window_bytes()));
+        break;
+      }
+      for (absl::Span<const uint8_t> piece : chunk->Bytes(2)) {
+        failed = scatter(next, piece.data(), piece.size());
+        if (!failed.ok()) break;
+        next += piece.size();
+      }
     }
-    absl::Status st = FromGrpc(reader->Finish());
+    if (!failed.ok()) {
+      ctx.TryCancel();
+      call.Finish();
+      return failed;
+    }
+    absl::Status st = FromGrpc(call.Finish());
     if (st.ok() && next != r.window_bytes()) {
       st = absl::DataLossError(absl::StrFormat("received %d of %d bytes", next, r.window_bytes()));
     }

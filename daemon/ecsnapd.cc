@@ -82,11 +82,16 @@ int main(int argc, char** argv) {
       "Usage: ecsnapd --config=cluster.textproto --slot=N [flags overriding the config]");
   absl::ParseCommandLine(argc, argv);
 
-  // Stream buffers (1 MiB messages, 32 MiB rebuild slices) come and go all
+  // gRPC's receive buffers and the messages of the streams come and go all
   // the time. Kept on the heap, freed ones are reused; above glibc's default
-  // threshold each would be a fresh mmap whose pages fault in again.
-  mallopt(M_MMAP_THRESHOLD, 64 << 20);
-  mallopt(M_TRIM_THRESHOLD, 256 << 20);
+  // threshold (128 KiB once a threshold is set) each would be a fresh mmap
+  // whose pages fault in again, which costs more than the copy on machines
+  // where a first store costs microseconds a page. 32 MiB is the most glibc
+  // takes (it refuses more, and a refused threshold left every buffer over
+  // 128 KiB mmapped).
+  if (mallopt(M_MMAP_THRESHOLD, 32 << 20) != 1 || mallopt(M_TRIM_THRESHOLD, 256 << 20) != 1) {
+    ecsnap::Log("glibc refused the heap thresholds: stream buffers are mapped afresh each time");
+  }
 
   // Signals are taken synchronously by main; every other thread blocks them.
   sigset_t signals;

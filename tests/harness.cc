@@ -208,6 +208,23 @@ std::unique_ptr<grpc::health::v1::Health::Stub> DaemonProcess::HealthStub() cons
   return grpc::health::v1::Health::NewStub(AdminChannel());
 }
 
+absl::StatusOr<absl::Duration> DaemonProcess::WaitArenaFirstWrites(absl::Duration limit) const {
+  const absl::Time start = absl::Now();
+  auto stub = AdminStub();
+  while (absl::Now() - start < limit) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+    admin::StatusRequest req;
+    admin::StatusResponse resp;
+    if (stub->Status(&ctx, req, &resp).ok() && resp.arena_first_writes_done()) {
+      return absl::Now() - start;
+    }
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  return absl::DeadlineExceededError(absl::StrCat(
+      "the arena's first writes were not done within ", absl::FormatDuration(limit)));
+}
+
 std::string DaemonProcess::admin_token_file() const {
   return options_.admin_token_file.empty() ? dir_ + "/admin.token" : options_.admin_token_file;
 }

@@ -106,6 +106,9 @@ class DaemonProcess {
   std::unique_ptr<admin::Admin::Stub> AdminStub() const;
   // grpc.health.v1 on the admin plane, over the same channel as AdminStub.
   std::unique_ptr<grpc::health::v1::Health::Stub> HealthStub() const;
+  // Waits until the daemon says its arena's background first writes are
+  // done (admin Status); the time waited, DEADLINE_EXCEEDED past `limit`.
+  absl::StatusOr<absl::Duration> WaitArenaFirstWrites(absl::Duration limit) const;
   std::string admin_token_file() const;
 
  private:

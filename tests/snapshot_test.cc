@@ -16,6 +16,7 @@
 #include <random>
 #include <thread>
 
+#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
 #include "absl/strings/str_cat.h"
@@ -718,7 +719,13 @@ TEST_F(SnapshotTest, ADaemonKilledAndRestartedKeepsEveryCommittedStep) {
 
 // Bad input, sent on the wire as a broken or hostile client would. A healthy
 // client keeps working between every case, and the daemon stays up.
-TEST_F(SnapshotTest, BadInputGetsAReadableStatusAndTheDaemonKeepsServing) {
+// Room for 32 MiB steps, one of them pinned while it is read.
+class SnapshotLargeArenaTest : public SnapshotTest {
+ protected:
+  SnapshotLargeArenaTest() { options_.arena_bytes = 256 << 20; }
+};
+
+TEST_F(SnapshotLargeArenaTest, BadInputGetsAReadableStatusAndTheDaemonKeepsServing) {
   auto healthy = Connect(0, {0}, Transport::kSharedMemory, "healthy");
   uint64_t healthy_step = 0;
   auto still_serving = [&] {
@@ -848,8 +855,108 @@ TEST_F(SnapshotTest, BadInputGetsAReadableStatusAndTheDaemonKeepsServing) {
     EXPECT_FALSE(s->Read(&e));
     expect(s->Finish(), grpc::StatusCode::INVALID_ARGUMENT, text);
   }
-  // After all that, the good step 5 is still there and step 6 still commits.
+  // ReadRank: a lease the session does not hold, bytes past the window, a
+  // request that is not one.
+  auto restore = [&](uint64_t step) {
+    grpc::ClientContext ctx;
+    v1::RestoreRequest req;
+    req.set_session_id(session);
+    req.set_step(step);
+    v1::RestoreResponse resp;
+    EXPECT_TRUE(stub->Restore(&ctx, req, &resp).ok());
+    return resp;
+  };
+  auto read_rank = [&](uint64_t lease, uint64_t offset, uint64_t length, std::string* got) {
+    grpc::ClientContext ctx;
+    v1::ReadRankRequest req;
+    req.set_session_id(session);
+    req.set_lease_id(lease);
+    req.set_offset(offset);
+    req.set_length(length);
+    auto r = stub->ReadRank(&ctx, req);
+    v1::ReadRankChunk c;
+    while (r->Read(&c)) got->append(c.data());
+    return r->Finish();
+  };
+  std::string got;
+  expect(read_rank(12345, 0, 10, &got), grpc::StatusCode::NOT_FOUND, "lease 12345 is not held");
+  const v1::RestoreResponse five = restore(5);
+  expect(read_rank(five.lease_id(), 900, 200, &got), grpc::StatusCode::INVALID_ARGUMENT,
+         "passes the end of the 1000-byte window");
+  ASSERT_TRUE(read_rank(five.lease_id(), 100, 900, &got).ok());
+  EXPECT_EQ(got, payload.substr(100));
+  {
+    grpc::GenericStub generic(data->channel);
+    grpc::ClientContext ctx;
+    grpc::ByteBuffer request(std::vector<grpc::Slice>{grpc::Slice("\xff\xff\xff")}.data(), 1);
+    grpc::CompletionQueue cq;
+    auto call = generic.PrepareCall(&ctx, "/ecsnap.v1.Snapshot/ReadRank", &cq);
+    void* tag;
+    bool ok;
+    call->StartCall(&ctx);
+    ASSERT_TRUE(cq.Next(&tag, &ok) && ok);
+    call->Write(request, grpc::WriteOptions().set_last_message(), &ctx);
+    ASSERT_TRUE(cq.Next(&tag, &ok));
+    grpc::Status st;
+    call->Finish(&st, &ctx);
+    ASSERT_TRUE(cq.Next(&tag, &ok));
+    cq.Shutdown();
+    while (cq.Next(&tag, &ok)) {
+    }
+    expect(st, grpc::StatusCode::INVALID_ARGUMENT, "is not a ReadRankRequest");
+  }
   ASSERT_TRUE(commit(6, good).ok());
+  ASSERT_TRUE(begin(session, 7, 1000).ok());
+  ASSERT_TRUE(write(7, 0, payload).ok());
+  ASSERT_TRUE(commit(7, good).ok());
+  // A trainer that releases its restore while the bytes are still on their
+  // way gets the step's bytes to the end, though later steps take the
+  // window's place in the arena meanwhile. (32 MiB: more than the socket and the streams' windows hold.)
+  const std::string big(32 << 20, 'a');
+  {
+    grpc::Status st = begin(session, 8, big.size());
+    ASSERT_TRUE(st.ok()) << st.error_message();
+  }
+  ASSERT_TRUE(write(8, 0, big).ok());
+  v1::Manifest seven;
+  *seven.add_tensors() = entry("w", 0, big);
+  ASSERT_TRUE(commit(8, seven).ok());
+  {
+    const v1::RestoreResponse lease = restore(8);
+    grpc::ClientContext ctx;
+    v1::ReadRankRequest req;
+    req.set_session_id(session);
+    req.set_lease_id(lease.lease_id());
+    req.set_length(big.size());
+    auto r = stub->ReadRank(&ctx, req);
+    v1::ReadRankChunk c;
+    ASSERT_TRUE(r->Read(&c));
+    std::string read = c.data();
+    {
+      grpc::ClientContext rctx;
+      v1::ReleaseRestoreRequest rel;
+      rel.set_session_id(session);
+      rel.set_lease_id(lease.lease_id());
+      v1::ReleaseRestoreResponse resp;
+      ASSERT_TRUE(stub->ReleaseRestore(&rctx, rel, &resp).ok());
+    }
+    for (uint64_t step : {9, 10, 11, 12}) {
+      const std::string other(32 << 20, static_cast<char>('a' + step));
+      ASSERT_TRUE(begin(session, step, other.size()).ok());
+      ASSERT_TRUE(write(step, 0, other).ok());
+      v1::Manifest m;
+      *m.add_tensors() = entry("w", 0, other);
+      ASSERT_TRUE(commit(step, m).ok());
+    }
+    while (r->Read(&c)) read += c.data();
+    ASSERT_TRUE(r->Finish().ok());
+    EXPECT_EQ(read.size(), big.size());
+    EXPECT_TRUE(read == big) << "the released window's bytes changed while they were sent";
+  }
+  // After all that, a later step still commits.
+  ASSERT_TRUE(begin(session, 13, 1000).ok());
+  ASSERT_TRUE(write(13, 0, payload).ok());
+  ASSERT_TRUE(commit(13, good).ok());
   EXPECT_TRUE(daemon_->alive());
   attach_ctx.TryCancel();
   session_stream->Finish();

@@ -8,6 +8,7 @@
 
 #include <cstdlib>
 
+#include "common/bulk_message.h"
 #include "common/grpc_status.h"
 #include "common/job_token.h"
 #include "common/log.h"
@@ -447,23 +448,65 @@ grpc::Status SnapshotService::Restore(grpc::ServerContext* context,
   return grpc::Status::OK;
 }
 
-grpc::Status SnapshotService::ReadRank(grpc::ServerContext* context,
-                                       const v1::ReadRankRequest* request,
-                                       grpc::ServerWriter<v1::ReadRankChunk>* writer) {
-  auto session = SessionOf(*context, request->session_id());
-  if (!session.ok()) return ToGrpc(session.status());
-  auto bytes = store_->Read(*session, request->lease_id(), request->offset(), request->length());
-  if (!bytes.ok()) return ToGrpc(bytes.status());
-  // The lease pins the window: the bytes stay put while they are sent.
-  v1::ReadRankChunk chunk;
-  for (uint64_t done = 0; done < bytes->size(); done += kStreamChunkBytes) {
-    if (context->IsCancelled()) return grpc::Status::CANCELLED;
-    const size_t n = std::min<uint64_t>(kStreamChunkBytes, bytes->size() - done);
-    chunk.set_offset(request->offset() + done);
-    chunk.set_data(reinterpret_cast<const char*>(bytes->data()) + done, n);
-    if (!writer->Write(chunk)) return grpc::Status::CANCELLED;
+// ReadRank's stream: the pinned window sent as messages whose payloads are
+// slices of the window itself; gRPC holds the pin with each slice, so the
+// window stays put until the last one is written, whatever the trainer
+// releases meanwhile. One write in flight at a time.
+class SnapshotService::ReadReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
+ public:
+  // Finishes at once with `status` (nothing to send).
+  explicit ReadReactor(grpc::Status status) { Finish(std::move(status)); }
+  ReadReactor(uint64_t offset, StepStore::PinnedBytes bytes)
+      : offset_(offset), bytes_(std::move(bytes)) {
+    Next();
   }
-  return grpc::Status::OK;
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) {
+      Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the trainer stopped reading"));
+      return;
+    }
+    Next();
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  void Next() {
+    if (sent_ == bytes_.bytes.size()) {
+      bytes_.pin.reset();
+      Finish(grpc::Status::OK);
+      return;
+    }
+    const size_t n = std::min(kStreamChunkBytes, bytes_.bytes.size() - sent_);
+    WireWriter w;
+    w.Varint(1, offset_ + sent_);
+    w.BytesHeader(2, n);
+    grpc::Slice parts[] = {w.TakeSlice(),
+                           BorrowedSlice(bytes_.bytes.data() + sent_, n, bytes_.pin)};
+    message_ = grpc::ByteBuffer(parts, 2);
+    sent_ += n;
+    StartWrite(&message_);
+  }
+
+  const uint64_t offset_ = 0;
+  StepStore::PinnedBytes bytes_;
+  size_t sent_ = 0;
+  grpc::ByteBuffer message_;
+};
+
+grpc::ServerWriteReactor<grpc::ByteBuffer>* SnapshotService::ReadRank(
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) {
+  v1::ReadRankRequest req;
+  grpc::ByteBuffer copy(*request);
+  if (!grpc::SerializationTraits<v1::ReadRankRequest>::Deserialize(&copy, &req).ok()) {
+    return new ReadReactor(
+        grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "ReadRank's request is not a ReadRankRequest"));
+  }
+  auto session = SessionOf(*context, req.session_id());
+  if (!session.ok()) return new ReadReactor(ToGrpc(session.status()));
+  auto bytes = store_->Read(*session, req.lease_id(), req.offset(), req.length());
+  if (!bytes.ok()) return new ReadReactor(ToGrpc(bytes.status()));
+  return new ReadReactor(req.offset(), *std::move(bytes));
 }
 
 grpc::Status SnapshotService::ReleaseRestore(grpc::ServerContext* context,

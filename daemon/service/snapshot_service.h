@@ -27,10 +27,16 @@
 
 namespace ecsnap::daemon {
 
-// Bytes of one WriteRank / ReadRank message payload.
-inline constexpr size_t kStreamChunkBytes = 1 << 20;
+// Bytes of one ReadRank message payload: a message (with its few bytes of
+// fields) stays within gRPC's default 4 MiB receive limit.
+inline constexpr size_t kStreamChunkBytes = (4 << 20) - 4096;
 
-class SnapshotService final : public v1::Snapshot::WithCallbackMethod_Attach<v1::Snapshot::Service> {
+// Attach is a callback stream; ReadRank a raw one (its payloads are slices
+// of the window, common/bulk_message.h); the rest run on sync threads.
+using SnapshotServiceBase = v1::Snapshot::WithRawCallbackMethod_ReadRank<
+    v1::Snapshot::WithCallbackMethod_Attach<v1::Snapshot::Service>>;
+
+class SnapshotService final : public SnapshotServiceBase {
  public:
   // `store` must outlive the service.
   SnapshotService(StepStore* store, uint32_t slot);
@@ -82,8 +88,8 @@ class SnapshotService final : public v1::Snapshot::WithCallbackMethod_Attach<v1:
                               v1::ListRestorableResponse* response) override;
   grpc::Status Restore(grpc::ServerContext*, const v1::RestoreRequest* request,
                        v1::RestoreResponse* response) override;
-  grpc::Status ReadRank(grpc::ServerContext*, const v1::ReadRankRequest* request,
-                        grpc::ServerWriter<v1::ReadRankChunk>* writer) override;
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* ReadRank(grpc::CallbackServerContext* context,
+                                                       const grpc::ByteBuffer* request) override;
   grpc::Status ReleaseRestore(grpc::ServerContext*, const v1::ReleaseRestoreRequest* request,
                               v1::ReleaseRestoreResponse* response) override;
 
@@ -94,6 +100,7 @@ class SnapshotService final : public v1::Snapshot::WithCallbackMethod_Attach<v1:
  private:
   class AttachReactor;
   class RefusedReactor;
+  class ReadReactor;
   struct WireSession {
     uint64_t session;
     std::string connection;

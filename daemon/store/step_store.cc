@@ -751,18 +751,25 @@ absl::Status StepStore::Release(uint64_t session, uint64_t lease_id) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<absl::Span<const uint8_t>> StepStore::Read(uint64_t session, uint64_t lease_id,
-                                                          uint64_t offset, uint64_t length) {
+absl::StatusOr<StepStore::PinnedBytes> StepStore::Read(uint64_t session, uint64_t lease_id,
+                                                       uint64_t offset, uint64_t length) {
   absl::MutexLock lock(&mu_);
   auto lease = FindLease(session, lease_id);
   if (!lease.ok()) return lease.status();
-  const RankData& rd = **lease;
-  if (offset > rd.bytes || length > rd.bytes - offset) {
+  std::shared_ptr<RankData> rd = *lease;
+  if (offset > rd->bytes || length > rd->bytes - offset) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "read of %d bytes at offset %d passes the end of the %d-byte window", length, offset,
-        rd.bytes));
+        rd->bytes));
   }
-  return absl::Span<const uint8_t>(arena_->base() + rd.extent.offset + offset, length);
+  PinnedBytes out;
+  out.bytes = absl::Span<const uint8_t>(arena_->base() + rd->extent.offset + offset, length);
+  ++rd->pins;
+  out.pin = std::shared_ptr<void>(nullptr, [this, rd](void*) {
+    absl::MutexLock lock(&mu_);
+    Unpin(rd);
+  });
+  return out;
 }
 
 std::vector<StepSummary> StepStore::ListSteps(const std::string& job_id) {

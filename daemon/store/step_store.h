@@ -217,10 +217,16 @@ class StepStore {
   // Pins the rank's data of `step` (0: the newest restorable) until Release.
   absl::StatusOr<RestoreLease> Restore(uint64_t session, uint64_t step);
   absl::Status Release(uint64_t session, uint64_t lease_id);
-  // The bytes [offset, offset + length) of a leased window, valid until the
-  // lease is released.
-  absl::StatusOr<absl::Span<const uint8_t>> Read(uint64_t session, uint64_t lease_id,
-                                                 uint64_t offset, uint64_t length);
+  // The bytes [offset, offset + length) of a leased window, pinned: they
+  // stay put while `pin` lives, even when the lease is released meanwhile
+  // (a trainer that releases a restore while its bytes are being sent).
+  // The pin must not outlive the store.
+  struct PinnedBytes {
+    absl::Span<const uint8_t> bytes;
+    std::shared_ptr<void> pin;
+  };
+  absl::StatusOr<PinnedBytes> Read(uint64_t session, uint64_t lease_id, uint64_t offset,
+                                   uint64_t length);
 
   // Admin.
   std::vector<StepSummary> ListSteps(const std::string& job_id);

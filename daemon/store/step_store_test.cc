@@ -76,7 +76,7 @@ class StepStoreTest : public ::testing::Test {
     EXPECT_TRUE(lease.ok()) << lease.status();
     if (!lease.ok()) return {};
     if (got_step) *got_step = lease->step;
-    auto bytes = *store_->Read(session, lease->lease_id, 0, lease->window.bytes);
+    auto bytes = store_->Read(session, lease->lease_id, 0, lease->window.bytes)->bytes;
     std::vector<uint8_t> out(bytes.begin(), bytes.end());
     EXPECT_TRUE(store_->Release(session, lease->lease_id).ok());
     return out;
@@ -285,6 +285,28 @@ TEST_F(StepStoreTest, RetentionFreesOlderStepsOnlyOnceANewerOneIsComplete) {
   EXPECT_EQ(arena_->free_bytes(), arena_->data_bytes() - 2 * kMiB - 2 * 4096);  // + 2 records
 }
 
+TEST_F(StepStoreTest, BytesBeingReadOutliveTheirLease) {
+  auto r = *store_->Attach("job", 0, {0});
+  RankState s1 = MakeState(1, {kMiB});
+  ASSERT_TRUE(Put(r, 1, s1).ok());
+  auto lease = *store_->Restore(r, 1);
+  ASSERT_TRUE(Put(r, 2, MakeState(2, {kMiB})).ok());  // retires step 1
+  auto read = *store_->Read(r, lease.lease_id, 0, kMiB);
+  const uint64_t before = arena_->free_bytes();
+  // The trainer releases its restore while the bytes are still being sent.
+  ASSERT_TRUE(store_->Release(r, lease.lease_id).ok());
+  EXPECT_EQ(arena_->free_bytes(), before);
+  // Step 3 comes (step 2 goes): it may not take the read window.
+  ASSERT_TRUE(Put(r, 3, MakeState(3, {kMiB})).ok());
+  EXPECT_EQ(arena_->free_bytes(), before);
+  EXPECT_TRUE(std::equal(read.bytes.begin(), read.bytes.end(), s1.bytes.begin()));
+  EXPECT_EQ(store_->Read(r, lease.lease_id, 0, kMiB).status().code(),
+            absl::StatusCode::kNotFound);
+  read.pin.reset();
+  EXPECT_EQ(arena_->free_bytes(), before + kMiB);
+  EXPECT_TRUE(arena_->CheckConsistency().ok()) << arena_->CheckConsistency();
+}
+
 TEST_F(StepStoreTest, ALeasedStepKeepsItsBytesUntilReleased) {
   auto r = *store_->Attach("job", 0, {0});
   RankState s1 = MakeState(1, {kMiB});
@@ -292,7 +314,7 @@ TEST_F(StepStoreTest, ALeasedStepKeepsItsBytesUntilReleased) {
   auto lease = *store_->Restore(r, 1);
   ASSERT_TRUE(Put(r, 2, MakeState(2, {kMiB})).ok());  // retires step 1
   EXPECT_EQ(store_->ListRestorable(r)->size(), 1u);
-  auto bytes = *store_->Read(r, lease.lease_id, 0, kMiB);
+  auto bytes = store_->Read(r, lease.lease_id, 0, kMiB)->bytes;
   EXPECT_TRUE(std::equal(bytes.begin(), bytes.end(), s1.bytes.begin()));
   const uint64_t before = arena_->free_bytes();
   ASSERT_TRUE(store_->Release(r, lease.lease_id).ok());
@@ -510,7 +532,7 @@ TEST_F(StepStoreTest, ARankRebuiltAgainReplacesTheOldOneWithoutALeak) {
   whole.push_back(Rebuilt(*arena_, 1, s1));
   ASSERT_TRUE(store_->InstallRebuilt("job", 3, {0, 1}, std::move(whole)).ok());
   // The pinned copy is intact until released; the restorable one too.
-  auto pinned = *store_->Read(r, lease.lease_id, 0, s0.bytes.size());
+  auto pinned = store_->Read(r, lease.lease_id, 0, s0.bytes.size())->bytes;
   EXPECT_TRUE(std::equal(pinned.begin(), pinned.end(), s0.bytes.begin()));
   ASSERT_TRUE(store_->Release(r, lease.lease_id).ok());
   EXPECT_EQ(Get(r, 3), s0.bytes);

@@ -4,14 +4,27 @@
 // in --tensors tensors, times (best of --reps):
 //   memcpy   the same bytes into pre-faulted memory: the physical limit
 //   shm      Snapshot + Wait through the shared-memory arena
+//   socket   the same bytes through a Unix socket pair into pre-faulted
+//            memory: the limit of the gRPC data plane
 //   grpc     Snapshot + Wait streamed over gRPC on the Unix socket
-//   restore  Restore into pre-faulted caller buffers through the arena
-// Ratios are times relative to memcpy (1.0 = as fast as memcpy); the first
-// snapshot after connecting is reported apart from the steady state. Last line:
+//   restore  Restore into pre-faulted caller buffers, through the arena
+//            and over gRPC
+// Ratios are times relative to memcpy (1.0 = as fast as memcpy) or to the
+// socket; the first snapshot after connecting and the first gRPC restore
+// are reported apart from the steady state. Last line:
 //   RESULT shm_stall_vs_memcpy=<x> grpc_stall_vs_memcpy=<y> restore_vs_memcpy=<z>
-//          first_vs_steady=<f> grpc_first_vs_steady=<g>
+//          first_vs_steady=<f> ... grpc_restore_vs_memcpy=<r> grpc_vs_socket=<s> ...
+//
+// --retain_heap (default on) raises glibc's mmap and trim thresholds in this
+// process, the trainer's, as GLIBC_TUNABLES=glibc.malloc.mmap_threshold=
+// 33554432:glibc.malloc.trim_threshold=4294967296 does for a trainer
+// started with it: gRPC's receive buffers are then reused instead of being
+// fresh pages each message (the daemon does the same for its own).
 //
 //   bazel run -c opt //tests/bench:ingest_bench -- --bytes=1073741824 --tensors=64
+#include <malloc.h>
+#include <sys/socket.h>
+
 #include <filesystem>
 #include <algorithm>
 #include <chrono>
@@ -37,6 +50,8 @@ ABSL_FLAG(int, reps, 3, "Repetitions; the best is reported.");
 ABSL_FLAG(int, copy_threads, 2, "Client copy threads.");
 ABSL_FLAG(int, prepare_gap_ms, 3000,
           "Time between Prepare and the first snapshot (a first training step).");
+ABSL_FLAG(bool, retain_heap, true,
+          "Raise glibc's mmap and trim thresholds in this (the trainer's) process.");
 ABSL_FLAG(int, max_seconds, 300,
           "Wall-clock bound of the whole run: past it SIGALRM ends the bench, and the daemon "
           "and its arena go with it.");
@@ -59,6 +74,10 @@ int main(int argc, char** argv) {
   const int reps = std::max(1, absl::GetFlag(FLAGS_reps));
   const uint64_t per = bytes / count / 64 * 64;
 
+  if (absl::GetFlag(FLAGS_retain_heap)) {
+    ::mallopt(M_MMAP_THRESHOLD, 32 << 20);
+    ::mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  }
   // The arena (8.5x, below) and the bench's own source and destination.
   ecsnap::bench::RefuseUnlessMemoryFor(11 * bytes + (uint64_t{256} << 20), "ingest_bench");
   ::alarm(static_cast<unsigned>(absl::GetFlag(FLAGS_max_seconds)));
@@ -97,6 +116,12 @@ int main(int argc, char** argv) {
   dopts.arena_bytes = (8 * window + (64 << 20)) / 4096 * 4096;
   auto daemon = ecsnap::testing::DaemonProcess::Start(dir, dopts);
   Check(daemon.status(), "starting ecsnapd");
+  // A daemon writes each page of its arena once in the background after it
+  // starts (at idle priority). Deployed, that is long over by a job's first
+  // snapshot; here it is waited for, and the time it took is printed.
+  auto warm_up = (*daemon)->WaitArenaFirstWrites(
+      absl::Seconds(absl::GetFlag(FLAGS_max_seconds) / 3.0));
+  Check(warm_up.status(), "waiting for the arena's first writes");
 
   auto connect = [&](ecsnap::Transport transport, const char* job) {
     ecsnap::ClientOptions o;
@@ -127,6 +152,34 @@ int main(int argc, char** argv) {
     for (int i = 0; i < count; ++i) std::memcpy(dst[i].data(), src[i].data(), per);
   };
   double t_memcpy = Best(reps, memcpy_all);
+  // The Unix socket's limit: the same tensors written in 4 MiB pieces (as
+  // the data plane's messages) and read into pre-faulted memory.
+  auto socket_all = [&] {
+    int fds[2];
+    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
+      Check(absl::ErrnoToStatus(errno, "socketpair"), "socket baseline");
+    }
+    std::thread writer([&] {
+      for (int i = 0; i < count; ++i) {
+        for (uint64_t at = 0; at < per;) {
+          const ssize_t n = ::write(fds[0], src[i].data() + at, std::min<uint64_t>(4 << 20, per - at));
+          if (n <= 0) return;
+          at += n;
+        }
+      }
+    });
+    for (int i = 0; i < count; ++i) {
+      for (uint64_t at = 0; at < per;) {
+        const ssize_t n = ::read(fds[1], dst[i].data() + at, per - at);
+        if (n <= 0) break;
+        at += n;
+      }
+    }
+    writer.join();
+    ::close(fds[0]);
+    ::close(fds[1]);
+  };
+  const double t_socket = Best(reps, socket_all);
   // The stall is Snapshot + Wait: until the tensors may be modified. The
   // daemon's verification and commit follow (WaitCommitted), off the clock
   // of the stall but timed on their own.
@@ -170,7 +223,10 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
-  const double t_grpc_restore = Best(1, [&] { Check(grpc->RestoreInto(0, into).status(), "restore"); });
+  const double t_grpc_restore_first =
+      Best(1, [&] { Check(grpc->RestoreInto(0, into).status(), "restore"); });
+  const double t_grpc_restore =
+      Best(reps, [&] { Check(grpc->RestoreInto(0, into).status(), "restore"); });
   t_memcpy = std::min(t_memcpy, Best(reps, memcpy_all));
 
   std::printf("ingest_bench: %.2f GiB in %d tensors, %d copy threads, best of %d\n",
@@ -180,6 +236,9 @@ int main(int argc, char** argv) {
                 t / t_memcpy);
   };
   row("memcpy into pre-faulted memory", t_memcpy);
+  row("Unix socket into pre-faulted mem", t_socket);
+  std::printf("%-34s %8.1f ms\n", "arena first writes, after start",
+              absl::ToDoubleMilliseconds(*warm_up));
   std::printf("%-34s %8.1f ms\n", "Connect", t_connect * 1e3);
   row("first Snapshot+Wait, shared memory", s_shm.first);
   row("Snapshot+Wait, shared memory", t_shm);
@@ -191,12 +250,17 @@ int main(int argc, char** argv) {
   row("Snapshot to committed, shared mem", c_shm);
   row("Snapshot to committed, gRPC", c_grpc);
   row("Restore, shared memory", t_restore);
+  row("first Restore, gRPC", t_grpc_restore_first);
   row("Restore, gRPC (Unix socket)", t_grpc_restore);
   std::printf(
       "RESULT shm_stall_vs_memcpy=%.3f grpc_stall_vs_memcpy=%.3f restore_vs_memcpy=%.3f "
-      "first_vs_steady=%.3f prepared_first_vs_steady=%.3f grpc_first_vs_steady=%.3f\n",
+      "first_vs_steady=%.3f prepared_first_vs_steady=%.3f grpc_first_vs_steady=%.3f "
+      "grpc_restore_vs_memcpy=%.3f grpc_restore_first_vs_steady=%.3f socket_vs_memcpy=%.3f "
+      "grpc_vs_socket=%.3f grpc_restore_vs_socket=%.3f\n",
       t_shm / t_memcpy, t_grpc / t_memcpy, t_restore / t_memcpy, s_shm.first / t_shm,
-      s_prepared.first / s_prepared.steady, s_grpc.first / t_grpc);
+      s_prepared.first / s_prepared.steady, s_grpc.first / t_grpc, t_grpc_restore / t_memcpy,
+      t_grpc_restore_first / t_grpc_restore, t_socket / t_memcpy, t_grpc / t_socket,
+      t_grpc_restore / t_socket);
   shm.reset();
   grpc.reset();
   daemon->reset();

@@ -175,22 +175,6 @@ double FreshMemorySeconds(const std::string& dir, uint64_t bytes) {
   return secs;
 }
 
-// Waits (at most `limit` s) until daemon `d` says its arena's background
-// first-write pass is done; returns the seconds waited, or -1 past the limit.
-double WaitFirstWrites(ecsnap::testing::DaemonProcess& d, double limit) {
-  const auto t0 = Clock::now();
-  auto stub = d.AdminStub();
-  while (Since(t0) < limit) {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-    ecsnap::admin::StatusRequest req;
-    ecsnap::admin::StatusResponse resp;
-    if (stub->Status(&ctx, req, &resp).ok() && resp.arena_first_writes_done()) return Since(t0);
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  return -1;
-}
-
 // The state of `step` on daemon `d`, through an admin stub kept per daemon
 // (a fresh channel per poll would cost more than the latencies measured).
 ecsnap::v1::StepState StateOf(ecsnap::testing::DaemonProcess& d, uint64_t step) {
@@ -258,13 +242,10 @@ int main(int argc, char** argv) {
   // steady state, and the time it took is printed.
   double warm_up = 0;
   for (int s = 0; s < n; ++s) {
-    const double waited =
-        WaitFirstWrites((*cluster)->daemon(s), absl::GetFlag(FLAGS_max_seconds) / 4.0);
-    if (waited < 0) {
-      std::fprintf(stderr, "protect_bench: daemon %d's arena first writes did not finish\n", s);
-      return 1;
-    }
-    warm_up += waited;
+    auto waited = (*cluster)->daemon(s).WaitArenaFirstWrites(
+        absl::Seconds(absl::GetFlag(FLAGS_max_seconds) / 4.0));
+    Check(waited.status(), "waiting for the arenas' first writes");
+    warm_up += absl::ToDoubleSeconds(*waited);
   }
   std::printf("arenas' background first writes finished %.2f s after the cluster was up\n",
               warm_up);

@@ -1,0 +1,65 @@
+#include "client/raw_call.h"
+
+namespace ecsnap::client_internal {
+
+RawCall::RawCall(const std::shared_ptr<grpc::Channel>& channel, grpc::ClientContext* context,
+                 const std::string& method)
+    : context_(context), stub_(channel) {
+  call_ = stub_.PrepareCall(context_, method, &cq_);
+  if (call_ != nullptr) {
+    call_->StartCall(this);
+    started_ = Await();
+  }
+}
+
+RawCall::~RawCall() {
+  if (call_ != nullptr && !finished_) {
+    context_->TryCancel();
+    Finish();
+  }
+  cq_.Shutdown();
+  void* tag;
+  bool ok;
+  while (cq_.Next(&tag, &ok)) {
+  }
+}
+
+bool RawCall::Await() {
+  void* tag;
+  bool ok = false;
+  // Each operation completes (with ok false when the call broke) before the
+  // next is started, so the next event is its own.
+  return cq_.Next(&tag, &ok) && ok;
+}
+
+bool RawCall::Write(const grpc::ByteBuffer& message) {
+  if (!started_) return false;
+  call_->Write(message, this);
+  return Await();
+}
+
+bool RawCall::WritesDone() {
+  if (!started_) return false;
+  call_->WritesDone(this);
+  return Await();
+}
+
+bool RawCall::Read(grpc::ByteBuffer* message) {
+  if (!started_) return false;
+  call_->Read(message, this);
+  return Await();
+}
+
+grpc::Status RawCall::Finish() {
+  if (call_ == nullptr) {
+    finished_ = true;
+    return grpc::Status(grpc::StatusCode::INTERNAL, "the data-plane call could not be created");
+  }
+  grpc::Status status;
+  call_->Finish(&status, this);
+  Await();
+  finished_ = true;
+  return status;
+}
+
+}  // namespace ecsnap::client_internal
