@@ -495,10 +495,15 @@ class ClientImpl final : public Client {
     }
     auto returned = std::make_shared<absl::Notification>();
     std::shared_ptr<void> lent(nullptr, [returned](void*) { returned->Notify(); });
+    // The tensors may change once Wait() returns, so this waits as long as
+    // gRPC reads them (a connection that stopped draining holds them until
+    // gRPC tears it down), saying so every minute.
     absl::Cleanup await_slices = [&lent, returned] {
       lent.reset();
-      if (!returned->WaitForNotificationWithTimeout(absl::Seconds(60))) {
-        Log("libecsnap: gRPC still holds tensor memory 60 s after a snapshot stream ended");
+      for (int minutes = 1; !returned->WaitForNotificationWithTimeout(absl::Minutes(1));
+           ++minutes) {
+        Log("libecsnap: gRPC still holds tensor memory %d min after a snapshot stream ended",
+            minutes);
       }
     };
     grpc::ClientContext ctx;
@@ -701,7 +706,7 @@ class ClientImpl final : public Client {
         break;
       }
       const uint64_t a = chunk->Varint(1), n = chunk->BytesLength(2);
-      if (a != next || n > r.window_bytes() - a) {
+      if (a != next || n == 0 || n > r.window_bytes() - a) {
         failed = absl::DataLossError(absl::StrFormat(
             "the daemon sent bytes [%d, %d) where [%d, ...) of %d was due", a, a + n, next,
             r.window_bytes()));

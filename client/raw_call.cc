@@ -51,15 +51,15 @@ bool RawCall::Read(grpc::ByteBuffer* message) {
 }
 
 grpc::Status RawCall::Finish() {
-  if (call_ == nullptr) {
-    finished_ = true;
-    return grpc::Status(grpc::StatusCode::INTERNAL, "the data-plane call could not be created");
-  }
-  grpc::Status status;
-  call_->Finish(&status, this);
-  Await();
+  if (finished_) return status_;
   finished_ = true;
-  return status;
+  if (call_ == nullptr) {
+    status_ = grpc::Status(grpc::StatusCode::INTERNAL, "the data-plane call could not be created");
+    return status_;
+  }
+  call_->Finish(&status_, this);
+  Await();
+  return status_;
 }
 
 }  // namespace ecsnap::client_internal

@@ -32,7 +32,8 @@ class RawCall {
   bool Write(const grpc::ByteBuffer& message);
   bool WritesDone();
   bool Read(grpc::ByteBuffer* message);
-  // The call's status; call once, after the last Read or Write.
+  // The call's status, after the last Read or Write (later calls return it
+  // again).
   grpc::Status Finish();
 
  private:
@@ -44,6 +45,7 @@ class RawCall {
   std::unique_ptr<grpc::GenericClientAsyncReaderWriter> call_;
   bool started_ = false;
   bool finished_ = false;
+  grpc::Status status_;
 };
 
 }  // namespace ecsnap::client_internal

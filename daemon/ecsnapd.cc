@@ -89,8 +89,11 @@ int main(int argc, char** argv) {
   // where a first store costs microseconds a page. 32 MiB is the most glibc
   // takes (it refuses more, and a refused threshold left every buffer over
   // 128 KiB mmapped).
-  if (mallopt(M_MMAP_THRESHOLD, 32 << 20) != 1 || mallopt(M_TRIM_THRESHOLD, 256 << 20) != 1) {
-    ecsnap::Log("glibc refused the heap thresholds: stream buffers are mapped afresh each time");
+  if (mallopt(M_MMAP_THRESHOLD, 32 << 20) != 1) {
+    ecsnap::Log("glibc refused a 32 MiB mmap threshold: stream buffers are mapped afresh");
+  }
+  if (mallopt(M_TRIM_THRESHOLD, 256 << 20) != 1) {
+    ecsnap::Log("glibc refused a 256 MiB trim threshold: freed heap goes back to the kernel");
   }
 
   // Signals are taken synchronously by main; every other thread blocks them.

@@ -55,6 +55,35 @@ struct StepStore::Session {
   uint64_t restored = 0;  // the step this rank restored last, until it snapshots
   uint64_t restored_at = 0;  // the store's step sequence when it restored
   bool opening = false;  // a BeginRank is getting its window, off the lock
+  uint64_t reads = 0;    // PinnedBytes handed out and not yet dropped
+};
+
+// Who a read pin goes back to: the store while it lives. gRPC may drop the
+// last slice of a window after the server, and the store, are gone (a
+// connection torn down late); such a pin then does nothing.
+struct StepStore::PinOwner {
+  absl::Mutex mu;
+  StepStore* store ABSL_GUARDED_BY(mu);
+};
+
+// A read's pin on its window (PinnedBytes::pin).
+class StepStore::ReadPin {
+ public:
+  explicit ReadPin(std::shared_ptr<PinOwner> owner) : owner_(std::move(owner)) {}
+  ~ReadPin() {
+    if (rank_ == nullptr) return;  // never armed
+    absl::MutexLock lock(&owner_->mu);
+    if (owner_->store != nullptr) owner_->store->DropReadPin(session_, rank_);
+  }
+  void Arm(uint64_t session, std::shared_ptr<RankData> rank) {
+    session_ = session;
+    rank_ = std::move(rank);
+  }
+
+ private:
+  std::shared_ptr<PinOwner> owner_;
+  uint64_t session_ = 0;
+  std::shared_ptr<RankData> rank_;
 };
 
 namespace {
@@ -74,9 +103,15 @@ ManifestLimits ManifestLimitsOf(const StoreLimits& lim) {
 }  // namespace
 
 StepStore::StepStore(Arena* arena, StoreOptions options)
-    : arena_(arena), options_(std::move(options)) {}
+    : arena_(arena), options_(std::move(options)), pin_owner_(std::make_shared<PinOwner>()) {
+  absl::MutexLock lock(&pin_owner_->mu);
+  pin_owner_->store = this;
+}
 
-StepStore::~StepStore() = default;
+StepStore::~StepStore() {
+  absl::MutexLock lock(&pin_owner_->mu);
+  pin_owner_->store = nullptr;
+}
 
 AdoptReport StepStore::Adopt() {
   AdoptReport report;
@@ -753,6 +788,9 @@ absl::Status StepStore::Release(uint64_t session, uint64_t lease_id) {
 
 absl::StatusOr<StepStore::PinnedBytes> StepStore::Read(uint64_t session, uint64_t lease_id,
                                                        uint64_t offset, uint64_t length) {
+  // Made before the lock: a pin that could not be made never runs its
+  // release under it.
+  auto pin = std::make_shared<ReadPin>(pin_owner_);
   absl::MutexLock lock(&mu_);
   auto lease = FindLease(session, lease_id);
   if (!lease.ok()) return lease.status();
@@ -762,14 +800,26 @@ absl::StatusOr<StepStore::PinnedBytes> StepStore::Read(uint64_t session, uint64_
         "read of %d bytes at offset %d passes the end of the %d-byte window", length, offset,
         rd->bytes));
   }
+  Session* ses = sessions_.at(session).get();
+  if (ses->reads >= options_.limits.max_leases_per_session) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "session has %d reads in flight, its limit; finish reading before starting more",
+        ses->reads));
+  }
+  ++ses->reads;
+  ++rd->pins;
+  pin->Arm(session, rd);
   PinnedBytes out;
   out.bytes = absl::Span<const uint8_t>(arena_->base() + rd->extent.offset + offset, length);
-  ++rd->pins;
-  out.pin = std::shared_ptr<void>(nullptr, [this, rd](void*) {
-    absl::MutexLock lock(&mu_);
-    Unpin(rd);
-  });
+  out.pin = std::move(pin);
   return out;
+}
+
+void StepStore::DropReadPin(uint64_t session, const std::shared_ptr<RankData>& rd) {
+  absl::MutexLock lock(&mu_);
+  Unpin(rd);
+  auto it = sessions_.find(session);
+  if (it != sessions_.end() && it->second->reads > 0) --it->second->reads;
 }
 
 std::vector<StepSummary> StepStore::ListSteps(const std::string& job_id) {

@@ -219,14 +219,16 @@ class StepStore {
   absl::Status Release(uint64_t session, uint64_t lease_id);
   // The bytes [offset, offset + length) of a leased window, pinned: they
   // stay put while `pin` lives, even when the lease is released meanwhile
-  // (a trainer that releases a restore while its bytes are being sent).
-  // The pin must not outlive the store.
+  // (a trainer that releases a restore while its bytes are being sent). A
+  // session holds at most max_leases_per_session pins at once
+  // (RESOURCE_EXHAUSTED past that). A pin may outlive the store (it then
+  // does nothing) but must not be dropped under the store's lock.
   struct PinnedBytes {
     absl::Span<const uint8_t> bytes;
     std::shared_ptr<void> pin;
   };
   absl::StatusOr<PinnedBytes> Read(uint64_t session, uint64_t lease_id, uint64_t offset,
-                                   uint64_t length);
+                                   uint64_t length) ABSL_LOCKS_EXCLUDED(mu_);
 
   // Admin.
   std::vector<StepSummary> ListSteps(const std::string& job_id);
@@ -320,6 +322,11 @@ class StepStore {
   struct Step;
   struct Job;
   struct Session;
+  struct PinOwner;
+  class ReadPin;
+
+  void DropReadPin(uint64_t session, const std::shared_ptr<RankData>& rd)
+      ABSL_LOCKS_EXCLUDED(mu_);
 
   absl::StatusOr<Session*> FindSession(uint64_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Step `step` of the session's job, with the session's rank open on it.
@@ -363,6 +370,7 @@ class StepStore {
   RetentionGate* gate_ = nullptr;
 
   mutable absl::Mutex mu_;
+  std::shared_ptr<PinOwner> pin_owner_;
   std::map<std::string, std::unique_ptr<Job>> jobs_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, uint32_t> owners_ ABSL_GUARDED_BY(mu_);  // job -> owner uid
   // Jobs whose owner came from data (this node's records, or the group): a

@@ -307,6 +307,28 @@ TEST_F(StepStoreTest, BytesBeingReadOutliveTheirLease) {
   EXPECT_TRUE(arena_->CheckConsistency().ok()) << arena_->CheckConsistency();
 }
 
+TEST_F(StepStoreTest, ASessionHoldsFewReadsAtOnceAndAPinMayOutliveItsStore) {
+  StoreOptions options;
+  options.limits.max_leases_per_session = 2;
+  Open(options);
+  auto r = *store_->Attach("job", 0, {0});
+  ASSERT_TRUE(Put(r, 1, MakeState(1, {kMiB})).ok());
+  auto lease = *store_->Restore(r, 1);
+  auto a = store_->Read(r, lease.lease_id, 0, kMiB);
+  auto b = store_->Read(r, lease.lease_id, 0, kMiB);
+  ASSERT_TRUE(a.ok() && b.ok());
+  auto c = store_->Read(r, lease.lease_id, 0, kMiB);
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kResourceExhausted) << c.status();
+  EXPECT_NE(c.status().message().find("2 reads in flight"), std::string::npos) << c.status();
+  a->pin.reset();
+  auto d = store_->Read(r, lease.lease_id, 0, kMiB);
+  ASSERT_TRUE(d.ok()) << d.status();
+  // The server may let go of a window's last slice after the store is gone.
+  store_.reset();
+  b->pin.reset();
+  d->pin.reset();
+}
+
 TEST_F(StepStoreTest, ALeasedStepKeepsItsBytesUntilReleased) {
   auto r = *store_->Attach("job", 0, {0});
   RankState s1 = MakeState(1, {kMiB});
