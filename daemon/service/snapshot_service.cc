@@ -12,6 +12,7 @@
 #include "common/grpc_status.h"
 #include "common/job_token.h"
 #include "common/log.h"
+#include "common/status_macros.h"
 #include "daemon/service/trainer_listener.h"
 
 namespace ecsnap::daemon {
@@ -355,30 +356,78 @@ void SnapshotService::PrepareLoop() {
   }
 }
 
-grpc::Status SnapshotService::WriteRank(grpc::ServerContext* context,
-                                        grpc::ServerReader<v1::WriteRankChunk>* reader,
-                                        v1::WriteRankResponse* response) {
-  v1::WriteRankChunk chunk;
-  if (!reader->Read(&chunk)) {
-    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "WriteRank stream carried no message");
+// WriteRank's stream: each message's payload goes from where gRPC received
+// it straight into the window. The first message names the session and the
+// step. One read in flight at a time.
+class SnapshotService::WriteReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
+ public:
+  WriteReactor(SnapshotService* service, grpc::CallbackServerContext* context,
+               grpc::ByteBuffer* response)
+      : service_(service), context_(context), response_(response) {
+    StartRead(&message_);
   }
-  WireSession ws;
-  auto found = SessionOf(*context, chunk.session_id(), &ws);
-  if (!found.ok()) return ToGrpc(found.status());
-  const uint64_t session = *found;
-  if (absl::Status st = CheckSessionOwner(ws, session); !st.ok()) return ToGrpc(st);
-  const uint64_t step = chunk.step();
-  uint64_t written = 0;
-  do {
-    absl::Status st = store_->Write(
-        session, step, chunk.offset(),
-        absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(chunk.data().data()),
-                                  chunk.data().size()));
-    if (!st.ok()) return ToGrpc(st);
-    written += chunk.data().size();
-  } while (reader->Read(&chunk));
-  response->set_bytes_written(written);
-  return grpc::Status::OK;
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // the trainer's last message came, or the stream broke
+      if (first_) {
+        Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                            "WriteRank stream carried no message"));
+        return;
+      }
+      v1::WriteRankResponse r;
+      r.set_bytes_written(written_);
+      bool own = false;
+      Finish(grpc::SerializationTraits<v1::WriteRankResponse>::Serialize(r, response_, &own));
+      return;
+    }
+    absl::Status st = Take();
+    if (!st.ok()) {
+      Finish(ToGrpc(st));
+      return;
+    }
+    StartRead(&message_);
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  static constexpr WireField kFields[] = {{1, WireField::kBytes},
+                                          {2, WireField::kVarint},
+                                          {3, WireField::kVarint},
+                                          {4, WireField::kBytes}};
+
+  absl::Status Take() {
+    absl::StatusOr<BulkMessage> m = BulkMessage::Parse(message_, kFields);
+    if (!m.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("a WriteRank message is not a WriteRankChunk: ", m.status().message()));
+    }
+    if (first_) {
+      WireSession ws;
+      auto found = service_->SessionOf(*context_, m->BytesAsString(1), &ws);
+      if (!found.ok()) return found.status();
+      RETURN_IF_ERROR(service_->CheckSessionOwner(ws, *found));
+      session_ = *found;
+      step_ = m->Varint(2);
+      first_ = false;
+    }
+    RETURN_IF_ERROR(service_->store_->Write(session_, step_, m->Varint(3), m->Bytes(4)));
+    written_ += m->BytesLength(4);
+    return absl::OkStatus();
+  }
+
+  SnapshotService* const service_;
+  grpc::CallbackServerContext* const context_;
+  grpc::ByteBuffer* const response_;
+  grpc::ByteBuffer message_;
+  bool first_ = true;
+  uint64_t session_ = 0;
+  uint64_t step_ = 0;
+  uint64_t written_ = 0;
+};
+
+grpc::ServerReadReactor<grpc::ByteBuffer>* SnapshotService::WriteRank(
+    grpc::CallbackServerContext* context, grpc::ByteBuffer* response) {
+  return new WriteReactor(this, context, response);
 }
 
 grpc::Status SnapshotService::CommitRank(grpc::ServerContext* context,

@@ -31,10 +31,13 @@ namespace ecsnap::daemon {
 // fields) stays within gRPC's default 4 MiB receive limit.
 inline constexpr size_t kStreamChunkBytes = (4 << 20) - 4096;
 
-// Attach is a callback stream; ReadRank a raw one (its payloads are slices
-// of the window, common/bulk_message.h); the rest run on sync threads.
-using SnapshotServiceBase = v1::Snapshot::WithRawCallbackMethod_ReadRank<
-    v1::Snapshot::WithCallbackMethod_Attach<v1::Snapshot::Service>>;
+// Attach is a callback stream; WriteRank and ReadRank raw ones (their
+// payloads are copied once, from gRPC's buffers into the window, or sent as
+// slices of the window: common/bulk_message.h); the rest run on sync
+// threads.
+using SnapshotServiceBase = v1::Snapshot::WithRawCallbackMethod_WriteRank<
+    v1::Snapshot::WithRawCallbackMethod_ReadRank<
+        v1::Snapshot::WithCallbackMethod_Attach<v1::Snapshot::Service>>>;
 
 class SnapshotService final : public SnapshotServiceBase {
  public:
@@ -78,8 +81,8 @@ class SnapshotService final : public SnapshotServiceBase {
                          v1::BeginRankResponse* response) override;
   grpc::Status PrepareRank(grpc::ServerContext*, const v1::PrepareRankRequest* request,
                            v1::PrepareRankResponse* response) override;
-  grpc::Status WriteRank(grpc::ServerContext*, grpc::ServerReader<v1::WriteRankChunk>* reader,
-                         v1::WriteRankResponse* response) override;
+  grpc::ServerReadReactor<grpc::ByteBuffer>* WriteRank(grpc::CallbackServerContext* context,
+                                                       grpc::ByteBuffer* response) override;
   grpc::Status CommitRank(grpc::ServerContext*, const v1::CommitRankRequest* request,
                           v1::CommitRankResponse* response) override;
   grpc::Status AbortRank(grpc::ServerContext*, const v1::AbortRankRequest* request,
@@ -101,6 +104,7 @@ class SnapshotService final : public SnapshotServiceBase {
   class AttachReactor;
   class RefusedReactor;
   class ReadReactor;
+  class WriteReactor;
   struct WireSession {
     uint64_t session;
     std::string connection;

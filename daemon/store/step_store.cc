@@ -481,21 +481,27 @@ absl::Status StepStore::CheckNewerLocked(Job& job, uint32_t rank, uint64_t step,
 }
 
 absl::Status StepStore::Write(uint64_t session, uint64_t step, uint64_t offset,
-                              absl::Span<const uint8_t> data) {
+                              absl::Span<const absl::Span<const uint8_t>> pieces) {
+  uint64_t bytes = 0;
+  for (const auto& p : pieces) bytes += p.size();  // each within one message
   std::shared_ptr<RankData> rd;
   {
     absl::MutexLock lock(&mu_);
     auto r = WritableRank(session, step);
     if (!r.ok()) return r.status();
     rd = *std::move(r);
-    if (offset > rd->bytes || data.size() > rd->bytes - offset) {
+    if (offset > rd->bytes || bytes > rd->bytes - offset) {
       return absl::InvalidArgumentError(absl::StrFormat(
-          "write of %d bytes at offset %d passes the end of the %d-byte window", data.size(),
-          offset, rd->bytes));
+          "write of %d bytes at offset %d passes the end of the %d-byte window", bytes, offset,
+          rd->bytes));
     }
     ++rd->pins;
   }
-  if (!data.empty()) std::memcpy(arena_->base() + rd->extent.offset + offset, data.data(), data.size());
+  uint8_t* at = arena_->base() + rd->extent.offset + offset;
+  for (const auto& p : pieces) {
+    if (!p.empty()) std::memcpy(at, p.data(), p.size());
+    at += p.size();
+  }
   absl::MutexLock lock(&mu_);
   Unpin(rd);
   return absl::OkStatus();

@@ -202,10 +202,14 @@ class StepStore {
   // RESOURCE_EXHAUSTED when memory is short (a snapshot can still take the
   // memory later, by reclaiming spares).
   absl::StatusOr<ArenaExtent> PrepareRank(uint64_t session, uint64_t bytes);
-  // Copies `data` into the open window at `offset` (the path for clients
-  // that cannot map the arena).
+  // Copies `pieces`, one after the other, into the open window from
+  // `offset` on (the path for clients that cannot map the arena).
   absl::Status Write(uint64_t session, uint64_t step, uint64_t offset,
-                     absl::Span<const uint8_t> data);
+                     absl::Span<const absl::Span<const uint8_t>> pieces);
+  absl::Status Write(uint64_t session, uint64_t step, uint64_t offset,
+                     absl::Span<const uint8_t> data) {
+    return Write(session, step, offset, absl::MakeConstSpan(&data, 1));
+  }
   // Checks `manifest` against the window and publishes the rank's data.
   // Returns the step's state afterwards.
   absl::StatusOr<v1::StepState> CommitRank(uint64_t session, uint64_t step,
