@@ -220,18 +220,24 @@ class ClientImpl final : public Client {
   }
 
   absl::Status Prepare(const std::vector<Tensor>& tensors) override {
-    if (!windows_enabled_) return absl::OkStatus();
+    return PrepareBytes(Layout(tensors, nullptr));
+  }
+
+  // Asks for a window of `bytes` ahead of the first snapshot; the window is
+  // offered on the Attach stream once it exists.
+  absl::Status PrepareBytes(uint64_t bytes) {
+    if (!windows_enabled_ || bytes == 0) return absl::OkStatus();
     grpc::ClientContext ctx;
     SetDeadline(ctx);
     v1::PrepareRankRequest req;
     req.set_session_id(session_);
-    req.set_bytes(Layout(tensors, nullptr));
+    req.set_bytes(bytes);
     v1::PrepareRankResponse resp;
-    // The window is offered on the Attach stream once it exists.
     return FromGrpc(stub_->PrepareRank(&ctx, req, &resp));
   }
 
   absl::StatusOr<SnapshotHandle> Snapshot(uint64_t step, std::vector<Tensor> tensors) override {
+    snapshotted_.store(true, std::memory_order_relaxed);
     auto state = std::make_shared<SnapshotHandle::State>();
     state->step = step;
     for (const Tensor& t : tensors) {
@@ -326,6 +332,13 @@ class ClientImpl final : public Client {
     }
     ReleaseLease(r.lease_id());
     if (!st.ok()) return st;
+    // A trainer that restores before its first snapshot (a restart) will
+    // most likely snapshot the same tensors next: the window for that is
+    // made and warmed now, while it gets back to training, as Prepare
+    // would (after a daemon restart or a node's rebuild there is none).
+    if (!snapshotted_.load(std::memory_order_relaxed) && !restore_prepared_.exchange(true)) {
+      PrepareBytes(r.window_bytes()).IgnoreError();  // only a head start
+    }
     if (rest != nullptr) {
       rest->step = r.step();
       rest->buffer = buffer;
@@ -731,6 +744,8 @@ class ClientImpl final : public Client {
   }
 
   ClientOptions options_;
+  std::atomic<bool> snapshotted_{false};       // Snapshot was called
+  std::atomic<bool> restore_prepared_{false};  // a restore asked for a window
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::Snapshot::Stub> stub_;
   grpc::ClientContext attach_context_;

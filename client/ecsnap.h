@@ -203,7 +203,8 @@ class Client {
   // of the size `tensors` need (only their sizes are read) and maps it in
   // the background, so that the first snapshot of the same size does not
   // pay for fresh memory (see common/prefault.h). Later steps get the same
-  // from the daemon without asking. A no-op over gRPC.
+  // from the daemon without asking, and a restore before the first snapshot
+  // asks for a window of the restored step's size. A no-op over gRPC.
   virtual absl::Status Prepare(const std::vector<Tensor>& tensors) = 0;
 
   // This rank's restorable steps, newest first.

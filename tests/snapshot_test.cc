@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <set>
 #include <thread>
 
 #include <grpcpp/generic/generic_stub.h>
@@ -385,6 +386,55 @@ TEST_F(SnapshotTest, APreparedWindowIsTheOneTheFirstSnapshotFills) {
   struct stat used {};
   ASSERT_EQ(::fstat(window->fd.get(), &used), 0);
   EXPECT_EQ(used.st_ino, prepared.st_ino) << "the first snapshot did not use the prepared window";
+}
+
+// After a daemon restart the arena holds the re-adopted steps and no spare
+// window: a trainer that restores before its first snapshot has the window
+// for that snapshot made (and warmed) then, and its first snapshot fills it.
+TEST_F(SnapshotTest, ARestoreBeforeTheFirstSnapshotMakesItsWindow) {
+  const std::string arena = dir_.path() + "/arena";
+  auto window_inodes = [&] {
+    std::set<ino_t> inodes;
+    for (const auto& e : std::filesystem::directory_iterator(arena)) {
+      struct stat st {};
+      if (e.path().filename().string().rfind("w.", 0) == 0 &&
+          ::stat(e.path().c_str(), &st) == 0) {
+        inodes.insert(st.st_ino);
+      }
+    }
+    return inodes;
+  };
+  auto inode_of_newest = [&](RawSession& raw) {
+    v1::RestoreResponse lease;
+    EXPECT_TRUE(raw.Restore(&lease).ok());
+    auto window = FetchWindow(daemon_->socket(), lease.window_token(), absl::Seconds(10));
+    EXPECT_TRUE(window.ok()) << window.status();
+    struct stat st {};
+    EXPECT_EQ(::fstat(window->fd.get(), &st), 0);
+    return st.st_ino;
+  };
+  State s1 = MakeState(61, 8), s2 = MakeState(62, 8);
+  ASSERT_TRUE(Connect(0, {0})->Snapshot(1, s1.tensors)->WaitCommitted().ok());
+  daemon_->Kill();
+  ASSERT_TRUE(daemon_->Restart().ok()) << daemon_->Log();
+  const std::set<ino_t> adopted = window_inodes();
+
+  auto c = Connect(0, {0});
+  ExpectRestored(s1, *c->Restore(kLatestStep));
+  std::set<ino_t> made;
+  for (int i = 0; i < 200 && made.empty(); ++i) {  // made in the background
+    for (ino_t ino : window_inodes()) {
+      if (adopted.count(ino) == 0) made.insert(ino);
+    }
+    if (made.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_EQ(made.size(), 1u) << "the restore made no window for the next snapshot";
+
+  ASSERT_TRUE(c->Snapshot(2, s2.tensors)->WaitCommitted().ok());
+  c.reset();
+  RawSession raw(daemon_->socket(), "job");
+  EXPECT_EQ(inode_of_newest(raw), *made.begin())
+      << "the first snapshot after the restore did not use the window it made";
 }
 
 // A trainer holds its snapshot window read-write, so it can shrink the file
