@@ -65,4 +65,13 @@ std::string HostOfAddress(absl::string_view address) {
   return std::string(colon == absl::string_view::npos ? address : address.substr(0, colon));
 }
 
+std::string PortOfAddress(absl::string_view address) {
+  if (absl::StartsWith(address, "unix:")) return "";
+  const size_t colon = address.rfind(':');
+  if (colon == absl::string_view::npos || colon + 1 == address.size()) return "";
+  const absl::string_view port = address.substr(colon + 1);
+  if (port.find_first_not_of("0123456789") != absl::string_view::npos) return "";
+  return std::string(port);
+}
+
 }  // namespace ecsnap

@@ -19,6 +19,9 @@ bool IsLoopbackAddress(const std::string& address);
 // "node-3:7071", "dns:///node-3:7071", "ipv4:127.0.0.1:7071"): where else
 // to listen or dial on the same host (a bulk port, a metrics port).
 std::string HostOfAddress(absl::string_view address);
+// The port of a host:port address, as its digits ("7071" of "[::1]:7071");
+// empty for a unix: address or one without a numeric port.
+std::string PortOfAddress(absl::string_view address);
 
 // The DNS name a cluster certificate carries for slot `slot`:
 // "slot-N.ecsnap" (deploy/make_certs.sh).

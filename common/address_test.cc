@@ -33,6 +33,18 @@ TEST(SlotNameTest, ParseIsTheExactInverse) {
   }
 }
 
+TEST(PortOfAddressTest, GivesTheDigitsAfterTheLastColonOrNothing) {
+  EXPECT_EQ(PortOfAddress("10.0.0.1:7071"), "7071");
+  EXPECT_EQ(PortOfAddress("[::1]:9464"), "9464");
+  EXPECT_EQ(PortOfAddress("dns:///node-3:7071"), "7071");
+  EXPECT_EQ(PortOfAddress("node-3"), "");
+  EXPECT_EQ(PortOfAddress("node-3:"), "");
+  EXPECT_EQ(PortOfAddress("node-3:70x1"), "");
+  EXPECT_EQ(PortOfAddress("[::1]"), "");
+  EXPECT_EQ(PortOfAddress("unix:/run/ecsnap/1.sock"), "");
+  EXPECT_EQ(PortOfAddress("unix:/run/x:7071"), "");
+}
+
 TEST(HostOfAddressTest, NamesTheHostOfEveryFormOfPeerAddress) {
   EXPECT_EQ(HostOfAddress("10.0.0.1:7071"), "10.0.0.1");
   EXPECT_EQ(HostOfAddress("[::1]:7071"), "::1");

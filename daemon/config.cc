@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "common/address.h"
 #include "common/read_file.h"
 
 namespace ecsnap::daemon {
@@ -104,10 +105,7 @@ absl::Status ValidateConfig(const config::Config& config, uint32_t slot) {
     }
     if (slots > 0) {
       const std::string& own = c.slots(slot).peer_address();
-      const size_t colon = own.rfind(':');
-      if (colon == std::string::npos || colon + 1 == own.size() ||
-          own.find_first_not_of("0123456789", colon + 1) != std::string::npos ||
-          own.rfind("unix:", 0) == 0) {
+      if (PortOfAddress(own).empty()) {
         return absl::InvalidArgumentError(absl::StrFormat(
             "daemon.peer_listen_host is set, but slot %d's peer_address %s has no TCP port to "
             "listen on",
@@ -127,7 +125,7 @@ std::string PeerListenHost(const std::string& host) {
 
 std::string PeerListenAddress(const std::string& host, const std::string& peer_address) {
   const std::string bare = PeerListenHost(host);
-  const std::string port = peer_address.substr(peer_address.rfind(':') + 1);
+  const std::string port = PortOfAddress(peer_address);
   return absl::StrCat(bare.find(':') != std::string::npos ? "[" + bare + "]" : bare, ":", port);
 }
 

@@ -51,13 +51,12 @@ bool MetricsHttpServer::Handle(void* self, MHD_Connection* connection, const cha
 
 absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
     const std::string& address, std::function<std::string()> render) {
-  const size_t colon = address.rfind(':');
-  if (colon == std::string::npos) {
+  const std::string port = PortOfAddress(address);
+  if (port.empty()) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "metrics address %s is not host:port (e.g. 0.0.0.0:9464)", address));
   }
   const std::string host = HostOfAddress(address);
-  const std::string port = address.substr(colon + 1);
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
