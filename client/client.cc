@@ -219,21 +219,36 @@ class ClientImpl final : public Client {
     return offset;
   }
 
+  // Asks for a window of the tensors' size ahead of the first snapshot; the
+  // window is offered on the Attach stream once it exists.
   absl::Status Prepare(const std::vector<Tensor>& tensors) override {
-    return PrepareBytes(Layout(tensors, nullptr));
-  }
-
-  // Asks for a window of `bytes` ahead of the first snapshot; the window is
-  // offered on the Attach stream once it exists.
-  absl::Status PrepareBytes(uint64_t bytes) {
-    if (!windows_enabled_ || bytes == 0) return absl::OkStatus();
+    if (!windows_enabled_) return absl::OkStatus();
     grpc::ClientContext ctx;
     SetDeadline(ctx);
+    v1::PrepareRankResponse resp;
+    return FromGrpc(stub_->PrepareRank(&ctx, PrepareRequest(Layout(tensors, nullptr)), &resp));
+  }
+
+  v1::PrepareRankRequest PrepareRequest(uint64_t bytes) const {
     v1::PrepareRankRequest req;
     req.set_session_id(session_);
     req.set_bytes(bytes);
-    v1::PrepareRankResponse resp;
-    return FromGrpc(stub_->PrepareRank(&ctx, req, &resp));
+    return req;
+  }
+
+  // The same, without waiting for the answer (a head start, nothing more):
+  // the call owns what it uses, so it may end after this client.
+  void PrepareInBackground(uint64_t bytes) {
+    struct Call {
+      grpc::ClientContext ctx;
+      v1::PrepareRankRequest req;
+      v1::PrepareRankResponse resp;
+    };
+    auto* call = new Call;
+    SetDeadline(call->ctx);
+    call->req = PrepareRequest(bytes);
+    stub_->async()->PrepareRank(&call->ctx, &call->req, &call->resp,
+                                [call](grpc::Status) { delete call; });
   }
 
   absl::StatusOr<SnapshotHandle> Snapshot(uint64_t step, std::vector<Tensor> tensors) override {
@@ -336,8 +351,9 @@ class ClientImpl final : public Client {
     // most likely snapshot the same tensors next: the window for that is
     // made and warmed now, while it gets back to training, as Prepare
     // would (after a daemon restart or a node's rebuild there is none).
-    if (!snapshotted_.load(std::memory_order_relaxed) && !restore_prepared_.exchange(true)) {
-      PrepareBytes(r.window_bytes()).IgnoreError();  // only a head start
+    if (windows_enabled_ && r.window_bytes() > 0 && !snapshotted_.load(std::memory_order_relaxed) &&
+        !restore_prepared_.exchange(true)) {
+      PrepareInBackground(r.window_bytes());
     }
     if (rest != nullptr) {
       rest->step = r.step();
@@ -553,7 +569,7 @@ class ClientImpl final : public Client {
                               host, n, s.after[i], 0};
           copy_error = copier->ToHost(absl::MakeSpan(&task, 1), nullptr);
           if (!copy_error.ok()) {
-            ctx.TryCancel();  // the daemon drops the half-written rank
+            ctx.TryCancel();  // the step is then aborted (AbortRank)
             ok = false;
             break;
           }

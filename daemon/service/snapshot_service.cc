@@ -139,7 +139,10 @@ absl::Status SnapshotService::CheckJobToken(const grpc::CallbackServerContext& c
   return absl::OkStatus();
 }
 
-SnapshotService::SnapshotService(StepStore* store, uint32_t slot) : store_(store), slot_(slot) {}
+SnapshotService::SnapshotService(StepStore* store, uint32_t slot)
+    : store_(store),
+      slot_(slot),
+      bulk_(std::make_unique<Executor>(kBulkThreads, kMaxBulkQueued)) {}
 
 std::string SnapshotService::ConnectionOf(const grpc::ServerContextBase& context) const {
   const std::string peer = context.peer();
@@ -358,7 +361,10 @@ void SnapshotService::PrepareLoop() {
 
 // WriteRank's stream: each message's payload goes from where gRPC received
 // it straight into the window. The first message names the session and the
-// step. One read in flight at a time.
+// step. One read in flight at a time; each message is taken on the bulk
+// executor, not on gRPC's few callback threads (a copy into a fresh window,
+// or a wait for the store's lock, would hold up every Attach and ReadRank),
+// and let go of before the next read, so an idle stream holds no message.
 class SnapshotService::WriteReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
  public:
   WriteReactor(SnapshotService* service, grpc::CallbackServerContext* context,
@@ -369,6 +375,10 @@ class SnapshotService::WriteReactor final : public grpc::ServerReadReactor<grpc:
 
   void OnReadDone(bool ok) override {
     if (!ok) {  // the trainer's last message came, or the stream broke
+      if (context_->IsCancelled()) {
+        Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the trainer cancelled the stream"));
+        return;
+      }
       if (first_) {
         Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                             "WriteRank stream carried no message"));
@@ -380,12 +390,16 @@ class SnapshotService::WriteReactor final : public grpc::ServerReadReactor<grpc:
       Finish(grpc::SerializationTraits<v1::WriteRankResponse>::Serialize(r, response_, &own));
       return;
     }
-    absl::Status st = Take();
-    if (!st.ok()) {
-      Finish(ToGrpc(st));
-      return;
-    }
-    StartRead(&message_);
+    service_->bulk_->Submit([this] {
+      absl::Status st = Take();
+      message_.Clear();
+      // The last use of `this`: once finished or read, OnDone may come.
+      if (!st.ok()) {
+        Finish(ToGrpc(st));
+      } else {
+        StartRead(&message_);
+      }
+    });
   }
   void OnDone() override { delete this; }
 

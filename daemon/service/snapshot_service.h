@@ -21,6 +21,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
 
+#include "common/executor.h"
 #include "daemon/store/step_store.h"
 #include "daemon/store/window_grants.h"
 #include "proto/snapshot.grpc.pb.h"
@@ -161,6 +162,13 @@ class SnapshotService final : public SnapshotServiceBase {
   bool closing_ ABSL_GUARDED_BY(mu_) = false;
   std::deque<std::pair<std::string, uint64_t>> prepare_queue_ ABSL_GUARDED_BY(mu_);
   std::thread preparer_;  // PrepareLoop, started by the first QueuePrepare
+  // WriteRank's messages are copied into windows here (WriteReactor): a
+  // stream has at most one message queued, so the queue's bound is one of
+  // streams, far above what the data server admits. Last: its threads end
+  // (running what is queued) before any other member goes.
+  static constexpr int kBulkThreads = 4;
+  static constexpr size_t kMaxBulkQueued = 4096;
+  std::unique_ptr<Executor> bulk_;
 };
 
 }  // namespace ecsnap::daemon
