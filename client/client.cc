@@ -236,21 +236,6 @@ class ClientImpl final : public Client {
     return req;
   }
 
-  // The same, without waiting for the answer (a head start, nothing more):
-  // the call owns what it uses, so it may end after this client.
-  void PrepareInBackground(uint64_t bytes) {
-    struct Call {
-      grpc::ClientContext ctx;
-      v1::PrepareRankRequest req;
-      v1::PrepareRankResponse resp;
-    };
-    auto* call = new Call;
-    SetDeadline(call->ctx);
-    call->req = PrepareRequest(bytes);
-    stub_->async()->PrepareRank(&call->ctx, &call->req, &call->resp,
-                                [call](grpc::Status) { delete call; });
-  }
-
   absl::StatusOr<SnapshotHandle> Snapshot(uint64_t step, std::vector<Tensor> tensors) override {
     snapshotted_.store(true, std::memory_order_relaxed);
     auto state = std::make_shared<SnapshotHandle::State>();
@@ -353,7 +338,12 @@ class ClientImpl final : public Client {
     // would (after a daemon restart or a node's rebuild there is none).
     if (windows_enabled_ && r.window_bytes() > 0 && !snapshotted_.load(std::memory_order_relaxed) &&
         !restore_prepared_.exchange(true)) {
-      PrepareInBackground(r.window_bytes());
+      // One round trip; the daemon makes the window in the background. (An
+      // asynchronous call could outlive this client and its channel.)
+      grpc::ClientContext ctx;
+      SetDeadline(ctx);
+      v1::PrepareRankResponse resp;
+      stub_->PrepareRank(&ctx, PrepareRequest(r.window_bytes()), &resp);  // a head start only
     }
     if (rest != nullptr) {
       rest->step = r.step();
