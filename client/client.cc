@@ -61,7 +61,8 @@ const std::string kWriteRankMethod =
     absl::StrCat("/", v1::Snapshot::service_full_name(), "/WriteRank");
 const std::string kReadRankMethod =
     absl::StrCat("/", v1::Snapshot::service_full_name(), "/ReadRank");
-constexpr WireField kReadRankChunk[] = {{1, WireField::kVarint}, {2, WireField::kBytes}};
+constexpr WireField kReadRankChunk[] = {{v1::ReadRankChunk::kOffsetFieldNumber, WireField::kVarint},
+                                        {v1::ReadRankChunk::kDataFieldNumber, WireField::kBytes}};
 // Snapshots queued behind the one in progress.
 constexpr size_t kMaxQueuedSnapshots = 4;
 constexpr int kMaxMessageBytes = 64 << 20;
@@ -219,21 +220,23 @@ class ClientImpl final : public Client {
     return offset;
   }
 
-  // Asks for a window of the tensors' size ahead of the first snapshot; the
-  // window is offered on the Attach stream once it exists.
   absl::Status Prepare(const std::vector<Tensor>& tensors) override {
     if (!windows_enabled_) return absl::OkStatus();
-    grpc::ClientContext ctx;
-    SetDeadline(ctx);
-    v1::PrepareRankResponse resp;
-    return FromGrpc(stub_->PrepareRank(&ctx, PrepareRequest(Layout(tensors, nullptr)), &resp));
+    return PrepareBytes(Layout(tensors, nullptr));
   }
 
-  v1::PrepareRankRequest PrepareRequest(uint64_t bytes) const {
+  // Asks for a window of `bytes` ahead of the first snapshot; the window is
+  // offered on the Attach stream once it exists. One round trip: the daemon
+  // makes it in the background. (An asynchronous call could outlive this
+  // client and its channel.)
+  absl::Status PrepareBytes(uint64_t bytes) {
+    grpc::ClientContext ctx;
+    SetDeadline(ctx);
     v1::PrepareRankRequest req;
     req.set_session_id(session_);
     req.set_bytes(bytes);
-    return req;
+    v1::PrepareRankResponse resp;
+    return FromGrpc(stub_->PrepareRank(&ctx, req, &resp));
   }
 
   absl::StatusOr<SnapshotHandle> Snapshot(uint64_t step, std::vector<Tensor> tensors) override {
@@ -338,12 +341,7 @@ class ClientImpl final : public Client {
     // would (after a daemon restart or a node's rebuild there is none).
     if (windows_enabled_ && r.window_bytes() > 0 && !snapshotted_.load(std::memory_order_relaxed) &&
         !restore_prepared_.exchange(true)) {
-      // One round trip; the daemon makes the window in the background. (An
-      // asynchronous call could outlive this client and its channel.)
-      grpc::ClientContext ctx;
-      SetDeadline(ctx);
-      v1::PrepareRankResponse resp;
-      stub_->PrepareRank(&ctx, PrepareRequest(r.window_bytes()), &resp);  // a head start only
+      PrepareBytes(r.window_bytes()).IgnoreError();  // a head start only
     }
     if (rest != nullptr) {
       rest->step = r.step();
@@ -532,12 +530,12 @@ class ClientImpl final : public Client {
     auto send = [&](uint64_t offset, grpc::Slice payload) {
       WireWriter w;
       if (first) {
-        w.Bytes(1, session_);
-        w.Varint(2, s.step);
+        w.Bytes(v1::WriteRankChunk::kSessionIdFieldNumber, session_);
+        w.Varint(v1::WriteRankChunk::kStepFieldNumber, s.step);
         first = false;
       }
-      w.Varint(3, offset);
-      w.BytesHeader(4, payload.size());
+      w.Varint(v1::WriteRankChunk::kOffsetFieldNumber, offset);
+      w.BytesHeader(v1::WriteRankChunk::kDataFieldNumber, payload.size());
       grpc::Slice parts[] = {w.TakeSlice(), std::move(payload)};
       return call.Write(grpc::ByteBuffer(parts, 2));
     };
@@ -724,14 +722,15 @@ class ClientImpl final : public Client {
                                                   chunk.status().message()));
         break;
       }
-      const uint64_t a = chunk->Varint(1), n = chunk->BytesLength(2);
+      const uint64_t a = chunk->Varint(v1::ReadRankChunk::kOffsetFieldNumber);
+      const uint64_t n = chunk->BytesLength(v1::ReadRankChunk::kDataFieldNumber);
       if (a != next || n == 0 || n > r.window_bytes() - a) {
         failed = absl::DataLossError(absl::StrFormat(
             "the daemon sent bytes [%d, %d) where [%d, ...) of %d was due", a, a + n, next,
             r.window_bytes()));
         break;
       }
-      for (absl::Span<const uint8_t> piece : chunk->Bytes(2)) {
+      for (absl::Span<const uint8_t> piece : chunk->Bytes(v1::ReadRankChunk::kDataFieldNumber)) {
         failed = scatter(next, piece.data(), piece.size());
         if (!failed.ok()) break;
         next += piece.size();

@@ -404,10 +404,11 @@ class SnapshotService::WriteReactor final : public grpc::ServerReadReactor<grpc:
   void OnDone() override { delete this; }
 
  private:
-  static constexpr WireField kFields[] = {{1, WireField::kBytes},
-                                          {2, WireField::kVarint},
-                                          {3, WireField::kVarint},
-                                          {4, WireField::kBytes}};
+  using Chunk = v1::WriteRankChunk;
+  static constexpr WireField kFields[] = {{Chunk::kSessionIdFieldNumber, WireField::kBytes},
+                                          {Chunk::kStepFieldNumber, WireField::kVarint},
+                                          {Chunk::kOffsetFieldNumber, WireField::kVarint},
+                                          {Chunk::kDataFieldNumber, WireField::kBytes}};
 
   absl::Status Take() {
     absl::StatusOr<BulkMessage> m = BulkMessage::Parse(message_, kFields);
@@ -417,15 +418,17 @@ class SnapshotService::WriteReactor final : public grpc::ServerReadReactor<grpc:
     }
     if (first_) {
       WireSession ws;
-      auto found = service_->SessionOf(*context_, m->BytesAsString(1), &ws);
+      auto found =
+          service_->SessionOf(*context_, m->BytesAsString(Chunk::kSessionIdFieldNumber), &ws);
       if (!found.ok()) return found.status();
       RETURN_IF_ERROR(service_->CheckSessionOwner(ws, *found));
       session_ = *found;
-      step_ = m->Varint(2);
+      step_ = m->Varint(Chunk::kStepFieldNumber);
       first_ = false;
     }
-    RETURN_IF_ERROR(service_->store_->Write(session_, step_, m->Varint(3), m->Bytes(4)));
-    written_ += m->BytesLength(4);
+    RETURN_IF_ERROR(service_->store_->Write(session_, step_, m->Varint(Chunk::kOffsetFieldNumber),
+                                            m->Bytes(Chunk::kDataFieldNumber)));
+    written_ += m->BytesLength(Chunk::kDataFieldNumber);
     return absl::OkStatus();
   }
 
@@ -542,8 +545,8 @@ class SnapshotService::ReadReactor final : public grpc::ServerWriteReactor<grpc:
     }
     const size_t n = std::min(kStreamChunkBytes, bytes_.bytes.size() - sent_);
     WireWriter w;
-    w.Varint(1, offset_ + sent_);
-    w.BytesHeader(2, n);
+    w.Varint(v1::ReadRankChunk::kOffsetFieldNumber, offset_ + sent_);
+    w.BytesHeader(v1::ReadRankChunk::kDataFieldNumber, n);
     grpc::Slice parts[] = {w.TakeSlice(),
                            BorrowedSlice(bytes_.bytes.data() + sent_, n, bytes_.pin)};
     message_ = grpc::ByteBuffer(parts, 2);
