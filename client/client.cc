@@ -150,6 +150,17 @@ class ClientImpl final : public Client {
     dco.args.SetMaxReceiveMessageSize(kMaxMessageBytes);
     for (const Http2Setting& s : kDataPlaneHttp2) dco.args.SetInt(s.key, s.value);
     dco.args.SetMaxSendMessageSize(kMaxMessageBytes);
+    if (options_.keepalive_ms != 0 && options_.keepalive_ms < kMinKeepaliveMs) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "keepalive_ms %d is below the %d ms the daemon allows between pings (0 turns pings off)",
+          options_.keepalive_ms, kMinKeepaliveMs));
+    }
+    if (options_.keepalive_ms > 0) {
+      dco.args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, options_.keepalive_ms);
+      dco.args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, options_.keepalive_ms);
+      dco.args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+      dco.args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);  // as long as it is silent
+    }
     dco.timeout = absl::Milliseconds(options_.rpc_timeout_ms);
     auto data = OpenDataChannel(std::move(dco));
     if (!data.ok()) return data.status();

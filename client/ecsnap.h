@@ -143,6 +143,14 @@ struct ClientOptions {
   bool verify_restore = true;
   // Deadline of each control call to the daemon, in ms. Default: 30000.
   int rpc_timeout_ms = 30000;
+  // After this long without a byte from the daemon, in ms, the client pings
+  // it, and waits as long again for the answer: a daemon that stopped
+  // answering (SIGSTOP, a hung host) fails every call in flight, a
+  // snapshot's stream and Wait() included, with UNAVAILABLE after about
+  // twice this, where they would otherwise wait forever. A daemon that is
+  // only slow still answers pings. 0: never ping; else at least 1000.
+  // Default: 10000.
+  int keepalive_ms = 10000;
   // TCP only. The daemon's TLS: the cluster CA file and the name in the
   // daemon's certificate ("slot-N.ecsnap"). Without them the connection is
   // plaintext, which a daemon serves on loopback only.

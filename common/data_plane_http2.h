@@ -25,6 +25,14 @@ inline constexpr Http2Setting kDataPlaneHttp2[] = {
     {GRPC_ARG_HTTP2_BDP_PROBE, 0},
 };
 
+// A trainer pings a silent daemon (ClientOptions::keepalive_ms) so that a
+// daemon that stopped answering (SIGSTOP, a hung host) fails the calls in
+// flight instead of holding a snapshot's Wait forever; the daemon accepts
+// pings as often as this, with or without calls in flight, and a client
+// refuses a keepalive below it (the daemon would close the connection for
+// pinging too often).
+inline constexpr int kMinKeepaliveMs = 1000;
+
 }  // namespace ecsnap
 
 #endif  // ECSNAP_COMMON_DATA_PLANE_HTTP2_H_

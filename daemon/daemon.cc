@@ -193,6 +193,11 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
     // the server's memory quota bounds what all of them hold.
     for (const Http2Setting& s : kDataPlaneHttp2) builder.AddChannelArgument(s.key, s.value);
     builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, 8);
+    // Trainers' keepalive pings (a stream stalled on a silent daemon has no
+    // data to show for the connection).
+    builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+                               kMinKeepaliveMs);
+    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
     if (!dc.data_address().empty()) {
       builder.AddListeningPort(dc.data_address(),
                                tls_material != nullptr ? ServerTlsCredentials(*tls_material)

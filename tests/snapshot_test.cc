@@ -10,6 +10,7 @@
 
 #include <chrono>
 #include <cstring>
+#include <future>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -774,6 +775,73 @@ class SnapshotLargeArenaTest : public SnapshotTest {
  protected:
   SnapshotLargeArenaTest() { options_.arena_bytes = 256 << 20; }
 };
+
+// A daemon that stops (SIGSTOP) or dies (SIGKILL) while a trainer streams a
+// step over gRPC: the trainer's Wait() ends with UNAVAILABLE (keepalive
+// pings find the stopped one) instead of blocking, gRPC lets go of the
+// borrowed tensors, and the committed step survives byte for byte.
+class GrpcStreamFaultTest : public SnapshotLargeArenaTest,
+                            public ::testing::WithParamInterface<int> {
+ protected:
+  std::unique_ptr<Client> ConnectGrpc() {
+    ClientOptions o;
+    o.daemon_address = daemon_->socket();
+    o.job_id = "grpc";
+    o.transport = Transport::kGrpc;
+    o.keepalive_ms = 1000;
+    auto c = Client::Connect(o);
+    EXPECT_TRUE(c.ok()) << c.status();
+    return c.ok() ? std::move(*c) : nullptr;
+  }
+};
+
+TEST_P(GrpcStreamFaultTest, TheTrainersWaitFailsAndTheCommittedStepSurvives) {
+  const int signal = GetParam();
+  State s1 = MakeState(31);
+  State s2 = MakeState(32, 8000);  // ~128 MiB: far more than the stream's window
+  auto c = ConnectGrpc();
+  ASSERT_NE(c, nullptr);
+  ASSERT_TRUE(c->Snapshot(1, s1.tensors)->WaitCommitted().ok());
+
+  auto h = c->Snapshot(2, s2.tensors);
+  ASSERT_TRUE(h.ok()) << h.status();
+  for (int i = 0; i < 20000 && h->bytes_copied() == 0 && !h->done(); ++i) {
+    std::this_thread::sleep_for(std::chrono::microseconds(500));
+  }
+  if (signal == SIGSTOP) {
+    daemon_->Pause();
+  } else {
+    daemon_->Kill();
+  }
+  const uint64_t sent = h->bytes_copied();
+  ASSERT_GT(sent, 0u) << "the stream never started";
+  ASSERT_LT(sent, h->bytes_total()) << "the stream ended before the daemon was stopped";
+  auto waited = std::async(std::launch::async, [h = *h] { return h.Wait(); });
+  const bool returned = waited.wait_for(std::chrono::seconds(60)) == std::future_status::ready;
+  if (signal == SIGSTOP) daemon_->Resume();  // lets a blocked Wait end too
+  ASSERT_TRUE(returned) << "Wait() still blocked a minute after the daemon stopped";
+  const absl::Status st = waited.get();
+  EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
+  EXPECT_EQ(h->WaitCommitted().code(), absl::StatusCode::kUnavailable);
+  c.reset();
+
+  if (signal == SIGKILL) {
+    ASSERT_TRUE(daemon_->Restart().ok()) << daemon_->Log();
+  }
+  EXPECT_TRUE(daemon_->alive());
+  ASSERT_TRUE(WaitForSteps("grpc", {1})) << daemon_->Log();  // step 2 was never committed
+  c = ConnectGrpc();
+  ASSERT_NE(c, nullptr);
+  ExpectRestored(s1, *c->Restore(kLatestStep));
+  ASSERT_TRUE(c->Snapshot(2, s2.tensors)->WaitCommitted().ok());
+  ExpectRestored(s2, *c->Restore(kLatestStep));
+}
+
+INSTANTIATE_TEST_SUITE_P(StopOrKill, GrpcStreamFaultTest, ::testing::Values(SIGSTOP, SIGKILL),
+                         [](const ::testing::TestParamInfo<int>& info) {
+                           return std::string(info.param == SIGSTOP ? "Stopped" : "Killed");
+                         });
+
 
 TEST_F(SnapshotLargeArenaTest, BadInputGetsAReadableStatusAndTheDaemonKeepsServing) {
   auto healthy = Connect(0, {0}, Transport::kSharedMemory, "healthy");
