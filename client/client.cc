@@ -2,6 +2,7 @@
 // data-plane gRPC service, with windows of shared memory for the bytes.
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -165,6 +166,7 @@ class ClientImpl final : public Client {
     auto data = OpenDataChannel(std::move(dco));
     if (!data.ok()) return data.status();
     channel_ = data->channel;
+    socket_ = data->socket;
     stub_ = v1::Snapshot::NewStub(channel_);
 
     v1::AttachRequest req;
@@ -536,6 +538,7 @@ class ClientImpl final : public Client {
     };
     grpc::ClientContext ctx;
     RawCall call(channel_, &ctx, kWriteRankMethod);
+    GuardStalls(call);
     bool first = true;
     // One message: the chunk's fields, then its payload as its own slice.
     auto send = [&](uint64_t offset, grpc::Slice payload) {
@@ -591,6 +594,21 @@ class ClientImpl final : public Client {
     if (!copy_error.ok()) return copy_error;
     if (st.ok() && !ok) st = absl::UnavailableError("the daemon closed the write stream early");
     return st;
+  }
+
+  // A bulk stream whose next message neither goes nor comes for twice the
+  // keepalive ends the connection (over the Unix socket; over TCP, gRPC's
+  // keepalive and TCP_USER_TIMEOUT do): every call fails UNAVAILABLE, and
+  // gRPC lets go of the tensors it borrowed.
+  void GuardStalls(RawCall& call) {
+    if (socket_ == nullptr || options_.keepalive_ms <= 0) return;
+    const int limit_ms = 2 * options_.keepalive_ms;
+    call.SetStallLimit(absl::Milliseconds(limit_ms), [socket = socket_, limit_ms] {
+      Log("libecsnap: the daemon moved no bytes of a stream for %d ms; closing the connection "
+          "(the session ends; connect again once the daemon answers)",
+          limit_ms);
+      ::shutdown(socket->get(), SHUT_RDWR);
+    });
   }
 
   absl::StatusOr<v1::RestoreResponse> Lease(uint64_t step) {
@@ -716,6 +734,7 @@ class ClientImpl final : public Client {
     };
     grpc::ClientContext ctx;
     RawCall call(channel_, &ctx, kReadRankMethod);
+    GuardStalls(call);
     v1::ReadRankRequest req;
     req.set_session_id(session_);
     req.set_lease_id(r.lease_id());
@@ -763,6 +782,7 @@ class ClientImpl final : public Client {
   std::atomic<bool> snapshotted_{false};       // Snapshot was called
   std::atomic<bool> restore_prepared_{false};  // a restore asked for a window
   std::shared_ptr<grpc::Channel> channel_;
+  std::shared_ptr<const UniqueFd> socket_;  // under channel_, over a Unix socket
   std::unique_ptr<v1::Snapshot::Stub> stub_;
   grpc::ClientContext attach_context_;
   std::unique_ptr<grpc::ClientReader<v1::AttachEvent>> attach_reader_;

@@ -1,5 +1,6 @@
 #include "client/data_channel.h"
 
+#include <fcntl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 
@@ -81,6 +82,13 @@ absl::StatusOr<DataChannel> OpenUnix(const std::string& path, const DataChannelO
   }
   DataChannel out;
   out.windows = hello.windows;
+  UniqueFd second(::fcntl(fd->get(), F_DUPFD_CLOEXEC, 0));
+  if (!second.valid()) {
+    return absl::UnavailableError(
+        absl::StrFormat("ecsnapd at %s: cannot duplicate the connection: %s", path,
+                        std::strerror(errno)));
+  }
+  out.socket = std::make_shared<const UniqueFd>(std::move(second));
   grpc::ChannelArguments args = options.args;
   out.channel = grpc::CreateCustomInsecureChannelFromFd("ecsnapd", fd->Release(), args);
   return out;

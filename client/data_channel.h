@@ -38,6 +38,13 @@ struct DataChannel {
   // The daemon hands this process windows of shared memory (a Unix socket
   // of a daemon with an arena).
   bool windows = false;
+  // Unix socket only (null over TCP): a second descriptor of the connection
+  // under `channel`. shutdown(2) on it ends the connection for gRPC too: a
+  // daemon that stopped reading otherwise holds a stream's write, and the
+  // memory it borrows, for as long as the process lives (a keepalive ping
+  // cannot pass the unsent bytes; over TCP, gRPC's keepalive sets
+  // TCP_USER_TIMEOUT, which covers that case).
+  std::shared_ptr<const UniqueFd> socket;
 };
 
 // UNAVAILABLE when no daemon answers; PERMISSION_DENIED, with the daemon's

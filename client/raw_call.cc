@@ -29,6 +29,13 @@ bool RawCall::Await() {
   bool ok = false;
   // Each operation completes (with ok false when the call broke) before the
   // next is started, so the next event is its own.
+  if (on_stall_ != nullptr && stall_limit_ != absl::InfiniteDuration()) {
+    const auto status = cq_.AsyncNext(&tag, &ok, absl::ToChronoTime(absl::Now() + stall_limit_));
+    if (status == grpc::CompletionQueue::GOT_EVENT) return ok;
+    if (status == grpc::CompletionQueue::SHUTDOWN) return false;
+    on_stall_();
+    on_stall_ = nullptr;  // once: the connection is gone
+  }
   return cq_.Next(&tag, &ok) && ok;
 }
 

@@ -5,6 +5,7 @@
 #ifndef ECSNAP_CLIENT_RAW_CALL_H_
 #define ECSNAP_CLIENT_RAW_CALL_H_
 
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -13,6 +14,8 @@
 #include <grpcpp/completion_queue.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/support/byte_buffer.h>
+
+#include "absl/time/time.h"
 
 namespace ecsnap::client_internal {
 
@@ -27,6 +30,14 @@ class RawCall {
   ~RawCall();
   RawCall(const RawCall&) = delete;
   RawCall& operator=(const RawCall&) = delete;
+
+  // When an operation has not completed within `limit`, calls `on_stall`
+  // once (which must end the connection under the call: a peer that stopped
+  // reading otherwise holds a write forever) and waits on for the operation.
+  void SetStallLimit(absl::Duration limit, std::function<void()> on_stall) {
+    stall_limit_ = limit;
+    on_stall_ = std::move(on_stall);
+  }
 
   // Each false once the stream is broken (Finish has the status).
   bool Write(const grpc::ByteBuffer& message);
@@ -46,6 +57,8 @@ class RawCall {
   bool started_ = false;
   bool finished_ = false;
   grpc::Status status_;
+  absl::Duration stall_limit_ = absl::InfiniteDuration();
+  std::function<void()> on_stall_;
 };
 
 }  // namespace ecsnap::client_internal

@@ -11,6 +11,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/address.h"
+#include "common/data_plane_http2.h"
 #include "common/read_file.h"
 
 namespace ecsnap::daemon {
@@ -56,6 +57,7 @@ void ApplyDefaults(config::Config* config) {
   if (d->socket_path().empty()) d->set_socket_path("/run/ecsnap/ecsnapd.sock");
   if (d->admin_address().empty()) d->set_admin_address("127.0.0.1:7070");
   if (d->retain() == 0) d->set_retain(1);
+  if (d->trainer_keepalive_ms() == 0) d->set_trainer_keepalive_ms(30000);
   const std::string& sock = d->socket_path();
   const size_t slash = sock.rfind('/');
   const std::string sock_dir = slash == std::string::npos ? std::string(".") : sock.substr(0, slash);
@@ -91,6 +93,12 @@ absl::Status ValidateConfig(const config::Config& config, uint32_t slot) {
   }
   if (config.daemon().retain() > 64) {
     return absl::InvalidArgumentError("daemon.retain must be at most 64");
+  }
+  if (config.daemon().trainer_keepalive_ms() != 0 &&
+      config.daemon().trainer_keepalive_ms() < kMinKeepaliveMs) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "daemon.trainer_keepalive_ms is %d; it must be at least %d (or 0 for the default)",
+        config.daemon().trainer_keepalive_ms(), kMinKeepaliveMs));
   }
   if (const std::string& host = config.daemon().peer_listen_host(); !host.empty()) {
     // A host only: an address ("0.0.0.0", "::", "[::]") or a name, no port.

@@ -198,6 +198,11 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
     builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
                                kMinKeepaliveMs);
     builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+    // And the daemon pings a silent trainer: one that stopped answering
+    // would otherwise hold its session, its step in flight and the windows
+    // its reads pin for as long as the connection stays up.
+    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, dc.trainer_keepalive_ms());
+    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, dc.trainer_keepalive_ms());
     if (!dc.data_address().empty()) {
       builder.AddListeningPort(dc.data_address(),
                                tls_material != nullptr ? ServerTlsCredentials(*tls_material)

@@ -37,6 +37,9 @@ ABSL_FLAG(std::string, data_address, "", "Optional TCP host:port of the data pla
 ABSL_FLAG(std::string, admin_address, "127.0.0.1:7070", "Admin plane: host:port or unix:PATH.");
 ABSL_FLAG(std::string, admin_token_file, "", "File with the admin bearer token.");
 ABSL_FLAG(uint32_t, retain, 1, "Newest complete steps kept per job.");
+ABSL_FLAG(uint32_t, trainer_keepalive_ms, 30000,
+          "A silent trainer connection is pinged after this, and closed (its session ended) "
+          "when the ping goes unanswered as long.");
 ABSL_FLAG(std::string, peer_listen_host, "",
           "Host the peer plane and bulk port listen on (e.g. 0.0.0.0) instead of the peer "
           "address's own host.");
@@ -129,6 +132,9 @@ int main(int argc, char** argv) {
   if (Given("admin_address")) d->set_admin_address(absl::GetFlag(FLAGS_admin_address));
   if (Given("admin_token_file")) d->set_admin_token_file(absl::GetFlag(FLAGS_admin_token_file));
   if (Given("retain")) d->set_retain(absl::GetFlag(FLAGS_retain));
+  if (Given("trainer_keepalive_ms")) {
+    d->set_trainer_keepalive_ms(absl::GetFlag(FLAGS_trainer_keepalive_ms));
+  }
   if (Given("health_address")) d->set_health_address(absl::GetFlag(FLAGS_health_address));
   if (Given("peer_listen_host")) d->set_peer_listen_host(absl::GetFlag(FLAGS_peer_listen_host));
   if (Given("metrics_address")) d->set_metrics_address(absl::GetFlag(FLAGS_metrics_address));

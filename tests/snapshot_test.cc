@@ -21,6 +21,7 @@
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "client/data_channel.h"
 #include "client/ecsnap.h"
@@ -122,10 +123,11 @@ class SnapshotTest : public ::testing::Test {
     return c.ok() ? std::move(*c) : nullptr;
   }
 
-  // Polls the admin plane until `job` holds exactly `steps` (bounded).
-  bool WaitForSteps(const std::string& job, std::vector<uint64_t> steps) {
+  // Polls the admin plane until `job` holds exactly `steps` (for at most
+  // `seconds`).
+  bool WaitForSteps(const std::string& job, std::vector<uint64_t> steps, int seconds = 5) {
     auto stub = daemon_->AdminStub();
-    for (int i = 0; i < 200; ++i) {
+    for (int i = 0; i < seconds * 40; ++i) {
       grpc::ClientContext ctx;
       admin::ListStepsRequest req;
       req.set_job_id(job);
@@ -732,6 +734,47 @@ TEST_F(SnapshotTest, ATrainerKilledMidStreamLeavesNothingVisible) {
   EXPECT_TRUE(daemon_->alive());
 }
 
+// A trainer stopped (SIGSTOP) mid-stream answers no keepalive ping: the
+// daemon closes its connection and discards its step as a dead trainer's,
+// where one that only stalls (alive, answering pings) keeps it.
+TEST_F(SnapshotTest, ATrainerStoppedMidStreamIsDroppedAndItsStepDiscarded) {
+  options_.extra_flags = {"--trainer_keepalive_ms=1000"};
+  daemon_.reset();
+  SetUp();
+  State s1 = MakeState(13);
+  {
+    auto c = Connect(0, {0});
+    ASSERT_TRUE(c->Snapshot(1, s1.tensors)->WaitCommitted().ok());
+  }
+  const std::string out = dir_.path() + "/stall.out";
+  const pid_t trainer = testing::Spawn(
+      {testing::RunfilePath("tests/stall_trainer"), "--socket=" + daemon_->socket(), "--rank=0",
+       "--local_ranks=0", "--step=2", "--bytes=4194304"},
+      out);
+  absl::Cleanup reap = [trainer] { testing::StopProcess(trainer, SIGKILL); };
+  bool stalled = false;
+  for (int i = 0; i < 400 && !stalled; ++i) {
+    std::ifstream in(out);
+    std::string line;
+    while (std::getline(in, line)) stalled |= line == "STALLED";
+    if (!stalled) std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  }
+  ASSERT_TRUE(stalled) << "the trainer never reached mid-stream";
+  ASSERT_TRUE(WaitForSteps("job", {1, 2}));
+  // Three keepalive periods: the stalled trainer answers every ping.
+  std::this_thread::sleep_for(std::chrono::seconds(3));
+  ASSERT_TRUE(WaitForSteps("job", {1, 2})) << daemon_->Log();
+
+  ASSERT_EQ(::kill(trainer, SIGSTOP), 0);
+  ASSERT_TRUE(WaitForSteps("job", {1}, /*seconds=*/20)) << daemon_->Log();
+  auto c = Connect(0, {0});
+  ExpectRestored(s1, *c->Restore(kLatestStep));
+  State s2 = MakeState(14);
+  ASSERT_TRUE(c->Snapshot(2, s2.tensors)->WaitCommitted().ok());
+  ExpectRestored(s2, *c->Restore(kLatestStep));
+  EXPECT_TRUE(daemon_->alive());
+}
+
 TEST_F(SnapshotTest, ADaemonKilledAndRestartedKeepsEveryCommittedStep) {
   options_.retain = 2;
   daemon_.reset();
@@ -833,7 +876,8 @@ TEST_P(GrpcStreamFaultTest, TheTrainersWaitFailsAndTheCommittedStepSurvives) {
   c = ConnectGrpc();
   ASSERT_NE(c, nullptr);
   ExpectRestored(s1, *c->Restore(kLatestStep));
-  ASSERT_TRUE(c->Snapshot(2, s2.tensors)->WaitCommitted().ok());
+  const absl::Status again = c->Snapshot(2, s2.tensors)->WaitCommitted();
+  ASSERT_TRUE(again.ok()) << again << "\n" << daemon_->Log();
   ExpectRestored(s2, *c->Restore(kLatestStep));
 }
 

@@ -1,6 +1,6 @@
 // A trainer rank that dies mid-stream, for fault tests: it attaches, begins
 // --step with --bytes, streams the first half of them, prints "STALLED" and
-// waits to be killed. Uses the wire protocol directly so that the moment of
+// waits to be killed, answering the daemon's keepalive pings meanwhile. Uses the wire protocol directly so that the moment of
 // death is exact.
 #include <chrono>
 #include <cstdio>
@@ -65,7 +65,12 @@ int main(int argc, char** argv) {
   writer->Write(chunk);
   std::printf("STALLED\n");
   std::fflush(stdout);
-  // Bounded: the test kills it long before this ends.
+  // Alive and stalled, as a trainer busy computing: its session reader
+  // waits on the Attach stream (which keeps the connection's pings
+  // answered) until the daemon ends it. Bounded: the test kills it long
+  // before the sleep ends.
+  while (session->Read(&ev)) {
+  }
   std::this_thread::sleep_for(std::chrono::seconds(60));
   return 0;
 }

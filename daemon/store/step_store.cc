@@ -345,11 +345,18 @@ void StepStore::Kill(std::shared_ptr<RankData> rd) {
   // Unpublish first: a daemon killed from here on never re-adopts it.
   if (rd->record_id >= 0) arena_->RemoveRecord(static_cast<uint32_t>(rd->record_id));
   rd->record_id = -1;
-  if (rd->pins == 0) arena_->Free(rd->extent);
+  if (rd->pins == 0) {
+    arena_->Free(rd->extent);
+  } else {
+    ++dying_;
+  }
 }
 
 void StepStore::Unpin(const std::shared_ptr<RankData>& rd) {
-  if (--rd->pins == 0 && rd->dead) arena_->Free(rd->extent);
+  if (--rd->pins == 0 && rd->dead) {
+    arena_->Free(rd->extent);
+    --dying_;
+  }
 }
 
 absl::StatusOr<Window> StepStore::BeginRank(uint64_t session, uint64_t step, uint64_t bytes,
@@ -435,6 +442,22 @@ absl::StatusOr<Window> StepStore::BeginRankImpl(uint64_t session, uint64_t step,
   // the preparer is making for this rank is waited for; other ranks' calls go
   // on meanwhile. What was checked above is checked again after.
   auto extent = arena_->AllocateWindow(bytes, owner, streamed);
+  if (absl::IsResourceExhausted(extent.status())) {
+    // Memory a discarded rank still pins comes back within moments (its
+    // last copy or read ends): a trainer that reconnects after a fault and
+    // snapshots at once is not refused for it. Waited for a bounded time.
+    bool waited = false;
+    {
+      absl::MutexLock lock(&mu_);
+      if (dying_ > 0) {
+        waited = true;
+        mu_.AwaitWithTimeout(absl::Condition(
+                                 +[](int* dying) { return *dying == 0; }, &dying_),
+                             absl::Seconds(2));
+      }
+    }
+    if (waited) extent = arena_->AllocateWindow(bytes, owner, streamed);
+  }
   absl::MutexLock lock(&mu_);
   auto s = FindSession(session);
   absl::Status st = s.status();

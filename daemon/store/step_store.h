@@ -383,6 +383,9 @@ class StepStore {
   std::map<uint64_t, std::unique_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t step_seq_ ABSL_GUARDED_BY(mu_) = 0;  // steps opened by trainers so far
+  // Discarded ranks whose windows are still pinned (a copy or a read in
+  // flight): their memory comes back when the last pin goes.
+  int dying_ ABSL_GUARDED_BY(mu_) = 0;
   std::map<std::string, absl::Status> unrecoverable_ ABSL_GUARDED_BY(mu_);
 };
 
