@@ -74,6 +74,11 @@ void Configure(grpc::ServerBuilder& builder) {
 
 }  // namespace
 
+// Readiness answers for the services the daemon's servers register.
+Daemon::Daemon()
+    : health_({v1::Snapshot::service_full_name(), admin::Admin::service_full_name(),
+               peer::Peer::service_full_name()}) {}
+
 absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& config,
                                                       uint32_t slot,
                                                       std::function<void()> on_ready) {

@@ -65,7 +65,7 @@ class Daemon {
   std::string RenderMetrics() const;
 
  private:
-  Daemon() = default;
+  Daemon();
 
   absl::Status StartPeerPlane(uint32_t slot);
   // A grpc.health.v1 service for one more server, answering from health_.

@@ -1,5 +1,6 @@
 #include "daemon/service/health_service.h"
 
+#include <algorithm>
 #include <string>
 
 #include "absl/strings/str_format.h"
@@ -10,17 +11,17 @@ namespace {
 
 using grpc::health::v1::HealthCheckResponse;
 
-bool Known(const std::string& service) {
-  return service.empty() || service == "ecsnap.v1.Snapshot" || service == "ecsnap.admin.Admin" ||
-         service == "ecsnap.peer.Peer" || service == "grpc.health.v1.Health" ||
-         service == kLivenessService;
-}
-
 HealthCheckResponse::ServingStatus StatusOf(bool serving) {
   return serving ? HealthCheckResponse::SERVING : HealthCheckResponse::NOT_SERVING;
 }
 
 }  // namespace
+
+bool HealthState::Knows(const std::string& service) const {
+  return service.empty() || service == kLivenessService ||
+         service == grpc::health::v1::Health::service_full_name() ||
+         std::find(services_.begin(), services_.end(), service) != services_.end();
+}
 
 void HealthState::SetServing(bool serving) {
   absl::MutexLock lock(&mu_);
@@ -49,7 +50,7 @@ bool HealthState::shut_down() const {
 grpc::Status HealthService::Check(grpc::ServerContext*,
                                   const grpc::health::v1::HealthCheckRequest* request,
                                   grpc::health::v1::HealthCheckResponse* response) {
-  if (!Known(request->service())) {
+  if (!state_->Knows(request->service())) {
     return grpc::Status(grpc::StatusCode::NOT_FOUND,
                         absl::StrFormat("ecsnapd serves no service named '%s'", request->service()));
   }
@@ -70,7 +71,7 @@ grpc::Status HealthService::Watch(
     }
     ++watches_;
   }
-  const bool known = Known(request->service());
+  const bool known = state_->Knows(request->service());
   const bool liveness = request->service() == kLivenessService;
   const absl::Time end = absl::Now() + max_watch_life_;
   HealthState& s = *state_;

@@ -19,6 +19,8 @@
 #include <grpcpp/grpcpp.h>
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
@@ -31,6 +33,14 @@ inline constexpr char kLivenessService[] = "ecsnap.live";
 
 class HealthState {
  public:
+  // `services`: the gRPC services whose readiness this state answers for
+  // (besides "", kLivenessService and the health service itself), as the
+  // daemon's wiring registers them.
+  explicit HealthState(std::vector<std::string> services) : services_(std::move(services)) {}
+
+  // True for a name a Check or Watch may ask about.
+  bool Knows(const std::string& service) const;
+
   // Thread-safe. After Shutdown() the state stays NOT_SERVING.
   void SetServing(bool serving);
   void Shutdown();
@@ -39,6 +49,7 @@ class HealthState {
 
  private:
   friend class HealthService;
+  const std::vector<std::string> services_;
   mutable absl::Mutex mu_;
   bool serving_ ABSL_GUARDED_BY(mu_) = false;
   bool shut_down_ ABSL_GUARDED_BY(mu_) = false;

@@ -90,7 +90,13 @@ TEST_P(CudaPathTest, ADeviceTensorTheLibraryCannotCopyIsRefusedInASentence) {
 
 #if ECSNAP_CUDA
 
-#define CUDA_OK(call) ASSERT_EQ((call), cudaSuccess) << #call << ": " << cudaGetErrorString(call)
+// Evaluates `call` once: a failing call is not made again for its message.
+#define CUDA_OK(call)                                                         \
+  do {                                                                        \
+    const cudaError_t cuda_ok_error_ = (call);                                \
+    ASSERT_EQ(cuda_ok_error_, cudaSuccess) << #call << ": "                   \
+                                           << cudaGetErrorString(cuda_ok_error_); \
+  } while (0)
 
 class CudaDeviceTest : public CudaPathTest {
  protected:
