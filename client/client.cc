@@ -151,17 +151,13 @@ class ClientImpl final : public Client {
     dco.args.SetMaxReceiveMessageSize(kMaxMessageBytes);
     for (const Http2Setting& s : kDataPlaneHttp2) dco.args.SetInt(s.key, s.value);
     dco.args.SetMaxSendMessageSize(kMaxMessageBytes);
-    if (options_.keepalive_ms != 0 && options_.keepalive_ms < kMinKeepaliveMs) {
+    if (options_.keepalive_ms < 0 ||
+        (options_.keepalive_ms != 0 && options_.keepalive_ms < kMinKeepaliveMs)) {
       return absl::InvalidArgumentError(absl::StrFormat(
           "keepalive_ms %d is below the %d ms the daemon allows between pings (0 turns pings off)",
           options_.keepalive_ms, kMinKeepaliveMs));
     }
-    if (options_.keepalive_ms > 0) {
-      dco.args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, options_.keepalive_ms);
-      dco.args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, options_.keepalive_ms);
-      dco.args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
-      dco.args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);  // as long as it is silent
-    }
+    dco.keepalive_ms = options_.keepalive_ms;
     dco.timeout = absl::Milliseconds(options_.rpc_timeout_ms);
     auto data = OpenDataChannel(std::move(dco));
     if (!data.ok()) return data.status();
@@ -602,11 +598,11 @@ class ClientImpl final : public Client {
   // gRPC lets go of the tensors it borrowed.
   void GuardStalls(RawCall& call) {
     if (socket_ == nullptr || options_.keepalive_ms <= 0) return;
-    const int limit_ms = 2 * options_.keepalive_ms;
-    call.SetStallLimit(absl::Milliseconds(limit_ms), [socket = socket_, limit_ms] {
-      Log("libecsnap: the daemon moved no bytes of a stream for %d ms; closing the connection "
-          "(the session ends; connect again once the daemon answers)",
-          limit_ms);
+    const absl::Duration limit = absl::Milliseconds(options_.keepalive_ms) * 2;
+    call.SetStallLimit(limit, [socket = socket_, limit] {
+      Log("libecsnap: the daemon moved no bytes of a stream for %s; closing the connection "
+          "(this Client is done: connect again once the daemon answers)",
+          absl::FormatDuration(limit));
       ::shutdown(socket->get(), SHUT_RDWR);
     });
   }

@@ -71,6 +71,13 @@ std::string SocketPath(const std::string& address) {
   return absl::StartsWith(address, "unix:") ? address.substr(5) : address;
 }
 
+void SetKeepalive(int keepalive_ms, grpc::ChannelArguments& args) {
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, keepalive_ms);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, keepalive_ms);
+  args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);  // as long as it is silent
+}
+
 absl::StatusOr<DataChannel> OpenUnix(const std::string& path, const DataChannelOptions& options) {
   TrainerHello hello;
   absl::StatusOr<UniqueFd> fd = ConnectAdmitted(path, options.timeout, &hello);
@@ -90,6 +97,10 @@ absl::StatusOr<DataChannel> OpenUnix(const std::string& path, const DataChannelO
   }
   out.socket = std::make_shared<const UniqueFd>(std::move(second));
   grpc::ChannelArguments args = options.args;
+  // A daemon of an earlier release takes no frequent pings (it would close
+  // the connection for them): this one says so in its hello.
+  out.pings = options.keepalive_ms > 0 && hello.pings;
+  if (out.pings) SetKeepalive(options.keepalive_ms, args);
   out.channel = grpc::CreateCustomInsecureChannelFromFd("ecsnapd", fd->Release(), args);
   return out;
 }
@@ -145,6 +156,10 @@ absl::StatusOr<DataChannel> OpenDataChannel(DataChannelOptions options) {
     creds = grpc::SslCredentials(ssl);
     if (!options.tls_name.empty()) options.args.SetSslTargetNameOverride(options.tls_name);
   }
+  // Over TCP there is no hello to ask: a remote trainer pings the daemon it
+  // is configured for (and gRPC then sets TCP_USER_TIMEOUT to the same).
+  out.pings = options.keepalive_ms > 0;
+  if (out.pings) SetKeepalive(options.keepalive_ms, options.args);
   out.channel = grpc::CreateCustomChannel(a, creds, options.args);
   return out;
 }

@@ -30,6 +30,10 @@ struct DataChannelOptions {
   std::string ca_file;
   std::string tls_name;
   grpc::ChannelArguments args;
+  // Pings a silent daemon after this many ms, and closes the connection
+  // when the answer takes as long: over TCP always, over the Unix socket
+  // where the daemon's hello says it takes pings. 0: never.
+  int keepalive_ms = 0;
   absl::Duration timeout = absl::Seconds(10);
 };
 
@@ -38,6 +42,9 @@ struct DataChannel {
   // The daemon hands this process windows of shared memory (a Unix socket
   // of a daemon with an arena).
   bool windows = false;
+  // The channel pings the daemon (DataChannelOptions::keepalive_ms, and the
+  // daemon takes pings).
+  bool pings = false;
   // Unix socket only (null over TCP): a second descriptor of the connection
   // under `channel`. shutdown(2) on it ends the connection for gRPC too: a
   // daemon that stopped reading otherwise holds a stream's write, and the

@@ -144,12 +144,13 @@ struct ClientOptions {
   // Deadline of each control call to the daemon, in ms. Default: 30000.
   int rpc_timeout_ms = 30000;
   // After this long without a byte from the daemon, in ms, the client pings
-  // it, and waits as long again for the answer: a daemon that stopped
-  // answering (SIGSTOP, a hung host) fails every call in flight, a
-  // snapshot's stream and Wait() included, with UNAVAILABLE after about
-  // twice this, where they would otherwise wait forever. A daemon that is
-  // only slow still answers pings. 0: never ping; else at least 1000.
-  // Default: 10000.
+  // it (a daemon that takes pings: every one of this release), and waits as
+  // long again for the answer; and a snapshot or restore stream that moves
+  // no byte for twice this ends the connection (a ping cannot pass bytes a
+  // stopped daemon does not read). Either way every call in flight, Wait()
+  // included, fails with UNAVAILABLE where it would otherwise wait forever,
+  // and this Client is done: connect again. Keep it well above any pause of
+  // the daemon. 0: never; else at least 1000. Default: 10000.
   int keepalive_ms = 10000;
   // TCP only. The daemon's TLS: the cluster CA file and the name in the
   // daemon's certificate ("slot-N.ecsnap"). Without them the connection is

@@ -33,6 +33,11 @@ bool RawCall::Await() {
     const auto status = cq_.AsyncNext(&tag, &ok, absl::ToChronoTime(absl::Now() + stall_limit_));
     if (status == grpc::CompletionQueue::GOT_EVENT) return ok;
     if (status == grpc::CompletionQueue::SHUTDOWN) return false;
+    // Once more, briefly: a process that was itself stopped past the limit
+    // finds the completion waiting, not a stalled peer.
+    const auto again = cq_.AsyncNext(&tag, &ok, absl::ToChronoTime(absl::Now() + absl::Milliseconds(100)));
+    if (again == grpc::CompletionQueue::GOT_EVENT) return ok;
+    if (again == grpc::CompletionQueue::SHUTDOWN) return false;
     on_stall_();
     on_stall_ = nullptr;  // once: the connection is gone
   }

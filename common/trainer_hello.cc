@@ -15,6 +15,7 @@ namespace {
 constexpr char kMagic[8] = {'E', 'C', 'S', 'N', 'H', 'L', 'O', '2'};
 constexpr char kRoleMagic[8] = {'E', 'C', 'S', 'N', 'R', 'O', 'L', '1'};
 constexpr uint32_t kFlagWindows = 1;
+constexpr uint32_t kFlagPings = 2;
 
 // Native byte order: both ends are on one machine.
 struct Wire {
@@ -117,7 +118,7 @@ absl::Status SendTrainerHello(int sock, const TrainerHello& hello, int fd,
   w.admitted = hello.admitted ? 1 : 0;
   w.message_bytes = static_cast<uint32_t>(message.size());
   w.fd_bytes = hello.admitted && fd >= 0 ? hello.fd_bytes : 0;
-  w.flags = hello.windows ? kFlagWindows : 0;
+  w.flags = (hello.windows ? kFlagWindows : 0) | (hello.pings ? kFlagPings : 0);
   w.reserved = 0;
   std::vector<char> bytes(sizeof(w) + message.size());
   std::memcpy(bytes.data(), &w, sizeof(w));
@@ -175,6 +176,7 @@ absl::StatusOr<TrainerHello> ReceiveTrainerHello(int sock, absl::Duration timeou
   hello.admitted = w.admitted == 1;
   if (fds_seen > 1) return absl::DataLossError("the daemon's hello carried more descriptors than one");
   hello.windows = (w.flags & kFlagWindows) != 0;
+  hello.pings = (w.flags & kFlagPings) != 0;
   if (!hello.admitted) {
     hello.fd.Reset();
     return hello;

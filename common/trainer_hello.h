@@ -42,6 +42,10 @@ struct TrainerHello {
   // First hello: the daemon hands out windows (else trainers stream over
   // gRPC).
   bool windows = false;
+  // First hello: the daemon takes a trainer's keepalive pings (as often as
+  // every second, common/data_plane_http2.h). A daemon of an earlier release
+  // sends no such flag, and would close a connection that pings it often.
+  bool pings = false;
   // A window reply: the size of the file behind `fd`.
   uint64_t fd_bytes = 0;
   // A window reply: the window's file, read-write or read-only.

@@ -51,6 +51,23 @@ TEST(TrainerHelloTest, AnAdmittedTrainerGetsTheArenaAndNotOneByteMore) {
   EXPECT_STREQ(tail, "PRI *");
 }
 
+// The flags travel apart: a daemon of an earlier release sends neither
+// pings nor windows, and its trainers must read both as false.
+TEST(TrainerHelloTest, EachFlagArrivesAsSent) {
+  for (int flags = 0; flags < 4; ++flags) {
+    Pair p;
+    TrainerHello hello;
+    hello.admitted = true;
+    hello.windows = (flags & 1) != 0;
+    hello.pings = (flags & 2) != 0;
+    ASSERT_TRUE(SendTrainerHello(p.daemon.get(), hello, -1, absl::Seconds(5)).ok());
+    auto got = ReceiveTrainerHello(p.trainer.get(), absl::Seconds(5));
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->windows, hello.windows) << flags;
+    EXPECT_EQ(got->pings, hello.pings) << flags;
+  }
+}
+
 TEST(TrainerHelloTest, ARefusedTrainerGetsTheReasonAndNoDescriptor) {
   Pair p;
   UniqueFd arena = MemFile("secret");

@@ -94,11 +94,13 @@ absl::Status ValidateConfig(const config::Config& config, uint32_t slot) {
   if (config.daemon().retain() > 64) {
     return absl::InvalidArgumentError("daemon.retain must be at most 64");
   }
+  constexpr uint32_t kMaxTrainerKeepaliveMs = 24 * 3600 * 1000;
   if (config.daemon().trainer_keepalive_ms() != 0 &&
-      config.daemon().trainer_keepalive_ms() < kMinKeepaliveMs) {
+      (config.daemon().trainer_keepalive_ms() < kMinKeepaliveMs ||
+       config.daemon().trainer_keepalive_ms() > kMaxTrainerKeepaliveMs)) {
     return absl::InvalidArgumentError(absl::StrFormat(
-        "daemon.trainer_keepalive_ms is %d; it must be at least %d (or 0 for the default)",
-        config.daemon().trainer_keepalive_ms(), kMinKeepaliveMs));
+        "daemon.trainer_keepalive_ms is %d; it must be from %d to %d (or 0 for the default)",
+        config.daemon().trainer_keepalive_ms(), kMinKeepaliveMs, kMaxTrainerKeepaliveMs));
   }
   if (const std::string& host = config.daemon().peer_listen_host(); !host.empty()) {
     // A host only: an address ("0.0.0.0", "::", "[::]") or a name, no port.

@@ -294,7 +294,10 @@ TEST_F(RebuildFaultTest, ASurvivorStoppedMidStreamIsReadAroundAndEveryRankRestor
   ASSERT_NO_FATAL_FAILURE(ExpectRebuiltAround("the stop"));
   EXPECT_EQ(StateOf(0, 1), v1::PROTECTED);
   cluster_->daemon(1).Resume();
+  // Slot 1's trainer found its daemon silent past its keepalive: it
+  // connects again, as a trainer does.
   Reconnect(0);
+  Reconnect(1);
   for (int s = 0; s < cluster_->n(); ++s) EXPECT_EQ(RestoreAndCheck(s), 1u) << "slot " << s;
   for (int s = 0; s < cluster_->n(); ++s) ExpectArenaConsistent(s);
 }

@@ -738,7 +738,7 @@ TEST_F(SnapshotTest, ATrainerKilledMidStreamLeavesNothingVisible) {
 // daemon closes its connection and discards its step as a dead trainer's,
 // where one that only stalls (alive, answering pings) keeps it.
 TEST_F(SnapshotTest, ATrainerStoppedMidStreamIsDroppedAndItsStepDiscarded) {
-  options_.extra_flags = {"--trainer_keepalive_ms=1000"};
+  options_.extra_flags = {"--trainer_keepalive_ms=2000"};
   daemon_.reset();
   SetUp();
   State s1 = MakeState(13);
@@ -761,8 +761,8 @@ TEST_F(SnapshotTest, ATrainerStoppedMidStreamIsDroppedAndItsStepDiscarded) {
   }
   ASSERT_TRUE(stalled) << "the trainer never reached mid-stream";
   ASSERT_TRUE(WaitForSteps("job", {1, 2}));
-  // Three keepalive periods: the stalled trainer answers every ping.
-  std::this_thread::sleep_for(std::chrono::seconds(3));
+  // Over two keepalive periods: the stalled trainer answers every ping.
+  std::this_thread::sleep_for(std::chrono::milliseconds(4500));
   ASSERT_TRUE(WaitForSteps("job", {1, 2})) << daemon_->Log();
 
   ASSERT_EQ(::kill(trainer, SIGSTOP), 0);

@@ -163,6 +163,7 @@ void TrainerListener::Admit(UniqueFd conn, std::vector<Pending>* pending) {
   hello.admitted = refusal.empty();
   hello.message = refusal;
   hello.windows = fetch_ != nullptr;
+  hello.pings = true;
   absl::Status sent = SendTrainerHello(conn.get(), hello, -1, kHelloTimeout);
   if (!refusal.empty()) {
     LogRefusal(refusal);

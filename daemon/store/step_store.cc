@@ -356,6 +356,7 @@ void StepStore::Unpin(const std::shared_ptr<RankData>& rd) {
   if (--rd->pins == 0 && rd->dead) {
     arena_->Free(rd->extent);
     --dying_;
+    ++dying_freed_;
   }
 }
 
@@ -441,22 +442,26 @@ absl::StatusOr<Window> StepStore::BeginRankImpl(uint64_t session, uint64_t step,
   // Off the lock: a fresh window file takes ~0.1 s/GiB to make, and a window
   // the preparer is making for this rank is waited for; other ranks' calls go
   // on meanwhile. What was checked above is checked again after.
+  // Memory a discarded rank still pins comes back within moments (its last
+  // copy or read ends): a trainer that reconnects after a fault and
+  // snapshots at once is not refused for it. Each such free is waited for,
+  // and the window asked for again, for at most 2 s in all.
+  uint64_t freed = DyingFreed();
   auto extent = arena_->AllocateWindow(bytes, owner, streamed);
-  if (absl::IsResourceExhausted(extent.status())) {
-    // Memory a discarded rank still pins comes back within moments (its
-    // last copy or read ends): a trainer that reconnects after a fault and
-    // snapshots at once is not refused for it. Waited for a bounded time.
-    bool waited = false;
+  const absl::Time give_up = absl::Now() + absl::Seconds(2);
+  while (absl::IsResourceExhausted(extent.status()) && absl::Now() < give_up) {
     {
       absl::MutexLock lock(&mu_);
-      if (dying_ > 0) {
-        waited = true;
-        mu_.AwaitWithTimeout(absl::Condition(
-                                 +[](int* dying) { return *dying == 0; }, &dying_),
-                             absl::Seconds(2));
+      auto more = [this, freed]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return dying_freed_ != freed;
+      };
+      if (dying_freed_ == freed &&
+          (dying_ == 0 || !mu_.AwaitWithDeadline(absl::Condition(&more), give_up))) {
+        break;
       }
+      freed = dying_freed_;
     }
-    if (waited) extent = arena_->AllocateWindow(bytes, owner, streamed);
+    extent = arena_->AllocateWindow(bytes, owner, streamed);
   }
   absl::MutexLock lock(&mu_);
   auto s = FindSession(session);

@@ -385,7 +385,12 @@ class StepStore {
   uint64_t step_seq_ ABSL_GUARDED_BY(mu_) = 0;  // steps opened by trainers so far
   // Discarded ranks whose windows are still pinned (a copy or a read in
   // flight): their memory comes back when the last pin goes.
+  uint64_t DyingFreed() ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::MutexLock lock(&mu_);
+    return dying_freed_;
+  }
   int dying_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t dying_freed_ ABSL_GUARDED_BY(mu_) = 0;  // of those, freed so far
   std::map<std::string, absl::Status> unrecoverable_ ABSL_GUARDED_BY(mu_);
 };
 
