@@ -698,50 +698,21 @@ TEST_F(SnapshotTest, TwoRanksCommitAStepThatEachRestoresItsOwnPart) {
   ExpectRestored(s1, *r1->Restore(3));
 }
 
-TEST_F(SnapshotTest, ATrainerKilledMidStreamLeavesNothingVisible) {
+// A trainer that dies (SIGKILL) or stops (SIGSTOP) mid-stream. A stopped one
+// answers no keepalive ping: the daemon closes its connection and discards its
+// step as a dead trainer's, where one that only stalls (alive, answering
+// pings) keeps it.
+class StalledTrainerTest : public SnapshotTest, public ::testing::WithParamInterface<int> {
+ protected:
+  void SetUp() override {
+    options_.extra_flags = {"--trainer_keepalive_ms=2000"};
+    SnapshotTest::SetUp();
+  }
+};
+
+TEST_P(StalledTrainerTest, ItsHalfWrittenStepIsDiscardedAndTheCommittedOneStays) {
+  const int signal = GetParam();
   State s1 = MakeState(11);
-  {
-    auto c = Connect(0, {0});
-    ASSERT_TRUE(c->Snapshot(1, s1.tensors)->WaitCommitted().ok());
-  }
-  const std::string out = dir_.path() + "/stall.out";
-  const pid_t trainer = testing::Spawn(
-      {testing::RunfilePath("tests/stall_trainer"), "--socket=" + daemon_->socket(), "--rank=0",
-       "--local_ranks=0", "--step=2", "--bytes=4194304"},
-      out);
-  bool stalled = false;
-  for (int i = 0; i < 400 && !stalled; ++i) {
-    std::ifstream in(out);
-    std::string line;
-    while (std::getline(in, line)) stalled |= line == "STALLED";
-    if (!stalled) std::this_thread::sleep_for(std::chrono::milliseconds(25));
-  }
-  ASSERT_TRUE(stalled) << "the trainer never reached mid-stream";
-  ASSERT_TRUE(WaitForSteps("job", {1, 2}));  // step 2 is receiving
-  testing::StopProcess(trainer, SIGKILL);
-
-  // The daemon notices the dead session and discards the half-written step.
-  ASSERT_TRUE(WaitForSteps("job", {1})) << daemon_->Log();
-  auto c = Connect(0, {0});
-  auto steps = c->ListRestorable();
-  ASSERT_EQ(steps->size(), 1u);
-  EXPECT_EQ((*steps)[0].step, 1u);
-  ExpectRestored(s1, *c->Restore(kLatestStep));
-  // The restarted rank snapshots step 2 again.
-  State s2 = MakeState(12);
-  ASSERT_TRUE(c->Snapshot(2, s2.tensors)->WaitCommitted().ok());
-  ExpectRestored(s2, *c->Restore(kLatestStep));
-  EXPECT_TRUE(daemon_->alive());
-}
-
-// A trainer stopped (SIGSTOP) mid-stream answers no keepalive ping: the
-// daemon closes its connection and discards its step as a dead trainer's,
-// where one that only stalls (alive, answering pings) keeps it.
-TEST_F(SnapshotTest, ATrainerStoppedMidStreamIsDroppedAndItsStepDiscarded) {
-  options_.extra_flags = {"--trainer_keepalive_ms=2000"};
-  daemon_.reset();
-  SetUp();
-  State s1 = MakeState(13);
   {
     auto c = Connect(0, {0});
     ASSERT_TRUE(c->Snapshot(1, s1.tensors)->WaitCommitted().ok());
@@ -760,20 +731,32 @@ TEST_F(SnapshotTest, ATrainerStoppedMidStreamIsDroppedAndItsStepDiscarded) {
     if (!stalled) std::this_thread::sleep_for(std::chrono::milliseconds(25));
   }
   ASSERT_TRUE(stalled) << "the trainer never reached mid-stream";
-  ASSERT_TRUE(WaitForSteps("job", {1, 2}));
-  // Over two keepalive periods: the stalled trainer answers every ping.
-  std::this_thread::sleep_for(std::chrono::milliseconds(4500));
-  ASSERT_TRUE(WaitForSteps("job", {1, 2})) << daemon_->Log();
+  ASSERT_TRUE(WaitForSteps("job", {1, 2}));  // step 2 is receiving
+  if (signal == SIGSTOP) {
+    // Over two keepalive periods: the stalled trainer answers every ping.
+    std::this_thread::sleep_for(std::chrono::milliseconds(4500));
+    ASSERT_TRUE(WaitForSteps("job", {1, 2})) << daemon_->Log();
+  }
+  ASSERT_EQ(::kill(trainer, signal), 0);
 
-  ASSERT_EQ(::kill(trainer, SIGSTOP), 0);
+  // The daemon notices the dead session and discards the half-written step.
   ASSERT_TRUE(WaitForSteps("job", {1}, /*seconds=*/20)) << daemon_->Log();
   auto c = Connect(0, {0});
+  auto steps = c->ListRestorable();
+  ASSERT_EQ(steps->size(), 1u);
+  EXPECT_EQ((*steps)[0].step, 1u);
   ExpectRestored(s1, *c->Restore(kLatestStep));
-  State s2 = MakeState(14);
+  // The restarted rank snapshots step 2 again.
+  State s2 = MakeState(12);
   ASSERT_TRUE(c->Snapshot(2, s2.tensors)->WaitCommitted().ok());
   ExpectRestored(s2, *c->Restore(kLatestStep));
   EXPECT_TRUE(daemon_->alive());
 }
+
+INSTANTIATE_TEST_SUITE_P(KilledOrStopped, StalledTrainerTest, ::testing::Values(SIGKILL, SIGSTOP),
+                         [](const ::testing::TestParamInfo<int>& info) {
+                           return std::string(info.param == SIGSTOP ? "Stopped" : "Killed");
+                         });
 
 TEST_F(SnapshotTest, ADaemonKilledAndRestartedKeepsEveryCommittedStep) {
   options_.retain = 2;
