@@ -19,6 +19,7 @@
 #include "daemon/service/health_service.h"
 #include "daemon/service/metrics_http.h"
 #include "daemon/store/arena.h"
+#include "daemon/peer/call_watchdog.h"
 #include "daemon/peer/group.h"
 #include "daemon/peer/parity_store.h"
 #include "daemon/service/peer_service.h"
@@ -100,6 +101,9 @@ class Daemon {
   std::unique_ptr<grpc::Server> peer_server_;
   std::thread rebuild_thread_;
   std::atomic<bool> rebuild_done_{false};
+  // Cuts a trainer connection whose restore stream stalls (outlives the
+  // snapshot service, which it watches; ~Daemon ends every call first).
+  std::unique_ptr<CallWatchdog> trainer_stall_dog_;
   std::unique_ptr<SnapshotService> snapshot_service_;
   std::unique_ptr<AdminService> admin_service_;
   std::unique_ptr<grpc::Server> data_server_;

@@ -869,6 +869,56 @@ INSTANTIATE_TEST_SUITE_P(StopOrKill, GrpcStreamFaultTest, ::testing::Values(SIGS
                            return std::string(info.param == SIGSTOP ? "Stopped" : "Killed");
                          });
 
+// A trainer that stops taking a restore stream (stopped, or alive and not
+// reading) leaves the daemon's write pending where no ping passes: after two
+// keepalive periods the daemon ends its connection, and the window the
+// stream pinned goes back (the step is read whole again from a new session).
+TEST_F(SnapshotLargeArenaTest, ATrainerThatStopsReadingARestoreIsCutAndItsPinsGo) {
+  options_.extra_flags = {"--trainer_keepalive_ms=1000"};
+  daemon_.reset();
+  SetUp();
+  // ~100 MiB a step: far more than the stream's window, and the arena holds
+  // two such windows beside a third only if nothing pins the third.
+  State s1 = MakeState(15, 6000);
+  {
+    auto c = Connect(0, {0}, Transport::kGrpc);
+    ASSERT_TRUE(c->Snapshot(1, s1.tensors)->WaitCommitted().ok());
+  }
+  const std::string out = dir_.path() + "/restore.out";
+  const pid_t trainer = testing::Spawn(
+      {testing::RunfilePath("tests/stall_trainer"), "--socket=" + daemon_->socket(), "--rank=0",
+       "--local_ranks=0", "--step=1", "--restore"},
+      out);
+  absl::Cleanup reap = [trainer] { testing::StopProcess(trainer, SIGKILL); };
+  auto printed = [&out](const std::string& word) {
+    std::ifstream in(out);
+    std::string line;
+    while (std::getline(in, line)) {
+      if (line == word) return true;
+    }
+    return false;
+  };
+  bool cut = false;
+  for (int i = 0; i < 30 * 40 && !cut; ++i) {  // 30 s
+    cut = printed("CUT");
+    if (!cut) std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  }
+  ASSERT_TRUE(printed("STALLED")) << "the trainer never began its restore";
+  ASSERT_TRUE(cut) << daemon_->Log();
+  EXPECT_NE(daemon_->Log().find("took no bytes of a restore"), std::string::npos);
+  auto c = Connect(0, {0}, Transport::kGrpc);
+  ExpectRestored(s1, *c->Restore(kLatestStep));
+  // Step 1's window went back once step 2 retired it: step 3 fits only then.
+  State s2 = MakeState(16, 6000);
+  State s3 = MakeState(17, 6000);
+  ASSERT_TRUE(c->Snapshot(2, s2.tensors)->WaitCommitted().ok());
+  const absl::Status third = c->Snapshot(3, s3.tensors)->WaitCommitted();
+  ASSERT_TRUE(third.ok()) << third;
+  ExpectRestored(s3, *c->Restore(kLatestStep));
+  EXPECT_TRUE(daemon_->alive());
+}
+
+
 
 TEST_F(SnapshotLargeArenaTest, BadInputGetsAReadableStatusAndTheDaemonKeepsServing) {
   auto healthy = Connect(0, {0}, Transport::kSharedMemory, "healthy");

@@ -1,7 +1,10 @@
-// A trainer rank that dies mid-stream, for fault tests: it attaches, begins
+// A trainer rank that stalls mid-stream, for fault tests: it attaches, begins
 // --step with --bytes, streams the first half of them, prints "STALLED" and
-// waits to be killed, answering the daemon's keepalive pings meanwhile. Uses the wire protocol directly so that the moment of
-// death is exact.
+// waits to be killed or stopped, answering the daemon's keepalive pings
+// meanwhile. With --restore it restores --step instead, takes the first
+// message of the stream and no more, prints "STALLED", and "CUT" once the
+// daemon has ended its connection. Uses the wire protocol directly so that
+// the moment of the stall is exact.
 #include <chrono>
 #include <cstdio>
 #include <string>
@@ -21,6 +24,8 @@ ABSL_FLAG(uint32_t, rank, 0, "Rank.");
 ABSL_FLAG(std::vector<std::string>, local_ranks, {}, "Local ranks.");
 ABSL_FLAG(uint64_t, step, 1, "Step to leave unfinished.");
 ABSL_FLAG(uint64_t, bytes, 1 << 20, "Bytes of the step.");
+ABSL_FLAG(bool, restore, false,
+          "Restore --step instead, take the first message of its stream and read no more.");
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
@@ -42,6 +47,39 @@ int main(int argc, char** argv) {
   if (!session->Read(&ev)) {
     std::fprintf(stderr, "attach failed: %s\n", session->Finish().error_message().c_str());
     return 1;
+  }
+  if (absl::GetFlag(FLAGS_restore)) {
+    grpc::ClientContext restore_ctx;
+    ecsnap::v1::RestoreRequest restore;
+    restore.set_session_id(ev.session_id());
+    restore.set_step(absl::GetFlag(FLAGS_step));
+    ecsnap::v1::RestoreResponse lease;
+    grpc::Status st = stub->Restore(&restore_ctx, restore, &lease);
+    if (!st.ok()) {
+      std::fprintf(stderr, "restore failed: %s\n", st.error_message().c_str());
+      return 1;
+    }
+    grpc::ClientContext read_ctx;
+    ecsnap::v1::ReadRankRequest read;
+    read.set_session_id(ev.session_id());
+    read.set_lease_id(lease.lease_id());
+    read.set_length(lease.window_bytes());
+    auto reader = stub->ReadRank(&read_ctx, read);
+    ecsnap::v1::ReadRankChunk chunk;
+    if (!reader->Read(&chunk)) {
+      std::fprintf(stderr, "read failed: %s\n", reader->Finish().error_message().c_str());
+      return 1;
+    }
+    std::printf("STALLED\n");
+    std::fflush(stdout);
+    // Alive, answering pings, and taking no more of the stream: the daemon
+    // ends the connection, which ends the session stream.
+    while (session->Read(&ev)) {
+    }
+    std::printf("CUT\n");
+    std::fflush(stdout);
+    std::this_thread::sleep_for(std::chrono::seconds(60));
+    return 0;
   }
   grpc::ClientContext begin_ctx;
   ecsnap::v1::BeginRankRequest begin;

@@ -522,8 +522,20 @@ class SnapshotService::ReadReactor final : public grpc::ServerWriteReactor<grpc:
  public:
   // Finishes at once with `status` (nothing to send).
   explicit ReadReactor(grpc::Status status) { Finish(std::move(status)); }
-  ReadReactor(uint64_t offset, StepStore::PinnedBytes bytes)
+  ReadReactor(SnapshotService* service, const grpc::CallbackServerContext& context,
+              uint64_t offset, StepStore::PinnedBytes bytes)
       : offset_(offset), bytes_(std::move(bytes)) {
+    if (service->stall_dog_ != nullptr && service->stall_cut_ != nullptr) {
+      const absl::Duration stall = service->stall_dog_->stall();
+      watch_ = service->stall_dog_->Start(
+          [cut = service->stall_cut_, peer = context.peer(), stall] {
+            if (cut(peer)) {
+              Log("data plane: the trainer on %s took no bytes of a restore for %s; its "
+                  "connection is closed (its session ends)",
+                  peer, absl::FormatDuration(stall));
+            }
+          });
+    }
     Next();
   }
 
@@ -532,9 +544,13 @@ class SnapshotService::ReadReactor final : public grpc::ServerWriteReactor<grpc:
       Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the trainer stopped reading"));
       return;
     }
+    if (watch_ != nullptr) watch_->Progress();
     Next();
   }
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    watch_.reset();  // the cut is never called after this
+    delete this;
+  }
 
  private:
   void Next() {
@@ -558,6 +574,7 @@ class SnapshotService::ReadReactor final : public grpc::ServerWriteReactor<grpc:
   StepStore::PinnedBytes bytes_;
   size_t sent_ = 0;
   grpc::ByteBuffer message_;
+  std::unique_ptr<CallWatchdog::Watch> watch_;
 };
 
 grpc::ServerWriteReactor<grpc::ByteBuffer>* SnapshotService::ReadRank(
@@ -572,7 +589,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* SnapshotService::ReadRank(
   if (!session.ok()) return new ReadReactor(ToGrpc(session.status()));
   auto bytes = store_->Read(*session, req.lease_id(), req.offset(), req.length());
   if (!bytes.ok()) return new ReadReactor(ToGrpc(bytes.status()));
-  return new ReadReactor(req.offset(), *std::move(bytes));
+  return new ReadReactor(this, *context, req.offset(), *std::move(bytes));
 }
 
 grpc::Status SnapshotService::ReleaseRestore(grpc::ServerContext* context,

@@ -22,6 +22,7 @@
 #include "absl/synchronization/mutex.h"
 
 #include "common/executor.h"
+#include "daemon/peer/call_watchdog.h"
 #include "daemon/store/step_store.h"
 #include "daemon/store/window_grants.h"
 #include "proto/snapshot.grpc.pb.h"
@@ -50,6 +51,17 @@ class SnapshotService final : public SnapshotServiceBase {
   // (TrainerListener::ConnectionKey). Default: the peer string itself.
   void SetConnectionKey(std::function<std::string(const std::string& peer)> key) {
     connection_key_ = std::move(key);
+  }
+
+  // A ReadRank stream whose next message the trainer has not taken for
+  // `dog`'s stall (the trainer stopped, or stopped reading) has its
+  // connection ended by `cut`, given the call's peer string (a ping cannot
+  // pass the bytes the trainer leaves unread, and the stream's slices pin
+  // the window until gRPC drops the connection). `dog` outlives the
+  // service. Unset: such a stream waits for as long as the connection lasts.
+  void SetStallCut(CallWatchdog* dog, std::function<bool(const std::string& peer)> cut) {
+    stall_dog_ = dog;
+    stall_cut_ = std::move(cut);
   }
 
   // Called with the session before each Restore and ListRestorable; with
@@ -150,6 +162,8 @@ class SnapshotService final : public SnapshotServiceBase {
   StepStore* const store_;
   const uint32_t slot_;
   std::function<void(uint64_t)> before_restore_;
+  CallWatchdog* stall_dog_ = nullptr;
+  std::function<bool(const std::string& peer)> stall_cut_;
   std::function<std::string(const std::string&)> connection_key_;
   std::string job_secret_;
   std::function<std::optional<uint32_t>(const std::string&)> uid_of_;

@@ -289,6 +289,23 @@ std::optional<uint32_t> TrainerListener::ConnectionUid(const std::string& peer) 
   return a->uid;
 }
 
+bool TrainerListener::Cut(const std::string& peer) const {
+  const std::optional<int> fd = SocketFd(peer);
+  if (!fd.has_value()) return false;
+  // Under the lock, so that no admission under the same number comes in
+  // between. (gRPC could still close the descriptor and a new connection
+  // take its number between the check and the shutdown; the connection cut
+  // here is stalled, so gRPC is not closing it.)
+  absl::MutexLock lock(&mu_);
+  auto it = admitted_fds_.find(*fd);
+  struct stat st {};
+  if (it == admitted_fds_.end() || ::fstat(*fd, &st) != 0 || st.st_dev != it->second.device ||
+      st.st_ino != it->second.inode) {
+    return false;
+  }
+  return ::shutdown(*fd, SHUT_RDWR) == 0;
+}
+
 std::string TrainerListener::ConnectionKey(const std::string& peer) const {
   const std::optional<int> fd = SocketFd(peer);
   if (!fd.has_value()) return peer;
