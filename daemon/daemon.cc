@@ -180,11 +180,13 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
     d->snapshot_service_->SetWindowGrants(
         [l](const std::string& peer) { return l->ConnectionUid(peer); }, grants);
     // A restore stream its trainer stopped taking for two keepalive periods
-    // ends its connection (over TCP, the keepalive's TCP_USER_TIMEOUT does).
-    d->trainer_stall_dog_ = std::make_unique<CallWatchdog>(
-        absl::Milliseconds(dc.trainer_keepalive_ms()) * 2);
-    d->snapshot_service_->SetStallCut(d->trainer_stall_dog_.get(),
-                                      [l](const std::string& peer) { return l->Cut(peer); });
+    // ends its connection (a TCP trainer's stream is cancelled instead).
+    if (dc.trainer_keepalive_ms() > 0) {
+      d->trainer_stall_dog_ = std::make_unique<CallWatchdog>(
+          absl::Milliseconds(dc.trainer_keepalive_ms()) * 2);
+      d->snapshot_service_->SetStallCut(d->trainer_stall_dog_.get(),
+                                        [l](const std::string& key) { return l->Cut(key); });
+    }
     if (!dc.data_address().empty()) {
       bool created = false;
       auto secret = LoadOrCreateSecret("job secret file", dc.job_secret_file(), &created);

@@ -33,7 +33,7 @@ std::unique_ptr<CallWatchdog::Watch> CallWatchdog::Start(std::function<void()> c
     watch->cancelled_ = true;
     cancel();
   }
-  calls_[id] = Entry{std::move(cancel), watch.get(), absl::Now()};
+  calls_[id] = Entry{std::move(cancel), watch.get(), std::chrono::steady_clock::now()};
   return watch;
 }
 
@@ -45,7 +45,7 @@ void CallWatchdog::Finish(uint64_t id) {
 void CallWatchdog::Touch(uint64_t id) {
   absl::MutexLock lock(&mu_);
   auto it = calls_.find(id);
-  if (it != calls_.end()) it->second.last_progress = absl::Now();
+  if (it != calls_.end()) it->second.last_progress = std::chrono::steady_clock::now();
 }
 
 void CallWatchdog::CancelAll() {
@@ -60,14 +60,27 @@ void CallWatchdog::CancelAll() {
 void CallWatchdog::Loop() {
   // Checks a few times per stall period: a stalled call is cut within
   // about 1.25 x `stall`.
+  // Progress is timed on the monotonic clock: a step of the wall clock cuts
+  // nothing. A tick that comes far later than asked means this process was
+  // itself held up (stopped, frozen, starved): the calls' clocks start again
+  // rather than blaming peers for the pause.
   const absl::Duration tick = std::clamp(stall_ / 4, absl::Milliseconds(10), absl::Seconds(1));
+  const auto stall = absl::ToChronoNanoseconds(stall_);
+  const auto late = absl::ToChronoNanoseconds(tick + stall_ / 2);
+  auto last_tick = std::chrono::steady_clock::now();
   absl::MutexLock lock(&mu_);
   while (true) {
     auto stop = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopping_; };
     if (mu_.AwaitWithTimeout(absl::Condition(&stop), tick)) return;
-    const absl::Time now = absl::Now();
+    const auto now = std::chrono::steady_clock::now();
+    const bool paused = now - last_tick > late;
+    last_tick = now;
     for (auto& [id, e] : calls_) {
-      if (!e.watch->cancelled_ && now - e.last_progress > stall_) {
+      if (paused) {
+        e.last_progress = now;
+        continue;
+      }
+      if (!e.watch->cancelled_ && now - e.last_progress > stall) {
         e.watch->cancelled_ = true;
         e.cancel();
       }

@@ -71,7 +71,7 @@ class CallWatchdog {
   struct Entry {
     std::function<void()> cancel;  // TryCancel on the call's context
     Watch* watch;
-    absl::Time last_progress;
+    std::chrono::steady_clock::time_point last_progress;
   };
   void Loop();
   void Finish(uint64_t id);

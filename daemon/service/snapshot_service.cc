@@ -522,19 +522,19 @@ class SnapshotService::ReadReactor final : public grpc::ServerWriteReactor<grpc:
  public:
   // Finishes at once with `status` (nothing to send).
   explicit ReadReactor(grpc::Status status) { Finish(std::move(status)); }
-  ReadReactor(SnapshotService* service, const grpc::CallbackServerContext& context,
+  ReadReactor(SnapshotService* service, grpc::CallbackServerContext* context,
               uint64_t offset, StepStore::PinnedBytes bytes)
       : offset_(offset), bytes_(std::move(bytes)) {
     if (service->stall_dog_ != nullptr && service->stall_cut_ != nullptr) {
       const absl::Duration stall = service->stall_dog_->stall();
-      watch_ = service->stall_dog_->Start(
-          [cut = service->stall_cut_, peer = context.peer(), stall] {
-            if (cut(peer)) {
-              Log("data plane: the trainer on %s took no bytes of a restore for %s; its "
-                  "connection is closed (its session ends)",
-                  peer, absl::FormatDuration(stall));
-            }
-          });
+      // Never called once the watch is gone (OnDone), so `context` is live.
+      watch_ = service->stall_dog_->Start([cut = service->stall_cut_, context, stall,
+                                           key = service->ConnectionOf(*context)] {
+        Log("data plane: the trainer on %s took no bytes of a restore for %s; %s", key,
+            absl::FormatDuration(stall),
+            "its connection is closed (its session ends), or its stream cancelled");
+        if (!cut(key)) context->TryCancel();
+      });
     }
     Next();
   }
@@ -589,7 +589,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* SnapshotService::ReadRank(
   if (!session.ok()) return new ReadReactor(ToGrpc(session.status()));
   auto bytes = store_->Read(*session, req.lease_id(), req.offset(), req.length());
   if (!bytes.ok()) return new ReadReactor(ToGrpc(bytes.status()));
-  return new ReadReactor(this, *context, req.offset(), *std::move(bytes));
+  return new ReadReactor(this, context, req.offset(), *std::move(bytes));
 }
 
 grpc::Status SnapshotService::ReleaseRestore(grpc::ServerContext* context,

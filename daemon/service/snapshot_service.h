@@ -55,11 +55,13 @@ class SnapshotService final : public SnapshotServiceBase {
 
   // A ReadRank stream whose next message the trainer has not taken for
   // `dog`'s stall (the trainer stopped, or stopped reading) has its
-  // connection ended by `cut`, given the call's peer string (a ping cannot
+  // connection ended by `cut`, given the connection's key (a ping cannot
   // pass the bytes the trainer leaves unread, and the stream's slices pin
-  // the window until gRPC drops the connection). `dog` outlives the
-  // service. Unset: such a stream waits for as long as the connection lasts.
-  void SetStallCut(CallWatchdog* dog, std::function<bool(const std::string& peer)> cut) {
+  // the window until gRPC drops the connection); where `cut` cannot (a TCP
+  // trainer), the call is cancelled, which lets go of the slices it has not
+  // sent. `dog` outlives the service. Unset: such a stream waits for as
+  // long as the connection lasts.
+  void SetStallCut(CallWatchdog* dog, std::function<bool(const std::string& key)> cut) {
     stall_dog_ = dog;
     stall_cut_ = std::move(cut);
   }
@@ -163,7 +165,7 @@ class SnapshotService final : public SnapshotServiceBase {
   const uint32_t slot_;
   std::function<void(uint64_t)> before_restore_;
   CallWatchdog* stall_dog_ = nullptr;
-  std::function<bool(const std::string& peer)> stall_cut_;
+  std::function<bool(const std::string& key)> stall_cut_;
   std::function<std::string(const std::string&)> connection_key_;
   std::string job_secret_;
   std::function<std::optional<uint32_t>(const std::string&)> uid_of_;

@@ -289,18 +289,22 @@ std::optional<uint32_t> TrainerListener::ConnectionUid(const std::string& peer) 
   return a->uid;
 }
 
-bool TrainerListener::Cut(const std::string& peer) const {
-  const std::optional<int> fd = SocketFd(peer);
+bool TrainerListener::Cut(const std::string& key) const {
+  const size_t hash = key.rfind('#');
+  uint64_t generation = 0;
+  if (hash == std::string::npos || !absl::SimpleAtoi(key.substr(hash + 1), &generation)) {
+    return false;
+  }
+  const std::optional<int> fd = SocketFd(key.substr(0, hash));
   if (!fd.has_value()) return false;
-  // Under the lock, so that no admission under the same number comes in
-  // between. (gRPC could still close the descriptor and a new connection
-  // take its number between the check and the shutdown; the connection cut
-  // here is stalled, so gRPC is not closing it.)
+  // Under the lock: a later admission on the same number (a new generation)
+  // is not cut for an old one. The descriptor is the call's connection's as
+  // long as a call on it is live (gRPC closes it after its last call).
   absl::MutexLock lock(&mu_);
   auto it = admitted_fds_.find(*fd);
   struct stat st {};
-  if (it == admitted_fds_.end() || ::fstat(*fd, &st) != 0 || st.st_dev != it->second.device ||
-      st.st_ino != it->second.inode) {
+  if (it == admitted_fds_.end() || it->second.generation != generation ||
+      ::fstat(*fd, &st) != 0 || st.st_dev != it->second.device || st.st_ino != it->second.inode) {
     return false;
   }
   return ::shutdown(*fd, SHUT_RDWR) == 0;

@@ -90,13 +90,14 @@ class TrainerListener {
   // this socket and is still open.
   std::optional<uint32_t> ConnectionUid(const std::string& peer) const;
 
-  // Shuts down the connection a call's peer string names, when its
-  // descriptor still names the socket this listener admitted under it
-  // (same device and inode): gRPC then ends every call on it, and the
-  // trainer's session with them. For a trainer that stopped reading a
-  // stream: no keepalive ping passes the bytes it leaves unread. False when
-  // the peer is not such a connection (any more).
-  bool Cut(const std::string& peer) const;
+  // Shuts down the connection `key` (a ConnectionKey, taken while a call
+  // on it was live) names, when that very admission is still the one on its
+  // descriptor (same generation, device and inode): gRPC then ends every
+  // call on it, and the trainer's session with them. For a trainer that
+  // stopped reading a stream: no keepalive ping passes the bytes it leaves
+  // unread. False when the key names no such connection (any more), or a
+  // connection that did not come through this socket.
+  bool Cut(const std::string& key) const;
 
   // True when a call's peer string names a connection of this socket
   // (admitted by uid), as gRPC names connections it was handed: "fd:N".
