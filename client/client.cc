@@ -50,6 +50,7 @@ using client_internal::MappedWindow;
 using client_internal::WindowCache;
 using client_internal::PlanRestore;
 using client_internal::RawCall;
+using client_internal::StallGuard;
 using client_internal::RestorePlan;
 
 // Tensors start on this boundary inside a rank's window.
@@ -533,8 +534,7 @@ class ClientImpl final : public Client {
       }
     };
     grpc::ClientContext ctx;
-    RawCall call(channel_, &ctx, kWriteRankMethod);
-    GuardStalls(call);
+    RawCall call(channel_, &ctx, kWriteRankMethod, StreamGuard());
     bool first = true;
     // One message: the chunk's fields, then its payload as its own slice.
     auto send = [&](uint64_t offset, grpc::Slice payload) {
@@ -596,15 +596,15 @@ class ClientImpl final : public Client {
   // keepalive ends the connection (over the Unix socket; over TCP, gRPC's
   // keepalive and TCP_USER_TIMEOUT do): every call fails UNAVAILABLE, and
   // gRPC lets go of the tensors it borrowed.
-  void GuardStalls(RawCall& call) {
-    if (socket_ == nullptr || options_.keepalive_ms <= 0) return;
+  StallGuard StreamGuard() const {
+    if (socket_ == nullptr || options_.keepalive_ms <= 0) return {};
     const absl::Duration limit = absl::Milliseconds(options_.keepalive_ms) * 2;
-    call.SetStallLimit(limit, [socket = socket_, limit] {
-      Log("libecsnap: the daemon moved no bytes of a stream for %s; closing the connection "
-          "(this Client is done: connect again once the daemon answers)",
-          absl::FormatDuration(limit));
-      ::shutdown(socket->get(), SHUT_RDWR);
-    });
+    return {limit, [socket = socket_, limit] {
+              Log("libecsnap: the daemon moved no bytes of a stream for %s; closing the "
+                  "connection (this Client is done: connect again once the daemon answers)",
+                  absl::FormatDuration(limit));
+              ::shutdown(socket->get(), SHUT_RDWR);
+            }};
   }
 
   absl::StatusOr<v1::RestoreResponse> Lease(uint64_t step) {
@@ -729,8 +729,7 @@ class ClientImpl final : public Client {
       return absl::OkStatus();
     };
     grpc::ClientContext ctx;
-    RawCall call(channel_, &ctx, kReadRankMethod);
-    GuardStalls(call);
+    RawCall call(channel_, &ctx, kReadRankMethod, StreamGuard());
     v1::ReadRankRequest req;
     req.set_session_id(session_);
     req.set_lease_id(r.lease_id());

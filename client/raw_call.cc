@@ -3,8 +3,11 @@
 namespace ecsnap::client_internal {
 
 RawCall::RawCall(const std::shared_ptr<grpc::Channel>& channel, grpc::ClientContext* context,
-                 const std::string& method)
-    : context_(context), stub_(channel) {
+                 const std::string& method, StallGuard guard)
+    : context_(context),
+      stub_(channel),
+      stall_limit_(guard.limit),
+      on_stall_(std::move(guard.on_stall)) {
   call_ = stub_.PrepareCall(context_, method, &cq_);
   if (call_ != nullptr) {
     call_->StartCall(this);

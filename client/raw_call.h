@@ -19,25 +19,26 @@
 
 namespace ecsnap::client_internal {
 
+// When an operation of a RawCall has not completed within `limit`,
+// `on_stall` is called once (it must end the connection under the call: a
+// peer that stopped reading otherwise holds a write forever) and the
+// operation is waited for on. Null `on_stall`: no limit.
+struct StallGuard {
+  absl::Duration limit = absl::InfiniteDuration();
+  std::function<void()> on_stall;
+};
+
 class RawCall {
  public:
-  // Starts `method` ("/package.Service/Method") on `channel`; `context` must
-  // outlive the call. A call that could not start fails its first operation
-  // and Finish says why.
+  // Starts `method` ("/package.Service/Method") on `channel`, the start
+  // itself under `guard`; `context` must outlive the call. A call that could
+  // not start fails its first operation and Finish says why.
   RawCall(const std::shared_ptr<grpc::Channel>& channel, grpc::ClientContext* context,
-          const std::string& method);
+          const std::string& method, StallGuard guard = {});
   // Cancels a call that was not finished and waits for gRPC to let go of it.
   ~RawCall();
   RawCall(const RawCall&) = delete;
   RawCall& operator=(const RawCall&) = delete;
-
-  // When an operation has not completed within `limit`, calls `on_stall`
-  // once (which must end the connection under the call: a peer that stopped
-  // reading otherwise holds a write forever) and waits on for the operation.
-  void SetStallLimit(absl::Duration limit, std::function<void()> on_stall) {
-    stall_limit_ = limit;
-    on_stall_ = std::move(on_stall);
-  }
 
   // Each false once the stream is broken (Finish has the status).
   bool Write(const grpc::ByteBuffer& message);
@@ -57,7 +58,7 @@ class RawCall {
   bool started_ = false;
   bool finished_ = false;
   grpc::Status status_;
-  absl::Duration stall_limit_ = absl::InfiniteDuration();
+  const absl::Duration stall_limit_;
   std::function<void()> on_stall_;
 };
 
