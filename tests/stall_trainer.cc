@@ -31,6 +31,9 @@ int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   ecsnap::DataChannelOptions options;
   options.address = absl::GetFlag(FLAGS_socket);
+  // The stream window stays at gRPC's initial 64 KiB: a stalled reader
+  // holds back all but that (and the socket's buffers) of a restore.
+  options.args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
   auto data = ecsnap::OpenDataChannel(std::move(options));
   if (!data.ok()) {
     std::fprintf(stderr, "connect failed: %s\n", data.status().ToString().c_str());

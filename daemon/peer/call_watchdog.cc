@@ -62,8 +62,8 @@ void CallWatchdog::Loop() {
   // about 1.25 x `stall`.
   // Progress is timed on the monotonic clock: a step of the wall clock cuts
   // nothing. A tick that comes far later than asked means this process was
-  // itself held up (stopped, frozen, starved): the calls' clocks start again
-  // rather than blaming peers for the pause.
+  // itself held up (stopped, frozen, starved): the calls' clocks are moved on
+  // by the pause (and only by it) rather than blaming peers for it.
   const absl::Duration tick = std::clamp(stall_ / 4, absl::Milliseconds(10), absl::Seconds(1));
   const auto stall = absl::ToChronoNanoseconds(stall_);
   const auto late = absl::ToChronoNanoseconds(tick + stall_ / 2);
@@ -73,13 +73,11 @@ void CallWatchdog::Loop() {
     auto stop = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopping_; };
     if (mu_.AwaitWithTimeout(absl::Condition(&stop), tick)) return;
     const auto now = std::chrono::steady_clock::now();
-    const bool paused = now - last_tick > late;
+    const auto pause = now - last_tick > late ? now - last_tick - absl::ToChronoNanoseconds(tick)
+                                              : std::chrono::steady_clock::duration::zero();
     last_tick = now;
     for (auto& [id, e] : calls_) {
-      if (paused) {
-        e.last_progress = now;
-        continue;
-      }
+      e.last_progress += pause;
       if (!e.watch->cancelled_ && now - e.last_progress > stall) {
         e.watch->cancelled_ = true;
         e.cancel();

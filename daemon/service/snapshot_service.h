@@ -58,9 +58,11 @@ class SnapshotService final : public SnapshotServiceBase {
   // connection ended by `cut`, given the connection's key (a ping cannot
   // pass the bytes the trainer leaves unread, and the stream's slices pin
   // the window until gRPC drops the connection); where `cut` cannot (a TCP
-  // trainer), the call is cancelled, which lets go of the slices it has not
-  // sent. `dog` outlives the service. Unset: such a stream waits for as
-  // long as the connection lasts.
+  // trainer), the call is cancelled (its unsent slices go, but the window
+  // stays pinned by the session's lease until the trainer releases it or
+  // its connection ends: a TCP trainer relies on keepalive for that).
+  // `dog` outlives the service. Unset: such a stream waits for as long as
+  // the connection lasts.
   void SetStallCut(CallWatchdog* dog, std::function<bool(const std::string& key)> cut) {
     stall_dog_ = dog;
     stall_cut_ = std::move(cut);
