@@ -123,6 +123,26 @@ class SnapshotTest : public ::testing::Test {
     return c.ok() ? std::move(*c) : nullptr;
   }
 
+  // Starts tests/stall_trainer as rank 0 of "job" with `args` added, its
+  // output in `out`.
+  pid_t SpawnStallTrainer(const std::string& out, std::vector<std::string> args) {
+    std::vector<std::string> argv = {testing::RunfilePath("tests/stall_trainer"),
+                                     "--socket=" + daemon_->socket(), "--rank=0",
+                                     "--local_ranks=0"};
+    argv.insert(argv.end(), args.begin(), args.end());
+    return testing::Spawn(argv, out);
+  }
+
+  // True when the file `out` holds the line `word`.
+  static bool Printed(const std::string& out, const std::string& word) {
+    std::ifstream in(out);
+    std::string line;
+    while (std::getline(in, line)) {
+      if (line == word) return true;
+    }
+    return false;
+  }
+
   // Polls the admin plane until `job` holds exactly `steps` (for at most
   // `seconds`).
   bool WaitForSteps(const std::string& job, std::vector<uint64_t> steps, int seconds = 5) {
@@ -718,16 +738,11 @@ TEST_P(StalledTrainerTest, ItsHalfWrittenStepIsDiscardedAndTheCommittedOneStays)
     ASSERT_TRUE(c->Snapshot(1, s1.tensors)->WaitCommitted().ok());
   }
   const std::string out = dir_.path() + "/stall.out";
-  const pid_t trainer = testing::Spawn(
-      {testing::RunfilePath("tests/stall_trainer"), "--socket=" + daemon_->socket(), "--rank=0",
-       "--local_ranks=0", "--step=2", "--bytes=4194304"},
-      out);
+  const pid_t trainer = SpawnStallTrainer(out, {"--step=2", "--bytes=4194304"});
   absl::Cleanup reap = [trainer] { testing::StopProcess(trainer, SIGKILL); };
   bool stalled = false;
   for (int i = 0; i < 400 && !stalled; ++i) {
-    std::ifstream in(out);
-    std::string line;
-    while (std::getline(in, line)) stalled |= line == "STALLED";
+    stalled = Printed(out, "STALLED");
     if (!stalled) std::this_thread::sleep_for(std::chrono::milliseconds(25));
   }
   ASSERT_TRUE(stalled) << "the trainer never reached mid-stream";
@@ -891,25 +906,14 @@ TEST_F(RestoreStallTest, ATrainerThatStopsReadingARestoreIsCutAndItsWindowGoesBa
     ASSERT_TRUE(c->Snapshot(1, s1.tensors)->WaitCommitted().ok());
   }
   const std::string out = dir_.path() + "/restore.out";
-  const pid_t trainer = testing::Spawn(
-      {testing::RunfilePath("tests/stall_trainer"), "--socket=" + daemon_->socket(), "--rank=0",
-       "--local_ranks=0", "--step=1", "--restore"},
-      out);
+  const pid_t trainer = SpawnStallTrainer(out, {"--step=1", "--restore"});
   absl::Cleanup reap = [trainer] { testing::StopProcess(trainer, SIGKILL); };
-  auto printed = [&out](const std::string& word) {
-    std::ifstream in(out);
-    std::string line;
-    while (std::getline(in, line)) {
-      if (line == word) return true;
-    }
-    return false;
-  };
   auto logged = [this] { return daemon_->Log().find("took no bytes of a restore") != std::string::npos; };
   bool stalled = false, cut = false;
   for (int i = 0; i < 30 * 40 && !(cut && logged()); ++i) {  // 30 s
-    stalled = stalled || printed("STALLED");
+    stalled = stalled || Printed(out, "STALLED");
     if (i == 10 * 40 && !stalled) break;  // it never began its restore
-    cut = cut || printed("CUT");
+    cut = cut || Printed(out, "CUT");
     std::this_thread::sleep_for(std::chrono::milliseconds(25));
   }
   ASSERT_TRUE(stalled) << "the trainer never began its restore";
