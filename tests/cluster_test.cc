@@ -331,6 +331,36 @@ TEST_F(RebuildFaultTest, ARebuildThatFailsAfterADegradedServeIsRetriedWhole) {
   EXPECT_TRUE(cluster_->daemon(0).alive());
 }
 
+TEST_F(RebuildFaultTest, ANewerStepThatFailsAfterServingARankGivesWayToAnOlderOneWhole) {
+  // Two complete steps kept everywhere; RS 2+1, so each stripe of a lost
+  // slot has exactly k survivors and one bad chunk fails it.
+  StartCluster(2, 1, "rebuild_bytes_per_sec: 20000", {"--retain=2"});
+  Snapshot(1);
+  ASSERT_TRUE(WaitProtected(1));
+  Snapshot(2);
+  ASSERT_TRUE(WaitProtected(2));
+  // Slot 2's first data chunk of step 2 is damaged. It shares stripe 1 with
+  // slot 0's second chunk (rank 1's bytes), not stripe 2, from which slot
+  // 0's rank 0 is decoded on demand.
+  CorruptRank(2, 0, 2);
+  ASSERT_NO_FATAL_FAILURE(ReplaceNode(0));
+  RestoreRankAndCheck(0, 0, 2);
+  // Step 2's rebuild fails its checksum; the pass falls back to step 1,
+  // which replaces what step 2 had served: both ranks answer step 1.
+  ASSERT_TRUE(WaitRebuild(0, [](const admin::RebuildStatus& r) { return !r.active(); }));
+  const std::string log = cluster_->daemon(0).Log();
+  EXPECT_NE(log.find("job job step 2: rebuild failed"), std::string::npos) << log;
+  EXPECT_NE(log.find("job job step 2: the ranks served from it on demand are withdrawn"),
+            std::string::npos)
+      << log;
+  EXPECT_EQ(RebuildStatusOf(0).last_error(), "") << log;
+  EXPECT_EQ(StateOf(0, 1), v1::PROTECTED);
+  EXPECT_EQ(StateOf(0, 2), v1::STEP_STATE_UNSPECIFIED);
+  EXPECT_EQ(RestoreAndCheck(0), 1u);
+  ExpectArenaConsistent(0);
+  EXPECT_TRUE(cluster_->daemon(0).alive());
+}
+
 TEST_F(RebuildFaultTest, CorruptSurvivorChunksAreReadAroundAndTheArenaStaysConsistent) {
   StartCluster(2, 2, "rebuild_bytes_per_sec: 50000");
   Snapshot(1);

@@ -1119,12 +1119,28 @@ absl::Status StepStore::AddRebuilt(const std::string& job_id, uint64_t step,
     job->id = job_id;
     job->local_ranks = local_ranks;
   }
-  auto existing = job->steps.find(step);
-  const bool merging = existing != job->steps.end() && existing->second.state == v1::REBUILDING;
-  if (!merging && !job->steps.empty() && job->steps.rbegin()->first >= step) {
+  // A REBUILDING step holds only ranks served on demand by a rebuild; the
+  // rebuilder works on one step at a time, so one other than `step` is what
+  // a rebuild that failed left. It does not stand in the way of an older
+  // step rebuilt instead (the pass falls back to it), and goes once that
+  // step is whole: the node then answers every rank with the same newest step.
+  std::vector<uint64_t> partial;
+  for (auto it = job->steps.lower_bound(step); it != job->steps.end(); ++it) {
+    if (it->second.state == v1::REBUILDING) {
+      if (it->first != step) partial.push_back(it->first);
+      continue;
+    }
     return absl::FailedPreconditionError(absl::StrFormat(
-        "job %s already holds step %d, not older than the rebuilt step %d", job_id,
-        job->steps.rbegin()->first, step));
+        "job %s already holds step %d, not older than the rebuilt step %d", job_id, it->first,
+        step));
+  }
+  if (state == v1::PROTECTED) {
+    for (uint64_t p : partial) {
+      Log("job %s step %d: the ranks served from it on demand are withdrawn; its rebuild "
+          "failed and step %d was rebuilt whole instead",
+          job_id, p, step);
+      EraseStep(*job, p);
+    }
   }
   Step& st = job->steps[step];
   st.state = state;

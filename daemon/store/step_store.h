@@ -293,7 +293,9 @@ class StepStore {
   // Installs a step rebuilt from peers as PROTECTED: every rank's extent
   // becomes its window and is recorded in the arena's index. DATA_LOSS if a
   // tensor checksum fails (the caller still owns the extents then);
-  // FAILED_PRECONDITION if the job already holds this step or a newer one.
+  // FAILED_PRECONDITION if the job already holds this step or a newer one
+  // that is not REBUILDING. Newer REBUILDING steps (ranks a failed rebuild
+  // served on demand) are dropped: the job's newest step is then whole.
   absl::Status InstallRebuilt(const std::string& job_id, uint64_t step,
                               std::vector<uint32_t> local_ranks,
                               std::vector<RebuiltRank> ranks);

@@ -579,6 +579,46 @@ TEST_F(StepStoreTest, ARebuildingStepIsNotCompleteSoAFailedRebuildIsRetried) {
   EXPECT_EQ(complete[0], std::make_pair(std::string("job"), uint64_t{2}));
 }
 
+TEST_F(StepStoreTest, AnOlderStepRebuiltAfterANewerOneFailedReplacesWhatThatOneServed) {
+  const uint64_t free_at_start = arena_->free_bytes();
+  // Step 5's rebuild served rank 0 on demand, then failed; its rank 0 stays
+  // restorable (and pinned by a lease) while the pass falls back to step 4.
+  const RankState newer = MakeState(7, {3000});
+  ASSERT_TRUE(store_->InstallRebuiltRank("job", 5, {0, 1}, Rebuilt(*arena_, 0, newer)).ok());
+  auto r0 = *store_->Attach("job", 0, {0, 1});
+  auto r1 = *store_->Attach("job", 1, {0, 1});
+  auto lease = *store_->Restore(r0, 0);
+  EXPECT_EQ(lease.step, 5u);
+  EXPECT_EQ(store_->Restore(r1, 0).status().code(), absl::StatusCode::kNotFound);
+  // Step 4, served on demand too and then installed whole.
+  const RankState s0 = MakeState(8, {2000}), s1 = MakeState(9, {100, 7});
+  ASSERT_TRUE(store_->InstallRebuiltRank("job", 4, {0, 1}, Rebuilt(*arena_, 1, s1)).ok());
+  std::vector<RebuiltRank> whole;
+  whole.push_back(Rebuilt(*arena_, 0, s0));
+  whole.push_back(Rebuilt(*arena_, 1, s1));
+  ASSERT_TRUE(store_->InstallRebuilt("job", 4, {0, 1}, std::move(whole)).ok());
+  // Every rank's newest step is now 4; step 5's bytes stay readable through
+  // the lease until it is released.
+  EXPECT_EQ(store_->ListSteps("job").size(), 1u);
+  EXPECT_EQ(Get(r0, 0), s0.bytes);
+  EXPECT_EQ(Get(r1, 0), s1.bytes);
+  auto pinned = store_->Read(r0, lease.lease_id, 0, newer.bytes.size())->bytes;
+  EXPECT_TRUE(std::equal(pinned.begin(), pinned.end(), newer.bytes.begin()));
+  ASSERT_TRUE(store_->Release(r0, lease.lease_id).ok());
+  EXPECT_TRUE(arena_->CheckConsistency().ok()) << arena_->CheckConsistency();
+  // A step that is whole still refuses an older one.
+  std::vector<RebuiltRank> older;
+  older.push_back(Rebuilt(*arena_, 0, s0));
+  const ArenaExtent kept = older[0].extent;
+  EXPECT_EQ(store_->InstallRebuilt("job", 3, {0, 1}, std::move(older)).code(),
+            absl::StatusCode::kFailedPrecondition);
+  arena_->Free(kept);
+  store_->Detach(r0);
+  store_->Detach(r1);
+  ASSERT_TRUE(store_->Drop("job", 0).ok());
+  EXPECT_EQ(arena_->free_bytes(), free_at_start);
+}
+
 TEST_F(StepStoreTest, AnUnrecoverableJobAnswersDataLossUntilCleared) {
   auto r = *store_->Attach("job", 0, {0});
   store_->SetUnrecoverable("job", absl::DataLossError("job job step 4 cannot be rebuilt"));
