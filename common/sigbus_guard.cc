@@ -1,7 +1,9 @@
 #include "common/sigbus_guard.h"
 
+#include <errno.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -22,6 +24,24 @@ Range g_ranges[kMaxSigbusRanges];
 std::atomic<uint64_t> g_replaced{0};
 std::mutex g_mu;
 
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
+// The handler and RemapGuarded exclude each other (sequentially consistent
+// counters, no locks: the handler may not take one). A handler counts itself
+// in `g_handling`, then looks at `g_remapping`; a remap counts itself in
+// `g_remapping`, then waits for `g_handling` to be zero. So either the
+// handler sees the remap and backs off, or the remap waits for the handler,
+// and the mapping a handler looks at cannot change under it.
+std::atomic<int> g_handling{0};
+std::atomic<int> g_remapping{0};
+
+void Nap() {
+  const timespec ts{0, 20000};  // 20 us: a waiter gives its core away
+  ::nanosleep(&ts, nullptr);
+}
+
 bool Guarded(uintptr_t at) {
   for (const Range& r : g_ranges) {
     const uintptr_t end = r.end.load(std::memory_order_acquire);
@@ -35,13 +55,39 @@ void OnSigbus(int sig, siginfo_t* info, void*) {
   // BUS_ADRERR: the page is past the end of its file. A hardware memory
   // error (BUS_MCEERR_*) is not ours to hide.
   if (info->si_code == BUS_ADRERR && Guarded(at)) {
+    const int saved_errno = errno;
     const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
     void* p = reinterpret_cast<void*>(at & ~(page - 1));
-    if (::mmap(p, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) !=
-        MAP_FAILED) {
-      g_replaced.fetch_add(1, std::memory_order_relaxed);
-      return;  // the faulting access runs again, on the zero page
+    g_handling.fetch_add(1);
+    if (g_remapping.load() != 0) {
+      // The page is being mapped anew: the access runs again once that is
+      // done, on the new mapping (and comes back here if it faults still).
+      g_handling.fetch_sub(1);
+      while (g_remapping.load() != 0) Nap();
+      errno = saved_errno;
+      return;
     }
+    // The mapping at `p` holds still until g_handling drops. It may have
+    // been replaced between the fault and here (a window freed, a new one
+    // made): a zero page now would hide the new window's page from this
+    // process. Only a page that still cannot be had is replaced. The probe
+    // allocates what the faulting access would have (it writes nothing);
+    // a kernel without it (EINVAL) replaces the page as before.
+    int rc;
+    do {
+      rc = ::madvise(p, page, MADV_POPULATE_WRITE);
+    } while (rc != 0 && errno == EINTR);
+    bool replaced = false;
+    if (rc != 0) {
+      replaced = ::mmap(p, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
+                        -1, 0) != MAP_FAILED;
+      if (replaced) g_replaced.fetch_add(1, std::memory_order_relaxed);
+    }
+    g_handling.fetch_sub(1);
+    errno = saved_errno;
+    // The faulting access runs again: on the zero page, or on the page
+    // the probe found backed.
+    if (rc == 0 || replaced) return;
   }
   // Not ours (or no page to be had): the default action, as if unguarded.
   struct sigaction dfl;
@@ -81,6 +127,16 @@ void UnguardSigbus(void* base) {
       r.end.store(0, std::memory_order_release);
     }
   }
+}
+
+void* RemapGuarded(void* addr, size_t bytes, int fd, off_t offset) {
+  g_remapping.fetch_add(1);
+  while (g_handling.load() != 0) Nap();
+  void* got = ::mmap(addr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, offset);
+  const int err = errno;
+  g_remapping.fetch_sub(1);
+  errno = err;
+  return got;
 }
 
 uint64_t SigbusPagesReplaced() { return g_replaced.load(std::memory_order_relaxed); }

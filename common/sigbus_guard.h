@@ -16,6 +16,8 @@
 #ifndef ECSNAP_COMMON_SIGBUS_GUARD_H_
 #define ECSNAP_COMMON_SIGBUS_GUARD_H_
 
+#include <sys/types.h>
+
 #include <cstddef>
 #include <cstdint>
 
@@ -28,6 +30,15 @@ inline constexpr int kMaxSigbusRanges = 16;
 bool GuardAgainstSigbus(void* base, size_t bytes);
 // Stops guarding the range that starts at `base`.
 void UnguardSigbus(void* base);
+
+// mmap(addr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd,
+// offset), for a part of a guarded range whose mapping is replaced while
+// other threads may touch it. A plain MAP_FIXED could land between another
+// thread's fault on the old mapping and the handler's zero page, which
+// would then cover a page of the new mapping for good; this one waits for
+// handlers in progress, and a handler that begins meanwhile lets its access
+// run again on the new mapping instead.
+void* RemapGuarded(void* addr, size_t bytes, int fd, off_t offset);
 
 // Pages the guard has replaced since the process started.
 uint64_t SigbusPagesReplaced();

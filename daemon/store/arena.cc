@@ -329,8 +329,7 @@ void Arena::AdoptWindowFiles(const std::map<uint64_t, uint64_t>& files) {
                    static_cast<uint64_t>(st.st_size) == bytes && ReserveLocked({offset, bytes});
     if (adopted) {
       allocated_.erase(offset);  // neither free nor in use until Reserve claims it
-      if (::mmap(base() + offset, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
-                 wfd.get(), 0) == MAP_FAILED) {
+      if (RemapGuarded(base() + offset, bytes, wfd.get(), 0) == MAP_FAILED) {
         Log("arena %s: cannot map window file %s: %s; dropped", path_, path,
             std::strerror(errno));
         AddFreeLocked(offset, bytes);
@@ -371,8 +370,7 @@ absl::StatusOr<UniqueFd> Arena::CreateWindowFile(uint64_t offset, uint64_t bytes
         "cannot hold a %s window in %s: %s", FormatBytes(bytes), dir_, std::strerror(rc)));
   };
   auto put_arena_back = [&] {
-    ::mmap(base() + offset, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd_.get(),
-           static_cast<off_t>(offset));
+    RemapGuarded(base() + offset, bytes, fd_.get(), static_cast<off_t>(offset));
   };
   if (::ftruncate(wfd.get(), static_cast<off_t>(bytes)) != 0) {
     return fail(Errno("cannot size window file " + path));
@@ -391,8 +389,7 @@ absl::StatusOr<UniqueFd> Arena::CreateWindowFile(uint64_t offset, uint64_t bytes
       done += static_cast<uint64_t>(n);
     }
   }
-  if (::mmap(base() + offset, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, wfd.get(),
-             0) == MAP_FAILED) {
+  if (RemapGuarded(base() + offset, bytes, wfd.get(), 0) == MAP_FAILED) {
     const absl::Status st = Errno("cannot map window file " + path);
     put_arena_back();  // MAP_FIXED may have unmapped the range
     return fail(st);
@@ -521,8 +518,8 @@ void Arena::ReclaimWindowLocked(uint64_t offset) {
   if (it == windows_.end()) return;
   const uint64_t bytes = it->second.bytes;
   if (it->second.state == Window::State::kSpare) spare_bytes_ -= bytes;
-  if (::mmap(base() + offset, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd_.get(),
-             static_cast<off_t>(offset)) == MAP_FAILED) {
+  if (RemapGuarded(base() + offset, bytes, fd_.get(), static_cast<off_t>(offset)) ==
+      MAP_FAILED) {
     // The window file stays mapped there; the range is lost to allocation
     // until a restart rather than shared by two owners.
     Log("arena %s: cannot map the arena back under window %s: %s", path_, WindowPath(offset),

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -17,6 +18,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/sigbus_guard.h"
@@ -827,6 +829,12 @@ TEST_F(ArenaTest, AFullTmpfsLeavesAHoleThatIsRefusedUntilMemoryComesBack) {
 // dying, and the window's memory goes back to the arena when it is freed.
 TEST_F(ArenaTest, ATruncatedWindowReadsAsZerosAndIsNotKept) {
   auto arena = *Arena::Open(Opts());
+  // The background first writes would fault on the cut pages too, and may
+  // be between their zero page and its count when the count is read below.
+  for (int i = 0; i < 1000 && !arena->first_writes_done(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_TRUE(arena->first_writes_done());
   const ArenaExtent w = *arena->AllocateWindow(4 * 4096, Owner(0));
   Fill(arena->Bytes(w), 13);
   const uint64_t id = *arena->WindowFileId(w);
