@@ -47,5 +47,23 @@ TEST(PeerListenHostTest, BuildsTheListenAddressAndRefusesWhatIsNotAHost) {
   EXPECT_NE(ValidateConfig(*config, 0).message().find("no TCP port"), std::string::npos);
 }
 
+TEST(TrainerKeepaliveTest, DefaultsToThirtySecondsAndRefusesWhatNoPingCanKeep) {
+  auto config = ParseConfig("", "test");
+  ASSERT_TRUE(config.ok()) << config.status();
+  ApplyDefaults(&*config);
+  EXPECT_EQ(config->daemon().trainer_keepalive_ms(), 30000u);
+  for (uint32_t good : {1000u, 30000u, 24u * 3600 * 1000}) {
+    config->mutable_daemon()->set_trainer_keepalive_ms(good);
+    EXPECT_TRUE(ValidateConfig(*config, 0).ok()) << good;
+  }
+  // Below what the daemon accepts of a trainer's pings, or past a day.
+  for (uint32_t bad : {1u, 999u, 24u * 3600 * 1000 + 1}) {
+    config->mutable_daemon()->set_trainer_keepalive_ms(bad);
+    const absl::Status st = ValidateConfig(*config, 0);
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_NE(st.message().find("daemon.trainer_keepalive_ms is"), std::string::npos) << st;
+  }
+}
+
 }  // namespace
 }  // namespace ecsnap::daemon

@@ -889,7 +889,11 @@ INSTANTIATE_TEST_SUITE_P(StopOrKill, GrpcStreamFaultTest, ::testing::Values(SIGS
 // keepalive periods the daemon ends its connection, and the window the
 // stream pinned goes back. The arena holds two windows of the step size and
 // not three, so step 3 fits only once step 1's pinned window is freed.
-class RestoreStallTest : public SnapshotTest {
+// A trainer that stops taking its restore stream (alive, not reading) or
+// is stopped outright (SIGSTOP: it answers no ping either) in the middle of
+// a restore: the daemon ends its connection and the window the stream
+// pinned goes back.
+class RestoreStallTest : public SnapshotTest, public ::testing::WithParamInterface<bool> {
  protected:
   static constexpr int kScale = 1200;  // ~19 MiB a step, ~20 MiB a window
   void SetUp() override {
@@ -899,7 +903,8 @@ class RestoreStallTest : public SnapshotTest {
   }
 };
 
-TEST_F(RestoreStallTest, ATrainerThatStopsReadingARestoreIsCutAndItsWindowGoesBack) {
+TEST_P(RestoreStallTest, ATrainerThatStopsReadingARestoreIsCutAndItsWindowGoesBack) {
+  const bool stopped = GetParam();
   {
     auto c = Connect(0, {0}, Transport::kGrpc);
     State s1 = MakeState(15, kScale);
@@ -908,29 +913,49 @@ TEST_F(RestoreStallTest, ATrainerThatStopsReadingARestoreIsCutAndItsWindowGoesBa
   const std::string out = dir_.path() + "/restore.out";
   const pid_t trainer = SpawnStallTrainer(out, {"--step=1", "--restore"});
   absl::Cleanup reap = [trainer] { testing::StopProcess(trainer, SIGKILL); };
-  auto logged = [this] { return daemon_->Log().find("took no bytes of a restore") != std::string::npos; };
-  bool stalled = false, cut = false;
-  for (int i = 0; i < 30 * 40 && !(cut && logged()); ++i) {  // 30 s
-    stalled = stalled || Printed(out, "STALLED");
+  // Alive, the trainer sees its connection cut and the daemon says why;
+  // stopped, the daemon ends its session (a ping or the stall, whichever
+  // comes first).
+  auto cut_logged = [this] {
+    return daemon_->Log().find("took no bytes of a restore") != std::string::npos;
+  };
+  auto both_sessions_ended = [this] {
+    const std::string log = daemon_->Log();
+    int ended = 0;
+    for (size_t at = log.find(" ended: job "); at != std::string::npos;
+         at = log.find(" ended: job ", at + 1)) {
+      ++ended;
+    }
+    return ended >= 2;
+  };
+  bool stalled = false, cut = false, done = false;
+  for (int i = 0; i < 30 * 40 && !done; ++i) {  // 30 s
+    if (!stalled && Printed(out, "STALLED")) {
+      stalled = true;
+      if (stopped) ASSERT_EQ(::kill(trainer, SIGSTOP), 0);
+    }
     if (i == 10 * 40 && !stalled) break;  // it never began its restore
-    cut = cut || Printed(out, "CUT");
+    cut = cut || (!stopped && Printed(out, "CUT"));
+    done = stalled && (stopped ? both_sessions_ended() : cut && cut_logged());
     std::this_thread::sleep_for(std::chrono::milliseconds(25));
   }
   ASSERT_TRUE(stalled) << "the trainer never began its restore";
-  ASSERT_TRUE(cut) << daemon_->Log();
-  EXPECT_TRUE(logged()) << daemon_->Log();
+  ASSERT_TRUE(done) << daemon_->Log();
   // Step 2 retires step 1; step 3 needs the window step 1's stream pinned.
   auto c = Connect(0, {0}, Transport::kGrpc);
   for (uint64_t step : {2, 3}) {
     State s = MakeState(15 + step, kScale);
     const absl::Status st = c->Snapshot(step, s.tensors)->WaitCommitted();
-    ASSERT_TRUE(st.ok()) << "step " << step << ": " << st;
+    ASSERT_TRUE(st.ok()) << "step " << step << ": " << st << "\n" << daemon_->Log();
     ExpectRestored(s, *c->Restore(kLatestStep));
   }
   EXPECT_TRUE(daemon_->alive());
 }
 
-
+INSTANTIATE_TEST_SUITE_P(NotReadingOrStopped, RestoreStallTest, ::testing::Bool(),
+                         [](const ::testing::TestParamInfo<bool>& info) {
+                           return std::string(info.param ? "Stopped" : "NotReading");
+                         });
 
 TEST_F(SnapshotLargeArenaTest, BadInputGetsAReadableStatusAndTheDaemonKeepsServing) {
   auto healthy = Connect(0, {0}, Transport::kSharedMemory, "healthy");
