@@ -1120,10 +1120,11 @@ absl::Status StepStore::AddRebuilt(const std::string& job_id, uint64_t step,
     job->local_ranks = local_ranks;
   }
   // A REBUILDING step holds only ranks served on demand by a rebuild; the
-  // rebuilder works on one step at a time, so one other than `step` is what
-  // a rebuild that failed left. It does not stand in the way of an older
-  // step rebuilt instead (the pass falls back to it), and goes once that
-  // step is whole: the node then answers every rank with the same newest step.
+  // rebuilder works on one step at a time, so a newer one than `step` is
+  // what a rebuild that failed left. It does not stand in the way of the
+  // older step the pass falls back to, and goes as soon as that step's
+  // first rank is here: from then on every rank restores the same newest
+  // step. (A lease on it keeps its bytes readable until released.)
   std::vector<uint64_t> partial;
   for (auto it = job->steps.lower_bound(step); it != job->steps.end(); ++it) {
     if (it->second.state == v1::REBUILDING) {
@@ -1134,13 +1135,16 @@ absl::Status StepStore::AddRebuilt(const std::string& job_id, uint64_t step,
         "job %s already holds step %d, not older than the rebuilt step %d", job_id, it->first,
         step));
   }
-  if (state == v1::PROTECTED) {
-    for (uint64_t p : partial) {
-      Log("job %s step %d: the ranks served from it on demand are withdrawn; its rebuild "
-          "failed and step %d was rebuilt whole instead",
-          job_id, p, step);
-      EraseStep(*job, p);
-    }
+  for (uint64_t p : partial) {
+    Log("job %s step %d: the ranks served from it on demand are withdrawn; its rebuild "
+        "failed and step %d is rebuilt instead",
+        job_id, p, step);
+    EraseStep(*job, p);
+  }
+  // As after a rewind: the ranks' next steps count from here, not from the
+  // withdrawn one.
+  if (!partial.empty()) {
+    for (auto& [rank, last] : job->last_committed) last = std::min(last, step);
   }
   Step& st = job->steps[step];
   st.state = state;

@@ -295,7 +295,8 @@ class StepStore {
   // tensor checksum fails (the caller still owns the extents then);
   // FAILED_PRECONDITION if the job already holds this step or a newer one
   // that is not REBUILDING. Newer REBUILDING steps (ranks a failed rebuild
-  // served on demand) are dropped: the job's newest step is then whole.
+  // served on demand) are withdrawn, here and in InstallRebuiltRank, so
+  // that every rank restores the step being rebuilt.
   absl::Status InstallRebuilt(const std::string& job_id, uint64_t step,
                               std::vector<uint32_t> local_ranks,
                               std::vector<RebuiltRank> ranks);

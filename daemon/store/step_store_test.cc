@@ -590,22 +590,32 @@ TEST_F(StepStoreTest, AnOlderStepRebuiltAfterANewerOneFailedReplacesWhatThatOneS
   auto lease = *store_->Restore(r0, 0);
   EXPECT_EQ(lease.step, 5u);
   EXPECT_EQ(store_->Restore(r1, 0).status().code(), absl::StatusCode::kNotFound);
-  // Step 4, served on demand too and then installed whole.
+  // Step 4's first rank served on demand withdraws step 5: rank 0 waits for
+  // step 4 instead of restoring a step its neighbour cannot.
   const RankState s0 = MakeState(8, {2000}), s1 = MakeState(9, {100, 7});
   ASSERT_TRUE(store_->InstallRebuiltRank("job", 4, {0, 1}, Rebuilt(*arena_, 1, s1)).ok());
+  EXPECT_EQ(Get(r1, 0), s1.bytes);
+  EXPECT_EQ(store_->Restore(r0, 0).status().code(), absl::StatusCode::kNotFound);
   std::vector<RebuiltRank> whole;
   whole.push_back(Rebuilt(*arena_, 0, s0));
   whole.push_back(Rebuilt(*arena_, 1, s1));
   ASSERT_TRUE(store_->InstallRebuilt("job", 4, {0, 1}, std::move(whole)).ok());
   // Every rank's newest step is now 4; step 5's bytes stay readable through
   // the lease until it is released.
-  EXPECT_EQ(store_->ListSteps("job").size(), 1u);
+  ASSERT_EQ(store_->ListSteps("job").size(), 1u);
+  EXPECT_EQ(store_->ListSteps("job")[0].step, 4u);
   EXPECT_EQ(Get(r0, 0), s0.bytes);
   EXPECT_EQ(Get(r1, 0), s1.bytes);
   auto pinned = store_->Read(r0, lease.lease_id, 0, newer.bytes.size())->bytes;
   EXPECT_TRUE(std::equal(pinned.begin(), pinned.end(), newer.bytes.begin()));
   ASSERT_TRUE(store_->Release(r0, lease.lease_id).ok());
   EXPECT_TRUE(arena_->CheckConsistency().ok()) << arena_->CheckConsistency();
+  // Training goes on from step 4: step 5 is new again, for both ranks.
+  const RankState n0 = MakeState(10, {64}), n1 = MakeState(11, {65});
+  EXPECT_EQ(*Put(r0, 5, n0), v1::RECEIVING);
+  EXPECT_EQ(*Put(r1, 5, n1), v1::LOCAL);
+  EXPECT_EQ(Get(r0, 5), n0.bytes);
+  EXPECT_EQ(Get(r1, 5), n1.bytes);
   // A step that is whole still refuses an older one.
   std::vector<RebuiltRank> older;
   older.push_back(Rebuilt(*arena_, 0, s0));
