@@ -44,50 +44,67 @@ void Nap() {
 
 bool Guarded(uintptr_t at) {
   for (const Range& r : g_ranges) {
-    const uintptr_t end = r.end.load(std::memory_order_acquire);
-    if (end != 0 && at >= r.base.load(std::memory_order_relaxed) && at < end) return true;
+    const uintptr_t end = r.end.load();
+    if (end != 0 && at >= r.base.load() && at < end) return true;
   }
   return false;
 }
 
+// What the handler does with a fault past the end of a file at `at`.
+enum class Outcome { kRetry, kReplaced, kNotOurs };
+
+Outcome Handle(uintptr_t at) {
+  // Counted before the range is looked up: UnguardSigbus waits for the
+  // handlers it could not have told about the range going.
+  g_handling.fetch_add(1);
+  if (!Guarded(at)) {
+    g_handling.fetch_sub(1);
+    return Outcome::kNotOurs;
+  }
+  if (g_remapping.load() != 0) {
+    // The page is being mapped anew: the access runs again once that is
+    // done, on the new mapping (and comes back here if it faults still).
+    g_handling.fetch_sub(1);
+    while (g_remapping.load() != 0) Nap();
+    return Outcome::kRetry;
+  }
+  // The mapping at `p` holds still until g_handling drops. It may have been
+  // replaced between the fault and here (a window freed, a new one made): a
+  // zero page now would hide the new window's page from this process. So
+  // only a page that still cannot be had (EFAULT: a SIGBUS on access) is
+  // replaced. The probe allocates what the faulting access would have and
+  // writes nothing. Any other failure (ENOMEM of a memory cgroup, a
+  // poisoned page) is left to the access itself, run again. A kernel
+  // without the probe (EINVAL, before Linux 5.14) replaces the page as
+  // earlier releases did, race and all.
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  void* p = reinterpret_cast<void*>(at & ~(page - 1));
+  int rc;
+  do {
+    rc = ::madvise(p, page, MADV_POPULATE_WRITE);
+  } while (rc != 0 && errno == EINTR);
+  Outcome out = Outcome::kRetry;
+  if (rc != 0 && (errno == EFAULT || errno == EINVAL)) {
+    out = ::mmap(p, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1,
+                 0) != MAP_FAILED
+              ? Outcome::kReplaced
+              : Outcome::kNotOurs;
+    if (out == Outcome::kReplaced) g_replaced.fetch_add(1, std::memory_order_relaxed);
+  }
+  g_handling.fetch_sub(1);
+  return out;
+}
+
 void OnSigbus(int sig, siginfo_t* info, void*) {
-  const uintptr_t at = reinterpret_cast<uintptr_t>(info->si_addr);
   // BUS_ADRERR: the page is past the end of its file. A hardware memory
   // error (BUS_MCEERR_*) is not ours to hide.
-  if (info->si_code == BUS_ADRERR && Guarded(at)) {
+  if (info->si_code == BUS_ADRERR) {
     const int saved_errno = errno;
-    const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-    void* p = reinterpret_cast<void*>(at & ~(page - 1));
-    g_handling.fetch_add(1);
-    if (g_remapping.load() != 0) {
-      // The page is being mapped anew: the access runs again once that is
-      // done, on the new mapping (and comes back here if it faults still).
-      g_handling.fetch_sub(1);
-      while (g_remapping.load() != 0) Nap();
-      errno = saved_errno;
-      return;
-    }
-    // The mapping at `p` holds still until g_handling drops. It may have
-    // been replaced between the fault and here (a window freed, a new one
-    // made): a zero page now would hide the new window's page from this
-    // process. Only a page that still cannot be had is replaced. The probe
-    // allocates what the faulting access would have (it writes nothing);
-    // a kernel without it (EINVAL) replaces the page as before.
-    int rc;
-    do {
-      rc = ::madvise(p, page, MADV_POPULATE_WRITE);
-    } while (rc != 0 && errno == EINTR);
-    bool replaced = false;
-    if (rc != 0) {
-      replaced = ::mmap(p, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
-                        -1, 0) != MAP_FAILED;
-      if (replaced) g_replaced.fetch_add(1, std::memory_order_relaxed);
-    }
-    g_handling.fetch_sub(1);
+    const Outcome out = Handle(reinterpret_cast<uintptr_t>(info->si_addr));
     errno = saved_errno;
-    // The faulting access runs again: on the zero page, or on the page
-    // the probe found backed.
-    if (rc == 0 || replaced) return;
+    // The faulting access runs again: on the zero page, or on whatever is
+    // mapped there now.
+    if (out != Outcome::kNotOurs) return;
   }
   // Not ours (or no page to be had): the default action, as if unguarded.
   struct sigaction dfl;
@@ -112,8 +129,8 @@ bool GuardAgainstSigbus(void* base, size_t bytes) {
   std::lock_guard<std::mutex> lock(g_mu);
   for (Range& r : g_ranges) {
     if (r.end.load(std::memory_order_relaxed) != 0) continue;
-    r.base.store(b, std::memory_order_relaxed);
-    r.end.store(b + bytes, std::memory_order_release);
+    r.base.store(b);
+    r.end.store(b + bytes);
     return true;
   }
   return false;
@@ -124,9 +141,13 @@ void UnguardSigbus(void* base) {
   std::lock_guard<std::mutex> lock(g_mu);
   for (Range& r : g_ranges) {
     if (r.end.load(std::memory_order_relaxed) != 0 && r.base.load(std::memory_order_relaxed) == b) {
-      r.end.store(0, std::memory_order_release);
+      r.end.store(0);
     }
   }
+  // A handler that found the range before it went may still map its zero
+  // page: the caller unmaps the range (and may map something else there)
+  // only once none is left.
+  while (g_handling.load() != 0) Nap();
 }
 
 void* RemapGuarded(void* addr, size_t bytes, int fd, off_t offset) {

@@ -28,7 +28,8 @@ inline constexpr int kMaxSigbusRanges = 16;
 // Installs the handler (once) and guards [base, base + bytes). False when
 // kMaxSigbusRanges ranges are guarded already.
 bool GuardAgainstSigbus(void* base, size_t bytes);
-// Stops guarding the range that starts at `base`.
+// Stops guarding the range that starts at `base`; returns once no handler
+// can still map a zero page into it.
 void UnguardSigbus(void* base);
 
 // mmap(addr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd,
@@ -37,7 +38,9 @@ void UnguardSigbus(void* base);
 // thread's fault on the old mapping and the handler's zero page, which
 // would then cover a page of the new mapping for good; this one waits for
 // handlers in progress, and a handler that begins meanwhile lets its access
-// run again on the new mapping instead.
+// run again on the new mapping instead. (On a kernel before Linux 5.14,
+// without MADV_POPULATE_WRITE, a handler cannot tell the new mapping from
+// the old, and the race remains.)
 void* RemapGuarded(void* addr, size_t bytes, int fd, off_t offset);
 
 // Pages the guard has replaced since the process started.
