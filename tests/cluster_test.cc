@@ -331,6 +331,33 @@ TEST_F(RebuildFaultTest, ARebuildThatFailsAfterADegradedServeIsRetriedWhole) {
   EXPECT_TRUE(cluster_->daemon(0).alive());
 }
 
+TEST_F(RebuildFaultTest, ASurvivorNoOtherCanStandInForIsAskedAgainAfterItStalls) {
+  // RS 2+1 with slot 0 lost: every stripe needs both survivors.
+  StartCluster(2, 1, "rebuild_bytes_per_sec: 20000");
+  Snapshot(1);
+  ASSERT_TRUE(WaitProtected(1));
+  ASSERT_NO_FATAL_FAILURE(ReplaceNode(0, /*reconnect=*/false));
+  ASSERT_TRUE(WaitRebuild(0, [](const admin::RebuildStatus& r) {
+    return r.active() && r.bytes_done() > 0 && r.bytes_done() < r.bytes_total();
+  })) << cluster_->daemon(0).Log();
+  // Slot 1 stops past the peer timeout (2 s): its read fails, and instead
+  // of giving the step up the rebuild asks it again; it is back by then.
+  cluster_->daemon(1).Pause();
+  bool asked_again = false;
+  for (int i = 0; i < 30 * 40 && !asked_again; ++i) {  // 30 s
+    asked_again = cluster_->daemon(0).Log().find("so it is asked again") != std::string::npos;
+    if (!asked_again) std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  }
+  cluster_->daemon(1).Resume();
+  ASSERT_TRUE(asked_again) << cluster_->daemon(0).Log();
+  ASSERT_TRUE(WaitRebuild(0, [](const admin::RebuildStatus& r) { return !r.active(); }));
+  EXPECT_EQ(RebuildStatusOf(0).last_error(), "") << cluster_->daemon(0).Log();
+  EXPECT_EQ(StateOf(0, 1), v1::PROTECTED);
+  Reconnect(0);
+  EXPECT_EQ(RestoreAndCheck(0), 1u);
+  for (int s = 0; s < cluster_->n(); ++s) ExpectArenaConsistent(s);
+}
+
 TEST_F(RebuildFaultTest, ANewerStepThatFailsAfterServingARankGivesWayToAnOlderOneWhole) {
   // Two complete steps kept everywhere; RS 2+1, so each stripe of a lost
   // slot has exactly k survivors and one bad chunk fails it.

@@ -12,6 +12,8 @@
 
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "common/format.h"
 #include "common/grpc_status.h"
 #include "common/log.h"
@@ -29,6 +31,19 @@ namespace {
 constexpr int kMaxPasses = 3;
 // Slice buffers of all stripes being rebuilt at once.
 constexpr uint64_t kMaxInFlightBytes = uint64_t{512} << 20;
+
+// Reads of a survivor that no other can stand in for: how many before it
+// counts as lost, and the pause before the n-th try again (n times this).
+constexpr int kTransientTries = 4;
+constexpr absl::Duration kTransientPause = absl::Milliseconds(500);
+
+// A failure that says nothing about the survivor's bytes: a timeout, a
+// broken or refused connection, a holder too busy to take the read.
+bool IsTransient(const absl::Status& st) {
+  return st.code() == absl::StatusCode::kUnavailable ||
+         st.code() == absl::StatusCode::kDeadlineExceeded ||
+         st.code() == absl::StatusCode::kResourceExhausted;
+}
 
 }  // namespace
 
@@ -459,6 +474,9 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
     };
     uint64_t counted = 0;  // this stripe's share of bytes_done
     std::set<int> bad;
+    // Failed reads, per position, of a survivor that could not be replaced.
+    std::map<int, int> transient;
+    absl::Duration pause;  // before the stripe is read again
     Scratch scratch;
     std::vector<uint8_t> out_buf;  // only for data slices that straddle rank windows
     while (true) {
@@ -504,10 +522,25 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
                                       absl::MakeSpan(out, slice), &crcs, &failed, &scratch);
         if (!st.ok()) {
           if (failed < 0) return st;
+          all_good = false;
+          // A survivor that timed out or was busy may answer a moment later.
+          // With no other survivor to read instead (k left exactly), it is
+          // asked again a few times before the stripe, and the step, is
+          // given up: a moment of load must not cost a rebuild.
+          std::set<int> without = bad;
+          without.insert(failed);
+          const bool spare = static_cast<int>(Survivors(c, s, target, without).size()) >= k;
+          if (!spare && IsTransient(st) && !c.vanished && ++transient[failed] < kTransientTries) {
+            pause = kTransientPause * transient[failed];
+            Log("job %s step %d stripe %d: position %d unreadable (%s); no other survivor "
+                "holds what it does, so it is asked again in %s (try %d of %d)",
+                job, step, s, failed, st.message(), absl::FormatDuration(pause),
+                transient[failed] + 1, kTransientTries);
+            break;
+          }
           Log("job %s step %d stripe %d: position %d unreadable (%s); using another", job, step,
               s, failed, st.message());
           bad.insert(failed);
-          all_good = false;
           break;
         }
         if (target < k && !in_window) {
@@ -524,6 +557,11 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
       };
       if (!all_good) {
         retry();
+        // In small naps, so that a shutdown is not held up.
+        for (absl::Time until = absl::Now() + pause; absl::Now() < until && !stopping_;) {
+          absl::SleepFor(absl::Milliseconds(20));
+        }
+        pause = absl::ZeroDuration();
         continue;
       }
       // Whole chunks now read: check each against its recorded CRC.
