@@ -150,7 +150,11 @@ struct ClientOptions {
   // stopped daemon does not read). Either way every call in flight, Wait()
   // included, fails with UNAVAILABLE where it would otherwise wait forever,
   // and this Client is done: connect again. Keep it well above any pause of
-  // the daemon. 0: never; else at least 1000. Default: 10000.
+  // the daemon. 0: never; else at least 1000. Default: 10000. Over the
+  // Unix socket the client pings only a daemon whose hello says it takes
+  // pings; over TCP there is no hello to ask, so with a daemon of an
+  // earlier release, which closes a connection that pings while idle
+  // (too_many_pings), set 0.
   int keepalive_ms = 10000;
   // TCP only. The daemon's TLS: the cluster CA file and the name in the
   // daemon's certificate ("slot-N.ecsnap"). Without them the connection is

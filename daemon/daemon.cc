@@ -214,8 +214,12 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
     // And the daemon pings a silent trainer: one that stopped answering
     // would otherwise hold its session, its step in flight and the windows
     // its reads pin for as long as the connection stays up.
-    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, dc.trainer_keepalive_ms());
-    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, dc.trainer_keepalive_ms());
+    // (Unset only where the defaults were not applied: no pings then, as
+    // no stall cut.)
+    if (dc.trainer_keepalive_ms() > 0) {
+      builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, dc.trainer_keepalive_ms());
+      builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, dc.trainer_keepalive_ms());
+    }
     if (!dc.data_address().empty()) {
       builder.AddListeningPort(dc.data_address(),
                                tls_material != nullptr ? ServerTlsCredentials(*tls_material)

@@ -884,15 +884,12 @@ INSTANTIATE_TEST_SUITE_P(StopOrKill, GrpcStreamFaultTest, ::testing::Values(SIGS
                            return std::string(info.param == SIGSTOP ? "Stopped" : "Killed");
                          });
 
-// A trainer that stops taking a restore stream (stopped, or alive and not
-// reading) leaves the daemon's write pending where no ping passes: after two
-// keepalive periods the daemon ends its connection, and the window the
-// stream pinned goes back. The arena holds two windows of the step size and
+// A trainer that stops taking a restore stream (SIGSTOPped, or alive and
+// not reading) leaves the daemon's write pending where no ping passes: the
+// daemon ends its connection (after two keepalive periods, or when a ping
+// to the stopped one goes unanswered), and the window the stream pinned
+// goes back. The arena holds two windows of the step size and
 // not three, so step 3 fits only once step 1's pinned window is freed.
-// A trainer that stops taking its restore stream (alive, not reading) or
-// is stopped outright (SIGSTOP: it answers no ping either) in the middle of
-// a restore: the daemon ends its connection and the window the stream
-// pinned goes back.
 class RestoreStallTest : public SnapshotTest, public ::testing::WithParamInterface<bool> {
  protected:
   static constexpr int kScale = 1200;  // ~19 MiB a step, ~20 MiB a window
