@@ -54,6 +54,10 @@ struct StepStore::Session {
   std::map<uint64_t, std::shared_ptr<RankData>> leases;
   uint64_t restored = 0;  // the step this rank restored last, until it snapshots
   uint64_t restored_at = 0;  // the store's step sequence when it restored
+  // A step this rank restored that was withdrawn since (a failed rebuild's
+  // rank served on demand): its next snapshot is refused until it restores
+  // again, so that it does not go on from a step the others cannot.
+  uint64_t withdrawn = 0;
   bool opening = false;  // a BeginRank is getting its window, off the lock
   uint64_t reads = 0;    // PinnedBytes handed out and not yet dropped
 };
@@ -412,6 +416,13 @@ absl::StatusOr<Window> StepStore::BeginRankImpl(uint64_t session, uint64_t step,
           "%s: step %d is still open for this rank; commit or abort it first", label,
           ses->open->step));
     }
+    if (ses->withdrawn != 0) {
+      return absl::AbortedError(absl::StrFormat(
+          "%s: the step this rank restored (%d) was withdrawn, its rebuild having failed after "
+          "the rank was served; the other ranks of this node restore an older step: restore "
+          "again before the next snapshot",
+          label, ses->withdrawn));
+    }
     Job& job = *jobs_.at(ses->job_id);
     // The first snapshot after restoring an older step rewinds the job to it
     // (DESIGN.md §5): the steps newer than it that existed when the rank
@@ -736,6 +747,7 @@ absl::StatusOr<RestoreLease> StepStore::Restore(uint64_t session, uint64_t step)
   // rewinds the job to this step (BeginRank).
   ses->restored = found->step;
   ses->restored_at = step_seq_;
+  ses->withdrawn = 0;
   ++found->pins;
   RestoreLease lease;
   lease.lease_id = next_id_++;
@@ -1125,12 +1137,17 @@ absl::Status StepStore::AddRebuilt(const std::string& job_id, uint64_t step,
   // older step the pass falls back to, and goes as soon as that step's
   // first rank is here: from then on every rank restores the same newest
   // step. (A lease on it keeps its bytes readable until released.)
+  // One that holds every rank of the node is whole here, though its rebuild
+  // failed: newer than anything the pass falls back to, it stays.
   std::vector<uint64_t> partial;
   for (auto it = job->steps.lower_bound(step); it != job->steps.end(); ++it) {
-    if (it->second.state == v1::REBUILDING) {
-      if (it->first != step) partial.push_back(it->first);
-      continue;
+    bool whole = it->second.state != v1::REBUILDING;
+    if (!whole && it->first != step) {
+      whole = std::all_of(local_ranks.begin(), local_ranks.end(),
+                          [&](uint32_t r) { return it->second.ranks.count(r) > 0; });
+      if (!whole) partial.push_back(it->first);
     }
+    if (!whole) continue;
     return absl::FailedPreconditionError(absl::StrFormat(
         "job %s already holds step %d, not older than the rebuilt step %d", job_id, it->first,
         step));
@@ -1139,6 +1156,11 @@ absl::Status StepStore::AddRebuilt(const std::string& job_id, uint64_t step,
     Log("job %s step %d: the ranks served from it on demand are withdrawn; its rebuild "
         "failed and step %d is rebuilt instead",
         job_id, p, step);
+    // A rank that restored it is told at its next snapshot.
+    for (const auto& [rank, id] : job->sessions) {
+      auto ses = sessions_.find(id);
+      if (ses != sessions_.end() && ses->second->restored == p) ses->second->withdrawn = p;
+    }
     EraseStep(*job, p);
   }
   // As after a rewind: the ranks' next steps count from here, not from the

@@ -600,6 +600,10 @@ TEST_F(StepStoreTest, AnOlderStepRebuiltAfterANewerOneFailedReplacesWhatThatOneS
   whole.push_back(Rebuilt(*arena_, 0, s0));
   whole.push_back(Rebuilt(*arena_, 1, s1));
   ASSERT_TRUE(store_->InstallRebuilt("job", 4, {0, 1}, std::move(whole)).ok());
+  // Rank 0 restored the withdrawn step: it may not go on from it.
+  const auto refused = Put(r0, 5, MakeState(12, {64}));
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kAborted) << refused.status();
+  EXPECT_NE(refused.status().message().find("restore again"), std::string::npos);
   // Every rank's newest step is now 4; step 5's bytes stay readable through
   // the lease until it is released.
   ASSERT_EQ(store_->ListSteps("job").size(), 1u);
@@ -627,6 +631,29 @@ TEST_F(StepStoreTest, AnOlderStepRebuiltAfterANewerOneFailedReplacesWhatThatOneS
   store_->Detach(r1);
   ASSERT_TRUE(store_->Drop("job", 0).ok());
   EXPECT_EQ(arena_->free_bytes(), free_at_start);
+}
+
+TEST_F(StepStoreTest, ANewerStepEveryRankWasServedFromStaysOverAnOlderRebuild) {
+  const RankState a = MakeState(13, {300}), b = MakeState(14, {500});
+  ASSERT_TRUE(store_->InstallRebuiltRank("job", 7, {0, 1}, Rebuilt(*arena_, 0, a)).ok());
+  ASSERT_TRUE(store_->InstallRebuiltRank("job", 7, {0, 1}, Rebuilt(*arena_, 1, b)).ok());
+  // Step 7's rebuild failed past its ranks (a parity row); step 6 is not
+  // taken over it: the node holds step 7 whole.
+  std::vector<RebuiltRank> older;
+  older.push_back(Rebuilt(*arena_, 0, MakeState(15, {300})));
+  older.push_back(Rebuilt(*arena_, 1, MakeState(16, {500})));
+  std::vector<ArenaExtent> extents = {older[0].extent, older[1].extent};
+  EXPECT_EQ(store_->InstallRebuilt("job", 6, {0, 1}, std::move(older)).code(),
+            absl::StatusCode::kFailedPrecondition);
+  for (const ArenaExtent& e : extents) arena_->Free(e);
+  auto r0 = *store_->Attach("job", 0, {0, 1});
+  auto r1 = *store_->Attach("job", 1, {0, 1});
+  uint64_t got = 0;
+  EXPECT_EQ(Get(r0, 0, &got), a.bytes);
+  EXPECT_EQ(got, 7u);
+  EXPECT_EQ(Get(r1, 0, &got), b.bytes);
+  EXPECT_EQ(got, 7u);
+  EXPECT_TRUE(arena_->CheckConsistency().ok()) << arena_->CheckConsistency();
 }
 
 TEST_F(StepStoreTest, AnUnrecoverableJobAnswersDataLossUntilCleared) {
