@@ -110,6 +110,10 @@ absl::Status Rebuilder::Run(const std::string& job_filter) {
 }
 
 absl::Status Rebuilder::Pass(const std::string& job_filter, bool final_pass, bool* again) {
+  {
+    absl::MutexLock lock(&mu_);
+    unanswering_.clear();
+  }
   const Group& group = protector_->group();
   const ec::Layout& layout = protector_->layout();
   const int n = layout.n(), k = layout.k(), m = layout.m(), self = group.self;
@@ -527,10 +531,27 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
           // With no other survivor to read instead (k left exactly), it is
           // asked again a few times before the stripe, and the step, is
           // given up: a moment of load must not cost a rebuild.
+          // A holder that used up its tries for one stripe is not waited for
+          // again, by another stripe or step of this pass.
           std::set<int> without = bad;
           without.insert(failed);
           const bool spare = static_cast<int>(Survivors(c, s, target, without).size()) >= k;
-          if (!spare && IsTransient(st) && !c.vanished && ++transient[failed] < kTransientTries) {
+          auto held = c.view->held.find({s, failed});
+          const int holder = held != c.view->held.end() && !held->second.empty()
+                                 ? *held->second.begin()
+                                 : kKnownEmpty;
+          bool again = !spare && IsTransient(st) && !c.vanished;
+          {
+            absl::MutexLock lock(&mu_);
+            if (again && unanswering_.count(holder) == 0 &&
+                ++transient[failed] < kTransientTries) {
+              again = true;
+            } else {
+              if (again) unanswering_.insert(holder);
+              again = false;
+            }
+          }
+          if (again) {
             pause = kTransientPause * transient[failed];
             Log("job %s step %d stripe %d: position %d unreadable (%s); no other survivor "
                 "holds what it does, so it is asked again in %s (try %d of %d)",

@@ -130,6 +130,9 @@ class Rebuilder {
   Current* current_ ABSL_GUARDED_BY(mu_) = nullptr;  // the step being rebuilt
   bool running_ ABSL_GUARDED_BY(mu_) = false;         // a Run is in progress
   int serving_ ABSL_GUARDED_BY(mu_) = 0;              // on-demand decodes running
+  // Group positions of holders that used up their tries again after a
+  // transient failure, in this pass: not waited for again.
+  std::set<int> unanswering_ ABSL_GUARDED_BY(mu_);
   absl::Time throttle_start_ ABSL_GUARDED_BY(mu_);
   uint64_t throttled_bytes_ ABSL_GUARDED_BY(mu_) = 0;
 };
