@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "absl/base/attributes.h"
+#include "absl/cleanup/cleanup.h"
 #include "common/unique_fd.h"
 #include "gtest/gtest.h"
 
@@ -83,6 +84,11 @@ TEST(SigbusGuard, ARemapIsNeverCoveredByAZeroPageMeantForTheOldMapping) {
   volatile uint8_t* page = f.map.data() + kPage;
   std::atomic<bool> stop{false};
   std::thread reader(ReadUntilStopped, page, &stop);
+  // An assertion that fails returns with the reader still running.
+  absl::Cleanup join = [&] {
+    stop = true;
+    reader.join();
+  };
   const uint64_t before = SigbusPagesReplaced();
   int lost = 0, rounds = 0;
   const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
@@ -101,8 +107,7 @@ TEST(SigbusGuard, ARemapIsNeverCoveredByAZeroPageMeantForTheOldMapping) {
     ASSERT_EQ(::pread(fresh.get(), back, kPage, 0), static_cast<ssize_t>(kPage));
     lost += back[0] != 0xab || back[kPage - 1] != 0xab;
   }
-  stop = true;
-  reader.join();
+  std::move(join).Invoke();
   const uint64_t zero_pages = SigbusPagesReplaced() - before;
   std::printf("%d rounds, %lu zero pages, %d writes lost\n", rounds,
               static_cast<unsigned long>(zero_pages), lost);

@@ -654,6 +654,14 @@ absl::StatusOr<ArenaExtent> Arena::AllocateLocked(uint64_t bytes) {
           "needs %s but the tmpfs of %s is full; free memory on the node", FormatBytes(bytes),
           dir_));
     }
+    // A store that met the hole (the background first writes, racing its
+    // making) got a zero page of the SIGBUS guard, which would stay over the
+    // range and take the writes meant for the file: the file is mapped
+    // there again.
+    if (RemapGuarded(base() + h->first, h->second, fd_.get(), static_cast<off_t>(h->first)) ==
+        MAP_FAILED) {
+      return Errno("cannot map the arena again over a range it backed anew");
+    }
     PopulateForWrite(base() + h->first, h->second);
     h = holes_.erase(h);
   }
