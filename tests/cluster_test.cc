@@ -230,11 +230,11 @@ class RebuildFaultTest : public ClusterTest {
     ASSERT_TRUE(cluster_->daemon(slot).FlipByteAfter(victim.bytes[0].data(), 64, 32));
   }
 
-  // RS 2+2, one step protected, slot 0 lost and replaced empty; its rebuild
-  // (about 180 KB, capped at 20 KB/s) has decoded some but not all of it when
-  // this returns, so a fault made next lands between fetches.
-  void ReplaceSlot0AndWaitMidRebuild() {
-    StartCluster(2, 2, "rebuild_bytes_per_sec: 20000");
+  // RS 2+m, one step protected, slot 0 lost and replaced empty; its rebuild
+  // (about 180 KB with m = 2, capped at 20 KB/s) has decoded some but not
+  // all of it when this returns, so a fault made next lands between fetches.
+  void ReplaceSlot0AndWaitMidRebuild(int m = 2) {
+    StartCluster(2, m, "rebuild_bytes_per_sec: 20000");
     Snapshot(1);
     ASSERT_TRUE(WaitProtected(1));
     ASSERT_NO_FATAL_FAILURE(ReplaceNode(0, /*reconnect=*/false));
@@ -333,13 +333,7 @@ TEST_F(RebuildFaultTest, ARebuildThatFailsAfterADegradedServeIsRetriedWhole) {
 
 TEST_F(RebuildFaultTest, ASurvivorNoOtherCanStandInForIsAskedAgainAfterItStalls) {
   // RS 2+1 with slot 0 lost: every stripe needs both survivors.
-  StartCluster(2, 1, "rebuild_bytes_per_sec: 20000");
-  Snapshot(1);
-  ASSERT_TRUE(WaitProtected(1));
-  ASSERT_NO_FATAL_FAILURE(ReplaceNode(0, /*reconnect=*/false));
-  ASSERT_TRUE(WaitRebuild(0, [](const admin::RebuildStatus& r) {
-    return r.active() && r.bytes_done() > 0 && r.bytes_done() < r.bytes_total();
-  })) << cluster_->daemon(0).Log();
+  ASSERT_NO_FATAL_FAILURE(ReplaceSlot0AndWaitMidRebuild(/*m=*/1));
   // Slot 1 stops past the peer timeout (2 s): its read fails, and instead
   // of giving the step up the rebuild asks it again; it is back by then.
   cluster_->daemon(1).Pause();
