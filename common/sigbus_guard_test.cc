@@ -88,6 +88,7 @@ TEST(SigbusGuard, ARemapIsNeverCoveredByAZeroPageMeantForTheOldMapping) {
   absl::Cleanup join = [&] {
     stop = true;
     reader.join();
+    UnguardSigbus(f.map.data());
   };
   const uint64_t before = SigbusPagesReplaced();
   int lost = 0, rounds = 0;
@@ -113,7 +114,6 @@ TEST(SigbusGuard, ARemapIsNeverCoveredByAZeroPageMeantForTheOldMapping) {
               static_cast<unsigned long>(zero_pages), lost);
   EXPECT_EQ(lost, 0);
   EXPECT_GT(zero_pages, 0u) << "the reader never faulted on a cut page: nothing was tested";
-  UnguardSigbus(f.map.data());
 }
 
 TEST(SigbusGuard, OutsideTheRangeTheProcessStillDies) {

@@ -382,6 +382,33 @@ TEST_F(RebuildFaultTest, ANewerStepThatFailsAfterServingARankGivesWayToAnOlderOn
   EXPECT_TRUE(cluster_->daemon(0).alive());
 }
 
+TEST_F(RebuildFaultTest, AStepWhoseRanksWereAllServedStaysWhenItsParityCannotBeRebuilt) {
+  StartCluster(2, 1, "rebuild_bytes_per_sec: 20000", {"--retain=2"});
+  Snapshot(1);
+  ASSERT_TRUE(WaitProtected(1));
+  Snapshot(2);
+  ASSERT_TRUE(WaitProtected(2));
+  // Slot 1's first data chunk of step 2 is damaged: slot 0's parity row of
+  // stripe 0 is made from it, none of slot 0's ranks is.
+  CorruptRank(1, 0, 2);
+  ASSERT_NO_FATAL_FAILURE(ReplaceNode(0));
+  RestoreRankAndCheck(0, 0, 2);
+  RestoreRankAndCheck(0, 1, 2);
+  // Step 2's parity row cannot be rebuilt; step 1 is not taken over a step
+  // whose every rank is here, and the error says why step 2 failed.
+  ASSERT_TRUE(WaitRebuild(0, [](const admin::RebuildStatus& r) { return !r.active(); }));
+  const std::string log = cluster_->daemon(0).Log();
+  const std::string error = RebuildStatusOf(0).last_error();
+  EXPECT_NE(error.find("its ranks are all restorable here"), std::string::npos) << error;
+  EXPECT_NE(error.find("step 2"), std::string::npos) << error;
+  EXPECT_EQ(log.find("rebuilt job job step 1"), std::string::npos) << log;
+  EXPECT_EQ(StateOf(0, 2), v1::REBUILDING);
+  Reconnect(0);
+  EXPECT_EQ(RestoreAndCheck(0), 2u);
+  ExpectArenaConsistent(0);
+  EXPECT_TRUE(cluster_->daemon(0).alive());
+}
+
 TEST_F(RebuildFaultTest, CorruptSurvivorChunksAreReadAroundAndTheArenaStaysConsistent) {
   StartCluster(2, 2, "rebuild_bytes_per_sec: 50000");
   Snapshot(1);

@@ -193,6 +193,7 @@ absl::Status Rebuilder::Pass(const std::string& job_filter, bool final_pass, boo
       continue;
     }
     absl::Status outcome = absl::NotFoundError("no step");
+    absl::Status newest_failure;  // of the newest candidate tried
     for (const RebuildCandidate& cand : plan.candidates) {
       if (!cand.decodable.ok()) {
         outcome = cand.decodable;
@@ -205,6 +206,16 @@ absl::Status Rebuilder::Pass(const std::string& job_filter, bool final_pass, boo
         *again = true;  // a newer step is protected now: start over
         break;
       }
+      if (outcome.code() == absl::StatusCode::kFailedPrecondition && !newest_failure.ok()) {
+        // The store holds a newer step whole (every rank served on demand
+        // before its rebuild failed): no older step is wanted. What is
+        // reported is why the newer one's rebuild failed, as not data loss.
+        outcome = absl::FailedPreconditionError(absl::StrFormat(
+            "%s (its ranks are all restorable here; its parity rows are not rebuilt)",
+            newest_failure.message()));
+        break;
+      }
+      if (newest_failure.ok()) newest_failure = outcome;
     }
     if (*again) break;
     if (outcome.ok()) store_->ClearUnrecoverable(job);

@@ -722,6 +722,9 @@ absl::StatusOr<RestoreLease> StepStore::Restore(uint64_t session, uint64_t step)
   auto s = FindSession(session);
   if (!s.ok()) return s.status();
   Session* ses = *s;
+  // Asked again, whatever it finds (nothing, even: the trainer starts over),
+  // the rank knows a step it restored was withdrawn.
+  ses->withdrawn = 0;
   Job& job = *jobs_.at(ses->job_id);
   std::shared_ptr<RankData> found;
   std::vector<uint64_t> restorable;
@@ -747,7 +750,6 @@ absl::StatusOr<RestoreLease> StepStore::Restore(uint64_t session, uint64_t step)
   // rewinds the job to this step (BeginRank).
   ses->restored = found->step;
   ses->restored_at = step_seq_;
-  ses->withdrawn = 0;
   ++found->pins;
   RestoreLease lease;
   lease.lease_id = next_id_++;
@@ -1143,7 +1145,8 @@ absl::Status StepStore::AddRebuilt(const std::string& job_id, uint64_t step,
   for (auto it = job->steps.lower_bound(step); it != job->steps.end(); ++it) {
     bool whole = it->second.state != v1::REBUILDING;
     if (!whole && it->first != step) {
-      whole = std::all_of(local_ranks.begin(), local_ranks.end(),
+      whole = !local_ranks.empty() &&
+              std::all_of(local_ranks.begin(), local_ranks.end(),
                           [&](uint32_t r) { return it->second.ranks.count(r) > 0; });
       if (!whole) partial.push_back(it->first);
     }

@@ -595,15 +595,16 @@ TEST_F(StepStoreTest, AnOlderStepRebuiltAfterANewerOneFailedReplacesWhatThatOneS
   const RankState s0 = MakeState(8, {2000}), s1 = MakeState(9, {100, 7});
   ASSERT_TRUE(store_->InstallRebuiltRank("job", 4, {0, 1}, Rebuilt(*arena_, 1, s1)).ok());
   EXPECT_EQ(Get(r1, 0), s1.bytes);
+  // Rank 0 restored the withdrawn step: it may not go on from it before it
+  // asks again (and then finds nothing yet, or step 4).
+  const auto refused = Put(r0, 5, MakeState(12, {64}));
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kAborted) << refused.status();
+  EXPECT_NE(refused.status().message().find("restore again"), std::string::npos);
   EXPECT_EQ(store_->Restore(r0, 0).status().code(), absl::StatusCode::kNotFound);
   std::vector<RebuiltRank> whole;
   whole.push_back(Rebuilt(*arena_, 0, s0));
   whole.push_back(Rebuilt(*arena_, 1, s1));
   ASSERT_TRUE(store_->InstallRebuilt("job", 4, {0, 1}, std::move(whole)).ok());
-  // Rank 0 restored the withdrawn step: it may not go on from it.
-  const auto refused = Put(r0, 5, MakeState(12, {64}));
-  EXPECT_EQ(refused.status().code(), absl::StatusCode::kAborted) << refused.status();
-  EXPECT_NE(refused.status().message().find("restore again"), std::string::npos);
   // Every rank's newest step is now 4; step 5's bytes stay readable through
   // the lease until it is released.
   ASSERT_EQ(store_->ListSteps("job").size(), 1u);
