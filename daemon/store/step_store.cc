@@ -58,6 +58,9 @@ struct StepStore::Session {
   // rank served on demand): its next snapshot is refused until it restores
   // again, so that it does not go on from a step the others cannot.
   uint64_t withdrawn = 0;
+  // The step this rank restored last, until a snapshot of it is open (where
+  // `restored` goes at the start of BeginRank): what a withdrawal looks for.
+  uint64_t restored_until_open = 0;
   bool opening = false;  // a BeginRank is getting its window, off the lock
   uint64_t reads = 0;    // PinnedBytes handed out and not yet dropped
 };
@@ -487,6 +490,12 @@ absl::StatusOr<Window> StepStore::BeginRankImpl(uint64_t session, uint64_t step,
     } else {
       st = CheckNewerLocked(*job->second, (*s)->rank, step, label);
     }
+    if (st.ok() && (*s)->withdrawn != 0) {
+      st = absl::AbortedError(absl::StrFormat(
+          "%s: the step this rank restored (%d) was withdrawn while this snapshot began; "
+          "restore again before the next snapshot",
+          label, (*s)->withdrawn));
+    }
   }
   if (!st.ok()) {
     if (extent.ok()) arena_->Free(*extent);
@@ -504,6 +513,7 @@ absl::StatusOr<Window> StepStore::BeginRankImpl(uint64_t session, uint64_t step,
   if (opened.created == 0) opened.created = ++step_seq_;
   opened.ranks[ses->rank] = rd;
   ses->open = rd;
+  ses->restored_until_open = 0;
   return Window{extent->offset, bytes, *extent};
 }
 
@@ -725,6 +735,7 @@ absl::StatusOr<RestoreLease> StepStore::Restore(uint64_t session, uint64_t step)
   // Asked again, whatever it finds (nothing, even: the trainer starts over),
   // the rank knows a step it restored was withdrawn.
   ses->withdrawn = 0;
+  ses->restored_until_open = 0;
   Job& job = *jobs_.at(ses->job_id);
   std::shared_ptr<RankData> found;
   std::vector<uint64_t> restorable;
@@ -750,6 +761,7 @@ absl::StatusOr<RestoreLease> StepStore::Restore(uint64_t session, uint64_t step)
   // rewinds the job to this step (BeginRank).
   ses->restored = found->step;
   ses->restored_at = step_seq_;
+  ses->restored_until_open = found->step;
   ++found->pins;
   RestoreLease lease;
   lease.lease_id = next_id_++;
@@ -1162,7 +1174,9 @@ absl::Status StepStore::AddRebuilt(const std::string& job_id, uint64_t step,
     // A rank that restored it is told at its next snapshot.
     for (const auto& [rank, id] : job->sessions) {
       auto ses = sessions_.find(id);
-      if (ses != sessions_.end() && ses->second->restored == p) ses->second->withdrawn = p;
+      if (ses != sessions_.end() && ses->second->restored_until_open == p) {
+        ses->second->withdrawn = p;
+      }
     }
     EraseStep(*job, p);
   }

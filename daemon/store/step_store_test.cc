@@ -6,6 +6,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -632,6 +633,30 @@ TEST_F(StepStoreTest, AnOlderStepRebuiltAfterANewerOneFailedReplacesWhatThatOneS
   store_->Detach(r1);
   ASSERT_TRUE(store_->Drop("job", 0).ok());
   EXPECT_EQ(arena_->free_bytes(), free_at_start);
+}
+
+TEST_F(StepStoreTest, AWithdrawalWhileARankOpensItsNextStepIsCaughtWhenTheWindowArrives) {
+  // The withdrawal lands while BeginRank gets its window, off the lock.
+  std::function<void()> during;
+  Open({}, [&](const std::string&) {
+    if (during) std::exchange(during, nullptr)();
+  });
+  const RankState served = MakeState(17, {300});
+  ASSERT_TRUE(store_->InstallRebuiltRank("job", 5, {0, 1}, Rebuilt(*arena_, 0, served)).ok());
+  auto r0 = *store_->Attach("job", 0, {0, 1});
+  uint64_t got = 0;
+  EXPECT_EQ(Get(r0, 0, &got), served.bytes);
+  EXPECT_EQ(got, 5u);
+  during = [&] {
+    ASSERT_TRUE(
+        store_->InstallRebuiltRank("job", 4, {0, 1}, Rebuilt(*arena_, 1, MakeState(18, {9})))
+            .ok());
+  };
+  const auto refused = Put(r0, 6, MakeState(19, {64}));
+  EXPECT_EQ(during, nullptr) << "the withdrawal did not land during BeginRank";
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kAborted) << refused.status();
+  EXPECT_TRUE(arena_->CheckConsistency().ok()) << arena_->CheckConsistency();
+  store_->Detach(r0);
 }
 
 TEST_F(StepStoreTest, ANewerStepEveryRankWasServedFromStaysOverAnOlderRebuild) {
