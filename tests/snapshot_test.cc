@@ -929,7 +929,9 @@ TEST_P(RestoreStallTest, ATrainerThatStopsReadingARestoreIsCutAndItsWindowGoesBa
   for (int i = 0; i < 30 * 40 && !done; ++i) {  // 30 s
     if (!stalled && Printed(out, "STALLED")) {
       stalled = true;
-      if (stopped) ASSERT_EQ(::kill(trainer, SIGSTOP), 0);
+      if (stopped) {
+        ASSERT_EQ(::kill(trainer, SIGSTOP), 0);
+      }
     }
     if (i == 10 * 40 && !stalled) break;  // it never began its restore
     cut = cut || (!stopped && Printed(out, "CUT"));
@@ -953,6 +955,79 @@ INSTANTIATE_TEST_SUITE_P(NotReadingOrStopped, RestoreStallTest, ::testing::Bool(
                          [](const ::testing::TestParamInfo<bool>& info) {
                            return std::string(info.param ? "Stopped" : "NotReading");
                          });
+
+// The same over TCP, where the daemon has no connection of its own to cut:
+// the stalled stream is cancelled, and the trainer, alive, keeps its session
+// and its lease until it goes.
+class RestoreStallTcpTest : public SnapshotTest {
+ protected:
+  void SetUp() override {
+    port_ = testing::FreePorts(1)[0];
+    options_.arena_bytes = 48 << 20;
+    options_.extra_flags = {"--trainer_keepalive_ms=1000",
+                            absl::StrCat("--data_address=127.0.0.1:", port_)};
+    SnapshotTest::SetUp();
+  }
+  int port_ = 0;
+};
+
+TEST_F(RestoreStallTcpTest, ATrainerThatStopsReadingARestoreHasItsStreamCancelled) {
+  const int port = port_;
+  {
+    auto c = Connect(0, {0}, Transport::kGrpc);
+    State s1 = MakeState(15, 1200);  // ~19 MiB
+    ASSERT_TRUE(c->Snapshot(1, s1.tensors)->WaitCommitted().ok());
+  }
+  const std::string socket = daemon_->socket();
+  std::ifstream in(socket.substr(0, socket.rfind('/')) + "/job.secret");
+  std::string secret;
+  in >> secret;
+  ASSERT_FALSE(secret.empty());
+  const std::string out = dir_.path() + "/restore_tcp.out";
+  std::vector<std::string> argv = {testing::RunfilePath("tests/stall_trainer"),
+                                   absl::StrCat("--socket=127.0.0.1:", port),
+                                   "--job_token=" + JobToken(secret, "job"),
+                                   "--rank=0",
+                                   "--local_ranks=0",
+                                   "--step=1",
+                                   "--restore",
+                                   "--wait_stream_end"};
+  const pid_t trainer = testing::Spawn(argv, out);
+  absl::Cleanup reap = [trainer] { testing::StopProcess(trainer, SIGKILL); };
+  auto logged = [this] {
+    return daemon_->Log().find("took no bytes of a restore") != std::string::npos;
+  };
+  bool stalled = false, gave_up = false;
+  for (int i = 0; i < 30 * 40 && !gave_up; ++i) {  // 30 s
+    stalled = stalled || Printed(out, "STALLED");
+    if (i == 10 * 40 && !stalled) break;  // it never began its restore
+    gave_up = stalled && logged();
+    if (!gave_up) std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  }
+  ASSERT_TRUE(stalled) << "the trainer never began its restore";
+  ASSERT_TRUE(gave_up) << daemon_->Log();
+  // The trainer reads on now: what was in flight, then the stream's end.
+  ASSERT_EQ(::kill(trainer, SIGUSR1), 0);
+  const std::string cancelled = absl::StrCat("CUT ", static_cast<int>(grpc::StatusCode::CANCELLED));
+  bool cut = false;
+  for (int i = 0; i < 20 * 40 && !cut; ++i) {  // 20 s
+    cut = Printed(out, cancelled);
+    if (!cut) std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  }
+  std::ifstream printed(out);
+  ASSERT_TRUE(cut) << "the trainer printed: " << std::string(std::istreambuf_iterator<char>(printed), {});
+  // Its session and lease outlive the stream; once it goes, steps 2 and 3
+  // fit (step 3 only in the window step 1's lease held).
+  std::move(reap).Invoke();
+  auto c = Connect(0, {0}, Transport::kGrpc);
+  for (uint64_t step : {2, 3}) {
+    State s = MakeState(15 + step, 1200);
+    const absl::Status st = c->Snapshot(step, s.tensors)->WaitCommitted();
+    ASSERT_TRUE(st.ok()) << "step " << step << ": " << st << "\n" << daemon_->Log();
+    ExpectRestored(s, *c->Restore(kLatestStep));
+  }
+  EXPECT_TRUE(daemon_->alive());
+}
 
 TEST_F(SnapshotLargeArenaTest, BadInputGetsAReadableStatusAndTheDaemonKeepsServing) {
   auto healthy = Connect(0, {0}, Transport::kSharedMemory, "healthy");

@@ -3,9 +3,11 @@
 // waits to be killed or stopped, answering the daemon's keepalive pings
 // meanwhile. With --restore it restores --step instead, takes the first
 // message of the stream and no more, prints "STALLED", and "CUT" once the
-// daemon has ended its connection. Uses the wire protocol directly so that
+// daemon has ended its connection (with --wait_stream_end, "CUT <code>" with
+// the restore stream's own status, read once the test sends SIGUSR1). Uses the wire protocol directly so that
 // the moment of the stall is exact.
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <string>
 #include <thread>
@@ -26,9 +28,20 @@ ABSL_FLAG(uint64_t, step, 1, "Step to leave unfinished.");
 ABSL_FLAG(uint64_t, bytes, 1 << 20, "Bytes of the step.");
 ABSL_FLAG(bool, restore, false,
           "Restore --step instead, take the first message of its stream and read no more.");
+ABSL_FLAG(std::string, job_token, "", "Over TCP: the job's token.");
+ABSL_FLAG(bool, wait_stream_end, false,
+          "With --restore: after the first message, wait for SIGUSR1 (sent once the daemon "
+          "says it cancelled the stream; a TCP trainer's connection is kept), then read what "
+          "the stream still holds and print CUT and the stream's status code.");
+
+namespace {
+volatile std::sig_atomic_t g_go = 0;
+void OnUsr1(int) { g_go = 1; }
+}  // namespace
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
+  std::signal(SIGUSR1, OnUsr1);
   ecsnap::DataChannelOptions options;
   options.address = absl::GetFlag(FLAGS_socket);
   // The stream window stays at gRPC's initial 64 KiB: a stalled reader
@@ -41,6 +54,9 @@ int main(int argc, char** argv) {
   }
   auto stub = ecsnap::v1::Snapshot::NewStub(data->channel);
   grpc::ClientContext attach_ctx;
+  if (!absl::GetFlag(FLAGS_job_token).empty()) {
+    attach_ctx.AddMetadata("authorization", "Bearer " + absl::GetFlag(FLAGS_job_token));
+  }
   ecsnap::v1::AttachRequest req;
   req.set_job_id(absl::GetFlag(FLAGS_job));
   req.set_rank(absl::GetFlag(FLAGS_rank));
@@ -75,6 +91,27 @@ int main(int argc, char** argv) {
     }
     std::printf("STALLED\n");
     std::fflush(stdout);
+    if (absl::GetFlag(FLAGS_wait_stream_end)) {
+      // gRPC gives a call's status only once what arrived before it is
+      // read: the stream is drained when the test says the daemon gave up.
+      // Meanwhile a session reader answers the daemon's pings, as a real
+      // client's does.
+      std::thread([&session] {
+        ecsnap::v1::AttachEvent event;
+        while (session->Read(&event)) {
+        }
+      }).detach();
+      for (int i = 0; i < 6000 && g_go == 0; ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
+      while (reader->Read(&chunk)) {
+      }
+      const grpc::Status end = reader->Finish();
+      std::printf("CUT %d\n", static_cast<int>(end.error_code()));
+      std::fflush(stdout);
+      std::this_thread::sleep_for(std::chrono::seconds(60));
+      return 0;
+    }
     // Alive, answering pings, and taking no more of the stream: the daemon
     // ends the connection, which ends the session stream.
     while (session->Read(&ev)) {
