@@ -578,6 +578,17 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
         if (target < k && !in_window) {
           WritePayload(c, c.payload->Chunk(target).offset + at, out, slice);
         }
+        {
+          // Holders that answered are waited for again after a later blip.
+          absl::MutexLock lock(&mu_);
+          for (int q : use) {
+            if (unanswering_.empty()) break;
+            auto h = c.view->held.find({s, q});
+            if (h != c.view->held.end() && !h->second.empty()) {
+              unanswering_.erase(*h->second.begin());
+            }
+          }
+        }
         Progress(static_cast<int64_t>(slice));
         counted += slice;
       }
