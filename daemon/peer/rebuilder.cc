@@ -466,10 +466,21 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
     // reservation holds the row's memory while it is decoded.
     ParityStore::ReservedRow reserved;
     if (target >= k) {
-      // A row this slot still holds (re-adopted after a restart) is kept as
-      // it is: it was verified when adopted, and peers may be reading it.
-      if (parity_->Row(job, step, s).ok()) return absl::OkStatus();
-      auto row = parity_->ReserveRow(job, step, s, out_len);
+      // A row this slot still holds (re-adopted after a restart, or folded
+      // since from the pushes of a step the peers had in flight when this
+      // node was lost) is kept as it is: it was verified, and peers may be
+      // reading it. A push folding into the row right now refuses the
+      // reservation; the fold ends in moments, with the row complete or
+      // free to reserve, so the row is asked for again (for 2 s at most).
+      absl::StatusOr<ParityStore::ReservedRow> row;
+      for (int tries = 0;; ++tries) {
+        if (parity_->Row(job, step, s).ok()) return absl::OkStatus();
+        row = parity_->ReserveRow(job, step, s, out_len);
+        if (row.ok() || !absl::IsFailedPrecondition(row.status()) || tries >= 100 || stopping_) {
+          break;
+        }
+        absl::SleepFor(absl::Milliseconds(20));
+      }
       if (!row.ok()) return row.status();
       reserved = std::move(*row);
     }
