@@ -257,11 +257,6 @@ Arena::Arena(std::string dir, std::string path, UniqueFd fd, Mapping mapping,
     for (uint64_t at = 0; at < size() && !stop_touching_; at += kPiece) {
       const uint64_t len = std::min<uint64_t>(kPiece, size() - at);
       if (OverlapsHole(at, len)) continue;
-      // A piece with a page that cannot be had (a window a trainer cut
-      // short) is left alone: the probe says so where a store would take
-      // the SIGBUS guard's path, and hold up a remap while this thread, at
-      // idle priority, waits for a core inside the handler.
-      if (PopulateForWrite(base() + at, len) != 0) continue;
       TouchForWrite(base() + at, len, &stop_touching_);
     }
     if (!stop_touching_) {
