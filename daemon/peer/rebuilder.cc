@@ -7,6 +7,7 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -36,6 +37,14 @@ constexpr uint64_t kMaxInFlightBytes = uint64_t{512} << 20;
 // counts as lost, and the pause before the n-th try again (n times this).
 constexpr int kTransientTries = 4;
 constexpr absl::Duration kTransientPause = absl::Milliseconds(500);
+
+// The peer a read of position `q` of stripe `s` goes to (the first that
+// holds it), if any.
+std::optional<int> HolderOf(const Holders& held, int s, int q) {
+  auto it = held.find({s, q});
+  if (it == held.end() || it->second.empty()) return std::nullopt;
+  return *it->second.begin();
+}
 
 // A failure that says nothing about the survivor's bytes: a timeout, a
 // broken or refused connection, a holder too busy to take the read.
@@ -249,12 +258,12 @@ absl::Status Rebuilder::DecodeSlice(const Current& c, int s, int target,
   for (size_t i = 0; i < use.size(); ++i) {
     fetches.push_back([&, i] {
       const int q = use[i];
-      auto holders = c.view->held.find({s, q});
-      if (holders == c.view->held.end() || holders->second.empty()) {
+      const std::optional<int> found = HolderOf(c.view->held, s, q);
+      if (!found) {
         got[i] = absl::DataLossError(absl::StrFormat("no peer holds position %d", q));
         return;
       }
-      const int holder = *holders->second.begin();
+      const int holder = *found;
       const uint64_t len = layout.ChunkLength(c.lens, s, q);
       const uint64_t from = std::min(at, len);
       const uint64_t want = std::min(len - from, read);
@@ -558,18 +567,12 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
           std::set<int> without = bad;
           without.insert(failed);
           const bool spare = static_cast<int>(Survivors(c, s, target, without).size()) >= k;
-          auto held = c.view->held.find({s, failed});
-          const int holder = held != c.view->held.end() && !held->second.empty()
-                                 ? *held->second.begin()
-                                 : kKnownEmpty;
-          bool again = !spare && IsTransient(st) && !c.vanished;
-          {
+          const std::optional<int> holder = HolderOf(c.view->held, s, failed);
+          bool again = !spare && IsTransient(st) && !c.vanished && holder.has_value();
+          if (again) {
             absl::MutexLock lock(&mu_);
-            if (again && unanswering_.count(holder) == 0 &&
-                ++transient[failed] < kTransientTries) {
-              again = true;
-            } else {
-              if (again) unanswering_.insert(holder);
+            if (unanswering_.count(*holder) > 0 || ++transient[failed] >= kTransientTries) {
+              unanswering_.insert(*holder);
               again = false;
             }
           }
@@ -594,10 +597,7 @@ absl::Status Rebuilder::RebuildStep(const std::string& job, uint64_t step, const
           absl::MutexLock lock(&mu_);
           for (int q : use) {
             if (unanswering_.empty()) break;
-            auto h = c.view->held.find({s, q});
-            if (h != c.view->held.end() && !h->second.empty()) {
-              unanswering_.erase(*h->second.begin());
-            }
+            if (const std::optional<int> h = HolderOf(c.view->held, s, q)) unanswering_.erase(*h);
           }
         }
         Progress(static_cast<int64_t>(slice));
