@@ -250,6 +250,20 @@ class RebuildFaultTest : public ClusterTest {
     })) << cluster_->daemon(0).Log();
   }
 
+  // RS 2+1, so each stripe of a lost slot has exactly k survivors and one
+  // bad chunk fails it; steps 1 and 2 protected and kept everywhere; the
+  // first tensor of rank 0 of `corrupt_slot`'s step 2 damaged; then slot 0
+  // replaced empty (rebuild capped at 20 KB/s) and its trainers attached.
+  void ProtectTwoStepsCorruptOneAndReplaceSlot0(int corrupt_slot) {
+    StartCluster(2, 1, "rebuild_bytes_per_sec: 20000", {"--retain=2"});
+    Snapshot(1);
+    ASSERT_TRUE(WaitProtected(1));
+    Snapshot(2);
+    ASSERT_TRUE(WaitProtected(2));
+    CorruptRank(corrupt_slot, 0, 2);
+    ASSERT_NO_FATAL_FAILURE(ReplaceNode(0));
+  }
+
   // Slot 0's rebuild ends whole and without error, having read around a
   // survivor that `fault` made unreadable.
   void ExpectRebuiltAround(const std::string& fault) {
@@ -360,18 +374,10 @@ TEST_F(RebuildFaultTest, ASurvivorNoOtherCanStandInForIsAskedAgainAfterItStalls)
 }
 
 TEST_F(RebuildFaultTest, ANewerStepThatFailsAfterServingARankGivesWayToAnOlderOneWhole) {
-  // Two complete steps kept everywhere; RS 2+1, so each stripe of a lost
-  // slot has exactly k survivors and one bad chunk fails it.
-  StartCluster(2, 1, "rebuild_bytes_per_sec: 20000", {"--retain=2"});
-  Snapshot(1);
-  ASSERT_TRUE(WaitProtected(1));
-  Snapshot(2);
-  ASSERT_TRUE(WaitProtected(2));
   // Slot 2's first data chunk of step 2 is damaged. It shares stripe 1 with
   // slot 0's second chunk (rank 1's bytes), not stripe 2, from which slot
   // 0's rank 0 is decoded on demand.
-  CorruptRank(2, 0, 2);
-  ASSERT_NO_FATAL_FAILURE(ReplaceNode(0));
+  ASSERT_NO_FATAL_FAILURE(ProtectTwoStepsCorruptOneAndReplaceSlot0(/*corrupt_slot=*/2));
   RestoreRankAndCheck(0, 0, 2);
   // Step 2's rebuild fails its checksum; the pass falls back to step 1,
   // which replaces what step 2 had served: both ranks answer step 1.
@@ -390,15 +396,9 @@ TEST_F(RebuildFaultTest, ANewerStepThatFailsAfterServingARankGivesWayToAnOlderOn
 }
 
 TEST_F(RebuildFaultTest, AStepWhoseRanksWereAllServedStaysWhenItsParityCannotBeRebuilt) {
-  StartCluster(2, 1, "rebuild_bytes_per_sec: 20000", {"--retain=2"});
-  Snapshot(1);
-  ASSERT_TRUE(WaitProtected(1));
-  Snapshot(2);
-  ASSERT_TRUE(WaitProtected(2));
   // Slot 1's first data chunk of step 2 is damaged: slot 0's parity row of
   // stripe 0 is made from it, none of slot 0's ranks is.
-  CorruptRank(1, 0, 2);
-  ASSERT_NO_FATAL_FAILURE(ReplaceNode(0));
+  ASSERT_NO_FATAL_FAILURE(ProtectTwoStepsCorruptOneAndReplaceSlot0(/*corrupt_slot=*/1));
   RestoreRankAndCheck(0, 0, 2);
   RestoreRankAndCheck(0, 1, 2);
   // Step 2's parity row cannot be rebuilt; step 1 is not taken over a step
