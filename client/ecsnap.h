@@ -212,12 +212,13 @@ class Client {
   // copy starts once the previous step is committed.
   virtual absl::StatusOr<SnapshotHandle> Snapshot(uint64_t step, std::vector<Tensor> tensors) = 0;
 
-  // Optional, once, before the first Snapshot: asks the daemon for a window
-  // of the size `tensors` need (only their sizes are read) and maps it in
-  // the background, so that the first snapshot of the same size does not
-  // pay for fresh memory (see common/prefault.h). Later steps get the same
-  // from the daemon without asking, and a restore before the first snapshot
-  // asks for a window of the restored step's size. A no-op over gRPC.
+  // Optional, once, before the first Snapshot: asks the daemon for the
+  // windows of the first steps (the daemon's retain + 1) of the size
+  // `tensors` need (only their sizes are read) and maps each in the
+  // background, so that the first snapshots of the same size do not pay for
+  // fresh memory (see common/prefault.h). Later steps get the same from the
+  // daemon without asking, and a restore before the first snapshot asks for
+  // windows of the restored step's size. A no-op over gRPC.
   virtual absl::Status Prepare(const std::vector<Tensor>& tensors) = 0;
 
   // This rank's restorable steps, newest first.

@@ -317,7 +317,47 @@ struct RawSession {
     req.set_session_id(id);
     return stub->Restore(&ctx, req, resp);
   }
+  // Commits `step` as one tensor of opaque bytes over the first `bytes` of
+  // its window, with the CRC of what the window holds.
+  grpc::Status CommitWhole(const std::string& socket, uint64_t step, uint64_t bytes,
+                           const v1::BeginRankResponse& begun) {
+    auto window = FetchWindow(socket, begun.window_token(), absl::Seconds(10));
+    EXPECT_TRUE(window.ok()) << window.status();
+    if (!window.ok()) return grpc::Status(grpc::StatusCode::INTERNAL, "no window");
+    void* at = ::mmap(nullptr, window->bytes, PROT_READ, MAP_SHARED, window->fd.get(), 0);
+    EXPECT_NE(at, MAP_FAILED);
+    if (at == MAP_FAILED) return grpc::Status(grpc::StatusCode::INTERNAL, "no mapping");
+    const uint32_t crc =
+        ec::Crc32c(absl::Span<const uint8_t>(static_cast<const uint8_t*>(at), bytes), 0);
+    ::munmap(at, window->bytes);
+    grpc::ClientContext ctx;
+    v1::CommitRankRequest req;
+    req.set_session_id(id);
+    req.set_step(step);
+    v1::TensorEntry* t = req.mutable_manifest()->add_tensors();
+    t->set_name("state");
+    t->set_kind(v1::EXTRA);
+    t->set_dtype(v1::BYTES);
+    t->add_shape(static_cast<int64_t>(bytes));
+    t->set_offset(0);
+    t->set_length(bytes);
+    t->set_crc32c(crc);
+    v1::CommitRankResponse resp;
+    return stub->CommitRank(&ctx, req, &resp);
+  }
 };
+
+// The window files of the arena in `dir`, by inode.
+std::set<ino_t> WindowInodes(const std::string& dir) {
+  std::set<ino_t> inodes;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    struct stat st {};
+    if (e.path().filename().string().rfind("w.", 0) == 0 && ::stat(e.path().c_str(), &st) == 0) {
+      inodes.insert(st.st_ino);
+    }
+  }
+  return inodes;
+}
 
 // DESIGN.md §9: a trainer's mapping holds the windows granted to it and
 // nothing else. The descriptor it receives is the window's own file (not
@@ -377,38 +417,68 @@ TEST_F(SnapshotTest, ATrainerReceivesOnlyItsWindowsAndRestoresReadOnly) {
   EXPECT_TRUE(daemon_->alive());
 }
 
-// Client::Prepare makes the first snapshot's window ahead of it: the daemon
-// makes one window file, and the first snapshot lands in that very file.
-TEST_F(SnapshotTest, APreparedWindowIsTheOneTheFirstSnapshotFills) {
-  auto window_files = [&] {
-    std::vector<std::string> names;
-    for (const auto& e : std::filesystem::directory_iterator(dir_.path() + "/arena")) {
-      if (e.path().filename().string().rfind("w.", 0) == 0) names.push_back(e.path().string());
-    }
-    return names;
-  };
+// Client::Prepare makes the windows of the first steps ahead of them
+// (retain + 1: the first step's, and the next one's while the first is
+// kept), and those steps land in those very files.
+TEST_F(SnapshotTest, PreparedWindowsAreTheOnesTheFirstStepsFill) {
+  const std::string arena = dir_.path() + "/arena";
   auto c = Connect(0, {0});
-  State s = MakeState(51, 8);
-  ASSERT_TRUE(c->Prepare(s.tensors).ok());
-  std::vector<std::string> files;
-  for (int i = 0; i < 200 && files.empty(); ++i) {  // made in the background
-    files = window_files();
-    if (files.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  State s1 = MakeState(51, 8), s2 = MakeState(52, 8);
+  ASSERT_TRUE(c->Prepare(s1.tensors).ok());
+  std::set<ino_t> prepared;
+  for (int i = 0; i < 200 && prepared.size() < 2; ++i) {  // made in the background
+    prepared = WindowInodes(arena);
+    if (prepared.size() < 2) std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
-  ASSERT_EQ(files.size(), 1u);
-  struct stat prepared {};
-  ASSERT_EQ(::stat(files[0].c_str(), &prepared), 0);
+  ASSERT_EQ(prepared.size(), 2u) << "retain = 1: two windows ahead of the first steps";
 
-  ASSERT_TRUE(c->Snapshot(1, s.tensors)->WaitCommitted().ok());
+  auto inode_of_newest = [&] {
+    RawSession raw(daemon_->socket(), "job");
+    v1::RestoreResponse lease;
+    EXPECT_TRUE(raw.Restore(&lease).ok());
+    auto window = FetchWindow(daemon_->socket(), lease.window_token(), absl::Seconds(10));
+    EXPECT_TRUE(window.ok()) << window.status();
+    struct stat st {};
+    EXPECT_EQ(::fstat(window->fd.get(), &st), 0);
+    return st.st_ino;
+  };
+  ASSERT_TRUE(c->Snapshot(1, s1.tensors)->WaitCommitted().ok());
   c.reset();
+  const ino_t first = inode_of_newest();
+  EXPECT_EQ(prepared.count(first), 1u) << "the first snapshot did not use a prepared window";
+  c = Connect(0, {0});
+  ASSERT_TRUE(c->Snapshot(2, s2.tensors)->WaitCommitted().ok());
+  c.reset();
+  const ino_t second = inode_of_newest();
+  EXPECT_EQ(prepared.count(second), 1u) << "the second snapshot did not use a prepared window";
+  EXPECT_NE(first, second);
+  c = Connect(0, {0});
+  ExpectRestored(s2, *c->Restore(kLatestStep));
+}
+
+// The window for a later step is made once the step's copy is over, never
+// while the trainer copies into its window (on a small node the two would
+// share a core): a step begun and not committed has no window made beside
+// it; its commit has one made.
+TEST_F(SnapshotTest, AWindowAheadIsMadeOnlyOnceTheStepIsCopiedIn) {
+  const std::string arena = dir_.path() + "/arena";
+  constexpr uint64_t kBytes = 1 << 20;
   RawSession raw(daemon_->socket(), "job");
-  v1::RestoreResponse lease;
-  ASSERT_TRUE(raw.Restore(&lease).ok());
-  auto window = FetchWindow(daemon_->socket(), lease.window_token(), absl::Seconds(10));
-  ASSERT_TRUE(window.ok()) << window.status();
-  struct stat used {};
-  ASSERT_EQ(::fstat(window->fd.get(), &used), 0);
-  EXPECT_EQ(used.st_ino, prepared.st_ino) << "the first snapshot did not use the prepared window";
+  v1::BeginRankResponse begun;
+  ASSERT_TRUE(raw.Begin(1, kBytes, &begun).ok());
+  ASSERT_FALSE(begun.window_token().empty());
+  EXPECT_EQ(WindowInodes(arena).size(), 1u);
+  // Were one queued at BeginRank it would be made within milliseconds.
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  EXPECT_EQ(WindowInodes(arena).size(), 1u) << "a window was made while the step was copied in";
+  grpc::Status committed = raw.CommitWhole(daemon_->socket(), 1, kBytes, begun);
+  ASSERT_TRUE(committed.ok()) << committed.error_message();
+  size_t windows = 1;
+  for (int i = 0; i < 200 && windows < 2; ++i) {
+    windows = WindowInodes(arena).size();
+    if (windows < 2) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(windows, 2u) << "no window was made ahead of step 2 after step 1's commit";
 }
 
 // After a daemon restart the arena holds the re-adopted steps and no spare
@@ -416,17 +486,6 @@ TEST_F(SnapshotTest, APreparedWindowIsTheOneTheFirstSnapshotFills) {
 // for that snapshot made (and warmed) then, and its first snapshot fills it.
 TEST_F(SnapshotTest, ARestoreBeforeTheFirstSnapshotMakesItsWindow) {
   const std::string arena = dir_.path() + "/arena";
-  auto window_inodes = [&] {
-    std::set<ino_t> inodes;
-    for (const auto& e : std::filesystem::directory_iterator(arena)) {
-      struct stat st {};
-      if (e.path().filename().string().rfind("w.", 0) == 0 &&
-          ::stat(e.path().c_str(), &st) == 0) {
-        inodes.insert(st.st_ino);
-      }
-    }
-    return inodes;
-  };
   auto inode_of_newest = [&](RawSession& raw) {
     v1::RestoreResponse lease;
     EXPECT_TRUE(raw.Restore(&lease).ok());
@@ -440,24 +499,25 @@ TEST_F(SnapshotTest, ARestoreBeforeTheFirstSnapshotMakesItsWindow) {
   ASSERT_TRUE(Connect(0, {0})->Snapshot(1, s1.tensors)->WaitCommitted().ok());
   daemon_->Kill();
   ASSERT_TRUE(daemon_->Restart().ok()) << daemon_->Log();
-  const std::set<ino_t> adopted = window_inodes();
+  const std::set<ino_t> adopted = WindowInodes(arena);
 
   auto c = Connect(0, {0});
   ExpectRestored(s1, *c->Restore(kLatestStep));
+  // The windows of the first steps (retain + 1), as Client::Prepare has.
   std::set<ino_t> made;
-  for (int i = 0; i < 200 && made.empty(); ++i) {  // made in the background
-    for (ino_t ino : window_inodes()) {
+  for (int i = 0; i < 200 && made.size() < 2; ++i) {  // made in the background
+    for (ino_t ino : WindowInodes(arena)) {
       if (adopted.count(ino) == 0) made.insert(ino);
     }
-    if (made.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    if (made.size() < 2) std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
-  ASSERT_EQ(made.size(), 1u) << "the restore made no window for the next snapshot";
+  ASSERT_EQ(made.size(), 2u) << "the restore made no windows for the next snapshots";
 
   ASSERT_TRUE(c->Snapshot(2, s2.tensors)->WaitCommitted().ok());
   c.reset();
   RawSession raw(daemon_->socket(), "job");
-  EXPECT_EQ(inode_of_newest(raw), *made.begin())
-      << "the first snapshot after the restore did not use the window it made";
+  EXPECT_EQ(made.count(inode_of_newest(raw)), 1u)
+      << "the first snapshot after the restore did not use a window it made";
 }
 
 // A trainer holds its snapshot window read-write, so it can shrink the file

@@ -289,9 +289,17 @@ grpc::Status SnapshotService::BeginRank(grpc::ServerContext* context,
     return ToGrpc(granted);
   }
   response->set_window_file(file);
-  // A window for a later step, made in the background for the trainer to
-  // map before then. Best effort: without it that step makes its own.
-  if (!response->window_token().empty()) QueuePrepare(request->session_id(), request->bytes());
+  // A window for a later step is made in the background for the trainer to
+  // map before then (best effort: without it that step makes its own), but
+  // only once this step's copy is over (CommitRank): making and populating a
+  // window takes a core, and on a small node the copy the trainer waits for
+  // would share it.
+  if (!response->window_token().empty()) {
+    absl::MutexLock lock(&mu_);
+    if (auto it = sessions_.find(request->session_id()); it != sessions_.end()) {
+      it->second.ahead_bytes = request->bytes();
+    }
+  }
   return grpc::Status::OK;
 }
 
@@ -305,25 +313,32 @@ grpc::Status SnapshotService::PrepareRank(grpc::ServerContext* context,
   if (request->bytes() == 0) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "a window of 0 bytes was asked for");
   }
-  if (ws.windows) QueuePrepare(request->session_id(), request->bytes());
+  // Asked ahead of the first step (or of the first after a restore): the
+  // windows of the first steps, which each need a fresh one.
+  if (ws.windows) {
+    QueuePrepare(request->session_id(), request->bytes(), store_->windows_ahead_of_first_step());
+  }
   return grpc::Status::OK;
 }
 
-void SnapshotService::QueuePrepare(const std::string& wire_id, uint64_t bytes) {
+void SnapshotService::QueuePrepare(const std::string& wire_id, uint64_t bytes, int spares) {
   absl::MutexLock lock(&mu_);
   if (closing_ || grants_ == nullptr || prepare_queue_.size() >= kMaxQueuedPrepares) return;
-  for (const auto& [id, b] : prepare_queue_) {
-    if (id == wire_id) return;  // one at a time per session
+  for (PrepareWork& queued : prepare_queue_) {
+    if (queued.wire_id != wire_id) continue;
+    // One entry per session: the latest size, and the most spares asked.
+    if (queued.bytes != bytes) queued.spares = 0;
+    queued.bytes = bytes;
+    queued.spares = std::max(queued.spares, spares);
+    return;
   }
-  prepare_queue_.emplace_back(wire_id, bytes);
+  prepare_queue_.push_back(PrepareWork{wire_id, bytes, spares});
   if (!preparer_.joinable()) preparer_ = std::thread([this] { PrepareLoop(); });
 }
 
 void SnapshotService::PrepareLoop() {
   while (true) {
-    std::string wire_id;
-    uint64_t bytes;
-    WireSession ws;
+    PrepareWork work;
     {
       absl::MutexLock lock(&mu_);
       auto has_work = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -331,30 +346,40 @@ void SnapshotService::PrepareLoop() {
       };
       mu_.Await(absl::Condition(&has_work));
       if (closing_) return;
-      std::tie(wire_id, bytes) = prepare_queue_.front();
+      work = std::move(prepare_queue_.front());
       prepare_queue_.pop_front();
-      auto it = sessions_.find(wire_id);
-      // Only a trainer that can be granted the window gets one made.
-      if (it == sessions_.end() || !it->second.windows || !it->second.uid.has_value()) continue;
-      ws = it->second;
     }
-    // A uid displaced as the job's owner gets no window of it.
-    if (!CheckSessionOwner(ws, ws.session).ok()) continue;
-    // Slow (a fresh window is allocated and populated): no lock held.
-    auto ready = store_->PrepareRank(ws.session, bytes);
-    if (!ready.ok()) continue;  // enough windows already, or no room
-    v1::AttachEvent event;
-    uint64_t file = 0;
-    if (!Grant(ws, *ready, /*writable=*/true, event.mutable_ready_token(), &file, /*spare=*/true)
-             .ok() ||
-        event.ready_token().empty()) {
-      continue;
-    }
-    event.set_ready_file(file);
-    absl::MutexLock lock(&mu_);
-    auto it = sessions_.find(wire_id);
-    if (it != sessions_.end() && live_.count(it->second.reactor) != 0) {
-      it->second.reactor->Push(std::move(event));
+    // One window at a time, each offered as soon as it is made, so that the
+    // trainer maps and warms the first while the next is made.
+    for (int n = 1; n <= work.spares; ++n) {
+      WireSession ws;
+      {
+        absl::MutexLock lock(&mu_);
+        if (closing_) return;
+        auto it = sessions_.find(work.wire_id);
+        // Only a trainer that can be granted the window gets one made.
+        if (it == sessions_.end() || !it->second.windows || !it->second.uid.has_value()) break;
+        ws = it->second;
+      }
+      // A uid displaced as the job's owner gets no window of it.
+      if (!CheckSessionOwner(ws, ws.session).ok()) break;
+      // Slow (a fresh window is allocated and populated): no lock held.
+      auto ready = store_->PrepareRank(ws.session, work.bytes, n);
+      if (!ready.ok()) break;  // enough windows already, or no room
+      v1::AttachEvent event;
+      uint64_t file = 0;
+      if (!Grant(ws, *ready, /*writable=*/true, event.mutable_ready_token(), &file,
+                 /*spare=*/true)
+               .ok() ||
+          event.ready_token().empty()) {
+        break;
+      }
+      event.set_ready_file(file);
+      absl::MutexLock lock(&mu_);
+      auto it = sessions_.find(work.wire_id);
+      if (it != sessions_.end() && live_.count(it->second.reactor) != 0) {
+        it->second.reactor->Push(std::move(event));
+      }
     }
   }
 }
@@ -455,6 +480,15 @@ grpc::Status SnapshotService::CommitRank(grpc::ServerContext* context,
   if (!session.ok()) return ToGrpc(session.status());
   if (absl::Status st = CheckSessionOwner(ws, *session); !st.ok()) return ToGrpc(st);
   auto state = store_->CommitRank(*session, request->step(), request->manifest());
+  // The copy is over: now the window of a later step (BeginRank).
+  uint64_t ahead_bytes = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    if (auto it = sessions_.find(request->session_id()); it != sessions_.end()) {
+      ahead_bytes = std::exchange(it->second.ahead_bytes, 0);
+    }
+  }
+  if (ahead_bytes > 0) QueuePrepare(request->session_id(), ahead_bytes, /*spares=*/1);
   if (!state.ok()) return ToGrpc(state.status());
   response->set_step_state(*state);
   return grpc::Status::OK;

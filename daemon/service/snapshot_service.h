@@ -128,6 +128,9 @@ class SnapshotService final : public SnapshotServiceBase {
     bool windows = false;  // the trainer maps windows (AttachRequest.windows)
     std::optional<uint32_t> uid;  // a Unix-socket trainer's
     AttachReactor* reactor = nullptr;  // valid while in live_
+    // The bytes of the step being copied in, when its window was granted:
+    // a window for a later step is made once that copy is over.
+    uint64_t ahead_bytes = 0;
   };
   void Forget(AttachReactor* reactor);
   absl::Status CheckJobToken(const grpc::CallbackServerContext& context,
@@ -158,9 +161,10 @@ class SnapshotService final : public SnapshotServiceBase {
 
   // Sessions whose next window waits to be made, at most this many.
   static constexpr size_t kMaxQueuedPrepares = 256;
-  // Makes a ready window for a session's rank in the background and offers
-  // it on the session's Attach stream.
-  void QueuePrepare(const std::string& wire_id, uint64_t bytes);
+  // Makes ready windows for a session's rank in the background, until the
+  // rank has `spares` of them (StepStore::PrepareRank), and offers each on
+  // the session's Attach stream.
+  void QueuePrepare(const std::string& wire_id, uint64_t bytes, int spares);
   void PrepareLoop();
 
   StepStore* const store_;
@@ -178,7 +182,12 @@ class SnapshotService final : public SnapshotServiceBase {
   std::set<AttachReactor*> live_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, WireSession> sessions_ ABSL_GUARDED_BY(mu_);
   bool closing_ ABSL_GUARDED_BY(mu_) = false;
-  std::deque<std::pair<std::string, uint64_t>> prepare_queue_ ABSL_GUARDED_BY(mu_);
+  struct PrepareWork {
+    std::string wire_id;
+    uint64_t bytes;
+    int spares;
+  };
+  std::deque<PrepareWork> prepare_queue_ ABSL_GUARDED_BY(mu_);
   std::thread preparer_;  // PrepareLoop, started by the first QueuePrepare
   // WriteRank's messages are copied into windows here (WriteReactor): a
   // stream has at most one message queued, so the queue's bound is one of

@@ -679,14 +679,23 @@ uint64_t Arena::WindowBytes(uint64_t bytes) {
 }
 
 absl::StatusOr<ArenaExtent> Arena::PrepareWindow(uint64_t bytes, const std::string& owner,
-                                                 int max_windows) {
+                                                 int max_windows, int spares) {
   const uint64_t want = WindowBytes(bytes);
   absl::ReleasableMutexLock lock(&mu_);
-  int held = 0;
+  int held = 0, intact_spares = 0;
+  std::optional<uint64_t> a_spare;
   for (const auto& [offset, w] : windows_) {
     if (w.owner != owner || w.bytes != want) continue;
-    if (w.state == Window::State::kSpare && IntactLocked(w)) return ArenaExtent{offset, want};
     ++held;
+    if (w.state == Window::State::kSpare && IntactLocked(w)) {
+      ++intact_spares;
+      if (!a_spare.has_value()) a_spare = offset;
+    }
+  }
+  // Enough spares, or as many windows as the owner may hold: a spare, if
+  // there is one, is the answer.
+  if (a_spare.has_value() && (intact_spares >= spares || held >= max_windows)) {
+    return ArenaExtent{*a_spare, want};
   }
   if (held >= max_windows) {
     return absl::FailedPreconditionError("the owner holds enough windows of this size");

@@ -139,13 +139,15 @@ class Arena {
                                              bool populate = true);
   // A spare window of WindowBytes(bytes) for `owner`, made ahead of the
   // step that will take it, so that the trainer can map it and take its
-  // first stores before then: the owner's existing spare of that size, or a
-  // new one while the owner has fewer than `max_windows` of that size and
-  // free memory allows without giving up anyone's spares.
+  // first stores before then: one of the owner's spares of that size when
+  // it has `spares` of them already (or holds `max_windows` of that size),
+  // else a new one while the owner has fewer than `max_windows` of that size
+  // and free memory allows without giving up anyone's spares. (Called with spares = 1, 2, .., n, it makes the owner's
+  // first n windows one at a time.)
   // FAILED_PRECONDITION when the owner has enough; RESOURCE_EXHAUSTED when
   // memory is short.
   absl::StatusOr<ArenaExtent> PrepareWindow(uint64_t bytes, const std::string& owner,
-                                            int max_windows);
+                                            int max_windows, int spares = 1);
   // Returns an extent from Allocate, AllocateWindow or Reserve. The extent must be exactly one
   // that is in use (same offset, same bytes): freeing anything else (twice,
   // a part, an overlap) would let two owners share memory, so it is a broken

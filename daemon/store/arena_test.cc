@@ -486,6 +486,39 @@ TEST_F(ArenaTest, AFreedWindowGoesBackToItsOwnerOnly) {
 // descriptor and a mapping): at the bound a spare is reclaimed for the new
 // window; with no spare left the window is refused with the bound named, and
 // nothing else changes.
+// Windows made ahead of a rank's first steps, one call each: a call that
+// asks for n spares makes one while the owner has fewer, answers with an
+// existing spare once it has n, and never passes the owner's bound.
+TEST_F(ArenaTest, PreparingAheadMakesTheSparesAskedForAndNoMore) {
+  auto arena = *Arena::Open(Opts());
+  auto first = arena->PrepareWindow(64 * 1024, Owner(0), /*max_windows=*/3, /*spares=*/1);
+  ASSERT_TRUE(first.ok()) << first.status();
+  auto second = arena->PrepareWindow(64 * 1024, Owner(0), 3, /*spares=*/2);
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_NE(second->offset, first->offset);
+  EXPECT_EQ(arena->window_files(), 2u);
+  // Two spares held: asking for one or two again makes nothing.
+  auto again = arena->PrepareWindow(64 * 1024, Owner(0), 3, /*spares=*/2);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_TRUE(again->offset == first->offset || again->offset == second->offset);
+  ASSERT_TRUE(arena->PrepareWindow(64 * 1024, Owner(0), 3, /*spares=*/1).ok());
+  EXPECT_EQ(arena->window_files(), 2u);
+  // A step takes one; the next ask for two spares makes the third window,
+  // and the owner's bound (3) stops a fourth.
+  ASSERT_TRUE(arena->AllocateWindow(64 * 1024, Owner(0)).ok());
+  ASSERT_TRUE(arena->PrepareWindow(64 * 1024, Owner(0), 3, /*spares=*/2).ok());
+  EXPECT_EQ(arena->window_files(), 3u);
+  ASSERT_TRUE(arena->AllocateWindow(64 * 1024, Owner(0)).ok());
+  EXPECT_EQ(arena->PrepareWindow(64 * 1024, Owner(0), 3, /*spares=*/2).status().code(),
+            absl::StatusCode::kOk);  // the one spare left answers: the bound is reached
+  EXPECT_EQ(arena->window_files(), 3u);
+  ASSERT_TRUE(arena->AllocateWindow(64 * 1024, Owner(0)).ok());
+  EXPECT_EQ(arena->PrepareWindow(64 * 1024, Owner(0), 3, /*spares=*/2).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(arena->window_files(), 3u);
+  EXPECT_CONSISTENT(arena);
+}
+
 TEST_F(ArenaTest, WindowFilesAreBoundedInNumber) {
   Arena::Options o = Opts();
   o.max_window_files = 3;

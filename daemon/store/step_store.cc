@@ -377,7 +377,8 @@ absl::StatusOr<Window> StepStore::BeginRank(uint64_t session, uint64_t step, uin
   return window;
 }
 
-absl::StatusOr<ArenaExtent> StepStore::PrepareRank(uint64_t session, uint64_t bytes) {
+absl::StatusOr<ArenaExtent> StepStore::PrepareRank(uint64_t session, uint64_t bytes,
+                                                   int spares) {
   std::string owner;
   {
     absl::MutexLock lock(&mu_);
@@ -390,7 +391,8 @@ absl::StatusOr<ArenaExtent> StepStore::PrepareRank(uint64_t session, uint64_t by
         "cannot prepare a window of %d bytes in an arena of %s", bytes,
         FormatBytes(arena_->data_bytes())));
   }
-  return arena_->PrepareWindow(bytes, owner, static_cast<int>(options_.retain) + 2);
+  return arena_->PrepareWindow(bytes, owner, static_cast<int>(options_.retain) + 2,
+                               std::clamp(spares, 1, windows_ahead_of_first_step()));
 }
 
 absl::StatusOr<Window> StepStore::BeginRankImpl(uint64_t session, uint64_t step, uint64_t bytes,

@@ -201,7 +201,14 @@ class StepStore {
   // FAILED_PRECONDITION when the rank holds that many already;
   // RESOURCE_EXHAUSTED when memory is short (a snapshot can still take the
   // memory later, by reclaiming spares).
-  absl::StatusOr<ArenaExtent> PrepareRank(uint64_t session, uint64_t bytes);
+  // `spares`: the rank's spares of that size wanted (Arena::PrepareWindow),
+  // at most windows_ahead_of_first_step(); an existing one answers when it
+  // has that many.
+  absl::StatusOr<ArenaExtent> PrepareRank(uint64_t session, uint64_t bytes, int spares = 1);
+  // The windows a rank's first steps take before the first of them is
+  // retired and its window comes back as a spare (retain + 1): what a
+  // trainer that prepares ahead (Client::Prepare) gets made for it.
+  int windows_ahead_of_first_step() const { return static_cast<int>(options_.retain) + 1; }
   // Copies `pieces`, one after the other, into the open window from
   // `offset` on (the path for clients that cannot map the arena).
   absl::Status Write(uint64_t session, uint64_t step, uint64_t offset,

@@ -156,9 +156,9 @@ def snapshot(client, step, model, optimizer=None, extra=None):
 
 def prepare(client, model, optimizer=None, extra=None):
     """Optional, once, before the first snapshot (after the optimizer has
-    made its state, i.e. after a first step): has the daemon make a window of
-    the size a snapshot of this state needs and maps it in the background, so
-    that the first snapshot costs what later ones do."""
+    made its state, i.e. after a first step): has the daemon make the windows
+    of the first snapshots, of the size this state needs, and maps each in the
+    background, so that the first snapshots cost what later ones do."""
     client.prepare(_batch(model, optimizer, extra, sizes_only=True).tensors)
 
 
