@@ -97,6 +97,10 @@ class SendLedger {
   bool failed() const { return !first_error_.ok(); }
   // The first completion error, or OK.
   const absl::Status& status() const { return first_error_; }
+  // True when request `wr_id` (ids are posted in increasing order) is no
+  // longer outstanding: it completed, or was never posted. The memory a
+  // write reads may be reused only then (a retransmission reads it again).
+  bool Retired(uint64_t wr_id) const { return posted_.empty() || posted_.front().wr_id > wr_id; }
 
   // Records a posted request. FAILED_PRECONDITION when there is no room.
   absl::Status Posted(uint64_t wr_id, bool signaled);

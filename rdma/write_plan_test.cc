@@ -122,15 +122,23 @@ TEST(SendLedgerTest, ASignalledCompletionRetiresEverythingPostedBeforeIt) {
   ASSERT_TRUE(ledger.Posted(4, false).ok());
   EXPECT_EQ(ledger.room(), 0);
   EXPECT_EQ(ledger.Posted(5, true).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_FALSE(ledger.Retired(1));
+  EXPECT_FALSE(ledger.Retired(3));
   ASSERT_TRUE(ledger.Complete(3, IBV_WC_SUCCESS).ok());
   EXPECT_EQ(ledger.outstanding(), 1);
   EXPECT_EQ(ledger.room(), 3);
+  // Retired with it: the memory of requests 1-3 may be written again; 4's
+  // may not.
+  EXPECT_TRUE(ledger.Retired(1));
+  EXPECT_TRUE(ledger.Retired(3));
+  EXPECT_FALSE(ledger.Retired(4));
   // Completions the ledger cannot explain are errors, not silently absorbed.
   EXPECT_EQ(ledger.Complete(3, IBV_WC_SUCCESS).code(), absl::StatusCode::kInternal);
   EXPECT_EQ(ledger.Complete(4, IBV_WC_SUCCESS).code(), absl::StatusCode::kInternal);
   ASSERT_TRUE(ledger.Posted(6, true).ok());
   ASSERT_TRUE(ledger.Complete(6, IBV_WC_SUCCESS).ok());
   EXPECT_EQ(ledger.outstanding(), 0);
+  EXPECT_TRUE(ledger.Retired(6));
   EXPECT_TRUE(ledger.status().ok());
 }
 
