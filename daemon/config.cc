@@ -91,6 +91,11 @@ absl::Status ValidateConfig(const config::Config& config, uint32_t slot) {
           n, n));
     }
   }
+  if (config.daemon().rdma_gid_index() > 255) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "daemon.rdma_gid_index is %d; a port's GID table index is from 0 to 255",
+        config.daemon().rdma_gid_index()));
+  }
   if (config.daemon().retain() > 64) {
     return absl::InvalidArgumentError("daemon.retain must be at most 64");
   }

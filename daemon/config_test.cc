@@ -65,5 +65,20 @@ TEST(TrainerKeepaliveTest, DefaultsToThirtySecondsAndRefusesWhatNoPingCanKeep) {
   }
 }
 
+TEST(BulkRdmaConfigTest, TheTransportParsesAndAGidIndexPastTheTableIsRefused) {
+  auto config = ParseConfig(
+      "cluster { bulk_transport: BULK_RDMA }\n"
+      "daemon { rdma_device: \"mlx5_0\" rdma_gid_index: 3 }\n",
+      "test");
+  ASSERT_TRUE(config.ok()) << config.status();
+  ApplyDefaults(&*config);
+  EXPECT_EQ(config->cluster().bulk_transport(), config::Cluster::BULK_RDMA);
+  EXPECT_TRUE(ValidateConfig(*config, 0).ok());
+  config->mutable_daemon()->set_rdma_gid_index(256);
+  const absl::Status st = ValidateConfig(*config, 0);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("daemon.rdma_gid_index is 256"), std::string::npos) << st;
+}
+
 }  // namespace
 }  // namespace ecsnap::daemon

@@ -304,8 +304,28 @@ absl::Status Daemon::StartPeerPlane(uint32_t slot) {
   po.retain = config_.daemon().retain();
   // A bulk port needs a host to listen on: a unix: peer address (loopback
   // tests) keeps chunk bytes in the gRPC streams; TCP peers fall back to them.
-  po.tcp_bulk = cc.bulk_transport() == config::Cluster::BULK_TCP &&
+  po.tcp_bulk = (cc.bulk_transport() == config::Cluster::BULK_TCP ||
+                 cc.bulk_transport() == config::Cluster::BULK_RDMA) &&
                 !absl::StartsWith(group->addresses[group->self], "unix:");
+  if (po.tcp_bulk && cc.bulk_transport() == config::Cluster::BULK_RDMA) {
+    RdmaFabricOptions fo;
+    fo.device.name = config_.daemon().rdma_device();
+    fo.device.gid_index = static_cast<uint8_t>(config_.daemon().rdma_gid_index());
+    // A push to each other position and a read of k survivors per stripe
+    // being rebuilt, each side, with room to spare.
+    fo.transfers = static_cast<uint32_t>(std::max(32, 4 * layout->n()));
+    auto fabric = RdmaFabric::Open(fo);
+    if (fabric.ok()) {
+      rdma_fabric_ = *std::move(fabric);
+      po.rdma = rdma_fabric_.get();
+      Log("bulk transport: RDMA on %s (%d transfers x %d slots of %s staged), TCP to peers "
+          "without a device",
+          rdma_fabric_->device_name(), fo.transfers, fo.slots, FormatBytes(fo.slot_bytes));
+    } else {
+      Log("bulk transport: cluster.bulk_transport BULK_RDMA, but %s; chunks travel over TCP",
+          fabric.status().message());
+    }
+  }
   const TlsMaterial* tls = this->tls();
   po.credentials = PeerChannelCredentials(tls);
   if (tls != nullptr) {
@@ -346,6 +366,7 @@ absl::Status Daemon::StartPeerPlane(uint32_t slot) {
   peer_service_ = std::make_unique<PeerService>(store_.get(), parity_.get(), protector_.get(),
                                                 chunk_intake_.get(), bulk_server_.get(),
                                                 /*authenticated=*/tls != nullptr);
+  if (rdma_fabric_ != nullptr) peer_service_->UseRdma(rdma_fabric_.get());
   grpc::ServerBuilder builder;
   Configure(builder);
   builder.AddListeningPort(listen, PeerServerCredentials(tls));

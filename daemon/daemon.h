@@ -90,6 +90,9 @@ class Daemon {
   // The peer plane, with m > 0 only.
   std::unique_ptr<ec::Codec> codec_;
   std::unique_ptr<ParityStore> parity_;
+  // The RDMA device and staging (BULK_RDMA on a host with a device);
+  // outlives the protector and the peer service, which move bytes through it.
+  std::unique_ptr<RdmaFabric> rdma_fabric_;
   std::unique_ptr<Protector> protector_;
   // Runs the rebuild's survivor fetches (k per slice): a fixed set of threads
   // instead of one started per fetch. Outlives the rebuilder.

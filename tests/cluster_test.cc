@@ -24,6 +24,7 @@
 #include "absl/time/time.h"
 #include "client/ecsnap.h"
 #include "gtest/gtest.h"
+#include "rdma/verbs.h"
 #include "tests/cluster_fixture.h"
 #include "tests/harness.h"
 
@@ -150,6 +151,26 @@ TEST_F(ClusterTest, ACorruptStoredChunkIsCaughtAndRebuiltAround) {
   EXPECT_EQ(RestoreAndCheck(0), 1u);
   EXPECT_NE(cluster_->daemon(0).Log().find("fails its crc32c; treated as lost"), std::string::npos)
       << cluster_->daemon(0).Log();
+}
+
+// cluster.bulk_transport BULK_RDMA on hosts without an RDMA device (these):
+// each daemon says at start that it has none, and the group protects and
+// rebuilds over TCP as BULK_TCP would, byte for byte.
+TEST_F(ClusterTest, BulkRdmaWithoutADeviceSaysSoAndMovesChunksOverTcp) {
+  if (!rdma::DeviceNames().empty()) GTEST_SKIP() << "this host has an RDMA device";
+  StartCluster(2, 1, "  bulk_transport: BULK_RDMA\n");
+  Snapshot(1);
+  ASSERT_TRUE(WaitProtected(1)) << cluster_->daemon(0).Log();
+  for (int s = 0; s < cluster_->n(); ++s) {
+    EXPECT_NE(cluster_->daemon(s).Log().find("BULK_RDMA, but"), std::string::npos)
+        << cluster_->daemon(s).Log();
+  }
+  ASSERT_NO_FATAL_FAILURE(ReplaceNode(1));
+  EXPECT_EQ(RestoreAndCheck(1), 1u);
+  EXPECT_NE(cluster_->daemon(1).Log().find("every checksum verified"), std::string::npos)
+      << cluster_->daemon(1).Log();
+  Snapshot(2);
+  EXPECT_TRUE(WaitProtected(2)) << cluster_->daemon(1).Log();
 }
 
 TEST_F(ClusterTest, ARestartedDaemonReadoptsItsStepAndRegainsProtection) {

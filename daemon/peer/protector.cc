@@ -89,8 +89,13 @@ Protector::Protector(StepStore* store, ParityStore* parity, Group group, const e
   std::vector<peer::Peer::Stub*> stubs;
   for (const auto& stub : stubs_) stubs.push_back(stub.get());
   if (options.tcp_bulk) {
-    transport_ = std::make_unique<TcpTransport>(std::move(stubs), group_.addresses, group_.slots,
-                                                &watchdog_);
+    auto tcp = std::make_unique<TcpTransport>(std::move(stubs), group_.addresses, group_.slots,
+                                              &watchdog_);
+    if (options.rdma != nullptr) {
+      rdma_ = std::make_unique<RdmaCarrier>(options.rdma, &watchdog_);
+      tcp->UseRdma(rdma_.get());
+    }
+    transport_ = std::move(tcp);
   } else {
     transport_ = std::make_unique<GrpcTransport>(std::move(stubs), group_.slots, &watchdog_);
   }

@@ -48,6 +48,7 @@
 #include "daemon/peer/group.h"
 #include "daemon/peer/parity_store.h"
 #include "daemon/peer/payload_chunks.h"
+#include "daemon/peer/rdma_transport.h"
 #include "daemon/peer/transport.h"
 #include "daemon/store/step_store.h"
 #include "ec/codec.h"
@@ -89,6 +90,9 @@ class Protector : public RetentionGate {
     // How chunk bytes travel: over TCP bulk connections (true), or inside
     // the gRPC streams (false; encrypted under mutual TLS).
     bool tcp_bulk = true;
+    // With tcp_bulk: over RDMA through this fabric to every holder that has
+    // a device too (BULK_RDMA); it outlives the protector. Default: none.
+    RdmaFabric* rdma = nullptr;
   };
 
   // The stores must outlive the protector.
@@ -211,6 +215,7 @@ class Protector : public RetentionGate {
   const Options options_;
   std::vector<std::unique_ptr<peer::Peer::Stub>> stubs_;
   CallWatchdog watchdog_;
+  std::unique_ptr<RdmaCarrier> rdma_;  // before transport_, which uses it
   std::unique_ptr<PeerTransport> transport_;
 
   mutable absl::Mutex mu_;

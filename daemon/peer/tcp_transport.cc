@@ -325,27 +325,43 @@ void BulkServer::Serve(int fd) {
     return;
   }
   const std::string token(reinterpret_cast<const char*>(hello) + sizeof(kMagic), kTokenBytes);
-  Ticket ticket;
-  {
-    absl::MutexLock lock(&mu_);
-    auto it = tickets_.find(token);
-    if (it == tickets_.end() || it->second.expires <= absl::Now()) {
-      static std::atomic<int64_t> last_log{0};
-      const int64_t now = absl::ToUnixSeconds(absl::Now());
-      if (last_log.exchange(now) != now) {
-        Log("bulk transport: a connection presented an unknown, used or expired token; closed");
-      }
-      return;
-    }
-    ticket = std::move(it->second);
-    tickets_.erase(it);
-    if (!ticket.key.empty()) keys_.erase(ticket.key);
-  }
-  if (ticket.sink != nullptr) {
-    ServePush(fd, ticket, watch.get());
+  std::optional<Ticket> ticket = Take(token);
+  if (!ticket.has_value()) return;
+  if (ticket->sink != nullptr) {
+    ServePush(fd, *ticket, watch.get());
   } else {
-    ServeRead(fd, ticket, watch.get());
+    ServeRead(fd, *ticket, watch.get());
   }
+}
+
+std::optional<BulkServer::Ticket> BulkServer::Take(const std::string& token) {
+  absl::MutexLock lock(&mu_);
+  auto it = tickets_.find(token);
+  if (it == tickets_.end() || it->second.expires <= absl::Now()) {
+    static std::atomic<int64_t> last_log{0};
+    const int64_t now = absl::ToUnixSeconds(absl::Now());
+    if (last_log.exchange(now) != now) {
+      Log("bulk transport: a transfer presented an unknown, used or expired token; refused");
+    }
+    return std::nullopt;
+  }
+  Ticket ticket = std::move(it->second);
+  tickets_.erase(it);
+  if (!ticket.key.empty()) keys_.erase(ticket.key);
+  return ticket;
+}
+
+absl::StatusOr<BulkServer::Claimed> BulkServer::Claim(const std::string& token) {
+  std::optional<Ticket> ticket = Take(token);
+  if (!ticket.has_value()) {
+    return absl::NotFoundError("the bulk token is unknown, used or expired; open the transfer again");
+  }
+  Claimed c;
+  c.length = ticket->length;
+  c.sink = std::move(ticket->sink);
+  c.chunk = std::move(ticket->chunk);
+  c.offset = ticket->offset;
+  return c;
 }
 
 void BulkServer::ServePush(int fd, Ticket& ticket, CallWatchdog::Watch* watch) {
@@ -410,7 +426,10 @@ TcpTransport::TcpTransport(std::vector<peer::Peer::Stub*> stubs,
       hosts_(HostsOf(addresses)),
       slots_(slots),
       watchdog_(watchdog),
-      fallback_(std::move(stubs), std::move(slots), watchdog) {}
+      fallback_(std::move(stubs), std::move(slots), watchdog),
+      tcp_only_(new std::atomic<bool>[stubs_.size()]) {
+  for (size_t i = 0; i < stubs_.size(); ++i) tcp_only_[i] = false;
+}
 
 absl::StatusOr<int> TcpTransport::Dial(int holder, const peer::BulkTicket& ticket) {
   if (ticket.token().size() != kTokenBytes || ticket.port() == 0 || ticket.port() > 65535) {
@@ -491,6 +510,15 @@ absl::StatusOr<bool> TcpTransport::Push(int holder, const peer::PushChunkHeader&
     if (!st.ok()) return TransferError(st, watch->cancelled(), watchdog_->stall(), what);
   }
   if (ticket.folded()) return false;
+  if (rdma_ != nullptr && !tcp_only_[holder].load()) {
+    absl::StatusOr<bool> sent = rdma_->Push(stubs_[holder], ticket, header.length(), bytes, what);
+    if (sent.status().code() != absl::StatusCode::kUnimplemented) return sent;
+    // The holder has no device; its ticket is untouched and goes to TCP.
+    if (!tcp_only_[holder].exchange(true)) {
+      Log("slot %d takes no RDMA (%s): chunks go to it over TCP", slots_[holder],
+          sent.status().message());
+    }
+  }
   auto fd = Dial(holder, ticket);
   if (!fd.ok()) return TransferError(fd.status(), false, watchdog_->stall(), what);
   auto watch = watchdog_->Start([fd = *fd] { ::shutdown(fd, SHUT_RDWR); });
@@ -581,6 +609,15 @@ absl::StatusOr<std::unique_ptr<ChunkReader>> TcpTransport::OpenRead(
   }
   const uint64_t want =
       GetChunkRange(ticket.header().length(), request.offset(), request.length()).second;
+  if (rdma_ != nullptr && !tcp_only_[holder].load()) {
+    absl::StatusOr<std::unique_ptr<ChunkReader>> reader =
+        rdma_->OpenRead(stubs_[holder], ticket, want, what);
+    if (reader.status().code() != absl::StatusCode::kUnimplemented) return reader;
+    if (!tcp_only_[holder].exchange(true)) {
+      Log("slot %d takes no RDMA (%s): chunks are read from it over TCP", slots_[holder],
+          reader.status().message());
+    }
+  }
   auto fd = Dial(holder, ticket);
   if (!fd.ok()) return TransferError(fd.status(), false, watchdog_->stall(), what);
   return std::unique_ptr<ChunkReader>(

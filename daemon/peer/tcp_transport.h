@@ -24,8 +24,10 @@
 #ifndef ECSNAP_DAEMON_PEER_TCP_TRANSPORT_H_
 #define ECSNAP_DAEMON_PEER_TCP_TRANSPORT_H_
 
+#include <atomic>
 #include <deque>
 #include <map>
+#include <optional>
 #include <memory>
 #include <set>
 #include <string>
@@ -39,6 +41,7 @@
 #include "common/address.h"
 #include "daemon/peer/call_watchdog.h"
 #include "daemon/peer/grpc_transport.h"
+#include "daemon/peer/rdma_transport.h"
 #include "daemon/peer/transport.h"
 #include "proto/peer.grpc.pb.h"
 
@@ -84,6 +87,18 @@ class BulkServer {
   // A ticket for a read of [offset, offset + length) of `chunk`.
   absl::StatusOr<std::string> IssueRead(PinnedChunk chunk, uint64_t offset, uint64_t length);
 
+  // What a ticket admits, for a carrier other than the bulk port (the RDMA
+  // transport presents the token on the control channel instead).
+  struct Claimed {
+    uint64_t length = 0;
+    std::unique_ptr<ChunkSink> sink;  // a push
+    PinnedChunk chunk;                // a read
+    uint64_t offset = 0;
+  };
+  // Takes the ticket `token` names, once, as a connection presenting it
+  // would. NOT_FOUND for an unknown, used or expired token.
+  absl::StatusOr<Claimed> Claim(const std::string& token);
+
   // Closes the port, cuts every connection, drops every ticket; joins.
   void Stop();
 
@@ -101,6 +116,8 @@ class BulkServer {
 
   BulkServer(Options options, CallWatchdog* watchdog, int listen_fd, uint32_t port);
   absl::StatusOr<std::string> Issue(Ticket ticket);
+  // Takes the live ticket `token` names out of the books.
+  std::optional<Ticket> Take(const std::string& token);
   void AcceptLoop();
   void WorkLoop();
   void Serve(int fd);
@@ -133,7 +150,13 @@ class TcpTransport final : public PeerTransport {
   TcpTransport(std::vector<peer::Peer::Stub*> stubs, std::vector<std::string> addresses,
                std::vector<uint32_t> slots, CallWatchdog* watchdog);
 
-  const char* name() const override { return "tcp"; }
+  // Sends and reads over RDMA through `carrier` (BULK_RDMA) to every holder
+  // that takes it, and over TCP to the others: a holder that answers that
+  // it has no device is sent to over TCP from then on. Set before the first
+  // transfer; the carrier outlives the transport.
+  void UseRdma(RdmaCarrier* carrier) { rdma_ = carrier; }
+
+  const char* name() const override { return rdma_ != nullptr ? "rdma" : "tcp"; }
   absl::StatusOr<bool> Push(int holder, const peer::PushChunkHeader& header,
                             const ChunkBytes& bytes) override;
   absl::StatusOr<std::unique_ptr<ChunkReader>> OpenRead(
@@ -149,6 +172,9 @@ class TcpTransport final : public PeerTransport {
   CallWatchdog* const watchdog_;
   // For a holder that has no bulk port (UNIMPLEMENTED).
   GrpcTransport fallback_;
+  RdmaCarrier* rdma_ = nullptr;
+  // Per group position: the holder answered that it takes no RDMA.
+  std::unique_ptr<std::atomic<bool>[]> tcp_only_;
 };
 
 }  // namespace ecsnap::daemon

@@ -14,8 +14,9 @@
 //   TcpTransport  (tcp_transport.h)   one plain TCP connection per transfer,
 //                                     admitted by a one-time token the holder
 //                                     issues over the gRPC control channel
-//   RDMA (not built yet; its verbs     RC writes into registered slots
-//   building blocks are in rdma/)
+//   RDMA  (rdma_transport.h, inside  RC writes into registered slots the
+//         TcpTransport)              receiving side lends, opened as for TCP;
+//                                    TCP to holders without a device
 //
 // Calls block the calling thread (the protector's pusher of that holder, a
 // rebuild fetch on the daemon's executor) and are cut by the protector's

@@ -214,6 +214,13 @@ grpc::Status PeerService::OpenRead(grpc::ServerContext* context,
   return grpc::Status::OK;
 }
 
+grpc::Status PeerService::RdmaTransfer(
+    grpc::ServerContext* context,
+    grpc::ServerReaderWriter<peer::RdmaMessage, peer::RdmaMessage>* stream) {
+  if (grpc::Status st = Admit(*context, -1); !st.ok()) return st;
+  return ServeRdmaTransfer(rdma_, bulk_, protector_->watchdog(), context, stream);
+}
+
 grpc::Status PeerService::Inventory(grpc::ServerContext* context,
                                     const peer::InventoryRequest* request,
                                     peer::InventoryResponse* response) {

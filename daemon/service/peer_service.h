@@ -10,6 +10,7 @@
 #include "daemon/peer/chunk_intake.h"
 #include "daemon/peer/parity_store.h"
 #include "daemon/peer/protector.h"
+#include "daemon/peer/rdma_transport.h"
 #include "daemon/peer/tcp_transport.h"
 #include "daemon/store/step_store.h"
 #include "proto/peer.grpc.pb.h"
@@ -45,6 +46,16 @@ class PeerService final : public peer::Peer::Service {
                         peer::BulkTicket* response) override;
   grpc::Status OpenRead(grpc::ServerContext* context, const peer::GetChunkRequest* request,
                         peer::BulkTicket* response) override;
+  // The RDMA bulk transport's control half (daemon/peer/rdma_transport.h):
+  // a ticket from OpenPush/OpenRead presented, then its bytes over RDMA.
+  // FAILED_PRECONDITION without a device (UseRdma not called).
+  grpc::Status RdmaTransfer(
+      grpc::ServerContext* context,
+      grpc::ServerReaderWriter<peer::RdmaMessage, peer::RdmaMessage>* stream) override;
+
+  // Serves RdmaTransfer through `fabric` (BULK_RDMA on a host with a
+  // device); set before the service is started. It outlives the service.
+  void UseRdma(RdmaFabric* fabric) { rdma_ = fabric; }
 
  private:
   // OK when the caller may speak for group position `position` (-1: for
@@ -60,6 +71,7 @@ class PeerService final : public peer::Peer::Service {
   Protector* const protector_;
   ChunkIntake* const intake_;
   BulkServer* const bulk_;
+  RdmaFabric* rdma_ = nullptr;
   const bool authenticated_;
   const std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
 };
