@@ -297,6 +297,7 @@ grpc::Status SnapshotService::BeginRank(grpc::ServerContext* context,
   if (!response->window_token().empty()) {
     absl::MutexLock lock(&mu_);
     if (auto it = sessions_.find(request->session_id()); it != sessions_.end()) {
+      it->second.ahead_step = request->step();
       it->second.ahead_bytes = request->bytes();
     }
   }
@@ -323,15 +324,19 @@ grpc::Status SnapshotService::PrepareRank(grpc::ServerContext* context,
 
 void SnapshotService::QueuePrepare(const std::string& wire_id, uint64_t bytes, int spares) {
   absl::MutexLock lock(&mu_);
-  if (closing_ || grants_ == nullptr || prepare_queue_.size() >= kMaxQueuedPrepares) return;
+  if (closing_ || grants_ == nullptr) return;
   for (PrepareWork& queued : prepare_queue_) {
     if (queued.wire_id != wire_id) continue;
     // One entry per session: the latest size, and the most spares asked.
-    if (queued.bytes != bytes) queued.spares = 0;
+    if (queued.bytes != bytes) {
+      queued.spares = 0;
+      queued.made = 0;
+    }
     queued.bytes = bytes;
     queued.spares = std::max(queued.spares, spares);
     return;
   }
+  if (prepare_queue_.size() >= kMaxQueuedPrepares) return;
   prepare_queue_.push_back(PrepareWork{wire_id, bytes, spares});
   if (!preparer_.joinable()) preparer_ = std::thread([this] { PrepareLoop(); });
 }
@@ -339,6 +344,7 @@ void SnapshotService::QueuePrepare(const std::string& wire_id, uint64_t bytes, i
 void SnapshotService::PrepareLoop() {
   while (true) {
     PrepareWork work;
+    WireSession ws;
     {
       absl::MutexLock lock(&mu_);
       auto has_work = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -348,38 +354,43 @@ void SnapshotService::PrepareLoop() {
       if (closing_) return;
       work = std::move(prepare_queue_.front());
       prepare_queue_.pop_front();
-    }
-    // One window at a time, each offered as soon as it is made, so that the
-    // trainer maps and warms the first while the next is made.
-    for (int n = 1; n <= work.spares; ++n) {
-      WireSession ws;
-      {
-        absl::MutexLock lock(&mu_);
-        if (closing_) return;
-        auto it = sessions_.find(work.wire_id);
-        // Only a trainer that can be granted the window gets one made.
-        if (it == sessions_.end() || !it->second.windows || !it->second.uid.has_value()) break;
-        ws = it->second;
-      }
-      // A uid displaced as the job's owner gets no window of it.
-      if (!CheckSessionOwner(ws, ws.session).ok()) break;
-      // Slow (a fresh window is allocated and populated): no lock held.
-      auto ready = store_->PrepareRank(ws.session, work.bytes, n);
-      if (!ready.ok()) break;  // enough windows already, or no room
-      v1::AttachEvent event;
-      uint64_t file = 0;
-      if (!Grant(ws, *ready, /*writable=*/true, event.mutable_ready_token(), &file,
-                 /*spare=*/true)
-               .ok() ||
-          event.ready_token().empty()) {
-        break;
-      }
-      event.set_ready_file(file);
-      absl::MutexLock lock(&mu_);
       auto it = sessions_.find(work.wire_id);
-      if (it != sessions_.end() && live_.count(it->second.reactor) != 0) {
-        it->second.reactor->Push(std::move(event));
+      // Only a trainer that can be granted the window gets one made, and
+      // not while it copies a step in (that step's commit asks again).
+      if (it == sessions_.end() || !it->second.windows || !it->second.uid.has_value() ||
+          it->second.ahead_bytes != 0) {
+        continue;
       }
+      ws = it->second;
+    }
+    // A uid displaced as the job's owner gets no window of it.
+    if (!CheckSessionOwner(ws, ws.session).ok()) continue;
+    // Slow (a fresh window is allocated and populated): no lock held.
+    ++work.made;
+    auto ready = store_->PrepareRank(ws.session, work.bytes, work.made);
+    if (!ready.ok()) continue;  // enough windows already, or no room
+    v1::AttachEvent event;
+    uint64_t file = 0;
+    // A step may take the window before its grant (NOT_FOUND): it is made
+    // all the same, and the next turn goes on.
+    const bool granted = Grant(ws, *ready, /*writable=*/true, event.mutable_ready_token(), &file,
+                               /*spare=*/true)
+                             .ok() &&
+                         !event.ready_token().empty();
+    event.set_ready_file(file);
+    absl::MutexLock lock(&mu_);
+    auto it = sessions_.find(work.wire_id);
+    if (it == sessions_.end()) continue;
+    if (granted && live_.count(it->second.reactor) != 0) it->second.reactor->Push(std::move(event));
+    // The session's next window, after every other session's turn.
+    if (work.made < work.spares && !closing_) {
+      bool queued = false;
+      for (PrepareWork& q : prepare_queue_) {
+        if (q.wire_id != work.wire_id) continue;
+        queued = true;  // asked again meanwhile: that entry has the latest wish
+        if (q.bytes == work.bytes) q.spares = std::max(q.spares, work.spares);
+      }
+      if (!queued) prepare_queue_.push_back(std::move(work));
     }
   }
 }
@@ -480,16 +491,17 @@ grpc::Status SnapshotService::CommitRank(grpc::ServerContext* context,
   if (!session.ok()) return ToGrpc(session.status());
   if (absl::Status st = CheckSessionOwner(ws, *session); !st.ok()) return ToGrpc(st);
   auto state = store_->CommitRank(*session, request->step(), request->manifest());
+  if (!state.ok()) return ToGrpc(state.status());  // the step stays open for a fixed commit
   // The copy is over: now the window of a later step (BeginRank).
   uint64_t ahead_bytes = 0;
   {
     absl::MutexLock lock(&mu_);
-    if (auto it = sessions_.find(request->session_id()); it != sessions_.end()) {
+    auto it = sessions_.find(request->session_id());
+    if (it != sessions_.end() && it->second.ahead_step == request->step()) {
       ahead_bytes = std::exchange(it->second.ahead_bytes, 0);
     }
   }
   if (ahead_bytes > 0) QueuePrepare(request->session_id(), ahead_bytes, /*spares=*/1);
-  if (!state.ok()) return ToGrpc(state.status());
   response->set_step_state(*state);
   return grpc::Status::OK;
 }
@@ -499,6 +511,13 @@ grpc::Status SnapshotService::AbortRank(grpc::ServerContext* context,
                                         v1::AbortRankResponse*) {
   auto session = SessionOf(*context, request->session_id());
   if (!session.ok()) return ToGrpc(session.status());
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = sessions_.find(request->session_id());
+    if (it != sessions_.end() && it->second.ahead_step == request->step()) {
+      it->second.ahead_bytes = 0;  // no copy in progress any more
+    }
+  }
   return ToGrpc(store_->AbortRank(*session, request->step()));
 }
 

@@ -692,6 +692,11 @@ absl::StatusOr<ArenaExtent> Arena::PrepareWindow(uint64_t bytes, const std::stri
       if (!a_spare.has_value()) a_spare = offset;
     }
   }
+  // Windows of the owner still being made (a step's, or one ahead) count
+  // toward its bound too, or two makers at once would pass it.
+  for (const auto& [offset, m] : making_) {
+    if (m.first == want && m.second == owner) ++held;
+  }
   // Enough spares, or as many windows as the owner may hold: a spare, if
   // there is one, is the answer.
   if (a_spare.has_value() && (intact_spares >= spares || held >= max_windows)) {
@@ -714,8 +719,8 @@ absl::StatusOr<ArenaExtent> Arena::AllocateWindow(uint64_t bytes, const std::str
   {
     absl::MutexLock lock(&mu_);
     // The owner's spares: first one it has used before (its trainer holds
-    // it mapped and warm), else one made ahead; one being made ahead is
-    // waited for rather than made twice.
+    // it mapped and warm), else one made ahead; only when it has none is one
+    // being made ahead waited for rather than made twice.
     auto take = [&](bool used_only) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) -> std::optional<uint64_t> {
       for (auto it = windows_.begin(); it != windows_.end(); ++it) {
         Window& w = it->second;
@@ -735,6 +740,7 @@ absl::StatusOr<ArenaExtent> Arena::AllocateWindow(uint64_t bytes, const std::str
       return std::nullopt;
     };
     if (auto at = take(/*used_only=*/true)) return ArenaExtent{*at, want};
+    if (auto at = take(/*used_only=*/false)) return ArenaExtent{*at, want};
     auto none_making = [this, &owner, want]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
       for (const auto& [off, m] : making_) {
         if (m.first == want && m.second == owner) return false;

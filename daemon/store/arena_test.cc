@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -21,6 +22,8 @@
 #include <thread>
 #include <vector>
 
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
 #include "common/sigbus_guard.h"
 #include "gtest/gtest.h"
 
@@ -480,12 +483,6 @@ TEST_F(ArenaTest, AFreedWindowGoesBackToItsOwnerOnly) {
   EXPECT_CONSISTENT(arena);
 }
 
-// When memory runs out, spares go back to the arena file: their files are
-// removed, and their ranges serve private extents and other owners.
-// Window files are bounded in number as well as in bytes (each holds a
-// descriptor and a mapping): at the bound a spare is reclaimed for the new
-// window; with no spare left the window is refused with the bound named, and
-// nothing else changes.
 // Windows made ahead of a rank's first steps, one call each: a call that
 // asks for n spares makes one while the owner has fewer, answers with an
 // existing spare once it has n, and never passes the owner's bound.
@@ -519,6 +516,67 @@ TEST_F(ArenaTest, PreparingAheadMakesTheSparesAskedForAndNoMore) {
   EXPECT_CONSISTENT(arena);
 }
 
+// A step takes a spare made ahead at once, even while another is being made
+// for the same owner: it waits for one being made only when it has none.
+TEST_F(ArenaTest, AStepTakesAReadySpareWithoutWaitingForOneBeingMade) {
+  absl::Notification release;
+  std::atomic<int> making{0};
+  Arena::Options o = Opts();
+  o.before_window_made = [&](const std::string&) {
+    if (++making == 2) release.WaitForNotificationWithTimeout(absl::Seconds(20));
+  };
+  auto arena = *Arena::Open(o);
+  auto ready = arena->PrepareWindow(64 * 1024, Owner(0), 3, /*spares=*/1);
+  ASSERT_TRUE(ready.ok()) << ready.status();
+  std::thread second([&] { arena->PrepareWindow(64 * 1024, Owner(0), 3, /*spares=*/2).IgnoreError(); });
+  for (int i = 0; i < 2000 && making.load() < 2; ++i) absl::SleepFor(absl::Milliseconds(5));
+  ASSERT_EQ(making.load(), 2);
+  const absl::Time t0 = absl::Now();
+  auto step = arena->AllocateWindow(64 * 1024, Owner(0));
+  const absl::Duration waited = absl::Now() - t0;
+  release.Notify();
+  second.join();
+  ASSERT_TRUE(step.ok()) << step.status();
+  EXPECT_EQ(step->offset, ready->offset);
+  EXPECT_LT(waited, absl::Seconds(10)) << "the step waited for the window being made";
+  EXPECT_EQ(arena->window_files(), 2u);
+  EXPECT_CONSISTENT(arena);
+}
+
+// Windows still being made count toward the owner's bound: a window made
+// ahead while the owner's step makes its own cannot take it past the bound.
+TEST_F(ArenaTest, WindowsBeingMadeCountTowardTheOwnersBound) {
+  absl::Notification release, entered;
+  std::atomic<int> calls{0};
+  Arena::Options o = Opts();
+  o.before_window_made = [&](const std::string&) {
+    if (++calls == 2) {  // the second window the owner makes is held here
+      entered.Notify();
+      release.WaitForNotificationWithTimeout(absl::Seconds(20));
+    }
+  };
+  auto arena = *Arena::Open(o);
+  ASSERT_TRUE(arena->AllocateWindow(64 * 1024, Owner(0)).ok());
+  std::thread step([&] { EXPECT_TRUE(arena->AllocateWindow(64 * 1024, Owner(0)).ok()); });
+  ASSERT_TRUE(entered.WaitForNotificationWithTimeout(absl::Seconds(20)));
+  // The owner holds one window and is making a second: with a bound of 2,
+  // no window is made ahead.
+  EXPECT_EQ(arena->PrepareWindow(64 * 1024, Owner(0), /*max_windows=*/2, /*spares=*/1)
+                .status()
+                .code(),
+            absl::StatusCode::kFailedPrecondition);
+  release.Notify();
+  step.join();
+  EXPECT_EQ(arena->window_files(), 2u);
+  EXPECT_CONSISTENT(arena);
+}
+
+// When memory runs out, spares go back to the arena file: their files are
+// removed, and their ranges serve private extents and other owners.
+// Window files are bounded in number as well as in bytes (each holds a
+// descriptor and a mapping): at the bound a spare is reclaimed for the new
+// window; with no spare left the window is refused with the bound named, and
+// nothing else changes.
 TEST_F(ArenaTest, WindowFilesAreBoundedInNumber) {
   Arena::Options o = Opts();
   o.max_window_files = 3;
