@@ -1,5 +1,7 @@
 #include "rdma/verbs.h"
 
+#include <algorithm>
+
 #include <cerrno>
 #include <cstring>
 #include <limits>
@@ -72,6 +74,13 @@ absl::StatusOr<std::unique_ptr<Device>> Device::Open(const DeviceOptions& option
             "RDMA device %s port %d has no GID at index %d (%s); set the GID index of the "
             "fabric's RoCE v2 address",
             name, options.port, options.gid_index, Errno(errno)));
+      }
+      static const ibv_gid kZero{};
+      if (std::memcmp(device->gid_.raw, kZero.raw, sizeof(kZero.raw)) == 0) {
+        return absl::UnavailableError(absl::StrFormat(
+            "RDMA device %s port %d: the GID at index %d is empty; set the GID index of the "
+            "fabric's RoCE v2 address",
+            name, options.port, options.gid_index));
       }
     }
     return device;
@@ -250,8 +259,8 @@ absl::Status QueuePair::PostReceives(int count) {
 }
 
 absl::StatusOr<int> QueuePair::PollSend(SendLedger* ledger, int max) {
-  std::vector<ibv_wc> wc(std::max(1, max));
-  const int n = ::ibv_poll_cq(send_cq_, static_cast<int>(wc.size()), wc.data());
+  ibv_wc wc[kMaxPoll];  // polled often: no allocation per poll
+  const int n = ::ibv_poll_cq(send_cq_, std::clamp(max, 1, kMaxPoll), wc);
   if (n < 0) return absl::UnavailableError(absl::StrFormat("RDMA QP %u: ibv_poll_cq failed", qp_->qp_num));
   // Every completion polled is accounted for, even after an error in one.
   absl::Status first;
@@ -265,8 +274,8 @@ absl::StatusOr<int> QueuePair::PollSend(SendLedger* ledger, int max) {
 
 absl::StatusOr<int> QueuePair::PollReceive(
     const std::function<absl::Status(uint32_t imm, uint32_t bytes)>& landed, int max) {
-  std::vector<ibv_wc> wc(std::max(1, max));
-  const int n = ::ibv_poll_cq(recv_cq_, static_cast<int>(wc.size()), wc.data());
+  ibv_wc wc[kMaxPoll];
+  const int n = ::ibv_poll_cq(recv_cq_, std::clamp(max, 1, kMaxPoll), wc);
   if (n < 0) return absl::UnavailableError(absl::StrFormat("RDMA QP %u: ibv_poll_cq failed", qp_->qp_num));
   // The first error is returned; the completions after it are consumed
   // (they cannot be polled again), and the connection is to be dropped.

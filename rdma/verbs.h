@@ -149,8 +149,11 @@ class QueuePair {
   // Posts `count` zero-length receives (a write with immediate consumes one).
   absl::Status PostReceives(int count);
 
-  // Drains up to `max` send completions into `ledger`; the ledger's status
-  // carries a completion error.
+  // Completions drained per poll at most.
+  static constexpr int kMaxPoll = 32;
+
+  // Drains up to `max` (at most kMaxPoll) send completions into `ledger`;
+  // the ledger's status carries a completion error.
   absl::StatusOr<int> PollSend(SendLedger* ledger, int max = 32);
   // Drains up to `max` receive completions, calling `landed(imm, bytes)` for
   // each write with immediate (`bytes` counts that last write only, not the

@@ -74,9 +74,10 @@ TEST_F(LoopbackTest, WritesLandByteForByteAndTheImmediateSaysWhen) {
   absl::StatusOr<Endpoint> a_seen = Decode(Encode((*a)->endpoint()));
   absl::StatusOr<Endpoint> b_seen = Decode(Encode((*b)->endpoint()));
   ASSERT_TRUE(a_seen.ok() && b_seen.ok());
-  ASSERT_TRUE((*b)->PostReceives(1).ok());
+  // A QP takes receives from INIT on: connected first, then the receive.
   ASSERT_TRUE((*a)->Connect(*b_seen).ok());
   ASSERT_TRUE((*b)->Connect(*a_seen).ok());
+  ASSERT_TRUE((*b)->PostReceives(1).ok());
 
   // Three pieces of the source, out of order, to offset 4096 of the target.
   std::vector<LocalRange> pieces = {*(*src_mr)->Local(2 << 20, 1 << 20),

@@ -23,12 +23,15 @@ namespace {
 
 using rdma::QueuePair;
 
-// Polls `step` until it reports done, fails, or the transfer's watch is
-// cancelled (no progress for the peer timeout, or the daemon stopping).
-// Spins first (a slot lands in microseconds on a live link), then sleeps
-// 50 us between polls.
+// True once the other side has ended the transfer's control stream.
+using Gone = std::function<bool()>;
+
+// Polls `step` until it reports done, fails, the other side is `gone`, or
+// the transfer's watch is cancelled (no progress for the peer timeout, or
+// the daemon stopping). Spins first (a slot lands in microseconds on a live
+// link), then sleeps 50 us between polls.
 template <typename Step>
-absl::Status PollUntil(CallWatchdog::Watch* watch, Step&& step) {
+absl::Status PollUntil(CallWatchdog::Watch* watch, const Gone& gone, Step&& step) {
   for (int polls = 0;; ++polls) {
     absl::StatusOr<bool> done = step();
     if (!done.ok()) return done.status();
@@ -37,20 +40,25 @@ absl::Status PollUntil(CallWatchdog::Watch* watch, Step&& step) {
       return absl::UnavailableError(
           "the RDMA transfer made no progress for the peer timeout, or the daemon is stopping");
     }
+    if (gone()) return absl::UnavailableError("the other side ended the RDMA transfer");
     if (polls > 2000) absl::SleepFor(absl::Microseconds(50));
   }
 }
 
-// The sending side of a transfer: bytes are gathered into the local bounce
-// slot with the number of the receiver's slot they go to, and each full slot
-// is written with its sequence number as the last write's immediate.
-// Credits arrive on another thread (Credit); everything else is the sending
-// thread's.
+// For the sender's waits: its End() flag is checked by the step itself.
+bool NeverGone() { return false; }
+
+// The sending side of a transfer: bytes are gathered into a local bounce
+// slot (taken in turn, of the receiver's slot size), and each full slot is
+// written to the receiver's next slot (SlotRing, in the order the receiver's
+// ReceiveOrder expects) with its sequence number as the last write's
+// immediate. Credits and the end of the stream arrive on another thread
+// (Credit, End); everything else is the sending thread's.
 class SlotSender {
  public:
-  // `remote` was checked (CheckLentSlots) and fits the bounce memory
-  // (UsableSlots > 0).
-  SlotSender(QueuePair* qp, RdmaFabric::Staging* bounce, uint32_t slots,
+  // `remote` was checked (CheckLentSlots); `bounce_slots` of its slot size
+  // fit the bounce memory (BounceSlots > 0).
+  SlotSender(QueuePair* qp, RdmaFabric::Staging* bounce, uint32_t bounce_slots,
              const peer::RdmaSlots& remote, const rdma::WriteLimits& limits,
              CallWatchdog::Watch* watch)
       : qp_(qp),
@@ -58,13 +66,15 @@ class SlotSender {
         remote_(remote),
         limits_(limits),
         watch_(watch),
-        slots_(slots),
-        ring_(slots_),
+        bounce_slots_(bounce_slots),
+        ring_(remote.count()),
         ledger_(limits.max_outstanding),
-        last_wr_(slots_, 0) {}
+        last_wr_(bounce_slots, 0) {}
 
   // Every sequence number below `next` was consumed (the receiver's credit).
   void Credit(uint32_t next) { credited_.store(next, std::memory_order_release); }
+  // The receiver ended the transfer (its stream closed): no more credits.
+  void End() { ended_.store(true, std::memory_order_release); }
 
   absl::Status Add(absl::Span<const uint8_t> data) {
     while (!data.empty()) {
@@ -72,7 +82,7 @@ class SlotSender {
         if (absl::Status st = Acquire(); !st.ok()) return st;
       }
       const uint64_t n = std::min<uint64_t>(data.size(), remote_.slot_bytes() - filled_);
-      std::memcpy(bounce_->region().data() + uint64_t{open_->slot} * remote_.slot_bytes() +
+      std::memcpy(bounce_->region().data() + uint64_t{open_bounce_} * remote_.slot_bytes() +
                       filled_,
                   data.data(), n);
       filled_ += n;
@@ -90,17 +100,23 @@ class SlotSender {
     if (open_.has_value() && filled_ > 0) {
       if (absl::Status st = WriteOpenSlot(); !st.ok()) return st;
     }
-    return PollUntil(watch_, [&]() -> absl::StatusOr<bool> {
+    return PollUntil(watch_, NeverGone, [&]() -> absl::StatusOr<bool> {
       if (absl::StatusOr<int> n = qp_->PollSend(&ledger_); !n.ok()) return n.status();
       return ledger_.outstanding() == 0;
     });
   }
 
+  static absl::Status EndedEarly() {
+    return absl::AbortedError("the receiving side ended the RDMA transfer before its last byte");
+  }
+
  private:
-  // Waits for a slot the receiver has handed back, whose last write has also
-  // completed here (its bounce memory may be written again).
+  // Waits for a slot the receiver has handed back, and for the last write
+  // from the next bounce slot to have completed here (a retransmission would
+  // read its memory again).
   absl::Status Acquire() {
-    absl::Status st = PollUntil(watch_, [&]() -> absl::StatusOr<bool> {
+    absl::Status st = PollUntil(watch_, NeverGone, [&]() -> absl::StatusOr<bool> {
+      if (ended_.load(std::memory_order_acquire)) return EndedEarly();
       const uint32_t next = credited_.load(std::memory_order_acquire);
       if (next != released_) {
         if (absl::Status s = ring_.Release(next); !s.ok()) return s;  // a confused receiver
@@ -113,20 +129,23 @@ class SlotSender {
         if (!ring_.Acquire(&lease)) return false;
         pending_ = lease;
       }
-      return ledger_.Retired(last_wr_[pending_->slot]);
+      return ledger_.Retired(last_wr_[next_bounce_]);
     });
     if (!st.ok()) return st;
     open_ = pending_;
     pending_.reset();
+    open_bounce_ = next_bounce_;
+    next_bounce_ = next_bounce_ + 1 == bounce_slots_ ? 0 : next_bounce_ + 1;
     filled_ = 0;
     return absl::OkStatus();
   }
 
   absl::Status WriteOpenSlot() {
     absl::StatusOr<rdma::LocalRange> local =
-        bounce_->region().Local(uint64_t{open_->slot} * remote_.slot_bytes(), filled_);
+        bounce_->region().Local(uint64_t{open_bounce_} * remote_.slot_bytes(), filled_);
     if (!local.ok()) return local.status();
-    const rdma::RemoteWindow window{remote_.addr(), uint64_t{slots_} * remote_.slot_bytes(),
+    const rdma::RemoteWindow window{remote_.addr(),
+                                    uint64_t{remote_.count()} * remote_.slot_bytes(),
                                     remote_.rkey()};
     const uint32_t imm = open_->seq;
     absl::StatusOr<std::vector<rdma::WriteRequest>> plan =
@@ -134,9 +153,10 @@ class SlotSender {
                          uint64_t{open_->slot} * remote_.slot_bytes(), limits_, next_wr_, &imm);
     if (!plan.ok()) return plan.status();
     next_wr_ += plan->size();
-    last_wr_[open_->slot] = plan->back().wr_id;
+    last_wr_[open_bounce_] = plan->back().wr_id;
     absl::Span<const rdma::WriteRequest> rest(*plan);
-    absl::Status st = PollUntil(watch_, [&]() -> absl::StatusOr<bool> {
+    absl::Status st = PollUntil(watch_, NeverGone, [&]() -> absl::StatusOr<bool> {
+      if (ended_.load(std::memory_order_acquire)) return EndedEarly();
       absl::StatusOr<size_t> posted = qp_->PostWrites(rest, &ledger_);
       if (!posted.ok()) return posted.status();
       rest.remove_prefix(*posted);
@@ -154,15 +174,18 @@ class SlotSender {
   const peer::RdmaSlots remote_;
   const rdma::WriteLimits limits_;
   CallWatchdog::Watch* const watch_;
-  const uint32_t slots_;
-  rdma::SlotRing ring_;
+  const uint32_t bounce_slots_;
+  rdma::SlotRing ring_;  // the receiver's slots
   rdma::SendLedger ledger_;
-  std::vector<uint64_t> last_wr_;  // per slot: the wr_id of its last write
+  std::vector<uint64_t> last_wr_;  // per bounce slot: the wr_id of its last write
   uint64_t next_wr_ = 1;
   std::atomic<uint32_t> credited_{0};
+  std::atomic<bool> ended_{false};
   uint32_t released_ = 0;
-  std::optional<rdma::SlotRing::Lease> open_;     // being filled
-  std::optional<rdma::SlotRing::Lease> pending_;  // lent, its last write not yet completed here
+  std::optional<rdma::SlotRing::Lease> open_;     // the receiver's slot being filled
+  std::optional<rdma::SlotRing::Lease> pending_;  // lent, the next bounce slot still busy
+  uint32_t open_bounce_ = 0;  // the bounce slot being filled
+  uint32_t next_bounce_ = 0;
   uint64_t filled_ = 0;
 };
 
@@ -171,18 +194,14 @@ class SlotSender {
 class SlotReceiver {
  public:
   SlotReceiver(QueuePair* qp, RdmaFabric::Staging* staging, uint32_t slots, uint32_t slot_bytes,
-               uint64_t length, CallWatchdog::Watch* watch)
-      : qp_(qp),
-        staging_(staging),
-        slot_bytes_(slot_bytes),
-        length_(length),
-        watch_(watch),
-        order_(slots) {}
+               uint64_t length)
+      : qp_(qp), staging_(staging), slot_bytes_(slot_bytes), length_(length), order_(slots) {}
 
   // The next slot's bytes, once they have all landed; valid until Done().
-  absl::StatusOr<absl::Span<const uint8_t>> Next() {
+  // `watch`: the wait's; `gone`: the sender ended the transfer.
+  absl::StatusOr<absl::Span<const uint8_t>> Next(CallWatchdog::Watch* watch, const Gone& gone) {
     std::optional<uint32_t> slot;
-    absl::Status st = PollUntil(watch_, [&]() -> absl::StatusOr<bool> {
+    absl::Status st = PollUntil(watch, gone, [&]() -> absl::StatusOr<bool> {
       absl::StatusOr<int> n = qp_->PollReceive(
           [&](uint32_t imm, uint32_t) -> absl::Status {
             absl::StatusOr<uint32_t> s = order_.Accept(imm);
@@ -201,7 +220,7 @@ class SlotReceiver {
           "RDMA: slot %d arrived after the transfer's %d bytes", received_, length_));
     }
     ++received_;
-    watch_->Progress();
+    watch->Progress();
     return absl::Span<const uint8_t>(staging_->slot(*slot), share);
   }
 
@@ -217,15 +236,14 @@ class SlotReceiver {
   RdmaFabric::Staging* const staging_;
   const uint32_t slot_bytes_;
   const uint64_t length_;
-  CallWatchdog::Watch* const watch_;
   rdma::ReceiveOrder order_;
   uint64_t received_ = 0;
 };
 
-// How many of the `remote` slots a sender with `bounce_bytes` of bounce
-// memory uses (a bounce slot per remote slot, of the remote slot's size);
-// 0 when not even one fits.
-uint32_t UsableSlots(const peer::RdmaSlots& remote, uint64_t bounce_bytes) {
+// How many bounce slots of the `remote` slots' size a sender with
+// `bounce_bytes` of bounce memory cycles through (at most one per remote
+// slot); 0 when not even one fits.
+uint32_t BounceSlots(const peer::RdmaSlots& remote, uint64_t bounce_bytes) {
   return static_cast<uint32_t>(
       std::min<uint64_t>(remote.count(), bounce_bytes / std::max<uint32_t>(1, remote.slot_bytes())));
 }
@@ -368,7 +386,10 @@ grpc::Status ServeRdmaTransfer(
     RdmaFabric* fabric, BulkServer* bulk, CallWatchdog* watchdog, grpc::ServerContext* context,
     grpc::ServerReaderWriter<peer::RdmaMessage, peer::RdmaMessage>* stream) {
   if (fabric == nullptr || bulk == nullptr) {
-    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+    // UNIMPLEMENTED, as from a daemon that predates this transport: the
+    // caller's one sign that the ticket is untouched and goes to TCP. Nothing
+    // past this point answers it.
+    return grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
                         "this daemon has no RDMA device; send to its TCP bulk port");
   }
   auto watch = watchdog->Start(context);
@@ -395,20 +416,24 @@ grpc::Status ServeRdmaTransfer(
     // straight from them.
     std::unique_ptr<ChunkSink> sink = std::move(claimed->sink);
     const uint32_t slots = fabric->options().slots;
-    absl::Status st = (*qp)->PostReceives(static_cast<int>(slots));
+    // Connected (a QP takes receives from INIT on), a receive posted per
+    // slot, and only then the slots lent: no write can arrive before its
+    // receive.
+    absl::Status st = (*qp)->Connect(*remote);
+    if (st.ok()) st = (*qp)->PostReceives(static_cast<int>(slots));
     peer::RdmaMessage accept;
     accept.mutable_accept()->set_endpoint(rdma::Encode((*qp)->endpoint()));
     *accept.mutable_accept()->mutable_slots() = LendSlots(*fabric, **staging);
-    if (st.ok()) st = (*qp)->Connect(*remote);
     if (!st.ok() || !stream->Write(accept)) {
       sink->Abort();
       return ToGrpc(st.ok() ? absl::UnavailableError("the caller went before the accept") : st);
     }
     SlotReceiver receiver(qp->get(), staging->get(), slots, fabric->options().slot_bytes,
-                          claimed->length, watch.get());
+                          claimed->length);
+    const Gone caller_gone = [context] { return context->IsCancelled(); };
     absl::Status fold;
     for (uint64_t left = claimed->length; left > 0 && fold.ok();) {
-      absl::StatusOr<absl::Span<const uint8_t>> piece = receiver.Next();
+      absl::StatusOr<absl::Span<const uint8_t>> piece = receiver.Next(watch.get(), caller_gone);
       if (!piece.ok()) {
         sink->Abort();  // cut, stalled, or a write out of turn
         return ToGrpc(piece.status());
@@ -440,7 +465,7 @@ grpc::Status ServeRdmaTransfer(
   // A read: written from the pinned chunk, through this side's bounce
   // slots, into the slots the caller lent.
   if (absl::Status st = CheckLentSlots(hello.slots()); !st.ok()) return ToGrpc(st);
-  const uint32_t slots = UsableSlots(
+  const uint32_t slots = BounceSlots(
       hello.slots(), uint64_t{fabric->options().slots} * fabric->options().slot_bytes);
   if (slots == 0) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
@@ -470,6 +495,7 @@ grpc::Status ServeRdmaTransfer(
     while (stream->Read(&m)) {
       if (m.has_credit()) sender.Credit(m.credit().next());
     }
+    sender.End();
   });
   absl::Status st;
   claimed->chunk.read(claimed->offset, claimed->length,
@@ -488,40 +514,129 @@ grpc::Status ServeRdmaTransfer(
 
 namespace {
 
+// Errors of the transfer itself (the link, the stream, the other side's
+// set-up) are UNAVAILABLE, whatever code they came with: the seam's callers
+// take FAILED_PRECONDITION, NOT_FOUND and INVALID_ARGUMENT as the holder's
+// final word on the step, and only the holder's outcome may say that.
+absl::Status Transient(const absl::Status& st) {
+  if (st.ok() || st.code() == absl::StatusCode::kUnavailable ||
+      st.code() == absl::StatusCode::kDeadlineExceeded) {
+    return st;
+  }
+  return absl::UnavailableError(st.message());
+}
+
+// Sends `hello` and reads the holder's accept. UNIMPLEMENTED when the holder
+// takes no RDMA and RESOURCE_EXHAUSTED when its staging is all in use: both
+// answered before it took the ticket. The stream is then finished.
+absl::StatusOr<peer::RdmaAccept> Handshake(
+    grpc::ClientReaderWriter<peer::RdmaMessage, peer::RdmaMessage>* stream,
+    const peer::RdmaMessage& hello) {
+  peer::RdmaMessage reply;
+  if (!stream->Write(hello) || !stream->Read(&reply)) {
+    absl::Status st = FromGrpc(stream->Finish());
+    if (st.code() == absl::StatusCode::kUnimplemented ||
+        st.code() == absl::StatusCode::kResourceExhausted) {
+      return st;
+    }
+    return Transient(st.ok() ? absl::UnavailableError(
+                                   "the holder ended the RDMA transfer before its accept")
+                             : st);
+  }
+  if (!reply.has_accept()) {
+    return absl::UnavailableError("the holder answered the RDMA hello with something else");
+  }
+  return reply.accept();
+}
+
+// What the caller does when the handshake did not get as far as the holder
+// taking the ticket.
+RdmaFallback FallbackOf(const absl::Status& st) {
+  if (st.code() == absl::StatusCode::kUnimplemented) return RdmaFallback::kThisHolder;
+  if (st.code() == absl::StatusCode::kResourceExhausted) return RdmaFallback::kThisTransfer;
+  return RdmaFallback::kNone;
+}
+
 // A read's bytes as they land in the slots lent to the holder.
 class RdmaChunkReader final : public ChunkReader {
  public:
   RdmaChunkReader(std::unique_ptr<RdmaFabric::Staging> staging, uint32_t slots,
-                  uint32_t slot_bytes, uint64_t length, std::string what)
+                  uint32_t slot_bytes, uint64_t length, CallWatchdog* watchdog, std::string what)
       : staging_(std::move(staging)),
         slots_(slots),
         slot_bytes_(slot_bytes),
         left_(length),
-        length_(length),
+        watchdog_(watchdog),
         what_(std::move(what)) {}
   ~RdmaChunkReader() override {
-    if (stream_ != nullptr) {
-      if (left_ > 0) ctx_.TryCancel();
-      stream_->Finish().IgnoreError();
+    if (stream_ == nullptr) return;
+    // Read to the end: say so (the holder then finishes); otherwise cut.
+    if (left_ == 0 && !broken_ && !writes_done_) {
+      writes_done_ = true;
+      stream_->WritesDone();
+    } else if (left_ > 0 || broken_) {
+      ctx_.TryCancel();
     }
+    if (ends_.joinable()) ends_.join();
+    stream_->Finish().IgnoreError();
   }
 
-  // Set-up, in the order the members need.
-  grpc::ClientContext& context() { return ctx_; }
-  // Lends the slots, sends the hello and connects; UNIMPLEMENTED when the
-  // holder takes no RDMA.
-  absl::Status Start(peer::Peer::Stub* stub, CallWatchdog* watchdog, const std::string& token,
-                     std::unique_ptr<QueuePair> qp);
+  // Lends the slots, sends the hello and connects. UNIMPLEMENTED or
+  // RESOURCE_EXHAUSTED as Handshake; other errors UNAVAILABLE.
+  absl::Status Start(peer::Peer::Stub* stub, const std::string& token,
+                     std::unique_ptr<QueuePair> qp) {
+    qp_ = std::move(qp);
+    auto watch = watchdog_->Start(&ctx_);
+    stream_ = stub->RdmaTransfer(&ctx_);
+    peer::RdmaMessage hello;
+    hello.mutable_hello()->set_token(token);
+    hello.mutable_hello()->set_endpoint(rdma::Encode(qp_->endpoint()));
+    peer::RdmaSlots* lent = hello.mutable_hello()->mutable_slots();
+    lent->set_addr(reinterpret_cast<uint64_t>(staging_->region().data()));
+    lent->set_rkey(staging_->region().rkey());
+    lent->set_slot_bytes(slot_bytes_);
+    lent->set_count(slots_);
+    absl::StatusOr<peer::RdmaAccept> accept = Handshake(stream_.get(), hello);
+    if (!accept.ok()) {
+      stream_.reset();  // finished by Handshake
+      return accept.status();
+    }
+    absl::StatusOr<rdma::Endpoint> remote = rdma::Decode(accept->endpoint());
+    absl::Status st = remote.ok() ? qp_->Connect(*remote) : remote.status();
+    // A receive per slot, then ready: the holder writes only after this.
+    if (st.ok()) st = qp_->PostReceives(static_cast<int>(slots_));
+    if (st.ok() && !stream_->Write(CreditMessage(0))) {
+      st = absl::UnavailableError("the holder went before the read began");
+    }
+    if (!st.ok()) {
+      broken_ = true;
+      return Transient(st);
+    }
+    receiver_.emplace(qp_.get(), staging_.get(), slots_, slot_bytes_, left_);
+    // The holder sends nothing more; its stream ends when it is done or gone.
+    ends_ = std::thread([this] {
+      peer::RdmaMessage m;
+      while (stream_->Read(&m)) {
+      }
+      ended_.store(true, std::memory_order_release);
+    });
+    return absl::OkStatus();
+  }
 
   absl::Status Read(absl::Span<uint8_t> into) override {
     if (into.size() > left_) {
-      return absl::OutOfRangeError(absl::StrFormat("%s: %d bytes asked, %d left", what_,
-                                                   into.size(), left_));
+      return absl::InvalidArgumentError(absl::StrFormat("%s: %d bytes asked, %d left in the range",
+                                                        what_, into.size(), left_));
     }
+    if (into.empty()) return absl::OkStatus();
+    // Watched only while reading: between reads nothing cuts the stream here
+    // (the holder cuts one its reader leaves full for the peer timeout).
+    auto watch = watchdog_->Start(&ctx_);
+    const Gone holder_gone = [this] { return ended_.load(std::memory_order_acquire); };
     while (!into.empty()) {
       if (current_.empty()) {
-        absl::StatusOr<absl::Span<const uint8_t>> next = receiver_->Next();
-        if (!next.ok()) return Broken(next.status());
+        absl::StatusOr<absl::Span<const uint8_t>> next = receiver_->Next(watch.get(), holder_gone);
+        if (!next.ok()) return Broken(next.status(), watch->cancelled());
         current_ = *next;
       }
       const size_t n = std::min(into.size(), current_.size());
@@ -531,100 +646,65 @@ class RdmaChunkReader final : public ChunkReader {
       left_ -= n;
       if (current_.empty()) {
         absl::StatusOr<uint32_t> credit = receiver_->Done();
-        if (!credit.ok()) return Broken(credit.status());
+        if (!credit.ok()) return Broken(credit.status(), false);
         if (left_ > 0 && !stream_->Write(CreditMessage(*credit))) {
-          return Broken(absl::UnavailableError("the holder went during the read"));
+          return Broken(absl::UnavailableError("the holder went during the read"), false);
         }
       }
     }
-    if (left_ == 0) stream_->WritesDone();
+    if (left_ == 0 && !writes_done_) {
+      writes_done_ = true;
+      stream_->WritesDone();
+    }
     return absl::OkStatus();
   }
   uint64_t remaining() const override { return left_; }
 
  private:
-  absl::Status Broken(absl::Status st) {
+  // The reader is spent: as TcpChunkReader, DATA_LOSS for a transfer that
+  // ended early (DEADLINE_EXCEEDED when it stalled).
+  absl::Status Broken(const absl::Status& st, bool stalled) {
     left_ = 0;
+    broken_ = true;
     ctx_.TryCancel();
-    return absl::DataLossError(absl::StrCat(what_, ": ", st.message()));
+    return TransferError(absl::DataLossError(absl::StrCat("the RDMA read ended early: ",
+                                                          st.message())),
+                         stalled, watchdog_->stall(), what_);
   }
 
-  // Destroyed last to first: the watch before the context, the queue pair
-  // before the staging it writes into goes back to the pool.
+  // Destroyed last to first: the thread is joined in the destructor, the
+  // queue pair goes before the staging it writes into goes back to the pool,
+  // and the context after the stream.
   std::unique_ptr<RdmaFabric::Staging> staging_;
   const uint32_t slots_;
   const uint32_t slot_bytes_;
   uint64_t left_;
-  const uint64_t length_;
+  CallWatchdog* const watchdog_;
   const std::string what_;
   grpc::ClientContext ctx_;
   std::unique_ptr<grpc::ClientReaderWriter<peer::RdmaMessage, peer::RdmaMessage>> stream_;
   std::unique_ptr<QueuePair> qp_;
-  std::unique_ptr<CallWatchdog::Watch> watch_;
   std::optional<SlotReceiver> receiver_;
   absl::Span<const uint8_t> current_;
+  std::thread ends_;
+  std::atomic<bool> ended_{false};
+  bool writes_done_ = false;
+  bool broken_ = false;
 };
-
-// Sends `hello` and reads the holder's accept. UNIMPLEMENTED when the holder
-// takes no RDMA (it answered before taking the ticket); the stream is then
-// finished.
-absl::StatusOr<peer::RdmaAccept> Handshake(
-    grpc::ClientReaderWriter<peer::RdmaMessage, peer::RdmaMessage>* stream,
-    const peer::RdmaMessage& hello) {
-  peer::RdmaMessage reply;
-  if (!stream->Write(hello) || !stream->Read(&reply)) {
-    absl::Status st = FromGrpc(stream->Finish());
-    if (st.code() == absl::StatusCode::kFailedPrecondition ||
-        st.code() == absl::StatusCode::kUnimplemented) {
-      return absl::UnimplementedError(st.message());
-    }
-    return st.ok() ? absl::UnavailableError("the holder ended the RDMA transfer before its accept")
-                   : st;
-  }
-  if (!reply.has_accept()) {
-    return absl::DataLossError("the holder answered the RDMA hello with something else");
-  }
-  return reply.accept();
-}
 
 }  // namespace
 
-absl::Status RdmaChunkReader::Start(peer::Peer::Stub* stub, CallWatchdog* watchdog,
-                                    const std::string& token, std::unique_ptr<QueuePair> qp) {
-  qp_ = std::move(qp);
-  watch_ = watchdog->Start(&ctx_);
-  if (absl::Status st = qp_->PostReceives(static_cast<int>(slots_)); !st.ok()) return st;
-  stream_ = stub->RdmaTransfer(&ctx_);
-  peer::RdmaMessage hello;
-  hello.mutable_hello()->set_token(token);
-  hello.mutable_hello()->set_endpoint(rdma::Encode(qp_->endpoint()));
-  peer::RdmaSlots* lent = hello.mutable_hello()->mutable_slots();
-  lent->set_addr(reinterpret_cast<uint64_t>(staging_->region().data()));
-  lent->set_rkey(staging_->region().rkey());
-  lent->set_slot_bytes(slot_bytes_);
-  lent->set_count(slots_);
-  absl::StatusOr<peer::RdmaAccept> accept = Handshake(stream_.get(), hello);
-  if (!accept.ok()) {
-    stream_.reset();  // finished by Handshake
-    return accept.status();
-  }
-  absl::StatusOr<rdma::Endpoint> remote = rdma::Decode(accept->endpoint());
-  if (!remote.ok()) return remote.status();
-  if (absl::Status st = qp_->Connect(*remote); !st.ok()) return st;
-  if (!stream_->Write(CreditMessage(0))) {  // ready: the holder may write
-    return absl::UnavailableError("the holder went before the read began");
-  }
-  receiver_.emplace(qp_.get(), staging_.get(), slots_, slot_bytes_, length_, watch_.get());
-  return absl::OkStatus();
-}
-
 absl::StatusOr<bool> RdmaCarrier::Push(peer::Peer::Stub* stub, const peer::BulkTicket& ticket,
                                        uint64_t length, const ChunkBytes& bytes,
-                                       const std::string& what) {
+                                       const std::string& what, RdmaFallback* fallback) {
+  *fallback = RdmaFallback::kNone;
   absl::StatusOr<std::unique_ptr<RdmaFabric::Staging>> bounce = fabric_->Lease();
-  if (!bounce.ok()) return bounce.status();
-  absl::StatusOr<std::unique_ptr<QueuePair>> qp = fabric_->NewQueuePair();
-  if (!qp.ok()) return qp.status();
+  absl::StatusOr<std::unique_ptr<QueuePair>> qp =
+      bounce.ok() ? fabric_->NewQueuePair() : bounce.status();
+  if (!qp.ok()) {
+    *fallback = RdmaFallback::kThisTransfer;  // nothing presented: the ticket goes to TCP
+    return qp.status();
+  }
   grpc::ClientContext ctx;
   auto watch = watchdog_->Start(&ctx);
   auto stream = stub->RdmaTransfer(&ctx);
@@ -632,28 +712,31 @@ absl::StatusOr<bool> RdmaCarrier::Push(peer::Peer::Stub* stub, const peer::BulkT
   hello.mutable_hello()->set_token(ticket.token());
   hello.mutable_hello()->set_endpoint(rdma::Encode((*qp)->endpoint()));
   absl::StatusOr<peer::RdmaAccept> accept = Handshake(stream.get(), hello);
-  if (!accept.ok()) return accept.status();
+  if (!accept.ok()) {
+    *fallback = FallbackOf(accept.status());
+    return TransferError(accept.status(), watch->cancelled(), watchdog_->stall(), what);
+  }
   // The holder reads nothing more from this side.
   stream->WritesDone();
-  auto fail = [&](absl::Status st) -> absl::Status {
+  auto fail = [&](const absl::Status& st) -> absl::Status {
     ctx.TryCancel();
     stream->Finish().IgnoreError();
-    return st;
+    return TransferError(Transient(st), false, watchdog_->stall(), what);
   };
   absl::StatusOr<rdma::Endpoint> remote = rdma::Decode(accept->endpoint());
   if (!remote.ok()) return fail(remote.status());
   if (absl::Status st = CheckLentSlots(accept->slots()); !st.ok()) return fail(st);
-  const uint32_t slots = UsableSlots(
+  const uint32_t bounce_slots = BounceSlots(
       accept->slots(), uint64_t{fabric_->options().slots} * fabric_->options().slot_bytes);
-  if (slots == 0) {
+  if (bounce_slots == 0) {
     return fail(absl::InvalidArgumentError(absl::StrFormat(
         "the holder lends RDMA slots of %d bytes, larger than this daemon's staging",
         accept->slots().slot_bytes())));
   }
   if (absl::Status st = (*qp)->Connect(*remote); !st.ok()) return fail(st);
 
-  SlotSender sender(qp->get(), bounce->get(), slots, accept->slots(), fabric_->options().limits,
-                    watch.get());
+  SlotSender sender(qp->get(), bounce->get(), bounce_slots, accept->slots(),
+                    fabric_->options().limits, watch.get());
   std::optional<peer::RdmaOutcome> outcome;
   std::thread replies([&] {
     peer::RdmaMessage m;
@@ -661,6 +744,7 @@ absl::StatusOr<bool> RdmaCarrier::Push(peer::Peer::Stub* stub, const peer::BulkT
       if (m.has_credit()) sender.Credit(m.credit().next());
       if (m.has_outcome()) outcome = m.outcome();
     }
+    sender.End();
   });
   absl::Status st;
   uint64_t sent = 0;
@@ -681,27 +765,40 @@ absl::StatusOr<bool> RdmaCarrier::Push(peer::Peer::Stub* stub, const peer::BulkT
   absl::Status finished = FromGrpc(stream->Finish());
   const bool cut = watch->cancelled();
   watch.reset();
-  if (st.ok() && outcome.has_value()) st = OutcomeStatus(*outcome);
-  if (st.ok() && !outcome.has_value()) {
+  // The holder's outcome is its word on the push (a refusal mid-way ends the
+  // stream early and leaves this side's sending failed: the outcome says
+  // why). Without one, the transfer broke.
+  if (outcome.has_value()) {
+    absl::Status said = OutcomeStatus(*outcome);
+    if (!said.ok()) return TransferError(said, false, watchdog_->stall(), what);
+    if (st.ok()) return outcome->stripe_complete();
+  }
+  if (st.ok()) {
     st = finished.ok() ? absl::UnavailableError("the holder ended the push without its outcome")
                        : finished;
   }
-  if (!st.ok()) return TransferError(st, cut, watchdog_->stall(), what);
-  return outcome->stripe_complete();
+  return TransferError(Transient(st), cut, watchdog_->stall(), what);
 }
 
 absl::StatusOr<std::unique_ptr<ChunkReader>> RdmaCarrier::OpenRead(
     peer::Peer::Stub* stub, const peer::BulkTicket& ticket, uint64_t length,
-    const std::string& what) {
+    const std::string& what, RdmaFallback* fallback) {
+  *fallback = RdmaFallback::kNone;
   absl::StatusOr<std::unique_ptr<RdmaFabric::Staging>> staging = fabric_->Lease();
-  if (!staging.ok()) return staging.status();
-  absl::StatusOr<std::unique_ptr<QueuePair>> qp = fabric_->NewQueuePair();
-  if (!qp.ok()) return qp.status();
-  auto reader = std::make_unique<RdmaChunkReader>(*std::move(staging), fabric_->options().slots,
-                                                  fabric_->options().slot_bytes, length, what);
-  absl::Status st = reader->Start(stub, watchdog_, ticket.token(), *std::move(qp));
-  if (st.code() == absl::StatusCode::kUnimplemented) return st;
-  if (!st.ok()) return TransferError(st, false, watchdog_->stall(), what);
+  absl::StatusOr<std::unique_ptr<QueuePair>> qp =
+      staging.ok() ? fabric_->NewQueuePair() : staging.status();
+  if (!qp.ok()) {
+    *fallback = RdmaFallback::kThisTransfer;
+    return qp.status();
+  }
+  auto reader =
+      std::make_unique<RdmaChunkReader>(*std::move(staging), fabric_->options().slots,
+                                        fabric_->options().slot_bytes, length, watchdog_, what);
+  absl::Status st = reader->Start(stub, ticket.token(), *std::move(qp));
+  if (!st.ok()) {
+    *fallback = FallbackOf(st);
+    return TransferError(st, false, watchdog_->stall(), what);
+  }
   return std::unique_ptr<ChunkReader>(std::move(reader));
 }
 

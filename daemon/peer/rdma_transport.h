@@ -8,10 +8,13 @@
 // is then presented on a Peer.RdmaTransfer stream, which carries the set-up
 // (queue-pair endpoints, the lent slots), the credits and the outcome (see
 // proto/peer.proto). Each transfer has its own queue pair and its own
-// staging, leased from a pool registered once at start: a slot's rkey admits
-// writes to that transfer's slots only, and a queue pair lives as long as its
-// transfer, so no write of an ended transfer can land in a later one's
-// memory.
+// staging, leased from a pool registered once at start (a staging's region,
+// and so its rkey, is the same for every transfer that leases it). A queue
+// pair lives as long as its transfer, so no write of an ended transfer can
+// land in a later one's memory; a peer that remembered another staging's
+// rkey could still write it through a queue pair of a transfer of its own
+// (the group's daemons are trusted, on a trusted fabric, as with BULK_TCP).
+// Memory windows bound to each transfer's queue pair would close that.
 //
 //   sender (a push's caller, a read's holder)      receiver
 //   the next bytes are copied into the local      a receive is posted per slot
@@ -27,10 +30,12 @@
 // Every slot but a transfer's last is full, so the receiver knows each
 // slot's length from the transfer's length, which the ticket fixed.
 //
-// A daemon without an active device answers RdmaTransfer with
-// FAILED_PRECONDITION before taking the ticket; the caller then presents the
-// same token to the TCP bulk port and sends that holder everything over TCP
-// from then on (TcpTransport).
+// A daemon without an active device answers RdmaTransfer with UNIMPLEMENTED
+// (as one that predates it does) before taking the ticket, and one whose
+// staging is all in use RESOURCE_EXHAUSTED; the caller then presents the
+// same token to the TCP bulk port, and sends a holder without a device
+// everything over TCP for a while (TcpTransport). No later error of a
+// transfer has either code.
 //
 // What has run on an RDMA device: nothing yet (see rdma/README.md). The
 // device-free parts (the checks of what a peer lends, the slot arithmetic,
@@ -136,28 +141,40 @@ class RdmaFabric {
 };
 
 // The holder's half: serves one RdmaTransfer stream (the PeerService handler
-// calls it after admitting the caller). `fabric` null: FAILED_PRECONDITION,
+// calls it after admitting the caller). `fabric` null: UNIMPLEMENTED,
 // before the ticket is touched.
 grpc::Status ServeRdmaTransfer(RdmaFabric* fabric, BulkServer* bulk, CallWatchdog* watchdog,
                                grpc::ServerContext* context,
                                grpc::ServerReaderWriter<peer::RdmaMessage, peer::RdmaMessage>* stream);
 
+// What the caller does next when an RDMA transfer did not get as far as the
+// holder taking its ticket (the ticket is then untouched).
+enum class RdmaFallback {
+  kNone,          // the ticket was taken, or the transfer broke: retry it
+  kThisTransfer,  // no staging free (on either side): this one over TCP
+  kThisHolder,    // the holder takes no RDMA: TCP to it
+};
+
 // The caller's half, used by TcpTransport for holders that take RDMA.
+// Errors of the transfer itself are UNAVAILABLE (DEADLINE_EXCEEDED when it
+// stalled); only the holder's outcome of a push carries its own code.
 class RdmaCarrier {
  public:
   // `fabric` and `watchdog` outlive the carrier.
   RdmaCarrier(RdmaFabric* fabric, CallWatchdog* watchdog) : fabric_(fabric), watchdog_(watchdog) {}
 
-  // Moves a push's bytes under `ticket` (from OpenPush). UNIMPLEMENTED when
-  // the holder takes no RDMA (its ticket is then untouched: send it over
-  // TCP); otherwise as PeerTransport::Push.
+  // Moves a push's bytes under `ticket` (from OpenPush), as
+  // PeerTransport::Push. On an error `fallback` says whether the ticket is
+  // untouched and where to send it.
   absl::StatusOr<bool> Push(peer::Peer::Stub* stub, const peer::BulkTicket& ticket,
-                            uint64_t length, const ChunkBytes& bytes, const std::string& what);
-  // Opens a read of `length` bytes under `ticket` (from OpenRead);
-  // UNIMPLEMENTED as for Push.
+                            uint64_t length, const ChunkBytes& bytes, const std::string& what,
+                            RdmaFallback* fallback);
+  // Opens a read of `length` bytes under `ticket` (from OpenRead), as
+  // PeerTransport::OpenRead; `fallback` as for Push.
   absl::StatusOr<std::unique_ptr<ChunkReader>> OpenRead(peer::Peer::Stub* stub,
                                                         const peer::BulkTicket& ticket,
-                                                        uint64_t length, const std::string& what);
+                                                        uint64_t length, const std::string& what,
+                                                        RdmaFallback* fallback);
 
  private:
   RdmaFabric* const fabric_;

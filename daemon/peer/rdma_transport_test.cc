@@ -161,7 +161,7 @@ TEST_F(RdmaTransferTest, AHolderWithoutADeviceRefusesAndLeavesTheTicketForTcp) {
   peer::RdmaMessage reply;
   EXPECT_FALSE(stream->Read(&reply));
   grpc::Status st = stream->Finish();
-  EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << st.error_message();
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::UNIMPLEMENTED) << st.error_message();
   EXPECT_NE(st.error_message().find("TCP"), std::string::npos) << st.error_message();
   EXPECT_EQ(r.aborted.load(), 0);
   // The ticket still admits its transfer, once.
@@ -194,6 +194,7 @@ TEST_F(RdmaTransferTest, LoopbackPushAndReadMoveEveryByteAndAHostileHelloIsRefus
   peer::BulkTicket ticket;
   ticket.set_token(*token);
   std::mt19937_64 rng(seed);
+  RdmaFallback fallback;
   auto pushed = carrier.Push(
       stub_.get(), ticket, data.size(),
       [&](const std::function<bool(absl::Span<const uint8_t>)>& piece) {
@@ -206,7 +207,7 @@ TEST_F(RdmaTransferTest, LoopbackPushAndReadMoveEveryByteAndAHostileHelloIsRefus
           at += n;
         }
       },
-      "test push");
+      "test push", &fallback);
   ASSERT_TRUE(pushed.ok()) << pushed.status();
   EXPECT_TRUE(*pushed);
   EXPECT_EQ(r.bytes(), data);
@@ -224,7 +225,7 @@ TEST_F(RdmaTransferTest, LoopbackPushAndReadMoveEveryByteAndAHostileHelloIsRefus
   auto read_token = bulk_->IssueRead(chunk, offset, length);
   ASSERT_TRUE(read_token.ok()) << read_token.status();
   ticket.set_token(*read_token);
-  auto reader = carrier.OpenRead(stub_.get(), ticket, length, "test read");
+  auto reader = carrier.OpenRead(stub_.get(), ticket, length, "test read", &fallback);
   ASSERT_TRUE(reader.ok()) << reader.status();
   std::string got(length, '\0');
   for (uint64_t at = 0; at < length;) {

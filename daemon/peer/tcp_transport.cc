@@ -427,8 +427,42 @@ TcpTransport::TcpTransport(std::vector<peer::Peer::Stub*> stubs,
       slots_(slots),
       watchdog_(watchdog),
       fallback_(std::move(stubs), std::move(slots), watchdog),
-      tcp_only_(new std::atomic<bool>[stubs_.size()]) {
-  for (size_t i = 0; i < stubs_.size(); ++i) tcp_only_[i] = false;
+      tcp_until_(new std::atomic<int64_t>[stubs_.size()]),
+      rdma_failures_(new std::atomic<int>[stubs_.size()]) {
+  for (size_t i = 0; i < stubs_.size(); ++i) {
+    tcp_until_[i] = 0;
+    rdma_failures_[i] = 0;
+  }
+}
+
+bool TcpTransport::RdmaTo(int holder) const {
+  return rdma_ != nullptr && absl::ToUnixNanos(absl::Now()) >= tcp_until_[holder].load();
+}
+
+void TcpTransport::RdmaDone(int holder, const absl::Status& st, RdmaFallback fallback) {
+  const int64_t now = absl::ToUnixNanos(absl::Now());
+  if (fallback == RdmaFallback::kThisHolder) {
+    if (tcp_until_[holder].exchange(now + absl::ToInt64Nanoseconds(kNoDeviceTcp)) <= now) {
+      Log("slot %d takes no RDMA (%s): chunks go to and from it over TCP, RDMA tried again in "
+          "%d min",
+          slots_[holder], st.message(), absl::ToInt64Minutes(kNoDeviceTcp));
+    }
+    return;
+  }
+  // The link itself failing (not the holder refusing a push, nor a busy pool).
+  const bool broke = fallback == RdmaFallback::kNone &&
+                     (st.code() == absl::StatusCode::kUnavailable ||
+                      st.code() == absl::StatusCode::kDeadlineExceeded ||
+                      st.code() == absl::StatusCode::kDataLoss);
+  if (!broke) {
+    if (st.ok()) rdma_failures_[holder] = 0;
+    return;
+  }
+  if (++rdma_failures_[holder] < kRdmaFailuresBeforeTcp) return;
+  rdma_failures_[holder] = 0;
+  tcp_until_[holder] = now + absl::ToInt64Nanoseconds(kFailingRdmaTcp);
+  Log("RDMA to slot %d failed %d times in a row (last: %s): TCP to it for %d s", slots_[holder],
+      kRdmaFailuresBeforeTcp, st.message(), absl::ToInt64Seconds(kFailingRdmaTcp));
 }
 
 absl::StatusOr<int> TcpTransport::Dial(int holder, const peer::BulkTicket& ticket) {
@@ -510,14 +544,13 @@ absl::StatusOr<bool> TcpTransport::Push(int holder, const peer::PushChunkHeader&
     if (!st.ok()) return TransferError(st, watch->cancelled(), watchdog_->stall(), what);
   }
   if (ticket.folded()) return false;
-  if (rdma_ != nullptr && !tcp_only_[holder].load()) {
-    absl::StatusOr<bool> sent = rdma_->Push(stubs_[holder], ticket, header.length(), bytes, what);
-    if (sent.status().code() != absl::StatusCode::kUnimplemented) return sent;
-    // The holder has no device; its ticket is untouched and goes to TCP.
-    if (!tcp_only_[holder].exchange(true)) {
-      Log("slot %d takes no RDMA (%s): chunks go to it over TCP", slots_[holder],
-          sent.status().message());
-    }
+  if (RdmaTo(holder)) {
+    RdmaFallback fallback;
+    absl::StatusOr<bool> sent =
+        rdma_->Push(stubs_[holder], ticket, header.length(), bytes, what, &fallback);
+    RdmaDone(holder, sent.status(), fallback);
+    if (fallback == RdmaFallback::kNone) return sent;
+    // The ticket is untouched: it goes to the bulk port.
   }
   auto fd = Dial(holder, ticket);
   if (!fd.ok()) return TransferError(fd.status(), false, watchdog_->stall(), what);
@@ -609,14 +642,12 @@ absl::StatusOr<std::unique_ptr<ChunkReader>> TcpTransport::OpenRead(
   }
   const uint64_t want =
       GetChunkRange(ticket.header().length(), request.offset(), request.length()).second;
-  if (rdma_ != nullptr && !tcp_only_[holder].load()) {
+  if (RdmaTo(holder)) {
+    RdmaFallback fallback;
     absl::StatusOr<std::unique_ptr<ChunkReader>> reader =
-        rdma_->OpenRead(stubs_[holder], ticket, want, what);
-    if (reader.status().code() != absl::StatusCode::kUnimplemented) return reader;
-    if (!tcp_only_[holder].exchange(true)) {
-      Log("slot %d takes no RDMA (%s): chunks are read from it over TCP", slots_[holder],
-          reader.status().message());
-    }
+        rdma_->OpenRead(stubs_[holder], ticket, want, what, &fallback);
+    RdmaDone(holder, reader.status(), fallback);
+    if (fallback == RdmaFallback::kNone) return reader;
   }
   auto fd = Dial(holder, ticket);
   if (!fd.ok()) return TransferError(fd.status(), false, watchdog_->stall(), what);

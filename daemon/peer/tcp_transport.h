@@ -152,9 +152,14 @@ class TcpTransport final : public PeerTransport {
 
   // Sends and reads over RDMA through `carrier` (BULK_RDMA) to every holder
   // that takes it, and over TCP to the others: a holder that answers that
-  // it has no device is sent to over TCP from then on. Set before the first
+  // it has no device is sent to over TCP for kNoDeviceTcp, and one that
+  // fails kRdmaFailuresBeforeTcp RDMA transfers in a row for
+  // kFailingRdmaTcp, before RDMA is tried again. Set before the first
   // transfer; the carrier outlives the transport.
   void UseRdma(RdmaCarrier* carrier) { rdma_ = carrier; }
+  static constexpr absl::Duration kNoDeviceTcp = absl::Minutes(10);
+  static constexpr int kRdmaFailuresBeforeTcp = 3;
+  static constexpr absl::Duration kFailingRdmaTcp = absl::Minutes(1);
 
   const char* name() const override { return rdma_ != nullptr ? "rdma" : "tcp"; }
   absl::StatusOr<bool> Push(int holder, const peer::PushChunkHeader& header,
@@ -172,9 +177,16 @@ class TcpTransport final : public PeerTransport {
   CallWatchdog* const watchdog_;
   // For a holder that has no bulk port (UNIMPLEMENTED).
   GrpcTransport fallback_;
+  // Whether a transfer to `holder` tries RDMA now.
+  bool RdmaTo(int holder) const;
+  // Books an RDMA transfer's end: `st` its result, `fallback` the carrier's.
+  void RdmaDone(int holder, const absl::Status& st, RdmaFallback fallback);
+
   RdmaCarrier* rdma_ = nullptr;
-  // Per group position: the holder answered that it takes no RDMA.
-  std::unique_ptr<std::atomic<bool>[]> tcp_only_;
+  // Per group position: RDMA is not tried before this (absl::ToUnixNanos),
+  // and the RDMA transfers that failed in a row.
+  std::unique_ptr<std::atomic<int64_t>[]> tcp_until_;
+  std::unique_ptr<std::atomic<int>[]> rdma_failures_;
 };
 
 }  // namespace ecsnap::daemon

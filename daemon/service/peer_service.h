@@ -48,7 +48,7 @@ class PeerService final : public peer::Peer::Service {
                         peer::BulkTicket* response) override;
   // The RDMA bulk transport's control half (daemon/peer/rdma_transport.h):
   // a ticket from OpenPush/OpenRead presented, then its bytes over RDMA.
-  // FAILED_PRECONDITION without a device (UseRdma not called).
+  // UNIMPLEMENTED without a device (UseRdma not called).
   grpc::Status RdmaTransfer(
       grpc::ServerContext* context,
       grpc::ServerReaderWriter<peer::RdmaMessage, peer::RdmaMessage>* stream) override;
