@@ -347,6 +347,18 @@ struct RawSession {
   }
 };
 
+// The inode of the window file behind the job's newest restorable step, as
+// `raw`'s restore of it is granted.
+ino_t InodeOfNewest(RawSession& raw, const std::string& socket) {
+  v1::RestoreResponse lease;
+  EXPECT_TRUE(raw.Restore(&lease).ok());
+  auto window = FetchWindow(socket, lease.window_token(), absl::Seconds(10));
+  EXPECT_TRUE(window.ok()) << window.status();
+  struct stat st {};
+  if (window.ok()) EXPECT_EQ(::fstat(window->fd.get(), &st), 0);
+  return st.st_ino;
+}
+
 // The window files of the arena in `dir`, by inode.
 std::set<ino_t> WindowInodes(const std::string& dir) {
   std::set<ino_t> inodes;
@@ -434,13 +446,7 @@ TEST_F(SnapshotTest, PreparedWindowsAreTheOnesTheFirstStepsFill) {
 
   auto inode_of_newest = [&] {
     RawSession raw(daemon_->socket(), "job");
-    v1::RestoreResponse lease;
-    EXPECT_TRUE(raw.Restore(&lease).ok());
-    auto window = FetchWindow(daemon_->socket(), lease.window_token(), absl::Seconds(10));
-    EXPECT_TRUE(window.ok()) << window.status();
-    struct stat st {};
-    EXPECT_EQ(::fstat(window->fd.get(), &st), 0);
-    return st.st_ino;
+    return InodeOfNewest(raw, daemon_->socket());
   };
   ASSERT_TRUE(c->Snapshot(1, s1.tensors)->WaitCommitted().ok());
   c.reset();
@@ -490,15 +496,6 @@ TEST_F(SnapshotTest, AWindowAheadIsMadeOnlyOnceTheStepIsCopiedIn) {
 // for that snapshot made (and warmed) then, and its first snapshot fills it.
 TEST_F(SnapshotTest, ARestoreBeforeTheFirstSnapshotMakesItsWindow) {
   const std::string arena = dir_.path() + "/arena";
-  auto inode_of_newest = [&](RawSession& raw) {
-    v1::RestoreResponse lease;
-    EXPECT_TRUE(raw.Restore(&lease).ok());
-    auto window = FetchWindow(daemon_->socket(), lease.window_token(), absl::Seconds(10));
-    EXPECT_TRUE(window.ok()) << window.status();
-    struct stat st {};
-    EXPECT_EQ(::fstat(window->fd.get(), &st), 0);
-    return st.st_ino;
-  };
   State s1 = MakeState(61, 8), s2 = MakeState(62, 8);
   ASSERT_TRUE(Connect(0, {0})->Snapshot(1, s1.tensors)->WaitCommitted().ok());
   daemon_->Kill();
@@ -520,7 +517,7 @@ TEST_F(SnapshotTest, ARestoreBeforeTheFirstSnapshotMakesItsWindow) {
   ASSERT_TRUE(c->Snapshot(2, s2.tensors)->WaitCommitted().ok());
   c.reset();
   RawSession raw(daemon_->socket(), "job");
-  EXPECT_EQ(made.count(inode_of_newest(raw)), 1u)
+  EXPECT_EQ(made.count(InodeOfNewest(raw, daemon_->socket())), 1u)
       << "the first snapshot after the restore did not use a window it made";
 }
 

@@ -694,23 +694,35 @@ class RdmaChunkReader final : public ChunkReader {
 
 }  // namespace
 
-absl::StatusOr<bool> RdmaCarrier::Push(peer::Peer::Stub* stub, const peer::BulkTicket& ticket,
-                                       uint64_t length, const ChunkBytes& bytes,
-                                       const std::string& what, RdmaFallback* fallback) {
+absl::StatusOr<RdmaCarrier::Leased> RdmaCarrier::Lease(RdmaFallback* fallback) {
   *fallback = RdmaFallback::kNone;
-  absl::StatusOr<std::unique_ptr<RdmaFabric::Staging>> bounce = fabric_->Lease();
+  Leased l;
+  absl::StatusOr<std::unique_ptr<RdmaFabric::Staging>> staging = fabric_->Lease();
   absl::StatusOr<std::unique_ptr<QueuePair>> qp =
-      bounce.ok() ? fabric_->NewQueuePair() : bounce.status();
+      staging.ok() ? fabric_->NewQueuePair() : staging.status();
   if (!qp.ok()) {
     *fallback = RdmaFallback::kThisTransfer;  // nothing presented: the ticket goes to TCP
     return qp.status();
   }
+  l.staging = *std::move(staging);
+  l.qp = *std::move(qp);
+  return l;
+}
+
+absl::StatusOr<bool> RdmaCarrier::Push(peer::Peer::Stub* stub, const peer::BulkTicket& ticket,
+                                       uint64_t length, const ChunkBytes& bytes,
+                                       const std::string& what, RdmaFallback* fallback) {
+  absl::StatusOr<Leased> leased = Lease(fallback);
+  if (!leased.ok()) return leased.status();
+  // Destroyed last to first: the queue pair before its staging.
+  std::unique_ptr<RdmaFabric::Staging> bounce = std::move(leased->staging);
+  std::unique_ptr<QueuePair> qp = std::move(leased->qp);
   grpc::ClientContext ctx;
   auto watch = watchdog_->Start(&ctx);
   auto stream = stub->RdmaTransfer(&ctx);
   peer::RdmaMessage hello;
   hello.mutable_hello()->set_token(ticket.token());
-  hello.mutable_hello()->set_endpoint(rdma::Encode((*qp)->endpoint()));
+  hello.mutable_hello()->set_endpoint(rdma::Encode(qp->endpoint()));
   absl::StatusOr<peer::RdmaAccept> accept = Handshake(stream.get(), hello);
   if (!accept.ok()) {
     *fallback = FallbackOf(accept.status());
@@ -733,9 +745,9 @@ absl::StatusOr<bool> RdmaCarrier::Push(peer::Peer::Stub* stub, const peer::BulkT
         "the holder lends RDMA slots of %d bytes, larger than this daemon's staging",
         accept->slots().slot_bytes())));
   }
-  if (absl::Status st = (*qp)->Connect(*remote); !st.ok()) return fail(st);
+  if (absl::Status st = qp->Connect(*remote); !st.ok()) return fail(st);
 
-  SlotSender sender(qp->get(), bounce->get(), bounce_slots, accept->slots(),
+  SlotSender sender(qp.get(), bounce.get(), bounce_slots, accept->slots(),
                     fabric_->options().limits, watch.get());
   std::optional<peer::RdmaOutcome> outcome;
   std::thread replies([&] {
@@ -783,18 +795,12 @@ absl::StatusOr<bool> RdmaCarrier::Push(peer::Peer::Stub* stub, const peer::BulkT
 absl::StatusOr<std::unique_ptr<ChunkReader>> RdmaCarrier::OpenRead(
     peer::Peer::Stub* stub, const peer::BulkTicket& ticket, uint64_t length,
     const std::string& what, RdmaFallback* fallback) {
-  *fallback = RdmaFallback::kNone;
-  absl::StatusOr<std::unique_ptr<RdmaFabric::Staging>> staging = fabric_->Lease();
-  absl::StatusOr<std::unique_ptr<QueuePair>> qp =
-      staging.ok() ? fabric_->NewQueuePair() : staging.status();
-  if (!qp.ok()) {
-    *fallback = RdmaFallback::kThisTransfer;
-    return qp.status();
-  }
+  absl::StatusOr<Leased> leased = Lease(fallback);
+  if (!leased.ok()) return leased.status();
   auto reader =
-      std::make_unique<RdmaChunkReader>(*std::move(staging), fabric_->options().slots,
+      std::make_unique<RdmaChunkReader>(std::move(leased->staging), fabric_->options().slots,
                                         fabric_->options().slot_bytes, length, watchdog_, what);
-  absl::Status st = reader->Start(stub, ticket.token(), *std::move(qp));
+  absl::Status st = reader->Start(stub, ticket.token(), std::move(leased->qp));
   if (!st.ok()) {
     *fallback = FallbackOf(st);
     return TransferError(st, false, watchdog_->stall(), what);

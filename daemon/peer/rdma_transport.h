@@ -177,6 +177,13 @@ class RdmaCarrier {
                                                         RdmaFallback* fallback);
 
  private:
+  struct Leased {
+    std::unique_ptr<RdmaFabric::Staging> staging;
+    std::unique_ptr<rdma::QueuePair> qp;
+  };
+  // A transfer's staging and queue pair; kThisTransfer when none is free.
+  absl::StatusOr<Leased> Lease(RdmaFallback* fallback);
+
   RdmaFabric* const fabric_;
   CallWatchdog* const watchdog_;
 };
