@@ -69,18 +69,19 @@ absl::StatusOr<std::unique_ptr<Device>> Device::Open(const DeviceOptions& option
       continue;
     }
     if (device->global()) {
+      // A RoCE port routes by the GID at the index asked for: a device
+      // without one there is passed over (set the index of the fabric's
+      // RoCE v2 address).
       if (::ibv_query_gid(context, options.port, options.gid_index, &device->gid_) != 0) {
-        return absl::UnavailableError(absl::StrFormat(
-            "RDMA device %s port %d has no GID at index %d (%s); set the GID index of the "
-            "fabric's RoCE v2 address",
-            name, options.port, options.gid_index, Errno(errno)));
+        tried.push_back(absl::StrFormat("%s: port %d has no GID at index %d (%s)", name,
+                                        options.port, options.gid_index, Errno(errno)));
+        continue;
       }
       static const ibv_gid kZero{};
       if (std::memcmp(device->gid_.raw, kZero.raw, sizeof(kZero.raw)) == 0) {
-        return absl::UnavailableError(absl::StrFormat(
-            "RDMA device %s port %d: the GID at index %d is empty; set the GID index of the "
-            "fabric's RoCE v2 address",
-            name, options.port, options.gid_index));
+        tried.push_back(absl::StrFormat("%s: port %d: the GID at index %d is empty", name,
+                                        options.port, options.gid_index));
+        continue;
       }
     }
     return device;

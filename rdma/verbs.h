@@ -47,8 +47,9 @@ class ProtectionDomain;
 
 class Device {
  public:
-  // NOT_FOUND when the host has no RDMA device (or none named so, or its
-  // port is not active), with the reason; UNAVAILABLE when opening fails.
+  // NOT_FOUND when the host has no usable RDMA device (none named so, its
+  // port not active, or on RoCE no GID at options.gid_index), with the
+  // reason for each device passed over.
   static absl::StatusOr<std::unique_ptr<Device>> Open(const DeviceOptions& options);
   ~Device();
   Device(const Device&) = delete;

@@ -40,9 +40,27 @@ absl::Status PollUntil(CallWatchdog::Watch* watch, const Gone& gone, Step&& step
       return absl::UnavailableError(
           "the RDMA transfer made no progress for the peer timeout, or the daemon is stopping");
     }
-    if (gone()) return absl::UnavailableError("the other side ended the RDMA transfer");
+    if (gone()) {
+      // What landed before the other side went still counts.
+      absl::StatusOr<bool> last = step();
+      if (!last.ok()) return last.status();
+      if (*last) return absl::OkStatus();
+      return absl::UnavailableError("the other side ended the RDMA transfer");
+    }
     if (polls > 2000) absl::SleepFor(absl::Microseconds(50));
   }
+}
+
+// Errors of the transfer itself (the link, the stream, the other side's
+// set-up) are UNAVAILABLE, whatever code they came with: the seam's callers
+// take FAILED_PRECONDITION, NOT_FOUND and INVALID_ARGUMENT as the holder's
+// final word on the step, and only the holder's outcome may say that.
+absl::Status Transient(const absl::Status& st) {
+  if (st.ok() || st.code() == absl::StatusCode::kUnavailable ||
+      st.code() == absl::StatusCode::kDeadlineExceeded) {
+    return st;
+  }
+  return absl::UnavailableError(st.message());
 }
 
 // For the sender's waits: its End() flag is checked by the step itself.
@@ -102,6 +120,7 @@ class SlotSender {
     }
     return PollUntil(watch_, NeverGone, [&]() -> absl::StatusOr<bool> {
       if (absl::StatusOr<int> n = qp_->PollSend(&ledger_); !n.ok()) return n.status();
+      if (ledger_.failed()) return ledger_.status();
       return ledger_.outstanding() == 0;
     });
   }
@@ -124,6 +143,7 @@ class SlotSender {
         watch_->Progress();
       }
       if (absl::StatusOr<int> n = qp_->PollSend(&ledger_); !n.ok()) return n.status();
+      if (ledger_.failed()) return ledger_.status();  // a write failed: the rest flushed
       if (!pending_.has_value()) {
         rdma::SlotRing::Lease lease;
         if (!ring_.Acquire(&lease)) return false;
@@ -405,9 +425,13 @@ grpc::Status ServeRdmaTransfer(
   absl::StatusOr<rdma::Endpoint> remote = rdma::Decode(hello.endpoint());
   if (!remote.ok()) return ToGrpc(remote.status());
   absl::StatusOr<std::unique_ptr<RdmaFabric::Staging>> staging = fabric->Lease();
-  if (!staging.ok()) return ToGrpc(staging.status());
+  if (!staging.ok()) {
+    // The one refusal the caller may take to TCP with the same ticket.
+    context->AddTrailingMetadata(kTicketUntouchedKey, "1");
+    return ToGrpc(staging.status());
+  }
   absl::StatusOr<std::unique_ptr<QueuePair>> qp = fabric->NewQueuePair();
-  if (!qp.ok()) return ToGrpc(qp.status());
+  if (!qp.ok()) return ToGrpc(Transient(qp.status()));
   absl::StatusOr<BulkServer::Claimed> claimed = bulk->Claim(hello.token());
   if (!claimed.ok()) return ToGrpc(claimed.status());
 
@@ -514,29 +538,21 @@ grpc::Status ServeRdmaTransfer(
 
 namespace {
 
-// Errors of the transfer itself (the link, the stream, the other side's
-// set-up) are UNAVAILABLE, whatever code they came with: the seam's callers
-// take FAILED_PRECONDITION, NOT_FOUND and INVALID_ARGUMENT as the holder's
-// final word on the step, and only the holder's outcome may say that.
-absl::Status Transient(const absl::Status& st) {
-  if (st.ok() || st.code() == absl::StatusCode::kUnavailable ||
-      st.code() == absl::StatusCode::kDeadlineExceeded) {
-    return st;
-  }
-  return absl::UnavailableError(st.message());
-}
-
 // Sends `hello` and reads the holder's accept. UNIMPLEMENTED when the holder
-// takes no RDMA and RESOURCE_EXHAUSTED when its staging is all in use: both
-// answered before it took the ticket. The stream is then finished.
+// takes no RDMA (no device, or a daemon that predates it), RESOURCE_EXHAUSTED
+// when its staging is all in use and it says so (kTicketUntouchedKey): both
+// answered before it took the ticket. Any other error is UNAVAILABLE. The
+// stream is then finished.
 absl::StatusOr<peer::RdmaAccept> Handshake(
+    grpc::ClientContext* ctx,
     grpc::ClientReaderWriter<peer::RdmaMessage, peer::RdmaMessage>* stream,
     const peer::RdmaMessage& hello) {
   peer::RdmaMessage reply;
   if (!stream->Write(hello) || !stream->Read(&reply)) {
     absl::Status st = FromGrpc(stream->Finish());
-    if (st.code() == absl::StatusCode::kUnimplemented ||
-        st.code() == absl::StatusCode::kResourceExhausted) {
+    if (st.code() == absl::StatusCode::kUnimplemented) return st;
+    if (st.code() == absl::StatusCode::kResourceExhausted &&
+        ctx->GetServerTrailingMetadata().count(kTicketUntouchedKey) != 0) {
       return st;
     }
     return Transient(st.ok() ? absl::UnavailableError(
@@ -561,22 +577,25 @@ RdmaFallback FallbackOf(const absl::Status& st) {
 class RdmaChunkReader final : public ChunkReader {
  public:
   RdmaChunkReader(std::unique_ptr<RdmaFabric::Staging> staging, uint32_t slots,
-                  uint32_t slot_bytes, uint64_t length, CallWatchdog* watchdog, std::string what)
+                  uint32_t slot_bytes, uint64_t length, CallWatchdog* watchdog, std::string what,
+                  std::function<void(const RdmaEnd&)> ended)
       : staging_(std::move(staging)),
         slots_(slots),
         slot_bytes_(slot_bytes),
         left_(length),
         watchdog_(watchdog),
-        what_(std::move(what)) {}
+        what_(std::move(what)),
+        ended_callback_(std::move(ended)) {}
   ~RdmaChunkReader() override {
     if (stream_ == nullptr) return;
-    // Read to the end: say so (the holder then finishes); otherwise cut.
+    // The bytes read are here, and the holder's answer to a read says
+    // nothing more: the call is cut rather than waited for (a holder gone
+    // silent after its last slot would hold this thread).
     if (left_ == 0 && !broken_ && !writes_done_) {
       writes_done_ = true;
       stream_->WritesDone();
-    } else if (left_ > 0 || broken_) {
-      ctx_.TryCancel();
     }
+    ctx_.TryCancel();
     if (ends_.joinable()) ends_.join();
     stream_->Finish().IgnoreError();
   }
@@ -596,7 +615,7 @@ class RdmaChunkReader final : public ChunkReader {
     lent->set_rkey(staging_->region().rkey());
     lent->set_slot_bytes(slot_bytes_);
     lent->set_count(slots_);
-    absl::StatusOr<peer::RdmaAccept> accept = Handshake(stream_.get(), hello);
+    absl::StatusOr<peer::RdmaAccept> accept = Handshake(&ctx_, stream_.get(), hello);
     if (!accept.ok()) {
       stream_.reset();  // finished by Handshake
       return accept.status();
@@ -655,18 +674,26 @@ class RdmaChunkReader final : public ChunkReader {
     if (left_ == 0 && !writes_done_) {
       writes_done_ = true;
       stream_->WritesDone();
+      Report(RdmaEnd{});
     }
     return absl::OkStatus();
   }
   uint64_t remaining() const override { return left_; }
+  // The set-up broke after the holder's accept.
+  bool broken() const { return broken_; }
 
  private:
   // The reader is spent: as TcpChunkReader, DATA_LOSS for a transfer that
   // ended early (DEADLINE_EXCEEDED when it stalled).
+  void Report(const RdmaEnd& end) {
+    if (ended_callback_) std::exchange(ended_callback_, nullptr)(end);
+  }
+
   absl::Status Broken(const absl::Status& st, bool stalled) {
     left_ = 0;
     broken_ = true;
     ctx_.TryCancel();
+    Report(RdmaEnd{RdmaFallback::kNone, /*broke=*/true});
     return TransferError(absl::DataLossError(absl::StrCat("the RDMA read ended early: ",
                                                           st.message())),
                          stalled, watchdog_->stall(), what_);
@@ -681,6 +708,7 @@ class RdmaChunkReader final : public ChunkReader {
   uint64_t left_;
   CallWatchdog* const watchdog_;
   const std::string what_;
+  std::function<void(const RdmaEnd&)> ended_callback_;
   grpc::ClientContext ctx_;
   std::unique_ptr<grpc::ClientReaderWriter<peer::RdmaMessage, peer::RdmaMessage>> stream_;
   std::unique_ptr<QueuePair> qp_;
@@ -694,14 +722,14 @@ class RdmaChunkReader final : public ChunkReader {
 
 }  // namespace
 
-absl::StatusOr<RdmaCarrier::Leased> RdmaCarrier::Lease(RdmaFallback* fallback) {
-  *fallback = RdmaFallback::kNone;
+absl::StatusOr<RdmaCarrier::Leased> RdmaCarrier::Lease(RdmaEnd* end) {
+  *end = RdmaEnd{};
   Leased l;
   absl::StatusOr<std::unique_ptr<RdmaFabric::Staging>> staging = fabric_->Lease();
   absl::StatusOr<std::unique_ptr<QueuePair>> qp =
       staging.ok() ? fabric_->NewQueuePair() : staging.status();
   if (!qp.ok()) {
-    *fallback = RdmaFallback::kThisTransfer;  // nothing presented: the ticket goes to TCP
+    end->fallback = RdmaFallback::kThisTransfer;  // nothing presented: the ticket goes to TCP
     return qp.status();
   }
   l.staging = *std::move(staging);
@@ -711,8 +739,8 @@ absl::StatusOr<RdmaCarrier::Leased> RdmaCarrier::Lease(RdmaFallback* fallback) {
 
 absl::StatusOr<bool> RdmaCarrier::Push(peer::Peer::Stub* stub, const peer::BulkTicket& ticket,
                                        uint64_t length, const ChunkBytes& bytes,
-                                       const std::string& what, RdmaFallback* fallback) {
-  absl::StatusOr<Leased> leased = Lease(fallback);
+                                       const std::string& what, RdmaEnd* end) {
+  absl::StatusOr<Leased> leased = Lease(end);
   if (!leased.ok()) return leased.status();
   // Destroyed last to first: the queue pair before its staging.
   std::unique_ptr<RdmaFabric::Staging> bounce = std::move(leased->staging);
@@ -723,9 +751,9 @@ absl::StatusOr<bool> RdmaCarrier::Push(peer::Peer::Stub* stub, const peer::BulkT
   peer::RdmaMessage hello;
   hello.mutable_hello()->set_token(ticket.token());
   hello.mutable_hello()->set_endpoint(rdma::Encode(qp->endpoint()));
-  absl::StatusOr<peer::RdmaAccept> accept = Handshake(stream.get(), hello);
+  absl::StatusOr<peer::RdmaAccept> accept = Handshake(&ctx, stream.get(), hello);
   if (!accept.ok()) {
-    *fallback = FallbackOf(accept.status());
+    end->fallback = FallbackOf(accept.status());
     return TransferError(accept.status(), watch->cancelled(), watchdog_->stall(), what);
   }
   // The holder reads nothing more from this side.
@@ -733,6 +761,7 @@ absl::StatusOr<bool> RdmaCarrier::Push(peer::Peer::Stub* stub, const peer::BulkT
   auto fail = [&](const absl::Status& st) -> absl::Status {
     ctx.TryCancel();
     stream->Finish().IgnoreError();
+    end->broke = true;
     return TransferError(Transient(st), false, watchdog_->stall(), what);
   };
   absl::StatusOr<rdma::Endpoint> remote = rdma::Decode(accept->endpoint());
@@ -781,10 +810,13 @@ absl::StatusOr<bool> RdmaCarrier::Push(peer::Peer::Stub* stub, const peer::BulkT
   // stream early and leaves this side's sending failed: the outcome says
   // why). Without one, the transfer broke.
   if (outcome.has_value()) {
+    // Folded and answered OK: done, whatever this side saw after (a lost
+    // acknowledgement of a write the holder has).
     absl::Status said = OutcomeStatus(*outcome);
     if (!said.ok()) return TransferError(said, false, watchdog_->stall(), what);
-    if (st.ok()) return outcome->stripe_complete();
+    return outcome->stripe_complete();
   }
+  end->broke = true;
   if (st.ok()) {
     st = finished.ok() ? absl::UnavailableError("the holder ended the push without its outcome")
                        : finished;
@@ -794,15 +826,16 @@ absl::StatusOr<bool> RdmaCarrier::Push(peer::Peer::Stub* stub, const peer::BulkT
 
 absl::StatusOr<std::unique_ptr<ChunkReader>> RdmaCarrier::OpenRead(
     peer::Peer::Stub* stub, const peer::BulkTicket& ticket, uint64_t length,
-    const std::string& what, RdmaFallback* fallback) {
-  absl::StatusOr<Leased> leased = Lease(fallback);
+    const std::string& what, RdmaEnd* end, std::function<void(const RdmaEnd&)> ended) {
+  absl::StatusOr<Leased> leased = Lease(end);
   if (!leased.ok()) return leased.status();
-  auto reader =
-      std::make_unique<RdmaChunkReader>(std::move(leased->staging), fabric_->options().slots,
-                                        fabric_->options().slot_bytes, length, watchdog_, what);
+  auto reader = std::make_unique<RdmaChunkReader>(
+      std::move(leased->staging), fabric_->options().slots, fabric_->options().slot_bytes,
+      length, watchdog_, what, std::move(ended));
   absl::Status st = reader->Start(stub, ticket.token(), std::move(leased->qp));
   if (!st.ok()) {
-    *fallback = FallbackOf(st);
+    end->fallback = FallbackOf(st);
+    end->broke = reader->broken();
     return TransferError(st, false, watchdog_->stall(), what);
   }
   return std::unique_ptr<ChunkReader>(std::move(reader));

@@ -45,6 +45,7 @@
 #define ECSNAP_DAEMON_PEER_RDMA_TRANSPORT_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -155,6 +156,17 @@ enum class RdmaFallback {
   kThisHolder,    // the holder takes no RDMA: TCP to it
 };
 
+// How an RDMA transfer ended, for the caller's choice of RDMA or TCP next.
+struct RdmaEnd {
+  RdmaFallback fallback = RdmaFallback::kNone;
+  // The data path failed after the set-up (not the holder refusing).
+  bool broke = false;
+};
+
+// Trailing metadata of a holder's refusal made before it took the ticket
+// (no staging free): the caller may present that ticket to TCP.
+inline constexpr char kTicketUntouchedKey[] = "ecsnap-ticket-untouched";
+
 // The caller's half, used by TcpTransport for holders that take RDMA.
 // Errors of the transfer itself are UNAVAILABLE (DEADLINE_EXCEEDED when it
 // stalled); only the holder's outcome of a push carries its own code.
@@ -164,17 +176,18 @@ class RdmaCarrier {
   RdmaCarrier(RdmaFabric* fabric, CallWatchdog* watchdog) : fabric_(fabric), watchdog_(watchdog) {}
 
   // Moves a push's bytes under `ticket` (from OpenPush), as
-  // PeerTransport::Push. On an error `fallback` says whether the ticket is
-  // untouched and where to send it.
+  // PeerTransport::Push; `end` says how it ended (on an error, whether the
+  // ticket is untouched and where to send it).
   absl::StatusOr<bool> Push(peer::Peer::Stub* stub, const peer::BulkTicket& ticket,
                             uint64_t length, const ChunkBytes& bytes, const std::string& what,
-                            RdmaFallback* fallback);
+                            RdmaEnd* end);
   // Opens a read of `length` bytes under `ticket` (from OpenRead), as
-  // PeerTransport::OpenRead; `fallback` as for Push.
-  absl::StatusOr<std::unique_ptr<ChunkReader>> OpenRead(peer::Peer::Stub* stub,
-                                                        const peer::BulkTicket& ticket,
-                                                        uint64_t length, const std::string& what,
-                                                        RdmaFallback* fallback);
+  // PeerTransport::OpenRead; `end` as for Push, for the opening. The reader
+  // calls `ended` once, with how the read itself ended (all read, or broken),
+  // if it gets that far.
+  absl::StatusOr<std::unique_ptr<ChunkReader>> OpenRead(
+      peer::Peer::Stub* stub, const peer::BulkTicket& ticket, uint64_t length,
+      const std::string& what, RdmaEnd* end, std::function<void(const RdmaEnd&)> ended);
 
  private:
   struct Leased {
@@ -182,7 +195,7 @@ class RdmaCarrier {
     std::unique_ptr<rdma::QueuePair> qp;
   };
   // A transfer's staging and queue pair; kThisTransfer when none is free.
-  absl::StatusOr<Leased> Lease(RdmaFallback* fallback);
+  absl::StatusOr<Leased> Lease(RdmaEnd* end);
 
   RdmaFabric* const fabric_;
   CallWatchdog* const watchdog_;

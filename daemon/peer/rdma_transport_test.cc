@@ -194,7 +194,7 @@ TEST_F(RdmaTransferTest, LoopbackPushAndReadMoveEveryByteAndAHostileHelloIsRefus
   peer::BulkTicket ticket;
   ticket.set_token(*token);
   std::mt19937_64 rng(seed);
-  RdmaFallback fallback;
+  RdmaEnd end;
   auto pushed = carrier.Push(
       stub_.get(), ticket, data.size(),
       [&](const std::function<bool(absl::Span<const uint8_t>)>& piece) {
@@ -207,7 +207,7 @@ TEST_F(RdmaTransferTest, LoopbackPushAndReadMoveEveryByteAndAHostileHelloIsRefus
           at += n;
         }
       },
-      "test push", &fallback);
+      "test push", &end);
   ASSERT_TRUE(pushed.ok()) << pushed.status();
   EXPECT_TRUE(*pushed);
   EXPECT_EQ(r.bytes(), data);
@@ -225,7 +225,12 @@ TEST_F(RdmaTransferTest, LoopbackPushAndReadMoveEveryByteAndAHostileHelloIsRefus
   auto read_token = bulk_->IssueRead(chunk, offset, length);
   ASSERT_TRUE(read_token.ok()) << read_token.status();
   ticket.set_token(*read_token);
-  auto reader = carrier.OpenRead(stub_.get(), ticket, length, "test read", &fallback);
+  int read_ends = 0;
+  auto reader = carrier.OpenRead(stub_.get(), ticket, length, "test read", &end,
+                                 [&](const RdmaEnd& e) {
+                                   ++read_ends;
+                                   EXPECT_FALSE(e.broke);
+                                 });
   ASSERT_TRUE(reader.ok()) << reader.status();
   std::string got(length, '\0');
   for (uint64_t at = 0; at < length;) {
@@ -236,6 +241,7 @@ TEST_F(RdmaTransferTest, LoopbackPushAndReadMoveEveryByteAndAHostileHelloIsRefus
   }
   EXPECT_EQ((*reader)->remaining(), 0u);
   EXPECT_EQ(got, data.substr(offset, length));
+  EXPECT_EQ(read_ends, 1);
   reader->reset();
 
   // A hello whose endpoint does not decode is refused; its ticket stays.

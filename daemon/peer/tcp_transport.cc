@@ -439,9 +439,9 @@ bool TcpTransport::RdmaTo(int holder) const {
   return rdma_ != nullptr && absl::ToUnixNanos(absl::Now()) >= tcp_until_[holder].load();
 }
 
-void TcpTransport::RdmaDone(int holder, const absl::Status& st, RdmaFallback fallback) {
+void TcpTransport::RdmaDone(int holder, const absl::Status& st, const RdmaEnd& end) {
   const int64_t now = absl::ToUnixNanos(absl::Now());
-  if (fallback == RdmaFallback::kThisHolder) {
+  if (end.fallback == RdmaFallback::kThisHolder) {
     if (tcp_until_[holder].exchange(now + absl::ToInt64Nanoseconds(kNoDeviceTcp)) <= now) {
       Log("slot %d takes no RDMA (%s): chunks go to and from it over TCP, RDMA tried again in "
           "%d min",
@@ -449,16 +449,14 @@ void TcpTransport::RdmaDone(int holder, const absl::Status& st, RdmaFallback fal
     }
     return;
   }
-  // The link itself failing (not the holder refusing a push, nor a busy pool).
-  const bool broke = fallback == RdmaFallback::kNone &&
-                     (st.code() == absl::StatusCode::kUnavailable ||
-                      st.code() == absl::StatusCode::kDeadlineExceeded ||
-                      st.code() == absl::StatusCode::kDataLoss);
-  if (!broke) {
+  // Only the data path failing counts (not the holder refusing, nor a busy
+  // pool); a transfer that moved every byte starts the count again.
+  if (!end.broke) {
     if (st.ok()) rdma_failures_[holder] = 0;
     return;
   }
-  if (++rdma_failures_[holder] < kRdmaFailuresBeforeTcp) return;
+  // Exactly one of the transfers that reach the count switches (and logs).
+  if (++rdma_failures_[holder] != kRdmaFailuresBeforeTcp) return;
   rdma_failures_[holder] = 0;
   tcp_until_[holder] = now + absl::ToInt64Nanoseconds(kFailingRdmaTcp);
   Log("RDMA to slot %d failed %d times in a row (last: %s): TCP to it for %d s", slots_[holder],
@@ -545,11 +543,11 @@ absl::StatusOr<bool> TcpTransport::Push(int holder, const peer::PushChunkHeader&
   }
   if (ticket.folded()) return false;
   if (RdmaTo(holder)) {
-    RdmaFallback fallback;
+    RdmaEnd end;
     absl::StatusOr<bool> sent =
-        rdma_->Push(stubs_[holder], ticket, header.length(), bytes, what, &fallback);
-    RdmaDone(holder, sent.status(), fallback);
-    if (fallback == RdmaFallback::kNone) return sent;
+        rdma_->Push(stubs_[holder], ticket, header.length(), bytes, what, &end);
+    RdmaDone(holder, sent.status(), end);
+    if (end.fallback == RdmaFallback::kNone) return sent;
     // The ticket is untouched: it goes to the bulk port.
   }
   auto fd = Dial(holder, ticket);
@@ -643,11 +641,18 @@ absl::StatusOr<std::unique_ptr<ChunkReader>> TcpTransport::OpenRead(
   const uint64_t want =
       GetChunkRange(ticket.header().length(), request.offset(), request.length()).second;
   if (RdmaTo(holder)) {
-    RdmaFallback fallback;
-    absl::StatusOr<std::unique_ptr<ChunkReader>> reader =
-        rdma_->OpenRead(stubs_[holder], ticket, want, what, &fallback);
-    RdmaDone(holder, reader.status(), fallback);
-    if (fallback == RdmaFallback::kNone) return reader;
+    RdmaEnd end;
+    // A read counts when it ends (every byte read, or broken), not when it
+    // opens: its set-up crosses gRPC only.
+    absl::StatusOr<std::unique_ptr<ChunkReader>> reader = rdma_->OpenRead(
+        stubs_[holder], ticket, want, what, &end,
+        [this, holder](const RdmaEnd& ended) {
+          RdmaDone(holder, ended.broke ? absl::UnavailableError("the RDMA read broke")
+                                       : absl::OkStatus(),
+                   ended);
+        });
+    if (!reader.ok()) RdmaDone(holder, reader.status(), end);
+    if (end.fallback == RdmaFallback::kNone) return reader;
   }
   auto fd = Dial(holder, ticket);
   if (!fd.ok()) return TransferError(fd.status(), false, watchdog_->stall(), what);

@@ -179,8 +179,8 @@ class TcpTransport final : public PeerTransport {
   GrpcTransport fallback_;
   // Whether a transfer to `holder` tries RDMA now.
   bool RdmaTo(int holder) const;
-  // Books an RDMA transfer's end: `st` its result, `fallback` the carrier's.
-  void RdmaDone(int holder, const absl::Status& st, RdmaFallback fallback);
+  // Books how an RDMA transfer to or from `holder` ended (`st`: its error).
+  void RdmaDone(int holder, const absl::Status& st, const RdmaEnd& end);
 
   RdmaCarrier* rdma_ = nullptr;
   // Per group position: RDMA is not tried before this (absl::ToUnixNanos),
