@@ -317,34 +317,6 @@ struct RawSession {
     req.set_session_id(id);
     return stub->Restore(&ctx, req, resp);
   }
-  // Commits `step` as one tensor of opaque bytes over the first `bytes` of
-  // its window, with the CRC of what the window holds.
-  grpc::Status CommitWhole(const std::string& socket, uint64_t step, uint64_t bytes,
-                           const v1::BeginRankResponse& begun) {
-    auto window = FetchWindow(socket, begun.window_token(), absl::Seconds(10));
-    EXPECT_TRUE(window.ok()) << window.status();
-    if (!window.ok()) return grpc::Status(grpc::StatusCode::INTERNAL, "no window");
-    void* at = ::mmap(nullptr, window->bytes, PROT_READ, MAP_SHARED, window->fd.get(), 0);
-    EXPECT_NE(at, MAP_FAILED);
-    if (at == MAP_FAILED) return grpc::Status(grpc::StatusCode::INTERNAL, "no mapping");
-    const uint32_t crc =
-        ec::Crc32c(absl::Span<const uint8_t>(static_cast<const uint8_t*>(at), bytes), 0);
-    ::munmap(at, window->bytes);
-    grpc::ClientContext ctx;
-    v1::CommitRankRequest req;
-    req.set_session_id(id);
-    req.set_step(step);
-    v1::TensorEntry* t = req.mutable_manifest()->add_tensors();
-    t->set_name("state");
-    t->set_kind(v1::EXTRA);
-    t->set_dtype(v1::BYTES);
-    t->add_shape(static_cast<int64_t>(bytes));
-    t->set_offset(0);
-    t->set_length(bytes);
-    t->set_crc32c(crc);
-    v1::CommitRankResponse resp;
-    return stub->CommitRank(&ctx, req, &resp);
-  }
 };
 
 // The inode of the window file behind the job's newest restorable step, as
@@ -464,31 +436,6 @@ TEST_F(SnapshotTest, PreparedWindowsAreTheOnesTheFirstStepsFill) {
   // daemon has made what it makes ahead.
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
   EXPECT_LE(WindowInodes(arena).size(), 3u);
-}
-
-// The window for a later step is made once the step's copy is over, never
-// while the trainer copies into its window (on a small node the two would
-// share a core): a step begun and not committed has no window made beside
-// it; its commit has one made.
-TEST_F(SnapshotTest, AWindowAheadIsMadeOnlyOnceTheStepIsCopiedIn) {
-  const std::string arena = dir_.path() + "/arena";
-  constexpr uint64_t kBytes = 1 << 20;
-  RawSession raw(daemon_->socket(), "job");
-  v1::BeginRankResponse begun;
-  ASSERT_TRUE(raw.Begin(1, kBytes, &begun).ok());
-  ASSERT_FALSE(begun.window_token().empty());
-  EXPECT_EQ(WindowInodes(arena).size(), 1u);
-  // Were one queued at BeginRank it would be made within milliseconds.
-  std::this_thread::sleep_for(std::chrono::milliseconds(500));
-  EXPECT_EQ(WindowInodes(arena).size(), 1u) << "a window was made while the step was copied in";
-  grpc::Status committed = raw.CommitWhole(daemon_->socket(), 1, kBytes, begun);
-  ASSERT_TRUE(committed.ok()) << committed.error_message();
-  size_t windows = 1;
-  for (int i = 0; i < 200 && windows < 2; ++i) {
-    windows = WindowInodes(arena).size();
-    if (windows < 2) std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  EXPECT_EQ(windows, 2u) << "no window was made ahead of step 2 after step 1's commit";
 }
 
 // After a daemon restart the arena holds the re-adopted steps and no spare

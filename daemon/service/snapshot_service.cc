@@ -289,17 +289,14 @@ grpc::Status SnapshotService::BeginRank(grpc::ServerContext* context,
     return ToGrpc(granted);
   }
   response->set_window_file(file);
-  // A window for a later step is made in the background for the trainer to
-  // map before then (best effort: without it that step makes its own), but
-  // only once this step's copy is over (CommitRank): making and populating a
-  // window takes a core, and on a small node the copy the trainer waits for
-  // would share it.
+  // A window for a later step, made in the background for the trainer to
+  // map before then (best effort: without it that step makes its own). It
+  // is asked for now, while the trainer copies this step in: made at the
+  // commit instead, it shares the cores with the step's protection, which
+  // took 20-30% longer for it on a 2-core machine (protect_bench, A/B). The
+  // first steps' windows come from Prepare, ahead of them.
   if (!response->window_token().empty()) {
-    absl::MutexLock lock(&mu_);
-    if (auto it = sessions_.find(request->session_id()); it != sessions_.end()) {
-      it->second.ahead_step = request->step();
-      it->second.ahead_bytes = request->bytes();
-    }
+    QueuePrepare(request->session_id(), request->bytes(), /*spares=*/1);
   }
   return grpc::Status::OK;
 }
@@ -327,13 +324,11 @@ void SnapshotService::QueuePrepare(const std::string& wire_id, uint64_t bytes, i
   if (closing_ || grants_ == nullptr) return;
   for (PrepareWork& queued : prepare_queue_) {
     if (queued.wire_id != wire_id) continue;
-    // One entry per session: the latest size, and the most spares asked.
-    if (queued.bytes != bytes) {
-      queued.spares = 0;
-      queued.made = 0;
-    }
+    // One entry per session, with the latest wish: the spares a rank wants
+    // beyond the windows its steps hold (fewer once its first step began).
     queued.bytes = bytes;
-    queued.spares = std::max(queued.spares, spares);
+    queued.spares = spares;
+    queued.made = 0;
     return;
   }
   if (prepare_queue_.size() >= kMaxQueuedPrepares) return;
@@ -355,19 +350,15 @@ void SnapshotService::PrepareLoop() {
       work = std::move(prepare_queue_.front());
       prepare_queue_.pop_front();
       auto it = sessions_.find(work.wire_id);
-      // Only a trainer that can be granted the window gets one made, and
-      // not while it copies a step in (that step's commit asks again).
-      if (it == sessions_.end() || !it->second.windows || !it->second.uid.has_value() ||
-          it->second.ahead_bytes != 0) {
-        continue;
-      }
+      // Only a trainer that can be granted the window gets one made.
+      if (it == sessions_.end() || !it->second.windows || !it->second.uid.has_value()) continue;
       ws = it->second;
     }
     // A uid displaced as the job's owner gets no window of it.
     if (!CheckSessionOwner(ws, ws.session).ok()) continue;
     // Slow (a fresh window is allocated and populated): no lock held.
     ++work.made;
-    auto ready = store_->PrepareRank(ws.session, work.bytes, work.made);
+    auto ready = store_->PrepareRank(ws.session, work.bytes, work.spares);
     if (!ready.ok()) continue;  // enough windows already, or no room
     v1::AttachEvent event;
     uint64_t file = 0;
@@ -386,9 +377,7 @@ void SnapshotService::PrepareLoop() {
     if (work.made < work.spares && !closing_) {
       bool queued = false;
       for (PrepareWork& q : prepare_queue_) {
-        if (q.wire_id != work.wire_id) continue;
-        queued = true;  // asked again meanwhile: that entry has the latest wish
-        if (q.bytes == work.bytes) q.spares = std::max(q.spares, work.spares);
+        if (q.wire_id == work.wire_id) queued = true;  // asked again meanwhile: the latest wish
       }
       if (!queued) prepare_queue_.push_back(std::move(work));
     }
@@ -491,17 +480,7 @@ grpc::Status SnapshotService::CommitRank(grpc::ServerContext* context,
   if (!session.ok()) return ToGrpc(session.status());
   if (absl::Status st = CheckSessionOwner(ws, *session); !st.ok()) return ToGrpc(st);
   auto state = store_->CommitRank(*session, request->step(), request->manifest());
-  if (!state.ok()) return ToGrpc(state.status());  // the step stays open for a fixed commit
-  // The copy is over: now the window of a later step (BeginRank).
-  uint64_t ahead_bytes = 0;
-  {
-    absl::MutexLock lock(&mu_);
-    auto it = sessions_.find(request->session_id());
-    if (it != sessions_.end() && it->second.ahead_step == request->step()) {
-      ahead_bytes = std::exchange(it->second.ahead_bytes, 0);
-    }
-  }
-  if (ahead_bytes > 0) QueuePrepare(request->session_id(), ahead_bytes, /*spares=*/1);
+  if (!state.ok()) return ToGrpc(state.status());
   response->set_step_state(*state);
   return grpc::Status::OK;
 }
@@ -511,13 +490,6 @@ grpc::Status SnapshotService::AbortRank(grpc::ServerContext* context,
                                         v1::AbortRankResponse*) {
   auto session = SessionOf(*context, request->session_id());
   if (!session.ok()) return ToGrpc(session.status());
-  {
-    absl::MutexLock lock(&mu_);
-    auto it = sessions_.find(request->session_id());
-    if (it != sessions_.end() && it->second.ahead_step == request->step()) {
-      it->second.ahead_bytes = 0;  // no copy in progress any more
-    }
-  }
   return ToGrpc(store_->AbortRank(*session, request->step()));
 }
 

@@ -128,10 +128,6 @@ class SnapshotService final : public SnapshotServiceBase {
     bool windows = false;  // the trainer maps windows (AttachRequest.windows)
     std::optional<uint32_t> uid;  // a Unix-socket trainer's
     AttachReactor* reactor = nullptr;  // valid while in live_
-    // The step being copied in and its bytes, when its window was granted: a
-    // window for a later step is made once that copy is over (its commit).
-    uint64_t ahead_step = 0;
-    uint64_t ahead_bytes = 0;
   };
   void Forget(AttachReactor* reactor);
   absl::Status CheckJobToken(const grpc::CallbackServerContext& context,
@@ -165,7 +161,6 @@ class SnapshotService final : public SnapshotServiceBase {
   // Makes ready windows for a session's rank in the background, until the
   // rank has `spares` of them (StepStore::PrepareRank), and offers each on
   // the session's Attach stream. One window a turn: sessions take turns.
-  // None is made while the session's trainer copies a step in.
   void QueuePrepare(const std::string& wire_id, uint64_t bytes, int spares);
   void PrepareLoop();
 
@@ -187,7 +182,7 @@ class SnapshotService final : public SnapshotServiceBase {
   struct PrepareWork {
     std::string wire_id;
     uint64_t bytes;
-    int spares;    // wanted
+    int spares;    // wanted (StepStore::PrepareRank), one made a turn
     int made = 0;  // this entry's turns so far
   };
   std::deque<PrepareWork> prepare_queue_ ABSL_GUARDED_BY(mu_);
