@@ -4,8 +4,8 @@
 // meanwhile. With --restore it restores --step instead, takes the first
 // message of the stream and no more, prints "STALLED", and "CUT" once the
 // daemon has ended its connection (with --wait_stream_end, "CUT <code>" with
-// the restore stream's own status, read once the test sends SIGUSR1). Uses the wire protocol directly so that
-// the moment of the stall is exact.
+// the restore stream's own status, read once the test sends SIGUSR1). Uses
+// the wire protocol directly so that the moment of the stall is exact.
 #include <chrono>
 #include <csignal>
 #include <cstdio>

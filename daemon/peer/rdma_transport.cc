@@ -9,12 +9,10 @@
 #include <thread>
 #include <utility>
 
-#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "common/grpc_status.h"
-#include "common/log.h"
 #include "daemon/peer/grpc_transport.h"
 #include "daemon/peer/tcp_transport.h"
 
@@ -576,12 +574,12 @@ RdmaFallback FallbackOf(const absl::Status& st) {
 // A read's bytes as they land in the slots lent to the holder.
 class RdmaChunkReader final : public ChunkReader {
  public:
-  RdmaChunkReader(std::unique_ptr<RdmaFabric::Staging> staging, uint32_t slots,
-                  uint32_t slot_bytes, uint64_t length, CallWatchdog* watchdog, std::string what,
+  // `lent`: `staging`'s slots (LendSlots), as the holder is told of them.
+  RdmaChunkReader(std::unique_ptr<RdmaFabric::Staging> staging, peer::RdmaSlots lent,
+                  uint64_t length, CallWatchdog* watchdog, std::string what,
                   std::function<void(const RdmaEnd&)> ended)
       : staging_(std::move(staging)),
-        slots_(slots),
-        slot_bytes_(slot_bytes),
+        lent_(std::move(lent)),
         left_(length),
         watchdog_(watchdog),
         what_(std::move(what)),
@@ -610,11 +608,7 @@ class RdmaChunkReader final : public ChunkReader {
     peer::RdmaMessage hello;
     hello.mutable_hello()->set_token(token);
     hello.mutable_hello()->set_endpoint(rdma::Encode(qp_->endpoint()));
-    peer::RdmaSlots* lent = hello.mutable_hello()->mutable_slots();
-    lent->set_addr(reinterpret_cast<uint64_t>(staging_->region().data()));
-    lent->set_rkey(staging_->region().rkey());
-    lent->set_slot_bytes(slot_bytes_);
-    lent->set_count(slots_);
+    *hello.mutable_hello()->mutable_slots() = lent_;
     absl::StatusOr<peer::RdmaAccept> accept = Handshake(&ctx_, stream_.get(), hello);
     if (!accept.ok()) {
       stream_.reset();  // finished by Handshake
@@ -623,7 +617,7 @@ class RdmaChunkReader final : public ChunkReader {
     absl::StatusOr<rdma::Endpoint> remote = rdma::Decode(accept->endpoint());
     absl::Status st = remote.ok() ? qp_->Connect(*remote) : remote.status();
     // A receive per slot, then ready: the holder writes only after this.
-    if (st.ok()) st = qp_->PostReceives(static_cast<int>(slots_));
+    if (st.ok()) st = qp_->PostReceives(static_cast<int>(lent_.count()));
     if (st.ok() && !stream_->Write(CreditMessage(0))) {
       st = absl::UnavailableError("the holder went before the read began");
     }
@@ -631,7 +625,7 @@ class RdmaChunkReader final : public ChunkReader {
       broken_ = true;
       return Transient(st);
     }
-    receiver_.emplace(qp_.get(), staging_.get(), slots_, slot_bytes_, left_);
+    receiver_.emplace(qp_.get(), staging_.get(), lent_.count(), lent_.slot_bytes(), left_);
     // The holder sends nothing more; its stream ends when it is done or gone.
     ends_ = std::thread([this] {
       peer::RdmaMessage m;
@@ -683,12 +677,13 @@ class RdmaChunkReader final : public ChunkReader {
   bool broken() const { return broken_; }
 
  private:
-  // The reader is spent: as TcpChunkReader, DATA_LOSS for a transfer that
-  // ended early (DEADLINE_EXCEEDED when it stalled).
+  // Tells the transport how the read ended, once.
   void Report(const RdmaEnd& end) {
     if (ended_callback_) std::exchange(ended_callback_, nullptr)(end);
   }
 
+  // The reader is spent: as TcpChunkReader, DATA_LOSS for a transfer that
+  // ended early (DEADLINE_EXCEEDED when it stalled).
   absl::Status Broken(const absl::Status& st, bool stalled) {
     left_ = 0;
     broken_ = true;
@@ -703,8 +698,7 @@ class RdmaChunkReader final : public ChunkReader {
   // queue pair goes before the staging it writes into goes back to the pool,
   // and the context after the stream.
   std::unique_ptr<RdmaFabric::Staging> staging_;
-  const uint32_t slots_;
-  const uint32_t slot_bytes_;
+  const peer::RdmaSlots lent_;
   uint64_t left_;
   CallWatchdog* const watchdog_;
   const std::string what_;
@@ -829,9 +823,9 @@ absl::StatusOr<std::unique_ptr<ChunkReader>> RdmaCarrier::OpenRead(
     const std::string& what, RdmaEnd* end, std::function<void(const RdmaEnd&)> ended) {
   absl::StatusOr<Leased> leased = Lease(end);
   if (!leased.ok()) return leased.status();
-  auto reader = std::make_unique<RdmaChunkReader>(
-      std::move(leased->staging), fabric_->options().slots, fabric_->options().slot_bytes,
-      length, watchdog_, what, std::move(ended));
+  peer::RdmaSlots lent = LendSlots(*fabric_, *leased->staging);
+  auto reader = std::make_unique<RdmaChunkReader>(std::move(leased->staging), std::move(lent),
+                                                  length, watchdog_, what, std::move(ended));
   absl::Status st = reader->Start(stub, ticket.token(), std::move(leased->qp));
   if (!st.ok()) {
     end->fallback = FallbackOf(st);

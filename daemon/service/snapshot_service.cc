@@ -374,12 +374,11 @@ void SnapshotService::PrepareLoop() {
     if (it == sessions_.end()) continue;
     if (granted && live_.count(it->second.reactor) != 0) it->second.reactor->Push(std::move(event));
     // The session's next window, after every other session's turn.
-    if (work.made < work.spares && !closing_) {
-      bool queued = false;
-      for (PrepareWork& q : prepare_queue_) {
-        if (q.wire_id == work.wire_id) queued = true;  // asked again meanwhile: the latest wish
-      }
-      if (!queued) prepare_queue_.push_back(std::move(work));
+    // (Asked again meanwhile: that entry, the latest wish, stands instead.)
+    if (work.made < work.spares && !closing_ &&
+        std::none_of(prepare_queue_.begin(), prepare_queue_.end(),
+                     [&](const PrepareWork& q) { return q.wire_id == work.wire_id; })) {
+      prepare_queue_.push_back(std::move(work));
     }
   }
 }

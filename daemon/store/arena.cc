@@ -678,6 +678,14 @@ uint64_t Arena::WindowBytes(uint64_t bytes) {
   return (std::max<uint64_t>(bytes, 1) + grain - 1) / grain * grain;
 }
 
+int Arena::MakingLocked(uint64_t bytes, const std::string& owner) const {
+  int n = 0;
+  for (const auto& [offset, m] : making_) {
+    if (m.first == bytes && m.second == owner) ++n;
+  }
+  return n;
+}
+
 absl::StatusOr<ArenaExtent> Arena::PrepareWindow(uint64_t bytes, const std::string& owner,
                                                  int max_windows, int spares) {
   const uint64_t want = WindowBytes(bytes);
@@ -694,9 +702,7 @@ absl::StatusOr<ArenaExtent> Arena::PrepareWindow(uint64_t bytes, const std::stri
   }
   // Windows of the owner still being made (a step's, or one ahead) count
   // toward its bound too, or two makers at once would pass it.
-  for (const auto& [offset, m] : making_) {
-    if (m.first == want && m.second == owner) ++held;
-  }
+  held += MakingLocked(want, owner);
   // Enough spares, or as many windows as the owner may hold: a spare, if
   // there is one, is the answer.
   if (a_spare.has_value() && (intact_spares >= spares || held >= max_windows)) {
@@ -742,10 +748,7 @@ absl::StatusOr<ArenaExtent> Arena::AllocateWindow(uint64_t bytes, const std::str
     if (auto at = take(/*used_only=*/true)) return ArenaExtent{*at, want};
     if (auto at = take(/*used_only=*/false)) return ArenaExtent{*at, want};
     auto none_making = [this, &owner, want]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-      for (const auto& [off, m] : making_) {
-        if (m.first == want && m.second == owner) return false;
-      }
-      return true;
+      return MakingLocked(want, owner) == 0;
     };
     mu_.AwaitWithTimeout(absl::Condition(&none_making), absl::Seconds(30));
     if (auto at = take(/*used_only=*/false)) return ArenaExtent{*at, want};

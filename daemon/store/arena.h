@@ -140,10 +140,11 @@ class Arena {
   // A spare window of WindowBytes(bytes) for `owner`, made ahead of the
   // step that will take it, so that the trainer can map it and take its
   // first stores before then: one of the owner's spares of that size when
-  // it has `spares` of them already (or holds `max_windows` of that size),
-  // else a new one while the owner has fewer than `max_windows` of that size
-  // and free memory allows without giving up anyone's spares. (Called with spares = 1, 2, .., n, it makes the owner's
-  // first n windows one at a time.)
+  // it has `spares` of them already (or holds `max_windows` of that size,
+  // windows being made counted), else a new one while the owner has fewer
+  // than `max_windows` of that size and free memory allows without giving
+  // up anyone's spares. Each call makes one window at most: called n times
+  // with spares = n, it makes the owner's first n windows one at a time.
   // FAILED_PRECONDITION when the owner has enough; RESOURCE_EXHAUSTED when
   // memory is short.
   absl::StatusOr<ArenaExtent> PrepareWindow(uint64_t bytes, const std::string& owner,
@@ -263,6 +264,9 @@ class Arena {
   // False when a trainer shrank the window's file (or the SIGBUS guard
   // replaced pages anywhere since it went in use).
   bool IntactLocked(const Window& w) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Windows of `bytes` for `owner` being made now (making_).
+  int MakingLocked(uint64_t bytes, const std::string& owner) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Forgets the parts of holes_ inside [offset, +bytes): a window file
   // backs them now.
   void ForgetHolesLocked(uint64_t offset, uint64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
