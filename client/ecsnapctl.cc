@@ -207,6 +207,7 @@ int main(int argc, char** argv) {
                 FormatBytes(r.arena_used_bytes()).c_str(), FormatBytes(r.arena_bytes()).c_str(),
                 r.arena_prefault_ms() / 1000.0,
                 r.arena_first_writes_done() ? "done" : "running in the background");
+    if (!r.arena_pages().empty()) std::printf("pages     %s\n", r.arena_pages().c_str());
     std::printf("sessions  %u, jobs %u\n", r.sessions(), r.jobs());
     for (const auto& p : r.peers()) {
       std::printf("peer      slot %u %s %s%s\n", p.slot(), p.address().c_str(),

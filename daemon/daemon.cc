@@ -108,6 +108,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const config::Config& conf
   Log("arena %s: %s %s in %.2f s", d->arena_->path(), FormatBytes(d->arena_->size()),
       d->arena_->adopted() ? "re-opened and populated" : "reserved and populated",
       d->arena_->prefault_seconds());
+  Log("arena %s: %s", d->arena_->path(), d->arena_->pages().how);
 
   StoreOptions so;
   so.retain = dc.retain();

@@ -31,6 +31,8 @@ grpc::Status AdminService::Status(grpc::ServerContext* context, const admin::Sta
                               .count());
   response->set_arena_prefault_ms(static_cast<uint64_t>(arena_->prefault_seconds() * 1000));
   response->set_arena_first_writes_done(arena_->first_writes_done());
+  response->set_arena_page_bytes(arena_->pages().page_bytes);
+  response->set_arena_pages(arena_->pages().how);
   response->set_sessions(store_->sessions());
   response->set_jobs(store_->jobs());
   response->set_version(info_.version);

@@ -101,6 +101,33 @@ size_t MaxWindowFiles(uint32_t asked) {
   return std::max<size_t>(bound, 1);
 }
 
+// Maps `bytes` of `fd` shared at an address that is a multiple of `align`
+// (a huge page: only then can the kernel map the file's huge pages whole),
+// by reserving `align` more addresses and giving back what is around the
+// aligned part. MAP_FAILED with errno as mmap.
+void* MapAligned(int fd, uint64_t bytes, uint64_t align) {
+  if (align <= kArenaAlignBytes) {
+    return ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  }
+  void* room = ::mmap(nullptr, bytes + align, PROT_NONE,
+                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (room == MAP_FAILED) return MAP_FAILED;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(room);
+  const uintptr_t aligned = (start + align - 1) / align * align;
+  void* addr = ::mmap(reinterpret_cast<void*>(aligned), bytes, PROT_READ | PROT_WRITE,
+                      MAP_SHARED | MAP_FIXED, fd, 0);
+  if (addr == MAP_FAILED) {
+    const int err = errno;
+    ::munmap(room, bytes + align);
+    errno = err;
+    return MAP_FAILED;
+  }
+  if (aligned > start) ::munmap(room, aligned - start);
+  const uintptr_t end = aligned + bytes, room_end = start + bytes + align;
+  if (room_end > end) ::munmap(reinterpret_cast<void*>(end), room_end - end);
+  return addr;
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Arena>> Arena::Open(const Options& options) {
@@ -137,13 +164,22 @@ absl::StatusOr<std::unique_ptr<Arena>> Arena::Open(const Options& options) {
         path, st.st_size, options.bytes));
   }
   ::fchmod(fd.get(), 0600);
+  struct statfs fs {};
+  if (::fstatfs(fd.get(), &fs) == 0 && fs.f_type == HUGETLBFS_MAGIC) {
+    if (!existing) ::unlink(path.c_str());
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "arena directory %s is on a hugetlbfs, which the arena cannot use (its window files "
+        "are resized and written like files); use a tmpfs mounted with huge=within_size for "
+        "huge pages",
+        options.dir));
+  }
+  const ArenaPages pages = DetectArenaPages(options.dir);
 
   const auto t0 = std::chrono::steady_clock::now();
   if (!existing) {
     // Start-up checks with the reason, before anything is reserved: the
     // directory's file system must hold the arena, and is expected to be
     // memory (a tmpfs), or every snapshot goes to a disk.
-    struct statfs fs {};
     if (::fstatfs(fd.get(), &fs) == 0) {
       const uint64_t free_bytes = static_cast<uint64_t>(fs.f_bavail) * fs.f_bsize;
       if (free_bytes < options.bytes) {
@@ -171,7 +207,7 @@ absl::StatusOr<std::unique_ptr<Arena>> Arena::Open(const Options& options) {
   // populated now, and written once each by a background thread (MAP_POPULATE
   // alone is not enough; see common/prefault.h). A restarted daemon serves
   // its re-adopted steps without waiting for a pass over the whole arena.
-  void* addr = ::mmap(nullptr, options.bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
+  void* addr = MapAligned(fd.get(), options.bytes, pages.page_bytes);
   if (addr == MAP_FAILED) return Errno("cannot map arena " + path);
   // A restarted daemon leaves the ranges of its window files alone: their
   // pages are in the window files, and the node need not hold them twice.
@@ -196,7 +232,7 @@ absl::StatusOr<std::unique_ptr<Arena>> Arena::Open(const Options& options) {
 
   std::unique_ptr<Arena> arena(new Arena(options.dir, path, std::move(fd),
                                          Mapping(addr, options.bytes), options.index_entries,
-                                         seconds, existing));
+                                         seconds, existing, pages));
   arena->before_window_made_ = options.before_window_made;
   arena->max_window_files_ = MaxWindowFiles(options.max_window_files);
   const Header* h = reinterpret_cast<const Header*>(arena->base());
@@ -226,7 +262,7 @@ absl::StatusOr<std::unique_ptr<Arena>> Arena::Open(const Options& options) {
 }
 
 Arena::Arena(std::string dir, std::string path, UniqueFd fd, Mapping mapping,
-             uint32_t index_entries, double prefault_seconds, bool adopted)
+             uint32_t index_entries, double prefault_seconds, bool adopted, ArenaPages pages)
     : dir_(std::move(dir)),
       path_(std::move(path)),
       fd_(std::move(fd)),
@@ -234,7 +270,9 @@ Arena::Arena(std::string dir, std::string path, UniqueFd fd, Mapping mapping,
       index_entries_(index_entries),
       data_offset_(DataOffset(index_entries)),
       prefault_seconds_(prefault_seconds),
-      adopted_(adopted) {
+      adopted_(adopted),
+      pages_(std::move(pages)),
+      window_align_(std::max<uint64_t>(pages_.page_bytes, kArenaAlignBytes)) {
   {
     absl::MutexLock lock(&mu_);
     free_[data_offset_] = size() - data_offset_;
@@ -432,7 +470,9 @@ absl::StatusOr<ArenaExtent> Arena::MakeWindow(uint64_t bytes, const std::string&
   uint64_t offset;
   {
     absl::MutexLock lock(&mu_);
-    if (bytes > size() || (reclaim && !ReclaimSparesFor(bytes))) return NoSpace(bytes);
+    if (bytes > size() || (reclaim && !ReclaimSparesFor(bytes, window_align_))) {
+      return NoSpace(bytes);
+    }
     // At the bound, a window a step needs takes the place of a spare (only
     // warm memory); one made ahead of its step (no `reclaim`) never evicts.
     while (windows_.size() + making_.size() >= max_window_files_) {
@@ -447,9 +487,9 @@ absl::StatusOr<ArenaExtent> Arena::MakeWindow(uint64_t bytes, const std::string&
       }
       ReclaimWindowLocked(spare->first);
     }
-    auto best = BestFitLocked(bytes);
+    auto best = BestFitLocked(bytes, window_align_);
     if (best == free_.end()) return NoSpace(bytes);
-    offset = TakeFreeLocked(best, bytes);
+    offset = TakeFreeLocked(best, bytes, window_align_);
     ForgetHolesLocked(offset, bytes);  // the window file backs it now
     making_[offset] = {bytes, owner};
   }
@@ -504,11 +544,13 @@ void Arena::BackRangeLocked(uint64_t offset, uint64_t bytes) {
   PopulateForWrite(base() + offset, bytes);
 }
 
-uint64_t Arena::TakeFreeLocked(std::map<uint64_t, uint64_t>::iterator piece, uint64_t bytes) {
-  const uint64_t offset = piece->first;
-  const uint64_t left = piece->second - bytes;
+uint64_t Arena::TakeFreeLocked(std::map<uint64_t, uint64_t>::iterator piece, uint64_t bytes,
+                               uint64_t align) {
+  const uint64_t start = piece->first, end = piece->first + piece->second;
+  const uint64_t offset = (start + align - 1) / align * align;
   free_.erase(piece);
-  if (left > 0) free_[offset + bytes] = left;
+  if (offset > start) free_[start] = offset - start;
+  if (end > offset + bytes) free_[offset + bytes] = end - (offset + bytes);
   free_bytes_ -= bytes;
   return offset;
 }
@@ -548,8 +590,8 @@ int Arena::ReclaimSparesOfJob(const std::string& job_id) {
   return static_cast<int>(spares.size());
 }
 
-bool Arena::ReclaimSparesFor(uint64_t bytes) {
-  while (BestFitLocked(bytes) == free_.end()) {
+bool Arena::ReclaimSparesFor(uint64_t bytes, uint64_t align) {
+  while (BestFitLocked(bytes, align) == free_.end()) {
     auto spare = std::find_if(windows_.begin(), windows_.end(), [](const auto& w) {
       return w.second.state == Window::State::kSpare;
     });
@@ -559,11 +601,15 @@ bool Arena::ReclaimSparesFor(uint64_t bytes) {
   return true;
 }
 
-std::map<uint64_t, uint64_t>::iterator Arena::BestFitLocked(uint64_t bytes) {
+std::map<uint64_t, uint64_t>::iterator Arena::BestFitLocked(uint64_t bytes, uint64_t align) {
   // Best fit keeps large extents whole for large windows.
   auto best = free_.end();
   for (auto it = free_.begin(); it != free_.end(); ++it) {
-    if (it->second >= bytes && (best == free_.end() || it->second < best->second)) best = it;
+    const uint64_t skip = (align - it->first % align) % align;
+    if (it->second >= skip && it->second - skip >= bytes &&
+        (best == free_.end() || it->second < best->second)) {
+      best = it;
+    }
   }
   return best;
 }
@@ -670,11 +716,12 @@ absl::StatusOr<ArenaExtent> Arena::AllocateLocked(uint64_t bytes) {
   return e;
 }
 
-uint64_t Arena::WindowBytes(uint64_t bytes) {
+uint64_t Arena::WindowBytes(uint64_t bytes) const {
   bytes = std::min<uint64_t>(bytes, uint64_t{1} << 62);  // no wrap; larger is refused anyway
   uint64_t power = 1;
   while (power <= bytes / 2) power *= 2;  // the largest power of two <= bytes
-  const uint64_t grain = std::max<uint64_t>(kArenaAlignBytes, power / 16);
+  // Both powers of two: the grain is a multiple of the window alignment.
+  const uint64_t grain = std::max<uint64_t>(window_align_, power / 16);
   return (std::max<uint64_t>(bytes, 1) + grain - 1) / grain * grain;
 }
 
@@ -711,7 +758,7 @@ absl::StatusOr<ArenaExtent> Arena::PrepareWindow(uint64_t bytes, const std::stri
   if (held >= max_windows) {
     return absl::FailedPreconditionError("the owner holds enough windows of this size");
   }
-  if (BestFitLocked(want) == free_.end()) {
+  if (BestFitLocked(want, window_align_) == free_.end()) {
     return absl::ResourceExhaustedError("no free memory for a window ahead of its step");
   }
   lock.Release();

@@ -51,6 +51,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 #include "common/unique_fd.h"
+#include "daemon/store/arena_pages.h"
 
 namespace ecsnap::daemon {
 
@@ -119,6 +120,9 @@ class Arena {
   bool first_writes_done() const { return touched_; }
   // True when Open() found a previous daemon's file.
   bool adopted() const { return adopted_; }
+  // The pages the tmpfs backs the arena with (arena_pages.h): with huge
+  // pages, windows start and end on huge-page boundaries.
+  const ArenaPages& pages() const { return pages_; }
   // Bytes of the data region (all that Allocate can ever hand out).
   uint64_t data_bytes() const { return size() - data_offset_; }
 
@@ -127,8 +131,9 @@ class Arena {
   absl::StatusOr<ArenaExtent> Allocate(uint64_t bytes);
   // The size of the window file that holds `bytes`: rounded up to 1/16 of
   // their power of two (at most 6.25% more), so that a rank whose state
-  // grows or shrinks a little keeps reusing the same files.
-  static uint64_t WindowBytes(uint64_t bytes);
+  // grows or shrinks a little keeps reusing the same files, and to whole
+  // pages of the arena (huge pages where it has them).
+  uint64_t WindowBytes(uint64_t bytes) const;
   // An extent backed by a window file of its own (see above), for `owner`
   // (WindowOwner), of WindowBytes(bytes): a spare of the same owner and size
   // when there is one, else fresh populated memory. RESOURCE_EXHAUSTED as
@@ -214,7 +219,7 @@ class Arena {
   struct IndexEntry;
 
   Arena(std::string dir, std::string path, UniqueFd fd, Mapping mapping, uint32_t index_entries,
-        double prefault_seconds, bool adopted);
+        double prefault_seconds, bool adopted, ArenaPages pages);
   IndexEntry* Entry(uint32_t id) const;
   void InitFresh();
   void LoadIndex();
@@ -275,14 +280,20 @@ class Arena {
   // Backs a range of the arena file with pages again and populates it, or
   // records it in holes_ when the tmpfs is full.
   void BackRangeLocked(uint64_t offset, uint64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Takes the first `bytes` of the free piece `piece`; returns its offset.
-  uint64_t TakeFreeLocked(std::map<uint64_t, uint64_t>::iterator piece, uint64_t bytes)
+  // Takes `bytes` of the free piece `piece`, starting at its first offset
+  // that is a multiple of `align`; returns that offset. What lies before
+  // and after stays free.
+  uint64_t TakeFreeLocked(std::map<uint64_t, uint64_t>::iterator piece, uint64_t bytes,
+                          uint64_t align = kArenaAlignBytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Gives spares back until a free piece holds `bytes` at a multiple of
+  // `align`; false if none.
+  bool ReclaimSparesFor(uint64_t bytes, uint64_t align = kArenaAlignBytes)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Gives spares back until a free piece of `bytes` exists; false if none.
-  bool ReclaimSparesFor(uint64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void AddFreeLocked(uint64_t offset, uint64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Best-fit from free_ alone; end() when nothing fits.
-  std::map<uint64_t, uint64_t>::iterator BestFitLocked(uint64_t bytes)
+  // Best-fit from free_ alone of `bytes` starting at a multiple of `align`
+  // (windows: window_align_); end() when nothing fits.
+  std::map<uint64_t, uint64_t>::iterator BestFitLocked(uint64_t bytes,
+                                                       uint64_t align = kArenaAlignBytes)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status NoSpace(uint64_t bytes) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
@@ -294,6 +305,11 @@ class Arena {
   const uint64_t data_offset_;
   const double prefault_seconds_;
   const bool adopted_;
+  const ArenaPages pages_;
+  // Where windows start, and what their sizes are multiples of: the
+  // arena's page (huge or not), so that each mapping of a window, the
+  // daemon's over the arena and the trainer's, can use the file's pages.
+  const uint64_t window_align_;
   // True when [offset, offset + bytes) overlaps a hole.
   bool OverlapsHole(uint64_t offset, uint64_t bytes) const ABSL_LOCKS_EXCLUDED(mu_);
   // Writes each page once in the background (common/prefault.h); stops

@@ -15,6 +15,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <cctype>
 #include <map>
 #include <random>
 #include <set>
@@ -47,6 +49,28 @@ class ArenaTest : public ::testing::Test {
     o.index_entries = 64;
     return o;
   }
+  void TearDown() override {
+    if (mounted_) ::umount2(dir_.c_str(), MNT_DETACH);
+  }
+  // Mounts a tmpfs with `options` at the arena directory, in a mount
+  // namespace of this thread's own (it goes with the process; TearDown
+  // unmounts it before the next test). Empty, or why the test must skip.
+  std::string MountTmpfs(const std::string& options) {
+    if (::geteuid() != 0) return "needs root, to mount a tmpfs";
+    if (::unshare(CLONE_NEWNS) != 0) {
+      return std::string("cannot make a mount namespace (") + std::strerror(errno) +
+             "): a container without CAP_SYS_ADMIN";
+    }
+    if (::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) {
+      return std::string("cannot make the mounts private: ") + std::strerror(errno);
+    }
+    std::filesystem::create_directories(dir_);
+    if (::mount("tmpfs", dir_.c_str(), "tmpfs", 0, options.c_str()) != 0) {
+      return "cannot mount a tmpfs with " + options + ": " + std::strerror(errno);
+    }
+    mounted_ = true;
+    return "";
+  }
   // The path of the window file at `offset`: `dir`/w.<offset in hex>.
   std::string WindowPath(uint64_t offset) const {
     char hex[32];
@@ -70,6 +94,7 @@ class ArenaTest : public ::testing::Test {
     ASSERT_EQ(::ftruncate(fd.get(), static_cast<off_t>(bytes)), 0);
   }
   std::string dir_;
+  bool mounted_ = false;
 };
 
 std::string Owner(uint32_t rank) { return WindowOwner("job", rank); }
@@ -872,20 +897,8 @@ TEST_F(ArenaTest, ReserveMovesAWindowHeldInTheArenaFileIntoAFile) {
 // reason, not handed out to die of SIGBUS, and once memory is free again the
 // same range is backed and works.
 TEST_F(ArenaTest, AFullTmpfsLeavesAHoleThatIsRefusedUntilMemoryComesBack) {
-  if (::geteuid() != 0) GTEST_SKIP() << "needs root, to mount a small tmpfs";
-  // A mount namespace of this process's own: the small tmpfs goes with it.
-  if (::unshare(CLONE_NEWNS) != 0) {
-    GTEST_SKIP() << "cannot make a mount namespace (" << std::strerror(errno)
-                 << "): a container without CAP_SYS_ADMIN";
-  }
-  ASSERT_EQ(::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr), 0)
-      << std::strerror(errno);
-  std::filesystem::create_directories(dir_);
-  ASSERT_EQ(::mount("tmpfs", dir_.c_str(), "tmpfs", 0, "size=4352k"), 0) << std::strerror(errno);
-  struct Unmount {
-    std::string dir;
-    ~Unmount() { ::umount2(dir.c_str(), MNT_DETACH); }
-  } unmount{dir_};
+  const std::string skip = MountTmpfs("size=4352k");
+  if (!skip.empty()) GTEST_SKIP() << skip;
 
   auto arena = *Arena::Open(Opts(4 * kMiB));
   auto w = *arena->AllocateWindow(kMiB, Owner(0));
@@ -914,6 +927,92 @@ TEST_F(ArenaTest, AFullTmpfsLeavesAHoleThatIsRefusedUntilMemoryComesBack) {
   Fill(arena->Bytes(*taken), 2);  // would die of SIGBUS over an unbacked hole
   EXPECT_EQ(Copy(arena->Bytes(*taken)), Pattern(all, 2));
   EXPECT_CONSISTENT(arena);
+}
+
+// Bytes of the mapping that starts at `start` (one line of
+// /proc/self/smaps) mapped with huge-page entries of shared memory.
+uint64_t HugeMappedBytes(const void* start) {
+  std::ifstream smaps("/proc/self/smaps");
+  char head[32];
+  std::snprintf(head, sizeof(head), "%lx-", reinterpret_cast<unsigned long>(start));
+  bool in = false;
+  for (std::string line; std::getline(smaps, line);) {
+    const bool header = !line.empty() && std::isxdigit(static_cast<unsigned char>(line[0])) &&
+                        line.find('-') != std::string::npos && line.find(':') > line.find('-');
+    if (header) {
+      in = line.rfind(head, 0) == 0;
+      continue;
+    }
+    unsigned long kib = 0;
+    if (in && std::sscanf(line.c_str(), "ShmemPmdMapped: %lu kB", &kib) == 1) return kib << 10;
+  }
+  return 0;
+}
+
+// On a tmpfs mounted huge=within_size the arena places and sizes its windows
+// on huge-page boundaries, after small records too, so that the daemon's
+// mapping and a trainer's both map a window in huge pages (one entry per
+// 2 MiB: on a virtual machine, the first touch of each 4 KiB page through a
+// new mapping otherwise costs microseconds). The gaps alignment leaves stay
+// free for small extents, and the bytes are the same through both mappings.
+TEST_F(ArenaTest, OnAHugePageTmpfsWindowsAreAlignedAndMappedInHugePages) {
+  const std::string skip = MountTmpfs("size=64m,huge=within_size");
+  if (!skip.empty()) GTEST_SKIP() << skip;
+  if (!DetectArenaPages(dir_).huge()) {
+    GTEST_SKIP() << "this kernel gives a tmpfs no huge pages: " << DetectArenaPages(dir_).how;
+  }
+  auto arena = *Arena::Open(Opts(32 * kMiB));
+  const uint64_t page = arena->pages().page_bytes;
+  ASSERT_GE(page, 2 * kMiB) << arena->pages().how;
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(arena->base()) % page, 0u);
+  EXPECT_EQ(arena->WindowBytes(1), page);
+  EXPECT_EQ(arena->WindowBytes(3 * kMiB + 1), 4 * kMiB);
+
+  // A small record first, so that the first free byte is not on a boundary.
+  const ArenaExtent record = *arena->Allocate(100);
+  EXPECT_EQ(record.bytes, kArenaAlignBytes);
+  const ArenaExtent w = *arena->AllocateWindow(3 * kMiB + 1, Owner(0));
+  EXPECT_EQ(w.offset % page, 0u);
+  EXPECT_EQ(w.bytes, 4 * kMiB);
+  EXPECT_CONSISTENT(arena);
+  // The gap before the window is free for small extents.
+  const ArenaExtent small = *arena->Allocate(4096);
+  EXPECT_LT(small.offset, w.offset);
+  EXPECT_CONSISTENT(arena);
+
+  Fill(arena->Bytes(w), 23);
+  EXPECT_EQ(HugeMappedBytes(arena->Bytes(w).data()), w.bytes);
+  Arena::WindowFile rw = *arena->OpenWindow(w, *arena->WindowFileId(w), /*writable=*/true);
+  void* trainer = ::mmap(nullptr, rw.bytes, PROT_READ | PROT_WRITE, MAP_SHARED, rw.fd.get(), 0);
+  ASSERT_NE(trainer, MAP_FAILED) << std::strerror(errno);
+  EXPECT_EQ(Copy({static_cast<const uint8_t*>(trainer), w.bytes}), Pattern(w.bytes, 23));
+  EXPECT_EQ(HugeMappedBytes(trainer), w.bytes);
+  ::munmap(trainer, rw.bytes);
+
+  // Freed, it is its owner's spare, and the next step of that size gets it.
+  arena->Free(w);
+  EXPECT_EQ(arena->AllocateWindow(4 * kMiB, Owner(0))->offset, w.offset);
+  EXPECT_CONSISTENT(arena);
+}
+
+// A hugetlbfs directory is refused with the way to get huge pages instead:
+// its files cannot be resized and written as the arena's window files are.
+TEST_F(ArenaTest, AHugetlbfsDirectoryIsRefusedWithTheTmpfsToUseInstead) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root, to mount a hugetlbfs";
+  if (::unshare(CLONE_NEWNS) != 0 ||
+      ::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) {
+    GTEST_SKIP() << "cannot make a mount namespace: " << std::strerror(errno);
+  }
+  std::filesystem::create_directories(dir_);
+  if (::mount("hugetlbfs", dir_.c_str(), "hugetlbfs", 0, nullptr) != 0) {
+    GTEST_SKIP() << "cannot mount a hugetlbfs here: " << std::strerror(errno);
+  }
+  mounted_ = true;
+  auto arena = Arena::Open(Opts());
+  EXPECT_EQ(arena.status().code(), absl::StatusCode::kFailedPrecondition) << arena.status();
+  EXPECT_NE(arena.status().message().find("huge=within_size"), std::string::npos)
+      << arena.status();
+  EXPECT_FALSE(Exists(dir_ + "/arena"));
 }
 
 // A trainer that truncates its window: the daemon reads zeros instead of

@@ -45,6 +45,10 @@
 #include "tests/bench/bench_util.h"
 #include "tests/harness.h"
 
+ABSL_FLAG(std::string, arena_pages, "huge",
+          "huge: the daemons' arenas on a tmpfs mounted huge=within_size (in a mount namespace "
+          "of the bench's own; needs root), as deploy/dev-shm-ecsnap.mount sets up; base: on "
+          "/dev/shm as it is (4 KiB pages here).");
 ABSL_FLAG(uint64_t, bytes, uint64_t{1} << 30, "Bytes of the rank's state.");
 ABSL_FLAG(int, tensors, 64, "Tensors the state is cut into.");
 ABSL_FLAG(int, reps, 3, "Repetitions; the best is reported.");
@@ -109,6 +113,18 @@ int main(int argc, char** argv) {
   char dir_template[] = "/dev/shm/ecsnap-bench-XXXXXX";
   const std::string dir = ::mkdtemp(dir_template);
   ecsnap::bench::RemoveWhenGone(dir);
+  if (absl::GetFlag(FLAGS_arena_pages) == "huge") {
+    if (const std::string why = ecsnap::bench::MountHugeTmpfs(dir); !why.empty()) {
+      std::printf("arenas in the pages of /dev/shm: no huge-page tmpfs (%s)\n", why.c_str());
+    } else {
+      std::printf("arenas on a tmpfs mounted huge=within_size\n");
+    }
+  } else if (absl::GetFlag(FLAGS_arena_pages) != "base") {
+    std::fprintf(stderr, "--arena_pages is huge or base\n");
+    return 2;
+  } else {
+    std::printf("arenas in the pages of /dev/shm\n");
+  }
   ecsnap::testing::DaemonProcess::Options dopts;
   // Three jobs, each with its retained step, one in flight and one made
   // ready ahead (retain + 2 windows, each at most 1/16 larger than the
@@ -282,6 +298,10 @@ int main(int argc, char** argv) {
       t_grpc_restore / t_socket, s_restarted.first / s_restarted.steady);
   shm.reset();
   daemon->reset();
-  std::filesystem::remove_all(dir);
+  // What is in it; the directory itself, a mount point with --arena_pages=huge,
+  // goes once the bench has exited (RemoveWhenGone).
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    std::filesystem::remove_all(entry.path());
+  }
   return 0;
 }

@@ -46,6 +46,7 @@
 #include <random>
 #include <regex>
 #include <sstream>
+#include <string>
 #include <thread>
 
 #include <grpcpp/grpcpp.h>
@@ -57,6 +58,10 @@
 #include "tests/bench/bench_util.h"
 #include "tests/harness.h"
 
+ABSL_FLAG(std::string, arena_pages, "huge",
+          "huge: the daemons' arenas on a tmpfs mounted huge=within_size (in a mount namespace "
+          "of the bench's own; needs root), as deploy/dev-shm-ecsnap.mount sets up; base: on "
+          "/dev/shm as it is (4 KiB pages here).");
 ABSL_FLAG(uint64_t, bytes, uint64_t{1} << 30, "State bytes per node (one rank per node).");
 ABSL_FLAG(int, k, 2, "Data chunks per stripe.");
 ABSL_FLAG(bool, tls, false,
@@ -233,6 +238,18 @@ int main(int argc, char** argv) {
   char dir_template[] = "/dev/shm/ecsnap-bench-XXXXXX";
   const std::string dir = ::mkdtemp(dir_template);
   ecsnap::bench::RemoveWhenGone(dir);
+  if (absl::GetFlag(FLAGS_arena_pages) == "huge") {
+    if (const std::string why = ecsnap::bench::MountHugeTmpfs(dir); !why.empty()) {
+      std::printf("arenas in the pages of /dev/shm: no huge-page tmpfs (%s)\n", why.c_str());
+    } else {
+      std::printf("arenas on a tmpfs mounted huge=within_size\n");
+    }
+  } else if (absl::GetFlag(FLAGS_arena_pages) != "base") {
+    std::fprintf(stderr, "--arena_pages is huge or base\n");
+    return 2;
+  } else {
+    std::printf("arenas in the pages of /dev/shm\n");
+  }
   auto cluster = ecsnap::testing::Cluster::Start(dir, k, m, o);
   Check(cluster.status(), "starting the cluster");
 
@@ -435,6 +452,10 @@ int main(int argc, char** argv) {
               percentile(0.99));
   clients.clear();
   cluster->reset();
-  std::filesystem::remove_all(dir);
+  // What is in it; the directory itself, a mount point with --arena_pages=huge,
+  // goes once the bench has exited (RemoveWhenGone).
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    std::filesystem::remove_all(entry.path());
+  }
   return 0;
 }

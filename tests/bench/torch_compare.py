@@ -17,7 +17,9 @@ The first snapshot after connecting is reported apart from the steady state
 """
 
 import argparse
+import ctypes
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -27,6 +29,39 @@ import torch
 import ecsnap
 import ecsnap.torch as et
 from ecsnap_testing import Cluster
+
+
+def remove_when_gone(path):
+    """Removes the directory `path` once this process is gone, however it
+    goes: a forked watcher waits for the end of a pipe only this process
+    holds open (outside the mount namespace mount_huge_tmpfs makes, where
+    `path` is an empty directory)."""
+    r, w = os.pipe()
+    if os.fork() == 0:
+        os.close(w)
+        os.setsid()
+        while os.read(r, 1):
+            pass
+        shutil.rmtree(path, ignore_errors=True)
+        os._exit(0)
+    os.close(r)
+    os.set_inheritable(w, False)
+
+
+def mount_huge_tmpfs(path):
+    """Mounts a tmpfs with huge=within_size over `path`, in a mount namespace
+    of this thread's own (the daemons started after inherit it; the mount goes
+    with the last of them), as deploy/dev-shm-ecsnap.mount sets up for a
+    node. Returns None, or why not (it needs root)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    clone_newns, ms_rec, ms_private = 0x00020000, 0x4000, 1 << 18
+    if libc.unshare(clone_newns) != 0:
+        return "cannot make a mount namespace: " + os.strerror(ctypes.get_errno())
+    if libc.mount(None, b"/", None, ms_rec | ms_private, None) != 0:
+        return "cannot make the mounts private: " + os.strerror(ctypes.get_errno())
+    if libc.mount(b"tmpfs", path.encode(), b"tmpfs", 0, b"mode=0700,huge=within_size") != 0:
+        return "cannot mount a tmpfs: " + os.strerror(ctypes.get_errno())
+    return None
 
 
 def best(reps, fn):
@@ -46,7 +81,16 @@ def main():
     ap.add_argument("--prepare_gap", type=float, default=3.0,
                     help="seconds between ecsnap.torch.prepare and the first snapshot "
                          "(a first training step); negative: do not prepare")
+    ap.add_argument("--arena_pages", choices=["huge", "base"], default="huge",
+                    help="huge: the daemon's arena on a tmpfs mounted huge=within_size (needs "
+                         "root); base: on /dev/shm as it is")
     a = ap.parse_args()
+    root = tempfile.mkdtemp(prefix="ecsnap-py-", dir="/dev/shm")
+    remove_when_gone(root)
+    pages = "the pages of /dev/shm"
+    if a.arena_pages == "huge":
+        why = mount_huge_tmpfs(root)
+        pages = "a tmpfs mounted huge=within_size" if why is None else pages + f" ({why})"
     torch.set_num_threads(2)
     torch.manual_seed(0)
     # Parameters and two AdamW moments: 12 bytes per float32 parameter.
@@ -60,7 +104,8 @@ def main():
     state_bytes = sum(p.numel() * 12 for p in model.parameters())
 
     # retain (2) + 2 windows, each at most 1/16 over the state.
-    cluster = Cluster(k=1, m=0, arena_bytes=(17 * state_bytes // 4 + (256 << 20)) // 4096 * 4096)
+    cluster = Cluster(k=1, m=0, arena_bytes=(17 * state_bytes // 4 + (256 << 20)) // 4096 * 4096,
+                      root=root)
     try:
         t0 = time.perf_counter()
         client = ecsnap.Client(cluster.socket(0), job="compare", rank=0)
@@ -108,8 +153,10 @@ def main():
 
     gib = state_bytes / (1 << 30)
     print(f"torch_compare: {gib:.2f} GiB of state ({layers} x Linear({width},{width}) + AdamW), "
-          f"torch {torch.__version__}, best of {a.reps}")
+          f"torch {torch.__version__}, best of {a.reps}, arena on {pages}")
     print(f"{'ecsnap connect':<44} {t_connect * 1e3:9.1f} ms")
+    print(f"{'ecsnap stall of each step after connect':<44} "
+          + " ".join(f"{t * 1e3:.1f}" for t in stalls) + " ms")
     if a.prepare_gap >= 0:
         print(f"{'ecsnap prepare, then a first step of':<44} {a.prepare_gap * 1e3:9.1f} ms")
     rows = [
