@@ -34,4 +34,14 @@ for want in "Type=notify" "WatchdogSec=" "ProtectSystem=strict" "NoNewPrivileges
             "PrivateTmp=yes" "CapabilityBoundingSet=" "LimitMEMLOCK=" "ReadWritePaths="; do
   grep -q "^$want" "$unit" || { echo "FAIL: $unit has no $want"; exit 1; }
 done
+# The arena's mount unit beside it, if given (its name must be its path).
+if [ $# -ge 3 ]; then
+  cp "$3" "$dir/dev-shm-ecsnap.mount"
+  if ! verify "$dir/dev-shm-ecsnap.mount"; then
+    echo "FAIL: systemd-analyze verify has something to say about $3 (above)"
+    exit 1
+  fi
+  grep -q "^Options=.*huge=within_size" "$3" || { echo "FAIL: $3 mounts no huge pages"; exit 1; }
+  echo "PASS: $3 verifies"
+fi
 echo "PASS: $unit verifies"

@@ -2,6 +2,7 @@
 // group on 127.0.0.1, two trainer ranks per node, nodes killed and replaced.
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -16,6 +17,8 @@
 #include <thread>
 
 #include <grpcpp/grpcpp.h>
+
+#include "absl/cleanup/cleanup.h"
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -186,6 +189,50 @@ TEST_F(ClusterTest, ARestartedDaemonReadoptsItsStepAndRegainsProtection) {
   // And the group protects the next step as before.
   Snapshot(2);
   EXPECT_TRUE(WaitProtected(2)) << cluster_->daemon(0).Log();
+}
+
+// Every arena on a tmpfs mounted huge=within_size, as
+// deploy/dev-shm-ecsnap.mount sets up a node: the daemons say which pages
+// they got, and windows in huge pages (placed and sized on their
+// boundaries) keep every byte through protection, a restart in place (the
+// windows re-adopted from the tmpfs) and a node replaced empty (rebuilt
+// into fresh huge-page windows).
+TEST_F(ClusterTest, OnHugePageArenasStepsSurviveARestartInPlaceAndALostNode) {
+  const std::string why = testing::MountHugeTmpfs(dir_.path());
+  if (!why.empty()) GTEST_SKIP() << why;
+  // The daemons go before the mount, and the mount before the directory.
+  absl::Cleanup unmount = [this] {
+    clients_.clear();
+    cluster_.reset();
+    ::umount2(dir_.path().c_str(), MNT_DETACH);
+  };
+  StartCluster(2, 1);
+  for (int s = 0; s < cluster_->n(); ++s) {
+    auto stub = cluster_->daemon(s).AdminStub();
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    admin::StatusResponse resp;
+    ASSERT_TRUE(stub->Status(&ctx, admin::StatusRequest(), &resp).ok());
+    if (resp.arena_page_bytes() <= 4096) GTEST_SKIP() << resp.arena_pages();
+    EXPECT_GE(resp.arena_page_bytes(), 2u << 20) << resp.arena_pages();
+    EXPECT_NE(resp.arena_pages().find("huge=within_size"), std::string::npos)
+        << resp.arena_pages();
+  }
+  Snapshot(1);
+  ASSERT_TRUE(WaitProtected(1)) << cluster_->daemon(0).Log();
+  clients_[0].clear();
+  cluster_->daemon(0).Kill();
+  ASSERT_TRUE(cluster_->daemon(0).Restart().ok());
+  EXPECT_TRUE(WaitProtected(1)) << cluster_->daemon(0).Log();
+  Reconnect(0);
+  EXPECT_EQ(RestoreAndCheck(0), 1u);
+  Snapshot(2);
+  ASSERT_TRUE(WaitProtected(2)) << cluster_->daemon(0).Log();
+  ReplaceNode(1);
+  EXPECT_EQ(RestoreAndCheck(1), 2u) << cluster_->daemon(1).Log();
+  EXPECT_EQ(RestoreAndCheck(0), 2u);
+  EXPECT_NE(cluster_->daemon(1).Log().find("every checksum verified"), std::string::npos)
+      << cluster_->daemon(1).Log();
 }
 
 TEST_F(ClusterTest, ARankIsServedFromARebuildBeforeTheRebuildEnds) {

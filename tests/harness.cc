@@ -4,7 +4,9 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <sched.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -35,6 +37,22 @@ TempDir::TempDir() {
 }
 
 TempDir::~TempDir() { std::filesystem::remove_all(path_); }
+
+std::string MountHugeTmpfs(const std::string& dir) {
+  if (::unshare(CLONE_NEWNS) != 0) {
+    return absl::StrCat("cannot make a mount namespace (", std::strerror(errno),
+                        "; it needs root or CAP_SYS_ADMIN)");
+  }
+  // Nothing mounted here propagates back to the machine's own mounts.
+  if (::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) {
+    return absl::StrCat("cannot make the mounts private: ", std::strerror(errno));
+  }
+  const char* options = "mode=0700,huge=within_size";
+  if (::mount("tmpfs", dir.c_str(), "tmpfs", 0, options) != 0) {
+    return absl::StrCat("cannot mount a tmpfs with ", options, ": ", std::strerror(errno));
+  }
+  return "";
+}
 
 std::string RunfilePath(const std::string& workspace_relative) {
   const char* srcdir = std::getenv("TEST_SRCDIR");

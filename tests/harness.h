@@ -37,6 +37,18 @@ class TempDir {
   std::string path_;
 };
 
+// Mounts a tmpfs with huge=within_size over the directory `dir`, in a mount
+// namespace of the calling thread's own, made here: the daemons and threads
+// it starts after inherit it, and the mount goes with the last of them, so
+// nothing is left behind on any exit. Arenas in it are backed by huge pages
+// (daemon/store/arena_pages.h), as under deploy/dev-shm-ecsnap.mount. Call
+// it from the thread that starts the daemons, before it starts them.
+// `dir` must be emptied and unmounted (umount2 MNT_DETACH) before it can be
+// removed from inside the namespace. Returns "" or why not (it needs root
+// and a namespace; the kernel may refuse huge pages all the same, which the
+// daemons then say in their status).
+std::string MountHugeTmpfs(const std::string& dir);
+
 // Path of a binary built by Bazel, from the test's runfiles.
 std::string RunfilePath(const std::string& workspace_relative);
 

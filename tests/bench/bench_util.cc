@@ -1,19 +1,15 @@
 #include "tests/bench/bench_util.h"
 
 #include <fcntl.h>
-#include <sched.h>
-#include <sys/mount.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <filesystem>
 #include <fstream>
 
-#include "absl/strings/str_cat.h"
 
 namespace ecsnap::bench {
 
@@ -73,24 +69,6 @@ void RemoveWhenGone(const std::string& dir) {
   }
   ::close(fds[0]);  // the write end stays open, close-on-exec, until we die
   ::fcntl(fds[1], F_SETFD, FD_CLOEXEC);
-}
-
-std::string MountHugeTmpfs(const std::string& dir) {
-  if (::unshare(CLONE_NEWNS) != 0) {
-    return absl::StrCat("cannot make a mount namespace (", std::strerror(errno),
-                        "; it needs root)");
-  }
-  // Nothing mounted here propagates back to the machine's own mounts.
-  if (::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) {
-    return absl::StrCat("cannot make the mounts private: ", std::strerror(errno));
-  }
-  // As large as memory allows; the bench has checked what it needs.
-  const std::string options =
-      absl::StrCat("mode=0700,huge=within_size,size=", AvailableBytes() / 4096 * 4096);
-  if (::mount("tmpfs", dir.c_str(), "tmpfs", 0, options.c_str()) != 0) {
-    return absl::StrCat("cannot mount a tmpfs with ", options, ": ", std::strerror(errno));
-  }
-  return "";
 }
 
 }  // namespace ecsnap::bench

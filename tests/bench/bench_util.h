@@ -33,15 +33,6 @@ void RefuseUnlessMemoryFor(uint64_t need, const char* bench);
 // in the harness), so nothing is left behind.
 void RemoveWhenGone(const std::string& dir);
 
-// Mounts a tmpfs with huge=within_size over `dir` (an empty directory), in a
-// mount namespace of the calling thread's own, made here: the daemons and
-// threads it starts after inherit it, and the mount goes with the last of
-// them, so nothing is left behind. Arenas in it are backed by huge pages
-// (daemon/store/arena_pages.h), as under deploy/dev-shm-ecsnap.mount.
-// Call it from the main thread before starting anything, and after
-// RemoveWhenGone(dir) (whose watcher must stay outside). Returns "" or why
-// not (not root, no namespace allowed): `dir` is then as it was.
-std::string MountHugeTmpfs(const std::string& dir);
 
 }  // namespace ecsnap::bench
 

@@ -114,7 +114,7 @@ int main(int argc, char** argv) {
   const std::string dir = ::mkdtemp(dir_template);
   ecsnap::bench::RemoveWhenGone(dir);
   if (absl::GetFlag(FLAGS_arena_pages) == "huge") {
-    if (const std::string why = ecsnap::bench::MountHugeTmpfs(dir); !why.empty()) {
+    if (const std::string why = ecsnap::testing::MountHugeTmpfs(dir); !why.empty()) {
       std::printf("arenas in the pages of /dev/shm: no huge-page tmpfs (%s)\n", why.c_str());
     } else {
       std::printf("arenas on a tmpfs mounted huge=within_size\n");
