@@ -8,6 +8,13 @@
 # by pid; everything it writes lives in one temporary directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# As root, the arenas go on a tmpfs in huge pages, as deploy/dev-shm-ecsnap.mount
+# gives a node: mounted in a mount namespace of the demo's own, so that it
+# goes when the demo does. Elsewhere they are plain /dev/shm directories.
+if [ -z "${ECSNAP_DEMO_NS:-}" ] && [ "$(id -u)" = 0 ] &&
+   unshare --mount --propagation private true 2>/dev/null; then
+  ECSNAP_DEMO_NS=1 exec unshare --mount --propagation private "$0" "$@"
+fi
 
 BIN=.bazel/bin
 MIB=${MIB:-16}          # state per rank
@@ -19,9 +26,14 @@ declare -A PIDS=()
 cleanup() {
   for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  umount "$SHM" 2>/dev/null || true
   rm -rf "$WORK" "$SHM"
 }
 trap cleanup EXIT
+mkdir -m 0700 "$SHM"
+if [ -n "${ECSNAP_DEMO_NS:-}" ]; then
+  mount -t tmpfs -o mode=0700,huge=within_size tmpfs "$SHM" 2>/dev/null || true
+fi
 
 say() { printf '%s\n' "$*"; }
 now() { date +%s.%N; }
