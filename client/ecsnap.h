@@ -213,7 +213,7 @@ class Client {
   virtual absl::StatusOr<SnapshotHandle> Snapshot(uint64_t step, std::vector<Tensor> tensors) = 0;
 
   // Optional, once, before the first Snapshot: asks the daemon for the
-  // windows of the first steps (the daemon's retain + 1) of the size
+  // windows of the first steps (the daemon's retain + 2) of the size
   // `tensors` need (only their sizes are read) and maps each in the
   // background, so that the first snapshots of the same size do not pay for
   // fresh memory (see common/prefault.h). Later steps get the same from the

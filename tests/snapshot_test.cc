@@ -402,19 +402,19 @@ TEST_F(SnapshotTest, ATrainerReceivesOnlyItsWindowsAndRestoresReadOnly) {
 }
 
 // Client::Prepare makes the windows of the first steps ahead of them
-// (retain + 1: the first step's, and the next one's while the first is
-// kept), and those steps land in those very files.
+// (retain + 2: the first step's, the next one's while the first is kept,
+// one more while protection lags), and those steps land in those very files.
 TEST_F(SnapshotTest, PreparedWindowsAreTheOnesTheFirstStepsFill) {
   const std::string arena = dir_.path() + "/arena";
   auto c = Connect(0, {0});
   State s1 = MakeState(51, 8), s2 = MakeState(52, 8);
   ASSERT_TRUE(c->Prepare(s1.tensors).ok());
   std::set<ino_t> prepared;
-  for (int i = 0; i < 200 && prepared.size() < 2; ++i) {  // made in the background
+  for (int i = 0; i < 200 && prepared.size() < 3; ++i) {  // made in the background
     prepared = WindowInodes(arena);
-    if (prepared.size() < 2) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    if (prepared.size() < 3) std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
-  ASSERT_EQ(prepared.size(), 2u) << "retain = 1: two windows ahead of the first steps";
+  ASSERT_EQ(prepared.size(), 3u) << "retain = 1: retain + 2 windows ahead of the first steps";
 
   auto inode_of_newest = [&] {
     RawSession raw(daemon_->socket(), "job");
@@ -451,7 +451,8 @@ TEST_F(SnapshotTest, ARestoreBeforeTheFirstSnapshotMakesItsWindow) {
 
   auto c = Connect(0, {0});
   ExpectRestored(s1, *c->Restore(kLatestStep));
-  // The windows of the first steps (retain + 1), as Client::Prepare has.
+  // The windows of the first steps, as Client::Prepare has: retain + 2 in
+  // all, the restored step's own counted.
   std::set<ino_t> made;
   for (int i = 0; i < 200 && made.size() < 2; ++i) {  // made in the background
     for (ino_t ino : WindowInodes(arena)) {
