@@ -7,13 +7,14 @@
 # Expects a build (deploy/setup.sh runs one). Everything it starts it stops
 # by pid; everything it writes lives in one temporary directory.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+SELF=$(readlink -f "$0")
+cd "$(dirname "$SELF")/.."
 # As root, the arenas go on a tmpfs in huge pages, as deploy/dev-shm-ecsnap.mount
 # gives a node: mounted in a mount namespace of the demo's own, so that it
 # goes when the demo does. Elsewhere they are plain /dev/shm directories.
 if [ -z "${ECSNAP_DEMO_NS:-}" ] && [ "$(id -u)" = 0 ] &&
    unshare --mount --propagation private true 2>/dev/null; then
-  ECSNAP_DEMO_NS=1 exec unshare --mount --propagation private "$0" "$@"
+  ECSNAP_DEMO_NS=1 exec unshare --mount --propagation private bash "$SELF" "$@"
 fi
 
 BIN=.bazel/bin

@@ -191,6 +191,12 @@ TEST_F(ClusterTest, ARestartedDaemonReadoptsItsStepAndRegainsProtection) {
   EXPECT_TRUE(WaitProtected(2)) << cluster_->daemon(0).Log();
 }
 
+// A mount namespace of this binary's own, made while it has one thread
+// (static initialisation), so that every thread sees the tmpfs the
+// huge-page test mounts (the trainers' gRPC threads reach the daemons'
+// sockets in it).
+const std::string kPrivateMounts = testing::PrivateMountNamespace();
+
 // Every arena on a tmpfs mounted huge=within_size, as
 // deploy/dev-shm-ecsnap.mount sets up a node: the daemons say which pages
 // they got, and windows in huge pages (placed and sized on their

@@ -18,6 +18,8 @@
 #include <cstring>
 #include <cstdlib>
 #include <fstream>
+#include <optional>
+#include <random>
 #include <thread>
 
 #include <grpcpp/grpcpp.h>
@@ -38,15 +40,25 @@ TempDir::TempDir() {
 
 TempDir::~TempDir() { std::filesystem::remove_all(path_); }
 
+std::string PrivateMountNamespace() {
+  static const std::string* why = [] {
+    if (::unshare(CLONE_NEWNS) != 0) {
+      return new std::string(absl::StrCat("cannot make a mount namespace (",
+                                          std::strerror(errno),
+                                          "; it needs root or CAP_SYS_ADMIN)"));
+    }
+    // Nothing mounted here propagates back to the machine's own mounts.
+    if (::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) {
+      return new std::string(
+          absl::StrCat("cannot make the mounts private: ", std::strerror(errno)));
+    }
+    return new std::string();
+  }();
+  return *why;
+}
+
 std::string MountHugeTmpfs(const std::string& dir) {
-  if (::unshare(CLONE_NEWNS) != 0) {
-    return absl::StrCat("cannot make a mount namespace (", std::strerror(errno),
-                        "; it needs root or CAP_SYS_ADMIN)");
-  }
-  // Nothing mounted here propagates back to the machine's own mounts.
-  if (::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) {
-    return absl::StrCat("cannot make the mounts private: ", std::strerror(errno));
-  }
+  if (std::string why = PrivateMountNamespace(); !why.empty()) return why;
   const char* options = "mode=0700,huge=within_size";
   if (::mount("tmpfs", dir.c_str(), "tmpfs", 0, options) != 0) {
     return absl::StrCat("cannot mount a tmpfs with ", options, ": ", std::strerror(errno));
@@ -248,18 +260,29 @@ std::string DaemonProcess::admin_token_file() const {
 }
 
 std::vector<int> FreePorts(int count) {
-  // All held open at once, so the kernel cannot hand the same one twice.
+  // Below the kernel's ephemeral range (ip_local_port_range): a port from
+  // that range, free now, can be taken as the source port of a connection
+  // the daemons already up make before the daemon it is meant for binds it.
+  int low = 32768;
+  if (std::optional<std::string> range = ReadWholeFile("/proc/sys/net/ipv4/ip_local_port_range")) {
+    low = std::atoi(range->c_str());
+  }
+  const int lo = std::max(1024, low - 12000), hi = std::max(lo + 1000, low);
+  static std::mt19937 rng(static_cast<uint32_t>(::getpid()) * 2654435761u);
+  // All held open at once, so that none is handed out twice.
   std::vector<int> fds, ports;
-  for (int i = 0; i < count; ++i) {
-    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  for (int tries = 0; static_cast<int>(ports.size()) < count && tries < 10000; ++tries) {
+    const int port = lo + static_cast<int>(rng() % static_cast<uint32_t>(hi - lo));
+    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     sockaddr_in addr{};
     addr.sin_family = AF_INET;
     addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    addr.sin_port = 0;
-    ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-    socklen_t len = sizeof(addr);
-    ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-    ports.push_back(ntohs(addr.sin_port));
+    addr.sin_port = htons(static_cast<uint16_t>(port));
+    if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+      ::close(fd);
+      continue;
+    }
+    ports.push_back(port);
     fds.push_back(fd);
   }
   for (int fd : fds) ::close(fd);

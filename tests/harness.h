@@ -37,16 +37,25 @@ class TempDir {
   std::string path_;
 };
 
-// Mounts a tmpfs with huge=within_size over the directory `dir`, in a mount
-// namespace of the calling thread's own, made here: the daemons and threads
-// it starts after inherit it, and the mount goes with the last of them, so
-// nothing is left behind on any exit. Arenas in it are backed by huge pages
-// (daemon/store/arena_pages.h), as under deploy/dev-shm-ecsnap.mount. Call
-// it from the thread that starts the daemons, before it starts them.
-// `dir` must be emptied and unmounted (umount2 MNT_DETACH) before it can be
-// removed from inside the namespace. Returns "" or why not (it needs root
-// and a namespace; the kernel may refuse huge pages all the same, which the
-// daemons then say in their status).
+// Moves the calling thread into a mount namespace of its own, whose mounts
+// propagate nowhere (once; later calls return the first answer). A mount
+// namespace belongs to a thread, not a process: threads started before
+// keep the machine's mounts and do not see what is mounted after. So a test
+// binary calls it while it has one thread, at static initialisation:
+//   const std::string kMounts = ecsnap::testing::PrivateMountNamespace();
+// Returns "" or why not (it needs root or CAP_SYS_ADMIN).
+std::string PrivateMountNamespace();
+
+// Mounts a tmpfs with huge=within_size over the directory `dir`, in the
+// namespace PrivateMountNamespace() made (made here if it was not), so the
+// mount goes with the last process in it and nothing is left behind on any
+// exit. Arenas in it are backed by huge pages (daemon/store/arena_pages.h),
+// as under deploy/dev-shm-ecsnap.mount. Call it from the thread that starts
+// the daemons, before it starts them. `dir` must be emptied and unmounted
+// (umount2 MNT_DETACH) before it can be removed from inside the namespace.
+// Returns "" or why not (it needs root and a namespace; the kernel may
+// refuse huge pages all the same, which the daemons then say in their
+// status).
 std::string MountHugeTmpfs(const std::string& dir);
 
 // Path of a binary built by Bazel, from the test's runfiles.

@@ -140,6 +140,15 @@ absl::StatusOr<std::unique_ptr<Arena>> Arena::Open(const Options& options) {
   if (options.index_entries == 0 || options.index_entries > (1u << 20)) {
     return absl::InvalidArgumentError("arena index must have 1 to 1048576 entries");
   }
+  // A hugetlbfs is refused before anything in it is made or changed.
+  if (struct statfs dir_fs {}; ::statfs(options.dir.c_str(), &dir_fs) == 0 &&
+                               dir_fs.f_type == HUGETLBFS_MAGIC) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "arena directory %s is on a hugetlbfs, which the arena cannot use (its window files "
+        "are resized and written like files); use a tmpfs mounted with huge=within_size for "
+        "huge pages",
+        options.dir));
+  }
   std::error_code ec;
   std::filesystem::create_directories(options.dir, ec);
   if (ec) {
@@ -165,14 +174,6 @@ absl::StatusOr<std::unique_ptr<Arena>> Arena::Open(const Options& options) {
   }
   ::fchmod(fd.get(), 0600);
   struct statfs fs {};
-  if (::fstatfs(fd.get(), &fs) == 0 && fs.f_type == HUGETLBFS_MAGIC) {
-    if (!existing) ::unlink(path.c_str());
-    return absl::FailedPreconditionError(absl::StrFormat(
-        "arena directory %s is on a hugetlbfs, which the arena cannot use (its window files "
-        "are resized and written like files); use a tmpfs mounted with huge=within_size for "
-        "huge pages",
-        options.dir));
-  }
   const ArenaPages pages = DetectArenaPages(options.dir);
 
   const auto t0 = std::chrono::steady_clock::now();
@@ -470,7 +471,7 @@ absl::StatusOr<ArenaExtent> Arena::MakeWindow(uint64_t bytes, const std::string&
   uint64_t offset;
   {
     absl::MutexLock lock(&mu_);
-    if (bytes > size() || (reclaim && !ReclaimSparesFor(bytes, window_align_))) {
+    if (bytes > size() || (reclaim && !ReclaimSparesFor(bytes, WindowAlign(bytes)))) {
       return NoSpace(bytes);
     }
     // At the bound, a window a step needs takes the place of a spare (only
@@ -487,9 +488,9 @@ absl::StatusOr<ArenaExtent> Arena::MakeWindow(uint64_t bytes, const std::string&
       }
       ReclaimWindowLocked(spare->first);
     }
-    auto best = BestFitLocked(bytes, window_align_);
+    auto best = BestFitLocked(bytes, WindowAlign(bytes));
     if (best == free_.end()) return NoSpace(bytes);
-    offset = TakeFreeLocked(best, bytes, window_align_);
+    offset = TakeFreeLocked(best, bytes, WindowAlign(bytes));
     ForgetHolesLocked(offset, bytes);  // the window file backs it now
     making_[offset] = {bytes, owner};
   }
@@ -720,8 +721,9 @@ uint64_t Arena::WindowBytes(uint64_t bytes) const {
   bytes = std::min<uint64_t>(bytes, uint64_t{1} << 62);  // no wrap; larger is refused anyway
   uint64_t power = 1;
   while (power <= bytes / 2) power *= 2;  // the largest power of two <= bytes
-  // Both powers of two: the grain is a multiple of the window alignment.
-  const uint64_t grain = std::max<uint64_t>(window_align_, power / 16);
+  // Both powers of two: from one huge page up, the grain is a multiple of it.
+  const uint64_t grain = std::max<uint64_t>(
+      bytes >= window_align_ ? window_align_ : kArenaAlignBytes, power / 16);
   return (std::max<uint64_t>(bytes, 1) + grain - 1) / grain * grain;
 }
 
@@ -758,7 +760,7 @@ absl::StatusOr<ArenaExtent> Arena::PrepareWindow(uint64_t bytes, const std::stri
   if (held >= max_windows) {
     return absl::FailedPreconditionError("the owner holds enough windows of this size");
   }
-  if (BestFitLocked(want, window_align_) == free_.end()) {
+  if (BestFitLocked(want, WindowAlign(want)) == free_.end()) {
     return absl::ResourceExhaustedError("no free memory for a window ahead of its step");
   }
   lock.Release();
@@ -840,15 +842,20 @@ void Arena::FreeLocked(const ArenaExtent& extent) {
   auto w = windows_.find(extent.offset);
   if (w != windows_.end()) {
     // Kept for its owner's next step, unless a trainer shrank a file (the
-    // daemon's view may hold zero pages of the SIGBUS guard since).
+    // daemon's view may hold zero pages of the SIGBUS guard since), or it
+    // was made where windows go no longer (by a daemon that had base pages
+    // where this one has huge ones): reused, it would never be mapped in
+    // huge pages.
     const bool intact = IntactLocked(w->second);
+    const uint64_t align = WindowAlign(WindowBytes(w->second.bytes));
+    const bool placed = extent.offset % align == 0 && w->second.bytes % align == 0;
     w->second.state = Window::State::kSpare;
     spare_bytes_ += w->second.bytes;
     if (!intact) {
       Log("arena %s: window %s was truncated while in use; its memory goes back to the arena",
           path_, WindowPath(extent.offset));
-      ReclaimWindowLocked(extent.offset);
     }
+    if (!intact || !placed) ReclaimWindowLocked(extent.offset);
     return;
   }
   AddFreeLocked(extent.offset, extent.bytes);

@@ -131,9 +131,16 @@ class Arena {
   absl::StatusOr<ArenaExtent> Allocate(uint64_t bytes);
   // The size of the window file that holds `bytes`: rounded up to 1/16 of
   // their power of two (at most 6.25% more), so that a rank whose state
-  // grows or shrinks a little keeps reusing the same files, and to whole
-  // pages of the arena (huge pages where it has them).
+  // grows or shrinks a little keeps reusing the same files, and, from one
+  // huge page up where the arena has them, to whole huge pages (a smaller
+  // window stays in 4 KiB pages rather than take a huge page).
   uint64_t WindowBytes(uint64_t bytes) const;
+  // Where a window of `bytes` (WindowBytes already) starts: on a huge page
+  // when it is made of them, else on a 4 KiB page.
+  uint64_t WindowAlign(uint64_t bytes) const {
+    return bytes >= window_align_ && bytes % window_align_ == 0 ? window_align_
+                                                                 : kArenaAlignBytes;
+  }
   // An extent backed by a window file of its own (see above), for `owner`
   // (WindowOwner), of WindowBytes(bytes): a spare of the same owner and size
   // when there is one, else fresh populated memory. RESOURCE_EXHAUSTED as

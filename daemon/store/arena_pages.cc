@@ -1,6 +1,8 @@
 #include "daemon/store/arena_pages.h"
 
 #include <linux/magic.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/vfs.h>
 
 #include <climits>
@@ -46,22 +48,27 @@ bool Holds(const std::string& mount_point, const std::string& path) {
 
 }  // namespace
 
-std::optional<std::string> SuperOptionsOf(absl::string_view mountinfo, const std::string& path) {
-  std::optional<std::string> best;
+std::optional<std::string> SuperOptionsOf(absl::string_view mountinfo, const std::string& path,
+                                          const std::string& device) {
+  std::optional<std::string> best, of_device;
   size_t best_len = 0;
   for (absl::string_view line : absl::StrSplit(mountinfo, '\n', absl::SkipEmpty())) {
     // id parent major:minor root mount-point options [optional...] - type source super
-    const std::vector<absl::string_view> f = absl::StrSplit(line, ' ', absl::SkipEmpty());
+    // (split on every space: an empty source is an empty field)
+    const std::vector<absl::string_view> f = absl::StrSplit(line, ' ');
     if (f.size() < 10) continue;
     size_t dash = 6;
     while (dash < f.size() && f[dash] != "-") ++dash;
     if (dash + 3 >= f.size()) continue;
+    const std::string super(f[dash + 3]);
+    // Super options are the file system's: any mount of its device will do.
+    if (!device.empty() && f[2] == device) of_device = super;
     const std::string mount_point = Unescape(f[4]);
     if (!Holds(mount_point, path) || mount_point.size() < best_len) continue;
     best_len = mount_point.size();
-    best = std::string(f[dash + 3]);
+    best = super;
   }
-  return best;
+  return of_device.has_value() ? of_device : best;
 }
 
 ArenaPages TmpfsPages(absl::string_view super_options, absl::string_view shmem_enabled,
@@ -83,6 +90,14 @@ ArenaPages TmpfsPages(absl::string_view super_options, absl::string_view shmem_e
       "mapping costs microseconds");
   if (pmd_bytes <= 4096 || (pmd_bytes & (pmd_bytes - 1)) != 0) {
     pages.how = "4 KiB pages: this kernel offers no transparent huge pages for shared memory";
+    return pages;
+  }
+  if (pmd_bytes > kMaxHugePageBytes) {
+    // 512 MiB on an arm64 kernel with 64 KiB base pages: windows of that
+    // grain would cost more memory than the pages save.
+    pages.how = absl::StrFormat(
+        "base pages: this kernel's huge pages are %s, too large to place windows on",
+        FormatBytes(pmd_bytes));
     return pages;
   }
   if (setting == "deny") {
@@ -122,8 +137,11 @@ ArenaPages DetectArenaPages(const std::string& dir) {
     return pages;
   }
   const std::optional<std::string> mountinfo = ReadWholeFile("/proc/self/mountinfo");
+  struct stat st {};
+  const std::string device =
+      ::stat(real, &st) == 0 ? absl::StrFormat("%u:%u", major(st.st_dev), minor(st.st_dev)) : "";
   const std::optional<std::string> options =
-      mountinfo.has_value() ? SuperOptionsOf(*mountinfo, real) : std::nullopt;
+      mountinfo.has_value() ? SuperOptionsOf(*mountinfo, real, device) : std::nullopt;
   const std::string shmem_enabled =
       ReadWholeFile("/sys/kernel/mm/transparent_hugepage/shmem_enabled").value_or("");
   uint64_t pmd_bytes = 0;

@@ -36,13 +36,19 @@ struct ArenaPages {
   bool huge() const { return page_bytes > 4096; }
 };
 
+// Huge pages larger than this are not used (windows would be placed and
+// sized on them): arm64 kernels with 64 KiB base pages have 512 MiB ones.
+inline constexpr uint64_t kMaxHugePageBytes = uint64_t{32} << 20;
+
 // The super options (the field after the file system's source) of the
-// mount that holds `path` (an absolute path without symbolic links), from
-// the text of /proc/self/mountinfo: of the mounts whose mount point is
-// `path` or a directory above it, the longest, and of equal ones the last
-// (it is mounted over the others). Nothing when none matches or the text
-// cannot be read.
-std::optional<std::string> SuperOptionsOf(absl::string_view mountinfo, const std::string& path);
+// file system that holds `path` (an absolute path without symbolic links),
+// from the text of /proc/self/mountinfo: those of a mount of `device`
+// ("major:minor" of the path's st_dev) when one is listed, else of the
+// mounts whose mount point is `path` or a directory above it, the longest,
+// and of equal ones the last (it is mounted over the others). Nothing when
+// none matches or the text cannot be read.
+std::optional<std::string> SuperOptionsOf(absl::string_view mountinfo, const std::string& path,
+                                          const std::string& device = "");
 
 // The pages a tmpfs mounted with `super_options` gives a file of a
 // multiple of `pmd_bytes`, under the system setting `shmem_enabled` (the

@@ -28,6 +28,17 @@ TEST(ArenaPagesTest, TheMountHoldingAPathIsTheLongestMountPointAboveIt) {
   EXPECT_EQ(SuperOptionsOf(kMountInfo, "/mnt/with space/a").value_or("?"), "rw,huge=always");
   EXPECT_EQ(SuperOptionsOf(kMountInfo, "/var/tmp").value_or("?"),
             "rw,lowerdir=/l,upperdir=/u,workdir=/w");
+  // The device decides when given: a mount hidden under a later one on a
+  // parent path, or reached through a bind mount elsewhere, is found by it.
+  EXPECT_EQ(SuperOptionsOf(kMountInfo, "/dev/shm/ecsnap", "0:62").value_or("?"),
+            "rw,huge=always");
+  EXPECT_EQ(SuperOptionsOf(kMountInfo, "/elsewhere", "0:60").value_or("?"),
+            "rw,size=8388608k,mode=700,huge=within_size");
+  EXPECT_EQ(SuperOptionsOf(kMountInfo, "/dev/shm/ecsnap", "9:9").value_or("?"),
+            "rw,size=8388608k,mode=700,huge=within_size");
+  // An empty source field (mount -t tmpfs '' dir) is a field all the same.
+  EXPECT_EQ(SuperOptionsOf("700 600 0:70 / /x rw - tmpfs  rw,huge=always\n", "/x/y").value_or("?"),
+            "rw,huge=always");
   EXPECT_FALSE(SuperOptionsOf("", "/dev/shm").has_value());
   EXPECT_FALSE(SuperOptionsOf("garbage without fields\n1 2 3\n", "/dev/shm").has_value());
 }
@@ -67,6 +78,10 @@ TEST(ArenaPagesTest, NoHugePageSizeMeansBasePages) {
   EXPECT_FALSE(TmpfsPages("rw,huge=always", kNever, 0, "/a").huge());
   EXPECT_FALSE(TmpfsPages("rw,huge=always", kNever, 4096, "/a").huge());
   EXPECT_FALSE(TmpfsPages("rw,huge=always", kNever, 3 << 20, "/a").huge());  // not a power of 2
+  // arm64 with 64 KiB base pages: 512 MiB huge pages are not used.
+  const ArenaPages too_large = TmpfsPages("rw,huge=always", kNever, 512u << 20, "/a");
+  EXPECT_FALSE(too_large.huge());
+  EXPECT_NE(too_large.how.find("too large"), std::string::npos) << too_large.how;
   // An older kernel without the setting file: the mount decides.
   EXPECT_TRUE(TmpfsPages("rw,huge=always", "", kPmd, "/a").huge());
 }

@@ -5,6 +5,7 @@ subprocess and stopped by its pid; every wait is bounded.
 """
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -23,9 +24,26 @@ def runfile(path):
 
 
 def free_ports(count):
-    socks = [socket.socket() for _ in range(count)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
+    """Ports below the kernel's ephemeral range: one from that range, free
+    now, can be taken as the source port of a connection the daemons already
+    up make before the daemon it is meant for binds it."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    lo = max(1024, low - 12000)
+    hi = max(lo + 1000, low)
+    socks = []
+    for _ in range(10000):
+        if len(socks) == count:
+            break
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", random.randrange(lo, hi)))
+            socks.append(s)
+        except OSError:
+            s.close()
     ports = [s.getsockname()[1] for s in socks]
     for s in socks:
         s.close()
