@@ -100,6 +100,18 @@ class ClusterTest : public ::testing::Test {
     if (reconnect) Reconnect(slot);
   }
 
+  // Node `slot` crashes (SIGKILL: its arena, in shared memory, survives)
+  // and is restarted in place: it re-adopts `step`, which is PROTECTED
+  // again, and its ranks restore it byte for byte.
+  void CrashAndRestartInPlace(int slot, uint64_t step) {
+    clients_[slot].clear();
+    cluster_->daemon(slot).Kill();
+    ASSERT_TRUE(cluster_->daemon(slot).Restart().ok());
+    EXPECT_TRUE(WaitProtected(step)) << cluster_->daemon(slot).Log();
+    Reconnect(slot);
+    EXPECT_EQ(RestoreAndCheck(slot), step);
+  }
+
   // Every rank of `slots` (default: all) snapshots `step`; waits for the
   // copies, and for the commits when `commit`.
   void Snapshot(uint64_t step, std::vector<int> slots = {}, bool commit = true) {

@@ -180,12 +180,7 @@ TEST_F(ClusterTest, ARestartedDaemonReadoptsItsStepAndRegainsProtection) {
   StartCluster(2, 1);
   Snapshot(1);
   ASSERT_TRUE(WaitProtected(1));
-  clients_[0].clear();
-  cluster_->daemon(0).Kill();  // a crash: the arena, in shared memory, survives
-  ASSERT_TRUE(cluster_->daemon(0).Restart().ok());
-  EXPECT_TRUE(WaitProtected(1)) << cluster_->daemon(0).Log();
-  Reconnect(0);
-  EXPECT_EQ(RestoreAndCheck(0), 1u);
+  CrashAndRestartInPlace(0, 1);
   // And the group protects the next step as before.
   Snapshot(2);
   EXPECT_TRUE(WaitProtected(2)) << cluster_->daemon(0).Log();
@@ -226,12 +221,7 @@ TEST_F(ClusterTest, OnHugePageArenasStepsSurviveARestartInPlaceAndALostNode) {
   }
   Snapshot(1);
   ASSERT_TRUE(WaitProtected(1)) << cluster_->daemon(0).Log();
-  clients_[0].clear();
-  cluster_->daemon(0).Kill();
-  ASSERT_TRUE(cluster_->daemon(0).Restart().ok());
-  EXPECT_TRUE(WaitProtected(1)) << cluster_->daemon(0).Log();
-  Reconnect(0);
-  EXPECT_EQ(RestoreAndCheck(0), 1u);
+  CrashAndRestartInPlace(0, 1);
   Snapshot(2);
   ASSERT_TRUE(WaitProtected(2)) << cluster_->daemon(0).Log();
   ReplaceNode(1);

@@ -10,6 +10,8 @@
 #include <filesystem>
 #include <fstream>
 
+#include "tests/harness.h"
+
 
 namespace ecsnap::bench {
 
@@ -69,6 +71,21 @@ void RemoveWhenGone(const std::string& dir) {
   }
   ::close(fds[0]);  // the write end stays open, close-on-exec, until we die
   ::fcntl(fds[1], F_SETFD, FD_CLOEXEC);
+}
+
+void PutArenasOn(const std::string& arena_pages, const std::string& dir) {
+  if (arena_pages == "base") {
+    std::printf("arenas in the pages of /dev/shm\n");
+  } else if (arena_pages == "huge") {
+    if (const std::string why = testing::MountHugeTmpfs(dir); !why.empty()) {
+      std::printf("arenas in the pages of /dev/shm: no huge-page tmpfs (%s)\n", why.c_str());
+    } else {
+      std::printf("arenas on a tmpfs mounted huge=within_size\n");
+    }
+  } else {
+    std::fprintf(stderr, "--arena_pages is huge or base, not %s\n", arena_pages.c_str());
+    std::exit(2);
+  }
 }
 
 }  // namespace ecsnap::bench

@@ -33,6 +33,12 @@ void RefuseUnlessMemoryFor(uint64_t need, const char* bench);
 // in the harness), so nothing is left behind.
 void RemoveWhenGone(const std::string& dir);
 
+// Where the daemons' arenas go, as --arena_pages says: "huge" mounts a
+// tmpfs with huge=within_size over `dir` (testing::MountHugeTmpfs; call it
+// after RemoveWhenGone(dir), from the main thread, before anything starts),
+// "base" leaves `dir` on /dev/shm. Prints which; exits 2 on any other word.
+void PutArenasOn(const std::string& arena_pages, const std::string& dir);
+
 
 }  // namespace ecsnap::bench
 

@@ -113,18 +113,7 @@ int main(int argc, char** argv) {
   char dir_template[] = "/dev/shm/ecsnap-bench-XXXXXX";
   const std::string dir = ::mkdtemp(dir_template);
   ecsnap::bench::RemoveWhenGone(dir);
-  if (absl::GetFlag(FLAGS_arena_pages) == "huge") {
-    if (const std::string why = ecsnap::testing::MountHugeTmpfs(dir); !why.empty()) {
-      std::printf("arenas in the pages of /dev/shm: no huge-page tmpfs (%s)\n", why.c_str());
-    } else {
-      std::printf("arenas on a tmpfs mounted huge=within_size\n");
-    }
-  } else if (absl::GetFlag(FLAGS_arena_pages) != "base") {
-    std::fprintf(stderr, "--arena_pages is huge or base\n");
-    return 2;
-  } else {
-    std::printf("arenas in the pages of /dev/shm\n");
-  }
+  ecsnap::bench::PutArenasOn(absl::GetFlag(FLAGS_arena_pages), dir);
   ecsnap::testing::DaemonProcess::Options dopts;
   // Three jobs, each with its retained step, one in flight and one made
   // ready ahead (retain + 2 windows, each at most 1/16 larger than the
