@@ -19,6 +19,7 @@
 #include "common/grpc_status.h"
 #include "common/log.h"
 #include "common/metrics.h"
+#include "common/prefault.h"
 #include "daemon/peer/payload_chunks.h"
 #include "daemon/peer/rebuild_plan.h"
 #include "daemon/peer/rebuild_state.h"
@@ -247,8 +248,16 @@ absl::Status Rebuilder::DecodeSlice(const Current& c, int s, int target,
   const int n = layout.n();
   // Buffers live across the slices of a stripe: fresh ones of this size come
   // from mmap, and faulting their pages in costs more than the decode.
-  std::vector<std::vector<uint8_t>>& bufs = scratch->bufs;
+  std::vector<Mapping>& bufs = scratch->bufs;
   if (bufs.size() < use.size()) bufs.resize(use.size());
+  for (size_t i = 0; i < use.size(); ++i) {
+    if (bufs[i].size() >= read) continue;
+    bufs[i] = MapScratch(read);
+    if (bufs[i].data() == nullptr) {
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "no memory for a %s survivor buffer of stripe %d", FormatBytes(read), s));
+    }
+  }
   // Made here, not in the tasks: each task then touches its own entry.
   std::vector<Scratch::Stream*> streams;
   for (int q : use) streams.push_back(&scratch->streams[q]);
@@ -271,13 +280,13 @@ absl::Status Rebuilder::DecodeSlice(const Current& c, int s, int target,
         got[i] = absl::DataLossError(absl::StrFormat("position %d is not empty", q));
         return;
       }
-      if (bufs[i].size() < want) bufs[i].resize(want);
       sizes[i] = want;
       if (want == 0) return;
-      got[i] = ReadSurvivor(c, s, q, holder, from, absl::MakeSpan(bufs[i]).first(want),
+      got[i] = ReadSurvivor(c, s, q, holder, from, absl::Span<uint8_t>(bufs[i].data(), want),
                             streams[i]);
       if (crcs != nullptr) {
-        (*crcs)[q] = ec::Crc32c(absl::MakeConstSpan(bufs[i]).first(want), (*crcs)[q]);
+        (*crcs)[q] =
+            ec::Crc32c(absl::Span<const uint8_t>(bufs[i].data(), want), (*crcs)[q]);
       }
     });
   }
@@ -293,7 +302,7 @@ absl::Status Rebuilder::DecodeSlice(const Current& c, int s, int target,
   std::vector<ec::ConstBytes> shards(n);
   uint32_t present = 0;
   for (size_t i = 0; i < use.size(); ++i) {
-    shards[use[i]] = absl::MakeConstSpan(bufs[i]).first(sizes[i]);
+    shards[use[i]] = absl::Span<const uint8_t>(bufs[i].data(), sizes[i]);
     present |= 1u << use[i];
   }
   std::vector<ec::MutableBytes> outs = {out};

@@ -30,6 +30,7 @@
 #include "absl/synchronization/mutex.h"
 #include "daemon/store/arena.h"
 #include "common/executor.h"
+#include "common/unique_fd.h"
 #include "daemon/peer/group_view.h"
 #include "daemon/peer/parity_store.h"
 #include "daemon/peer/protector.h"
@@ -89,7 +90,7 @@ class Rebuilder {
       uint64_t at = 0;  // the chunk offset the reader is at
       std::unique_ptr<ChunkReader> reader;
     };
-    std::vector<std::vector<uint8_t>> bufs;
+    std::vector<Mapping> bufs;  // MapScratch: no fault per page
     std::map<int, Stream> streams;  // by position in the stripe
   };
   // Reads `into` (bytes [from, from + into.size()) of position `q`) from
