@@ -438,7 +438,12 @@ int main(int argc, char** argv) {
     }
     latencies.push_back(Since(t0) * 1e3);
   }
+  // The first small step is every rank's first of that size: it makes the
+  // windows and parity rows of the new size (the first-step cost, timed
+  // apart). The percentiles are of the steps after it, as a job that
+  // snapshots every step sees them.
   const double first_latency = latencies.empty() ? 0.0 : latencies.front();
+  if (!latencies.empty()) latencies.erase(latencies.begin());
   std::sort(latencies.begin(), latencies.end());
   auto percentile = [&](double q) {
     return latencies.empty() ? 0.0
@@ -487,20 +492,21 @@ int main(int argc, char** argv) {
               tcp_rebuild + compute.crc + compute.decode,
               t_rebuild / (tcp_rebuild + compute.crc + compute.decode));
   if (!latencies.empty()) {
-    std::printf("LOCAL -> PROTECTED, %zu steps of %.0f MiB/rank: p50 %.1f ms, p99 %.1f ms "
-                "(first %.1f ms; raw TCP moves a step's parity traffic in %.1f ms)\n",
+    std::printf("LOCAL -> PROTECTED, %zu steps of %.0f MiB/rank after the first: p50 %.1f ms, "
+                "p99 %.1f ms (the first %.1f ms; raw TCP moves a step's parity traffic in "
+                "%.1f ms)\n",
                 latencies.size(), small / double(1 << 20), percentile(0.5), percentile(0.99),
                 first_latency, TcpSeconds(static_cast<uint64_t>(n) * m * small) * 1e3);
   }
   std::printf("RESULT protect_vs_tcp=%.3f rebuild_vs_tcp=%.3f protect_vs_tcp_streams=%.3f "
               "rebuild_vs_tcp_streams=%.3f rebuild_vs_tcp_plus_fresh_memory=%.3f "
               "rebuild_vs_tcp_plus_compute=%.3f protect_first_vs_tcp=%.3f protect_p50_ms=%.1f "
-              "protect_p99_ms=%.1f\n",
+              "protect_p99_ms=%.1f protect_first_small_ms=%.1f\n",
               t_protect / tcp_protect, t_rebuild / tcp_rebuild, t_protect / tcp_protect_many,
               t_rebuild / tcp_rebuild_many, t_rebuild / (tcp_rebuild + fresh),
               t_rebuild / (tcp_rebuild + compute.crc + compute.decode),
               t_protect_first / tcp_protect, percentile(0.5),
-              percentile(0.99));
+              percentile(0.99), first_latency);
   clients.clear();
   cluster->reset();
   // What is in it; the directory itself, a mount point with --arena_pages=huge,
