@@ -246,16 +246,19 @@ absl::Status Rebuilder::DecodeSlice(const Current& c, int s, int target,
                                     int* failed, Scratch* scratch) {
   const ec::Layout& layout = protector_->layout();
   const int n = layout.n();
-  // Buffers live across the slices of a stripe: fresh ones of this size come
-  // from mmap, and faulting their pages in costs more than the decode.
+  // Buffers live across the slices of a stripe, each as large as its
+  // survivor's slice (none for an empty one), populated once (MapScratch):
+  // faulting fresh pages in one at a time costs more than the decode.
   std::vector<Mapping>& bufs = scratch->bufs;
   if (bufs.size() < use.size()) bufs.resize(use.size());
   for (size_t i = 0; i < use.size(); ++i) {
-    if (bufs[i].size() >= read) continue;
-    bufs[i] = MapScratch(read);
+    const uint64_t len = layout.ChunkLength(c.lens, s, use[i]);
+    const uint64_t want = std::min(len - std::min(at, len), read);
+    if (want == 0 || bufs[i].size() >= want) continue;
+    bufs[i] = MapScratch(want);
     if (bufs[i].data() == nullptr) {
       return absl::ResourceExhaustedError(absl::StrFormat(
-          "no memory for a %s survivor buffer of stripe %d", FormatBytes(read), s));
+          "no memory for a %s survivor buffer of stripe %d", FormatBytes(want), s));
     }
   }
   // Made here, not in the tasks: each task then touches its own entry.

@@ -40,6 +40,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <map>
 #include <cstdio>
 #include <cstdlib>
@@ -446,7 +447,7 @@ int main(int argc, char** argv) {
   if (!latencies.empty()) latencies.erase(latencies.begin());
   std::sort(latencies.begin(), latencies.end());
   auto percentile = [&](double q) {
-    return latencies.empty() ? 0.0
+    return latencies.empty() ? std::nan("")
                              : latencies[std::min(latencies.size() - 1,
                                                   static_cast<size_t>(q * latencies.size()))];
   };
@@ -491,6 +492,11 @@ int main(int argc, char** argv) {
               rebuild_bytes / double(1 << 30), compute.crc, compute.decode,
               tcp_rebuild + compute.crc + compute.decode,
               t_rebuild / (tcp_rebuild + compute.crc + compute.decode));
+  if (latencies.empty() && absl::GetFlag(FLAGS_latency_steps) > 0) {
+    std::printf("LOCAL -> PROTECTED, one step of %.0f MiB/rank: %.1f ms (more steps for "
+                "percentiles: --latency_steps)\n",
+                small / double(1 << 20), first_latency);
+  }
   if (!latencies.empty()) {
     std::printf("LOCAL -> PROTECTED, %zu steps of %.0f MiB/rank after the first: p50 %.1f ms, "
                 "p99 %.1f ms (the first %.1f ms; raw TCP moves a step's parity traffic in "
