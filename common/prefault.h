@@ -110,6 +110,22 @@ inline int PrefaultForWrite(void* addr, size_t bytes) {
   return 0;
 }
 
+// Reserves `bytes` of anonymous memory with `prot` at an address that is a
+// multiple of `align` (a power of two; a huge page, so that the kernel can
+// map huge pages there whole), by reserving `align` more and giving back
+// what lies around the aligned part. MAP_FAILED with errno as mmap.
+inline void* ReserveAligned(size_t bytes, size_t align, int prot) {
+  void* room = ::mmap(nullptr, bytes + align, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                      -1, 0);
+  if (room == MAP_FAILED) return MAP_FAILED;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(room);
+  const uintptr_t aligned = (start + align - 1) / align * align;
+  if (aligned > start) ::munmap(room, aligned - start);
+  const uintptr_t end = aligned + bytes, room_end = start + bytes + align;
+  if (room_end > end) ::munmap(reinterpret_cast<void*>(end), room_end - end);
+  return reinterpret_cast<void*>(aligned);
+}
+
 // Private memory for bytes that pass through (a rebuild's survivor slices),
 // at least `bytes`, populated for writing, so that receiving into it takes
 // no fault per 4 KiB page; from 1 MiB up, whole 2 MiB pieces on 2 MiB
@@ -120,28 +136,14 @@ inline int PrefaultForWrite(void* addr, size_t bytes) {
 // Mapping when the memory cannot be had.
 inline Mapping MapScratch(size_t bytes) {
   constexpr size_t kHuge = size_t{2} << 20, kPage = 4096;
-  if (bytes < kHuge / 2) {
-    const size_t len = (std::max<size_t>(bytes, 1) + kPage - 1) / kPage * kPage;
-    void* p = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) return Mapping();
-    if (PopulateForWrite(p, len) != 0) {
-      ::munmap(p, len);
-      return Mapping();
-    }
-    return Mapping(p, len);
-  }
-  const size_t len = (bytes + kHuge - 1) / kHuge * kHuge;
-  void* room = ::mmap(nullptr, len + kHuge, PROT_READ | PROT_WRITE,
-                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (room == MAP_FAILED) return Mapping();
-  const uintptr_t start = reinterpret_cast<uintptr_t>(room);
-  const uintptr_t aligned = (start + kHuge - 1) / kHuge * kHuge;
-  if (aligned > start) ::munmap(room, aligned - start);
-  if (start + len + kHuge > aligned + len) {
-    ::munmap(reinterpret_cast<void*>(aligned + len), start + len + kHuge - (aligned + len));
-  }
-  void* p = reinterpret_cast<void*>(aligned);
-  ::madvise(p, len, MADV_HUGEPAGE);
+  const bool huge = bytes >= kHuge / 2;
+  const size_t grain = huge ? kHuge : kPage;
+  const size_t len = (std::max<size_t>(bytes, 1) + grain - 1) / grain * grain;
+  void* p = huge ? ReserveAligned(len, kHuge, PROT_READ | PROT_WRITE)
+                 : ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                          -1, 0);
+  if (p == MAP_FAILED) return Mapping();
+  if (huge) ::madvise(p, len, MADV_HUGEPAGE);
   if (PopulateForWrite(p, len) != 0) {
     ::munmap(p, len);
     return Mapping();

@@ -103,28 +103,19 @@ size_t MaxWindowFiles(uint32_t asked) {
 
 // Maps `bytes` of `fd` shared at an address that is a multiple of `align`
 // (a huge page: only then can the kernel map the file's huge pages whole),
-// by reserving `align` more addresses and giving back what is around the
-// aligned part. MAP_FAILED with errno as mmap.
+// over addresses reserved there first. MAP_FAILED with errno as mmap.
 void* MapAligned(int fd, uint64_t bytes, uint64_t align) {
   if (align <= kArenaAlignBytes) {
     return ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   }
-  void* room = ::mmap(nullptr, bytes + align, PROT_NONE,
-                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  void* room = ReserveAligned(bytes, align, PROT_NONE);
   if (room == MAP_FAILED) return MAP_FAILED;
-  const uintptr_t start = reinterpret_cast<uintptr_t>(room);
-  const uintptr_t aligned = (start + align - 1) / align * align;
-  void* addr = ::mmap(reinterpret_cast<void*>(aligned), bytes, PROT_READ | PROT_WRITE,
-                      MAP_SHARED | MAP_FIXED, fd, 0);
+  void* addr = ::mmap(room, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0);
   if (addr == MAP_FAILED) {
     const int err = errno;
-    ::munmap(room, bytes + align);
+    ::munmap(room, bytes);
     errno = err;
-    return MAP_FAILED;
   }
-  if (aligned > start) ::munmap(room, aligned - start);
-  const uintptr_t end = aligned + bytes, room_end = start + bytes + align;
-  if (room_end > end) ::munmap(reinterpret_cast<void*>(end), room_end - end);
   return addr;
 }
 
@@ -173,7 +164,6 @@ absl::StatusOr<std::unique_ptr<Arena>> Arena::Open(const Options& options) {
         path, st.st_size, options.bytes));
   }
   ::fchmod(fd.get(), 0600);
-  struct statfs fs {};
   const ArenaPages pages = DetectArenaPages(options.dir);
 
   const auto t0 = std::chrono::steady_clock::now();
@@ -181,6 +171,7 @@ absl::StatusOr<std::unique_ptr<Arena>> Arena::Open(const Options& options) {
     // Start-up checks with the reason, before anything is reserved: the
     // directory's file system must hold the arena, and is expected to be
     // memory (a tmpfs), or every snapshot goes to a disk.
+    struct statfs fs {};
     if (::fstatfs(fd.get(), &fs) == 0) {
       const uint64_t free_bytes = static_cast<uint64_t>(fs.f_bavail) * fs.f_bsize;
       if (free_bytes < options.bytes) {
